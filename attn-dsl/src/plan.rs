@@ -1,0 +1,87 @@
+//! [`Spec`] → [`KernelPlan`]: which kernel family runs, its phases, the mask-tile classes that can
+//! occur, and the tile candidates in order of preference.
+
+use crate::spec::{Mask, Spec, TileShape};
+
+/// A phase of the prefill kernel, in execution order (each is one `#[cube]` function).
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Phase {
+    /// Q rows into registers, scaled.
+    LoadQ,
+    /// A K and a V tile into shared memory.
+    LoadKv,
+    /// Q·Kᵀ for one step.
+    Scores,
+    /// Mask arithmetic, only on tiles classified partial.
+    Mask,
+    /// Running max and sum, accumulator rescale.
+    OnlineSoftmax,
+    /// P·V into the f32 accumulator.
+    AccumulatePv,
+    /// Normalise, write O and LSE.
+    Finish,
+}
+
+/// How a (query block, key block) tile relates to the mask.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum TileClass {
+    /// No pair takes part: never loaded.
+    Empty,
+    /// Every pair takes part: no mask arithmetic.
+    Full,
+    /// Some pairs take part: mask evaluated per element.
+    Partial,
+}
+
+/// Everything code generation needs, decided.
+#[derive(Clone, Debug)]
+pub struct KernelPlan {
+    /// The validated declaration.
+    pub spec: Spec,
+    /// Phases per K/V step and around the loop.
+    pub phases: Vec<Phase>,
+    /// Tile classes that can occur with this mask (partial always can: the ragged last tile).
+    pub tile_classes: Vec<TileClass>,
+    /// Tile candidates, the first valid on every device.
+    pub candidates: Vec<TileShape>,
+}
+
+/// Default tile candidates per head dimension. The first stages at most 16 KiB of K/V and uses 64
+/// units, which every back end runs (lavapipe: 32 KiB, 1024 units).
+pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
+    let kv = if head_dim <= 64 { 32 } else { 16 };
+    [64, 32, 128]
+        .into_iter()
+        .map(|block_q| TileShape {
+            block_q,
+            block_kv: kv,
+        })
+        .collect()
+}
+
+/// Plans a validated spec. Cannot fail.
+pub fn plan(spec: Spec) -> KernelPlan {
+    let tile_classes = match spec.mask.value {
+        Mask::None => vec![TileClass::Full, TileClass::Partial],
+        Mask::Causal(_) => vec![TileClass::Empty, TileClass::Full, TileClass::Partial],
+    };
+    let candidates = if spec.tiles.is_empty() {
+        default_tiles(spec.head_dim.value)
+    } else {
+        spec.tiles.iter().map(|t| t.value).collect()
+    };
+    KernelPlan {
+        spec,
+        phases: vec![
+            Phase::LoadQ,
+            Phase::LoadKv,
+            Phase::Scores,
+            Phase::Mask,
+            Phase::OnlineSoftmax,
+            Phase::AccumulatePv,
+            Phase::Finish,
+        ],
+        tile_classes,
+        candidates,
+    }
+}

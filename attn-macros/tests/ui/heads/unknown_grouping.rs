@@ -1,0 +1,5 @@
+attn_macros::attention! {
+    pub Bad { heads: mla, head_dim: 64, dtype: f16 }
+}
+
+fn main() {}

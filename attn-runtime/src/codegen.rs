@@ -1,0 +1,105 @@
+//! GPU source text of a variant's kernel, produced without a device: CUDA C++ for an sm_90 device
+//! model (cubecl's C++ compiler) and, with the `wgpu` feature, WGSL. Snapshot tests review it.
+
+use std::sync::Arc;
+
+use cubecl::ir::{
+    DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, VectorSize,
+};
+use cubecl::prelude::*;
+use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
+
+use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
+use crate::tensor::Element;
+
+/// The properties of an H100/H200-class GPU (sm_90): 132 SMs, 227 KiB shared memory per block,
+/// 1024 units per cube, planes of 32. Only what code generation reads matters here.
+pub fn sm90_device_model() -> DeviceProperties {
+    let hardware = HardwareProperties {
+        load_width: 128,
+        vector_register_count: None,
+        plane_size_min: 32,
+        plane_size_max: 32,
+        max_bindings: 32,
+        max_shared_memory_size: 227 * 1024,
+        max_cube_count: (u32::MAX, u32::from(u16::MAX), u32::from(u16::MAX)),
+        max_units_per_cube: 1024,
+        max_cube_dim: (1024, 1024, 64),
+        num_streaming_multiprocessors: Some(132),
+        num_tensor_cores: None,
+        min_tensor_cores_dim: None,
+        num_cpu_cores: None,
+        last_level_cache_size: None,
+        max_vector_size: VectorSize::MAX,
+        cube_mma_reserved_shared_memory: 0,
+    };
+    let mut props = DeviceProperties::new(
+        Default::default(),
+        MemoryDeviceProperties::new(u64::MAX, 256),
+        hardware,
+        cubecl::profile::TimingMethod::Device,
+        DeviceIdentity {
+            name: "sm_90 model".to_string(),
+            fingerprint: "sm_90 model".to_string(),
+            physical: None,
+        },
+    );
+    register_supported_types(&mut props);
+    props
+}
+
+/// The kernel definition of the prefill kernel for `config` on a device with `props`.
+fn definition<E: Element>(config: PrefillConfig, props: DeviceProperties) -> KernelDefinition {
+    let settings = KernelSettings::new(
+        *CubeDim::new_1d(config.tiling.block_q),
+        ExecutionMode::Checked,
+        AddressType::U32,
+    );
+    let tensor = || TensorCompilationArg {
+        meta: TensorMetaCompilationArg { len: (), rank: () },
+        buffer: BufferCompilationArg { inplace: None },
+    };
+    let args = PrefillArgsCompilationArg {
+        scale: (),
+        group: (),
+        shift_q: (),
+        shift_k: (),
+        neg_inf: (),
+    };
+    prefill_forward::PrefillForward::<E>::new(
+        settings,
+        Arc::new(props),
+        Arc::new(TargetProperties::default()),
+        tensor(),
+        tensor(),
+        tensor(),
+        tensor(),
+        tensor(),
+        args,
+        config,
+    )
+    .define()
+}
+
+/// The CUDA C++ cubecl generates for the prefill kernel of `config` on the sm_90 model.
+pub fn cuda_source<E: Element>(config: PrefillConfig) -> String {
+    let def = definition::<E>(config, sm90_device_model());
+    CppCompiler::<cubecl_cpp::target::Cuda>::default()
+        .compile(def, &CompilationOptions::default())
+        .expect("the prefill kernel compiles to CUDA C++")
+        .to_string()
+}
+
+/// The WGSL cubecl generates for the prefill kernel of `config` (the portable back end's form).
+#[cfg(feature = "wgpu")]
+pub fn wgsl_source<E: Element>(config: PrefillConfig) -> String {
+    let mut props = sm90_device_model();
+    props.hardware.plane_size_min = 8;
+    props.hardware.plane_size_max = 8;
+    props.hardware.max_shared_memory_size = 32 * 1024;
+    let def = definition::<E>(config, props);
+    cubecl::wgpu::WgslCompiler::default()
+        .compile(def, &Default::default())
+        .expect("the prefill kernel compiles to WGSL")
+        .to_string()
+}

@@ -1,0 +1,123 @@
+//! Errors of setting up and launching attention: every bad input is caught before a launch.
+
+use std::fmt;
+
+/// Which input a problem was found in.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Operand {
+    /// The queries.
+    Q,
+    /// The keys.
+    K,
+    /// The values.
+    V,
+}
+
+impl fmt::Display for Operand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operand::Q => "q",
+            Operand::K => "k",
+            Operand::V => "v",
+        })
+    }
+}
+
+/// A dimension of a `[batch, heads, seq, head_dim]` tensor.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Dim {
+    /// Batch.
+    Batch,
+    /// Heads.
+    Heads,
+    /// Sequence length.
+    Seq,
+    /// Head dimension.
+    HeadDim,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dim::Batch => "batch (dim 0)",
+            Dim::Heads => "heads (dim 1)",
+            Dim::Seq => "sequence (dim 2)",
+            Dim::HeadDim => "head_dim (dim 3)",
+        })
+    }
+}
+
+/// Why an attention call was refused or failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum AttnError {
+    /// A dimension is zero.
+    #[error("{operand}: {dim} is 0; every dimension must be at least 1")]
+    EmptyDim {
+        /// The tensor.
+        operand: Operand,
+        /// The dimension.
+        dim: Dim,
+    },
+    /// A dimension disagrees with the variant or with another tensor.
+    #[error("{operand}: {dim} is {found}, expected {expected} ({why})")]
+    DimMismatch {
+        /// The tensor.
+        operand: Operand,
+        /// The dimension.
+        dim: Dim,
+        /// What it should be.
+        expected: usize,
+        /// What it is.
+        found: usize,
+        /// Where the expectation comes from.
+        why: &'static str,
+    },
+    /// The head counts do not fit the variant's head grouping.
+    #[error("heads: q has {hq} heads and k/v have {hkv}; {rule}")]
+    HeadGrouping {
+        /// Query heads.
+        hq: usize,
+        /// K/V heads.
+        hkv: usize,
+        /// The rule of the variant's grouping.
+        rule: String,
+    },
+    /// The head dimension is not contiguous (its stride must be 1).
+    #[error("{operand}: head_dim (dim 3) has stride {stride}; it must be 1 (contiguous)")]
+    NotContiguous {
+        /// The tensor.
+        operand: Operand,
+        /// The stride found.
+        stride: usize,
+    },
+    /// Shape and strides reach past the end of the tensor's buffer.
+    #[error("{operand}: shape {shape:?} with strides {strides:?} reaches element {needed}, but the buffer holds {len}")]
+    OutOfBounds {
+        /// The tensor.
+        operand: Operand,
+        /// Shape.
+        shape: [usize; 4],
+        /// Strides.
+        strides: [usize; 4],
+        /// Elements the view needs.
+        needed: usize,
+        /// Elements the buffer holds.
+        len: usize,
+    },
+    /// A size too large for the kernel's 32-bit launch grid.
+    #[error("{what} is {found}, more than the largest supported ({max})")]
+    TooLarge {
+        /// What is too large.
+        what: &'static str,
+        /// The value.
+        found: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The device cannot run this variant.
+    #[error("unsupported on this device: {0}")]
+    Unsupported(String),
+    /// The device reported an error while running the kernel.
+    #[error("launch failed: {0}")]
+    Launch(String),
+}

@@ -1,0 +1,4 @@
+//! Generic `#[cube]` kernel families, specialised at compile time by a variant's comptime
+//! configuration.
+
+pub mod prefill;

@@ -1,0 +1,239 @@
+//! Launching a variant: validate, pick a tile shape the device can run, allocate, launch.
+
+use cubecl::prelude::*;
+
+use crate::error::{AttnError, Dim, Operand};
+use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
+use crate::problem::Problem;
+use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
+use crate::variant::{CausalAlignment, MaskKind, Tiling, Variant, VariantSpec};
+
+/// The log-sum-exp of each query row's scaled logits, `[batch, heads_q, seq_q]`, f32, contiguous.
+/// A row that sees no key holds −∞.
+#[derive(Clone, Debug)]
+pub struct Lse {
+    /// The whole LSE as a `[batch, heads_q, seq_q, 1]` tensor.
+    pub tensor: Tensor<f32>,
+}
+
+impl Lse {
+    /// A new, uninitialised LSE for `shape = [batch, heads_q, seq_q]`.
+    pub fn empty(client: &ComputeClient, shape: [usize; 3]) -> Self {
+        Self {
+            tensor: Tensor::empty(client, [shape[0], shape[1], shape[2], 1]),
+        }
+    }
+
+    /// `[batch, heads_q, seq_q]`.
+    pub fn shape(&self) -> [usize; 3] {
+        let [b, h, n, _] = self.tensor.shape();
+        [b, h, n]
+    }
+
+    /// Reads the LSE back, in `[batch, heads_q, seq_q]` order.
+    pub fn to_vec(&self, client: &ComputeClient) -> Vec<f32> {
+        self.tensor.to_vec(client)
+    }
+}
+
+/// The result of a forward pass.
+#[derive(Clone, Debug)]
+pub struct Output<E> {
+    /// Attention output, `[batch, heads_q, seq_q, head_dim]`, contiguous.
+    pub o: Tensor<E>,
+    /// Log-sum-exp per query row.
+    pub lse: Lse,
+}
+
+/// Runs variant `V` on Q `[B, Hq, Nq, D]`, K and V `[B, Hkv, Nk, D]`, with the first of the
+/// variant's tile shapes that this device can run.
+pub fn forward<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+) -> Result<Output<V::Elem>, AttnError> {
+    let problem = Problem::new(&V::SPEC, q, k, v)?;
+    let tiling = select_tiling(client, &V::SPEC)?;
+    let out = Output {
+        o: Tensor::empty(client, problem.out_shape()),
+        lse: Lse::empty(client, problem.lse_shape()),
+    };
+    launch::<V>(client, &problem, tiling, q, k, v, &out)?;
+    Ok(out)
+}
+
+/// Runs variant `V` with a given tile shape, writing into caller-owned `out` (checked: the right
+/// shape, contiguous). Used by the tuner, tests and benchmarks.
+pub fn forward_into<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+    tiling: Tiling,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    let problem = Problem::new(&V::SPEC, q, k, v)?;
+    check_tiling(client, &V::SPEC, tiling)?;
+    check_output(&problem, out)?;
+    launch::<V>(client, &problem, tiling, q, k, v, out)
+}
+
+/// The tile shapes of `spec` this device can run, in order of preference.
+pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tiling> {
+    spec.tilings
+        .iter()
+        .copied()
+        .filter(|t| check_tiling(client, spec, *t).is_ok())
+        .collect()
+}
+
+/// The first tile shape of `spec` this device can run.
+pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
+    let mut first_error = None;
+    for &tiling in spec.tilings {
+        match check_tiling(client, spec, tiling) {
+            Ok(()) => return Ok(tiling),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error
+        .unwrap_or_else(|| AttnError::Unsupported(format!("{} declares no tile shape", spec.name))))
+}
+
+/// Whether this device can run `tiling` for `spec`: shared memory, units per cube, element type.
+pub fn check_tiling(
+    client: &ComputeClient,
+    spec: &VariantSpec,
+    tiling: Tiling,
+) -> Result<(), AttnError> {
+    let hw = &client.properties().hardware;
+    let smem = tiling.shared_bytes(spec.head_dim);
+    if smem > hw.max_shared_memory_size {
+        return Err(AttnError::Unsupported(format!(
+            "tile {} needs {smem} bytes of shared memory at head_dim {}; the device has {}",
+            tiling.name(),
+            spec.head_dim,
+            hw.max_shared_memory_size
+        )));
+    }
+    if tiling.units_per_cube() > hw.max_units_per_cube || tiling.block_q > hw.max_cube_dim.0 {
+        return Err(AttnError::Unsupported(format!(
+            "tile {} needs {} units per cube; the device allows {}",
+            tiling.name(),
+            tiling.units_per_cube(),
+            hw.max_units_per_cube
+        )));
+    }
+    Ok(())
+}
+
+fn check_output<E: Element>(problem: &Problem, out: &Output<E>) -> Result<(), AttnError> {
+    let expected = problem.out_shape();
+    let o = &out.o;
+    for (i, dim) in [Dim::Batch, Dim::Heads, Dim::Seq, Dim::HeadDim]
+        .into_iter()
+        .enumerate()
+    {
+        if o.shape()[i] != expected[i] {
+            return Err(AttnError::DimMismatch {
+                operand: Operand::Q,
+                dim,
+                expected: o.shape()[i],
+                found: expected[i],
+                why: "the output buffer's shape",
+            });
+        }
+    }
+    if o.strides() != contiguous_strides(expected) || o.buffer_len() < expected.iter().product() {
+        return Err(AttnError::Unsupported(
+            "the output buffer must be contiguous".into(),
+        ));
+    }
+    let lse = problem.lse_shape();
+    if out.lse.shape() != lse || out.lse.tensor.buffer_len() < lse.iter().product() {
+        return Err(AttnError::Unsupported(format!(
+            "the LSE buffer must be contiguous with shape {lse:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The launch itself; every input has been checked.
+fn launch<V: Variant>(
+    client: &ComputeClient,
+    problem: &Problem,
+    tiling: Tiling,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    let spec = &V::SPEC;
+    if !supports::<V::Elem>(client) {
+        return Err(AttnError::Unsupported(format!(
+            "{} runs in {}, which this device does not support",
+            spec.name,
+            spec.dtype.name()
+        )));
+    }
+    let (shift_q, shift_k) = causal_shifts(spec.mask, problem.seq_q, problem.seq_k);
+    let config = PrefillConfig {
+        tiling,
+        head_dim: spec.head_dim,
+        mask: spec.mask,
+    };
+    let cube_count = CubeCount::Static(
+        problem.seq_q.div_ceil(tiling.block_q as usize) as u32,
+        problem.heads_q as u32,
+        problem.batch as u32,
+    );
+    let args = PrefillArgsLaunch::new(
+        spec.softmax_scale() as f32,
+        problem.group as u32,
+        shift_q,
+        shift_k,
+        f32::NEG_INFINITY,
+    );
+    unsafe {
+        prefill_forward::launch::<V::Elem>(
+            client,
+            cube_count,
+            CubeDim::new_1d(tiling.block_q),
+            tensor_arg(q),
+            tensor_arg(k),
+            tensor_arg(v),
+            tensor_arg(&out.o),
+            tensor_arg(&out.lse.tensor),
+            args,
+            config,
+        );
+    }
+    Ok(())
+}
+
+/// The causal diagonal as two unsigned shifts: key `k` is visible to query `q` when
+/// `k + shift_k <= q + shift_q`.
+fn causal_shifts(mask: MaskKind, seq_q: usize, seq_k: usize) -> (u32, u32) {
+    match mask {
+        MaskKind::Causal(CausalAlignment::BottomRight) if seq_k >= seq_q => {
+            ((seq_k - seq_q) as u32, 0)
+        }
+        MaskKind::Causal(CausalAlignment::BottomRight) => (0, (seq_q - seq_k) as u32),
+        MaskKind::Causal(CausalAlignment::TopLeft) | MaskKind::None => (0, 0),
+    }
+}
+
+/// # Safety
+/// The tensor's view was checked against its buffer ([`Problem::new`] or [`check_output`]).
+unsafe fn tensor_arg<E>(t: &Tensor<E>) -> TensorArg {
+    unsafe {
+        TensorArg::from_raw_parts(
+            t.handle().clone(),
+            t.strides().to_vec().into(),
+            t.shape().to_vec().into(),
+        )
+    }
+}

@@ -1,0 +1,36 @@
+//! Llama-3 attention: 32 query heads share 8 K/V heads (GQA, group 4), causal, head dim 128.
+//!
+//! `cargo run --release --example llama3 [-- --seq 1024 --batch 2]`
+//!
+//! Runs in bf16 where the back end supports it (CUDA), else in f16 (wgpu/Vulkan has no bf16).
+
+mod common;
+
+use common::{finish, run_and_check, Shape};
+
+attn::attention! {
+    /// Llama-3 style: 32 query heads share 8 K/V heads, causal.
+    pub Llama3 { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
+
+    /// The same variant in f16, for back ends without bf16.
+    pub Llama3F16 { heads: gqa(group = 4), head_dim: 128, dtype: f16, mask: causal }
+}
+
+fn main() {
+    let client = attn::default_client();
+    let shape = Shape {
+        batch: 1,
+        heads_q: 32,
+        heads_kv: 8,
+        seq_q: 512,
+        seq_k: 512,
+    }
+    .from_args();
+    let result = if attn::supports::<attn::bf16>(&client) {
+        run_and_check::<Llama3>(&client, shape)
+    } else {
+        println!("bf16 is not supported on this back end; running the f16 variant");
+        run_and_check::<Llama3F16>(&client, shape)
+    };
+    finish(result);
+}

@@ -1,0 +1,26 @@
+//! Classic multi-head attention: 8 heads, no mask, head dim 64, f32, with an explicit scale and
+//! tile candidates.
+//!
+//! `cargo run --release --example mha [-- --seq 1024 --batch 2]`
+
+mod common;
+
+use common::{finish, run_and_check, Shape};
+
+attn::attention! {
+    /// BERT/GPT-2 style multi-head attention in f32.
+    pub Mha64 { heads: mha, head_dim: 64, dtype: f32, scale: 0.125, tiles: [32 x 32, 64 x 32] }
+}
+
+fn main() {
+    let client = attn::default_client();
+    let shape = Shape {
+        batch: 2,
+        heads_q: 8,
+        heads_kv: 8,
+        seq_q: 300,
+        seq_k: 300,
+    }
+    .from_args();
+    finish(run_and_check::<Mha64>(&client, shape));
+}

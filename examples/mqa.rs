@@ -1,0 +1,25 @@
+//! Multi-query attention: 16 query heads share one K/V head, no mask, head dim 64, f16.
+//!
+//! `cargo run --release --example mqa [-- --seq 1024 --batch 2]`
+
+mod common;
+
+use common::{finish, run_and_check, Shape};
+
+attn::attention! {
+    /// PaLM/Falcon style multi-query attention.
+    pub Mqa64 { heads: mqa, head_dim: 64, dtype: f16 }
+}
+
+fn main() {
+    let client = attn::default_client();
+    let shape = Shape {
+        batch: 2,
+        heads_q: 16,
+        heads_kv: 1,
+        seq_q: 384,
+        seq_k: 640,
+    }
+    .from_args();
+    finish(run_and_check::<Mqa64>(&client, shape));
+}

@@ -1,0 +1,137 @@
+//! Snapshots of what we generate for every example variant: the macro's expansion, and the GPU
+//! source cubecl emits for its kernel at the variant's first tile shape — CUDA C++ for an sm_90
+//! device model and WGSL for the portable back end — all produced without a GPU.
+//!
+//! Review changes with `cargo insta review`. The GPU source embeds names and value numbers that
+//! change with cubecl versions: accept those deliberately on a cubecl bump.
+
+use std::path::Path;
+
+use attn::kernels::prefill::PrefillConfig;
+use attn::{CausalAlignment, MaskKind, Tiling};
+use attn_dsl::spec::{Alignment, DType, Mask};
+use attn_dsl::KernelPlan;
+
+/// Every `attention! { … }` body in an example file.
+fn declarations(file: &Path) -> Vec<proc_macro2::TokenStream> {
+    let source = std::fs::read_to_string(file).expect("readable example");
+    let parsed = syn::parse_file(&source).expect("example parses");
+    parsed
+        .items
+        .into_iter()
+        .filter_map(|item| match item {
+            syn::Item::Macro(m)
+                if m.mac
+                    .path
+                    .segments
+                    .last()
+                    .is_some_and(|s| s.ident == "attention") =>
+            {
+                Some(m.mac.tokens)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn config(plan: &KernelPlan) -> PrefillConfig {
+    let first = plan.candidates[0];
+    PrefillConfig {
+        tiling: Tiling {
+            block_q: first.block_q,
+            block_kv: first.block_kv,
+        },
+        head_dim: plan.spec.head_dim.value,
+        mask: match plan.spec.mask.value {
+            Mask::None => MaskKind::None,
+            Mask::Causal(Alignment::BottomRight) => MaskKind::Causal(CausalAlignment::BottomRight),
+            Mask::Causal(Alignment::TopLeft) => MaskKind::Causal(CausalAlignment::TopLeft),
+        },
+    }
+}
+
+fn cuda(plan: &KernelPlan) -> String {
+    let c = config(plan);
+    match plan.spec.dtype.value {
+        DType::F16 => attn::codegen::cuda_source::<attn::f16>(c),
+        DType::BF16 => attn::codegen::cuda_source::<attn::bf16>(c),
+        DType::F32 => attn::codegen::cuda_source::<f32>(c),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgsl(plan: &KernelPlan) -> Option<String> {
+    let c = config(plan);
+    match plan.spec.dtype.value {
+        DType::F16 => Some(attn::codegen::wgsl_source::<attn::f16>(c)),
+        // WGSL has no bf16.
+        DType::BF16 => None,
+        DType::F32 => Some(attn::codegen::wgsl_source::<f32>(c)),
+    }
+}
+
+#[test]
+fn example_variants() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    let mut names = Vec::new();
+    for file in files {
+        let stem = file.file_stem().unwrap().to_string_lossy().into_owned();
+        for body in declarations(&file) {
+            let plans = attn_dsl::analyse(body).unwrap_or_else(|(e, _)| panic!("{stem}: {e}"));
+            for plan in &plans {
+                let name = format!("{stem}__{}", plan.spec.name);
+                let expansion = format!("expansion__{name}");
+                insta::assert_snapshot!(
+                    expansion.clone(),
+                    attn_dsl::pretty(&attn_dsl::codegen::variant(plan))
+                );
+                names.push(expansion);
+                let cuda_name = format!("cuda__{name}");
+                insta::assert_snapshot!(cuda_name.clone(), cuda(plan));
+                names.push(cuda_name);
+                #[cfg(feature = "wgpu")]
+                if let Some(source) = wgsl(plan) {
+                    let wgsl_name = format!("wgsl__{name}");
+                    insta::assert_snapshot!(wgsl_name.clone(), source);
+                    names.push(wgsl_name);
+                }
+            }
+        }
+    }
+    assert!(
+        names.len() >= 8,
+        "expected the example variants, found {names:?}"
+    );
+    reject_unreferenced(&names);
+}
+
+/// A snapshot file that no assertion wrote is stale: fail, so it is deleted or renamed on purpose.
+fn reject_unreferenced(names: &[String]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let file = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let Some(name) = file
+            .strip_prefix("snapshots__")
+            .and_then(|f| f.strip_suffix(".snap"))
+        else {
+            assert!(
+                !file.ends_with(".snap.new"),
+                "pending snapshot {file}: run `cargo insta review`"
+            );
+            continue;
+        };
+        let known = names.iter().any(|n| n == name);
+        // Without the wgpu feature the WGSL snapshots are not produced, but they are not stale.
+        let other_backend = cfg!(not(feature = "wgpu")) && name.starts_with("wgsl__");
+        assert!(
+            known || other_backend,
+            "unreferenced snapshot {file}: delete it or restore its variant"
+        );
+    }
+}

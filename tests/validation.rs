@@ -1,0 +1,252 @@
+//! Bad input is refused with a typed error naming the problem, before anything is launched.
+
+use attn::{AttnError, ComputeClient, Dim, Lse, Operand, Output, Tensor, Tiling, Variant};
+
+attn::attention! {
+    /// GQA 4, d 64.
+    Gqa4 { heads: gqa(group = 4), head_dim: 64, dtype: f32, mask: causal }
+    /// MHA, d 64.
+    Mha { heads: mha, head_dim: 64, dtype: f32 }
+    /// MQA, d 64.
+    Mqa { heads: mqa, head_dim: 64, dtype: f32 }
+    /// A tile no device has shared memory for at d 128 on small GPUs (128 keys × 128 × 2 × 4 B = 128 KiB).
+    Huge { heads: mha, head_dim: 128, dtype: f32, tiles: [64 x 128] }
+    /// bf16, for back ends without it.
+    Bf16 { heads: mha, head_dim: 64, dtype: bf16 }
+}
+
+fn client() -> ComputeClient {
+    attn::default_client()
+}
+
+fn t(client: &ComputeClient, shape: [usize; 4]) -> Tensor<f32> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.25 - 0.5).collect();
+    if n == 0 {
+        return Tensor::empty(client, shape);
+    }
+    Tensor::from_slice(client, &data, shape)
+}
+
+fn run<V: Variant<Elem = f32>>(
+    client: &ComputeClient,
+    q: [usize; 4],
+    k: [usize; 4],
+    v: [usize; 4],
+) -> AttnError {
+    attn::forward::<V>(client, &t(client, q), &t(client, k), &t(client, v))
+        .expect_err("must be refused")
+}
+
+#[test]
+fn wrong_head_dim_names_the_tensor_and_dimension() {
+    let c = client();
+    let e = run::<Mha>(&c, [1, 2, 8, 64], [1, 2, 8, 32], [1, 2, 8, 64]);
+    assert_eq!(
+        e,
+        AttnError::DimMismatch {
+            operand: Operand::K,
+            dim: Dim::HeadDim,
+            expected: 64,
+            found: 32,
+            why: "the variant's head_dim"
+        }
+    );
+    assert!(
+        e.to_string()
+            .contains("head_dim (dim 3) is 32, expected 64"),
+        "{e}"
+    );
+}
+
+#[test]
+fn batch_and_length_mismatches() {
+    let c = client();
+    let e = run::<Mha>(&c, [2, 2, 8, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert!(
+        matches!(
+            e,
+            AttnError::DimMismatch {
+                operand: Operand::K,
+                dim: Dim::Batch,
+                expected: 2,
+                found: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = run::<Mha>(&c, [1, 2, 8, 64], [1, 2, 8, 64], [1, 2, 9, 64]);
+    assert!(
+        matches!(
+            e,
+            AttnError::DimMismatch {
+                operand: Operand::V,
+                dim: Dim::Seq,
+                expected: 8,
+                found: 9,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = run::<Mha>(&c, [1, 2, 8, 64], [1, 2, 8, 64], [1, 3, 8, 64]);
+    assert!(
+        matches!(
+            e,
+            AttnError::DimMismatch {
+                operand: Operand::V,
+                dim: Dim::Heads,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn head_counts_must_fit_the_grouping() {
+    let c = client();
+    let e = run::<Gqa4>(&c, [1, 6, 8, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert!(
+        matches!(e, AttnError::HeadGrouping { hq: 6, hkv: 2, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("gqa(group = 4)"), "{e}");
+    let e = run::<Mha>(&c, [1, 4, 8, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert!(
+        matches!(e, AttnError::HeadGrouping { hq: 4, hkv: 2, .. }),
+        "{e:?}"
+    );
+    let e = run::<Mqa>(&c, [1, 4, 8, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert!(e.to_string().contains("exactly 1 head"), "{e}");
+}
+
+#[test]
+fn empty_dimensions_are_refused() {
+    let c = client();
+    let e = run::<Mha>(&c, [1, 2, 0, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert_eq!(
+        e,
+        AttnError::EmptyDim {
+            operand: Operand::Q,
+            dim: Dim::Seq
+        }
+    );
+    let e = run::<Mha>(&c, [1, 2, 8, 64], [1, 2, 0, 64], [1, 2, 0, 64]);
+    assert_eq!(
+        e,
+        AttnError::EmptyDim {
+            operand: Operand::K,
+            dim: Dim::Seq
+        }
+    );
+    let e = run::<Mha>(&c, [0, 2, 8, 64], [0, 2, 8, 64], [0, 2, 8, 64]);
+    assert_eq!(
+        e,
+        AttnError::EmptyDim {
+            operand: Operand::Q,
+            dim: Dim::Batch
+        }
+    );
+}
+
+#[test]
+fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
+    let c = client();
+    let good = t(&c, [1, 2, 8, 64]);
+    let strided = Tensor::<f32>::from_raw_parts(
+        good.handle().clone(),
+        good.buffer_len(),
+        [1, 2, 8, 32],
+        [1024, 512, 64, 2],
+    );
+    let e = attn::forward::<Mha>(&c, &good, &good, &strided).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttnError::NotContiguous {
+                operand: Operand::V,
+                stride: 2
+            }
+        ),
+        "{e:?}"
+    );
+    let too_long = Tensor::<f32>::from_raw_parts(
+        good.handle().clone(),
+        good.buffer_len(),
+        [1, 2, 16, 64],
+        [2048, 1024, 64, 1],
+    );
+    let e = attn::forward::<Mha>(&c, &too_long, &good, &good).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttnError::OutOfBounds {
+                operand: Operand::Q,
+                needed: 2048,
+                len: 1024,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn output_buffers_are_checked() {
+    let c = client();
+    let q = t(&c, [1, 2, 8, 64]);
+    let wrong = Output {
+        o: Tensor::empty(&c, [1, 2, 9, 64]),
+        lse: Lse::empty(&c, [1, 2, 8]),
+    };
+    let tiling = attn::select_tiling(&c, &Mha::SPEC).unwrap();
+    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
+    assert!(
+        matches!(e, AttnError::DimMismatch { dim: Dim::Seq, .. }),
+        "{e:?}"
+    );
+    let wrong_lse = Output {
+        o: Tensor::empty(&c, [1, 2, 8, 64]),
+        lse: Lse::empty(&c, [1, 2, 7]),
+    };
+    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
+    assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+}
+
+#[test]
+fn tiles_the_device_cannot_run_are_refused() {
+    let c = client();
+    let smem = c.properties().hardware.max_shared_memory_size;
+    let q = t(&c, [1, 1, 4, 128]);
+    let result = attn::forward::<Huge>(&c, &q, &q, &q);
+    if smem < 128 * 1024 {
+        let e = result.unwrap_err();
+        assert!(e.to_string().contains("shared memory"), "{e}");
+    } else {
+        result.expect("fits this device");
+    }
+    let absurd = Tiling {
+        block_q: 1 << 20,
+        block_kv: 1,
+    };
+    let out = Output {
+        o: Tensor::empty(&c, [1, 1, 4, 128]),
+        lse: Lse::empty(&c, [1, 1, 4]),
+    };
+    let e = attn::forward_into::<Huge>(&c, &q, &q, &q, absurd, &out).unwrap_err();
+    assert!(e.to_string().contains("units per cube"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype_is_an_error_not_a_crash() {
+    let c = client();
+    if attn::supports::<attn::bf16>(&c) {
+        return;
+    }
+    let data = vec![attn::bf16::from_f32(0.5); 2 * 4 * 64];
+    let q = Tensor::from_slice(&c, &data, [1, 2, 4, 64]);
+    let e = attn::forward::<Bf16>(&c, &q, &q, &q).unwrap_err();
+    assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+}
