@@ -3,12 +3,19 @@
 //! float64 and to time PyTorch's SDPA (flash, cuDNN) and FlexAttention on the same data.
 //!
 //! `cargo run --release --no-default-features --features cuda --example bench -- --out DIR [--iters 10] [--only CASE]`
+//!
+//! With `--check`, it instead runs a correctness grid on the device against the float64 reference
+//! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones), so one
+//! binary carries both jobs to a GPU machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use attn::reference::{random_vec, seeded_rng};
+use attn::reference::{
+    attention_f64, attention_naive, error_floor, max_abs_error, random_vec, seeded_rng, widen,
+    Verdict,
+};
 use attn::{bf16, ComputeClient, Element, MaskKind, Problem, Tensor, Variant};
 
 attn::attention! {
@@ -24,6 +31,10 @@ attn::attention! {
     Gqa4x128Causal { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
     /// MQA, d 128, causal.
     Mqa128Causal { heads: mqa, head_dim: 128, dtype: bf16, mask: causal }
+    /// f16, GQA 2, d 64, causal top-left (correctness grid only).
+    Gqa2F16TopLeft { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal(top_left) }
+    /// f32, GQA 8, d 128, causal (correctness grid only).
+    Gqa8F32Causal { heads: gqa(group = 8), head_dim: 128, dtype: f32, mask: causal }
 }
 
 /// One benchmark shape: batch, query heads, K/V heads, sequence length.
@@ -41,6 +52,9 @@ fn main() {
     let out = PathBuf::from(arg("--out").unwrap_or_else(|| "bench/out".into()));
     let iters: usize = arg("--iters").map_or(10, |s| s.parse().expect("--iters N"));
     let only = arg("--only");
+    if args.iter().any(|a| a == "--check") {
+        std::process::exit(i32::from(!check_grid(&attn::default_client())));
+    }
     let cases = [
         Case {
             batch: 8,
@@ -205,4 +219,66 @@ fn run<V: Variant<Elem = bf16>>(
     );
     std::fs::write(dir.join("meta.json"), meta).expect("meta.json");
     Ok(name)
+}
+
+/// Runs `V` once on random inputs and compares with float64; prints one line, returns pass.
+fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5]) -> bool {
+    let spec = V::SPEC;
+    let d = spec.head_dim as usize;
+    let label = format!("{} B{b} H{hq}/{hkv} Nq{nq} Nk{nk}", spec.name);
+    let (mut rng, _) = seeded_rng(&label);
+    let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
+    let qh: Vec<V::Elem> = random_vec(&mut rng, qs.iter().product());
+    let kh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
+    let vh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
+    let (q, k, v) = (
+        Tensor::from_slice(client, &qh, qs),
+        Tensor::from_slice(client, &kh, ks),
+        Tensor::from_slice(client, &vh, ks),
+    );
+    let result = attn::forward::<V>(client, &q, &k, &v)
+        .and_then(|out| Ok((out, Problem::new(&spec, &q, &k, &v)?)));
+    let (out, problem) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            println!("{label}: FAIL: {e}");
+            return false;
+        }
+    };
+    let (qf, kf, vf) = (widen(&qh), widen(&kh), widen(&vh));
+    let reference = attention_f64(&spec, &problem, &qf, &kf, &vf);
+    let naive = attention_naive::<V::Elem>(&spec, &problem, &qf, &kf, &vf);
+    let o = widen(&out.o.to_vec(client));
+    let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
+    let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
+    let lse_error = max_abs_error(&lse, &reference.lse);
+    let pass = verdict.passed() && lse_error <= 2e-3;
+    println!(
+        "{label}: max|O-f64| {:.2e} (naive {:.2e}, bound {:.2e}), max|LSE-f64| {lse_error:.2e}: {}",
+        verdict.kernel_error,
+        verdict.naive_error,
+        verdict.bound,
+        if pass { "ok" } else { "FAIL" }
+    );
+    pass
+}
+
+/// The device correctness grid; returns whether every case passed.
+fn check_grid(client: &ComputeClient) -> bool {
+    let mut results = Vec::new();
+    for nq in [1, 17, 128, 1000] {
+        for nk in [1, 17, 128, 1000] {
+            results.push(check_one::<Mha128Causal>(client, [2, 2, 2, nq, nk]));
+            results.push(check_one::<Gqa2F16TopLeft>(client, [2, 4, 2, nq, nk]));
+        }
+    }
+    results.push(check_one::<Mha128>(client, [2, 3, 3, 300, 777]));
+    results.push(check_one::<Mha64>(client, [1, 4, 4, 1000, 1000]));
+    results.push(check_one::<Gqa4x128>(client, [2, 8, 2, 129, 1000]));
+    results.push(check_one::<Gqa4x128Causal>(client, [1, 8, 2, 1000, 333]));
+    results.push(check_one::<Mqa128Causal>(client, [2, 5, 1, 77, 1000]));
+    results.push(check_one::<Gqa8F32Causal>(client, [1, 16, 2, 513, 513]));
+    let failed = results.iter().filter(|p| !**p).count();
+    println!("{} passed, {failed} failed", results.len() - failed);
+    failed == 0
 }

@@ -7,6 +7,7 @@ use cubecl::ir::{
     DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, VectorSize,
 };
 use cubecl::prelude::*;
+use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};

@@ -179,6 +179,7 @@ fn launch<V: Variant>(
             spec.dtype.name()
         )));
     }
+    check_loop_budget(client, problem, tiling)?;
     let (shift_q, shift_k) = causal_shifts(spec.mask, problem.seq_q, problem.seq_k);
     let config = PrefillConfig {
         tiling,
@@ -214,6 +215,44 @@ fn launch<V: Variant>(
     Ok(())
 }
 
+/// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop
+/// and at most five per key (scores, mask, two softmax sweeps, P·V); head-dimension loops are
+/// unrolled and not counted.
+pub fn counted_loop_iterations(problem: &Problem, tiling: Tiling) -> usize {
+    let steps = problem.seq_k.div_ceil(tiling.block_kv as usize);
+    5 * problem.seq_k + steps + 8
+}
+
+/// Mesa's llvmpipe (lavapipe, the CPU Vulkan driver) stops every loop of a shader invocation once
+/// 65 535 loop iterations have run, silently, so the kernel would write a wrong answer; refuse such
+/// calls on it (about 13 000 keys). Real GPUs have no such limit.
+pub fn check_loop_budget(
+    client: &ComputeClient,
+    problem: &Problem,
+    tiling: Tiling,
+) -> Result<(), AttnError> {
+    const LLVMPIPE_LOOP_LIMIT: usize = 65_535;
+    let needed = counted_loop_iterations(problem, tiling);
+    if is_cpu_emulated(client) && needed > LLVMPIPE_LOOP_LIMIT {
+        return Err(AttnError::Unsupported(format!(
+            "{} keys need {needed} loop iterations per invocation; CPU-emulated Vulkan (llvmpipe) stops loops after {LLVMPIPE_LOOP_LIMIT}, so at most {} keys per call run correctly there",
+            problem.seq_k,
+            (LLVMPIPE_LOOP_LIMIT - 8) * tiling.block_kv as usize / (5 * tiling.block_kv as usize + 1)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the device is a CPU emulating a GPU (Mesa's llvmpipe behind lavapipe).
+pub fn is_cpu_emulated(client: &ComputeClient) -> bool {
+    client
+        .properties()
+        .identity
+        .name
+        .to_ascii_lowercase()
+        .contains("llvmpipe")
+}
+
 /// The causal diagonal as two unsigned shifts: key `k` is visible to query `q` when
 /// `k + shift_k <= q + shift_q`.
 fn causal_shifts(mask: MaskKind, seq_q: usize, seq_k: usize) -> (u32, u32) {
@@ -228,7 +267,7 @@ fn causal_shifts(mask: MaskKind, seq_q: usize, seq_k: usize) -> (u32, u32) {
 
 /// # Safety
 /// The tensor's view was checked against its buffer ([`Problem::new`] or [`check_output`]).
-unsafe fn tensor_arg<E>(t: &Tensor<E>) -> TensorArg {
+unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
     unsafe {
         TensorArg::from_raw_parts(
             t.handle().clone(),

@@ -126,7 +126,7 @@ pub fn attention_naive<E: Element>(
 
 /// Widens a tensor to f64.
 pub fn widen<E: Element>(data: &[E]) -> Vec<f64> {
-    data.iter().map(|x| x.to_f64()).collect()
+    data.iter().map(|&x| Element::to_f64(x)).collect()
 }
 
 /// A random generator with a fresh seed, or `ATTN_SEED` when set; the seed is printed so a
@@ -135,9 +135,22 @@ pub fn seeded_rng(label: &str) -> (StdRng, u64) {
     let seed = std::env::var("ATTN_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random::<u64>());
+        .unwrap_or_else(fresh_seed);
     println!("{label}: seed {seed} (replay with ATTN_SEED={seed})");
     (StdRng::seed_from_u64(seed), seed)
+}
+
+/// A seed that differs from run to run: the clock's nanoseconds mixed with the process id.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = nanos ^ (u64::from(std::process::id()) << 32);
+    // splitmix64 finaliser, so nearby clock values give unrelated seeds.
+    let mut z = mixed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// `len` values of a standard normal distribution, rounded to `E` (never all zeros).
@@ -152,12 +165,16 @@ pub fn random_vec<E: Element>(rng: &mut StdRng, len: usize) -> Vec<E> {
         .collect()
 }
 
-/// The largest absolute difference between two equally long slices (NaN counts as infinite).
+/// The largest absolute difference between two equally long slices (NaN counts as infinite; equal
+/// infinities, such as the −∞ LSE of a row that sees no key, count as no difference).
 pub fn max_abs_error(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .map(|(x, y)| {
+            if x == y {
+                return 0.0;
+            }
             let e = (x - y).abs();
             if e.is_nan() {
                 f64::INFINITY

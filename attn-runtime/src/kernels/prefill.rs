@@ -7,21 +7,37 @@
 //! matrix never exists: scores live for one K/V step in the unit's registers.
 //!
 //! Mask tiles are classified per step: steps wholly above a causal diagonal are never loaded, steps
-//! wholly below it run without mask arithmetic, and only the straddling steps (and the ragged last
-//! step) evaluate the mask per element.
+//! wholly below it run without mask arithmetic, and only the steps straddling the diagonal evaluate
+//! the mask per element. The ragged last step is just shorter (`kv_len` keys).
 //!
 //! This path uses no warp shuffles and no tensor cores, so it runs on every cubecl back end,
 //! lavapipe included. cubecl 0.12 exposes `exp` but no `exp2`; the scale is folded into Q, so the
 //! inner loop does one subtraction and one `exp` per score.
+//!
+//! Loop shapes are chosen for both kinds of target: loops over the head dimension are unrolled
+//! (the row's Q and accumulator then live in registers), loops over keys have a run-time trip
+//! count. Mesa's llvmpipe unrolls every loop of up to 32 constant iterations itself (a fully
+//! unrolled key loop took minutes to compile) and counts the iterations of the remaining loops
+//! against a limit of 65 535 per invocation, after which it silently leaves every loop: see
+//! [`crate::launch::check_loop_budget`].
 
 use cubecl::prelude::*;
 
 use crate::variant::{MaskKind, Tiling};
 
-/// A score no real logit reaches: marks masked entries inside a step.
-const MASKED: f32 = -1.0e30;
-/// Scores below this are masked entries (half of [`MASKED`], far below any real logit).
-const MASKED_BELOW: f32 = -5.0e29;
+// Masked entries inside a step hold −1e30, a score no real logit reaches; anything below −5e29
+// counts as masked. Finite on purpose: −∞ − (−∞) would be NaN in the running-max update.
+
+/// A query row's online-softmax state: running max of its scaled logits and the running sum of
+/// their exponentials relative to that max.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct RowState {
+    /// Running max.
+    pub max: f32,
+    /// Running sum.
+    pub sum: f32,
+}
 
 /// Everything that selects the generated code of the prefill kernel.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
@@ -58,6 +74,7 @@ impl PrefillConfig {
 
 /// Run-time scalars of one launch, grouped so the kernel signature stays readable.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
 pub struct PrefillArgs {
     /// Softmax scale applied to q·k.
     pub scale: f32,
@@ -100,37 +117,44 @@ pub fn prefill_forward<E: Float>(
         q, &mut q_row, batch, head, row, row_valid, args.scale, config,
     );
 
-    let mut k_tile = Shared::<[f32]>::new_slice(block_kv * head_dim);
-    let mut v_tile = Shared::<[f32]>::new_slice(block_kv * head_dim);
+    // One allocation for both tiles, K first: one shared array keeps the emitted source stable.
+    let tile_len = block_kv * head_dim;
+    let mut kv_tiles = Shared::<[f32]>::new_slice(2 * tile_len);
     let mut scores = Array::<f32>::new(block_kv);
     let mut acc = Array::<f32>::new(head_dim);
+    #[unroll]
     for c in 0..head_dim {
         acc[c] = 0.0;
     }
-    let mut row_max = MASKED;
-    let mut row_sum = 0.0f32;
+    let mut state = RowState {
+        max: -1.0e30f32,
+        sum: 0.0f32,
+    };
 
     let kv_end = visible_key_end(q_start, seq_q, seq_k, args, config);
-    let num_steps = kv_end.div_ceil(block_kv);
+    let num_steps = (kv_end + block_kv - 1) / block_kv;
     for step in 0..num_steps {
         let kv_start = step * block_kv;
+        // Keys of this step that exist; the ragged last step is simply shorter.
+        let remaining = kv_end - kv_start;
+        let kv_len = select(remaining < block_kv, remaining, block_kv);
         sync_cube();
-        load_kv_tile::<E>(k, &mut k_tile, batch, kv_head, kv_start, config);
-        load_kv_tile::<E>(v, &mut v_tile, batch, kv_head, kv_start, config);
+        load_kv_tile::<E>(k, &mut kv_tiles, 0, batch, kv_head, kv_start, config);
+        load_kv_tile::<E>(v, &mut kv_tiles, tile_len, batch, kv_head, kv_start, config);
         sync_cube();
 
-        compute_scores(&q_row, &k_tile, &mut scores, config);
-        if needs_mask(q_start, kv_start, seq_k, args, config) {
-            apply_mask(&mut scores, row, kv_start, seq_k, args, config);
+        compute_scores(&q_row, &kv_tiles, &mut scores, kv_len, config);
+        if comptime!(config.is_causal()) {
+            if straddles_diagonal(q_start, kv_start, kv_len, args) {
+                apply_causal_mask(&mut scores, row, kv_start, kv_len, args);
+            }
         }
-        online_softmax_step(&mut scores, &mut acc, &mut row_max, &mut row_sum, config);
-        accumulate_pv(&scores, &v_tile, &mut acc, config);
+        online_softmax_step(&mut scores, &mut acc, &mut state, kv_len, config);
+        accumulate_pv(&scores, &kv_tiles, tile_len, &mut acc, kv_len, config);
     }
 
     if row_valid {
-        write_output::<E>(
-            out, lse, &acc, row_max, row_sum, batch, head, row, args, config,
-        );
+        write_output::<E>(out, lse, &acc, state, batch, head, row, args, config);
     }
 }
 
@@ -147,16 +171,14 @@ fn load_q_row<E: Float>(
     scale: f32,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
-    if row_valid {
-        let base = batch * q.stride(0) + head * q.stride(1) + row * q.stride(2);
-        for c in 0..head_dim {
-            q_row[c] = f32::cast_from(q[base + c]) * scale;
+    let base = batch * q.stride(0) + head * q.stride(1) + row * q.stride(2);
+    #[unroll]
+    for c in 0..config.head_dim() {
+        let mut value = 0.0f32.runtime();
+        if row_valid {
+            value = f32::cast_from(q[base + c]) * scale;
         }
-    } else {
-        for c in 0..head_dim {
-            q_row[c] = 0.0;
-        }
+        q_row[c] = value;
     }
 }
 
@@ -172,53 +194,67 @@ fn visible_key_end(
 ) -> usize {
     let mut end = seq_k;
     if comptime!(config.is_causal()) {
-        let last_row = Min::min(q_start + config.block_q(), seq_q) - 1;
+        let block_end = q_start + config.block_q();
+        let last_row = select(block_end < seq_q, block_end, seq_q) - 1;
         // Keys `k` with `k + shift_k <= last_row + shift_q` are visible.
         let reach = last_row + args.shift_q as usize + 1;
         let shift_k = args.shift_k as usize;
-        end = select(reach > shift_k, Min::min(reach - shift_k, seq_k), 0);
+        let mut visible = 0usize.runtime();
+        if reach > shift_k {
+            visible = reach - shift_k;
+        }
+        end = select(visible < seq_k, visible, seq_k);
     }
     end
 }
 
-/// Load K/V: one `block_kv × head_dim` tile into shared memory as f32; keys past the sequence
-/// read as zero.
+/// Load K/V: one `block_kv × head_dim` tile into shared memory at `offset`, as f32; keys past
+/// the sequence read as zero.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn load_kv_tile<E: Float>(
     src: &Tensor<E>,
-    tile: &mut Shared<[f32]>,
+    tiles: &mut Shared<[f32]>,
+    offset: usize,
     batch: usize,
     kv_head: usize,
     kv_start: usize,
     #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
+    let block_q = config.block_q();
     let tile_len = config.block_kv() * head_dim;
     let seq_k = src.shape(2);
     let base = batch * src.stride(0) + kv_head * src.stride(1);
-    for i in (UNIT_POS as usize..tile_len).step_by(config.block_q()) {
-        let key = kv_start + i / head_dim;
-        let c = i % head_dim;
-        let mut value = 0.0f32;
-        if key < seq_k {
-            value = f32::cast_from(src[base + key * src.stride(2) + c]);
+    #[unroll]
+    for t in 0..(tile_len + block_q - 1) / block_q {
+        let i = t * block_q + UNIT_POS as usize;
+        if i < tile_len {
+            let key = kv_start + i / head_dim;
+            let mut value = 0.0f32.runtime();
+            if key < seq_k {
+                value = f32::cast_from(src[base + key * src.stride(2) + i % head_dim]);
+            }
+            tiles[offset + i] = value;
         }
-        tile[i] = value;
     }
 }
 
-/// Scores: this row's `block_kv` logits, `q_row · k_j` (the scale is already in `q_row`).
+/// Scores: this row's logits against the step's `kv_len` keys, `q_row · k_j` (the scale is
+/// already in `q_row`).
 #[cube]
 fn compute_scores(
     q_row: &Array<f32>,
     k_tile: &Shared<[f32]>,
     scores: &mut Array<f32>,
+    kv_len: usize,
     #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
-    for j in 0..config.block_kv() {
+    for j in 0..kv_len {
         let base = j * head_dim;
-        let mut dot = 0.0f32;
+        let mut dot = 0.0f32.runtime();
+        #[unroll]
         for c in 0..head_dim {
             dot += q_row[c] * k_tile[base + c];
         }
@@ -226,41 +262,25 @@ fn compute_scores(
     }
 }
 
-/// Whether a step straddles the mask for some row of the block: the ragged last step, or a causal
-/// step that reaches past the diagonal of the block's first row. Other steps skip mask arithmetic.
+/// Whether a causal step reaches past the diagonal of the block's first row, so some of its
+/// entries are masked. Steps wholly below the diagonal skip mask arithmetic.
 #[cube]
-fn needs_mask(
-    q_start: usize,
-    kv_start: usize,
-    seq_k: usize,
-    args: PrefillArgs,
-    #[comptime] config: PrefillConfig,
-) -> bool {
-    let kv_last = kv_start + config.block_kv() - 1;
-    let mut partial = kv_last >= seq_k;
-    if comptime!(config.is_causal()) {
-        partial = partial || kv_last + args.shift_k as usize > q_start + args.shift_q as usize;
-    }
-    partial
+fn straddles_diagonal(q_start: usize, kv_start: usize, kv_len: usize, args: PrefillArgs) -> bool {
+    kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize
 }
 
-/// Mask: entries of keys past the sequence, or past this row's causal diagonal, become `MASKED`.
+/// Causal mask: entries past this row's diagonal become −1e30.
 #[cube]
-fn apply_mask(
+fn apply_causal_mask(
     scores: &mut Array<f32>,
     row: usize,
     kv_start: usize,
-    seq_k: usize,
+    kv_len: usize,
     args: PrefillArgs,
-    #[comptime] config: PrefillConfig,
 ) {
-    for j in 0..config.block_kv() {
-        let key = kv_start + j;
-        let mut visible = key < seq_k;
-        if comptime!(config.is_causal()) {
-            visible = visible && key + args.shift_k as usize <= row + args.shift_q as usize;
-        }
-        scores[j] = select(visible, scores[j], MASKED);
+    for j in 0..kv_len {
+        let visible = kv_start + j + args.shift_k as usize <= row + args.shift_q as usize;
+        scores[j] = select(visible, scores[j], -1.0e30f32);
     }
 }
 
@@ -270,44 +290,49 @@ fn apply_mask(
 fn online_softmax_step(
     scores: &mut Array<f32>,
     acc: &mut Array<f32>,
-    row_max: &mut f32,
-    row_sum: &mut f32,
+    state: &mut RowState,
+    kv_len: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let mut step_max = MASKED;
-    for j in 0..config.block_kv() {
-        step_max = Max::max(step_max, scores[j]);
-    }
-    let new_max = Max::max(*row_max, step_max);
-    let correction = f32::exp(*row_max - new_max);
-    let mut sum = *row_sum * correction;
-    for j in 0..config.block_kv() {
+    let mut step_max = (-1.0e30f32).runtime();
+    for j in 0..kv_len {
         let s = scores[j];
-        let p = select(s > MASKED_BELOW, f32::exp(s - new_max), 0.0);
+        step_max = select(s > step_max, s, step_max);
+    }
+    let new_max = select(step_max > state.max, step_max, state.max);
+    let correction = (state.max - new_max).exp();
+    let mut sum = state.sum * correction;
+    for j in 0..kv_len {
+        let s = scores[j];
+        let p = select(s > -5.0e29f32, (s - new_max).exp(), 0.0f32);
         scores[j] = p;
         sum += p;
     }
+    #[unroll]
     for c in 0..config.head_dim() {
         acc[c] *= correction;
     }
-    *row_max = new_max;
-    *row_sum = sum;
+    state.max = new_max;
+    state.sum = sum;
 }
 
 /// P·V: add this step's probabilities times the V tile into the f32 accumulator.
 #[cube]
 fn accumulate_pv(
     probs: &Array<f32>,
-    v_tile: &Shared<[f32]>,
+    tiles: &Shared<[f32]>,
+    v_offset: usize,
     acc: &mut Array<f32>,
+    kv_len: usize,
     #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
-    for j in 0..config.block_kv() {
+    for j in 0..kv_len {
         let p = probs[j];
-        let base = j * head_dim;
+        let base = v_offset + j * head_dim;
+        #[unroll]
         for c in 0..head_dim {
-            acc[c] += p * v_tile[base + c];
+            acc[c] += p * tiles[base + c];
         }
     }
 }
@@ -319,8 +344,7 @@ fn write_output<E: Float>(
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     acc: &Array<f32>,
-    row_max: f32,
-    row_sum: f32,
+    state: RowState,
     batch: usize,
     head: usize,
     row: usize,
@@ -328,11 +352,12 @@ fn write_output<E: Float>(
     #[comptime] config: PrefillConfig,
 ) {
     let base = batch * out.stride(0) + head * out.stride(1) + row * out.stride(2);
-    let seen = row_sum > 0.0;
-    let inv = select(seen, 1.0 / row_sum, 0.0);
+    let seen = state.sum > 0.0;
+    let inv = select(seen, 1.0f32 / state.sum, 0.0f32);
+    #[unroll]
     for c in 0..config.head_dim() {
         out[base + c] = E::cast_from(acc[c] * inv);
     }
     let lse_index = batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2);
-    lse[lse_index] = select(seen, row_max + f32::ln(row_sum), args.neg_inf);
+    lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
 }
