@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$ou
 echo "== correctness grid on the device against float64"
 "$work/bench" --check 2>&1 | grep -v '^.*: seed ' | tee "$out/check.log"
 echo "== prefill benchmark"
-"$work/bench" --out "$work/cases" --iters "${ITERS:-10}" 2>&1 | tee "$out/bench.log"
+"$work/bench" --out "$work/cases" --iters "${ITERS:-10}" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
 echo "== PyTorch anchors and float64 check on the same data"
 PYTHONUNBUFFERED=1 python3 bench/compare.py --dir "$work/cases" --commit "$commit" \
   --iters "${ITERS:-10}" --json "$out/results.json" --md "$out/table.md" 2>&1 | tee "$out/compare.log"

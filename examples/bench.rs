@@ -52,6 +52,9 @@ fn main() {
     let out = PathBuf::from(arg("--out").unwrap_or_else(|| "bench/out".into()));
     let iters: usize = arg("--iters").map_or(10, |s| s.parse().expect("--iters N"));
     let only = arg("--only");
+    if args.iter().any(|a| a == "--info") {
+        describe_device(&attn::default_client());
+    }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));
     }
@@ -164,24 +167,50 @@ fn run<V: Variant<Elem = bf16>>(
     let k = Tensor::from_slice(client, &kh, kv_shape);
     let v = Tensor::from_slice(client, &vh, kv_shape);
     let problem = Problem::new(&spec, &q, &k, &v)?;
-    let tiling = attn::select_tiling(client, &spec)?;
-
-    // Warm-up: compiles the kernel and settles clocks.
-    let start = Instant::now();
-    let mut result = attn::forward::<V>(client, &q, &k, &v)?;
-    attn::sync(client)?;
-    let first_ms = start.elapsed().as_secs_f64() * 1e3;
-    for _ in 0..2 {
-        result = attn::forward::<V>(client, &q, &k, &v)?;
-    }
-    attn::sync(client)?;
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
+    let default_tiling = attn::select_tiling(client, &spec)?;
+    let tilings = if std::env::args().any(|a| a == "--all-tiles") {
+        attn::runnable_tilings(client, &spec)
+    } else {
+        vec![default_tiling]
+    };
+    let out_buffers = attn::Output {
+        o: Tensor::empty(client, problem.out_shape()),
+        lse: attn::Lse::empty(client, problem.lse_shape()),
+    };
+    // Per tile shape: warm-up (compiles the kernel), then `iters` timed calls; the fastest shape's
+    // times and outputs are reported.
+    let mut best: Option<(attn::Tiling, Vec<f64>, f64)> = None;
+    let mut per_tile = Vec::new();
+    for &tiling in &tilings {
         let start = Instant::now();
-        result = attn::forward::<V>(client, &q, &k, &v)?;
+        attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
         attn::sync(client)?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        let first_ms = start.elapsed().as_secs_f64() * 1e3;
+        for _ in 0..2 {
+            attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+        }
+        attn::sync(client)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = Instant::now();
+            attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+            attn::sync(client)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        per_tile.push(format!("\"{}\": {median:.4}", tiling.name()));
+        println!("  {} {:?}: median {median:.3} ms", tiling.name(), attn::launch::engine_for(client, &spec, tiling));
+        if best.as_ref().is_none_or(|b| median < sorted_median(&b.1)) {
+            best = Some((tiling, times, first_ms));
+        }
     }
+    let (tiling, times, first_ms) = best.expect("at least one tile shape");
+    // The reported outputs come from the fastest shape.
+    attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+    attn::sync(client)?;
+    let result = out_buffers;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -190,9 +219,10 @@ fn run<V: Variant<Elem = bf16>>(
         * problem.attended_pairs(spec.mask) as f64
         * d as f64;
     println!(
-        "{name}: {} tile {}: median {median:.3} ms, {:.1} TFLOP/s (first call {first_ms:.0} ms)",
+        "{name}: {} tile {} ({:?}): median {median:.3} ms, {:.1} TFLOP/s (first call {first_ms:.0} ms)",
         spec.name,
         tiling.name(),
+        attn::launch::engine_for(client, &spec, tiling),
         flops / median / 1e9
     );
 
@@ -205,7 +235,7 @@ fn run<V: Variant<Elem = bf16>>(
     write_raw(&dir.join("lse.bin"), &result.lse.to_vec(client));
     let times_json: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
     let meta = format!(
-        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"dtype\": \"bf16\", \"mask\": \"{mask}\", \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"times_ms\": [{}], \"median_ms\": {median}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"dtype\": \"bf16\", \"mask\": \"{mask}\", \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
         spec.name,
         case.batch,
         case.heads_q,
@@ -214,6 +244,8 @@ fn run<V: Variant<Elem = bf16>>(
         case.seq,
         spec.softmax_scale(),
         tiling.name(),
+        default_tiling.name(),
+        per_tile.join(", "),
         times_json.join(", "),
         client.name()
     );
@@ -281,4 +313,26 @@ fn check_grid(client: &ComputeClient) -> bool {
     let failed = results.iter().filter(|p| !**p).count();
     println!("{} passed, {failed} failed", results.len() - failed);
     failed == 0
+}
+
+/// Prints what the launcher bases its choices on: plane sizes, shared memory, tensor-core forms.
+fn describe_device(client: &ComputeClient) {
+    let props = client.properties();
+    let hw = &props.hardware;
+    println!(
+        "device {:?}: plane {}..{}, {} units/cube, {} B shared/cube",
+        props.identity.name, hw.plane_size_min, hw.plane_size_max, hw.max_units_per_cube, hw.max_shared_memory_size
+    );
+    let mut forms: Vec<String> = client.features().matmul.cmma.iter().map(|c| format!("{c:?}")).collect();
+    forms.sort();
+    println!("cmma forms: {}", forms.join("; "));
+    for tiling in attn::runnable_tilings(client, &Mha128::SPEC) {
+        println!("Mha128 {}: {:?}", tiling.name(), attn::launch::engine_for(client, &Mha128::SPEC, tiling));
+    }
+}
+
+fn sorted_median(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }

@@ -4,9 +4,10 @@ use cubecl::prelude::*;
 
 use crate::error::{AttnError, Dim, Operand};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
+use crate::kernels::prefill_tc::{prefill_forward_tc, TensorCoreConfig, MMA};
 use crate::problem::Problem;
 use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
-use crate::variant::{CausalAlignment, MaskKind, Tiling, Variant, VariantSpec};
+use crate::variant::{CausalAlignment, DType, MaskKind, Tiling, Variant, VariantSpec};
 
 /// The log-sum-exp of each query row's scaled logits, `[batch, heads_q, seq_q]`, f32, contiguous.
 /// A row that sees no key holds −∞.
@@ -88,15 +89,26 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
         .collect()
 }
 
-/// The first tile shape of `spec` this device can run.
+/// The tile shape `spec` runs with on this device, until the tuner measures: the first runnable
+/// candidate; where the tensor-core kernel takes some candidates, the one of those with the largest
+/// tile (more work per staged K/V byte), ties going to declaration order.
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
+    let runnable = runnable_tilings(client, spec);
+    let tensor_core = runnable
+        .iter()
+        .copied()
+        .filter(|t| engine_for(client, spec, *t) == Engine::TensorCores)
+        .fold(None, |best: Option<Tiling>, t| match best {
+            Some(b) if b.block_q * b.block_kv >= t.block_q * t.block_kv => Some(b),
+            _ => Some(t),
+        });
+    if let Some(tiling) = tensor_core.or_else(|| runnable.first().copied()) {
+        return Ok(tiling);
+    }
     let mut first_error = None;
     for &tiling in spec.tilings {
-        match check_tiling(client, spec, tiling) {
-            Ok(()) => return Ok(tiling),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
+        if let Err(e) = check_tiling(client, spec, tiling) {
+            first_error.get_or_insert(e);
         }
     }
     Err(first_error
@@ -179,13 +191,7 @@ fn launch<V: Variant>(
             spec.dtype.name()
         )));
     }
-    check_loop_budget(client, problem, tiling)?;
     let (shift_q, shift_k) = causal_shifts(spec.mask, problem.seq_q, problem.seq_k);
-    let config = PrefillConfig {
-        tiling,
-        head_dim: spec.head_dim,
-        mask: spec.mask,
-    };
     let cube_count = CubeCount::Static(
         problem.seq_q.div_ceil(tiling.block_q as usize) as u32,
         problem.heads_q as u32,
@@ -198,21 +204,88 @@ fn launch<V: Variant>(
         shift_k,
         f32::NEG_INFINITY,
     );
-    unsafe {
-        prefill_forward::launch::<V::Elem>(
-            client,
-            cube_count,
-            CubeDim::new_1d(tiling.block_q),
-            tensor_arg(q),
-            tensor_arg(k),
-            tensor_arg(v),
-            tensor_arg(&out.o),
-            tensor_arg(&out.lse.tensor),
-            args,
-            config,
-        );
+    match engine_for(client, spec, tiling) {
+        Engine::TensorCores => {
+            let config = TensorCoreConfig { tiling, head_dim: spec.head_dim, mask: spec.mask };
+            let planes = config.planes() as u32;
+            unsafe {
+                prefill_forward_tc::launch::<V::Elem>(
+                    client,
+                    cube_count,
+                    CubeDim::new_2d(32, planes),
+                    tensor_arg(q),
+                    tensor_arg(k),
+                    tensor_arg(v),
+                    tensor_arg(&out.o),
+                    tensor_arg(&out.lse.tensor),
+                    args,
+                    config,
+                );
+            }
+        }
+        Engine::Portable => {
+            check_loop_budget(client, problem, tiling)?;
+            let config = PrefillConfig { tiling, head_dim: spec.head_dim, mask: spec.mask };
+            unsafe {
+                prefill_forward::launch::<V::Elem>(
+                    client,
+                    cube_count,
+                    CubeDim::new_1d(tiling.block_q),
+                    tensor_arg(q),
+                    tensor_arg(k),
+                    tensor_arg(v),
+                    tensor_arg(&out.o),
+                    tensor_arg(&out.lse.tensor),
+                    args,
+                    config,
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// Which kernel family runs a tile shape on a device.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Engine {
+    /// Scalar units, shared memory only: every back end.
+    Portable,
+    /// 16×16×16 tensor-core instructions (cubecl `cmma`).
+    TensorCores,
+}
+
+/// The tensor-core kernel when the device has 16×16×16 tensor cores for `E` (accumulating in f32),
+/// the shape is made of whole 16-blocks and fits in shared memory; the portable kernel otherwise.
+pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
+    use cubecl::ir::{ElemType, FloatKind};
+    let mma = MMA as u32;
+    let elem = match spec.dtype {
+        DType::F16 => ElemType::Float(FloatKind::F16),
+        DType::BF16 => ElemType::Float(FloatKind::BF16),
+        DType::F32 => return Engine::Portable,
+    };
+    let has_cores = client.features().matmul.cmma.contains(&cubecl::features::MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: ElemType::Float(FloatKind::F32),
+        m: mma,
+        k: mma,
+        n: mma,
+    });
+    let config = TensorCoreConfig { tiling, head_dim: spec.head_dim, mask: spec.mask };
+    let hw = &client.properties().hardware;
+    let fits = tiling.block_q % mma == 0
+        && tiling.block_kv % mma == 0
+        && spec.head_dim % mma == 0
+        && config.planes() as u32 * 32 <= hw.max_units_per_cube
+        && config.shared_bytes(2) <= hw.max_shared_memory_size;
+    // `ATTN_ENGINE=portable` forces the portable kernel (for comparisons and diagnosis).
+    let forced_portable = std::env::var_os("ATTN_ENGINE").is_some_and(|e| e == "portable");
+    if has_cores && fits && hw.plane_size_max == 32 && !forced_portable {
+        Engine::TensorCores
+    } else {
+        Engine::Portable
+    }
 }
 
 /// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop

@@ -2,3 +2,4 @@
 //! configuration.
 
 pub mod prefill;
+pub mod prefill_tc;

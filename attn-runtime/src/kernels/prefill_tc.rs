@@ -1,0 +1,458 @@
+//! The fused FlashAttention-2 style forward kernel on tensor cores (16×16×16 cooperative matrix
+//! instructions), for devices that have them (NVIDIA: WMMA/`mma.sync` through cubecl's `cmma`).
+//!
+//! One cube per (query block, query head, batch), `block_q / 16` planes (warps) of 32 units; each
+//! plane owns 16 query rows. Per K/V step of `block_kv` keys the cube stages K and V in shared
+//! memory (element type `E`); each plane computes its 16×`block_kv` scores on tensor cores into an
+//! f32 scratch tile, 16 of its units run the online softmax (one row each; f32; probabilities
+//! written back in `E`), the plane rescales its rows of the f32 output accumulator (kept in shared
+//! memory) and adds P·V on tensor cores. One normalisation at the end; O and the LSE written out.
+//! The N×N score matrix never exists: only a `block_q × block_kv` tile of it, per step.
+//!
+//! Causal tiles are classified as in the portable kernel: steps above the diagonal are never
+//! loaded, steps below it skip mask arithmetic.
+//!
+//! This is the first tensor-core form: synchronous loads, the accumulator in shared memory, scalar
+//! softmax. Asynchronous copies, register-resident accumulators and warpgroup MMA are the
+//! performance work that follows.
+
+use cubecl::prelude::*;
+
+use crate::kernels::prefill::{PrefillArgs, RowState};
+use crate::variant::{MaskKind, Tiling};
+
+/// Rows, columns and depth of one tensor-core instruction.
+pub const MMA: usize = 16;
+
+/// Everything that selects the generated code of the tensor-core prefill kernel.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct TensorCoreConfig {
+    /// Tile shape: `block_q` a multiple of 16 (16 rows per plane), `block_kv` a multiple of 16.
+    pub tiling: Tiling,
+    /// Head dimension of Q, K and V (a multiple of 16).
+    pub head_dim: u32,
+    /// The mask.
+    pub mask: MaskKind,
+}
+
+impl TensorCoreConfig {
+    /// Query rows per cube (M of QKᵀ and of P·V).
+    pub const fn block_q(&self) -> usize {
+        self.tiling.block_q as usize
+    }
+
+    /// Keys per step (N of QKᵀ, K of P·V).
+    pub const fn block_kv(&self) -> usize {
+        self.tiling.block_kv as usize
+    }
+
+    /// Head dimension (K of QKᵀ, N of P·V).
+    pub const fn head_dim(&self) -> usize {
+        self.head_dim as usize
+    }
+
+    /// Planes per cube: one per 16 query rows.
+    pub const fn planes(&self) -> usize {
+        self.block_q() / MMA
+    }
+
+    /// Whether the mask is causal.
+    pub const fn is_causal(&self) -> bool {
+        matches!(self.mask, MaskKind::Causal(_))
+    }
+
+    /// Offsets in the `E` shared array: Q tile, K tile, V tile, P tile, and its length.
+    pub const fn elem_layout(&self) -> [usize; 5] {
+        let q = 0;
+        let k = q + self.block_q() * self.head_dim();
+        let v = k + self.block_kv() * self.head_dim();
+        let p = v + self.block_kv() * self.head_dim();
+        [q, k, v, p, p + self.block_q() * self.block_kv()]
+    }
+
+    /// Offsets in the f32 shared array: scores, output accumulator, row corrections, and length.
+    pub const fn f32_layout(&self) -> [usize; 4] {
+        let s = 0;
+        let o = s + self.block_q() * self.block_kv();
+        let corr = o + self.block_q() * self.head_dim();
+        [s, o, corr, corr + self.block_q()]
+    }
+
+    /// Shared memory of one cube, in bytes, for elements of `elem_bytes`.
+    pub const fn shared_bytes(&self, elem_bytes: usize) -> usize {
+        self.elem_layout()[4] * elem_bytes + self.f32_layout()[3] * 4
+    }
+}
+
+/// The fused forward pass on tensor cores: O = softmax(scale · Q Kᵀ + mask) V, and LSE per row.
+#[cube(launch)]
+pub fn prefill_forward_tc<E: Float>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    out: &mut Tensor<E>,
+    lse: &mut Tensor<f32>,
+    args: PrefillArgs,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let block_q = config.block_q();
+    let block_kv = config.block_kv();
+    let [_, k_at, v_at, _, elem_len] = config.elem_layout();
+    let [_, _, _, f32_len] = config.f32_layout();
+
+    let batch = CUBE_POS_Z as usize;
+    let head = CUBE_POS_Y as usize;
+    let q_start = CUBE_POS_X as usize * block_q;
+    let kv_head = head / args.group as usize;
+    let seq_q = q.shape(2);
+    let seq_k = k.shape(2);
+    // Units 0..16 of each plane own one query row each for the softmax and the finish.
+    let lane = UNIT_POS_X as usize;
+    let plane = UNIT_POS_Y as usize;
+    let row_in_block = plane * MMA + lane;
+
+    let mut elems = Shared::<[E]>::new_slice(elem_len);
+    let mut floats = Shared::<[f32]>::new_slice(f32_len);
+
+    load_q_tile::<E>(q, &mut elems, batch, head, q_start, config);
+    clear_accumulator(&mut floats, config);
+    let mut state = RowState { max: -1.0e30f32, sum: 0.0f32 };
+
+    let kv_end = visible_key_end_tc(q_start, seq_q, seq_k, args, config);
+    let num_steps = (kv_end + block_kv - 1) / block_kv;
+    for step in 0..num_steps {
+        let kv_start = step * block_kv;
+        let remaining = kv_end - kv_start;
+        let kv_len = select(remaining < block_kv, remaining, block_kv);
+        sync_cube();
+        load_kv_tile_tc::<E>(k, &mut elems, k_at, batch, kv_head, kv_start, kv_len, config);
+        load_kv_tile_tc::<E>(v, &mut elems, v_at, batch, kv_head, kv_start, kv_len, config);
+        sync_cube();
+
+        scores_tc::<E>(&elems, &mut floats, plane, config);
+        sync_cube();
+
+        if lane < MMA {
+            let mut masked = false;
+            if comptime!(config.is_causal()) {
+                masked = kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize;
+            }
+            online_softmax_tc::<E>(
+                &mut floats,
+                &mut elems,
+                &mut state,
+                q_start + row_in_block,
+                row_in_block,
+                kv_start,
+                kv_len,
+                masked,
+                args,
+                config,
+            );
+        }
+        sync_cube();
+
+        rescale_rows(&mut floats, plane, lane, config);
+        sync_cube();
+        accumulate_pv_tc::<E>(&elems, &mut floats, plane, config);
+    }
+    sync_cube();
+
+    let row = q_start + row_in_block;
+    if lane < MMA && row < seq_q {
+        write_output_tc::<E>(out, lse, &floats, state, batch, head, row, row_in_block, args, config);
+    }
+}
+
+/// Load Q: the cube's `block_q × head_dim` rows into shared memory; rows past the sequence are 0.
+#[cube]
+fn load_q_tile<E: Float>(
+    q: &Tensor<E>,
+    elems: &mut Shared<[E]>,
+    batch: usize,
+    head: usize,
+    q_start: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let head_dim = config.head_dim();
+    let tile_len = config.block_q() * head_dim;
+    let units = config.planes() * 32;
+    let seq_q = q.shape(2);
+    let base = batch * q.stride(0) + head * q.stride(1);
+    for i in range_stepped(UNIT_POS as usize, tile_len, units) {
+        let row = q_start + i / head_dim;
+        let mut value = E::cast_from(0.0f32);
+        if row < seq_q {
+            value = q[base + row * q.stride(2) + i % head_dim];
+        }
+        elems[i] = value;
+    }
+}
+
+/// Zero the f32 output accumulator.
+#[cube]
+fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: TensorCoreConfig) {
+    let [_, o_at, corr_at, _] = config.f32_layout();
+    let units = config.planes() * 32;
+    for i in range_stepped(UNIT_POS as usize + o_at, corr_at, units) {
+        floats[i] = 0.0;
+    }
+}
+
+/// End of the keys this query block can see (see the portable kernel).
+#[cube]
+fn visible_key_end_tc(
+    q_start: usize,
+    seq_q: usize,
+    seq_k: usize,
+    args: PrefillArgs,
+    #[comptime] config: TensorCoreConfig,
+) -> usize {
+    let mut end = seq_k;
+    if comptime!(config.is_causal()) {
+        let block_end = q_start + config.block_q();
+        let last_row = select(block_end < seq_q, block_end, seq_q) - 1;
+        let reach = last_row + args.shift_q as usize + 1;
+        let shift_k = args.shift_k as usize;
+        let mut visible = 0usize.runtime();
+        if reach > shift_k {
+            visible = reach - shift_k;
+        }
+        end = select(visible < seq_k, visible, seq_k);
+    }
+    end
+}
+
+/// Load K/V: one `block_kv × head_dim` tile into shared memory at `offset`; keys past `kv_len`
+/// are 0, so the tensor cores can always run whole 16-key blocks.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_kv_tile_tc<E: Float>(
+    src: &Tensor<E>,
+    elems: &mut Shared<[E]>,
+    offset: usize,
+    batch: usize,
+    kv_head: usize,
+    kv_start: usize,
+    kv_len: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let head_dim = config.head_dim();
+    let tile_len = config.block_kv() * head_dim;
+    let units = config.planes() * 32;
+    let base = batch * src.stride(0) + kv_head * src.stride(1);
+    for i in range_stepped(UNIT_POS as usize, tile_len, units) {
+        let key = i / head_dim;
+        let mut value = E::cast_from(0.0f32);
+        if key < kv_len {
+            value = src[base + (kv_start + key) * src.stride(2) + i % head_dim];
+        }
+        elems[offset + i] = value;
+    }
+}
+
+/// Scores: this plane's 16 × `block_kv` logits `Q Kᵀ` on tensor cores, into the f32 scratch tile.
+#[cube]
+fn scores_tc<E: Float>(
+    elems: &Shared<[E]>,
+    floats: &mut Shared<[f32]>,
+    plane: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let head_dim = config.head_dim();
+    let block_kv = config.block_kv();
+    let [q_at, k_at, _, _, _] = config.elem_layout();
+    let [s_at, _, _, _] = config.f32_layout();
+    let q_rows = q_at + plane * MMA * head_dim;
+    let s_rows = s_at + plane * MMA * block_kv;
+    for nb in 0..block_kv / MMA {
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            MMA,
+            MMA,
+            MMA,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        );
+        for kb in 0..head_dim / MMA {
+            let a_at = q_rows + kb * MMA;
+            let a = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::A,
+                MMA,
+                MMA,
+                MMA,
+                cmma::MatrixLayout::RowMajor,
+                &elems[a_at..a_at + MMA * head_dim],
+                head_dim as u32,
+            );
+            // Kᵀ as B: B[k][n] = K[n][k], i.e. K read column-major.
+            let b_at = k_at + nb * MMA * head_dim + kb * MMA;
+            let b = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::B,
+                MMA,
+                MMA,
+                MMA,
+                cmma::MatrixLayout::ColMajor,
+                &elems[b_at..b_at + MMA * head_dim],
+                head_dim as u32,
+            );
+            cmma::execute(&a, &b, &acc, &acc);
+        }
+        let out_at = s_rows + nb * MMA;
+        cmma::store(
+            &mut floats[out_at..out_at + MMA * block_kv],
+            &acc,
+            block_kv as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// Online softmax of one row: scale, mask, fold into the running max and sum, write the
+/// probabilities (in `E`, 0 for masked and missing keys) and the accumulator's correction factor.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn online_softmax_tc<E: Float>(
+    floats: &mut Shared<[f32]>,
+    elems: &mut Shared<[E]>,
+    state: &mut RowState,
+    row: usize,
+    row_in_block: usize,
+    kv_start: usize,
+    kv_len: usize,
+    masked: bool,
+    args: PrefillArgs,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let block_kv = config.block_kv();
+    let [_, _, _, p_at, _] = config.elem_layout();
+    let [s_at, _, corr_at, _] = config.f32_layout();
+    let s_row = s_at + row_in_block * block_kv;
+    let p_row = p_at + row_in_block * block_kv;
+    let limit = row + args.shift_q as usize;
+
+    let mut step_max = (-1.0e30f32).runtime();
+    for j in 0..kv_len {
+        let mut s = floats[s_row + j] * args.scale;
+        if masked && kv_start + j + args.shift_k as usize > limit {
+            s = -1.0e30f32;
+        }
+        floats[s_row + j] = s;
+        step_max = select(s > step_max, s, step_max);
+    }
+    let new_max = select(step_max > state.max, step_max, state.max);
+    let correction = (state.max - new_max).exp();
+    let mut sum = state.sum * correction;
+    for j in 0..block_kv {
+        let mut p = 0.0f32.runtime();
+        if j < kv_len {
+            let s = floats[s_row + j];
+            p = select(s > -5.0e29f32, (s - new_max).exp(), 0.0f32);
+        }
+        sum += p;
+        elems[p_row + j] = E::cast_from(p);
+    }
+    floats[corr_at + row_in_block] = correction;
+    state.max = new_max;
+    state.sum = sum;
+}
+
+/// Rescale this plane's 16 rows of the output accumulator by their rows' correction factors.
+#[cube]
+fn rescale_rows(floats: &mut Shared<[f32]>, plane: usize, lane: usize, #[comptime] config: TensorCoreConfig) {
+    let head_dim = config.head_dim();
+    let [_, o_at, corr_at, _] = config.f32_layout();
+    let rows_len = MMA * head_dim;
+    for i in range_stepped(lane, rows_len, 32) {
+        let r = plane * MMA + i / head_dim;
+        let at = o_at + r * head_dim + i % head_dim;
+        floats[at] = floats[at] * floats[corr_at + r];
+    }
+}
+
+/// P·V: add this plane's 16 × `head_dim` product of probabilities and the V tile into the f32
+/// accumulator, on tensor cores.
+#[cube]
+fn accumulate_pv_tc<E: Float>(
+    elems: &Shared<[E]>,
+    floats: &mut Shared<[f32]>,
+    plane: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let head_dim = config.head_dim();
+    let block_kv = config.block_kv();
+    let [_, _, v_at, p_at, _] = config.elem_layout();
+    let [_, o_at, _, _] = config.f32_layout();
+    let p_rows = p_at + plane * MMA * block_kv;
+    let o_rows = o_at + plane * MMA * head_dim;
+    for db in 0..head_dim / MMA {
+        let acc_at = o_rows + db * MMA;
+        let acc = cmma::Matrix::<f32>::from_slice(
+            cmma::MatrixIdent::Accumulator,
+            MMA,
+            MMA,
+            MMA,
+            cmma::MatrixLayout::RowMajor,
+            &floats[acc_at..acc_at + MMA * head_dim],
+            head_dim as u32,
+        );
+        for kb in 0..block_kv / MMA {
+            let a_at = p_rows + kb * MMA;
+            let a = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::A,
+                MMA,
+                MMA,
+                MMA,
+                cmma::MatrixLayout::RowMajor,
+                &elems[a_at..a_at + MMA * block_kv],
+                block_kv as u32,
+            );
+            let b_at = v_at + kb * MMA * head_dim + db * MMA;
+            let b = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::B,
+                MMA,
+                MMA,
+                MMA,
+                cmma::MatrixLayout::RowMajor,
+                &elems[b_at..b_at + MMA * head_dim],
+                head_dim as u32,
+            );
+            cmma::execute(&a, &b, &acc, &acc);
+        }
+        cmma::store(
+            &mut floats[acc_at..acc_at + MMA * head_dim],
+            &acc,
+            head_dim as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// Finish: normalise one row once and write O and the LSE (O = 0, LSE = −∞ for a row that saw no
+/// key).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_output_tc<E: Float>(
+    out: &mut Tensor<E>,
+    lse: &mut Tensor<f32>,
+    floats: &Shared<[f32]>,
+    state: RowState,
+    batch: usize,
+    head: usize,
+    row: usize,
+    row_in_block: usize,
+    args: PrefillArgs,
+    #[comptime] config: TensorCoreConfig,
+) {
+    let head_dim = config.head_dim();
+    let [_, o_at, _, _] = config.f32_layout();
+    let base = batch * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+    let seen = state.sum > 0.0;
+    let inv = select(seen, 1.0f32 / state.sum, 0.0f32);
+    let o_row = o_at + row_in_block * head_dim;
+    for c in 0..head_dim {
+        out[base + c] = E::cast_from(floats[o_row + c] * inv);
+    }
+    let lse_index = batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2);
+    lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
+}
