@@ -201,7 +201,11 @@ fn run<V: Variant<Elem = bf16>>(
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
         per_tile.push(format!("\"{}\": {median:.4}", tiling.name()));
-        println!("  {} {:?}: median {median:.3} ms", tiling.name(), attn::launch::engine_for(client, &spec, tiling));
+        println!(
+            "  {} {:?}: median {median:.3} ms",
+            tiling.name(),
+            attn::launch::engine_for(client, &spec, tiling)
+        );
         if best.as_ref().is_none_or(|b| median < sorted_median(&b.1)) {
             best = Some((tiling, times, first_ms));
         }
@@ -321,13 +325,27 @@ fn describe_device(client: &ComputeClient) {
     let hw = &props.hardware;
     println!(
         "device {:?}: plane {}..{}, {} units/cube, {} B shared/cube",
-        props.identity.name, hw.plane_size_min, hw.plane_size_max, hw.max_units_per_cube, hw.max_shared_memory_size
+        props.identity.name,
+        hw.plane_size_min,
+        hw.plane_size_max,
+        hw.max_units_per_cube,
+        hw.max_shared_memory_size
     );
-    let mut forms: Vec<String> = client.features().matmul.cmma.iter().map(|c| format!("{c:?}")).collect();
+    let mut forms: Vec<String> = client
+        .features()
+        .matmul
+        .cmma
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect();
     forms.sort();
     println!("cmma forms: {}", forms.join("; "));
     for tiling in attn::runnable_tilings(client, &Mha128::SPEC) {
-        println!("Mha128 {}: {:?}", tiling.name(), attn::launch::engine_for(client, &Mha128::SPEC, tiling));
+        println!(
+            "Mha128 {}: {:?}",
+            tiling.name(),
+            attn::launch::engine_for(client, &Mha128::SPEC, tiling)
+        );
     }
 }
 

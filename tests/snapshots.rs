@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use attn::kernels::prefill::PrefillConfig;
+use attn::kernels::prefill_tc::TensorCoreConfig;
 use attn::{CausalAlignment, MaskKind, Tiling};
 use attn_dsl::spec::{Alignment, DType, Mask};
 use attn_dsl::KernelPlan;
@@ -61,6 +62,21 @@ fn cuda(plan: &KernelPlan) -> String {
     }
 }
 
+/// The tensor-core kernel's CUDA C++, for the element types it serves (f16, bf16).
+fn cuda_tensor_cores(plan: &KernelPlan) -> Option<String> {
+    let p = config(plan);
+    let c = TensorCoreConfig {
+        tiling: p.tiling,
+        head_dim: p.head_dim,
+        mask: p.mask,
+    };
+    match plan.spec.dtype.value {
+        DType::F16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::f16>(c)),
+        DType::BF16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::bf16>(c)),
+        DType::F32 => None,
+    }
+}
+
 #[cfg(feature = "wgpu")]
 fn wgsl(plan: &KernelPlan) -> Option<String> {
     let c = config(plan);
@@ -97,6 +113,11 @@ fn example_variants() {
                 let cuda_name = format!("cuda__{name}");
                 insta::assert_snapshot!(cuda_name.clone(), canonical_names(&cuda(plan)));
                 names.push(cuda_name);
+                if let Some(source) = cuda_tensor_cores(plan) {
+                    let tc_name = format!("cuda_tc__{name}");
+                    insta::assert_snapshot!(tc_name.clone(), canonical_names(&source));
+                    names.push(tc_name);
+                }
                 #[cfg(feature = "wgpu")]
                 if let Some(source) = wgsl(plan) {
                     let wgsl_name = format!("wgsl__{name}");

@@ -11,6 +11,8 @@ attn::attention! {
     Mqa { heads: mqa, head_dim: 64, dtype: f32 }
     /// A tile no device has shared memory for at d 128 on small GPUs (128 keys × 128 × 2 × 4 B = 128 KiB).
     Huge { heads: mha, head_dim: 128, dtype: f32, tiles: [64 x 128] }
+    /// f16, for the engine choice.
+    Half { heads: mha, head_dim: 64, dtype: f16 }
     /// bf16, for back ends without it.
     Bf16 { heads: mha, head_dim: 64, dtype: bf16 }
 }
@@ -249,4 +251,24 @@ fn unsupported_dtype_is_an_error_not_a_crash() {
     let q = Tensor::from_slice(&c, &data, [1, 2, 4, 64]);
     let e = attn::forward::<Bf16>(&c, &q, &q, &q).unwrap_err();
     assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+}
+
+#[test]
+fn f32_and_devices_without_tensor_cores_use_the_portable_kernel() {
+    use attn::launch::{engine_for, Engine};
+    let c = client();
+    let tiling = attn::select_tiling(&c, &Mha::SPEC).unwrap();
+    assert_eq!(
+        engine_for(&c, &Mha::SPEC, tiling),
+        Engine::Portable,
+        "f32 always runs the portable kernel"
+    );
+    let f16_cores =
+        c.features().matmul.cmma.iter().any(|m| {
+            m.a_type == attn::cubecl::ir::ElemType::Float(attn::cubecl::ir::FloatKind::F16)
+        });
+    if !f16_cores {
+        let tiling = attn::select_tiling(&c, &Half::SPEC).unwrap();
+        assert_eq!(engine_for(&c, &Half::SPEC, tiling), Engine::Portable);
+    }
 }

@@ -47,12 +47,18 @@ pub struct KernelPlan {
 }
 
 /// Default tile candidates per head dimension. The first stages at most 16 KiB of K/V and uses 64
-/// units, which every back end runs (lavapipe: 32 KiB, 1024 units); the larger ones are for GPUs
-/// (the tensor-core kernel takes the largest that fits).
+/// units, which every back end runs (lavapipe: 32 KiB, 1024 units); the larger ones are for the
+/// tuner to try on GPUs.
 pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
     let kv = if head_dim <= 64 { 32 } else { 16 };
     let tile = |block_q, block_kv| TileShape { block_q, block_kv };
-    vec![tile(64, kv), tile(32, kv), tile(128, kv), tile(64, 64), tile(128, 64)]
+    vec![
+        tile(64, kv),
+        tile(32, kv),
+        tile(128, kv),
+        tile(64, 64),
+        tile(128, 64),
+    ]
 }
 
 /// Plans a validated spec. Cannot fail.

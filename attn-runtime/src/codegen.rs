@@ -3,14 +3,17 @@
 
 use std::sync::Arc;
 
+use cubecl::features::MmaConfig;
 use cubecl::ir::{
-    DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, VectorSize,
+    DeviceIdentity, DeviceProperties, ElemType, FloatKind, HardwareProperties,
+    MemoryDeviceProperties, VectorSize,
 };
 use cubecl::prelude::*;
 use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
+use crate::kernels::prefill_tc::{prefill_forward_tc, TensorCoreConfig};
 use crate::tensor::Element;
 
 /// The properties of an H100/H200-class GPU (sm_90): 132 SMs, 227 KiB shared memory per block,
@@ -46,6 +49,17 @@ pub fn sm90_device_model() -> DeviceProperties {
         },
     );
     register_supported_types(&mut props);
+    // The 16×16×16 tensor-core forms the H200 reports for f16 and bf16 with f32 accumulation.
+    for elem in [FloatKind::F16, FloatKind::BF16] {
+        props.features.matmul.cmma.insert(MmaConfig {
+            a_type: ElemType::Float(elem),
+            b_type: ElemType::Float(elem),
+            cd_type: ElemType::Float(FloatKind::F32),
+            m: 16,
+            n: 16,
+            k: 16,
+        });
+    }
     props
 }
 
@@ -56,30 +70,69 @@ fn definition<E: Element>(config: PrefillConfig, props: DeviceProperties) -> Ker
         ExecutionMode::Checked,
         AddressType::U32,
     );
-    let tensor = || TensorCompilationArg {
+    prefill_forward::PrefillForward::<E>::new(
+        settings,
+        Arc::new(props),
+        Arc::new(TargetProperties::default()),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        args_compilation_arg(),
+        config,
+    )
+    .define()
+}
+
+/// The kernel definition of the tensor-core prefill kernel for `config` on the sm_90 model.
+fn definition_tensor_cores<E: Element>(config: TensorCoreConfig) -> KernelDefinition {
+    let settings = KernelSettings::new(
+        *CubeDim::new_2d(32, config.planes() as u32),
+        ExecutionMode::Checked,
+        AddressType::U32,
+    );
+    prefill_forward_tc::PrefillForwardTc::<E>::new(
+        settings,
+        Arc::new(sm90_device_model()),
+        Arc::new(TargetProperties::default()),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        args_compilation_arg(),
+        config,
+    )
+    .define()
+}
+
+/// The CUDA C++ cubecl generates for the tensor-core prefill kernel of `config` (sm_90 model).
+pub fn cuda_source_tensor_cores<E: Element>(config: TensorCoreConfig) -> String {
+    CppCompiler::<cubecl_cpp::target::Cuda>::default()
+        .compile(
+            definition_tensor_cores::<E>(config),
+            &CompilationOptions::default(),
+        )
+        .expect("the tensor-core prefill kernel compiles to CUDA C++")
+        .to_string()
+}
+
+fn tensor_compilation_arg() -> TensorCompilationArg {
+    TensorCompilationArg {
         meta: TensorMetaCompilationArg { len: (), rank: () },
         buffer: BufferCompilationArg { inplace: None },
-    };
-    let args = PrefillArgsCompilationArg {
+    }
+}
+
+fn args_compilation_arg() -> PrefillArgsCompilationArg {
+    PrefillArgsCompilationArg {
         scale: (),
         group: (),
         shift_q: (),
         shift_k: (),
         neg_inf: (),
-    };
-    prefill_forward::PrefillForward::<E>::new(
-        settings,
-        Arc::new(props),
-        Arc::new(TargetProperties::default()),
-        tensor(),
-        tensor(),
-        tensor(),
-        tensor(),
-        tensor(),
-        args,
-        config,
-    )
-    .define()
+    }
 }
 
 /// The CUDA C++ cubecl generates for the prefill kernel of `config` on the sm_90 model.

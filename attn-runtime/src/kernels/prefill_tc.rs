@@ -116,7 +116,10 @@ pub fn prefill_forward_tc<E: Float>(
 
     load_q_tile::<E>(q, &mut elems, batch, head, q_start, config);
     clear_accumulator(&mut floats, config);
-    let mut state = RowState { max: -1.0e30f32, sum: 0.0f32 };
+    let mut state = RowState {
+        max: -1.0e30f32,
+        sum: 0.0f32,
+    };
 
     let kv_end = visible_key_end_tc(q_start, seq_q, seq_k, args, config);
     let num_steps = (kv_end + block_kv - 1) / block_kv;
@@ -125,8 +128,12 @@ pub fn prefill_forward_tc<E: Float>(
         let remaining = kv_end - kv_start;
         let kv_len = select(remaining < block_kv, remaining, block_kv);
         sync_cube();
-        load_kv_tile_tc::<E>(k, &mut elems, k_at, batch, kv_head, kv_start, kv_len, config);
-        load_kv_tile_tc::<E>(v, &mut elems, v_at, batch, kv_head, kv_start, kv_len, config);
+        load_kv_tile_tc::<E>(
+            k, &mut elems, k_at, batch, kv_head, kv_start, kv_len, config,
+        );
+        load_kv_tile_tc::<E>(
+            v, &mut elems, v_at, batch, kv_head, kv_start, kv_len, config,
+        );
         sync_cube();
 
         scores_tc::<E>(&elems, &mut floats, plane, config);
@@ -135,7 +142,8 @@ pub fn prefill_forward_tc<E: Float>(
         if lane < MMA {
             let mut masked = false;
             if comptime!(config.is_causal()) {
-                masked = kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize;
+                masked =
+                    kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize;
             }
             online_softmax_tc::<E>(
                 &mut floats,
@@ -160,7 +168,18 @@ pub fn prefill_forward_tc<E: Float>(
 
     let row = q_start + row_in_block;
     if lane < MMA && row < seq_q {
-        write_output_tc::<E>(out, lse, &floats, state, batch, head, row, row_in_block, args, config);
+        write_output_tc::<E>(
+            out,
+            lse,
+            &floats,
+            state,
+            batch,
+            head,
+            row,
+            row_in_block,
+            args,
+            config,
+        );
     }
 }
 
@@ -359,7 +378,12 @@ fn online_softmax_tc<E: Float>(
 
 /// Rescale this plane's 16 rows of the output accumulator by their rows' correction factors.
 #[cube]
-fn rescale_rows(floats: &mut Shared<[f32]>, plane: usize, lane: usize, #[comptime] config: TensorCoreConfig) {
+fn rescale_rows(
+    floats: &mut Shared<[f32]>,
+    plane: usize,
+    lane: usize,
+    #[comptime] config: TensorCoreConfig,
+) {
     let head_dim = config.head_dim();
     let [_, o_at, corr_at, _] = config.f32_layout();
     let rows_len = MMA * head_dim;
