@@ -25,7 +25,7 @@ fn main() {
         seq_q: 512,
         seq_k: 512,
     }
-    .from_args();
+    .with_args();
     let result = if attn::supports::<attn::bf16>(&client) {
         run_and_check::<Llama3>(&client, shape)
     } else {

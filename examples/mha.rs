@@ -21,6 +21,6 @@ fn main() {
         seq_q: 300,
         seq_k: 300,
     }
-    .from_args();
+    .with_args();
     finish(run_and_check::<Mha64>(&client, shape));
 }

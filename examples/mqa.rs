@@ -20,6 +20,6 @@ fn main() {
         seq_q: 384,
         seq_k: 640,
     }
-    .from_args();
+    .with_args();
     finish(run_and_check::<Mqa64>(&client, shape));
 }

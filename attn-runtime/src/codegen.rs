@@ -152,7 +152,7 @@ pub fn wgsl_source<E: Element>(config: PrefillConfig) -> String {
     props.hardware.plane_size_max = 8;
     props.hardware.max_shared_memory_size = 32 * 1024;
     let def = definition::<E>(config, props);
-    cubecl::wgpu::WgslCompiler::default()
+    cubecl::wgpu::WgslCompiler
         .compile(def, &Default::default())
         .expect("the prefill kernel compiles to WGSL")
         .to_string()

@@ -19,7 +19,7 @@ pub struct Shape {
 
 impl Shape {
     /// `--seq N` (both lengths) and `--batch B` from the command line override the defaults.
-    pub fn from_args(mut self) -> Self {
+    pub fn with_args(mut self) -> Self {
         let args: Vec<String> = std::env::args().collect();
         for pair in args.windows(2) {
             let value = || pair[1].parse().expect("a positive integer");
