@@ -163,9 +163,9 @@ fn run<V: Variant<Elem = bf16>>(
     let qh: Vec<bf16> = random_vec(&mut rng, q_shape.iter().product());
     let kh: Vec<bf16> = random_vec(&mut rng, kv_shape.iter().product());
     let vh: Vec<bf16> = random_vec(&mut rng, kv_shape.iter().product());
-    let q = Tensor::from_slice(client, &qh, q_shape);
-    let k = Tensor::from_slice(client, &kh, kv_shape);
-    let v = Tensor::from_slice(client, &vh, kv_shape);
+    let q = Tensor::from_slice(client, &qh, q_shape)?;
+    let k = Tensor::from_slice(client, &kh, kv_shape)?;
+    let v = Tensor::from_slice(client, &vh, kv_shape)?;
     let problem = Problem::new(&spec, &q, &k, &v)?;
     let default_tiling = attn::select_tiling(client, &spec)?;
     let tilings = if std::env::args().any(|a| a == "--all-tiles") {
@@ -268,9 +268,9 @@ fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5
     let kh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
     let vh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
     let (q, k, v) = (
-        Tensor::from_slice(client, &qh, qs),
-        Tensor::from_slice(client, &kh, ks),
-        Tensor::from_slice(client, &vh, ks),
+        Tensor::from_slice(client, &qh, qs).expect("q fills its shape"),
+        Tensor::from_slice(client, &kh, ks).expect("k fills its shape"),
+        Tensor::from_slice(client, &vh, ks).expect("v fills its shape"),
     );
     let result = attn::forward::<V>(client, &q, &k, &v)
         .and_then(|out| Ok((out, Problem::new(&spec, &q, &k, &v)?)));

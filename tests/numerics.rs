@@ -59,7 +59,7 @@ fn upload<E: Element>(
     layout: Layout,
 ) -> Tensor<E> {
     match layout {
-        Layout::Bhnd => Tensor::from_slice(client, data, shape),
+        Layout::Bhnd => Tensor::from_slice(client, data, shape).expect("fills its shape"),
         Layout::Bnhd => {
             let [b, h, n, d] = shape;
             let mut t = vec![data[0]; data.len()];
@@ -72,7 +72,7 @@ fn upload<E: Element>(
                     }
                 }
             }
-            Tensor::from_slice_bnhd(client, &t, [b, n, h, d])
+            Tensor::from_slice_bnhd(client, &t, [b, n, h, d]).expect("fills its shape")
         }
     }
 }
@@ -106,13 +106,14 @@ fn check_with<V: Variant>(
     let lse_shape = problem.lse_shape();
     let poison_lse = vec![f32::NAN; lse_shape.iter().product()];
     let out = Output {
-        o: Tensor::from_slice(client, &poison_o, problem.out_shape()),
+        o: Tensor::from_slice(client, &poison_o, problem.out_shape()).expect("fills its shape"),
         lse: Lse {
             tensor: Tensor::from_slice(
                 client,
                 &poison_lse,
                 [lse_shape[0], lse_shape[1], lse_shape[2], 1],
-            ),
+            )
+            .expect("fills its shape"),
         },
     };
     attn::forward_into::<V>(client, &q, &k, &v, tiling, &out).expect("launch");

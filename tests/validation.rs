@@ -27,7 +27,7 @@ fn t(client: &ComputeClient, shape: [usize; 4]) -> Tensor<f32> {
     if n == 0 {
         return Tensor::empty(client, shape);
     }
-    Tensor::from_slice(client, &data, shape)
+    Tensor::from_slice(client, &data, shape).expect("fills its shape")
 }
 
 fn run<V: Variant<Elem = f32>>(
@@ -248,7 +248,7 @@ fn unsupported_dtype_is_an_error_not_a_crash() {
         return;
     }
     let data = vec![attn::bf16::from_f32(0.5); 2 * 4 * 64];
-    let q = Tensor::from_slice(&c, &data, [1, 2, 4, 64]);
+    let q = Tensor::from_slice(&c, &data, [1, 2, 4, 64]).unwrap();
     let e = attn::forward::<Bf16>(&c, &q, &q, &q).unwrap_err();
     assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
 }
@@ -271,4 +271,20 @@ fn f32_and_devices_without_tensor_cores_use_the_portable_kernel() {
         let tiling = attn::select_tiling(&c, &Half::SPEC).unwrap();
         assert_eq!(engine_for(&c, &Half::SPEC, tiling), Engine::Portable);
     }
+}
+
+#[test]
+fn host_data_must_fill_its_shape() {
+    let c = client();
+    let e = Tensor::from_slice(&c, &[0.5f32; 10], [1, 1, 2, 64]).unwrap_err();
+    assert_eq!(
+        e,
+        AttnError::DataLength {
+            shape: [1, 1, 2, 64],
+            expected: 128,
+            found: 10
+        }
+    );
+    let e = Tensor::from_slice_bnhd(&c, &[0.5f32; 130], [1, 2, 1, 64]).unwrap_err();
+    assert!(e.to_string().contains("130 elements"), "{e}");
 }

@@ -114,6 +114,16 @@ pub enum AttnError {
         /// The limit.
         max: usize,
     },
+    /// Host data does not fill the shape it is uploaded as.
+    #[error("host data has {found} elements, but shape {shape:?} needs {expected}")]
+    DataLength {
+        /// The shape asked for.
+        shape: [usize; 4],
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements given.
+        found: usize,
+    },
     /// The device cannot run this variant.
     #[error("unsupported on this device: {0}")]
     Unsupported(String),

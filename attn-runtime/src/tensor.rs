@@ -7,6 +7,7 @@ use cubecl::features::TypeUsage;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::error::AttnError;
 use crate::variant::DType;
 
 /// Element types attention runs on: f16, bf16 and f32 (accumulation is always f32).
@@ -69,35 +70,41 @@ pub struct Tensor<E> {
 }
 
 impl<E: Element> Tensor<E> {
-    /// Uploads `data`, laid out contiguously as `[batch, heads, seq, head_dim]`.
-    ///
-    /// # Panics
-    /// When `data.len()` is not the product of `shape`.
-    pub fn from_slice(client: &ComputeClient, data: &[E], shape: [usize; 4]) -> Self {
-        assert_eq!(
-            data.len(),
-            shape.iter().product::<usize>(),
-            "data does not fill {shape:?}"
-        );
+    /// Uploads `data`, laid out contiguously as `[batch, heads, seq, head_dim]`; refuses data
+    /// whose length is not the product of `shape`.
+    pub fn from_slice(
+        client: &ComputeClient,
+        data: &[E],
+        shape: [usize; 4],
+    ) -> Result<Self, AttnError> {
+        check_len(data.len(), shape)?;
         let handle = client.create_from_slice(E::as_bytes(data));
-        Self::from_raw_parts(handle, data.len(), shape, contiguous_strides(shape))
+        Ok(Self::from_raw_parts(
+            handle,
+            data.len(),
+            shape,
+            contiguous_strides(shape),
+        ))
     }
 
     /// Uploads `data`, laid out contiguously as `[batch, seq, heads, head_dim]` (the layout of
-    /// most model code), and views it as `[batch, heads, seq, head_dim]` without a copy.
-    ///
-    /// # Panics
-    /// When `data.len()` is not the product of `shape_bnhd`.
-    pub fn from_slice_bnhd(client: &ComputeClient, data: &[E], shape_bnhd: [usize; 4]) -> Self {
-        assert_eq!(
-            data.len(),
-            shape_bnhd.iter().product::<usize>(),
-            "data does not fill {shape_bnhd:?}"
-        );
+    /// most model code), and views it as `[batch, heads, seq, head_dim]` without a copy; refuses
+    /// data whose length is not the product of `shape_bnhd`.
+    pub fn from_slice_bnhd(
+        client: &ComputeClient,
+        data: &[E],
+        shape_bnhd: [usize; 4],
+    ) -> Result<Self, AttnError> {
+        check_len(data.len(), shape_bnhd)?;
         let [b, n, h, d] = shape_bnhd;
         let s = contiguous_strides(shape_bnhd);
         let handle = client.create_from_slice(E::as_bytes(data));
-        Self::from_raw_parts(handle, data.len(), [b, h, n, d], [s[0], s[2], s[1], s[3]])
+        Ok(Self::from_raw_parts(
+            handle,
+            data.len(),
+            [b, h, n, d],
+            [s[0], s[2], s[1], s[3]],
+        ))
     }
 
     /// Wraps an existing buffer of `len` elements, viewed with `shape` and `strides` (in elements,
@@ -163,6 +170,20 @@ impl<E: Element> Tensor<E> {
             }
         }
         out
+    }
+}
+
+/// Host data must fill its shape exactly.
+fn check_len(len: usize, shape: [usize; 4]) -> Result<(), AttnError> {
+    let expected = shape.iter().product::<usize>();
+    if len == expected {
+        Ok(())
+    } else {
+        Err(AttnError::DataLength {
+            shape,
+            expected,
+            found: len,
+        })
     }
 }
 

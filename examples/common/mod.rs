@@ -44,9 +44,9 @@ pub fn run_and_check<V: Variant>(client: &ComputeClient, shape: Shape) -> Result
     let q_host: Vec<V::Elem> = random_vec(&mut rng, q_shape.iter().product());
     let k_host: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
     let v_host: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
-    let q = Tensor::from_slice(client, &q_host, q_shape);
-    let k = Tensor::from_slice(client, &k_host, kv_shape);
-    let v = Tensor::from_slice(client, &v_host, kv_shape);
+    let q = Tensor::from_slice(client, &q_host, q_shape)?;
+    let k = Tensor::from_slice(client, &k_host, kv_shape)?;
+    let v = Tensor::from_slice(client, &v_host, kv_shape)?;
 
     let start = Instant::now();
     let out = attn::forward::<V>(client, &q, &k, &v)?;

@@ -21,7 +21,6 @@
 //! against a limit of 65 535 per invocation, after which it silently leaves every loop: see
 //! [`crate::launch::check_loop_budget`].
 
-
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
 #![allow(clippy::manual_div_ceil, clippy::collapsible_if)]

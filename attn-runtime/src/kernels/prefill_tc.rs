@@ -16,7 +16,6 @@
 //! softmax. Asynchronous copies, register-resident accumulators and warpgroup MMA are the
 //! performance work that follows.
 
-
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
 #![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
