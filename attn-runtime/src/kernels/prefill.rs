@@ -135,7 +135,7 @@ pub fn prefill_forward<E: Float>(
         sum: 0.0f32,
     };
 
-    let kv_end = visible_key_end(q_start, seq_q, seq_k, args, config);
+    let kv_end = visible_key_end(q_start, seq_q, seq_k, args, block_q, config.is_causal());
     let num_steps = (kv_end + block_kv - 1) / block_kv;
     for step in 0..num_steps {
         let kv_start = step * block_kv;
@@ -186,19 +186,21 @@ fn load_q_row<E: Float>(
     }
 }
 
-/// End of the keys this query block can see: the whole sequence, or up to the causal diagonal of
-/// the block's last row. K/V steps past it are never loaded.
+/// End of the keys a query block of `block_q` rows starting at `q_start` can see: the whole
+/// sequence, or up to the causal diagonal of the block's last row. K/V steps past it are never
+/// loaded. Shared by both kernel families.
 #[cube]
-fn visible_key_end(
+pub fn visible_key_end(
     q_start: usize,
     seq_q: usize,
     seq_k: usize,
     args: PrefillArgs,
-    #[comptime] config: PrefillConfig,
+    #[comptime] block_q: usize,
+    #[comptime] causal: bool,
 ) -> usize {
     let mut end = seq_k;
-    if comptime!(config.is_causal()) {
-        let block_end = q_start + config.block_q();
+    if causal {
+        let block_end = q_start + block_q;
         let last_row = select(block_end < seq_q, block_end, seq_q) - 1;
         // Keys `k` with `k + shift_k <= last_row + shift_q` are visible.
         let reach = last_row + args.shift_q as usize + 1;

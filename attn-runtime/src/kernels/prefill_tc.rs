@@ -22,7 +22,7 @@
 
 use cubecl::prelude::*;
 
-use crate::kernels::prefill::{PrefillArgs, RowState};
+use crate::kernels::prefill::{visible_key_end, PrefillArgs, RowState};
 use crate::variant::{MaskKind, Tiling};
 
 /// Rows, columns and depth of one tensor-core instruction.
@@ -125,7 +125,7 @@ pub fn prefill_forward_tc<E: Float>(
         sum: 0.0f32,
     };
 
-    let kv_end = visible_key_end_tc(q_start, seq_q, seq_k, args, config);
+    let kv_end = visible_key_end(q_start, seq_q, seq_k, args, block_q, config.is_causal());
     let num_steps = (kv_end + block_kv - 1) / block_kv;
     for step in 0..num_steps {
         let kv_start = step * block_kv;
@@ -220,30 +220,6 @@ fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: TensorCoreC
     for i in range_stepped(UNIT_POS as usize + o_at, corr_at, units) {
         floats[i] = 0.0;
     }
-}
-
-/// End of the keys this query block can see (see the portable kernel).
-#[cube]
-fn visible_key_end_tc(
-    q_start: usize,
-    seq_q: usize,
-    seq_k: usize,
-    args: PrefillArgs,
-    #[comptime] config: TensorCoreConfig,
-) -> usize {
-    let mut end = seq_k;
-    if comptime!(config.is_causal()) {
-        let block_end = q_start + config.block_q();
-        let last_row = select(block_end < seq_q, block_end, seq_q) - 1;
-        let reach = last_row + args.shift_q as usize + 1;
-        let shift_k = args.shift_k as usize;
-        let mut visible = 0usize.runtime();
-        if reach > shift_k {
-            visible = reach - shift_k;
-        }
-        end = select(visible < seq_k, visible, seq_k);
-    }
-    end
 }
 
 /// Load K/V: one `block_kv × head_dim` tile into shared memory at `offset`; keys past `kv_len`
