@@ -30,6 +30,8 @@
 //! head `h / G`. `LSE = log Σ exp(scale · q·k)` over the visible keys, natural log. A row that sees
 //! no key (causal, bottom-right, `Nq > Nk`) yields `O = 0` and `LSE = −∞`, never NaN.
 
+#![warn(missing_docs)]
+
 extern crate self as attn;
 
 pub use attn_macros::attention;

@@ -2,6 +2,8 @@
 //! [`KernelPlan`] → tokens. The `attention!` macro is a thin shim over [`expand`]; tools and tests
 //! call the same functions.
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod codegen;
 pub mod ctxt;

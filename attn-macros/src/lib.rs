@@ -1,5 +1,7 @@
 //! The `attention!` macro. A thin shim: all the work is in `attn-dsl`.
 
+#![warn(missing_docs)]
+
 use proc_macro::TokenStream;
 
 /// Declares attention variants; see the `attn` crate's documentation for the syntax.

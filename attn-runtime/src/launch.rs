@@ -286,13 +286,17 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
         && spec.head_dim % mma == 0
         && config.planes() as u32 * 32 <= hw.max_units_per_cube
         && config.shared_bytes(2) <= hw.max_shared_memory_size;
-    // `ATTN_ENGINE=portable` forces the portable kernel (for comparisons and diagnosis).
-    let forced_portable = std::env::var_os("ATTN_ENGINE").is_some_and(|e| e == "portable");
-    if has_cores && fits && hw.plane_size_max == 32 && !forced_portable {
+    if has_cores && fits && hw.plane_size_max == 32 && !forced_portable() {
         Engine::TensorCores
     } else {
         Engine::Portable
     }
+}
+
+/// `ATTN_ENGINE=portable` forces the portable kernel (for comparisons and diagnosis); read once.
+fn forced_portable() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("ATTN_ENGINE").is_some_and(|e| e == "portable"))
 }
 
 /// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop
