@@ -28,6 +28,8 @@ attn::attention! {
     Gqa4CausalF16 { heads: gqa(group = 4), head_dim: 128, dtype: f16, mask: causal }
     /// GQA 8, d 128, f32.
     Gqa8F32 { heads: gqa(group = 8), head_dim: 128, dtype: f32 }
+    /// GQA 5 (a group size that is not a power of two), d 64, f16, causal.
+    Gqa5F16 { heads: gqa(group = 5), head_dim: 64, dtype: f16, mask: causal }
     /// MQA, d 128, f32, causal.
     MqaCausalF32 { heads: mqa, head_dim: 128, dtype: f32, mask: causal }
     /// MQA, d 64, f16.
@@ -219,6 +221,7 @@ fn group_sizes_and_mqa() {
     check::<Gqa4F16>(&client, [2, 8, 2, 17, 1000]);
     check::<Gqa4CausalF16>(&client, [1, 4, 1, 200, 200]);
     check::<Gqa8F32>(&client, [1, 16, 2, 65, 33]);
+    check::<Gqa5F16>(&client, [2, 10, 2, 45, 70]);
     check::<MqaCausalF32>(&client, [2, 5, 1, 77, 150]);
     check::<MqaF16>(&client, [1, 7, 1, 1, 1000]);
 }
@@ -252,6 +255,13 @@ fn every_tile_candidate_matches_the_reference() {
 #[test]
 fn bf16_where_supported() {
     length_grid::<MhaBf16>();
+}
+
+/// A long, odd length: 3001 queries against 3001 keys (188 K/V steps), causal.
+#[test]
+fn long_odd_length() {
+    let client = client();
+    check::<MhaCausalF32>(&client, [1, 1, 1, 3001, 3001]);
 }
 
 #[test]
