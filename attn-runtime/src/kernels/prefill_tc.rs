@@ -65,26 +65,41 @@ impl TensorCoreConfig {
         matches!(self.mask, MaskKind::Causal(_))
     }
 
+    /// Row stride of the f32 score tile: `block_kv` plus 4 floats of padding, so the 16 lanes
+    /// that each read one row do not all land in the same shared-memory banks (a multiple of 4,
+    /// as tensor-core stores require).
+    pub const fn score_stride(&self) -> usize {
+        self.block_kv() + 4
+    }
+
+    /// Row stride of the probability tile (`E`): `block_kv` plus 8 elements of padding, for the
+    /// same reason (a multiple of 8, as 16-bit tensor-core loads require).
+    pub const fn prob_stride(&self) -> usize {
+        self.block_kv() + 8
+    }
+
     /// Offsets in the `E` shared array: Q tile, K tile, V tile, P tile, and its length.
     pub const fn elem_layout(&self) -> [usize; 5] {
         let q = 0;
         let k = q + self.block_q() * self.head_dim();
         let v = k + self.block_kv() * self.head_dim();
         let p = v + self.block_kv() * self.head_dim();
-        [q, k, v, p, p + self.block_q() * self.block_kv()]
+        [q, k, v, p, p + self.block_q() * self.prob_stride()]
     }
 
-    /// Offsets in the f32 shared array: scores, output accumulator, row corrections, and length.
-    pub const fn f32_layout(&self) -> [usize; 4] {
+    /// Offsets in the f32 shared array: scores, output accumulator, row corrections, per-plane
+    /// "some row's max moved" flags, and the length.
+    pub const fn f32_layout(&self) -> [usize; 5] {
         let s = 0;
-        let o = s + self.block_q() * self.block_kv();
+        let o = s + self.block_q() * self.score_stride();
         let corr = o + self.block_q() * self.head_dim();
-        [s, o, corr, corr + self.block_q()]
+        let moved = corr + self.block_q();
+        [s, o, corr, moved, moved + self.planes()]
     }
 
     /// Shared memory of one cube, in bytes, for elements of `elem_bytes`.
     pub const fn shared_bytes(&self, elem_bytes: usize) -> usize {
-        self.elem_layout()[4] * elem_bytes + self.f32_layout()[3] * 4
+        self.elem_layout()[4] * elem_bytes + self.f32_layout()[4] * 4
     }
 }
 
@@ -102,7 +117,7 @@ pub fn prefill_forward_tc<E: Float>(
     let block_q = config.block_q();
     let block_kv = config.block_kv();
     let [_, k_at, v_at, _, elem_len] = config.elem_layout();
-    let [_, _, _, f32_len] = config.f32_layout();
+    let [_, _, _, moved_at, f32_len] = config.f32_layout();
 
     let batch = CUBE_POS_Z as usize;
     let head = CUBE_POS_Y as usize;
@@ -141,6 +156,9 @@ pub fn prefill_forward_tc<E: Float>(
         sync_cube();
 
         scores_tc::<E>(&elems, &mut floats, plane, config);
+        if lane == 0 {
+            floats[moved_at + plane] = 0.0f32;
+        }
         sync_cube();
 
         if lane < MMA {
@@ -164,7 +182,11 @@ pub fn prefill_forward_tc<E: Float>(
         }
         sync_cube();
 
-        rescale_rows(&mut floats, plane, lane, config);
+        // Rescaling the accumulator is only needed when some row's running max moved; after the
+        // first steps that is rare, and the flag is uniform across the plane.
+        if floats[moved_at + plane] != 0.0f32 {
+            rescale_rows(&mut floats, plane, lane, config);
+        }
         sync_cube();
         accumulate_pv_tc::<E>(&elems, &mut floats, plane, config);
     }
@@ -215,7 +237,7 @@ fn load_q_tile<E: Float>(
 /// Zero the f32 output accumulator.
 #[cube]
 fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: TensorCoreConfig) {
-    let [_, o_at, corr_at, _] = config.f32_layout();
+    let [_, o_at, corr_at, _, _] = config.f32_layout();
     let units = config.planes() * 32;
     for i in range_stepped(UNIT_POS as usize + o_at, corr_at, units) {
         floats[i] = 0.0;
@@ -261,9 +283,10 @@ fn scores_tc<E: Float>(
     let head_dim = config.head_dim();
     let block_kv = config.block_kv();
     let [q_at, k_at, _, _, _] = config.elem_layout();
-    let [s_at, _, _, _] = config.f32_layout();
+    let [s_at, _, _, _, _] = config.f32_layout();
+    let score_stride = config.score_stride();
     let q_rows = q_at + plane * MMA * head_dim;
-    let s_rows = s_at + plane * MMA * block_kv;
+    let s_rows = s_at + plane * MMA * score_stride;
     for nb in 0..block_kv / MMA {
         let acc = cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
@@ -299,9 +322,9 @@ fn scores_tc<E: Float>(
         }
         let out_at = s_rows + nb * MMA;
         cmma::store(
-            &mut floats[out_at..out_at + MMA * block_kv],
+            &mut floats[out_at..out_at + MMA * score_stride],
             &acc,
-            block_kv as u32,
+            score_stride as u32,
             cmma::MatrixLayout::RowMajor,
         );
     }
@@ -325,9 +348,9 @@ fn online_softmax_tc<E: Float>(
 ) {
     let block_kv = config.block_kv();
     let [_, _, _, p_at, _] = config.elem_layout();
-    let [s_at, _, corr_at, _] = config.f32_layout();
-    let s_row = s_at + row_in_block * block_kv;
-    let p_row = p_at + row_in_block * block_kv;
+    let [s_at, _, corr_at, moved_at, _] = config.f32_layout();
+    let s_row = s_at + row_in_block * config.score_stride();
+    let p_row = p_at + row_in_block * config.prob_stride();
     let limit = row + args.shift_q as usize;
 
     let mut step_max = (-1.0e30f32).runtime();
@@ -352,6 +375,9 @@ fn online_softmax_tc<E: Float>(
         elems[p_row + j] = E::cast_from(p);
     }
     floats[corr_at + row_in_block] = correction;
+    if correction != 1.0f32 {
+        floats[moved_at + row_in_block / MMA] = 1.0f32;
+    }
     state.max = new_max;
     state.sum = sum;
 }
@@ -365,7 +391,7 @@ fn rescale_rows(
     #[comptime] config: TensorCoreConfig,
 ) {
     let head_dim = config.head_dim();
-    let [_, o_at, corr_at, _] = config.f32_layout();
+    let [_, o_at, corr_at, _, _] = config.f32_layout();
     let rows_len = MMA * head_dim;
     for i in range_stepped(lane, rows_len, 32) {
         let r = plane * MMA + i / head_dim;
@@ -386,8 +412,9 @@ fn accumulate_pv_tc<E: Float>(
     let head_dim = config.head_dim();
     let block_kv = config.block_kv();
     let [_, _, v_at, p_at, _] = config.elem_layout();
-    let [_, o_at, _, _] = config.f32_layout();
-    let p_rows = p_at + plane * MMA * block_kv;
+    let [_, o_at, _, _, _] = config.f32_layout();
+    let prob_stride = config.prob_stride();
+    let p_rows = p_at + plane * MMA * prob_stride;
     let o_rows = o_at + plane * MMA * head_dim;
     for db in 0..head_dim / MMA {
         let acc_at = o_rows + db * MMA;
@@ -408,8 +435,8 @@ fn accumulate_pv_tc<E: Float>(
                 MMA,
                 MMA,
                 cmma::MatrixLayout::RowMajor,
-                &elems[a_at..a_at + MMA * block_kv],
-                block_kv as u32,
+                &elems[a_at..a_at + MMA * prob_stride],
+                prob_stride as u32,
             );
             let b_at = v_at + kb * MMA * head_dim + db * MMA;
             let b = cmma::Matrix::<E>::from_slice(
@@ -449,7 +476,7 @@ fn write_output_tc<E: Float>(
     #[comptime] config: TensorCoreConfig,
 ) {
     let head_dim = config.head_dim();
-    let [_, o_at, _, _] = config.f32_layout();
+    let [_, o_at, _, _, _] = config.f32_layout();
     let base = batch * out.stride(0) + head * out.stride(1) + row * out.stride(2);
     let seen = state.sum > 0.0;
     let inv = select(seen, 1.0f32 / state.sum, 0.0f32);
