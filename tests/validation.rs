@@ -199,22 +199,60 @@ fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
 fn output_buffers_are_checked() {
     let c = client();
     let q = t(&c, [1, 2, 8, 64]);
+    let tiling = attn::select_tiling(&c, &Mha::SPEC).unwrap();
     let wrong = Output {
         o: Tensor::empty(&c, [1, 2, 9, 64]),
         lse: Lse::empty(&c, [1, 2, 8]),
     };
-    let tiling = attn::select_tiling(&c, &Mha::SPEC).unwrap();
     let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
-    assert!(
-        matches!(e, AttnError::DimMismatch { dim: Dim::Seq, .. }),
-        "{e:?}"
+    assert_eq!(
+        e,
+        AttnError::DimMismatch {
+            operand: Operand::O,
+            dim: Dim::Seq,
+            expected: 8,
+            found: 9,
+            why: "the output follows q's shape"
+        }
     );
     let wrong_lse = Output {
         o: Tensor::empty(&c, [1, 2, 8, 64]),
         lse: Lse::empty(&c, [1, 2, 7]),
     };
     let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
-    assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            AttnError::DimMismatch {
+                operand: Operand::Lse,
+                dim: Dim::Seq,
+                expected: 8,
+                found: 7,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A strided view of a big enough buffer is still refused: the kernels write densely.
+    let big = Tensor::<f32>::empty(&c, [1, 2, 16, 64]);
+    let strided = Tensor::<f32>::from_raw_parts(
+        big.handle().clone(),
+        big.buffer_len(),
+        [1, 2, 8, 64],
+        [2048, 1024, 128, 1],
+    );
+    let view = Output {
+        o: strided,
+        lse: Lse::empty(&c, [1, 2, 8]),
+    };
+    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &view).unwrap_err();
+    assert_eq!(
+        e,
+        AttnError::OutputLayout {
+            operand: Operand::O,
+            needed: 1024
+        }
+    );
 }
 
 #[test]

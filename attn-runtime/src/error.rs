@@ -11,6 +11,10 @@ pub enum Operand {
     K,
     /// The values.
     V,
+    /// A caller-owned output buffer.
+    O,
+    /// A caller-owned log-sum-exp buffer.
+    Lse,
 }
 
 impl fmt::Display for Operand {
@@ -19,6 +23,8 @@ impl fmt::Display for Operand {
             Operand::Q => "q",
             Operand::K => "k",
             Operand::V => "v",
+            Operand::O => "output",
+            Operand::Lse => "lse",
         })
     }
 }
@@ -113,6 +119,14 @@ pub enum AttnError {
         found: usize,
         /// The limit.
         max: usize,
+    },
+    /// A caller-owned output buffer is not a contiguous buffer of the expected size.
+    #[error("{operand}: the buffer must be contiguous and hold at least {needed} elements")]
+    OutputLayout {
+        /// The buffer.
+        operand: Operand,
+        /// Elements it must hold.
+        needed: usize,
     },
     /// Host data does not fill the shape it is uploaded as.
     #[error("host data has {found} elements, but shape {shape:?} needs {expected}")]

@@ -93,13 +93,13 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
 /// the device can run (declaration order is preference order; measured on the H200, the first
 /// default was also the fastest of the defaults on all 8 benchmark shapes).
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
-    if let Some(tiling) = runnable_tilings(client, spec).first().copied() {
-        return Ok(tiling);
-    }
     let mut first_error = None;
     for &tiling in spec.tilings {
-        if let Err(e) = check_tiling(client, spec, tiling) {
-            first_error.get_or_insert(e);
+        match check_tiling(client, spec, tiling) {
+            Ok(()) => return Ok(tiling),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
     Err(first_error
@@ -134,32 +134,51 @@ pub fn check_tiling(
 }
 
 fn check_output<E: Element>(problem: &Problem, out: &Output<E>) -> Result<(), AttnError> {
-    let expected = problem.out_shape();
-    let o = &out.o;
-    for (i, dim) in [Dim::Batch, Dim::Heads, Dim::Seq, Dim::HeadDim]
-        .into_iter()
-        .enumerate()
-    {
-        if o.shape()[i] != expected[i] {
-            return Err(AttnError::DimMismatch {
-                operand: Operand::Q,
-                dim,
-                expected: o.shape()[i],
-                found: expected[i],
-                why: "the output buffer's shape",
-            });
+    const DIMS: [Dim; 4] = [Dim::Batch, Dim::Heads, Dim::Seq, Dim::HeadDim];
+    let o_shape = problem.out_shape();
+    let lse_shape = problem.lse_shape();
+    let buffers = [
+        (Operand::O, out.o.shape(), o_shape, 4),
+        (
+            Operand::Lse,
+            out.lse.tensor.shape(),
+            [lse_shape[0], lse_shape[1], lse_shape[2], 1],
+            3,
+        ),
+    ];
+    for (operand, found, expected, rank) in buffers {
+        for i in 0..rank {
+            if found[i] != expected[i] {
+                return Err(AttnError::DimMismatch {
+                    operand,
+                    dim: DIMS[i],
+                    expected: expected[i],
+                    found: found[i],
+                    why: "the output follows q's shape",
+                });
+            }
         }
     }
-    if o.strides() != contiguous_strides(expected) || o.buffer_len() < expected.iter().product() {
-        return Err(AttnError::Unsupported(
-            "the output buffer must be contiguous".into(),
-        ));
-    }
-    let lse = problem.lse_shape();
-    if out.lse.shape() != lse || out.lse.tensor.buffer_len() < lse.iter().product() {
-        return Err(AttnError::Unsupported(format!(
-            "the LSE buffer must be contiguous with shape {lse:?}"
-        )));
+    check_contiguous(
+        Operand::O,
+        out.o.shape(),
+        out.o.strides(),
+        out.o.buffer_len(),
+    )?;
+    let lse = &out.lse.tensor;
+    check_contiguous(Operand::Lse, lse.shape(), lse.strides(), lse.buffer_len())
+}
+
+/// An output buffer must be dense (the kernels write it by row-major index) and large enough.
+fn check_contiguous(
+    operand: Operand,
+    shape: [usize; 4],
+    strides: [usize; 4],
+    len: usize,
+) -> Result<(), AttnError> {
+    let needed = shape.iter().product::<usize>();
+    if strides != contiguous_strides(shape) || len < needed {
+        return Err(AttnError::OutputLayout { operand, needed });
     }
     Ok(())
 }
