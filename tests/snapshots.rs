@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use attn::kernels::prefill::PrefillConfig;
-use attn::kernels::prefill_tc::TensorCoreConfig;
 use attn::{CausalAlignment, MaskKind, Tiling};
 use attn_dsl::spec::{Alignment, DType, Mask};
 use attn_dsl::KernelPlan;
@@ -64,12 +63,7 @@ fn cuda(plan: &KernelPlan) -> String {
 
 /// The tensor-core kernel's CUDA C++, for the element types it serves (f16, bf16).
 fn cuda_tensor_cores(plan: &KernelPlan) -> Option<String> {
-    let p = config(plan);
-    let c = TensorCoreConfig {
-        tiling: p.tiling,
-        head_dim: p.head_dim,
-        mask: p.mask,
-    };
+    let c = config(plan);
     match plan.spec.dtype.value {
         DType::F16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::f16>(c)),
         DType::BF16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::bf16>(c)),

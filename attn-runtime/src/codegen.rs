@@ -13,7 +13,8 @@ use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
-use crate::kernels::prefill_tc::{prefill_forward_tc, TensorCoreConfig};
+use crate::kernels::prefill_tc::prefill_forward_tc;
+use crate::launch::Engine;
 use crate::tensor::Element;
 
 /// The properties of an H100/H200-class GPU (sm_90): 132 SMs, 227 KiB shared memory per block,
@@ -63,55 +64,47 @@ pub fn sm90_device_model() -> DeviceProperties {
     props
 }
 
-/// The kernel definition of the prefill kernel for `config` on a device with `props`.
-fn definition<E: Element>(config: PrefillConfig, props: DeviceProperties) -> KernelDefinition {
-    let settings = KernelSettings::new(
-        *CubeDim::new_1d(config.tiling.block_q),
-        ExecutionMode::Checked,
-        AddressType::U32,
-    );
-    prefill_forward::PrefillForward::<E>::new(
-        settings,
-        Arc::new(props),
-        Arc::new(TargetProperties::default()),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        args_compilation_arg(),
-        config,
-    )
-    .define()
-}
-
-/// The kernel definition of the tensor-core prefill kernel for `config` on the sm_90 model.
-fn definition_tensor_cores<E: Element>(config: TensorCoreConfig) -> KernelDefinition {
-    let settings = KernelSettings::new(
-        *CubeDim::new_2d(32, config.planes() as u32),
-        ExecutionMode::Checked,
-        AddressType::U32,
-    );
-    prefill_forward_tc::PrefillForwardTc::<E>::new(
-        settings,
-        Arc::new(sm90_device_model()),
-        Arc::new(TargetProperties::default()),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        args_compilation_arg(),
-        config,
-    )
-    .define()
+/// The kernel definition of the prefill kernel of `engine` for `config` on a device with `props`.
+fn definition<E: Element>(
+    engine: Engine,
+    config: PrefillConfig,
+    props: DeviceProperties,
+) -> KernelDefinition {
+    // Both kernel families take the same arguments; only the kernel and the cube shape differ.
+    macro_rules! define {
+        ($kernel:ty, $cube_dim:expr) => {
+            <$kernel>::new(
+                KernelSettings::new(*$cube_dim, ExecutionMode::Checked, AddressType::U32),
+                Arc::new(props),
+                Arc::new(TargetProperties::default()),
+                tensor_compilation_arg(),
+                tensor_compilation_arg(),
+                tensor_compilation_arg(),
+                tensor_compilation_arg(),
+                tensor_compilation_arg(),
+                args_compilation_arg(),
+                config,
+            )
+            .define()
+        };
+    }
+    match engine {
+        Engine::Portable => define!(
+            prefill_forward::PrefillForward<E>,
+            CubeDim::new_1d(config.tiling.block_q)
+        ),
+        Engine::TensorCores => define!(
+            prefill_forward_tc::PrefillForwardTc<E>,
+            CubeDim::new_2d(32, config.planes() as u32)
+        ),
+    }
 }
 
 /// The CUDA C++ cubecl generates for the tensor-core prefill kernel of `config` (sm_90 model).
-pub fn cuda_source_tensor_cores<E: Element>(config: TensorCoreConfig) -> String {
+pub fn cuda_source_tensor_cores<E: Element>(config: PrefillConfig) -> String {
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(
-            definition_tensor_cores::<E>(config),
+            definition::<E>(Engine::TensorCores, config, sm90_device_model()),
             &CompilationOptions::default(),
         )
         .expect("the tensor-core prefill kernel compiles to CUDA C++")
@@ -137,7 +130,7 @@ fn args_compilation_arg() -> PrefillArgsCompilationArg {
 
 /// The CUDA C++ cubecl generates for the prefill kernel of `config` on the sm_90 model.
 pub fn cuda_source<E: Element>(config: PrefillConfig) -> String {
-    let def = definition::<E>(config, sm90_device_model());
+    let def = definition::<E>(Engine::Portable, config, sm90_device_model());
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(def, &CompilationOptions::default())
         .expect("the prefill kernel compiles to CUDA C++")
@@ -151,7 +144,7 @@ pub fn wgsl_source<E: Element>(config: PrefillConfig) -> String {
     props.hardware.plane_size_min = 8;
     props.hardware.plane_size_max = 8;
     props.hardware.max_shared_memory_size = 32 * 1024;
-    let def = definition::<E>(config, props);
+    let def = definition::<E>(Engine::Portable, config, props);
     cubecl::wgpu::WgslCompiler
         .compile(def, &Default::default())
         .expect("the prefill kernel compiles to WGSL")

@@ -4,7 +4,7 @@ use cubecl::prelude::*;
 
 use crate::error::{AttnError, Dim, Operand};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
-use crate::kernels::prefill_tc::{prefill_forward_tc, TensorCoreConfig, MMA};
+use crate::kernels::prefill_tc::{prefill_forward_tc, MMA};
 use crate::problem::Problem;
 use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
 use crate::variant::{CausalAlignment, DType, MaskKind, Tiling, Variant, VariantSpec};
@@ -214,19 +214,19 @@ fn launch<V: Variant>(
         shift_k,
         f32::NEG_INFINITY,
     );
-    match engine_for(client, spec, tiling) {
-        Engine::TensorCores => {
-            let config = TensorCoreConfig {
-                tiling,
-                head_dim: spec.head_dim,
-                mask: spec.mask,
-            };
-            let planes = config.planes() as u32;
+    let config = PrefillConfig {
+        tiling,
+        head_dim: spec.head_dim,
+        mask: spec.mask,
+    };
+    // Both kernel families take the same arguments; only the kernel and the cube shape differ.
+    macro_rules! launch_with {
+        ($kernel:path, $cube_dim:expr) => {
             unsafe {
-                prefill_forward_tc::launch::<V::Elem>(
+                $kernel(
                     client,
                     cube_count,
-                    CubeDim::new_2d(32, planes),
+                    $cube_dim,
                     tensor_arg(q),
                     tensor_arg(k),
                     tensor_arg(v),
@@ -234,30 +234,21 @@ fn launch<V: Variant>(
                     tensor_arg(&out.lse.tensor),
                     args,
                     config,
-                );
+                )
             }
-        }
+        };
+    }
+    match engine_for(client, spec, tiling) {
+        Engine::TensorCores => launch_with!(
+            prefill_forward_tc::launch::<V::Elem>,
+            CubeDim::new_2d(32, config.planes() as u32)
+        ),
         Engine::Portable => {
             check_loop_budget(client, problem, tiling)?;
-            let config = PrefillConfig {
-                tiling,
-                head_dim: spec.head_dim,
-                mask: spec.mask,
-            };
-            unsafe {
-                prefill_forward::launch::<V::Elem>(
-                    client,
-                    cube_count,
-                    CubeDim::new_1d(tiling.block_q),
-                    tensor_arg(q),
-                    tensor_arg(k),
-                    tensor_arg(v),
-                    tensor_arg(&out.o),
-                    tensor_arg(&out.lse.tensor),
-                    args,
-                    config,
-                );
-            }
+            launch_with!(
+                prefill_forward::launch::<V::Elem>,
+                CubeDim::new_1d(tiling.block_q)
+            )
         }
     }
     Ok(())
@@ -294,7 +285,7 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
             k: mma,
             n: mma,
         });
-    let config = TensorCoreConfig {
+    let config = PrefillConfig {
         tiling,
         head_dim: spec.head_dim,
         mask: spec.mask,
@@ -304,7 +295,7 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
         && tiling.block_kv % mma == 0
         && spec.head_dim % mma == 0
         && config.planes() as u32 * 32 <= hw.max_units_per_cube
-        && config.shared_bytes(2) <= hw.max_shared_memory_size;
+        && config.tensor_core_shared_bytes(2) <= hw.max_shared_memory_size;
     if has_cores && fits && hw.plane_size_max == 32 && !forced_portable() {
         Engine::TensorCores
     } else {

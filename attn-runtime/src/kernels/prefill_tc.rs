@@ -22,47 +22,18 @@
 
 use cubecl::prelude::*;
 
-use crate::kernels::prefill::{visible_key_end, PrefillArgs, RowState};
-use crate::variant::{MaskKind, Tiling};
+use crate::kernels::prefill::{visible_key_end, PrefillArgs, PrefillConfig, RowState};
 
 /// Rows, columns and depth of one tensor-core instruction.
 pub const MMA: usize = 16;
 
-/// Everything that selects the generated code of the tensor-core prefill kernel.
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub struct TensorCoreConfig {
-    /// Tile shape: `block_q` a multiple of 16 (16 rows per plane), `block_kv` a multiple of 16.
-    pub tiling: Tiling,
-    /// Head dimension of Q, K and V (a multiple of 16).
-    pub head_dim: u32,
-    /// The mask.
-    pub mask: MaskKind,
-}
-
-impl TensorCoreConfig {
-    /// Query rows per cube (M of QKᵀ and of P·V).
-    pub const fn block_q(&self) -> usize {
-        self.tiling.block_q as usize
-    }
-
-    /// Keys per step (N of QKᵀ, K of P·V).
-    pub const fn block_kv(&self) -> usize {
-        self.tiling.block_kv as usize
-    }
-
-    /// Head dimension (K of QKᵀ, N of P·V).
-    pub const fn head_dim(&self) -> usize {
-        self.head_dim as usize
-    }
-
+/// The tensor-core kernel takes the same comptime configuration as the portable one; what only
+/// it needs (planes, shared-memory layout) is derived here. Its tile constraints: `block_q` and
+/// `block_kv` multiples of 16, `head_dim` a multiple of 16.
+impl PrefillConfig {
     /// Planes per cube: one per 16 query rows.
     pub const fn planes(&self) -> usize {
         self.block_q() / MMA
-    }
-
-    /// Whether the mask is causal.
-    pub const fn is_causal(&self) -> bool {
-        matches!(self.mask, MaskKind::Causal(_))
     }
 
     /// Row stride of the f32 score tile: `block_kv` plus 4 floats of padding, so the 16 lanes
@@ -97,8 +68,8 @@ impl TensorCoreConfig {
         [s, o, corr, moved, moved + self.planes()]
     }
 
-    /// Shared memory of one cube, in bytes, for elements of `elem_bytes`.
-    pub const fn shared_bytes(&self, elem_bytes: usize) -> usize {
+    /// Shared memory of one tensor-core cube, in bytes, for elements of `elem_bytes`.
+    pub const fn tensor_core_shared_bytes(&self, elem_bytes: usize) -> usize {
         self.elem_layout()[4] * elem_bytes + self.f32_layout()[4] * 4
     }
 }
@@ -112,7 +83,7 @@ pub fn prefill_forward_tc<E: Float>(
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     args: PrefillArgs,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let block_q = config.block_q();
     let block_kv = config.block_kv();
@@ -217,7 +188,7 @@ fn load_q_tile<E: Float>(
     batch: usize,
     head: usize,
     q_start: usize,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let tile_len = config.block_q() * head_dim;
@@ -236,7 +207,7 @@ fn load_q_tile<E: Float>(
 
 /// Zero the f32 output accumulator.
 #[cube]
-fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: TensorCoreConfig) {
+fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: PrefillConfig) {
     let [_, o_at, corr_at, _, _] = config.f32_layout();
     let units = config.planes() * 32;
     for i in range_stepped(UNIT_POS as usize + o_at, corr_at, units) {
@@ -256,7 +227,7 @@ fn load_kv_tile_tc<E: Float>(
     kv_head: usize,
     kv_start: usize,
     kv_len: usize,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let tile_len = config.block_kv() * head_dim;
@@ -278,7 +249,7 @@ fn scores_tc<E: Float>(
     elems: &Shared<[E]>,
     floats: &mut Shared<[f32]>,
     plane: usize,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let block_kv = config.block_kv();
@@ -297,37 +268,63 @@ fn scores_tc<E: Float>(
             0.0,
         );
         for kb in 0..head_dim / MMA {
-            let a_at = q_rows + kb * MMA;
-            let a = cmma::Matrix::<E>::from_slice(
+            let a = operand::<E>(
+                elems,
+                q_rows + kb * MMA,
+                head_dim,
                 cmma::MatrixIdent::A,
-                MMA,
-                MMA,
-                MMA,
                 cmma::MatrixLayout::RowMajor,
-                &elems[a_at..a_at + MMA * head_dim],
-                head_dim as u32,
             );
             // Kᵀ as B: B[k][n] = K[n][k], i.e. K read column-major.
             let b_at = k_at + nb * MMA * head_dim + kb * MMA;
-            let b = cmma::Matrix::<E>::from_slice(
+            let b = operand::<E>(
+                elems,
+                b_at,
+                head_dim,
                 cmma::MatrixIdent::B,
-                MMA,
-                MMA,
-                MMA,
                 cmma::MatrixLayout::ColMajor,
-                &elems[b_at..b_at + MMA * head_dim],
-                head_dim as u32,
             );
             cmma::execute(&a, &b, &acc, &acc);
         }
-        let out_at = s_rows + nb * MMA;
-        cmma::store(
-            &mut floats[out_at..out_at + MMA * score_stride],
-            &acc,
-            score_stride as u32,
-            cmma::MatrixLayout::RowMajor,
-        );
+        store_accumulator(floats, &acc, s_rows + nb * MMA, score_stride);
     }
+}
+
+/// A 16×16 operand of a tensor-core product, read from shared memory at `at`, `stride` elements
+/// between consecutive rows (row-major) or columns (column-major).
+#[cube]
+fn operand<E: Float>(
+    tile: &Shared<[E]>,
+    at: usize,
+    #[comptime] stride: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    layout: cmma::MatrixLayout,
+) -> cmma::Matrix<E> {
+    cmma::Matrix::<E>::from_slice(
+        ident,
+        MMA,
+        MMA,
+        MMA,
+        layout,
+        &tile[at..at + MMA * stride],
+        stride as u32,
+    )
+}
+
+/// Writes a 16×16 f32 accumulator to shared memory at `at`, rows `stride` floats apart.
+#[cube]
+fn store_accumulator(
+    floats: &mut Shared<[f32]>,
+    acc: &cmma::Matrix<f32>,
+    at: usize,
+    #[comptime] stride: usize,
+) {
+    cmma::store(
+        &mut floats[at..at + MMA * stride],
+        acc,
+        stride as u32,
+        cmma::MatrixLayout::RowMajor,
+    );
 }
 
 /// Online softmax of one row: scale, mask, fold into the running max and sum, write the
@@ -344,7 +341,7 @@ fn online_softmax_tc<E: Float>(
     kv_len: usize,
     masked: bool,
     args: PrefillArgs,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let block_kv = config.block_kv();
     let [_, _, _, p_at, _] = config.elem_layout();
@@ -388,7 +385,7 @@ fn rescale_rows(
     floats: &mut Shared<[f32]>,
     plane: usize,
     lane: usize,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let [_, o_at, corr_at, _, _] = config.f32_layout();
@@ -407,7 +404,7 @@ fn accumulate_pv_tc<E: Float>(
     elems: &Shared<[E]>,
     floats: &mut Shared<[f32]>,
     plane: usize,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let block_kv = config.block_kv();
@@ -428,34 +425,24 @@ fn accumulate_pv_tc<E: Float>(
             head_dim as u32,
         );
         for kb in 0..block_kv / MMA {
-            let a_at = p_rows + kb * MMA;
-            let a = cmma::Matrix::<E>::from_slice(
+            let a = operand::<E>(
+                elems,
+                p_rows + kb * MMA,
+                prob_stride,
                 cmma::MatrixIdent::A,
-                MMA,
-                MMA,
-                MMA,
                 cmma::MatrixLayout::RowMajor,
-                &elems[a_at..a_at + MMA * prob_stride],
-                prob_stride as u32,
             );
             let b_at = v_at + kb * MMA * head_dim + db * MMA;
-            let b = cmma::Matrix::<E>::from_slice(
+            let b = operand::<E>(
+                elems,
+                b_at,
+                head_dim,
                 cmma::MatrixIdent::B,
-                MMA,
-                MMA,
-                MMA,
                 cmma::MatrixLayout::RowMajor,
-                &elems[b_at..b_at + MMA * head_dim],
-                head_dim as u32,
             );
             cmma::execute(&a, &b, &acc, &acc);
         }
-        cmma::store(
-            &mut floats[acc_at..acc_at + MMA * head_dim],
-            &acc,
-            head_dim as u32,
-            cmma::MatrixLayout::RowMajor,
-        );
+        store_accumulator(floats, &acc, acc_at, head_dim);
     }
 }
 
@@ -473,7 +460,7 @@ fn write_output_tc<E: Float>(
     row: usize,
     row_in_block: usize,
     args: PrefillArgs,
-    #[comptime] config: TensorCoreConfig,
+    #[comptime] config: PrefillConfig,
 ) {
     let head_dim = config.head_dim();
     let [_, o_at, _, _, _] = config.f32_layout();
