@@ -11,6 +11,12 @@ The Rust benchmark writes one folder per case under an output directory:
     OUT/<case>/o.bin         bf16, [batch, heads_q,  seq_q, head_dim]  (our output)
     OUT/<case>/lse.bin       f32,  [batch, heads_q,  seq_q]            (our LSE)
 
+Variant cases (meta "mask": "variant") also carry what FlexAttention needs to build the same
+computation: "causal", "window_left", "window_right", "documents" (packed offsets), "custom_mask"
+(a variant name with a known expression), "softcap", "alibi" ("geometric"), "sinks" (per head),
+"value_dim" and "pairs" (visible pairs over all heads and sequences). SDPA cannot express them,
+so they are compared with FlexAttention only, and Flex's own output is the error baseline.
+
 For every case this script
 
   1. checks our O and LSE against a float64 reference computed on the GPU
@@ -141,6 +147,19 @@ class Case:
         self.offset = 0 if self.top_left else self.sk - self.sq
         scale = meta.get("scale")
         self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(self.d)
+        self.dv = int(meta.get("value_dim", self.d))
+        self.variant = str(meta.get("mask", "none")).lower() == "variant"
+        if self.variant:
+            self.causal = bool(meta.get("causal"))
+        self.window_left = meta.get("window_left")
+        self.window_right = meta.get("window_right")
+        self.documents = meta.get("documents")
+        self.custom_mask = meta.get("custom_mask")
+        self.softcap = meta.get("softcap")
+        self.alibi = meta.get("alibi")
+        self.sinks = meta.get("sinks")
+        self.pairs = meta.get("pairs")
+        self.mask_terms = meta.get("mask_terms", "causal" if self.causal else "none")
 
     @property
     def ours_ms(self) -> Optional[float]:
@@ -151,9 +170,20 @@ class Case:
 
     @property
     def shape_label(self) -> str:
-        mask = "causal" if self.causal else "none"
+        mask = self.mask_terms if self.variant else ("causal" if self.causal else "none")
+        extras = []
+        if self.softcap is not None:
+            extras.append(f"softcap {self.softcap:g}")
+        if self.alibi:
+            extras.append("alibi")
+        if self.sinks is not None:
+            extras.append("sinks")
+        if self.documents is not None:
+            extras.append(f"{len(self.documents) - 1} docs")
+        mask = " ".join([mask] + extras)
         seq = f"{self.sq}" if self.sq == self.sk else f"{self.sq}x{self.sk}"
-        return f"({self.batch}, {self.hq}/{self.hkv}, {seq}, {self.d}, {mask})"
+        d = f"{self.d}" if self.dv == self.d else f"{self.d}/{self.dv}"
+        return f"({self.batch}, {self.hq}/{self.hkv}, {seq}, {d}, {mask})"
 
 
 def read_case_list(out_dir: Path) -> list[str]:
@@ -189,13 +219,81 @@ def load_half(path: Path, case: Case, shape: tuple[int, ...], device: torch.devi
 def load_tensors(case_dir: Path, case: Case, device: torch.device) -> dict[str, torch.Tensor]:
     b, hq, hkv, sq, sk, d = case.batch, case.hq, case.hkv, case.sq, case.sk, case.d
     lse = torch.from_numpy(load_raw(case_dir / "lse.bin", "<f4", (b, hq, sq))).to(device)
+    dv = case.dv
     return {
         "q": load_half(case_dir / "q.bin", case, (b, hq, sq, d), device),
         "k": load_half(case_dir / "k.bin", case, (b, hkv, sk, d), device),
-        "v": load_half(case_dir / "v.bin", case, (b, hkv, sk, d), device),
-        "o": load_half(case_dir / "o.bin", case, (b, hq, sq, d), device),
+        "v": load_half(case_dir / "v.bin", case, (b, hkv, sk, dv), device),
+        "o": load_half(case_dir / "o.bin", case, (b, hq, sq, dv), device),
         "lse": lse,
     }
+
+
+# --------------------------------------------------------------------------
+# Variant semantics: the same mask and score modification for Flex and the reference
+# --------------------------------------------------------------------------
+
+def alibi_slopes(heads: int) -> list[float]:
+    """The standard ALiBi slopes (the same definition as attn's)."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    closest = 1 << (max(heads, 1).bit_length() - 1)
+    slopes = power_of_two(closest)
+    if closest < heads:
+        slopes += power_of_two(2 * closest)[0::2][: heads - closest]
+    return slopes
+
+
+CUSTOM_MASKS = {
+    # |b, h, q, k| q >= k && (q - k) < 256 || k < 4
+    "StreamMask": lambda q, k: ((q >= k) & (q - k < 256)) | (k < 4),
+}
+
+
+def variant_mods(case: Case, device: torch.device):
+    """(mask_mod or None, score_mod or None, sinks tensor or None) with attn's semantics."""
+    offset = case.offset
+    doc = None
+    if case.documents is not None:
+        offs = torch.tensor(case.documents, device=device, dtype=torch.int64)
+        doc = torch.searchsorted(offs[1:], torch.arange(case.sq, device=device), right=True)
+    terms = []
+    if case.causal:
+        terms.append(lambda q, k: k <= q + offset)
+    if case.window_left is not None:
+        left = int(case.window_left)
+        terms.append(lambda q, k: k >= q + offset - left)
+    if case.window_right is not None:
+        right = int(case.window_right)
+        terms.append(lambda q, k: k <= q + offset + right)
+    if doc is not None:
+        terms.append(lambda q, k: doc[q] == doc[k])
+    if case.custom_mask is not None:
+        terms.append(CUSTOM_MASKS[case.custom_mask])
+    mask_mod = None
+    if terms:
+        def mask_mod(b, h, q_idx, kv_idx):
+            m = terms[0](q_idx, kv_idx)
+            for t in terms[1:]:
+                m = m & t(q_idx, kv_idx)
+            return m
+    score_mod = None
+    if case.softcap is not None or case.alibi:
+        cap = float(case.softcap) if case.softcap is not None else None
+        slopes = torch.tensor(alibi_slopes(case.hq), device=device, dtype=torch.float32) \
+            if case.alibi else None
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if cap is not None:
+                score = cap * torch.tanh(score / cap)
+            if slopes is not None:
+                score = score - slopes.to(score.dtype)[h] * (q_idx + offset - kv_idx).abs()
+            return score
+    sinks = None
+    if case.sinks is not None:
+        sinks = torch.tensor(case.sinks, device=device, dtype=torch.float32)
+    return mask_mod, score_mod, sinks
 
 
 # --------------------------------------------------------------------------
@@ -203,7 +301,10 @@ def load_tensors(case_dir: Path, case: Case, device: torch.device) -> dict[str, 
 # --------------------------------------------------------------------------
 
 def visible_pairs(case: Case) -> int:
-    """Number of (query, key) pairs that take part in the attention."""
+    """Number of (query, key) pairs that take part in the attention (per batch entry and head,
+    except for variant cases, whose meta counts every head and sequence)."""
+    if case.pairs is not None:
+        return int(case.pairs)
     if not case.causal:
         return case.sq * case.sk
     i = np.arange(case.sq, dtype=np.int64)
@@ -213,7 +314,10 @@ def visible_pairs(case: Case) -> int:
 def tflops(case: Case, ms: Optional[float]) -> Optional[float]:
     if ms is None or ms <= 0:
         return None
-    flops = 4 * case.batch * case.hq * visible_pairs(case) * case.d
+    if case.pairs is not None:
+        flops = 2 * int(case.pairs) * (case.d + case.dv)
+    else:
+        flops = 4 * case.batch * case.hq * visible_pairs(case) * case.d
     return flops / (ms * 1e-3) / 1e12
 
 
@@ -237,11 +341,13 @@ def plan_chunks(hq: int, sq: int, sk: int) -> tuple[int, int]:
 
 
 def reference_chunk(q64: torch.Tensor, k64: torch.Tensor, v64: torch.Tensor,
-                    i0: int, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 O [h, rows, D] and LSE [h, rows] for query rows i0.. of a head block.
+                    i0: int, case: Case, h0: int = 0, mods=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 O [h, rows, Dv] and LSE [h, rows] for query rows i0.. of heads h0.. .
 
-    Fully masked rows get O = 0 and LSE = -inf.
+    Fully masked rows get O = 0 and LSE = -inf (with a sink: O = 0, LSE = sink).
     """
+    if mods is not None:
+        return reference_chunk_variant(q64, k64, v64, i0, case, h0, mods)
     nh, rows, d = q64.shape
     sk = k64.shape[1]
     if case.causal:
@@ -271,12 +377,42 @@ def reference_chunk(q64: torch.Tensor, k64: torch.Tensor, v64: torch.Tensor,
     return o, lse
 
 
+def reference_chunk_variant(q64, k64, v64, i0, case, h0, mods):
+    mask_mod, score_mod, sinks = mods
+    nh, rows, _ = q64.shape
+    sk = k64.shape[1]
+    kmax = min(sk, max(0, i0 + rows + case.offset)) if case.causal else sk
+    dev = q64.device
+    hs = torch.arange(h0, h0 + nh, device=dev).view(-1, 1, 1)
+    qi = torch.arange(i0, i0 + rows, device=dev).view(1, -1, 1)
+    kj = torch.arange(kmax, device=dev).view(1, 1, -1)
+    s = torch.matmul(q64, k64[:, :kmax].transpose(1, 2)) * case.scale
+    if score_mod is not None:
+        s = score_mod(s, 0, hs, qi, kj)
+    if mask_mod is not None:
+        s = s.masked_fill(~mask_mod(0, hs, qi, kj), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if kmax > 0 else torch.full((nh, rows, 1), float("-inf"), dtype=torch.float64, device=dev)
+    if sinks is not None:
+        sink = sinks[h0:h0 + nh].double().view(-1, 1, 1).expand(nh, rows, 1)
+        m = torch.maximum(m, sink)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = (s - m).exp()
+    l = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        l = l + (sink - m).exp()
+    o = torch.matmul(p, v64[:, :kmax])
+    o = torch.where(l > 0, o / l, torch.zeros_like(o))
+    lse = (torch.log(l) + m).squeeze(-1)
+    return o, lse
+
+
 @torch.no_grad()
 def measure_errors(case: Case, t: dict[str, torch.Tensor],
                    other_o: Optional[torch.Tensor]) -> dict[str, Any]:
     """Max abs errors of our O/LSE (and optionally another O) against float64."""
     q, k, v, o, lse = t["q"], t["k"], t["v"], t["o"], t["lse"]
     dev = q.device
+    mods = variant_mods(case, dev) if case.variant else None
     nh, qc = plan_chunks(case.hq, case.sq, case.sk)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     err_o, err_lse, err_other = zero.clone(), zero.clone(), zero.clone()
@@ -291,7 +427,7 @@ def measure_errors(case: Case, t: dict[str, torch.Tensor],
             v64 = v[b].index_select(0, kv_idx).double()
             for i0 in range(0, case.sq, qc):
                 i1 = min(case.sq, i0 + qc)
-                ref_o, ref_lse = reference_chunk(q64[:, i0:i1], k64, v64, i0, case)
+                ref_o, ref_lse = reference_chunk(q64[:, i0:i1], k64, v64, i0, case, h0, mods)
 
                 ours_o = o[b, h0:h1, i0:i1].double()
                 err_o = torch.maximum(err_o, (ours_o - ref_o).abs().amax())
@@ -425,6 +561,22 @@ def flex_maker(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kk, vv = (expand_kv(k, case.group), expand_kv(v, case.group)) if expanded else (k, v)
         gqa = case.gqa and not expanded
         block_mask = None
+        if case.variant:
+            mask_mod, score_mod, sinks = variant_mods(case, q.device)
+            if mask_mod is not None:
+                block_mask = create_block_mask(mask_mod, B=None, H=None,
+                                               Q_LEN=case.sq, KV_LEN=case.sk, device=q.device)
+            if sinks is None:
+                return lambda: flex(q, kk, vv, block_mask=block_mask, score_mod=score_mod,
+                                    scale=case.scale, enable_gqa=gqa)
+            sink = sinks.view(1, -1, 1)
+
+            def with_sinks():
+                # The sink joins the denominator: O · e^lse / (e^lse + e^sink).
+                out, lse = flex(q, kk, vv, block_mask=block_mask, score_mod=score_mod,
+                                scale=case.scale, enable_gqa=gqa, return_lse=True)
+                return (out * torch.sigmoid(lse - sink).unsqueeze(-1).to(out.dtype))
+            return with_sinks
         if case.causal:
             offset = case.offset
 
@@ -449,6 +601,13 @@ def run_anchors(case: Case, t: dict[str, torch.Tensor], args: argparse.Namespace
     q, k, v = t["q"], t["k"], t["v"]
     sdpa = sdpa_maker(case, q, k, v)
     results: dict[str, dict] = {}
+    if case.variant:
+        why = f"SDPA cannot express {case.shape_label}"
+        for key in ("fa2", "cudnn"):
+            results[key] = {"ms": None, "tflops": None, "error": why, "gqa_expanded": False}
+        results["flex"], flex_out = run_anchor(flex_maker(case, q, k, v), contextlib.nullcontext,
+                                               case, args.warmup, args.iters, keep_output=True)
+        return results, flex_out, ("flex" if flex_out is not None else None)
 
     results["fa2"], base_out = run_anchor(sdpa, sdpa_ctx(SDPBackend.FLASH_ATTENTION),
                                           case, args.warmup, args.iters, keep_output=True)

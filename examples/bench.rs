@@ -4,19 +4,26 @@
 //!
 //! `cargo run --release --no-default-features --features cuda --example bench -- --out DIR [--iters 10] [--only CASE]`
 //!
+//! The variant cases (sliding window, softcap, packed documents, ALiBi, sinks, a custom mask
+//! expression) write what FlexAttention needs to build the same mask and score modification into
+//! their `meta.json`.
+//!
 //! With `--check`, it instead runs a correctness grid on the device against the float64 reference
-//! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones), so one
-//! binary carries both jobs to a GPU machine.
+//! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones, and every
+//! mask and score modification with random run-time inputs), so one binary carries both jobs to a
+//! GPU machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use attn::inputs::pack;
 use attn::reference::{
-    attention_f64, attention_naive, error_floor, max_abs_error, random_vec, seeded_rng, widen,
-    Verdict,
+    attention_f64, attention_naive, error_floor, max_abs_error, random_vec, seeded_rng,
+    visible_pairs, widen, OwnedInputs, Verdict,
 };
-use attn::{bf16, ComputeClient, Element, MaskKind, Problem, Tensor, Variant};
+use attn::{bf16, ComputeClient, Element, Problem, Tensor, Variant};
+use rand::SeedableRng;
 
 attn::attention! {
     /// MHA, d 128.
@@ -35,6 +42,36 @@ attn::attention! {
     Gqa2F16TopLeft { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal(top_left) }
     /// f32, GQA 8, d 128, causal (correctness grid only).
     Gqa8F32Causal { heads: gqa(group = 8), head_dim: 128, dtype: f32, mask: causal }
+
+    /// Mistral: GQA 4, d 128, causal, window of 4096 keys.
+    Mistral { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 4095) }
+    /// GQA 4, d 128, causal, window of 1024 keys.
+    Window1k { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 1023) }
+    /// Gemma-2 local layers: GQA 2, d 256, causal, window 4096, softcap 50.
+    Gemma2Local { heads: gqa(group = 2), head_dim: 256, dtype: bf16, mask: causal & window(left = 4095), softcap: 50.0 }
+    /// Gemma-2 global layers: GQA 2, d 256, causal, softcap 50.
+    Gemma2Global { heads: gqa(group = 2), head_dim: 256, dtype: bf16, mask: causal, softcap: 50.0 }
+    /// Packed documents, causal within each: GQA 4, d 128.
+    Packed { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & documents }
+    /// ALiBi, standard slopes, causal: MHA, d 128.
+    AlibiCausal { heads: mha, head_dim: 128, dtype: bf16, mask: causal, alibi: geometric }
+    /// gpt-oss local layers: GQA 8, d 64, causal, window 128, sinks.
+    SinkWindow { heads: gqa(group = 8), head_dim: 64, dtype: bf16, mask: causal & window(left = 127), sinks: per_head }
+    /// A custom mask: a local causal band of 256 keys plus the first 4 keys ("attention sinks" as
+    /// positions, StreamingLLM).
+    StreamMask { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: |b, h, q, k| q >= k && (q - k) < 256 || k < 4 }
+
+    /// Correctness grid only: prefix-LM with key lengths, f16, d 64.
+    PrefixKeyLengths { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: prefix_lm & key_lengths }
+    /// Correctness grid only: V head dim 128 under QK head dim 192, causal, top-left window.
+    Dv128Dk192 { heads: gqa(group = 2), head_dim: 192, value_dim: 128, dtype: bf16, mask: causal(top_left) & window(left = 300) }
+    /// Correctness grid only: documents with a custom expression reading inputs, given ALiBi
+    /// slopes, a custom score, f16, d 96.
+    CustomEverything {
+        heads: gqa(group = 3), head_dim: 96, dtype: f16, mask: documents & |b, h, q, k| (q - k).abs() <= limit[b] || k < keep,
+        alibi: given, inputs: { limit: [i32; batch], keep: i32, tilt: [f32; heads] },
+        score: |s, b, h, q, k| s * 0.5 + tilt[h] * (q as f32 / 100.0).tanh(),
+    }
 }
 
 /// One benchmark shape: batch, query heads, K/V heads, sequence length.
@@ -44,6 +81,22 @@ struct Case {
     heads_kv: usize,
     seq: usize,
     run: fn(&ComputeClient, &Case, &Path, usize) -> Result<String, attn::AttnError>,
+}
+
+/// A benchmark case of one variant.
+const fn case<V: Variant<Elem = bf16>>(
+    batch: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    seq: usize,
+) -> Case {
+    Case {
+        batch,
+        heads_q,
+        heads_kv,
+        seq,
+        run: run::<V>,
+    }
 }
 
 fn main() {
@@ -115,15 +168,31 @@ fn main() {
             seq: 16384,
             run: run::<Gqa4x128Causal>,
         },
+        // The variant space (cases 8..): each against FlexAttention with the same mask and score.
+        case::<Gqa4x128Causal>(2, 32, 8, 8192),
+        case::<Window1k>(2, 32, 8, 8192),
+        case::<Mistral>(2, 32, 8, 8192),
+        case::<Gemma2Local>(2, 16, 8, 8192),
+        case::<Gemma2Global>(2, 16, 8, 8192),
+        case::<Packed>(1, 32, 8, 16384),
+        case::<AlibiCausal>(4, 16, 16, 4096),
+        case::<SinkWindow>(2, 64, 8, 8192),
+        case::<StreamMask>(2, 32, 8, 8192),
     ];
     std::fs::create_dir_all(&out).expect("output folder");
     let client = attn::default_client();
     let mut list = std::fs::File::create(out.join("cases.txt")).expect("cases.txt");
     for (i, case) in cases.iter().enumerate() {
-        if only
-            .as_deref()
-            .is_some_and(|o| o.parse::<usize>().ok() != Some(i))
-        {
+        // `--only 3` or `--only 8-16` or `--only 0,8,9`.
+        let selected = only.as_deref().is_none_or(|o| {
+            o.split(',').any(|part| match part.split_once('-') {
+                Some((a, b)) => {
+                    (a.parse().unwrap_or(usize::MAX)..=b.parse().unwrap_or(0)).contains(&i)
+                }
+                None => part.parse::<usize>().ok() == Some(i),
+            })
+        });
+        if !selected {
             continue;
         }
         match (case.run)(&client, case, &out, iters) {
@@ -140,6 +209,60 @@ fn write_raw<E: Element>(path: &Path, data: &[E]) {
     std::fs::write(path, E::as_bytes(data)).expect("write");
 }
 
+/// The run-time inputs of a benchmark case: documents of random lengths (seeded by the case),
+/// sinks of either sign.
+fn case_inputs(spec: &attn::VariantSpec, case: &Case, seed: u64) -> OwnedInputs {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut inputs = OwnedInputs::default();
+    if spec.mask.documents {
+        // Documents of 64 to 4096 tokens, like a packed pre-training batch.
+        let mut offsets = vec![0i32];
+        while (*offsets.last().expect("offsets") as usize) < case.seq {
+            let len = 64 + (rand::Rng::random_range(&mut rng, 0..4032)) as i32;
+            offsets.push((offsets.last().expect("offsets") + len).min(case.seq as i32));
+        }
+        inputs.q_offsets = Some(offsets.clone());
+        inputs.k_offsets = Some(offsets);
+    }
+    if spec.score.sinks {
+        inputs.sinks = Some((0..case.heads_q).map(|h| (h % 7) as f32 - 3.0).collect());
+    }
+    inputs
+}
+
+/// The meta.json fields FlexAttention needs to build the same mask and score modification.
+fn flex_meta(spec: &attn::VariantSpec, inputs: &OwnedInputs) -> String {
+    let list_i = |v: &Option<Vec<i32>>| {
+        v.as_ref().map_or("null".to_string(), |v| {
+            format!(
+                "[{}]",
+                v.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+            )
+        })
+    };
+    let list_f = |v: &Option<Vec<f32>>| {
+        v.as_ref().map_or("null".to_string(), |v| {
+            format!(
+                "[{}]",
+                v.iter().map(f32::to_string).collect::<Vec<_>>().join(", ")
+            )
+        })
+    };
+    let opt = |v: Option<u32>| v.map_or("null".to_string(), |v| v.to_string());
+    let window = spec.mask.window;
+    format!(
+        "\"causal\": {}, \"window_left\": {}, \"window_right\": {}, \"documents\": {}, \"custom_mask\": {}, \"softcap\": {}, \"alibi\": {}, \"sinks\": {}",
+        spec.mask.causal,
+        opt(window.and_then(|w| w.left)),
+        opt(window.and_then(|w| w.right)),
+        list_i(&inputs.q_offsets),
+        if spec.mask.custom { format!("\"{}\"", spec.name) } else { "null".into() },
+        spec.score.softcap.map_or("null".to_string(), |c| c.to_string()),
+        if spec.score.alibi.is_some() { "\"geometric\"" } else { "null" },
+        list_f(&inputs.sinks),
+    )
+}
+
 /// Runs one case, writes its folder, and returns the folder's name.
 fn run<V: Variant<Elem = bf16>>(
     client: &ComputeClient,
@@ -148,25 +271,36 @@ fn run<V: Variant<Elem = bf16>>(
     iters: usize,
 ) -> Result<String, attn::AttnError> {
     let spec = V::SPEC;
-    let d = spec.head_dim as usize;
-    let mask = match spec.mask {
-        MaskKind::None => "none",
-        MaskKind::Causal(_) => "causal",
-    };
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let mask = spec.mask.describe();
     let name = format!(
-        "b{}_h{}-{}_n{}_d{}_{}",
-        case.batch, case.heads_q, case.heads_kv, case.seq, d, mask
+        "b{}_h{}-{}_n{}_d{}_{}{}",
+        case.batch,
+        case.heads_q,
+        case.heads_kv,
+        case.seq,
+        d,
+        mask.replace(['(', ')', ',', '+', '·'], "_"),
+        if spec.score.flags().modifies_scores() || spec.score.sinks {
+            format!("_{}", spec.name)
+        } else {
+            String::new()
+        }
     );
     let (mut rng, seed) = seeded_rng(&name);
     let q_shape = [case.batch, case.heads_q, case.seq, d];
-    let kv_shape = [case.batch, case.heads_kv, case.seq, d];
+    let k_shape = [case.batch, case.heads_kv, case.seq, d];
+    let v_shape = [case.batch, case.heads_kv, case.seq, dv];
     let qh: Vec<bf16> = random_vec(&mut rng, q_shape.iter().product());
-    let kh: Vec<bf16> = random_vec(&mut rng, kv_shape.iter().product());
-    let vh: Vec<bf16> = random_vec(&mut rng, kv_shape.iter().product());
+    let kh: Vec<bf16> = random_vec(&mut rng, k_shape.iter().product());
+    let vh: Vec<bf16> = random_vec(&mut rng, v_shape.iter().product());
     let q = Tensor::from_slice(client, &qh, q_shape)?;
-    let k = Tensor::from_slice(client, &kh, kv_shape)?;
-    let v = Tensor::from_slice(client, &vh, kv_shape)?;
+    let k = Tensor::from_slice(client, &kh, k_shape)?;
+    let v = Tensor::from_slice(client, &vh, v_shape)?;
+    let owned = case_inputs(&spec, case, seed);
+    let inputs = owned.view();
     let problem = Problem::new(&spec, &q, &k, &v)?;
+    let packed = pack(&spec, &problem, &inputs)?;
     let default_tiling = attn::select_tiling(client, &spec)?;
     let tilings = if std::env::args().any(|a| a == "--all-tiles") {
         attn::runnable_tilings(client, &spec)
@@ -183,17 +317,17 @@ fn run<V: Variant<Elem = bf16>>(
     let mut per_tile = Vec::new();
     for &tiling in &tilings {
         let start = Instant::now();
-        attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+        attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
         attn::sync(client)?;
         let first_ms = start.elapsed().as_secs_f64() * 1e3;
         for _ in 0..2 {
-            attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
         }
         attn::sync(client)?;
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
             let start = Instant::now();
-            attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
             attn::sync(client)?;
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
@@ -212,16 +346,14 @@ fn run<V: Variant<Elem = bf16>>(
     }
     let (tiling, times, first_ms) = best.expect("at least one tile shape");
     // The reported outputs come from the fastest shape.
-    attn::forward_into::<V>(client, &q, &k, &v, tiling, &out_buffers)?;
+    attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
     attn::sync(client)?;
     let result = out_buffers;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let flops = 4.0
-        * (case.batch * case.heads_q) as f64
-        * problem.attended_pairs(spec.mask) as f64
-        * d as f64;
+    let pairs = visible_pairs::<V>(&problem, &packed, &inputs);
+    let flops = 2.0 * pairs as f64 * (d + dv) as f64;
     println!(
         "{name}: {} tile {} ({:?}): median {median:.3} ms, {:.1} TFLOP/s (first call {first_ms:.0} ms)",
         spec.name,
@@ -238,14 +370,28 @@ fn run<V: Variant<Elem = bf16>>(
     write_raw(&dir.join("o.bin"), &result.o.to_vec(client));
     write_raw(&dir.join("lse.bin"), &result.lse.to_vec(client));
     let times_json: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
+    let simple = if !spec.mask.window.is_some()
+        && !spec.mask.documents
+        && !spec.mask.custom
+        && spec.score == attn::ScoreSpec::NONE
+    {
+        if spec.mask.causal {
+            "causal"
+        } else {
+            "none"
+        }
+    } else {
+        "variant"
+    };
     let meta = format!(
-        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"dtype\": \"bf16\", \"mask\": \"{mask}\", \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"value_dim\": {dv}, \"dtype\": \"bf16\", \"mask\": \"{simple}\", \"mask_terms\": \"{mask}\", {}, \"pairs\": {pairs}, \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
         spec.name,
         case.batch,
         case.heads_q,
         case.heads_kv,
         case.seq,
         case.seq,
+        flex_meta(&spec, &owned),
         spec.softmax_scale(),
         tiling.name(),
         default_tiling.name(),
@@ -257,24 +403,30 @@ fn run<V: Variant<Elem = bf16>>(
     Ok(name)
 }
 
-/// Runs `V` once on random inputs and compares with float64; prints one line, returns pass.
+/// Runs `V` once on random inputs (and random run-time inputs) and compares with float64;
+/// prints one line, returns pass.
 fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5]) -> bool {
     let spec = V::SPEC;
-    let d = spec.head_dim as usize;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let label = format!("{} B{b} H{hq}/{hkv} Nq{nq} Nk{nk}", spec.name);
     let (mut rng, _) = seeded_rng(&label);
-    let (qs, ks) = ([b, hq, nq, d], [b, hkv, nk, d]);
+    let (qs, ks, vs) = ([b, hq, nq, d], [b, hkv, nk, d], [b, hkv, nk, dv]);
     let qh: Vec<V::Elem> = random_vec(&mut rng, qs.iter().product());
     let kh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
-    let vh: Vec<V::Elem> = random_vec(&mut rng, ks.iter().product());
+    let vh: Vec<V::Elem> = random_vec(&mut rng, vs.iter().product());
+    let owned = OwnedInputs::random(&spec, [b, hq, nq, nk], 6, &mut rng);
+    let inputs = owned.view();
     let (q, k, v) = (
         Tensor::from_slice(client, &qh, qs).expect("q fills its shape"),
         Tensor::from_slice(client, &kh, ks).expect("k fills its shape"),
-        Tensor::from_slice(client, &vh, ks).expect("v fills its shape"),
+        Tensor::from_slice(client, &vh, vs).expect("v fills its shape"),
     );
-    let result = attn::forward::<V>(client, &q, &k, &v)
-        .and_then(|out| Ok((out, Problem::new(&spec, &q, &k, &v)?)));
-    let (out, problem) = match result {
+    let result = attn::forward::<V>(client, &q, &k, &v, &inputs).and_then(|out| {
+        let problem = Problem::new(&spec, &q, &k, &v)?;
+        let packed = pack(&spec, &problem, &inputs)?;
+        Ok((out, problem, packed))
+    });
+    let (out, problem, packed) = match result {
         Ok(r) => r,
         Err(e) => {
             println!("{label}: FAIL: {e}");
@@ -282,8 +434,8 @@ fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5
         }
     };
     let (qf, kf, vf) = (widen(&qh), widen(&kh), widen(&vh));
-    let reference = attention_f64(&spec, &problem, &qf, &kf, &vf);
-    let naive = attention_naive::<V::Elem>(&spec, &problem, &qf, &kf, &vf);
+    let reference = attention_f64::<V>(&problem, &packed, &inputs, &qf, &kf, &vf);
+    let naive = attention_naive::<V>(&problem, &packed, &inputs, &qf, &kf, &vf);
     let o = widen(&out.o.to_vec(client));
     let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
     let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
@@ -314,6 +466,19 @@ fn check_grid(client: &ComputeClient) -> bool {
     results.push(check_one::<Gqa4x128Causal>(client, [1, 8, 2, 1000, 333]));
     results.push(check_one::<Mqa128Causal>(client, [2, 5, 1, 77, 1000]));
     results.push(check_one::<Gqa8F32Causal>(client, [1, 16, 2, 513, 513]));
+    for (nq, nk) in [(1, 1), (17, 1000), (1000, 17), (777, 777)] {
+        results.push(check_one::<Mistral>(client, [1, 8, 2, nq, nk]));
+        results.push(check_one::<Window1k>(client, [2, 4, 1, nq, nk]));
+        results.push(check_one::<Gemma2Local>(client, [1, 4, 2, nq, nk]));
+        results.push(check_one::<Gemma2Global>(client, [1, 4, 2, nq, nk]));
+        results.push(check_one::<Packed>(client, [1, 8, 2, nq, nk]));
+        results.push(check_one::<AlibiCausal>(client, [2, 6, 6, nq, nk]));
+        results.push(check_one::<SinkWindow>(client, [2, 16, 2, nq, nk]));
+        results.push(check_one::<StreamMask>(client, [1, 8, 2, nq, nk]));
+        results.push(check_one::<PrefixKeyLengths>(client, [3, 4, 2, nq, nk]));
+        results.push(check_one::<Dv128Dk192>(client, [1, 4, 2, nq, nk]));
+        results.push(check_one::<CustomEverything>(client, [1, 6, 2, nq, nk]));
+    }
     let failed = results.iter().filter(|p| !**p).count();
     println!("{} passed, {failed} failed", results.len() - failed);
     failed == 0

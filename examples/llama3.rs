@@ -27,10 +27,10 @@ fn main() {
     }
     .with_args();
     let result = if attn::supports::<attn::bf16>(&client) {
-        run_and_check::<Llama3>(&client, shape)
+        run_and_check::<Llama3>(&client, shape, &attn::Inputs::default())
     } else {
         println!("bf16 is not supported on this back end; running the f16 variant");
-        run_and_check::<Llama3F16>(&client, shape)
+        run_and_check::<Llama3F16>(&client, shape, &attn::Inputs::default())
     };
     finish(result);
 }

@@ -22,5 +22,9 @@ fn main() {
         seq_k: 300,
     }
     .with_args();
-    finish(run_and_check::<Mha64>(&client, shape));
+    finish(run_and_check::<Mha64>(
+        &client,
+        shape,
+        &attn::Inputs::default(),
+    ));
 }

@@ -21,5 +21,9 @@ fn main() {
         seq_k: 640,
     }
     .with_args();
-    finish(run_and_check::<Mqa64>(&client, shape));
+    finish(run_and_check::<Mqa64>(
+        &client,
+        shape,
+        &attn::Inputs::default(),
+    ));
 }

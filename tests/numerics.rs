@@ -2,12 +2,19 @@
 //! run, printed), over odd lengths, Nq ≠ Nk, batch > 1, group sizes 1, 2, 4, 8 and MQA, causal and
 //! not, f32 and f16 (and bf16 where the back end has it). Outputs are poisoned with NaN before each
 //! run, so an element the kernel failed to write fails the check.
+//!
+//! The variant space (sliding windows, key lengths, packed documents, prefix-LM, custom mask and
+//! score expressions, softcap, ALiBi, sinks, head dims 64–256, V dim ≠ QK dim) is checked by
+//! property tests: random shapes (lengths not divisible by any tile, length 1 included) and random
+//! run-time inputs (empty and one-token documents included), fresh each run.
 
+use attn::inputs::pack;
 use attn::reference::{
     attention_f64, attention_naive, error_floor, max_abs_error, random_vec, seeded_rng, widen,
-    Verdict,
+    OwnedInputs, Verdict,
 };
 use attn::{ComputeClient, Element, Lse, Output, Problem, Tensor, Tiling, Variant};
+use rand::Rng;
 
 attn::attention! {
     /// MHA, no mask, f32.
@@ -82,12 +89,24 @@ fn upload<E: Element>(
 /// Runs `V` on one random problem with one tiling and checks O and LSE against float64.
 fn check_with<V: Variant>(
     client: &ComputeClient,
-    [batch, heads_q, heads_kv, seq_q, seq_k]: [usize; 5],
+    dims: [usize; 5],
     layout: Layout,
     tiling: Tiling,
 ) {
+    check_inputs::<V>(client, dims, layout, tiling, |_, _| OwnedInputs::default());
+}
+
+/// Runs `V` on one random problem with one tiling and run-time inputs made by `inputs` (from the
+/// case's generator), and checks O and LSE against float64.
+fn check_inputs<V: Variant>(
+    client: &ComputeClient,
+    [batch, heads_q, heads_kv, seq_q, seq_k]: [usize; 5],
+    layout: Layout,
+    tiling: Tiling,
+    inputs: impl FnOnce(&mut rand::rngs::StdRng, [usize; 4]) -> OwnedInputs,
+) {
     let spec = V::SPEC;
-    let d = spec.head_dim as usize;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let label = format!(
         "{} B{batch} H{heads_q}/{heads_kv} Nq{seq_q} Nk{seq_k} {layout:?} {}",
         spec.name,
@@ -95,15 +114,19 @@ fn check_with<V: Variant>(
     );
     let (mut rng, _) = seeded_rng(&label);
     let q_shape = [batch, heads_q, seq_q, d];
-    let kv_shape = [batch, heads_kv, seq_k, d];
+    let k_shape = [batch, heads_kv, seq_k, d];
+    let v_shape = [batch, heads_kv, seq_k, dv];
     let qh: Vec<V::Elem> = random_vec(&mut rng, q_shape.iter().product());
-    let kh: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
-    let vh: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
+    let kh: Vec<V::Elem> = random_vec(&mut rng, k_shape.iter().product());
+    let vh: Vec<V::Elem> = random_vec(&mut rng, v_shape.iter().product());
+    let owned = inputs(&mut rng, [batch, heads_q, seq_q, seq_k]);
+    let run_inputs = owned.view();
     let q = upload(client, &qh, q_shape, layout);
-    let k = upload(client, &kh, kv_shape, layout);
-    let v = upload(client, &vh, kv_shape, layout);
+    let k = upload(client, &kh, k_shape, layout);
+    let v = upload(client, &vh, v_shape, layout);
 
     let problem = Problem::new(&spec, &q, &k, &v).expect("valid problem");
+    let packed = pack(&spec, &problem, &run_inputs).expect("valid inputs");
     let poison_o = vec![V::Elem::from_f64(f64::NAN); problem.out_shape().iter().product()];
     let lse_shape = problem.lse_shape();
     let poison_lse = vec![f32::NAN; lse_shape.iter().product()];
@@ -118,11 +141,11 @@ fn check_with<V: Variant>(
             .expect("fills its shape"),
         },
     };
-    attn::forward_into::<V>(client, &q, &k, &v, tiling, &out).expect("launch");
+    attn::forward_into::<V>(client, &q, &k, &v, &run_inputs, tiling, &out).expect("launch");
 
     let (qf, kf, vf) = (widen(&qh), widen(&kh), widen(&vh));
-    let reference = attention_f64(&spec, &problem, &qf, &kf, &vf);
-    let naive = attention_naive::<V::Elem>(&spec, &problem, &qf, &kf, &vf);
+    let reference = attention_f64::<V>(&problem, &packed, &run_inputs, &qf, &kf, &vf);
+    let naive = attention_naive::<V>(&problem, &packed, &run_inputs, &qf, &kf, &vf);
     let o = widen(&out.o.to_vec(client));
     assert!(
         o.iter().all(|x| !x.is_nan()),
@@ -146,7 +169,7 @@ fn check_with<V: Variant>(
                 f64::NEG_INFINITY,
                 "{label}: LSE row {i} sees no key, so must be −∞"
             );
-            let row = &o[i * d..(i + 1) * d];
+            let row = &o[i * dv..(i + 1) * dv];
             assert!(
                 row.iter().all(|&x| x == 0.0),
                 "{label}: O row {i} sees no key, so must be 0"
@@ -271,4 +294,302 @@ fn a_second_length_needs_no_new_declaration() {
     for n in [3, 31, 257] {
         check::<MhaCausalF32>(&client, [1, 1, 1, n, n]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The variant space
+// ---------------------------------------------------------------------------------------------
+
+attn::attention! {
+    /// Mistral-like: GQA 2, causal, window of 24 keys, f32.
+    WindowCausal { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal & window(left = 23) }
+    /// A two-sided window without causal (bidirectional local attention), f16.
+    WindowBoth { heads: mha, head_dim: 64, dtype: f16, mask: window(left = 9, right = 30) }
+    /// Key lengths (padding), f32.
+    KeyLengths { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: key_lengths }
+    /// Causal with key lengths, top-left, f16.
+    KeyLengthsCausal { heads: mha, head_dim: 64, dtype: f16, mask: causal(top_left) & key_lengths }
+    /// Packed documents, causal within each, f16.
+    Documents { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & documents }
+    /// Packed documents, bidirectional within each, f32.
+    DocumentsFull { heads: mha, head_dim: 64, dtype: f32, mask: documents }
+    /// Prefix-LM, f32.
+    PrefixLm { heads: mha, head_dim: 64, dtype: f32, mask: prefix_lm }
+    /// The custom mask: a causal band of 32 keys plus the first 4 keys; f32.
+    CustomBand { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: |b, h, q, k| q >= k && (q - k) < 32 || k < 4 }
+    /// A custom mask reading a per-batch input and a scalar, with `%` (not boundable: every tile
+    /// is partial); f16.
+    CustomInputs {
+        heads: mha, head_dim: 64, dtype: f16,
+        inputs: { limit: [i32; batch], stride: i32 },
+        mask: |b, h, q, k| (k <= limit[b] && (q + k) % (stride + 2) != 1) || k == q,
+    }
+    /// Gemma-2-like: softcap with causal, f32.
+    Softcap { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal, softcap: 5.0 }
+    /// ALiBi with the standard slopes, f16.
+    AlibiGeometric { heads: mha, head_dim: 64, dtype: f16, mask: causal, alibi: geometric }
+    /// ALiBi with given slopes, no mask (bidirectional distances), f32.
+    AlibiGiven { heads: gqa(group = 2), head_dim: 64, dtype: f32, alibi: given }
+    /// A relative-position bias as a score expression, per-head tensor input, f32.
+    RelativeBias {
+        heads: mha, head_dim: 64, dtype: f32, mask: causal,
+        inputs: { bias: [f32; heads] },
+        score: |s, b, h, q, k| s + bias[h] * ((q - k).min(16) as f32) / 16.0 - if k == 0 { 1.0 } else { 0.0 },
+    }
+    /// Sinks with a window, f16.
+    Sinks { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & window(left = 15), sinks: per_head }
+    /// Sinks without any mask, f32.
+    SinksOnly { heads: mha, head_dim: 64, dtype: f32, sinks: per_head }
+    /// Sinks with key lengths, f32 (rows without keys).
+    KeyLengthsSinks { heads: mha, head_dim: 64, dtype: f32, mask: key_lengths, sinks: per_head }
+    /// Head dim 96, f16.
+    HeadDim96 { heads: gqa(group = 2), head_dim: 96, dtype: f16, mask: causal }
+    /// Head dim 192 with V dim 128 (DeepSeek-style), f32.
+    Dk192Dv128 { heads: mha, head_dim: 192, value_dim: 128, dtype: f32, mask: causal }
+    /// Head dim 256, f16, softcap.
+    HeadDim256 { heads: mqa, head_dim: 256, dtype: f16, softcap: 30.0 }
+    /// Everything at once: documents, window, custom mask, custom score, ALiBi, sinks, f32.
+    Everything {
+        heads: gqa(group = 3), head_dim: 64, dtype: f32,
+        mask: documents & window(left = 40) & |b, h, q, k| (q - k).abs() <= limit[b] || k < 2,
+        alibi: given, sinks: per_head, softcap: 8.0,
+        inputs: { limit: [i32; batch], tilt: [f32; heads] },
+        score: |s, b, h, q, k| s * 0.5 + tilt[h] * (q as f32 / 50.0).tanh(),
+    }
+}
+
+/// Property test: `cases` random problems of `V` (fresh shapes each run: lengths 1..=max_len,
+/// rarely divisible by a tile; batch 1..=3 or packed documents), random run-time inputs.
+fn property<V: Variant>(cases: usize, max_len: usize, heads_kv: usize) {
+    let client = client();
+    if !attn::supports::<V::Elem>(&client) {
+        println!(
+            "{}: {} unsupported here, skipped",
+            V::SPEC.name,
+            V::SPEC.dtype.name()
+        );
+        return;
+    }
+    let spec = V::SPEC;
+    let (mut rng, _) = seeded_rng(&format!("{} shapes", spec.name));
+    let group = match spec.heads {
+        attn::HeadGrouping::Mha => 1,
+        attn::HeadGrouping::Gqa { group } => group as usize,
+        attn::HeadGrouping::Mqa => 3,
+    };
+    let heads_kv = if spec.heads == attn::HeadGrouping::Mqa {
+        1
+    } else {
+        heads_kv
+    };
+    let tiling = attn::select_tiling(&client, &spec).expect("a runnable tiling");
+    for case in 0..cases {
+        // The first case is the smallest possible problem.
+        let (seq_q, seq_k) = if case == 0 {
+            (1, 1)
+        } else {
+            let seq_q = rng.random_range(1..=max_len);
+            let seq_k = if spec.mask.documents || rng.random_bool(0.5) {
+                seq_q
+            } else {
+                rng.random_range(1..=max_len)
+            };
+            (seq_q, seq_k)
+        };
+        let batch = if spec.mask.documents {
+            1
+        } else {
+            rng.random_range(1..=3)
+        };
+        check_inputs::<V>(
+            &client,
+            [batch, heads_kv * group, heads_kv, seq_q, seq_k],
+            Layout::Bhnd,
+            tiling,
+            |rng, dims| OwnedInputs::random(&spec, dims, 6, rng),
+        );
+    }
+}
+
+#[test]
+fn sliding_windows() {
+    property::<WindowCausal>(6, 300, 2);
+    property::<WindowBoth>(5, 300, 2);
+}
+
+#[test]
+fn key_lengths() {
+    property::<KeyLengths>(6, 300, 1);
+    property::<KeyLengthsCausal>(5, 300, 2);
+}
+
+#[test]
+fn packed_documents() {
+    property::<Documents>(8, 400, 2);
+    property::<DocumentsFull>(5, 300, 2);
+}
+
+#[test]
+fn prefix_lm() {
+    property::<PrefixLm>(6, 300, 2);
+}
+
+#[test]
+fn custom_masks() {
+    property::<CustomBand>(6, 400, 1);
+    property::<CustomInputs>(5, 300, 2);
+}
+
+#[test]
+fn score_modifications() {
+    property::<Softcap>(4, 300, 1);
+    property::<AlibiGeometric>(4, 300, 3);
+    property::<AlibiGiven>(4, 300, 2);
+    property::<RelativeBias>(4, 300, 2);
+}
+
+#[test]
+fn sinks() {
+    property::<Sinks>(5, 300, 2);
+    property::<SinksOnly>(4, 200, 2);
+}
+
+#[test]
+fn head_dims_and_value_dim() {
+    property::<HeadDim96>(3, 200, 1);
+    property::<Dk192Dv128>(3, 200, 2);
+    property::<HeadDim256>(3, 200, 1);
+}
+
+#[test]
+fn everything_composed() {
+    property::<Everything>(6, 300, 1);
+}
+
+/// No leak across documents: changing one document's keys and values changes no other
+/// document's output, bit for bit.
+#[test]
+fn documents_do_not_leak() {
+    let client = client();
+    let spec = DocumentsFull::SPEC;
+    let (mut rng, _) = seeded_rng("documents_do_not_leak");
+    let offsets = vec![0, 1, 70, 70, 150, 211];
+    let total = 211;
+    let (h, d) = (2, spec.head_dim as usize);
+    let shape = [1, h, total, d];
+    let qh: Vec<f32> = random_vec(&mut rng, h * total * d);
+    let kh: Vec<f32> = random_vec(&mut rng, h * total * d);
+    let vh: Vec<f32> = random_vec(&mut rng, h * total * d);
+    let inputs = DocumentsFullInputs {
+        q_offsets: &offsets,
+        k_offsets: &offsets,
+    };
+    let run = |k: &[f32], v: &[f32]| {
+        let q = Tensor::from_slice(&client, &qh, shape).unwrap();
+        let k = Tensor::from_slice(&client, k, shape).unwrap();
+        let v = Tensor::from_slice(&client, v, shape).unwrap();
+        DocumentsFull::forward(&client, &q, &k, &v, &inputs)
+            .unwrap()
+            .o
+            .to_vec(&client)
+    };
+    let before = run(&kh, &vh);
+    // Scramble document 2 (tokens 70..150) of every head with huge values.
+    let (mut k2, mut v2) = (kh.clone(), vh.clone());
+    for head in 0..h {
+        for t in 70..150 {
+            for c in 0..d {
+                let i = (head * total + t) * d + c;
+                k2[i] = 50.0 * (c as f32 - 30.0);
+                v2[i] = 1.0e4;
+            }
+        }
+    }
+    let after = run(&k2, &v2);
+    for head in 0..h {
+        for t in (0..70).chain(150..total) {
+            let row = (head * total + t) * d;
+            assert_eq!(
+                before[row..row + d],
+                after[row..row + d],
+                "head {head} token {t}: output changed when another document's K/V changed"
+            );
+        }
+    }
+    let row = 80 * d;
+    assert_ne!(
+        before[row..row + d],
+        after[row..row + d],
+        "document 2 itself must change"
+    );
+}
+
+/// Rows that see no key yield O = 0 and LSE = −∞ (never NaN); with a sink, O = 0 and LSE = the
+/// sink's logit.
+#[test]
+fn rows_without_keys() {
+    let client = client();
+    let (h, d, n) = (2, 64, 40);
+    let (mut rng, _) = seeded_rng("rows_without_keys");
+    let q = Tensor::from_slice(
+        &client,
+        &random_vec::<f32>(&mut rng, h * n * d),
+        [2, 1, n, d],
+    )
+    .unwrap();
+    let k = Tensor::from_slice(
+        &client,
+        &random_vec::<f32>(&mut rng, h * n * d),
+        [2, 1, n, d],
+    )
+    .unwrap();
+    let v = Tensor::from_slice(
+        &client,
+        &random_vec::<f32>(&mut rng, h * n * d),
+        [2, 1, n, d],
+    )
+    .unwrap();
+    // Batch entry 0 has no keys at all, entry 1 has 5.
+    let out = KeyLengths::forward(
+        &client,
+        &q,
+        &k,
+        &v,
+        &KeyLengthsInputs {
+            key_lengths: &[0, 5],
+        },
+    )
+    .unwrap();
+    let o = out.o.to_vec(&client);
+    let lse = out.lse.to_vec(&client);
+    assert!(
+        o[..n * d].iter().all(|&x| x == 0.0),
+        "O of a row without keys is 0"
+    );
+    assert!(
+        lse[..n].iter().all(|&x| x == f32::NEG_INFINITY),
+        "its LSE is −∞"
+    );
+    assert!(o[n * d..].iter().all(|x| x.is_finite()) && lse[n..].iter().all(|x| x.is_finite()));
+
+    // With a sink, a row without keys still has O = 0, and its LSE is the sink's logit.
+    let inputs = KeyLengthsSinksInputs {
+        key_lengths: &[0, 5],
+        sinks: &[0.75],
+    };
+    let out = KeyLengthsSinks::forward(&client, &q, &k, &v, &inputs).unwrap();
+    let (o, lse) = (out.o.to_vec(&client), out.lse.to_vec(&client));
+    assert!(
+        o[..n * d].iter().all(|&x| x == 0.0),
+        "O of a row without keys is 0"
+    );
+    assert!(
+        lse[..n].iter().all(|&x| x == 0.75),
+        "its LSE is the sink: {:?}",
+        &lse[..3]
+    );
+    assert!(
+        lse[n..].iter().all(|&x| x.is_finite() && x > 0.75),
+        "the sink joins every LSE"
+    );
 }

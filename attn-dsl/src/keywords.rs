@@ -12,14 +12,32 @@ pub const KEY_MASK: &str = "mask";
 pub const KEY_SCALE: &str = "scale";
 /// `tiles: […]` — tile shapes the launcher and tuner may use.
 pub const KEY_TILES: &str = "tiles";
+/// `value_dim: …` — head dimension of V and O (default: `head_dim`).
+pub const KEY_VALUE_DIM: &str = "value_dim";
+/// `score: |s, b, h, q, k| …` — the variant's own score modification.
+pub const KEY_SCORE: &str = "score";
+/// `softcap: 50.0` — `cap · tanh(s / cap)`.
+pub const KEY_SOFTCAP: &str = "softcap";
+/// `alibi: geometric | given` — ALiBi biases.
+pub const KEY_ALIBI: &str = "alibi";
+/// `sinks: per_head` — a learned logit per head in the softmax denominator.
+pub const KEY_SINKS: &str = "sinks";
+/// `inputs: { name: type, … }` — run-time values the expressions read.
+pub const KEY_INPUTS: &str = "inputs";
 
 /// Every setting, in the order the README documents them.
 pub const KEYS: &[&str] = &[
     KEY_HEADS,
     KEY_HEAD_DIM,
+    KEY_VALUE_DIM,
     KEY_DTYPE,
     KEY_MASK,
+    KEY_SCORE,
+    KEY_SOFTCAP,
+    KEY_ALIBI,
+    KEY_SINKS,
     KEY_SCALE,
+    KEY_INPUTS,
     KEY_TILES,
 ];
 /// Settings a declaration must have.
@@ -53,14 +71,52 @@ pub const MASK_CAUSAL: &str = "causal";
 pub const ALIGN_BOTTOM_RIGHT: &str = "bottom_right";
 /// `causal(top_left)`: query `i` sees keys `0..=i`.
 pub const ALIGN_TOP_LEFT: &str = "top_left";
+/// `window(left = L, right = R)`: a sliding window (either side may be left out).
+pub const MASK_WINDOW: &str = "window";
+/// The left side of a window: keys before the query.
+pub const WINDOW_LEFT: &str = "left";
+/// The right side of a window: keys after the query.
+pub const WINDOW_RIGHT: &str = "right";
+/// `key_lengths`: a run-time key length per sequence.
+pub const MASK_KEY_LENGTHS: &str = "key_lengths";
+/// `documents`: packed variable-length documents with run-time offsets.
+pub const MASK_DOCUMENTS: &str = "documents";
+/// `prefix_lm`: bidirectional over a run-time prefix, causal after it.
+pub const MASK_PREFIX_LM: &str = "prefix_lm";
+/// The separator of mask terms: `causal & window(left = 4095)`.
+pub const MASK_AND: &str = "&";
 /// The forms of `mask`, as users write them.
-pub const MASK_FORMS: &str = "`none`, `causal`, `causal(bottom_right)` or `causal(top_left)`";
+pub const MASK_FORMS: &str = "`none`, or terms joined by `&`: `causal`, `causal(top_left)`, `window(left = L, right = R)`, `key_lengths`, `documents`, `prefix_lm`, and last a closure `|b, h, q, k| …`";
+
+/// `alibi: geometric`: the standard slopes for the run-time head count.
+pub const ALIBI_GEOMETRIC: &str = "geometric";
+/// `alibi: given`: slopes passed per head at run time.
+pub const ALIBI_GIVEN: &str = "given";
+/// `sinks: per_head`.
+pub const SINKS_PER_HEAD: &str = "per_head";
+
+/// Input type `i32`.
+pub const INPUT_I32: &str = "i32";
+/// Input type `f32`.
+pub const INPUT_F32: &str = "f32";
+/// `[T; batch]`: one value per sequence.
+pub const EXTENT_BATCH: &str = "batch";
+/// `[T; heads]`: one value per query head.
+pub const EXTENT_HEADS: &str = "heads";
+/// The forms of an input's type.
+pub const INPUT_FORMS: &str =
+    "`i32`, `f32`, `[i32; batch]`, `[f32; batch]`, `[i32; heads]` or `[f32; heads]`";
+
+/// Methods expressions may call, on `f32` unless noted.
+pub const EXPR_METHODS: &[&str] = &["abs", "min", "max", "tanh", "exp", "ln", "sqrt"];
+/// What expressions may use, for messages.
+pub const EXPR_FORMS: &str = "the closure's parameters, the variant's inputs, integer and float literals, `+ - * / %`, comparisons, `&& || !`, `as i32`/`as f32`, `if … { … } else { … }` and the methods `abs`, `min`, `max` (i32 or f32) and `tanh`, `exp`, `ln`, `sqrt` (f32)";
 
 /// The separator of a tile shape: `64 x 16` is 64 query rows by 16 keys.
 pub const TILE_SEPARATOR: &str = "x";
 
 /// Head dimensions the kernels support today.
-pub const HEAD_DIMS: &[u32] = &[64, 128];
+pub const HEAD_DIMS: &[u32] = &[64, 96, 128, 192, 256];
 /// Query rows per tile: a power of two in this range (units of one cube).
 pub const TILE_Q_RANGE: (u32, u32) = (1, 1024);
 /// Keys per tile: a power of two in this range.

@@ -6,8 +6,9 @@ use syn::parse::{ParseStream, Parser};
 use syn::{Ident, LitInt, Token};
 
 use crate::ctxt::Ctxt;
+use crate::expr::{check_closure, ClosureKind, Extent, InputDecl, Ty};
 use crate::keywords as kw;
-use crate::spec::{Alignment, DType, Heads, Mask, Spanned, Spec, TileShape};
+use crate::spec::{Alibi, Alignment, DType, Heads, MaskDecl, Spanned, Spec, TileShape, WindowDecl};
 use crate::syntax::RawVariant;
 
 /// Interprets one raw variant; `None` when a required setting is missing or unreadable (the
@@ -15,10 +16,22 @@ use crate::syntax::RawVariant;
 pub fn lower(cx: &Ctxt, raw: &RawVariant) -> Option<Spec> {
     let mut heads = None;
     let mut head_dim = None;
+    let mut value_dim = None;
     let mut dtype = None;
     let mut mask = None;
+    let mut score = None;
+    let mut softcap = None;
+    let mut alibi = None;
+    let mut sinks = None;
     let mut scale = None;
     let mut tiles = None;
+    // Inputs first: the expressions of `mask` and `score` refer to them wherever they are written.
+    let inputs = raw
+        .fields
+        .iter()
+        .find(|f| f.key == kw::KEY_INPUTS)
+        .and_then(|f| parse_with(cx, f.value.clone(), parse_inputs))
+        .unwrap_or_default();
     let mut seen: Vec<&Ident> = Vec::new();
     for field in &raw.fields {
         let key = field.key.to_string();
@@ -35,7 +48,13 @@ pub fn lower(cx: &Ctxt, raw: &RawVariant) -> Option<Spec> {
             kw::KEY_HEADS => heads = parse_with(cx, value, parse_heads),
             kw::KEY_HEAD_DIM => head_dim = parse_with(cx, value, parse_head_dim),
             kw::KEY_DTYPE => dtype = parse_with(cx, value, parse_dtype),
-            kw::KEY_MASK => mask = parse_with(cx, value, parse_mask),
+            kw::KEY_VALUE_DIM => value_dim = parse_with(cx, value, parse_head_dim),
+            kw::KEY_MASK => mask = parse_with(cx, value, |i, cx| parse_mask(i, cx, &inputs)),
+            kw::KEY_SCORE => score = parse_with(cx, value, |i, cx| parse_score(i, cx, &inputs)),
+            kw::KEY_SOFTCAP => softcap = parse_with(cx, value, parse_softcap),
+            kw::KEY_ALIBI => alibi = parse_with(cx, value, parse_alibi),
+            kw::KEY_SINKS => sinks = parse_with(cx, value, parse_sinks),
+            kw::KEY_INPUTS => {}
             kw::KEY_SCALE => scale = parse_with(cx, value, parse_scale),
             kw::KEY_TILES => tiles = parse_with(cx, value, parse_tiles),
             _ => cx.error_at(
@@ -66,11 +85,14 @@ pub fn lower(cx: &Ctxt, raw: &RawVariant) -> Option<Spec> {
         name: raw.name.clone(),
         heads: heads?,
         head_dim: head_dim?,
+        value_dim,
         dtype: dtype?,
-        mask: mask.unwrap_or(Spanned {
-            value: Mask::None,
-            span: raw.name.span(),
-        }),
+        mask: mask.unwrap_or_default(),
+        score,
+        softcap,
+        alibi,
+        sinks,
+        inputs,
         scale,
         tiles: tiles.unwrap_or_default(),
     })
@@ -94,7 +116,7 @@ fn alternatives(words: &[&str]) -> String {
 fn parse_with<T>(
     cx: &Ctxt,
     tokens: TokenStream,
-    parser: fn(ParseStream, &Ctxt) -> syn::Result<Option<T>>,
+    parser: impl FnOnce(ParseStream, &Ctxt) -> syn::Result<Option<T>>,
 ) -> Option<T> {
     match (|input: ParseStream| parser(input, cx)).parse2(tokens) {
         Ok(value) => value,
@@ -203,42 +225,303 @@ fn parse_dtype(input: ParseStream, _cx: &Ctxt) -> syn::Result<Option<Spanned<DTy
     }))
 }
 
-fn parse_mask(input: ParseStream, _cx: &Ctxt) -> syn::Result<Option<Spanned<Mask>>> {
-    let name: Ident = input.call(syn::ext::IdentExt::parse_any)?;
-    let span = name.span();
-    let value = match name.to_string().as_str() {
-        kw::MASK_NONE => Mask::None,
-        kw::MASK_CAUSAL if input.is_empty() => Mask::Causal(Alignment::BottomRight),
-        kw::MASK_CAUSAL => {
-            let args;
-            syn::parenthesized!(args in input);
-            let align: Ident = args.parse()?;
-            match align.to_string().as_str() {
-                kw::ALIGN_BOTTOM_RIGHT => Mask::Causal(Alignment::BottomRight),
-                kw::ALIGN_TOP_LEFT => Mask::Causal(Alignment::TopLeft),
-                other => {
+/// `none`, or terms joined by `&`; a closure term comes last (its body runs to the end).
+fn parse_mask(
+    input: ParseStream,
+    cx: &Ctxt,
+    inputs: &[InputDecl],
+) -> syn::Result<Option<MaskDecl>> {
+    let mut mask = MaskDecl::default();
+    let mut ok = true;
+    loop {
+        if input.peek(Token![|]) {
+            let closure = parse_closure(input)?;
+            match check_closure(cx, &closure, ClosureKind::Mask, inputs) {
+                Some(c) => mask.custom = Some(c),
+                None => ok = false,
+            }
+            break;
+        }
+        let name: Ident = input.call(syn::ext::IdentExt::parse_any)?;
+        let span = name.span();
+        let twice = |cx: &Ctxt| {
+            cx.error_at(span, format!("mask term `{name}` is written twice"));
+        };
+        match name.to_string().as_str() {
+            kw::MASK_NONE => mask.none = Some(span),
+            kw::MASK_CAUSAL => {
+                let align = if input.peek(syn::token::Paren) {
+                    let args;
+                    syn::parenthesized!(args in input);
+                    let align: Ident = args.parse()?;
+                    match align.to_string().as_str() {
+                        kw::ALIGN_BOTTOM_RIGHT => Alignment::BottomRight,
+                        kw::ALIGN_TOP_LEFT => Alignment::TopLeft,
+                        other => {
+                            return Err(syn::Error::new(
+                                align.span(),
+                                format!(
+                                    "unknown causal alignment `{other}`; write `{}` or `{}`",
+                                    kw::ALIGN_BOTTOM_RIGHT,
+                                    kw::ALIGN_TOP_LEFT
+                                ),
+                            ))
+                        }
+                    }
+                } else {
+                    Alignment::BottomRight
+                };
+                if mask.causal.is_some() {
+                    twice(cx);
+                }
+                mask.causal = Some(Spanned { value: align, span });
+            }
+            kw::MASK_WINDOW => {
+                if !input.peek(syn::token::Paren) {
                     return Err(syn::Error::new(
-                        align.span(),
-                        format!(
-                            "unknown causal alignment `{other}`; write `{}` or `{}`",
-                            kw::ALIGN_BOTTOM_RIGHT,
-                            kw::ALIGN_TOP_LEFT
-                        ),
-                    ))
+                        span,
+                        "`window` needs its size: `window(left = 4095)` or `window(left = L, right = R)`",
+                    ));
+                }
+                let args;
+                syn::parenthesized!(args in input);
+                match parse_window(&args, cx, span)? {
+                    Some(w) => {
+                        if mask.window.is_some() {
+                            twice(cx);
+                        }
+                        mask.window = Some(Spanned { value: w, span });
+                    }
+                    None => ok = false,
                 }
             }
+            kw::MASK_KEY_LENGTHS => mask.key_lengths = Some(span),
+            kw::MASK_DOCUMENTS => mask.documents = Some(span),
+            kw::MASK_PREFIX_LM => mask.prefix_lm = Some(span),
+            other => {
+                return Err(syn::Error::new(
+                    span,
+                    format!("unknown mask `{other}`; write {}", kw::MASK_FORMS),
+                ))
+            }
         }
+        if input.is_empty() {
+            break;
+        }
+        input.parse::<Token![&]>().map_err(|e| {
+            syn::Error::new(
+                e.span(),
+                "mask terms are joined with `&`, as in `causal & window(left = 4095)`",
+            )
+        })?;
+    }
+    if let Some(span) = mask.none {
+        if !mask.is_none() {
+            cx.error_at(span, "`none` cannot be combined with other mask terms");
+            ok = false;
+        }
+    }
+    Ok(ok.then_some(mask))
+}
+
+/// A closure, with a message that names the expected shape when it is not one.
+fn parse_closure(input: ParseStream) -> syn::Result<syn::ExprClosure> {
+    let expr: syn::Expr = input.parse()?;
+    match expr {
+        syn::Expr::Closure(c) => Ok(c),
+        other => Err(syn::Error::new_spanned(
+            other,
+            "expected a closure such as `|b, h, q, k| q >= k`",
+        )),
+    }
+}
+
+/// `left = L, right = R` (either may be left out, not both; each at least 1).
+fn parse_window(
+    args: ParseStream,
+    cx: &Ctxt,
+    span: proc_macro2::Span,
+) -> syn::Result<Option<WindowDecl>> {
+    let mut window = WindowDecl {
+        left: None,
+        right: None,
+    };
+    let mut ok = true;
+    while !args.is_empty() {
+        let side: Ident = args.parse()?;
+        args.parse::<Token![=]>()?;
+        let lit: LitInt = args.parse()?;
+        let value: u32 = lit.base10_parse()?;
+        if value == 0 {
+            cx.error_at(
+                lit.span(),
+                format!("a window side of 0 keys hides nothing new: leave `{side}` out, or use `causal` for `right = 0`"),
+            );
+            ok = false;
+        }
+        let sized = Some(Spanned {
+            value,
+            span: lit.span(),
+        });
+        match side.to_string().as_str() {
+            kw::WINDOW_LEFT => window.left = sized,
+            kw::WINDOW_RIGHT => window.right = sized,
+            other => {
+                return Err(syn::Error::new(
+                    side.span(),
+                    format!(
+                        "unknown window side `{other}`; write `{}` and/or `{}`",
+                        kw::WINDOW_LEFT,
+                        kw::WINDOW_RIGHT
+                    ),
+                ))
+            }
+        }
+        if args.is_empty() {
+            break;
+        }
+        args.parse::<Token![,]>()?;
+    }
+    if window.left.is_none() && window.right.is_none() {
+        cx.error_at(
+            span,
+            "`window` needs at least one side: `window(left = 4095)`",
+        );
+        ok = false;
+    }
+    Ok(ok.then_some(window))
+}
+
+fn parse_score(
+    input: ParseStream,
+    cx: &Ctxt,
+    inputs: &[InputDecl],
+) -> syn::Result<Option<crate::expr::Closure>> {
+    let closure = parse_closure(input)?;
+    Ok(check_closure(cx, &closure, ClosureKind::Score, inputs))
+}
+
+fn parse_alibi(input: ParseStream, _cx: &Ctxt) -> syn::Result<Option<Spanned<Alibi>>> {
+    let name: Ident = input.parse()?;
+    let value = match name.to_string().as_str() {
+        kw::ALIBI_GEOMETRIC => Alibi::Geometric,
+        kw::ALIBI_GIVEN => Alibi::Given,
         other => {
             return Err(syn::Error::new(
-                span,
-                format!("unknown mask `{other}`; write {}", kw::MASK_FORMS),
+                name.span(),
+                format!(
+                    "unknown ALiBi slopes `{other}`; write `{}` (standard slopes) or `{}` (per head at run time)",
+                    kw::ALIBI_GEOMETRIC,
+                    kw::ALIBI_GIVEN
+                ),
             ))
         }
     };
-    Ok(Some(Spanned { value, span }))
+    Ok(Some(Spanned {
+        value,
+        span: name.span(),
+    }))
 }
 
+fn parse_sinks(input: ParseStream, _cx: &Ctxt) -> syn::Result<Option<proc_macro2::Span>> {
+    let name: Ident = input.parse()?;
+    if name != kw::SINKS_PER_HEAD {
+        return Err(syn::Error::new(
+            name.span(),
+            format!("unknown sinks `{name}`; write `{}`", kw::SINKS_PER_HEAD),
+        ));
+    }
+    Ok(Some(name.span()))
+}
+
+/// `{ name: i32, name: [f32; heads], … }`.
+fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDecl>>> {
+    let content;
+    syn::braced!(content in input);
+    let mut decls: Vec<InputDecl> = Vec::new();
+    let mut ok = true;
+    while !content.is_empty() {
+        let name: Ident = content.parse()?;
+        content.parse::<Token![:]>()?;
+        let (ty_name, extent) = if content.peek(syn::token::Bracket) {
+            let inner;
+            syn::bracketed!(inner in content);
+            let ty: Ident = inner.parse()?;
+            inner.parse::<Token![;]>()?;
+            let extent: Ident = inner.call(syn::ext::IdentExt::parse_any)?;
+            let extent = match extent.to_string().as_str() {
+                kw::EXTENT_BATCH => Extent::Batch,
+                kw::EXTENT_HEADS => Extent::Heads,
+                other => {
+                    return Err(syn::Error::new(
+                        extent.span(),
+                        format!(
+                            "unknown extent `{other}`; an input holds one value per `{}` entry or per query head (`{}`)",
+                            kw::EXTENT_BATCH,
+                            kw::EXTENT_HEADS
+                        ),
+                    ))
+                }
+            };
+            (ty, extent)
+        } else {
+            (content.parse::<Ident>()?, Extent::Scalar)
+        };
+        let ty = match ty_name.to_string().as_str() {
+            kw::INPUT_I32 => Ty::Int,
+            kw::INPUT_F32 => Ty::Float,
+            other => {
+                return Err(syn::Error::new(
+                    ty_name.span(),
+                    format!("unknown input type `{other}`; write {}", kw::INPUT_FORMS),
+                ))
+            }
+        };
+        if decls.iter().any(|d| d.name == name) {
+            cx.error_at(name.span(), format!("input `{name}` is declared twice"));
+            ok = false;
+        } else if RESERVED_INPUT_NAMES.contains(&name.to_string().as_str()) {
+            cx.error_at(
+                name.span(),
+                format!("`{name}` is the name of a built-in input; choose another"),
+            );
+            ok = false;
+        }
+        let index = decls.iter().filter(|d| d.ty == ty).count();
+        decls.push(InputDecl {
+            name,
+            ty,
+            extent,
+            index,
+        });
+        if content.is_empty() {
+            break;
+        }
+        content.parse::<Token![,]>()?;
+    }
+    Ok(ok.then_some(decls))
+}
+
+/// Names the generated inputs struct already uses for built-in inputs.
+const RESERVED_INPUT_NAMES: &[&str] = &[
+    "key_lengths",
+    "q_offsets",
+    "k_offsets",
+    "prefix_lengths",
+    "sinks",
+    "alibi_slopes",
+];
+
 fn parse_scale(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<f64>>> {
+    positive(input, cx, "the softmax scale")
+}
+
+fn parse_softcap(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<f64>>> {
+    positive(input, cx, "the softcap")
+}
+
+/// A positive, finite number.
+fn positive(input: ParseStream, cx: &Ctxt, what: &str) -> syn::Result<Option<Spanned<f64>>> {
     let lookahead = input.lookahead1();
     let (value, span) = if lookahead.peek(syn::LitFloat) {
         let lit: syn::LitFloat = input.parse()?;
@@ -248,14 +531,14 @@ fn parse_scale(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<f64>
         (lit.base10_parse::<f64>()?, lit.span())
     } else if input.peek(Token![-]) {
         let minus: Token![-] = input.parse()?;
-        cx.error_at(minus.span, "the softmax scale must be positive");
+        cx.error_at(minus.span, format!("{what} must be positive"));
         let _: TokenStream = input.parse()?;
         return Ok(None);
     } else {
         return Err(lookahead.error());
     };
     if !(value.is_finite() && value > 0.0) {
-        cx.error_at(span, "the softmax scale must be positive and finite");
+        cx.error_at(span, format!("{what} must be positive and finite"));
         return Ok(None);
     }
     Ok(Some(Spanned { value, span }))

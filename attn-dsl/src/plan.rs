@@ -1,7 +1,8 @@
 //! [`Spec`] → [`KernelPlan`]: which kernel family runs, its phases, the mask-tile classes that can
 //! occur, and the tile candidates in order of preference.
 
-use crate::spec::{Mask, Spec, TileShape};
+use crate::expr::boundable;
+use crate::spec::{Spec, TileShape};
 
 /// A phase of the prefill kernel, in execution order (each is one `#[cube]` function).
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
@@ -44,9 +45,12 @@ pub struct KernelPlan {
     pub tile_classes: Vec<TileClass>,
     /// Tile candidates, the first valid on every device.
     pub candidates: Vec<TileShape>,
+    /// Whether the custom mask expression can be bounded over a tile by interval reasoning (so
+    /// tiles it rules out are skipped and tiles it keeps whole skip its arithmetic).
+    pub custom_bounds: bool,
 }
 
-/// Default tile candidates per head dimension. The first stages at most 16 KiB of K/V and uses 64
+/// Default tile candidates per head dimension. The first stages at most 32 KiB of K/V and uses 64
 /// units, which every back end runs (lavapipe: 32 KiB, 1024 units); the larger ones are for the
 /// tuner to try on GPUs.
 pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
@@ -63,12 +67,18 @@ pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
 
 /// Plans a validated spec. Cannot fail.
 pub fn plan(spec: Spec) -> KernelPlan {
-    let tile_classes = match spec.mask.value {
-        Mask::None => vec![TileClass::Full, TileClass::Partial],
-        Mask::Causal(_) => vec![TileClass::Empty, TileClass::Full, TileClass::Partial],
+    let tile_classes = if spec.mask.is_none() {
+        vec![TileClass::Full, TileClass::Partial]
+    } else {
+        vec![TileClass::Empty, TileClass::Full, TileClass::Partial]
     };
+    let custom_bounds = spec
+        .mask
+        .custom
+        .as_ref()
+        .is_some_and(|c| boundable(&c.body));
     let candidates = if spec.tiles.is_empty() {
-        default_tiles(spec.head_dim.value)
+        default_tiles(spec.head_dim.value.max(spec.value_dim()))
     } else {
         spec.tiles.iter().map(|t| t.value).collect()
     };
@@ -85,5 +95,6 @@ pub fn plan(spec: Spec) -> KernelPlan {
         ],
         tile_classes,
         candidates,
+        custom_bounds,
     }
 }

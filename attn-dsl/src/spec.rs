@@ -3,6 +3,8 @@
 use proc_macro2::Span;
 use syn::{Attribute, Ident, Visibility};
 
+use crate::expr::{Closure, InputDecl};
+
 /// Head grouping as declared.
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
 pub enum Heads {
@@ -37,13 +39,58 @@ pub enum Alignment {
     TopLeft,
 }
 
-/// The mask as declared.
+/// A sliding window as declared: keys `left` before and `right` after the query's position.
+#[derive(Copy, Clone, Debug)]
+pub struct WindowDecl {
+    /// Keys before the query that stay visible.
+    pub left: Option<Spanned<u32>>,
+    /// Keys after the query that stay visible.
+    pub right: Option<Spanned<u32>>,
+}
+
+/// The mask as declared: the conjunction of its terms, each with the span it was written at.
+#[derive(Clone, Debug, Default)]
+pub struct MaskDecl {
+    /// `none`.
+    pub none: Option<Span>,
+    /// `causal` and its alignment.
+    pub causal: Option<Spanned<Alignment>>,
+    /// `window(…)`.
+    pub window: Option<Spanned<WindowDecl>>,
+    /// `key_lengths`.
+    pub key_lengths: Option<Span>,
+    /// `documents`.
+    pub documents: Option<Span>,
+    /// `prefix_lm`.
+    pub prefix_lm: Option<Span>,
+    /// `|b, h, q, k| …`.
+    pub custom: Option<Closure>,
+}
+
+impl MaskDecl {
+    /// Whether every pair takes part.
+    pub fn is_none(&self) -> bool {
+        self.causal.is_none()
+            && self.window.is_none()
+            && self.key_lengths.is_none()
+            && self.documents.is_none()
+            && self.prefix_lm.is_none()
+            && self.custom.is_none()
+    }
+
+    /// The alignment of the diagonal (causal's, else bottom-right).
+    pub fn alignment(&self) -> Alignment {
+        self.causal.map_or(Alignment::BottomRight, |c| c.value)
+    }
+}
+
+/// ALiBi slopes as declared.
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum Mask {
-    /// Every pair takes part.
-    None,
-    /// Keys up to the diagonal.
-    Causal(Alignment),
+pub enum Alibi {
+    /// The standard geometric slopes.
+    Geometric,
+    /// Given per head at run time.
+    Given,
 }
 
 /// A tile shape: `block_q` query rows by `block_kv` keys.
@@ -57,8 +104,8 @@ pub struct TileShape {
 
 impl TileShape {
     /// Shared memory the portable kernel stages per cube: f32 K and V tiles.
-    pub const fn shared_bytes(&self, head_dim: u32) -> usize {
-        2 * self.block_kv as usize * head_dim as usize * 4
+    pub const fn shared_bytes(&self, head_dim: u32, value_dim: u32) -> usize {
+        self.block_kv as usize * (head_dim + value_dim) as usize * 4
     }
 }
 
@@ -82,14 +129,43 @@ pub struct Spec {
     pub name: Ident,
     /// Head grouping.
     pub heads: Spanned<Heads>,
-    /// Head dimension.
+    /// Head dimension of Q and K.
     pub head_dim: Spanned<u32>,
+    /// Head dimension of V and O, when it differs.
+    pub value_dim: Option<Spanned<u32>>,
     /// Element type.
     pub dtype: Spanned<DType>,
     /// Mask.
-    pub mask: Spanned<Mask>,
+    pub mask: MaskDecl,
+    /// The variant's own score expression.
+    pub score: Option<Closure>,
+    /// Softcap.
+    pub softcap: Option<Spanned<f64>>,
+    /// ALiBi.
+    pub alibi: Option<Spanned<Alibi>>,
+    /// Attention sinks (`sinks: per_head`).
+    pub sinks: Option<Span>,
+    /// Run-time inputs the expressions read.
+    pub inputs: Vec<InputDecl>,
     /// Softmax scale, when given.
     pub scale: Option<Spanned<f64>>,
     /// Tile shapes, when given (else the planner's defaults).
     pub tiles: Vec<Spanned<TileShape>>,
+}
+
+impl Spec {
+    /// Head dimension of V and O.
+    pub fn value_dim(&self) -> u32 {
+        self.value_dim.map_or(self.head_dim.value, |v| v.value)
+    }
+
+    /// Whether a call needs run-time inputs (and the variant gets an inputs struct).
+    pub fn has_inputs(&self) -> bool {
+        self.mask.key_lengths.is_some()
+            || self.mask.documents.is_some()
+            || self.mask.prefix_lm.is_some()
+            || self.sinks.is_some()
+            || self.alibi.is_some_and(|a| a.value == Alibi::Given)
+            || !self.inputs.is_empty()
+    }
 }

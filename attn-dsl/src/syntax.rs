@@ -84,9 +84,20 @@ impl Parse for RawField {
             .parse::<Token![:]>()
             .map_err(|e| syn::Error::new(e.span(), format!("expected `:` after `{key}`")))?;
         let mut value = TokenStream::new();
+        // A closure's parameter list (`|b, h, q, k|`) holds commas of its own: it starts at the
+        // value's start or after a mask term's `&`, and runs to the next `|`.
+        let mut term_start = true;
         while !input.is_empty() && !input.peek(Token![,]) {
             let tt: TokenTree = input.parse()?;
+            let opens_closure =
+                term_start && matches!(&tt, TokenTree::Punct(p) if p.as_char() == '|');
+            term_start = matches!(&tt, TokenTree::Punct(p) if p.as_char() == '&');
             value.extend([tt]);
+            if opens_closure {
+                while !input.is_empty() && !input.peek(Token![|]) {
+                    value.extend([input.parse::<TokenTree>()?]);
+                }
+            }
         }
         if value.is_empty() {
             return Err(syn::Error::new(key.span(), format!("`{key}` has no value")));

@@ -14,8 +14,8 @@ use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompil
 
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
 use crate::kernels::prefill_tc::prefill_forward_tc;
-use crate::launch::Engine;
-use crate::tensor::Element;
+use crate::launch::{kernel_config, Engine};
+use crate::variant::{Tiling, Variant};
 
 /// The properties of an H100/H200-class GPU (sm_90): 132 SMs, 227 KiB shared memory per block,
 /// 1024 units per cube, planes of 32. Only what code generation reads matters here.
@@ -64,8 +64,9 @@ pub fn sm90_device_model() -> DeviceProperties {
     props
 }
 
-/// The kernel definition of the prefill kernel of `engine` for `config` on a device with `props`.
-fn definition<E: Element>(
+/// The kernel definition of `V`'s prefill kernel of `engine` for `config` on a device with
+/// `props`.
+fn definition<V: Variant>(
     engine: Engine,
     config: PrefillConfig,
     props: DeviceProperties,
@@ -82,6 +83,8 @@ fn definition<E: Element>(
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
+                tensor_compilation_arg(),
+                tensor_compilation_arg(),
                 args_compilation_arg(),
                 config,
             )
@@ -90,21 +93,22 @@ fn definition<E: Element>(
     }
     match engine {
         Engine::Portable => define!(
-            prefill_forward::PrefillForward<E>,
+            prefill_forward::PrefillForward<V::Elem, V::Hooks>,
             CubeDim::new_1d(config.tiling.block_q)
         ),
         Engine::TensorCores => define!(
-            prefill_forward_tc::PrefillForwardTc<E>,
+            prefill_forward_tc::PrefillForwardTc<V::Elem, V::Hooks>,
             CubeDim::new_2d(32, config.planes() as u32)
         ),
     }
 }
 
-/// The CUDA C++ cubecl generates for the tensor-core prefill kernel of `config` (sm_90 model).
-pub fn cuda_source_tensor_cores<E: Element>(config: PrefillConfig) -> String {
+/// The CUDA C++ cubecl generates for `V`'s tensor-core prefill kernel with `tiling` (sm_90 model).
+pub fn cuda_source_tensor_cores<V: Variant>(tiling: Tiling) -> String {
+    let config = kernel_config(&V::SPEC, tiling);
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(
-            definition::<E>(Engine::TensorCores, config, sm90_device_model()),
+            definition::<V>(Engine::TensorCores, config, sm90_device_model()),
             &CompilationOptions::default(),
         )
         .expect("the tensor-core prefill kernel compiles to CUDA C++")
@@ -122,29 +126,35 @@ fn args_compilation_arg() -> PrefillArgsCompilationArg {
     PrefillArgsCompilationArg {
         scale: (),
         group: (),
-        shift_q: (),
-        shift_k: (),
+        slot_len: (),
+        window_left: (),
+        window_right: (),
+        softcap: (),
+        inv_softcap: (),
         neg_inf: (),
     }
 }
 
-/// The CUDA C++ cubecl generates for the prefill kernel of `config` on the sm_90 model.
-pub fn cuda_source<E: Element>(config: PrefillConfig) -> String {
-    let def = definition::<E>(Engine::Portable, config, sm90_device_model());
+/// The CUDA C++ cubecl generates for `V`'s portable prefill kernel with `tiling` (sm_90 model).
+pub fn cuda_source<V: Variant>(tiling: Tiling) -> String {
+    let config = kernel_config(&V::SPEC, tiling);
+    let def = definition::<V>(Engine::Portable, config, sm90_device_model());
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(def, &CompilationOptions::default())
         .expect("the prefill kernel compiles to CUDA C++")
         .to_string()
 }
 
-/// The WGSL cubecl generates for the prefill kernel of `config` (the portable back end's form).
+/// The WGSL cubecl generates for `V`'s portable prefill kernel with `tiling` (the portable back
+/// end's form).
 #[cfg(feature = "wgpu")]
-pub fn wgsl_source<E: Element>(config: PrefillConfig) -> String {
+pub fn wgsl_source<V: Variant>(tiling: Tiling) -> String {
+    let config = kernel_config(&V::SPEC, tiling);
     let mut props = sm90_device_model();
     props.hardware.plane_size_min = 8;
     props.hardware.plane_size_max = 8;
     props.hardware.max_shared_memory_size = 32 * 1024;
-    let def = definition::<E>(Engine::Portable, config, props);
+    let def = definition::<V>(Engine::Portable, config, props);
     cubecl::wgpu::WgslCompiler
         .compile(def, &Default::default())
         .expect("the prefill kernel compiles to WGSL")

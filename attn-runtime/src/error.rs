@@ -138,6 +138,15 @@ pub enum AttnError {
         /// Elements given.
         found: usize,
     },
+    /// A run-time input of the variant (key lengths, document offsets, prefix lengths, sinks,
+    /// ALiBi slopes or a declared input) is missing, has the wrong length or an impossible value.
+    #[error("input `{input}`: {reason}")]
+    Input {
+        /// The input's name, as in the variant's inputs struct.
+        input: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The device cannot run this variant.
     #[error("unsupported on this device: {0}")]
     Unsupported(String),

@@ -3,11 +3,12 @@
 use cubecl::prelude::*;
 
 use crate::error::{AttnError, Dim, Operand};
+use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
 use crate::kernels::prefill_tc::{prefill_forward_tc, MMA};
 use crate::problem::Problem;
 use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
-use crate::variant::{CausalAlignment, DType, MaskKind, Tiling, Variant, VariantSpec};
+use crate::variant::{DType, Tiling, Variant, VariantSpec};
 
 /// The log-sum-exp of each query row's scaled logits, `[batch, heads_q, seq_q]`, f32, contiguous.
 /// A row that sees no key holds −∞.
@@ -46,21 +47,23 @@ pub struct Output<E> {
     pub lse: Lse,
 }
 
-/// Runs variant `V` on Q `[B, Hq, Nq, D]`, K and V `[B, Hkv, Nk, D]`, with the first of the
-/// variant's tile shapes that this device can run.
+/// Runs variant `V` on Q `[B, Hq, Nq, D]`, K `[B, Hkv, Nk, D]` and V `[B, Hkv, Nk, Dv]` with its
+/// run-time `inputs`, with the first of the variant's tile shapes that this device can run.
 pub fn forward<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
     k: &Tensor<V::Elem>,
     v: &Tensor<V::Elem>,
+    inputs: &Inputs,
 ) -> Result<Output<V::Elem>, AttnError> {
     let problem = Problem::new(&V::SPEC, q, k, v)?;
+    let packed = pack(&V::SPEC, &problem, inputs)?;
     let tiling = select_tiling(client, &V::SPEC)?;
     let out = Output {
         o: Tensor::empty(client, problem.out_shape()),
         lse: Lse::empty(client, problem.lse_shape()),
     };
-    launch::<V>(client, &problem, tiling, q, k, v, &out)?;
+    launch::<V>(client, &problem, &packed, tiling, q, k, v, &out)?;
     Ok(out)
 }
 
@@ -71,13 +74,15 @@ pub fn forward_into<V: Variant>(
     q: &Tensor<V::Elem>,
     k: &Tensor<V::Elem>,
     v: &Tensor<V::Elem>,
+    inputs: &Inputs,
     tiling: Tiling,
     out: &Output<V::Elem>,
 ) -> Result<(), AttnError> {
     let problem = Problem::new(&V::SPEC, q, k, v)?;
+    let packed = pack(&V::SPEC, &problem, inputs)?;
     check_tiling(client, &V::SPEC, tiling)?;
     check_output(&problem, out)?;
-    launch::<V>(client, &problem, tiling, q, k, v, out)
+    launch::<V>(client, &problem, &packed, tiling, q, k, v, out)
 }
 
 /// The tile shapes of `spec` this device can run, in order of preference.
@@ -113,7 +118,7 @@ pub fn check_tiling(
     tiling: Tiling,
 ) -> Result<(), AttnError> {
     let hw = &client.properties().hardware;
-    let smem = tiling.shared_bytes(spec.head_dim);
+    let smem = tiling.shared_bytes(spec.head_dim, spec.value_dim);
     if smem > hw.max_shared_memory_size {
         return Err(AttnError::Unsupported(format!(
             "tile {} needs {smem} bytes of shared memory at head_dim {}; the device has {}",
@@ -183,10 +188,23 @@ fn check_contiguous(
     Ok(())
 }
 
+/// The comptime configuration of `spec`'s kernels for `tiling`.
+pub fn kernel_config(spec: &VariantSpec, tiling: Tiling) -> PrefillConfig {
+    PrefillConfig {
+        tiling,
+        head_dim: spec.head_dim,
+        value_dim: spec.value_dim,
+        mask: spec.mask,
+        score: spec.score.flags(),
+    }
+}
+
 /// The launch itself; every input has been checked.
+#[allow(clippy::too_many_arguments)]
 fn launch<V: Variant>(
     client: &ComputeClient,
     problem: &Problem,
+    packed: &Packed,
     tiling: Tiling,
     q: &Tensor<V::Elem>,
     k: &Tensor<V::Elem>,
@@ -201,24 +219,32 @@ fn launch<V: Variant>(
             spec.dtype.name()
         )));
     }
-    let (shift_q, shift_k) = causal_shifts(spec.mask, problem.seq_q, problem.seq_k);
+    if packed.max_seq_q == 0 {
+        // Every document is empty: nothing to compute, nothing to write.
+        return Ok(());
+    }
     let cube_count = CubeCount::Static(
-        problem.seq_q.div_ceil(tiling.block_q as usize) as u32,
+        packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
         problem.heads_q as u32,
-        problem.batch as u32,
+        packed.sequences as u32,
     );
+    let window = spec.mask.window;
+    let softcap = spec.score.softcap.unwrap_or(1.0) as f32;
     let args = PrefillArgsLaunch::new(
         spec.softmax_scale() as f32,
         problem.group as u32,
-        shift_q,
-        shift_k,
+        packed.slot_len as u32,
+        window.and_then(|w| w.left).unwrap_or(0) as i32,
+        window.and_then(|w| w.right).unwrap_or(0) as i32,
+        softcap,
+        1.0 / softcap,
         f32::NEG_INFINITY,
     );
-    let config = PrefillConfig {
-        tiling,
-        head_dim: spec.head_dim,
-        mask: spec.mask,
-    };
+    let ints = client.create_from_slice(i32::as_bytes(&packed.ints));
+    let floats = client.create_from_slice(f32::as_bytes(&packed.floats));
+    let ints_arg = unsafe { flat_arg(&ints, packed.ints.len()) };
+    let floats_arg = unsafe { flat_arg(&floats, packed.floats.len()) };
+    let config = kernel_config(spec, tiling);
     // Both kernel families take the same arguments; only the kernel and the cube shape differ.
     macro_rules! launch_with {
         ($kernel:path, $cube_dim:expr) => {
@@ -232,6 +258,8 @@ fn launch<V: Variant>(
                     tensor_arg(v),
                     tensor_arg(&out.o),
                     tensor_arg(&out.lse.tensor),
+                    ints_arg,
+                    floats_arg,
                     args,
                     config,
                 )
@@ -240,13 +268,13 @@ fn launch<V: Variant>(
     }
     match engine_for(client, spec, tiling) {
         Engine::TensorCores => launch_with!(
-            prefill_forward_tc::launch::<V::Elem>,
+            prefill_forward_tc::launch::<V::Elem, V::Hooks>,
             CubeDim::new_2d(32, config.planes() as u32)
         ),
         Engine::Portable => {
             check_loop_budget(client, problem, tiling)?;
             launch_with!(
-                prefill_forward::launch::<V::Elem>,
+                prefill_forward::launch::<V::Elem, V::Hooks>,
                 CubeDim::new_1d(tiling.block_q)
             )
         }
@@ -285,15 +313,12 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
             k: mma,
             n: mma,
         });
-    let config = PrefillConfig {
-        tiling,
-        head_dim: spec.head_dim,
-        mask: spec.mask,
-    };
+    let config = kernel_config(spec, tiling);
     let hw = &client.properties().hardware;
     let fits = tiling.block_q % mma == 0
         && tiling.block_kv % mma == 0
         && spec.head_dim % mma == 0
+        && spec.value_dim % mma == 0
         && config.planes() as u32 * 32 <= hw.max_units_per_cube
         && config.tensor_core_shared_bytes(2) <= hw.max_shared_memory_size;
     if has_cores && fits && hw.plane_size_max == 32 && !forced_portable() {
@@ -310,11 +335,11 @@ fn forced_portable() -> bool {
 }
 
 /// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop
-/// and at most five per key (scores, mask, two softmax sweeps, P·V); head-dimension loops are
-/// unrolled and not counted.
+/// and at most six per key (scores, score modification, mask, two softmax sweeps, P·V);
+/// head-dimension loops are unrolled and not counted.
 pub fn counted_loop_iterations(problem: &Problem, tiling: Tiling) -> usize {
     let steps = problem.seq_k.div_ceil(tiling.block_kv as usize);
-    5 * problem.seq_k + steps + 8
+    6 * problem.seq_k + steps + 8
 }
 
 /// Mesa's llvmpipe (lavapipe, the CPU Vulkan driver) stops every loop of a shader invocation once
@@ -331,7 +356,7 @@ pub fn check_loop_budget(
         return Err(AttnError::Unsupported(format!(
             "{} keys need {needed} loop iterations per invocation; CPU-emulated Vulkan (llvmpipe) stops loops after {LLVMPIPE_LOOP_LIMIT}, so at most {} keys per call run correctly there",
             problem.seq_k,
-            (LLVMPIPE_LOOP_LIMIT - 8) * tiling.block_kv as usize / (5 * tiling.block_kv as usize + 1)
+            (LLVMPIPE_LOOP_LIMIT - 8) * tiling.block_kv as usize / (6 * tiling.block_kv as usize + 1)
         )));
     }
     Ok(())
@@ -347,18 +372,6 @@ pub fn is_cpu_emulated(client: &ComputeClient) -> bool {
         .contains("llvmpipe")
 }
 
-/// The causal diagonal as two unsigned shifts: key `k` is visible to query `q` when
-/// `k + shift_k <= q + shift_q`.
-fn causal_shifts(mask: MaskKind, seq_q: usize, seq_k: usize) -> (u32, u32) {
-    match mask {
-        MaskKind::Causal(CausalAlignment::BottomRight) if seq_k >= seq_q => {
-            ((seq_k - seq_q) as u32, 0)
-        }
-        MaskKind::Causal(CausalAlignment::BottomRight) => (0, (seq_q - seq_k) as u32),
-        MaskKind::Causal(CausalAlignment::TopLeft) | MaskKind::None => (0, 0),
-    }
-}
-
 /// # Safety
 /// The tensor's view was checked against its buffer ([`Problem::new`] or [`check_output`]).
 unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
@@ -369,4 +382,10 @@ unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
             t.shape().to_vec().into(),
         )
     }
+}
+
+/// # Safety
+/// `len` elements fit in the buffer behind `handle` (it was created from a slice of `len`).
+unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> TensorArg {
+    unsafe { TensorArg::from_raw_parts(handle.clone(), vec![1].into(), vec![len].into()) }
 }

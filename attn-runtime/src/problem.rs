@@ -19,8 +19,10 @@ pub struct Problem {
     pub seq_q: usize,
     /// Key length.
     pub seq_k: usize,
-    /// Head dimension.
+    /// Head dimension of Q and K.
     pub head_dim: usize,
+    /// Head dimension of V and O.
+    pub value_dim: usize,
 }
 
 /// The largest extent of a launch-grid axis and of an index, so 32-bit grids never overflow.
@@ -40,13 +42,17 @@ impl Problem {
         for (operand, t) in [(Operand::Q, q), (Operand::K, k), (Operand::V, v)] {
             check_view(operand, t.shape(), t.strides(), t.buffer_len())?;
             let d = t.shape()[3];
-            if d != spec.head_dim as usize {
+            let (expected, why) = match operand {
+                Operand::V => (spec.value_dim as usize, "the variant's value_dim"),
+                _ => (spec.head_dim as usize, "the variant's head_dim"),
+            };
+            if d != expected {
                 return Err(AttnError::DimMismatch {
                     operand,
                     dim: Dim::HeadDim,
-                    expected: spec.head_dim as usize,
+                    expected,
                     found: d,
-                    why: "the variant's head_dim",
+                    why,
                 });
             }
         }
@@ -80,31 +86,18 @@ impl Problem {
             seq_q,
             seq_k,
             head_dim,
+            value_dim: v.shape()[3],
         })
     }
 
-    /// Shape of O: `[batch, heads_q, seq_q, head_dim]`.
+    /// Shape of O: `[batch, heads_q, seq_q, value_dim]`.
     pub fn out_shape(&self) -> [usize; 4] {
-        [self.batch, self.heads_q, self.seq_q, self.head_dim]
+        [self.batch, self.heads_q, self.seq_q, self.value_dim]
     }
 
     /// Shape of the LSE: `[batch, heads_q, seq_q]`.
     pub fn lse_shape(&self) -> [usize; 3] {
         [self.batch, self.heads_q, self.seq_q]
-    }
-
-    /// Query/key pairs that take part (for FLOP counts): all of them, or the causal triangle.
-    pub fn attended_pairs(&self, mask: crate::variant::MaskKind) -> u64 {
-        use crate::variant::{CausalAlignment, MaskKind};
-        let (nq, nk) = (self.seq_q as u64, self.seq_k as u64);
-        let offset = match mask {
-            MaskKind::None => return nq * nk,
-            MaskKind::Causal(CausalAlignment::BottomRight) => nk as i64 - nq as i64,
-            MaskKind::Causal(CausalAlignment::TopLeft) => 0,
-        };
-        (0..nq as i64)
-            .map(|i| (i + offset + 1).clamp(0, nk as i64) as u64)
-            .sum()
     }
 }
 

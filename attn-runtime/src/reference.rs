@@ -1,90 +1,223 @@
 //! The oracle: float64 attention on the CPU with the same semantics as the kernels, the naive
 //! low-precision computation that sets the error budget, random inputs and the pass criterion.
+//!
+//! The semantics are written out here independently of the kernels: per (sequence, head, query,
+//! key), the mask terms of [`VariantSpec::mask`], the score modifications of
+//! [`VariantSpec::score`] and the variant's own expressions through their host forms
+//! ([`Variant::host_mask`], [`Variant::host_score`]).
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::inputs::{alibi_slopes, Inputs, Packed};
 use crate::problem::Problem;
 use crate::tensor::Element;
-use crate::variant::{CausalAlignment, MaskKind, VariantSpec};
+use crate::variant::{Alibi, CausalAlignment, Variant, VariantSpec};
 
-/// O `[B, Hq, Nq, D]` and LSE `[B, Hq, Nq]` of the float64 reference.
+/// O `[B, Hq, Nq, Dv]` and LSE `[B, Hq, Nq]` of the float64 reference.
 #[derive(Clone, Debug)]
 pub struct Reference {
     /// Output.
     pub o: Vec<f64>,
-    /// Log-sum-exp; −∞ for rows that see no key.
+    /// Log-sum-exp; −∞ for rows that see no key (and have no sink).
     pub lse: Vec<f64>,
 }
 
-/// Whether query `i` sees key `j` under `mask` for lengths `nq`, `nk`.
-pub fn visible(mask: MaskKind, i: usize, j: usize, nq: usize, nk: usize) -> bool {
-    match mask {
-        MaskKind::None => true,
-        MaskKind::Causal(CausalAlignment::BottomRight) => {
-            (j as i64) <= i as i64 + nk as i64 - nq as i64
-        }
-        MaskKind::Causal(CausalAlignment::TopLeft) => j <= i,
+/// One sequence (batch entry or document) as the reference sees it.
+#[derive(Copy, Clone, Debug)]
+pub struct SeqView {
+    /// Index of the sequence (`b` in expressions).
+    pub index: usize,
+    /// Batch index into the tensors.
+    pub batch: usize,
+    /// First query row in the tensor.
+    pub q_off: usize,
+    /// Queries.
+    pub seq_q: usize,
+    /// First key row in the tensor.
+    pub k_off: usize,
+    /// Keys that exist (key length applied).
+    pub seq_k: usize,
+    /// Prefix length (prefix-LM).
+    pub prefix: i64,
+}
+
+/// The sequences of a call.
+pub fn sequences(
+    spec: &VariantSpec,
+    p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
+) -> Vec<SeqView> {
+    (0..packed.sequences)
+        .map(|s| {
+            let (q_off, seq_q, k_off, seq_k) = packed.sequence(spec, p, s);
+            SeqView {
+                index: s,
+                batch: if spec.mask.documents { 0 } else { s },
+                q_off,
+                seq_q,
+                k_off,
+                seq_k,
+                prefix: inputs.prefix_lengths.map_or(0, |l| l[s] as i64),
+            }
+        })
+        .collect()
+}
+
+/// Whether query `i` of head `h` sees key `j` in sequence `s` (positions within the sequence).
+pub fn visible<V: Variant>(s: &SeqView, h: usize, i: usize, j: usize, inputs: &Inputs) -> bool {
+    let m = &V::SPEC.mask;
+    if j >= s.seq_k {
+        return false;
     }
+    let shift = match m.align {
+        CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
+        CausalAlignment::TopLeft => 0,
+    };
+    let (at, k) = (i as i64 + shift, j as i64);
+    if m.causal && k > at {
+        return false;
+    }
+    if let Some(w) = m.window {
+        if w.left.is_some_and(|l| k < at - l as i64) || w.right.is_some_and(|r| k > at + r as i64) {
+            return false;
+        }
+    }
+    if m.prefix_lm && !(k < s.prefix || k <= at) {
+        return false;
+    }
+    !m.custom || V::host_mask(s.index as i64, h as i64, i as i64, k, inputs)
+}
+
+/// The modified logit of a scaled score `x`.
+fn modified<V: Variant>(
+    x: f64,
+    s: &SeqView,
+    h: usize,
+    i: usize,
+    j: usize,
+    slopes: &[f64],
+    inputs: &Inputs,
+) -> f64 {
+    let sc = &V::SPEC.score;
+    let mut x = x;
+    if let Some(cap) = sc.softcap {
+        x = cap * (x / cap).tanh();
+    }
+    if sc.alibi.is_some() {
+        let shift = match V::SPEC.mask.align {
+            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
+            CausalAlignment::TopLeft => 0,
+        };
+        x -= slopes[h] * (i as i64 + shift - j as i64).abs() as f64;
+    }
+    if sc.custom {
+        x = V::host_score(x, s.index as i64, h as i64, i as i64, j as i64, inputs);
+    }
+    x
+}
+
+/// Query/key pairs that take part in a call (for FLOP counts). Without a custom mask every
+/// head sees the same pairs, so one head is counted and multiplied.
+pub fn visible_pairs<V: Variant>(p: &Problem, packed: &Packed, inputs: &Inputs) -> u64 {
+    let heads = if V::SPEC.mask.custom { p.heads_q } else { 1 };
+    let mut pairs = 0u64;
+    for s in sequences(&V::SPEC, p, packed, inputs) {
+        for h in 0..heads {
+            for i in 0..s.seq_q {
+                pairs += (0..s.seq_k)
+                    .filter(|&j| visible::<V>(&s, h, i, j, inputs))
+                    .count() as u64;
+            }
+        }
+    }
+    pairs * (p.heads_q / heads) as u64
 }
 
 /// Attention with every operation rounded by `round` (identity for float64). Scores and P·V
 /// accumulate in `acc_round` precision, as a GPU matmul accumulates in f32.
-fn attention_with(
-    spec: &VariantSpec,
+#[allow(clippy::too_many_arguments)]
+fn attention_with<V: Variant>(
     p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
     q: &[f64],
     k: &[f64],
     v: &[f64],
     round: &dyn Fn(f64) -> f64,
     acc_round: &dyn Fn(f64) -> f64,
 ) -> Reference {
-    let (nq, nk, d) = (p.seq_q, p.seq_k, p.head_dim);
+    let spec = &V::SPEC;
+    let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
-    let mut o = vec![0.0; p.batch * p.heads_q * nq * d];
+    let slopes: Vec<f64> = match spec.score.alibi {
+        Some(Alibi::Given) => inputs
+            .alibi_slopes
+            .unwrap_or(&[])
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        Some(Alibi::Geometric) => alibi_slopes(p.heads_q).iter().map(|&x| x as f64).collect(),
+        None => Vec::new(),
+    };
+    let mut o = vec![0.0; p.batch * p.heads_q * nq * dv];
     let mut lse = vec![f64::NEG_INFINITY; p.batch * p.heads_q * nq];
     let mut scores = vec![0.0; nk];
-    for b in 0..p.batch {
+    for s in sequences(spec, p, packed, inputs) {
         for h in 0..p.heads_q {
             let hk = h / p.group;
-            let qb = (b * p.heads_q + h) * nq * d;
-            let kb = (b * p.heads_kv + hk) * nk * d;
-            for i in 0..nq {
-                let qi = &q[qb + i * d..qb + (i + 1) * d];
+            let qb = (s.batch * p.heads_q + h) * nq * d;
+            let kb = (s.batch * p.heads_kv + hk) * nk * d;
+            let vb = (s.batch * p.heads_kv + hk) * nk * dv;
+            for i in 0..s.seq_q {
+                let qr = s.q_off + i;
+                let qi = &q[qb + qr * d..qb + (qr + 1) * d];
                 let mut max = f64::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    if !visible(spec.mask, i, j, nq, nk) {
-                        *s = f64::NEG_INFINITY;
+                let scores = &mut scores[..s.seq_k];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    if !visible::<V>(&s, h, i, j, inputs) {
+                        *sc = f64::NEG_INFINITY;
                         continue;
                     }
-                    let kj = &k[kb + j * d..kb + (j + 1) * d];
+                    let kr = s.k_off + j;
+                    let kj = &k[kb + kr * d..kb + (kr + 1) * d];
                     let dot = qi
                         .iter()
                         .zip(kj)
                         .fold(0.0, |a, (x, y)| acc_round(a + x * y));
-                    *s = round(round(dot) * round(scale));
-                    max = max.max(*s);
+                    let x = round(round(dot) * round(scale));
+                    *sc = round(modified::<V>(x, &s, h, i, j, &slopes, inputs));
+                    max = max.max(*sc);
+                }
+                let sink = inputs
+                    .sinks
+                    .filter(|_| spec.score.sinks)
+                    .map(|sk| sk[h] as f64);
+                if let Some(sink) = sink {
+                    max = max.max(sink);
                 }
                 if max == f64::NEG_INFINITY {
                     continue;
                 }
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = if *s == f64::NEG_INFINITY {
+                let mut sum = sink.map_or(0.0, |sink| acc_round((sink - max).exp()));
+                for sc in scores.iter_mut() {
+                    *sc = if *sc == f64::NEG_INFINITY {
                         0.0
                     } else {
-                        acc_round((*s - max).exp())
+                        acc_round((*sc - max).exp())
                     };
-                    sum = acc_round(sum + *s);
+                    sum = acc_round(sum + *sc);
                 }
-                let row = (b * p.heads_q + h) * nq + i;
+                let row = (s.batch * p.heads_q + h) * nq + qr;
                 lse[row] = max + sum.ln();
-                let out = &mut o[row * d..(row + 1) * d];
-                for (j, &s) in scores.iter().enumerate() {
-                    let pj = round(s / sum);
+                let out = &mut o[row * dv..(row + 1) * dv];
+                for (j, &sc) in scores.iter().enumerate() {
+                    let pj = round(sc / sum);
                     if pj == 0.0 {
                         continue;
                     }
-                    let vj = &v[kb + j * d..kb + (j + 1) * d];
+                    let kr = s.k_off + j;
+                    let vj = &v[vb + kr * dv..vb + (kr + 1) * dv];
                     for (oc, vc) in out.iter_mut().zip(vj) {
                         *oc = acc_round(*oc + pj * vc);
                     }
@@ -98,29 +231,38 @@ fn attention_with(
     Reference { o, lse }
 }
 
-/// Float64 attention: the oracle.
-pub fn attention_f64(
-    spec: &VariantSpec,
+/// Float64 attention of variant `V`: the oracle.
+pub fn attention_f64<V: Variant>(
     p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
     q: &[f64],
     k: &[f64],
     v: &[f64],
 ) -> Reference {
-    attention_with(spec, p, q, k, v, &|x| x, &|x| x)
+    attention_with::<V>(p, packed, inputs, q, k, v, &|x| x, &|x| x)
 }
 
-/// The naive computation in `E`: scores, probabilities and output rounded to `E`, sums in f32.
-/// Its error against float64 sets the kernel's error budget.
-pub fn attention_naive<E: Element>(
-    spec: &VariantSpec,
+/// The naive computation in `V`'s element type: scores, probabilities and output rounded to it,
+/// sums in f32. Its error against float64 sets the kernel's error budget.
+pub fn attention_naive<V: Variant>(
     p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
     q: &[f64],
     k: &[f64],
     v: &[f64],
 ) -> Vec<f64> {
-    attention_with(spec, p, q, k, v, &|x| E::from_f64(x).to_f64(), &|x| {
-        x as f32 as f64
-    })
+    attention_with::<V>(
+        p,
+        packed,
+        inputs,
+        q,
+        k,
+        v,
+        &|x| V::Elem::from_f64(x).to_f64(),
+        &|x| x as f32 as f64,
+    )
     .o
 }
 
@@ -221,4 +363,128 @@ pub fn error_floor<E: Element>() -> f64 {
         crate::variant::DType::F16 => 2e-3,
         crate::variant::DType::BF16 => 1.6e-2,
     }
+}
+
+/// Run-time inputs owned by a test or benchmark: random values that fit a variant and a shape.
+#[derive(Clone, Debug, Default)]
+pub struct OwnedInputs {
+    /// Key length per sequence.
+    pub key_lengths: Option<Vec<i32>>,
+    /// Query offsets of packed documents.
+    pub q_offsets: Option<Vec<i32>>,
+    /// Key offsets of packed documents.
+    pub k_offsets: Option<Vec<i32>>,
+    /// Prefix length per sequence.
+    pub prefix_lengths: Option<Vec<i32>>,
+    /// Sink logit per head.
+    pub sinks: Option<Vec<f32>>,
+    /// ALiBi slope per head.
+    pub alibi_slopes: Option<Vec<f32>>,
+    /// The variant's own i32 inputs.
+    pub ints: Vec<Vec<i32>>,
+    /// The variant's own f32 inputs.
+    pub floats: Vec<Vec<f32>>,
+}
+
+impl OwnedInputs {
+    /// Random inputs for `spec` on a `[batch, heads_q, seq_q]` × `seq_k` problem: key lengths
+    /// anywhere in `0..=seq_k`, document boundaries anywhere (empty and 1-token documents
+    /// included; at most `max_docs` documents, which must be ≥ 1), prefixes in `0..=seq_k`, sinks
+    /// and slopes of either sign (slopes positive), and the variant's own inputs (i32 in
+    /// `0..64`, f32 standard normal).
+    pub fn random(
+        spec: &VariantSpec,
+        [batch, heads_q, seq_q, seq_k]: [usize; 4],
+        max_docs: usize,
+        rng: &mut StdRng,
+    ) -> Self {
+        let mut inputs = OwnedInputs::default();
+        let mut sequences = batch;
+        let mut seq_k_of: Vec<usize> = vec![seq_k; batch];
+        if spec.mask.documents {
+            let docs = rng.random_range(1..=max_docs.max(1));
+            let q_off = random_offsets(rng, docs, seq_q);
+            let k_off = if seq_q == seq_k {
+                q_off.clone()
+            } else {
+                random_offsets(rng, docs, seq_k)
+            };
+            seq_k_of = k_off.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+            inputs.q_offsets = Some(q_off);
+            inputs.k_offsets = Some(k_off);
+            sequences = docs;
+        }
+        if spec.mask.key_lengths {
+            inputs.key_lengths = Some(
+                (0..sequences)
+                    .map(|s| rng.random_range(0..=seq_k_of[s] as i32))
+                    .collect(),
+            );
+        }
+        if spec.mask.prefix_lm {
+            inputs.prefix_lengths = Some(
+                (0..sequences)
+                    .map(|_| rng.random_range(0..=seq_k as i32))
+                    .collect(),
+            );
+        }
+        if spec.score.sinks {
+            inputs.sinks = Some((0..heads_q).map(|_| rng.random_range(-3.0..3.0)).collect());
+        }
+        if spec.score.alibi == Some(Alibi::Given) {
+            inputs.alibi_slopes = Some((0..heads_q).map(|_| rng.random_range(0.0..0.5)).collect());
+        }
+        for decl in spec.inputs {
+            let len = match decl.extent {
+                crate::variant::InputExtent::Scalar => 1,
+                crate::variant::InputExtent::PerBatch => sequences,
+                crate::variant::InputExtent::PerHead => heads_q,
+            };
+            match decl.ty {
+                crate::variant::InputType::I32 => inputs
+                    .ints
+                    .push((0..len).map(|_| rng.random_range(0..64)).collect()),
+                crate::variant::InputType::F32 => {
+                    let values: Vec<f32> = random_vec(rng, len);
+                    inputs.floats.push(values);
+                }
+            }
+        }
+        inputs
+    }
+
+    /// Borrowed as the launcher takes them.
+    pub fn view(&self) -> Inputs<'_> {
+        Inputs {
+            key_lengths: self.key_lengths.as_deref(),
+            q_offsets: self.q_offsets.as_deref(),
+            k_offsets: self.k_offsets.as_deref(),
+            prefix_lengths: self.prefix_lengths.as_deref(),
+            sinks: self.sinks.as_deref(),
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            ints: self.ints.iter().map(Vec::as_slice).collect(),
+            floats: self.floats.iter().map(Vec::as_slice).collect(),
+        }
+    }
+}
+
+/// `docs + 1` offsets from 0 to `total`, boundaries drawn at random (repeats make empty
+/// documents); when there is room, one document has exactly one token.
+pub fn random_offsets(rng: &mut StdRng, docs: usize, total: usize) -> Vec<i32> {
+    let mut cuts: Vec<i32> = (0..docs - 1)
+        .map(|_| rng.random_range(0..=total as i32))
+        .collect();
+    cuts.sort_unstable();
+    let mut offsets = Vec::with_capacity(docs + 1);
+    offsets.push(0);
+    offsets.extend(cuts);
+    offsets.push(total as i32);
+    if docs >= 2 && total >= 2 {
+        // Make the first document a single token.
+        offsets[1] = 1.max(offsets[1].min(1));
+        for i in 2..offsets.len() {
+            offsets[i] = offsets[i].max(offsets[i - 1]);
+        }
+    }
+    offsets
 }

@@ -1,5 +1,7 @@
 //! What a declared variant tells the runtime: its compile-time facts and its tile candidates.
 
+use crate::hooks::Hooks;
+use crate::inputs::Inputs;
 use crate::tensor::Element;
 
 /// How query heads share K/V heads.
@@ -26,13 +28,205 @@ pub enum CausalAlignment {
     TopLeft,
 }
 
-/// Which (query, key) pairs take part.
+/// A sliding window around each query's (aligned) position: key `k` is visible to query `q` when
+/// `q' − left ≤ k ≤ q' + right`, where `q'` is `q` on the mask's alignment (FlashAttention's
+/// `window_size = (left, right)`). A missing side is unbounded.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub enum MaskKind {
-    /// Every pair.
-    None,
-    /// Keys at or before the query's diagonal.
-    Causal(CausalAlignment),
+pub struct Window {
+    /// Keys before the query's position that stay visible.
+    pub left: Option<u32>,
+    /// Keys after the query's position that stay visible.
+    pub right: Option<u32>,
+}
+
+/// Which (query, key) pairs take part: the conjunction of every term that is on.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct MaskSpec {
+    /// Keys after the query's aligned position are hidden.
+    pub causal: bool,
+    /// Where query `q` sits among the keys when lengths differ; used by `causal`, `window`,
+    /// `prefix_lm` and ALiBi distances.
+    pub align: CausalAlignment,
+    /// A sliding window.
+    pub window: Option<Window>,
+    /// Per-sequence key lengths (run-time `[B]`): keys at or past the length are hidden.
+    pub key_lengths: bool,
+    /// Packed variable-length documents (run-time offsets for queries and keys): a token sees only
+    /// its own document, and every index is relative to the document's start.
+    pub documents: bool,
+    /// Prefix-LM (run-time `[B]` prefix lengths): keys inside the prefix are visible to every
+    /// query, later keys causally.
+    pub prefix_lm: bool,
+    /// The variant's own mask expression ([`crate::Hooks::mask`]).
+    pub custom: bool,
+    /// Whether [`crate::Hooks::classify`] bounds the custom mask per tile (else every tile is
+    /// treated as partial).
+    pub custom_bounds: bool,
+}
+
+impl MaskSpec {
+    /// No mask at all.
+    pub const NONE: MaskSpec = MaskSpec {
+        causal: false,
+        align: CausalAlignment::BottomRight,
+        window: None,
+        key_lengths: false,
+        documents: false,
+        prefix_lm: false,
+        custom: false,
+        custom_bounds: false,
+    };
+
+    /// Causal with the given alignment, nothing else.
+    pub const fn causal(align: CausalAlignment) -> MaskSpec {
+        MaskSpec {
+            causal: true,
+            align,
+            ..MaskSpec::NONE
+        }
+    }
+
+    /// Whether the window bounds keys before the query.
+    pub const fn has_left(&self) -> bool {
+        matches!(self.window, Some(Window { left: Some(_), .. }))
+    }
+
+    /// Whether the window bounds keys after the query.
+    pub const fn has_right(&self) -> bool {
+        matches!(self.window, Some(Window { right: Some(_), .. }))
+    }
+
+    /// Whether some pair can be hidden.
+    pub const fn is_none(&self) -> bool {
+        !self.causal
+            && self.window.is_none()
+            && !self.key_lengths
+            && !self.documents
+            && !self.prefix_lm
+            && !self.custom
+    }
+
+    /// A short description for logs and benchmark tables (`causal+window(4095,·)`).
+    pub fn describe(&self) -> String {
+        let mut terms = Vec::new();
+        if self.causal {
+            terms.push("causal".to_string());
+        }
+        if let Some(w) = self.window {
+            let side = |s: Option<u32>| s.map_or("·".to_string(), |v| v.to_string());
+            terms.push(format!("window({},{})", side(w.left), side(w.right)));
+        }
+        for (on, name) in [
+            (self.key_lengths, "key_lengths"),
+            (self.documents, "documents"),
+            (self.prefix_lm, "prefix_lm"),
+            (self.custom, "custom"),
+        ] {
+            if on {
+                terms.push(name.to_string());
+            }
+        }
+        if terms.is_empty() {
+            "none".to_string()
+        } else {
+            terms.join("+")
+        }
+    }
+}
+
+/// ALiBi slopes: the standard geometric sequence for the run-time number of query heads, or
+/// given per head at run time.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum Alibi {
+    /// `2^(−8(h+1)/n)` for `n` a power of two, interleaved otherwise (Press et al.).
+    Geometric,
+    /// A run-time `[Hq]` f32 tensor.
+    Given,
+}
+
+/// The pointwise modification of each scaled logit, applied in this order: softcap, ALiBi,
+/// the variant's own score expression; and the per-head sink logit that joins the denominator.
+#[derive(Copy, Clone, PartialEq, Debug)]
+pub struct ScoreSpec {
+    /// `cap · tanh(s / cap)`.
+    pub softcap: Option<f64>,
+    /// `s − slope_h · |q' − k|`.
+    pub alibi: Option<Alibi>,
+    /// The variant's own score expression ([`crate::Hooks::score`]).
+    pub custom: bool,
+    /// A per-head learned logit (run-time `[Hq]` f32) that joins the softmax denominator.
+    pub sinks: bool,
+}
+
+impl ScoreSpec {
+    /// No modification.
+    pub const NONE: ScoreSpec = ScoreSpec {
+        softcap: None,
+        alibi: None,
+        custom: false,
+        sinks: false,
+    };
+
+    /// The comptime flags the kernels specialise on.
+    pub fn flags(&self) -> ScoreFlags {
+        ScoreFlags {
+            softcap: self.softcap.is_some(),
+            alibi: self.alibi.is_some(),
+            custom: self.custom,
+            sinks: self.sinks,
+        }
+    }
+}
+
+/// Which score modifications a kernel applies (the values travel as run-time arguments).
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Default)]
+pub struct ScoreFlags {
+    /// Softcap.
+    pub softcap: bool,
+    /// ALiBi.
+    pub alibi: bool,
+    /// The variant's score expression.
+    pub custom: bool,
+    /// Attention sinks.
+    pub sinks: bool,
+}
+
+impl ScoreFlags {
+    /// Whether any per-element modification runs in the inner loop.
+    pub const fn modifies_scores(&self) -> bool {
+        self.softcap || self.alibi || self.custom
+    }
+}
+
+/// Element type of a run-time input a variant declares for its expressions.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum InputType {
+    /// `i32`.
+    I32,
+    /// `f32`.
+    F32,
+}
+
+/// How many values a declared run-time input holds.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum InputExtent {
+    /// One value.
+    Scalar,
+    /// One per batch entry (or document).
+    PerBatch,
+    /// One per query head.
+    PerHead,
+}
+
+/// A run-time input declared in a variant's `inputs: { … }`.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct InputDecl {
+    /// Its name in the declaration and in the generated inputs struct.
+    pub name: &'static str,
+    /// Element type.
+    pub ty: InputType,
+    /// Extent.
+    pub extent: InputExtent,
 }
 
 /// The element type of Q, K, V and O (accumulation is always f32).
@@ -75,8 +269,8 @@ impl Tiling {
     }
 
     /// Shared memory the portable kernel needs: one f32 K tile and one f32 V tile.
-    pub const fn shared_bytes(&self, head_dim: u32) -> usize {
-        2 * self.block_kv as usize * head_dim as usize * 4
+    pub const fn shared_bytes(&self, head_dim: u32, value_dim: u32) -> usize {
+        self.block_kv as usize * (head_dim + value_dim) as usize * 4
     }
 
     /// Units per cube of the portable kernel: one per query row.
@@ -92,12 +286,18 @@ pub struct VariantSpec {
     pub name: &'static str,
     /// Head grouping.
     pub heads: HeadGrouping,
-    /// Head dimension of Q, K and V.
+    /// Head dimension of Q and K.
     pub head_dim: u32,
+    /// Head dimension of V and O (usually `head_dim`).
+    pub value_dim: u32,
     /// Element type.
     pub dtype: DType,
     /// Mask.
-    pub mask: MaskKind,
+    pub mask: MaskSpec,
+    /// Score modifications.
+    pub score: ScoreSpec,
+    /// Run-time inputs the variant's expressions read, in declaration order.
+    pub inputs: &'static [InputDecl],
     /// Softmax scale; `None` means `1/√head_dim`.
     pub scale: Option<f64>,
     /// Tile shapes the launcher and the tuner may use, in order of preference.
@@ -116,6 +316,20 @@ impl VariantSpec {
 pub trait Variant {
     /// Element type of Q, K, V and O.
     type Elem: Element;
+    /// The `#[cube]` code of the variant's mask and score expressions ([`crate::NoHooks`] when it has
+    /// none).
+    type Hooks: Hooks;
     /// The variant's compile-time facts.
     const SPEC: VariantSpec;
+
+    /// The variant's mask expression on the host, for the float64 reference (indices as in the
+    /// kernel: batch or document, query head, query and key position within the sequence).
+    fn host_mask(_b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> bool {
+        true
+    }
+
+    /// The variant's score expression on the host, in float64, for the reference.
+    fn host_score(s: f64, _b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> f64 {
+        s
+    }
 }

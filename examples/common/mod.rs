@@ -2,10 +2,12 @@
 
 use std::time::Instant;
 
+use attn::inputs::pack;
 use attn::reference::{
-    attention_f64, attention_naive, error_floor, random_vec, seeded_rng, widen, Verdict,
+    attention_f64, attention_naive, error_floor, random_vec, seeded_rng, visible_pairs, widen,
+    Verdict,
 };
-use attn::{AttnError, ComputeClient, Element, Problem, Tensor, Variant};
+use attn::{AttnError, ComputeClient, Element, Inputs, Problem, Tensor, Variant};
 
 /// A problem size: batch, query heads, K/V heads, query length, key length.
 #[derive(Clone, Copy, Debug)]
@@ -19,6 +21,7 @@ pub struct Shape {
 
 impl Shape {
     /// `--seq N` (both lengths) and `--batch B` from the command line override the defaults.
+    #[allow(dead_code)]
     pub fn with_args(mut self) -> Self {
         let args: Vec<String> = std::env::args().collect();
         for pair in args.windows(2) {
@@ -33,45 +36,51 @@ impl Shape {
     }
 }
 
-/// Runs `V` on random inputs of `shape`, times a warm call, checks against float64; returns
-/// whether the check passed.
-pub fn run_and_check<V: Variant>(client: &ComputeClient, shape: Shape) -> Result<bool, AttnError> {
+/// Runs `V` on random inputs of `shape` with run-time `inputs`, times a warm call, checks against
+/// float64; returns whether the check passed.
+pub fn run_and_check<V: Variant>(
+    client: &ComputeClient,
+    shape: Shape,
+    inputs: &Inputs,
+) -> Result<bool, AttnError> {
     let spec = V::SPEC;
-    let d = spec.head_dim as usize;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let (mut rng, _) = seeded_rng(spec.name);
     let q_shape = [shape.batch, shape.heads_q, shape.seq_q, d];
-    let kv_shape = [shape.batch, shape.heads_kv, shape.seq_k, d];
+    let k_shape = [shape.batch, shape.heads_kv, shape.seq_k, d];
+    let v_shape = [shape.batch, shape.heads_kv, shape.seq_k, dv];
     let q_host: Vec<V::Elem> = random_vec(&mut rng, q_shape.iter().product());
-    let k_host: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
-    let v_host: Vec<V::Elem> = random_vec(&mut rng, kv_shape.iter().product());
+    let k_host: Vec<V::Elem> = random_vec(&mut rng, k_shape.iter().product());
+    let v_host: Vec<V::Elem> = random_vec(&mut rng, v_shape.iter().product());
     let q = Tensor::from_slice(client, &q_host, q_shape)?;
-    let k = Tensor::from_slice(client, &k_host, kv_shape)?;
-    let v = Tensor::from_slice(client, &v_host, kv_shape)?;
+    let k = Tensor::from_slice(client, &k_host, k_shape)?;
+    let v = Tensor::from_slice(client, &v_host, v_shape)?;
 
     let start = Instant::now();
-    let out = attn::forward::<V>(client, &q, &k, &v)?;
+    let out = attn::forward::<V>(client, &q, &k, &v, inputs)?;
     attn::sync(client)?;
     let first = start.elapsed();
     let start = Instant::now();
-    let out_warm = attn::forward::<V>(client, &q, &k, &v)?;
+    let out_warm = attn::forward::<V>(client, &q, &k, &v, inputs)?;
     attn::sync(client)?;
     let warm = start.elapsed();
     drop(out_warm);
 
     let problem = Problem::new(&spec, &q, &k, &v)?;
+    let packed = pack(&spec, &problem, inputs)?;
     let (qf, kf, vf) = (widen(&q_host), widen(&k_host), widen(&v_host));
-    let reference = attention_f64(&spec, &problem, &qf, &kf, &vf);
-    let naive = attention_naive::<V::Elem>(&spec, &problem, &qf, &kf, &vf);
+    let reference = attention_f64::<V>(&problem, &packed, inputs, &qf, &kf, &vf);
+    let naive = attention_naive::<V>(&problem, &packed, inputs, &qf, &kf, &vf);
     let o = widen(&out.o.to_vec(client));
     let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
     let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
     let lse_error = attn::reference::max_abs_error(&lse, &reference.lse);
 
     let tiling = attn::select_tiling(client, &spec)?;
-    let pairs = problem.attended_pairs(spec.mask) as f64;
-    let flops = 4.0 * (shape.batch * shape.heads_q) as f64 * pairs * d as f64;
+    let pairs = visible_pairs::<V>(&problem, &packed, inputs) as f64;
+    let flops = 2.0 * pairs * (d + dv) as f64;
     println!(
-        "{}: B {} Hq/Hkv {}/{} Nq {} Nk {} D {} {} mask {:?}, tile {}",
+        "{}: B {} Hq/Hkv {}/{} Nq {} Nk {} D {} {} mask {}, tile {}",
         spec.name,
         shape.batch,
         shape.heads_q,
@@ -80,7 +89,7 @@ pub fn run_and_check<V: Variant>(client: &ComputeClient, shape: Shape) -> Result
         shape.seq_k,
         d,
         <V::Elem as Element>::DTYPE.name(),
-        spec.mask,
+        spec.mask.describe(),
         tiling.name()
     );
     println!(

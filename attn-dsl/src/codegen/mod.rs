@@ -1,21 +1,24 @@
 //! [`KernelPlan`] → tokens. Infallible: everything was validated before.
 //!
 //! A variant becomes a unit struct implementing `attn::Variant` (its comptime facts and tile
-//! candidates, which specialise the generic kernels in `attn-runtime`) and inherent `forward` /
+//! candidates, which specialise the generic kernels in `attn-runtime`, and the host form of its
+//! expressions), a `#[cube]` implementation of `attn::Hooks` when it declares mask or score
+//! expressions, a typed `…Inputs` struct when it needs run-time inputs, and inherent `forward` /
 //! `forward_into` launchers typed by its element type.
 
+mod expr;
 mod paths;
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
+use crate::expr::{Closure, Extent, InputDecl, Node, Param, Ty, Typed};
 use crate::plan::{KernelPlan, Phase};
-use crate::spec::{Alignment, DType, Heads, Mask, Spec};
+use crate::spec::{Alibi, Alignment, DType, Heads, Spec};
 
 /// The items of one planned variant.
 pub fn variant(plan: &KernelPlan) -> TokenStream {
     let attn = paths::attn();
-    let option = paths::option();
     let result = paths::result();
     let spec = &plan.spec;
     let Spec {
@@ -23,6 +26,88 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
     } = spec;
     let name_str = name.to_string();
     let elem = elem_type(spec.dtype.value);
+    let spec_tokens = variant_spec(plan);
+    let has_hooks = spec.mask.custom.is_some() || spec.score.is_some();
+    let hooks_type = if has_hooks {
+        quote!(Self)
+    } else {
+        quote!(#attn::NoHooks)
+    };
+    let host_fns = host_fns(spec);
+    let hooks_impl = if has_hooks { hooks(plan) } else { quote!() };
+    let phases = plan
+        .phases
+        .iter()
+        .map(phase_name)
+        .collect::<Vec<_>>()
+        .join(" → ");
+    let value_dim = spec.value_dim();
+    let kernel_doc = format!(
+        "Runs `{name_str}`: one fused kernel ({phases}); returns O `[B, Hq, Nq, {value_dim}]` and the LSE `[B, Hq, Nq]`."
+    );
+    let into_doc = format!(
+        "Runs `{name_str}` with a chosen tile shape into caller-owned, checked output buffers."
+    );
+    let (inputs_items, inputs_param, inputs_value) = if spec.has_inputs() {
+        let inputs_name = format_ident!("{}Inputs", name);
+        (
+            inputs_struct(spec, &inputs_name),
+            quote!(inputs: &#inputs_name<'_>,),
+            quote!(&inputs.to_inputs()),
+        )
+    } else {
+        (quote!(), quote!(), quote!(&#attn::Inputs::default()))
+    };
+    quote! {
+        #(#attrs)*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #vis struct #name;
+
+        impl #attn::Variant for #name {
+            type Elem = #elem;
+            type Hooks = #hooks_type;
+            const SPEC: #attn::VariantSpec = #spec_tokens;
+            #host_fns
+        }
+
+        #hooks_impl
+
+        #inputs_items
+
+        impl #name {
+            #[doc = #kernel_doc]
+            #vis fn forward(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                k: &#attn::Tensor<#elem>,
+                v: &#attn::Tensor<#elem>,
+                #inputs_param
+            ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
+                #attn::forward::<Self>(client, q, k, v, #inputs_value)
+            }
+
+            #[doc = #into_doc]
+            #vis fn forward_into(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                k: &#attn::Tensor<#elem>,
+                v: &#attn::Tensor<#elem>,
+                #inputs_param
+                tiling: #attn::Tiling,
+                out: &#attn::Output<#elem>,
+            ) -> #result<(), #attn::AttnError> {
+                #attn::forward_into::<Self>(client, q, k, v, #inputs_value, tiling, out)
+            }
+        }
+    }
+}
+
+/// The `VariantSpec` constant.
+fn variant_spec(plan: &KernelPlan) -> TokenStream {
+    let attn = paths::attn();
+    let option = paths::option();
+    let spec = &plan.spec;
+    let name_str = spec.name.to_string();
     let heads = match spec.heads.value {
         Heads::Mha => quote!(#attn::HeadGrouping::Mha),
         Heads::Mqa => quote!(#attn::HeadGrouping::Mqa),
@@ -36,78 +121,348 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
             DType::F32 => "F32",
         }
     );
-    let mask = match spec.mask.value {
-        Mask::None => quote!(#attn::MaskKind::None),
-        Mask::Causal(Alignment::BottomRight) => {
-            quote!(#attn::MaskKind::Causal(#attn::CausalAlignment::BottomRight))
-        }
-        Mask::Causal(Alignment::TopLeft) => {
-            quote!(#attn::MaskKind::Causal(#attn::CausalAlignment::TopLeft))
-        }
+    let opt_f64 = |v: Option<f64>| match v {
+        Some(v) => quote!(#option::Some(#v)),
+        None => quote!(#option::None),
     };
-    let scale = match &spec.scale {
-        Some(s) => {
-            let v = s.value;
-            quote!(#option::Some(#v))
+    let opt_u32 = |v: Option<u32>| match v {
+        Some(v) => quote!(#option::Some(#v)),
+        None => quote!(#option::None),
+    };
+    let m = &spec.mask;
+    let causal = m.causal.is_some();
+    let align = match m.alignment() {
+        Alignment::BottomRight => quote!(#attn::CausalAlignment::BottomRight),
+        Alignment::TopLeft => quote!(#attn::CausalAlignment::TopLeft),
+    };
+    let window = match m.window {
+        Some(w) => {
+            let left = opt_u32(w.value.left.map(|l| l.value));
+            let right = opt_u32(w.value.right.map(|r| r.value));
+            quote!(#option::Some(#attn::Window { left: #left, right: #right }))
         }
         None => quote!(#option::None),
     };
+    let key_lengths = m.key_lengths.is_some();
+    let documents = m.documents.is_some();
+    let prefix_lm = m.prefix_lm.is_some();
+    let custom_mask = m.custom.is_some();
+    let custom_bounds = plan.custom_bounds;
+    let softcap = opt_f64(spec.softcap.map(|s| s.value));
+    let alibi = match spec.alibi.map(|a| a.value) {
+        Some(Alibi::Geometric) => quote!(#option::Some(#attn::Alibi::Geometric)),
+        Some(Alibi::Given) => quote!(#option::Some(#attn::Alibi::Given)),
+        None => quote!(#option::None),
+    };
+    let custom_score = spec.score.is_some();
+    let sinks = spec.sinks.is_some();
+    let inputs = spec.inputs.iter().map(|d| {
+        let name = d.name.to_string();
+        let ty = match d.ty {
+            Ty::Float => quote!(#attn::InputType::F32),
+            _ => quote!(#attn::InputType::I32),
+        };
+        let extent = match d.extent {
+            Extent::Scalar => quote!(#attn::InputExtent::Scalar),
+            Extent::Batch => quote!(#attn::InputExtent::PerBatch),
+            Extent::Heads => quote!(#attn::InputExtent::PerHead),
+        };
+        quote!(#attn::InputDecl { name: #name, ty: #ty, extent: #extent })
+    });
+    let scale = opt_f64(spec.scale.map(|s| s.value));
     let head_dim = spec.head_dim.value;
+    let value_dim = spec.value_dim();
     let tilings = plan.candidates.iter().map(|t| {
         let (q, kv) = (t.block_q, t.block_kv);
         quote!(#attn::Tiling { block_q: #q, block_kv: #kv })
     });
-    let phases = plan
-        .phases
-        .iter()
-        .map(phase_name)
-        .collect::<Vec<_>>()
-        .join(" → ");
-    let kernel_doc = format!(
-        "Runs `{name_str}`: one fused kernel ({phases}); returns O `[B, Hq, Nq, {head_dim}]` and the LSE `[B, Hq, Nq]`."
-    );
-    let into_doc = format!(
-        "Runs `{name_str}` with a chosen tile shape into caller-owned, checked output buffers."
-    );
     quote! {
-        #(#attrs)*
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-        #vis struct #name;
+        #attn::VariantSpec {
+            name: #name_str,
+            heads: #heads,
+            head_dim: #head_dim,
+            value_dim: #value_dim,
+            dtype: #attn::DType::#dtype,
+            mask: #attn::MaskSpec {
+                causal: #causal,
+                align: #align,
+                window: #window,
+                key_lengths: #key_lengths,
+                documents: #documents,
+                prefix_lm: #prefix_lm,
+                custom: #custom_mask,
+                custom_bounds: #custom_bounds,
+            },
+            score: #attn::ScoreSpec {
+                softcap: #softcap,
+                alibi: #alibi,
+                custom: #custom_score,
+                sinks: #sinks,
+            },
+            inputs: &[#(#inputs),*],
+            scale: #scale,
+            tilings: &[#(#tilings),*],
+        }
+    }
+}
 
-        impl #attn::Variant for #name {
-            type Elem = #elem;
-            const SPEC: #attn::VariantSpec = #attn::VariantSpec {
-                name: #name_str,
-                heads: #heads,
-                head_dim: #head_dim,
-                dtype: #attn::DType::#dtype,
-                mask: #mask,
-                scale: #scale,
-                tilings: &[#(#tilings),*],
+/// Which inputs an expression reads: `(any i32 input, any f32 input)`.
+fn reads_inputs(e: &Typed, inputs: &[InputDecl]) -> (bool, bool) {
+    let merge = |a: (bool, bool), b: (bool, bool)| (a.0 || b.0, a.1 || b.1);
+    match &e.node {
+        Node::Input(i) => (inputs[*i].ty != Ty::Float, inputs[*i].ty == Ty::Float),
+        Node::Neg(x) | Node::Not(x) | Node::Cast(_, x) => reads_inputs(x, inputs),
+        Node::Binary(_, a, b) => merge(reads_inputs(a, inputs), reads_inputs(b, inputs)),
+        Node::Call(_, x, args) => args.iter().fold(reads_inputs(x, inputs), |acc, a| {
+            merge(acc, reads_inputs(a, inputs))
+        }),
+        Node::If(c, a, b) => merge(
+            reads_inputs(c, inputs),
+            merge(reads_inputs(a, inputs), reads_inputs(b, inputs)),
+        ),
+        _ => (false, false),
+    }
+}
+
+/// A parameter's name, with a leading `_` when the expression does not use it.
+fn named(used: bool, name: &str) -> proc_macro2::Ident {
+    if used {
+        format_ident!("{name}")
+    } else {
+        format_ident!("_{name}")
+    }
+}
+
+/// `host_mask` / `host_score`: the expressions on the host, for the float64 reference.
+fn host_fns(spec: &Spec) -> TokenStream {
+    let attn = paths::attn();
+    let inputs = &spec.inputs;
+    let params = |c: &Closure| {
+        let (ints, floats) = reads_inputs(&c.body, inputs);
+        [
+            named(c.uses(Param::B), "b"),
+            named(c.uses(Param::H), "h"),
+            named(c.uses(Param::Q), "q"),
+            named(c.uses(Param::K), "k"),
+            named(ints || floats, "inputs"),
+        ]
+    };
+    let mask = spec.mask.custom.as_ref().map(|c| {
+        let [b, h, q, k, inp] = params(c);
+        let body = expr::host(&c.body, inputs);
+        quote! {
+            fn host_mask(#b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs) -> bool {
+                #body
+            }
+        }
+    });
+    let score = spec.score.as_ref().map(|c| {
+        let [b, h, q, k, inp] = params(c);
+        let s = named(c.uses(Param::S), "s");
+        let body = expr::host(&c.body, inputs);
+        quote! {
+            fn host_score(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs) -> f64 {
+                #body
+            }
+        }
+    });
+    quote!(#mask #score)
+}
+
+/// The variant's `#[cube]` hooks: its mask, its score modification and the mask's tile
+/// classification, compiled into the kernels through `attn::Hooks`.
+fn hooks(plan: &KernelPlan) -> TokenStream {
+    let attn = paths::attn();
+    let cubecl = paths::cubecl();
+    let spec = &plan.spec;
+    let name = &spec.name;
+    let inputs = &spec.inputs;
+    let buffers = |e: Option<&Typed>| {
+        let (ints, floats) = e.map_or((false, false), |e| reads_inputs(e, inputs));
+        [
+            named(ints, "ints"),
+            named(floats, "floats"),
+            named(ints || floats, "slot_len"),
+        ]
+    };
+    let mask_body = spec.mask.custom.as_ref().map(|c| &c.body);
+    let mask = {
+        let used = |p| spec.mask.custom.as_ref().is_some_and(|c| c.uses(p));
+        let [b, h, q, k] =
+            [Param::B, Param::H, Param::Q, Param::K].map(|p| named(used(p), p.ident()));
+        let [ints, floats, slot_len] = buffers(mask_body);
+        let body = mask_body.map_or(quote!(true), |e| expr::cube(e, inputs));
+        quote! {
+            fn mask(#b: i32, #h: i32, #q: i32, #k: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> bool {
+                #body
+            }
+        }
+    };
+    let score = {
+        let c = spec.score.as_ref();
+        let used = |p| c.is_some_and(|c| c.uses(p));
+        let [s, b, h, q, k] = [Param::S, Param::B, Param::H, Param::Q, Param::K]
+            .map(|p| named(used(p) || (p == Param::S && c.is_none()), p.ident()));
+        let [ints, floats, slot_len] = buffers(c.map(|c| &c.body));
+        let body = c.map_or(quote!(s), |c| expr::cube(&c.body, inputs));
+        quote! {
+            fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> f32 {
+                #body
+            }
+        }
+    };
+    let classify = match mask_body.filter(|_| plan.custom_bounds) {
+        Some(e) => {
+            let c = spec.mask.custom.as_ref().expect("a mask body");
+            let [b, h] = [Param::B, Param::H].map(|p| named(c.uses(p), p.ident()));
+            let [q_lo, q_hi] = ["q_lo", "q_hi"].map(|n| named(c.uses(Param::Q), n));
+            let [k_lo, k_hi] = ["k_lo", "k_hi"].map(|n| named(c.uses(Param::K), n));
+            let [ints, floats, slot_len] = buffers(Some(e));
+            let mut iv = expr::Intervals::new(inputs);
+            let (may, must) = iv.emit(e);
+            let stmts = &iv.stmts;
+            quote! {
+                fn classify(#b: i32, #h: i32, #q_lo: i32, #q_hi: i32, #k_lo: i32, #k_hi: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> u32 {
+                    #(#stmts)*
+                    select(!#may, #attn::TILE_EMPTY, select(#must, #attn::TILE_FULL, #attn::TILE_PARTIAL))
+                }
+            }
+        }
+        None => {
+            let full_or_partial = if spec.mask.custom.is_some() {
+                quote!(#attn::TILE_PARTIAL)
+            } else {
+                quote!(#attn::TILE_FULL)
             };
+            quote! {
+                fn classify(_b: i32, _h: i32, _q_lo: i32, _q_hi: i32, _k_lo: i32, _k_hi: i32, _ints: &Tensor<i32>, _floats: &Tensor<f32>, _slot_len: u32) -> u32 {
+                    #full_or_partial
+                }
+            }
+        }
+    };
+    quote! {
+        const _: () = {
+            use #cubecl;
+            use #cubecl::prelude::*;
+
+            #[cubecl::cube]
+            impl #attn::Hooks for #name {
+                #mask
+                #score
+                #classify
+            }
+        };
+    }
+}
+
+/// The typed run-time inputs of a variant: exactly the fields its declaration needs.
+fn inputs_struct(spec: &Spec, inputs_name: &proc_macro2::Ident) -> TokenStream {
+    let attn = paths::attn();
+    let option = paths::option();
+    let vis = &spec.vis;
+    let mut fields = Vec::new();
+    let mut builtin = Vec::new();
+    let mut add = |field: &str, ty: TokenStream, doc: &str| {
+        let f = format_ident!("{field}");
+        fields.push(quote!(#[doc = #doc] pub #f: #ty,));
+        builtin.push(quote!(#f: #option::Some(self.#f),));
+    };
+    if spec.mask.key_lengths.is_some() {
+        add(
+            "key_lengths",
+            quote!(&'a [i32]),
+            "Key length per sequence, `[B]`: keys at or past it are masked.",
+        );
+    }
+    if spec.mask.documents.is_some() {
+        add(
+            "q_offsets",
+            quote!(&'a [i32]),
+            "Start of each document among the packed queries, and the total: `[docs + 1]`.",
+        );
+        add(
+            "k_offsets",
+            quote!(&'a [i32]),
+            "Start of each document among the packed keys, and the total: `[docs + 1]`.",
+        );
+    }
+    if spec.mask.prefix_lm.is_some() {
+        add(
+            "prefix_lengths",
+            quote!(&'a [i32]),
+            "Prefix length per sequence, `[B]`: keys inside it are visible to every query.",
+        );
+    }
+    if spec.sinks.is_some() {
+        add(
+            "sinks",
+            quote!(&'a [f32]),
+            "Sink logit per query head, `[Hq]`.",
+        );
+    }
+    if spec.alibi.is_some_and(|a| a.value == Alibi::Given) {
+        add(
+            "alibi_slopes",
+            quote!(&'a [f32]),
+            "ALiBi slope per query head, `[Hq]`.",
+        );
+    }
+    let mut ints = Vec::new();
+    let mut floats = Vec::new();
+    for d in &spec.inputs {
+        let f = &d.name;
+        let scalar = match d.ty {
+            Ty::Float => quote!(f32),
+            _ => quote!(i32),
+        };
+        let (ty, value, doc) = match d.extent {
+            Extent::Scalar => (
+                scalar,
+                quote!(::core::slice::from_ref(&self.#f)),
+                format!("`{f}`, as the declaration's expressions read it."),
+            ),
+            Extent::Batch => (
+                quote!(&'a [#scalar]),
+                quote!(self.#f),
+                format!("`{f}`, one value per sequence (`[B]`)."),
+            ),
+            Extent::Heads => (
+                quote!(&'a [#scalar]),
+                quote!(self.#f),
+                format!("`{f}`, one value per query head (`[Hq]`)."),
+            ),
+        };
+        fields.push(quote!(#[doc = #doc] pub #f: #ty,));
+        if d.ty == Ty::Float {
+            floats.push(value);
+        } else {
+            ints.push(value);
+        }
+    }
+    let doc = format!("Run-time inputs of `{}`.", spec.name);
+    let lifetime_use = if fields.iter().any(|f| f.to_string().contains("'a")) {
+        quote!()
+    } else {
+        quote!(#[doc(hidden)] pub _lifetime: ::core::marker::PhantomData<&'a ()>,)
+    };
+    quote! {
+        #[doc = #doc]
+        #[derive(Clone, Copy, Debug)]
+        #vis struct #inputs_name<'a> {
+            #(#fields)*
+            #lifetime_use
         }
 
-        impl #name {
-            #[doc = #kernel_doc]
-            #vis fn forward(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-            ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
-                #attn::forward::<Self>(client, q, k, v)
-            }
-
-            #[doc = #into_doc]
-            #vis fn forward_into(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-                tiling: #attn::Tiling,
-                out: &#attn::Output<#elem>,
-            ) -> #result<(), #attn::AttnError> {
-                #attn::forward_into::<Self>(client, q, k, v, tiling, out)
+        impl<'a> #inputs_name<'a> {
+            /// The same inputs in the runtime's untyped form.
+            #vis fn to_inputs(&self) -> #attn::Inputs<'_> {
+                #attn::Inputs {
+                    #(#builtin)*
+                    ints: ::std::vec![#(#ints),*],
+                    floats: ::std::vec![#(#floats),*],
+                    ..::core::default::Default::default()
+                }
             }
         }
     }

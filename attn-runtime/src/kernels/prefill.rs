@@ -6,8 +6,9 @@
 //! an f32 accumulator, normalises once at the end and writes O and the log-sum-exp. The N×N score
 //! matrix never exists: scores live for one K/V step in the unit's registers.
 //!
-//! Mask tiles are classified per step: steps wholly above a causal diagonal are never loaded, steps
-//! wholly below it run without mask arithmetic, and only the steps straddling the diagonal evaluate
+//! Mask tiles are classified per step ([`crate::kernels::mask`]): keys outside the block's visible
+//! range (causal, window, prefix-LM, key length, document) are never loaded, steps the custom mask
+//! rules out are skipped, full steps run without mask arithmetic, and only partial steps evaluate
 //! the mask per element. The ragged last step is just shorter (`kv_len` keys).
 //!
 //! This path uses no warp shuffles and no tensor cores, so it runs on every cubecl back end,
@@ -27,7 +28,11 @@
 
 use cubecl::prelude::*;
 
-use crate::variant::{MaskKind, Tiling};
+use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
+use crate::kernels::mask::{
+    classify_step, fold_sink, key_range, key_visible, locate_sequence, modify_score, Sequence,
+};
+use crate::variant::{MaskSpec, ScoreFlags, Tiling};
 
 // Masked entries inside a step hold −1e30, a score no real logit reaches; anything below −5e29
 // counts as masked. Finite on purpose: −∞ − (−∞) would be NaN in the running-max update.
@@ -43,15 +48,19 @@ pub struct RowState {
     pub sum: f32,
 }
 
-/// Everything that selects the generated code of the prefill kernel.
+/// Everything that selects the generated code of the prefill kernels.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct PrefillConfig {
     /// Tile shape.
     pub tiling: Tiling,
-    /// Head dimension of Q, K and V.
+    /// Head dimension of Q and K.
     pub head_dim: u32,
+    /// Head dimension of V and O.
+    pub value_dim: u32,
     /// The mask.
-    pub mask: MaskKind,
+    pub mask: MaskSpec,
+    /// The score modifications.
+    pub score: ScoreFlags,
 }
 
 impl PrefillConfig {
@@ -65,14 +74,14 @@ impl PrefillConfig {
         self.tiling.block_kv as usize
     }
 
-    /// Head dimension (K of QKᵀ, N of P·V).
+    /// Head dimension of Q and K (K of QKᵀ).
     pub const fn head_dim(&self) -> usize {
         self.head_dim as usize
     }
 
-    /// Whether the mask is causal (of either alignment).
-    pub const fn is_causal(&self) -> bool {
-        matches!(self.mask, MaskKind::Causal(_))
+    /// Head dimension of V and O (N of P·V).
+    pub const fn value_dim(&self) -> usize {
+        self.value_dim as usize
     }
 }
 
@@ -84,81 +93,161 @@ pub struct PrefillArgs {
     pub scale: f32,
     /// Query heads per K/V head.
     pub group: u32,
-    /// Causal diagonal: key `k` is visible to query `q` when `k + shift_k <= q + shift_q`.
-    pub shift_q: u32,
-    /// See `shift_q`.
-    pub shift_k: u32,
+    /// Values per slot of the packed input buffers.
+    pub slot_len: u32,
+    /// Window: keys before the aligned query position that stay visible.
+    pub window_left: i32,
+    /// Window: keys after it.
+    pub window_right: i32,
+    /// Softcap `cap`.
+    pub softcap: f32,
+    /// `1 / cap`.
+    pub inv_softcap: f32,
     /// −∞, passed in because not every shading language can spell it.
     pub neg_inf: f32,
 }
 
-/// The fused forward pass: O = softmax(scale · Q Kᵀ + mask) V, and LSE per query row.
+/// The fused forward pass: O = softmax(mod(scale · Q Kᵀ) + mask) V, and LSE per query row.
 #[cube(launch)]
-pub fn prefill_forward<E: Float>(
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_forward<E: Float, M: Hooks>(
     q: &Tensor<E>,
     k: &Tensor<E>,
     v: &Tensor<E>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
     let block_q = config.block_q();
     let block_kv = config.block_kv();
-    let head_dim = config.head_dim();
-
-    let batch = CUBE_POS_Z as usize;
     let head = CUBE_POS_Y as usize;
-    let q_start = CUBE_POS_X as usize * block_q;
-    let row = q_start + UNIT_POS as usize;
-    let kv_head = head / args.group as usize;
-    let seq_q = q.shape(2);
-    let seq_k = k.shape(2);
-    let row_valid = row < seq_q;
-
-    let mut q_row = Array::<f32>::new(head_dim);
-    load_q_row::<E>(
-        q, &mut q_row, batch, head, row, row_valid, args.scale, config,
+    let seq = locate_sequence(
+        CUBE_POS_Z as usize,
+        head,
+        q.shape(2),
+        k.shape(2),
+        ints,
+        floats,
+        args,
+        config.mask,
+        config.score,
     );
+    let q_start = CUBE_POS_X as usize * block_q;
+    // Cubes past the end of a short document have nothing to do (uniform across the cube).
+    if q_start < seq.seq_q {
+        let row = q_start + UNIT_POS as usize;
+        let kv_head = head / args.group as usize;
+        let row_valid = row < seq.seq_q;
+        let block_end = q_start + block_q;
+        let q_last = select(block_end < seq.seq_q, block_end, seq.seq_q) - 1;
 
-    // One allocation for both tiles, K first: one shared array keeps the emitted source stable.
-    let tile_len = block_kv * head_dim;
-    let mut kv_tiles = Shared::<[f32]>::new_slice(2 * tile_len);
-    let mut scores = Array::<f32>::new(block_kv);
-    let mut acc = Array::<f32>::new(head_dim);
-    #[unroll]
-    for c in 0..head_dim {
-        acc[c] = 0.0;
-    }
-    let mut state = RowState {
-        max: -1.0e30f32,
-        sum: 0.0f32,
-    };
+        let mut q_row = Array::<f32>::new(config.head_dim());
+        load_q_row::<E>(q, &mut q_row, seq, head, row, row_valid, args.scale, config);
 
-    let kv_end = visible_key_end(q_start, seq_q, seq_k, args, block_q, config.is_causal());
-    let num_steps = (kv_end + block_kv - 1) / block_kv;
-    for step in 0..num_steps {
-        let kv_start = step * block_kv;
-        // Keys of this step that exist; the ragged last step is simply shorter.
-        let remaining = kv_end - kv_start;
-        let kv_len = select(remaining < block_kv, remaining, block_kv);
-        sync_cube();
-        load_kv_tile::<E>(k, &mut kv_tiles, 0, batch, kv_head, kv_start, config);
-        load_kv_tile::<E>(v, &mut kv_tiles, tile_len, batch, kv_head, kv_start, config);
-        sync_cube();
+        // One allocation for both tiles, K first: one shared array keeps the emitted source stable.
+        let v_at = block_kv * config.head_dim();
+        let mut kv_tiles = Shared::<[f32]>::new_slice(v_at + block_kv * config.value_dim());
+        let mut scores = Array::<f32>::new(block_kv);
+        let mut acc = Array::<f32>::new(config.value_dim());
+        #[unroll]
+        for c in 0..config.value_dim() {
+            acc[c] = 0.0;
+        }
+        let mut state = RowState {
+            max: -1.0e30f32,
+            sum: 0.0f32,
+        };
 
-        compute_scores(&q_row, &kv_tiles, &mut scores, kv_len, config);
-        if comptime!(config.is_causal()) {
-            if straddles_diagonal(q_start, kv_start, kv_len, args) {
-                apply_causal_mask(&mut scores, row, kv_start, kv_len, args);
+        let range = key_range(seq, q_start, q_last, args, config.mask);
+        let first_step = range.start / block_kv;
+        let end_step = (range.end + block_kv - 1) / block_kv;
+        for step in first_step..end_step {
+            let kv_start = step * block_kv;
+            // Keys of this step that exist; the ragged last step is simply shorter.
+            let remaining = range.end - kv_start;
+            let kv_len = select(remaining < block_kv, remaining, block_kv);
+            let class = classify_step::<M>(
+                seq,
+                head,
+                q_start,
+                q_last,
+                kv_start,
+                kv_start + kv_len - 1,
+                ints,
+                floats,
+                args,
+                config.mask,
+            );
+            if class != TILE_EMPTY {
+                sync_cube();
+                load_kv_tile::<E>(
+                    k,
+                    &mut kv_tiles,
+                    0,
+                    seq,
+                    kv_head,
+                    kv_start,
+                    config.head_dim(),
+                    config,
+                );
+                load_kv_tile::<E>(
+                    v,
+                    &mut kv_tiles,
+                    v_at,
+                    seq,
+                    kv_head,
+                    kv_start,
+                    config.value_dim(),
+                    config,
+                );
+                sync_cube();
+
+                compute_scores(&q_row, &kv_tiles, &mut scores, kv_len, config);
+                if comptime!(config.score.modifies_scores()) {
+                    modify_scores::<M>(
+                        &mut scores,
+                        seq,
+                        head,
+                        row,
+                        kv_start,
+                        kv_len,
+                        ints,
+                        floats,
+                        args,
+                        config,
+                    );
+                }
+                if comptime!(!config.mask.is_none()) {
+                    if class == TILE_PARTIAL {
+                        apply_mask::<M>(
+                            &mut scores,
+                            seq,
+                            head,
+                            row,
+                            kv_start,
+                            kv_len,
+                            ints,
+                            floats,
+                            args,
+                            config,
+                        );
+                    }
+                }
+                online_softmax_step(&mut scores, &mut acc, &mut state, kv_len, config);
+                accumulate_pv(&scores, &kv_tiles, v_at, &mut acc, kv_len, config);
             }
         }
-        online_softmax_step(&mut scores, &mut acc, &mut state, kv_len, config);
-        accumulate_pv(&scores, &kv_tiles, tile_len, &mut acc, kv_len, config);
-    }
 
-    if row_valid {
-        write_output::<E>(out, lse, &acc, state, batch, head, row, args, config);
+        if row_valid {
+            let mut factor = 1.0f32.runtime();
+            if comptime!(config.score.sinks) {
+                factor = fold_sink(&mut state, head, floats, args);
+            }
+            write_output::<E>(out, lse, &acc, state, factor, seq, head, row, args, config);
+        }
     }
 }
 
@@ -168,14 +257,14 @@ pub fn prefill_forward<E: Float>(
 fn load_q_row<E: Float>(
     q: &Tensor<E>,
     q_row: &mut Array<f32>,
-    batch: usize,
+    seq: Sequence,
     head: usize,
     row: usize,
     row_valid: bool,
     scale: f32,
     #[comptime] config: PrefillConfig,
 ) {
-    let base = batch * q.stride(0) + head * q.stride(1) + row * q.stride(2);
+    let base = seq.batch * q.stride(0) + head * q.stride(1) + (seq.q_off + row) * q.stride(2);
     #[unroll]
     for c in 0..config.head_dim() {
         let mut value = 0.0f32.runtime();
@@ -186,60 +275,31 @@ fn load_q_row<E: Float>(
     }
 }
 
-/// End of the keys a query block of `block_q` rows starting at `q_start` can see: the whole
-/// sequence, or up to the causal diagonal of the block's last row. K/V steps past it are never
-/// loaded. Shared by both kernel families.
-#[cube]
-pub fn visible_key_end(
-    q_start: usize,
-    seq_q: usize,
-    seq_k: usize,
-    args: PrefillArgs,
-    #[comptime] block_q: usize,
-    #[comptime] causal: bool,
-) -> usize {
-    let mut end = seq_k;
-    if causal {
-        let block_end = q_start + block_q;
-        let last_row = select(block_end < seq_q, block_end, seq_q) - 1;
-        // Keys `k` with `k + shift_k <= last_row + shift_q` are visible.
-        let reach = last_row + args.shift_q as usize + 1;
-        let shift_k = args.shift_k as usize;
-        let mut visible = 0usize.runtime();
-        if reach > shift_k {
-            visible = reach - shift_k;
-        }
-        end = select(visible < seq_k, visible, seq_k);
-    }
-    end
-}
-
-/// Load K/V: one `block_kv × head_dim` tile into shared memory at `offset`, as f32; keys past
-/// the sequence read as zero.
+/// Load K/V: one `block_kv × width` tile into shared memory at `offset`, as f32; keys past the
+/// sequence read as zero.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_kv_tile<E: Float>(
     src: &Tensor<E>,
     tiles: &mut Shared<[f32]>,
     offset: usize,
-    batch: usize,
+    seq: Sequence,
     kv_head: usize,
     kv_start: usize,
+    #[comptime] width: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
     let block_q = config.block_q();
-    let tile_len = config.block_kv() * head_dim;
-    let seq_k = src.shape(2);
-    let base = batch * src.stride(0) + kv_head * src.stride(1);
+    let tile_len = config.block_kv() * width;
+    let base = seq.batch * src.stride(0) + kv_head * src.stride(1);
     #[unroll]
     for t in 0..(tile_len + block_q - 1) / block_q {
         let i = t * block_q + UNIT_POS as usize;
         if i < tile_len {
-            let key = kv_start + i / head_dim;
+            let key = kv_start + i / width;
             let mut value = 0.0f32.runtime();
-            if key < seq_k {
-                value = f32::cast_from(src[base + key * src.stride(2) + i % head_dim]);
+            if key < seq.seq_k {
+                value = f32::cast_from(src[base + (seq.k_off + key) * src.stride(2) + i % width]);
             }
             tiles[offset + i] = value;
         }
@@ -268,24 +328,63 @@ fn compute_scores(
     }
 }
 
-/// Whether a causal step reaches past the diagonal of the block's first row, so some of its
-/// entries are masked. Steps wholly below the diagonal skip mask arithmetic.
+/// Score modification: softcap, ALiBi and the variant's expression on this row's logits.
 #[cube]
-fn straddles_diagonal(q_start: usize, kv_start: usize, kv_len: usize, args: PrefillArgs) -> bool {
-    kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize
-}
-
-/// Causal mask: entries past this row's diagonal become −1e30.
-#[cube]
-fn apply_causal_mask(
+#[allow(clippy::too_many_arguments)]
+fn modify_scores<M: Hooks>(
     scores: &mut Array<f32>,
+    seq: Sequence,
+    head: usize,
     row: usize,
     kv_start: usize,
     kv_len: usize,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
     args: PrefillArgs,
+    #[comptime] config: PrefillConfig,
 ) {
     for j in 0..kv_len {
-        let visible = kv_start + j + args.shift_k as usize <= row + args.shift_q as usize;
+        scores[j] = modify_score::<M>(
+            scores[j],
+            seq,
+            head,
+            row as i32,
+            (kv_start + j) as i32,
+            ints,
+            floats,
+            args,
+            config.score,
+        );
+    }
+}
+
+/// Mask: entries this row cannot see become −1e30.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn apply_mask<M: Hooks>(
+    scores: &mut Array<f32>,
+    seq: Sequence,
+    head: usize,
+    row: usize,
+    kv_start: usize,
+    kv_len: usize,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
+    args: PrefillArgs,
+    #[comptime] config: PrefillConfig,
+) {
+    for j in 0..kv_len {
+        let key = kv_start + j;
+        let visible = key_visible::<M>(
+            seq,
+            head,
+            row as i32,
+            key as i32,
+            ints,
+            floats,
+            args,
+            config.mask,
+        );
         scores[j] = select(visible, scores[j], -1.0e30f32);
     }
 }
@@ -315,7 +414,7 @@ fn online_softmax_step(
         sum += p;
     }
     #[unroll]
-    for c in 0..config.head_dim() {
+    for c in 0..config.value_dim() {
         acc[c] *= correction;
     }
     state.max = new_max;
@@ -332,18 +431,19 @@ fn accumulate_pv(
     kv_len: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
+    let value_dim = config.value_dim();
     for j in 0..kv_len {
         let p = probs[j];
-        let base = v_offset + j * head_dim;
+        let base = v_offset + j * value_dim;
         #[unroll]
-        for c in 0..head_dim {
+        for c in 0..value_dim {
             acc[c] += p * tiles[base + c];
         }
     }
 }
 
-/// Finish: normalise once and write O and the LSE. A row that saw no key writes O = 0, LSE = −∞.
+/// Finish: normalise once and write O and the LSE. A row that saw no key (and has no sink) writes
+/// O = 0, LSE = −∞.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_output<E: Float>(
@@ -351,19 +451,21 @@ fn write_output<E: Float>(
     lse: &mut Tensor<f32>,
     acc: &Array<f32>,
     state: RowState,
-    batch: usize,
+    factor: f32,
+    seq: Sequence,
     head: usize,
     row: usize,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
-    let base = batch * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+    let out_row = seq.q_off + row;
+    let base = seq.batch * out.stride(0) + head * out.stride(1) + out_row * out.stride(2);
     let seen = state.sum > 0.0;
-    let inv = select(seen, 1.0f32 / state.sum, 0.0f32);
+    let inv = select(seen, factor / state.sum, 0.0f32);
     #[unroll]
-    for c in 0..config.head_dim() {
+    for c in 0..config.value_dim() {
         out[base + c] = E::cast_from(acc[c] * inv);
     }
-    let lse_index = batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2);
+    let lse_index = seq.batch * lse.stride(0) + head * lse.stride(1) + out_row * lse.stride(2);
     lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
 }

@@ -9,8 +9,9 @@
 //! memory) and adds P·V on tensor cores. One normalisation at the end; O and the LSE written out.
 //! The N×N score matrix never exists: only a `block_q × block_kv` tile of it, per step.
 //!
-//! Causal tiles are classified as in the portable kernel: steps above the diagonal are never
-//! loaded, steps below it skip mask arithmetic.
+//! Mask tiles are classified as in the portable kernel ([`crate::kernels::mask`]): keys outside
+//! the block's visible range are never loaded, empty steps are skipped, full steps skip mask
+//! arithmetic.
 //!
 //! This is the first tensor-core form: synchronous loads, the accumulator in shared memory, scalar
 //! softmax. Asynchronous copies, register-resident accumulators and warpgroup MMA are the
@@ -22,7 +23,11 @@
 
 use cubecl::prelude::*;
 
-use crate::kernels::prefill::{visible_key_end, PrefillArgs, PrefillConfig, RowState};
+use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
+use crate::kernels::mask::{
+    classify_step, fold_sink, key_range, key_visible, locate_sequence, modify_score, Sequence,
+};
+use crate::kernels::prefill::{PrefillArgs, PrefillConfig, RowState};
 
 /// Rows, columns and depth of one tensor-core instruction.
 pub const MMA: usize = 16;
@@ -54,7 +59,7 @@ impl PrefillConfig {
         let q = 0;
         let k = q + self.block_q() * self.head_dim();
         let v = k + self.block_kv() * self.head_dim();
-        let p = v + self.block_kv() * self.head_dim();
+        let p = v + self.block_kv() * self.value_dim();
         [q, k, v, p, p + self.block_q() * self.prob_stride()]
     }
 
@@ -63,7 +68,7 @@ impl PrefillConfig {
     pub const fn f32_layout(&self) -> [usize; 5] {
         let s = 0;
         let o = s + self.block_q() * self.score_stride();
-        let corr = o + self.block_q() * self.head_dim();
+        let corr = o + self.block_q() * self.value_dim();
         let moved = corr + self.block_q();
         [s, o, corr, moved, moved + self.planes()]
     }
@@ -74,14 +79,17 @@ impl PrefillConfig {
     }
 }
 
-/// The fused forward pass on tensor cores: O = softmax(scale · Q Kᵀ + mask) V, and LSE per row.
+/// The fused forward pass on tensor cores: O = softmax(mod(scale · Q Kᵀ) + mask) V, and LSE.
 #[cube(launch)]
-pub fn prefill_forward_tc<E: Float>(
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_forward_tc<E: Float, M: Hooks>(
     q: &Tensor<E>,
     k: &Tensor<E>,
     v: &Tensor<E>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
@@ -90,93 +98,141 @@ pub fn prefill_forward_tc<E: Float>(
     let [_, k_at, v_at, _, elem_len] = config.elem_layout();
     let [_, _, _, moved_at, f32_len] = config.f32_layout();
 
-    let batch = CUBE_POS_Z as usize;
     let head = CUBE_POS_Y as usize;
+    let seq = locate_sequence(
+        CUBE_POS_Z as usize,
+        head,
+        q.shape(2),
+        k.shape(2),
+        ints,
+        floats,
+        args,
+        config.mask,
+        config.score,
+    );
     let q_start = CUBE_POS_X as usize * block_q;
-    let kv_head = head / args.group as usize;
-    let seq_q = q.shape(2);
-    let seq_k = k.shape(2);
-    // Units 0..16 of each plane own one query row each for the softmax and the finish.
-    let lane = UNIT_POS_X as usize;
-    let plane = UNIT_POS_Y as usize;
-    let row_in_block = plane * MMA + lane;
+    // Cubes past the end of a short document have nothing to do (uniform across the cube).
+    if q_start < seq.seq_q {
+        let kv_head = head / args.group as usize;
+        let block_end = q_start + block_q;
+        let q_last = select(block_end < seq.seq_q, block_end, seq.seq_q) - 1;
+        // Units 0..16 of each plane own one query row each for the softmax and the finish.
+        let lane = UNIT_POS_X as usize;
+        let plane = UNIT_POS_Y as usize;
+        let row_in_block = plane * MMA + lane;
 
-    let mut elems = Shared::<[E]>::new_slice(elem_len);
-    let mut floats = Shared::<[f32]>::new_slice(f32_len);
+        let mut elems = Shared::<[E]>::new_slice(elem_len);
+        let mut floats_smem = Shared::<[f32]>::new_slice(f32_len);
 
-    load_q_tile::<E>(q, &mut elems, batch, head, q_start, config);
-    clear_accumulator(&mut floats, config);
-    let mut state = RowState {
-        max: -1.0e30f32,
-        sum: 0.0f32,
-    };
+        load_q_tile::<E>(q, &mut elems, seq, head, q_start, config);
+        clear_accumulator(&mut floats_smem, config);
+        let mut state = RowState {
+            max: -1.0e30f32,
+            sum: 0.0f32,
+        };
 
-    let kv_end = visible_key_end(q_start, seq_q, seq_k, args, block_q, config.is_causal());
-    let num_steps = (kv_end + block_kv - 1) / block_kv;
-    for step in 0..num_steps {
-        let kv_start = step * block_kv;
-        let remaining = kv_end - kv_start;
-        let kv_len = select(remaining < block_kv, remaining, block_kv);
-        sync_cube();
-        load_kv_tile_tc::<E>(
-            k, &mut elems, k_at, batch, kv_head, kv_start, kv_len, config,
-        );
-        load_kv_tile_tc::<E>(
-            v, &mut elems, v_at, batch, kv_head, kv_start, kv_len, config,
-        );
-        sync_cube();
+        let range = key_range(seq, q_start, q_last, args, config.mask);
+        let first_step = range.start / block_kv;
+        let end_step = (range.end + block_kv - 1) / block_kv;
+        for step in first_step..end_step {
+            let kv_start = step * block_kv;
+            let remaining = range.end - kv_start;
+            let kv_len = select(remaining < block_kv, remaining, block_kv);
+            let class = classify_step::<M>(
+                seq,
+                head,
+                q_start,
+                q_last,
+                kv_start,
+                kv_start + kv_len - 1,
+                ints,
+                floats,
+                args,
+                config.mask,
+            );
+            if class != TILE_EMPTY {
+                sync_cube();
+                load_kv_tile_tc::<E>(
+                    k,
+                    &mut elems,
+                    k_at,
+                    seq,
+                    kv_head,
+                    kv_start,
+                    kv_len,
+                    config.head_dim(),
+                    config,
+                );
+                load_kv_tile_tc::<E>(
+                    v,
+                    &mut elems,
+                    v_at,
+                    seq,
+                    kv_head,
+                    kv_start,
+                    kv_len,
+                    config.value_dim(),
+                    config,
+                );
+                sync_cube();
 
-        scores_tc::<E>(&elems, &mut floats, plane, config);
-        if lane == 0 {
-            floats[moved_at + plane] = 0.0f32;
+                scores_tc::<E>(&elems, &mut floats_smem, plane, config);
+                if lane == 0 {
+                    floats_smem[moved_at + plane] = 0.0f32;
+                }
+                sync_cube();
+
+                if lane < MMA {
+                    online_softmax_tc::<E, M>(
+                        &mut floats_smem,
+                        &mut elems,
+                        &mut state,
+                        seq,
+                        head,
+                        q_start + row_in_block,
+                        row_in_block,
+                        kv_start,
+                        kv_len,
+                        class == TILE_PARTIAL,
+                        ints,
+                        floats,
+                        args,
+                        config,
+                    );
+                }
+                sync_cube();
+
+                // Rescaling the accumulator is only needed when some row's running max moved;
+                // after the first steps that is rare, and the flag is uniform across the plane.
+                if floats_smem[moved_at + plane] != 0.0f32 {
+                    rescale_rows(&mut floats_smem, plane, lane, config);
+                }
+                sync_cube();
+                accumulate_pv_tc::<E>(&elems, &mut floats_smem, plane, config);
+            }
         }
         sync_cube();
 
-        if lane < MMA {
-            let mut masked = false;
-            if comptime!(config.is_causal()) {
-                masked =
-                    kv_start + kv_len - 1 + args.shift_k as usize > q_start + args.shift_q as usize;
+        let row = q_start + row_in_block;
+        if lane < MMA && row < seq.seq_q {
+            let mut factor = 1.0f32.runtime();
+            if comptime!(config.score.sinks) {
+                factor = fold_sink(&mut state, head, floats, args);
             }
-            online_softmax_tc::<E>(
-                &mut floats,
-                &mut elems,
-                &mut state,
-                q_start + row_in_block,
+            write_output_tc::<E>(
+                out,
+                lse,
+                &floats_smem,
+                state,
+                factor,
+                seq,
+                head,
+                row,
                 row_in_block,
-                kv_start,
-                kv_len,
-                masked,
                 args,
                 config,
             );
         }
-        sync_cube();
-
-        // Rescaling the accumulator is only needed when some row's running max moved; after the
-        // first steps that is rare, and the flag is uniform across the plane.
-        if floats[moved_at + plane] != 0.0f32 {
-            rescale_rows(&mut floats, plane, lane, config);
-        }
-        sync_cube();
-        accumulate_pv_tc::<E>(&elems, &mut floats, plane, config);
-    }
-    sync_cube();
-
-    let row = q_start + row_in_block;
-    if lane < MMA && row < seq_q {
-        write_output_tc::<E>(
-            out,
-            lse,
-            &floats,
-            state,
-            batch,
-            head,
-            row,
-            row_in_block,
-            args,
-            config,
-        );
     }
 }
 
@@ -185,7 +241,7 @@ pub fn prefill_forward_tc<E: Float>(
 fn load_q_tile<E: Float>(
     q: &Tensor<E>,
     elems: &mut Shared<[E]>,
-    batch: usize,
+    seq: Sequence,
     head: usize,
     q_start: usize,
     #[comptime] config: PrefillConfig,
@@ -193,13 +249,12 @@ fn load_q_tile<E: Float>(
     let head_dim = config.head_dim();
     let tile_len = config.block_q() * head_dim;
     let units = config.planes() * 32;
-    let seq_q = q.shape(2);
-    let base = batch * q.stride(0) + head * q.stride(1);
+    let base = seq.batch * q.stride(0) + head * q.stride(1);
     for i in range_stepped(UNIT_POS as usize, tile_len, units) {
         let row = q_start + i / head_dim;
         let mut value = E::cast_from(0.0f32);
-        if row < seq_q {
-            value = q[base + row * q.stride(2) + i % head_dim];
+        if row < seq.seq_q {
+            value = q[base + (seq.q_off + row) * q.stride(2) + i % head_dim];
         }
         elems[i] = value;
     }
@@ -215,29 +270,29 @@ fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: PrefillConf
     }
 }
 
-/// Load K/V: one `block_kv × head_dim` tile into shared memory at `offset`; keys past `kv_len`
-/// are 0, so the tensor cores can always run whole 16-key blocks.
+/// Load K/V: one `block_kv × width` tile into shared memory at `offset`; keys past `kv_len` are
+/// 0, so the tensor cores can always run whole 16-key blocks.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_kv_tile_tc<E: Float>(
     src: &Tensor<E>,
     elems: &mut Shared<[E]>,
     offset: usize,
-    batch: usize,
+    seq: Sequence,
     kv_head: usize,
     kv_start: usize,
     kv_len: usize,
+    #[comptime] width: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
-    let tile_len = config.block_kv() * head_dim;
+    let tile_len = config.block_kv() * width;
     let units = config.planes() * 32;
-    let base = batch * src.stride(0) + kv_head * src.stride(1);
+    let base = seq.batch * src.stride(0) + kv_head * src.stride(1) + seq.k_off * src.stride(2);
     for i in range_stepped(UNIT_POS as usize, tile_len, units) {
-        let key = i / head_dim;
+        let key = i / width;
         let mut value = E::cast_from(0.0f32);
         if key < kv_len {
-            value = src[base + (kv_start + key) * src.stride(2) + i % head_dim];
+            value = src[base + (kv_start + key) * src.stride(2) + i % width];
         }
         elems[offset + i] = value;
     }
@@ -327,19 +382,23 @@ fn store_accumulator(
     );
 }
 
-/// Online softmax of one row: scale, mask, fold into the running max and sum, write the
+/// Online softmax of one row: scale, modify, mask, fold into the running max and sum, write the
 /// probabilities (in `E`, 0 for masked and missing keys) and the accumulator's correction factor.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn online_softmax_tc<E: Float>(
-    floats: &mut Shared<[f32]>,
+fn online_softmax_tc<E: Float, M: Hooks>(
+    floats_smem: &mut Shared<[f32]>,
     elems: &mut Shared<[E]>,
     state: &mut RowState,
+    seq: Sequence,
+    head: usize,
     row: usize,
     row_in_block: usize,
     kv_start: usize,
     kv_len: usize,
-    masked: bool,
+    partial: bool,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
@@ -348,15 +407,40 @@ fn online_softmax_tc<E: Float>(
     let [s_at, _, corr_at, moved_at, _] = config.f32_layout();
     let s_row = s_at + row_in_block * config.score_stride();
     let p_row = p_at + row_in_block * config.prob_stride();
-    let limit = row + args.shift_q as usize;
 
     let mut step_max = (-1.0e30f32).runtime();
     for j in 0..kv_len {
-        let mut s = floats[s_row + j] * args.scale;
-        if masked && kv_start + j + args.shift_k as usize > limit {
-            s = -1.0e30f32;
+        let mut s = floats_smem[s_row + j] * args.scale;
+        if comptime!(config.score.modifies_scores()) {
+            s = modify_score::<M>(
+                s,
+                seq,
+                head,
+                row as i32,
+                (kv_start + j) as i32,
+                ints,
+                floats,
+                args,
+                config.score,
+            );
         }
-        floats[s_row + j] = s;
+        if comptime!(!config.mask.is_none()) {
+            if partial
+                && !key_visible::<M>(
+                    seq,
+                    head,
+                    row as i32,
+                    (kv_start + j) as i32,
+                    ints,
+                    floats,
+                    args,
+                    config.mask,
+                )
+            {
+                s = -1.0e30f32;
+            }
+        }
+        floats_smem[s_row + j] = s;
         step_max = select(s > step_max, s, step_max);
     }
     let new_max = select(step_max > state.max, step_max, state.max);
@@ -365,15 +449,15 @@ fn online_softmax_tc<E: Float>(
     for j in 0..block_kv {
         let mut p = 0.0f32.runtime();
         if j < kv_len {
-            let s = floats[s_row + j];
+            let s = floats_smem[s_row + j];
             p = select(s > -5.0e29f32, (s - new_max).exp(), 0.0f32);
         }
         sum += p;
         elems[p_row + j] = E::cast_from(p);
     }
-    floats[corr_at + row_in_block] = correction;
+    floats_smem[corr_at + row_in_block] = correction;
     if correction != 1.0f32 {
-        floats[moved_at + row_in_block / MMA] = 1.0f32;
+        floats_smem[moved_at + row_in_block / MMA] = 1.0f32;
     }
     state.max = new_max;
     state.sum = sum;
@@ -387,17 +471,17 @@ fn rescale_rows(
     lane: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
+    let value_dim = config.value_dim();
     let [_, o_at, corr_at, _, _] = config.f32_layout();
-    let rows_len = MMA * head_dim;
+    let rows_len = MMA * value_dim;
     for i in range_stepped(lane, rows_len, 32) {
-        let r = plane * MMA + i / head_dim;
-        let at = o_at + r * head_dim + i % head_dim;
+        let r = plane * MMA + i / value_dim;
+        let at = o_at + r * value_dim + i % value_dim;
         floats[at] *= floats[corr_at + r];
     }
 }
 
-/// P·V: add this plane's 16 × `head_dim` product of probabilities and the V tile into the f32
+/// P·V: add this plane's 16 × `value_dim` product of probabilities and the V tile into the f32
 /// accumulator, on tensor cores.
 #[cube]
 fn accumulate_pv_tc<E: Float>(
@@ -406,14 +490,14 @@ fn accumulate_pv_tc<E: Float>(
     plane: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
+    let value_dim = config.value_dim();
     let block_kv = config.block_kv();
     let [_, _, v_at, p_at, _] = config.elem_layout();
     let [_, o_at, _, _, _] = config.f32_layout();
     let prob_stride = config.prob_stride();
     let p_rows = p_at + plane * MMA * prob_stride;
-    let o_rows = o_at + plane * MMA * head_dim;
-    for db in 0..head_dim / MMA {
+    let o_rows = o_at + plane * MMA * value_dim;
+    for db in 0..value_dim / MMA {
         let acc_at = o_rows + db * MMA;
         let acc = cmma::Matrix::<f32>::from_slice(
             cmma::MatrixIdent::Accumulator,
@@ -421,8 +505,8 @@ fn accumulate_pv_tc<E: Float>(
             MMA,
             MMA,
             cmma::MatrixLayout::RowMajor,
-            &floats[acc_at..acc_at + MMA * head_dim],
-            head_dim as u32,
+            &floats[acc_at..acc_at + MMA * value_dim],
+            value_dim as u32,
         );
         for kb in 0..block_kv / MMA {
             let a = operand::<E>(
@@ -432,22 +516,22 @@ fn accumulate_pv_tc<E: Float>(
                 cmma::MatrixIdent::A,
                 cmma::MatrixLayout::RowMajor,
             );
-            let b_at = v_at + kb * MMA * head_dim + db * MMA;
+            let b_at = v_at + kb * MMA * value_dim + db * MMA;
             let b = operand::<E>(
                 elems,
                 b_at,
-                head_dim,
+                value_dim,
                 cmma::MatrixIdent::B,
                 cmma::MatrixLayout::RowMajor,
             );
             cmma::execute(&a, &b, &acc, &acc);
         }
-        store_accumulator(floats, &acc, acc_at, head_dim);
+        store_accumulator(floats, &acc, acc_at, value_dim);
     }
 }
 
 /// Finish: normalise one row once and write O and the LSE (O = 0, LSE = −∞ for a row that saw no
-/// key).
+/// key and has no sink).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_output_tc<E: Float>(
@@ -455,22 +539,24 @@ fn write_output_tc<E: Float>(
     lse: &mut Tensor<f32>,
     floats: &Shared<[f32]>,
     state: RowState,
-    batch: usize,
+    factor: f32,
+    seq: Sequence,
     head: usize,
     row: usize,
     row_in_block: usize,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
-    let head_dim = config.head_dim();
+    let value_dim = config.value_dim();
     let [_, o_at, _, _, _] = config.f32_layout();
-    let base = batch * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+    let out_row = seq.q_off + row;
+    let base = seq.batch * out.stride(0) + head * out.stride(1) + out_row * out.stride(2);
     let seen = state.sum > 0.0;
-    let inv = select(seen, 1.0f32 / state.sum, 0.0f32);
-    let o_row = o_at + row_in_block * head_dim;
-    for c in 0..head_dim {
+    let inv = select(seen, factor / state.sum, 0.0f32);
+    let o_row = o_at + row_in_block * value_dim;
+    for c in 0..value_dim {
         out[base + c] = E::cast_from(floats[o_row + c] * inv);
     }
-    let lse_index = batch * lse.stride(0) + head * lse.stride(1) + row * lse.stride(2);
+    let lse_index = seq.batch * lse.stride(0) + head * lse.stride(1) + out_row * lse.stride(2);
     lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
 }

@@ -1,0 +1,149 @@
+//! The seam between a variant's own expressions and the generic kernels: `attention!` compiles a
+//! declaration's `mask: |b, h, q, k| …` and `score: |s, b, h, q, k| …` into an implementation of
+//! [`Hooks`], and the kernels call it, comptime-specialised by the variant's type.
+//!
+//! Indices are `i32` and relative to the sequence (or document): `b` is the batch entry (or
+//! document), `h` the query head, `q` and `k` the query's and key's positions. The run-time inputs
+//! a variant declares live in two flat device buffers, one `i32` and one `f32`, in slots of
+//! `slot_len` values ([`crate::inputs::slots`]).
+
+use cubecl::prelude::*;
+
+/// Tile class: no pair of the tile takes part; the tile is never loaded.
+pub const TILE_EMPTY: u32 = 0;
+/// Tile class: some pairs take part; the mask is evaluated per element.
+pub const TILE_PARTIAL: u32 = 1;
+/// Tile class: every pair takes part; no mask arithmetic.
+pub const TILE_FULL: u32 = 2;
+
+/// A variant's `#[cube]` mask and score expressions, and the tile classification derived from
+/// its mask expression by interval reasoning.
+#[cube]
+pub trait Hooks: Send + Sync + 'static {
+    /// Whether key `k` is visible to query `q` of head `h` in batch entry `b`.
+    fn mask(
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        ints: &Tensor<i32>,
+        floats: &Tensor<f32>,
+        slot_len: u32,
+    ) -> bool;
+
+    /// The modified logit `s` (already scaled) of query `q` and key `k`.
+    #[allow(clippy::too_many_arguments)]
+    fn score(
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        ints: &Tensor<i32>,
+        floats: &Tensor<f32>,
+        slot_len: u32,
+    ) -> f32;
+
+    /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over the tile of
+    /// queries `q_lo..=q_hi` and keys `k_lo..=k_hi`; [`TILE_PARTIAL`] whenever unsure.
+    #[allow(clippy::too_many_arguments)]
+    fn classify(
+        b: i32,
+        h: i32,
+        q_lo: i32,
+        q_hi: i32,
+        k_lo: i32,
+        k_hi: i32,
+        ints: &Tensor<i32>,
+        floats: &Tensor<f32>,
+        slot_len: u32,
+    ) -> u32;
+}
+
+/// The hooks of a variant without expressions: every pair visible, logits unchanged.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NoHooks;
+
+#[cube]
+impl Hooks for NoHooks {
+    fn mask(
+        _b: i32,
+        _h: i32,
+        _q: i32,
+        _k: i32,
+        _ints: &Tensor<i32>,
+        _floats: &Tensor<f32>,
+        _slot_len: u32,
+    ) -> bool {
+        true
+    }
+
+    fn score(
+        s: f32,
+        _b: i32,
+        _h: i32,
+        _q: i32,
+        _k: i32,
+        _ints: &Tensor<i32>,
+        _floats: &Tensor<f32>,
+        _slot_len: u32,
+    ) -> f32 {
+        s
+    }
+
+    fn classify(
+        _b: i32,
+        _h: i32,
+        _q_lo: i32,
+        _q_hi: i32,
+        _k_lo: i32,
+        _k_hi: i32,
+        _ints: &Tensor<i32>,
+        _floats: &Tensor<f32>,
+        _slot_len: u32,
+    ) -> u32 {
+        TILE_FULL
+    }
+}
+
+/// Helpers the generated expression code calls: `min`, `max` and `abs` on `i32` and `f32`,
+/// written with `select` so every back end has them.
+pub mod ops {
+    use cubecl::prelude::*;
+
+    /// `a.min(b)` on `i32`.
+    #[cube]
+    pub fn min_i32(a: i32, b: i32) -> i32 {
+        select(a < b, a, b)
+    }
+
+    /// `a.max(b)` on `i32`.
+    #[cube]
+    pub fn max_i32(a: i32, b: i32) -> i32 {
+        select(a > b, a, b)
+    }
+
+    /// `a.abs()` on `i32`.
+    #[cube]
+    pub fn abs_i32(a: i32) -> i32 {
+        select(a < 0, -a, a)
+    }
+
+    /// `a.min(b)` on `f32`.
+    #[cube]
+    pub fn min_f32(a: f32, b: f32) -> f32 {
+        select(a < b, a, b)
+    }
+
+    /// `a.max(b)` on `f32`.
+    #[cube]
+    pub fn max_f32(a: f32, b: f32) -> f32 {
+        select(a > b, a, b)
+    }
+
+    /// `a.abs()` on `f32`.
+    #[cube]
+    pub fn abs_f32(a: f32) -> f32 {
+        select(a < 0.0, -a, a)
+    }
+}

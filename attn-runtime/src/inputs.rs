@@ -1,0 +1,392 @@
+//! Run-time inputs of a variant: per-sequence key lengths, document offsets, prefix lengths,
+//! sink logits, ALiBi slopes and the inputs a declaration names for its expressions. Checked on
+//! the host against the problem, then packed into two small device buffers (`i32` and `f32`) of
+//! fixed slots that the kernels and the generated hooks index.
+
+use crate::error::AttnError;
+use crate::problem::Problem;
+use crate::variant::{Alibi, InputExtent, InputType, VariantSpec};
+
+/// Slot numbers in the packed input buffers. Built-in inputs have fixed slots; a variant's own
+/// inputs follow, in declaration order, per element type.
+pub mod slots {
+    /// `i32` slot: key length per sequence.
+    pub const KEY_LENGTHS: u32 = 0;
+    /// `i32` slot: query offsets of packed documents (`docs + 1` values).
+    pub const Q_OFFSETS: u32 = 1;
+    /// `i32` slot: key offsets of packed documents (`docs + 1` values).
+    pub const K_OFFSETS: u32 = 2;
+    /// `i32` slot: prefix length per sequence (prefix-LM).
+    pub const PREFIX_LENGTHS: u32 = 3;
+    /// First `i32` slot of the variant's own inputs.
+    pub const FIRST_CUSTOM_INT: u32 = 4;
+    /// `f32` slot: sink logit per query head.
+    pub const SINKS: u32 = 0;
+    /// `f32` slot: ALiBi slope per query head.
+    pub const ALIBI_SLOPES: u32 = 1;
+    /// First `f32` slot of the variant's own inputs.
+    pub const FIRST_CUSTOM_FLOAT: u32 = 2;
+}
+
+/// The run-time inputs of one call. Variants generate a typed struct with exactly the fields
+/// they need and convert it into this; variants without inputs pass `Inputs::default()`.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs<'a> {
+    /// Key length per sequence, `[B]` (`mask: key_lengths`).
+    pub key_lengths: Option<&'a [i32]>,
+    /// Start of each document among the packed queries and the total, `[docs + 1]`
+    /// (`mask: documents`; cu_seqlens).
+    pub q_offsets: Option<&'a [i32]>,
+    /// Start of each document among the packed keys and the total, `[docs + 1]`.
+    pub k_offsets: Option<&'a [i32]>,
+    /// Prefix length per sequence, `[B]` (`mask: prefix_lm`).
+    pub prefix_lengths: Option<&'a [i32]>,
+    /// Sink logit per query head, `[Hq]` (`sinks: per_head`).
+    pub sinks: Option<&'a [f32]>,
+    /// ALiBi slope per query head, `[Hq]` (`alibi: given`).
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// The variant's own `i32` inputs, in declaration order (a scalar is a 1-element slice).
+    pub ints: Vec<&'a [i32]>,
+    /// The variant's own `f32` inputs, in declaration order.
+    pub floats: Vec<&'a [f32]>,
+}
+
+/// The checked, packed form of a call's inputs, and the sequence geometry they imply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    /// Sequences the grid covers: the batch, or the number of documents.
+    pub sequences: usize,
+    /// The longest query sequence (documents) or `seq_q`.
+    pub max_seq_q: usize,
+    /// Values per slot.
+    pub slot_len: usize,
+    /// `i32` slots, `slot_len` values each.
+    pub ints: Vec<i32>,
+    /// `f32` slots, `slot_len` values each.
+    pub floats: Vec<f32>,
+}
+
+impl Packed {
+    /// The document (or batch entry) lengths as `(q_offset, seq_q, k_offset, seq_k)` per sequence,
+    /// with key lengths applied: what the kernel computes from the slots, for the reference.
+    pub fn sequence(
+        &self,
+        spec: &VariantSpec,
+        p: &Problem,
+        s: usize,
+    ) -> (usize, usize, usize, usize) {
+        let at = |slot: u32, i: usize| self.ints[slot as usize * self.slot_len + i] as usize;
+        let (q_off, seq_q, k_off, mut seq_k) = if spec.mask.documents {
+            let (q0, q1) = (at(slots::Q_OFFSETS, s), at(slots::Q_OFFSETS, s + 1));
+            let (k0, k1) = (at(slots::K_OFFSETS, s), at(slots::K_OFFSETS, s + 1));
+            (q0, q1 - q0, k0, k1 - k0)
+        } else {
+            (0, p.seq_q, 0, p.seq_k)
+        };
+        if spec.mask.key_lengths {
+            seq_k = at(slots::KEY_LENGTHS, s);
+        }
+        (q_off, seq_q, k_off, seq_k)
+    }
+}
+
+/// Checks `inputs` against the variant and the problem; packs them for the device.
+pub fn pack(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Result<Packed, AttnError> {
+    let mask = &spec.mask;
+    let mut sequences = p.batch;
+    let mut max_seq_q = p.seq_q;
+    let mut offsets = None;
+    if mask.documents {
+        let q_off = required("q_offsets", inputs.q_offsets)?;
+        let k_off = required("k_offsets", inputs.k_offsets)?;
+        if p.batch != 1 {
+            return Err(AttnError::Input {
+                input: "q_offsets",
+                reason: format!(
+                    "packed documents are one sequence: q, k and v need batch 1, found {}",
+                    p.batch
+                ),
+            });
+        }
+        check_offsets("q_offsets", q_off, p.seq_q, "q's sequence length")?;
+        check_offsets("k_offsets", k_off, p.seq_k, "k's sequence length")?;
+        if q_off.len() != k_off.len() {
+            return Err(AttnError::Input {
+                input: "k_offsets",
+                reason: format!(
+                    "{} documents of keys but {} of queries",
+                    k_off.len() - 1,
+                    q_off.len() - 1
+                ),
+            });
+        }
+        sequences = q_off.len() - 1;
+        max_seq_q = q_off
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        offsets = Some((q_off, k_off));
+    } else {
+        unexpected("q_offsets", inputs.q_offsets, "documents")?;
+        unexpected("k_offsets", inputs.k_offsets, "documents")?;
+    }
+    let slot_len = (sequences + 1).max(p.heads_q).max(1);
+    let int_slots = slots::FIRST_CUSTOM_INT as usize + count(spec, InputType::I32);
+    let float_slots = slots::FIRST_CUSTOM_FLOAT as usize + count(spec, InputType::F32);
+    let mut ints = vec![0i32; int_slots * slot_len];
+    let mut floats = vec![0f32; float_slots * slot_len];
+    let mut put_int = |slot: u32, data: &[i32]| {
+        let at = slot as usize * slot_len;
+        ints[at..at + data.len()].copy_from_slice(data);
+    };
+    if let Some((q_off, k_off)) = offsets {
+        put_int(slots::Q_OFFSETS, q_off);
+        put_int(slots::K_OFFSETS, k_off);
+    }
+    let seq_k_of = |s: usize| match offsets {
+        Some((_, k_off)) => (k_off[s + 1] - k_off[s]) as i64,
+        None => p.seq_k as i64,
+    };
+    if mask.key_lengths {
+        let lengths = required("key_lengths", inputs.key_lengths)?;
+        per_sequence("key_lengths", lengths, sequences)?;
+        for (s, &len) in lengths.iter().enumerate() {
+            if len < 0 || len as i64 > seq_k_of(s) {
+                return Err(AttnError::Input {
+                    input: "key_lengths",
+                    reason: format!(
+                        "entry {s} is {len}; a key length lies between 0 and the {} keys there",
+                        seq_k_of(s)
+                    ),
+                });
+            }
+        }
+        put_int(slots::KEY_LENGTHS, lengths);
+    } else {
+        unexpected("key_lengths", inputs.key_lengths, "key_lengths")?;
+    }
+    if mask.prefix_lm {
+        let prefix = required("prefix_lengths", inputs.prefix_lengths)?;
+        per_sequence("prefix_lengths", prefix, sequences)?;
+        if let Some(s) = prefix.iter().position(|&l| l < 0) {
+            return Err(AttnError::Input {
+                input: "prefix_lengths",
+                reason: format!("entry {s} is {}; a prefix length is at least 0", prefix[s]),
+            });
+        }
+        put_int(slots::PREFIX_LENGTHS, prefix);
+    } else {
+        unexpected("prefix_lengths", inputs.prefix_lengths, "prefix_lm")?;
+    }
+    let mut put_float = |slot: u32, data: &[f32]| {
+        let at = slot as usize * slot_len;
+        floats[at..at + data.len()].copy_from_slice(data);
+    };
+    if spec.score.sinks {
+        let sinks = required("sinks", inputs.sinks)?;
+        per_head("sinks", sinks, p.heads_q)?;
+        finite("sinks", sinks)?;
+        put_float(slots::SINKS, sinks);
+    } else {
+        unexpected("sinks", inputs.sinks, "sinks")?;
+    }
+    match spec.score.alibi {
+        Some(Alibi::Given) => {
+            let slopes = required("alibi_slopes", inputs.alibi_slopes)?;
+            per_head("alibi_slopes", slopes, p.heads_q)?;
+            finite("alibi_slopes", slopes)?;
+            put_float(slots::ALIBI_SLOPES, slopes);
+        }
+        Some(Alibi::Geometric) => {
+            unexpected("alibi_slopes", inputs.alibi_slopes, "alibi: given")?;
+            put_float(slots::ALIBI_SLOPES, &alibi_slopes(p.heads_q));
+        }
+        None => unexpected("alibi_slopes", inputs.alibi_slopes, "alibi")?,
+    }
+    pack_custom(spec, p, inputs, sequences, slot_len, &mut ints, &mut floats)?;
+    Ok(Packed {
+        sequences,
+        max_seq_q,
+        slot_len,
+        ints,
+        floats,
+    })
+}
+
+/// The variant's own inputs into their slots, each checked for its declared extent.
+fn pack_custom(
+    spec: &VariantSpec,
+    p: &Problem,
+    inputs: &Inputs,
+    sequences: usize,
+    slot_len: usize,
+    ints: &mut [i32],
+    floats: &mut [f32],
+) -> Result<(), AttnError> {
+    let (mut next_int, mut next_float) = (0, 0);
+    for decl in spec.inputs {
+        let expected = match decl.extent {
+            InputExtent::Scalar => 1,
+            InputExtent::PerBatch => sequences,
+            InputExtent::PerHead => p.heads_q,
+        };
+        let (found, slot) = match decl.ty {
+            InputType::I32 => {
+                let data = inputs.ints.get(next_int).ok_or(AttnError::Input {
+                    input: decl.name,
+                    reason: "missing".into(),
+                })?;
+                let at = (slots::FIRST_CUSTOM_INT as usize + next_int) * slot_len;
+                next_int += 1;
+                if data.len() == expected {
+                    ints[at..at + expected].copy_from_slice(data);
+                }
+                (data.len(), at)
+            }
+            InputType::F32 => {
+                let data = inputs.floats.get(next_float).ok_or(AttnError::Input {
+                    input: decl.name,
+                    reason: "missing".into(),
+                })?;
+                finite(decl.name, data)?;
+                let at = (slots::FIRST_CUSTOM_FLOAT as usize + next_float) * slot_len;
+                next_float += 1;
+                if data.len() == expected {
+                    floats[at..at + expected].copy_from_slice(data);
+                }
+                (data.len(), at)
+            }
+        };
+        let _ = slot;
+        if found != expected {
+            return Err(AttnError::Input {
+                input: decl.name,
+                reason: format!(
+                    "holds {found} values; {expected} expected ({:?})",
+                    decl.extent
+                ),
+            });
+        }
+    }
+    if inputs.ints.len() != next_int || inputs.floats.len() != next_float {
+        return Err(AttnError::Input {
+            input: "inputs",
+            reason: format!(
+                "{} i32 and {} f32 inputs given; the variant declares {next_int} and {next_float}",
+                inputs.ints.len(),
+                inputs.floats.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The standard ALiBi slopes for `heads` query heads: `2^(−8(h+1)/n)` when `n` is a power of
+/// two; otherwise those of the largest power of two below `n`, then every other slope of twice
+/// that (Press et al., 2022).
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / n as f64);
+        (1..=n).map(|i| start.powi(i as i32)).collect()
+    }
+    let closest = 1usize << heads.max(1).ilog2();
+    let mut slopes = power_of_two(closest);
+    if closest < heads {
+        let extra = power_of_two(2 * closest);
+        slopes.extend(extra.iter().step_by(2).take(heads - closest));
+    }
+    slopes.into_iter().map(|s| s as f32).collect()
+}
+
+fn count(spec: &VariantSpec, ty: InputType) -> usize {
+    spec.inputs.iter().filter(|d| d.ty == ty).count()
+}
+
+fn required<'a, T>(input: &'static str, value: Option<&'a [T]>) -> Result<&'a [T], AttnError> {
+    value.ok_or(AttnError::Input {
+        input,
+        reason: "the variant needs it, but none was given".into(),
+    })
+}
+
+fn unexpected<T>(input: &'static str, value: Option<&[T]>, term: &str) -> Result<(), AttnError> {
+    match value {
+        Some(_) => Err(AttnError::Input {
+            input,
+            reason: format!("given, but the variant does not declare `{term}`"),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn per_sequence(input: &'static str, data: &[i32], sequences: usize) -> Result<(), AttnError> {
+    if data.len() == sequences {
+        return Ok(());
+    }
+    Err(AttnError::Input {
+        input,
+        reason: format!(
+            "holds {} values; one per sequence ({sequences}) expected",
+            data.len()
+        ),
+    })
+}
+
+fn per_head(input: &'static str, data: &[f32], heads: usize) -> Result<(), AttnError> {
+    if data.len() == heads {
+        return Ok(());
+    }
+    Err(AttnError::Input {
+        input,
+        reason: format!(
+            "holds {} values; one per query head ({heads}) expected",
+            data.len()
+        ),
+    })
+}
+
+fn finite(input: &'static str, data: &[f32]) -> Result<(), AttnError> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(AttnError::Input {
+            input,
+            reason: format!("entry {i} is {}; values must be finite", data[i]),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Offsets start at 0, never decrease and end at the packed length.
+fn check_offsets(
+    input: &'static str,
+    offsets: &[i32],
+    total: usize,
+    what: &str,
+) -> Result<(), AttnError> {
+    let fail = |reason: String| Err(AttnError::Input { input, reason });
+    if offsets.len() < 2 {
+        return fail(format!(
+            "holds {} values; documents + 1 (at least 2) expected",
+            offsets.len()
+        ));
+    }
+    if offsets[0] != 0 {
+        return fail(format!(
+            "starts at {}; the first document starts at 0",
+            offsets[0]
+        ));
+    }
+    if let Some(i) = offsets.windows(2).position(|w| w[1] < w[0]) {
+        return fail(format!(
+            "decreases from {} to {} at entry {}",
+            offsets[i],
+            offsets[i + 1],
+            i + 1
+        ));
+    }
+    let last = *offsets.last().expect("at least 2 values");
+    if last as usize != total {
+        return fail(format!("ends at {last}, but {what} is {total}"));
+    }
+    Ok(())
+}
