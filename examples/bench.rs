@@ -218,7 +218,7 @@ fn case_inputs(spec: &attn::VariantSpec, case: &Case, seed: u64) -> OwnedInputs 
         // Documents of 64 to 4096 tokens, like a packed pre-training batch.
         let mut offsets = vec![0i32];
         while (*offsets.last().expect("offsets") as usize) < case.seq {
-            let len = 64 + (rand::Rng::random_range(&mut rng, 0..4032)) as i32;
+            let len: i32 = 64 + rand::Rng::random_range(&mut rng, 0..4032);
             offsets.push((offsets.last().expect("offsets") + len).min(case.seq as i32));
         }
         inputs.q_offsets = Some(offsets.clone());
@@ -370,7 +370,7 @@ fn run<V: Variant<Elem = bf16>>(
     write_raw(&dir.join("o.bin"), &result.o.to_vec(client));
     write_raw(&dir.join("lse.bin"), &result.lse.to_vec(client));
     let times_json: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
-    let simple = if !spec.mask.window.is_some()
+    let simple = if spec.mask.window.is_none()
         && !spec.mask.documents
         && !spec.mask.custom
         && spec.score == attn::ScoreSpec::NONE

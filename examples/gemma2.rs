@@ -8,13 +8,8 @@ mod common;
 
 use common::{finish, run_and_check, Shape};
 
-attn::attention! {
-    /// Gemma-2 local layers: causal, sliding window of 4096 keys, softcap 50.
-    pub Gemma2Local { heads: gqa(group = 2), head_dim: 256, dtype: f16, mask: causal & window(left = 4095), softcap: 50.0 }
-
-    /// Gemma-2 global layers: causal, softcap 50.
-    pub Gemma2Global { heads: gqa(group = 2), head_dim: 256, dtype: f16, mask: causal, softcap: 50.0 }
-}
+// The declaration lives in `variants/gemma2.rs`, shared with the snapshot tests.
+include!("variants/gemma2.rs");
 
 fn main() {
     let client = attn::default_client();

@@ -7,10 +7,8 @@ mod common;
 
 use common::{finish, run_and_check, Shape};
 
-attn::attention! {
-    /// BERT/GPT-2 style multi-head attention in f32.
-    pub Mha64 { heads: mha, head_dim: 64, dtype: f32, scale: 0.125, tiles: [32 x 32, 64 x 32] }
-}
+// The declaration lives in `variants/mha.rs`, shared with the snapshot tests.
+include!("variants/mha.rs");
 
 fn main() {
     let client = attn::default_client();

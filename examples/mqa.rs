@@ -6,10 +6,8 @@ mod common;
 
 use common::{finish, run_and_check, Shape};
 
-attn::attention! {
-    /// PaLM/Falcon style multi-query attention.
-    pub Mqa64 { heads: mqa, head_dim: 64, dtype: f16 }
-}
+// The declaration lives in `variants/mqa.rs`, shared with the snapshot tests.
+include!("variants/mqa.rs");
 
 fn main() {
     let client = attn::default_client();

@@ -8,10 +8,8 @@ mod common;
 
 use common::{finish, run_and_check, Shape};
 
-attn::attention! {
-    /// Packed documents, causal within each, GQA 2, head dim 64.
-    pub PackedCausal { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & documents }
-}
+// The declaration lives in `variants/packed_documents.rs`, shared with the snapshot tests.
+include!("variants/packed_documents.rs");
 
 fn main() {
     let client = attn::default_client();

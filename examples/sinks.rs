@@ -8,10 +8,8 @@ mod common;
 
 use common::{finish, run_and_check, Shape};
 
-attn::attention! {
-    /// gpt-oss local layers: GQA 8, causal, 128-key window, per-head sinks.
-    pub SinkWindow { heads: gqa(group = 8), head_dim: 64, dtype: f16, mask: causal & window(left = 127), sinks: per_head }
-}
+// The declaration lives in `variants/sinks.rs`, shared with the snapshot tests.
+include!("variants/sinks.rs");
 
 fn main() {
     let client = attn::default_client();

@@ -529,55 +529,39 @@ fn documents_do_not_leak() {
 #[test]
 fn rows_without_keys() {
     let client = client();
-    let (h, d, n) = (2, 64, 40);
+    let (d, n) = (64, 40);
     let (mut rng, _) = seeded_rng("rows_without_keys");
-    let q = Tensor::from_slice(
-        &client,
-        &random_vec::<f32>(&mut rng, h * n * d),
-        [2, 1, n, d],
-    )
-    .unwrap();
-    let k = Tensor::from_slice(
-        &client,
-        &random_vec::<f32>(&mut rng, h * n * d),
-        [2, 1, n, d],
-    )
-    .unwrap();
-    let v = Tensor::from_slice(
-        &client,
-        &random_vec::<f32>(&mut rng, h * n * d),
-        [2, 1, n, d],
-    )
-    .unwrap();
+    let mut upload = |heads: usize| {
+        let data = random_vec::<f32>(&mut rng, 2 * heads * n * d);
+        Tensor::from_slice(&client, &data, [2, heads, n, d]).unwrap()
+    };
+    // KeyLengths groups 2 query heads per K/V head; KeyLengthsSinks is MHA.
+    let (q2, q1, k, v) = (upload(2), upload(1), upload(1), upload(1));
+
     // Batch entry 0 has no keys at all, entry 1 has 5.
-    let out = KeyLengths::forward(
-        &client,
-        &q,
-        &k,
-        &v,
-        &KeyLengthsInputs {
-            key_lengths: &[0, 5],
-        },
-    )
-    .unwrap();
-    let o = out.o.to_vec(&client);
-    let lse = out.lse.to_vec(&client);
+    let lengths = KeyLengthsInputs {
+        key_lengths: &[0, 5],
+    };
+    let out = KeyLengths::forward(&client, &q2, &k, &v, &lengths).unwrap();
+    let (o, lse) = (out.o.to_vec(&client), out.lse.to_vec(&client));
+    let rows = 2 * n; // batch entry 0: 2 heads × n rows
     assert!(
-        o[..n * d].iter().all(|&x| x == 0.0),
+        o[..rows * d].iter().all(|&x| x == 0.0),
         "O of a row without keys is 0"
     );
     assert!(
-        lse[..n].iter().all(|&x| x == f32::NEG_INFINITY),
+        lse[..rows].iter().all(|&x| x == f32::NEG_INFINITY),
         "its LSE is −∞"
     );
-    assert!(o[n * d..].iter().all(|x| x.is_finite()) && lse[n..].iter().all(|x| x.is_finite()));
+    assert!(o[rows * d..].iter().all(|x| x.is_finite()));
+    assert!(lse[rows..].iter().all(|x| x.is_finite()));
 
     // With a sink, a row without keys still has O = 0, and its LSE is the sink's logit.
     let inputs = KeyLengthsSinksInputs {
         key_lengths: &[0, 5],
         sinks: &[0.75],
     };
-    let out = KeyLengthsSinks::forward(&client, &q, &k, &v, &inputs).unwrap();
+    let out = KeyLengthsSinks::forward(&client, &q1, &k, &v, &inputs).unwrap();
     let (o, lse) = (out.o.to_vec(&client), out.lse.to_vec(&client));
     assert!(
         o[..n * d].iter().all(|&x| x == 0.0),

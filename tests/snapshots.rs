@@ -1,6 +1,9 @@
 //! Snapshots of what we generate for every example variant: the macro's expansion, and the GPU
-//! source cubecl emits for its kernel at the variant's first tile shape — CUDA C++ for an sm_90
-//! device model and WGSL for the portable back end — all produced without a GPU.
+//! source cubecl emits for its kernels at the variant's first tile shape — CUDA C++ of the portable
+//! and the tensor-core kernel for an sm_90 device model, and WGSL for the portable back end — all
+//! produced without a GPU. The example variants are declared in `examples/variants/`, which both
+//! the examples and this test include, so the source is generated from the very types users get
+//! (their `#[cube]` mask and score hooks included).
 //!
 //! Review changes with `cargo insta review`. Two things cubecl emits are not stable and are
 //! normalised before comparison: value names (`v123`, renumbered in order of first appearance;
@@ -9,12 +12,67 @@
 
 use std::path::Path;
 
-use attn::kernels::prefill::PrefillConfig;
-use attn::{CausalAlignment, MaskKind, Tiling};
-use attn_dsl::spec::{Alignment, DType, Mask};
-use attn_dsl::KernelPlan;
+use attn::{DType, Variant};
 
-/// Every `attention! { … }` body in an example file.
+/// The example variants, compiled here exactly as the examples compile them.
+mod variants {
+    #![allow(dead_code)]
+    pub mod alibi {
+        include!("../examples/variants/alibi.rs");
+    }
+    pub mod gemma2 {
+        include!("../examples/variants/gemma2.rs");
+    }
+    pub mod llama3 {
+        include!("../examples/variants/llama3.rs");
+    }
+    pub mod mha {
+        include!("../examples/variants/mha.rs");
+    }
+    pub mod mistral {
+        include!("../examples/variants/mistral.rs");
+    }
+    pub mod mqa {
+        include!("../examples/variants/mqa.rs");
+    }
+    pub mod packed_documents {
+        include!("../examples/variants/packed_documents.rs");
+    }
+    pub mod sinks {
+        include!("../examples/variants/sinks.rs");
+    }
+}
+
+/// The GPU source of one variant's kernels.
+struct Sources {
+    cuda: String,
+    cuda_tensor_cores: Option<String>,
+    wgsl: Option<String>,
+}
+
+fn sources<V: Variant>() -> Sources {
+    let tiling = V::SPEC.tilings[0];
+    Sources {
+        cuda: attn::codegen::cuda_source::<V>(tiling),
+        // The tensor-core kernel serves f16 and bf16.
+        cuda_tensor_cores: (V::SPEC.dtype != DType::F32)
+            .then(|| attn::codegen::cuda_source_tensor_cores::<V>(tiling)),
+        // WGSL has no bf16.
+        #[cfg(feature = "wgpu")]
+        wgsl: (V::SPEC.dtype != DType::BF16).then(|| attn::codegen::wgsl_source::<V>(tiling)),
+        #[cfg(not(feature = "wgpu"))]
+        wgsl: None,
+    }
+}
+
+/// `(file stem, variant name, its sources)` for every example variant.
+macro_rules! registry {
+    ($($file:ident :: $variant:ident),* $(,)?) => {
+        vec![$((stringify!($file), stringify!($variant), sources::<variants::$file::$variant> as fn() -> Sources)),*] as Vec<(&str, &str, fn() -> Sources)>
+    };
+}
+
+/// Every `attention! { … }` body in a file.
 fn declarations(file: &Path) -> Vec<proc_macro2::TokenStream> {
     let source = std::fs::read_to_string(file).expect("readable example");
     let parsed = syn::parse_file(&source).expect("example parses");
@@ -36,56 +94,24 @@ fn declarations(file: &Path) -> Vec<proc_macro2::TokenStream> {
         .collect()
 }
 
-fn config(plan: &KernelPlan) -> PrefillConfig {
-    let first = plan.candidates[0];
-    PrefillConfig {
-        tiling: Tiling {
-            block_q: first.block_q,
-            block_kv: first.block_kv,
-        },
-        head_dim: plan.spec.head_dim.value,
-        mask: match plan.spec.mask.value {
-            Mask::None => MaskKind::None,
-            Mask::Causal(Alignment::BottomRight) => MaskKind::Causal(CausalAlignment::BottomRight),
-            Mask::Causal(Alignment::TopLeft) => MaskKind::Causal(CausalAlignment::TopLeft),
-        },
-    }
-}
-
-fn cuda(plan: &KernelPlan) -> String {
-    let c = config(plan);
-    match plan.spec.dtype.value {
-        DType::F16 => attn::codegen::cuda_source::<attn::f16>(c),
-        DType::BF16 => attn::codegen::cuda_source::<attn::bf16>(c),
-        DType::F32 => attn::codegen::cuda_source::<f32>(c),
-    }
-}
-
-/// The tensor-core kernel's CUDA C++, for the element types it serves (f16, bf16).
-fn cuda_tensor_cores(plan: &KernelPlan) -> Option<String> {
-    let c = config(plan);
-    match plan.spec.dtype.value {
-        DType::F16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::f16>(c)),
-        DType::BF16 => Some(attn::codegen::cuda_source_tensor_cores::<attn::bf16>(c)),
-        DType::F32 => None,
-    }
-}
-
-#[cfg(feature = "wgpu")]
-fn wgsl(plan: &KernelPlan) -> Option<String> {
-    let c = config(plan);
-    match plan.spec.dtype.value {
-        DType::F16 => Some(attn::codegen::wgsl_source::<attn::f16>(c)),
-        // WGSL has no bf16.
-        DType::BF16 => None,
-        DType::F32 => Some(attn::codegen::wgsl_source::<f32>(c)),
-    }
-}
-
 #[test]
 fn example_variants() {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&examples)
+    let registry = registry![
+        alibi::Alibi,
+        alibi::AlibiGiven,
+        gemma2::Gemma2Local,
+        gemma2::Gemma2Global,
+        llama3::Llama3,
+        llama3::Llama3F16,
+        mha::Mha64,
+        mistral::Mistral,
+        mistral::MistralSmallWindow,
+        mqa::Mqa64,
+        packed_documents::PackedCausal,
+        sinks::SinkWindow,
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/variants");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "rs"))
@@ -97,23 +123,30 @@ fn example_variants() {
         for body in declarations(&file) {
             let plans = attn_dsl::analyse(body).unwrap_or_else(|(e, _)| panic!("{stem}: {e}"));
             for plan in &plans {
-                let name = format!("{stem}__{}", plan.spec.name);
+                let variant = plan.spec.name.to_string();
+                let name = format!("{stem}__{variant}");
                 let expansion = format!("expansion__{name}");
                 insta::assert_snapshot!(
                     expansion.clone(),
                     attn_dsl::pretty(&attn_dsl::codegen::variant(plan))
                 );
                 names.push(expansion);
+                let Some((_, _, make)) = registry
+                    .iter()
+                    .find(|(f, v, _)| *f == stem && *v == variant)
+                else {
+                    panic!("{stem}::{variant} is not in this test's registry: add it");
+                };
+                let sources = make();
                 let cuda_name = format!("cuda__{name}");
-                insta::assert_snapshot!(cuda_name.clone(), canonical_names(&cuda(plan)));
+                insta::assert_snapshot!(cuda_name.clone(), canonical_names(&sources.cuda));
                 names.push(cuda_name);
-                if let Some(source) = cuda_tensor_cores(plan) {
+                if let Some(source) = sources.cuda_tensor_cores {
                     let tc_name = format!("cuda_tc__{name}");
                     insta::assert_snapshot!(tc_name.clone(), canonical_names(&source));
                     names.push(tc_name);
                 }
-                #[cfg(feature = "wgpu")]
-                if let Some(source) = wgsl(plan) {
+                if let Some(source) = sources.wgsl {
                     let wgsl_name = format!("wgsl__{name}");
                     insta::assert_snapshot!(wgsl_name.clone(), canonical_names(&source));
                     names.push(wgsl_name);
@@ -122,8 +155,8 @@ fn example_variants() {
         }
     }
     assert!(
-        names.len() >= 8,
-        "expected the example variants, found {names:?}"
+        names.len() >= 3 * registry.len(),
+        "expected every example variant, found {names:?}"
     );
     reject_unreferenced(&names);
 }

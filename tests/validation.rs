@@ -15,6 +15,16 @@ attn::attention! {
     Half { heads: mha, head_dim: 64, dtype: f16 }
     /// bf16, for back ends without it.
     Bf16 { heads: mha, head_dim: 64, dtype: bf16 }
+    /// Packed documents with key lengths, sinks, given ALiBi slopes and declared inputs.
+    Inputs4 {
+        heads: mha, head_dim: 64, dtype: f32, mask: documents & key_lengths & |b, h, q, k| k < n,
+        sinks: per_head, alibi: given, inputs: { n: i32, w: [f32; heads] },
+        score: |s, b, h, q, k| s * w[h],
+    }
+    /// Prefix-LM.
+    Prefix { heads: mha, head_dim: 64, dtype: f32, mask: prefix_lm }
+    /// V head dim 128 under QK head dim 64.
+    SplitDims { heads: mha, head_dim: 64, value_dim: 128, dtype: f32 }
 }
 
 fn client() -> ComputeClient {
@@ -36,8 +46,14 @@ fn run<V: Variant<Elem = f32>>(
     k: [usize; 4],
     v: [usize; 4],
 ) -> AttnError {
-    attn::forward::<V>(client, &t(client, q), &t(client, k), &t(client, v))
-        .expect_err("must be refused")
+    attn::forward::<V>(
+        client,
+        &t(client, q),
+        &t(client, k),
+        &t(client, v),
+        &attn::Inputs::default(),
+    )
+    .expect_err("must be refused")
 }
 
 #[test]
@@ -163,7 +179,7 @@ fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
         [1, 2, 8, 32],
         [1024, 512, 64, 2],
     );
-    let e = attn::forward::<Mha>(&c, &good, &good, &strided).unwrap_err();
+    let e = Mha::forward(&c, &good, &good, &strided).unwrap_err();
     assert!(
         matches!(
             e,
@@ -180,7 +196,7 @@ fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
         [1, 2, 16, 64],
         [2048, 1024, 64, 1],
     );
-    let e = attn::forward::<Mha>(&c, &too_long, &good, &good).unwrap_err();
+    let e = Mha::forward(&c, &too_long, &good, &good).unwrap_err();
     assert!(
         matches!(
             e,
@@ -204,7 +220,7 @@ fn output_buffers_are_checked() {
         o: Tensor::empty(&c, [1, 2, 9, 64]),
         lse: Lse::empty(&c, [1, 2, 8]),
     };
-    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
+    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
     assert_eq!(
         e,
         AttnError::DimMismatch {
@@ -219,7 +235,7 @@ fn output_buffers_are_checked() {
         o: Tensor::empty(&c, [1, 2, 8, 64]),
         lse: Lse::empty(&c, [1, 2, 7]),
     };
-    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
+    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
     assert!(
         matches!(
             e,
@@ -245,7 +261,7 @@ fn output_buffers_are_checked() {
         o: strided,
         lse: Lse::empty(&c, [1, 2, 8]),
     };
-    let e = attn::forward_into::<Mha>(&c, &q, &q, &q, tiling, &view).unwrap_err();
+    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &view).unwrap_err();
     assert_eq!(
         e,
         AttnError::OutputLayout {
@@ -260,7 +276,7 @@ fn tiles_the_device_cannot_run_are_refused() {
     let c = client();
     let smem = c.properties().hardware.max_shared_memory_size;
     let q = t(&c, [1, 1, 4, 128]);
-    let result = attn::forward::<Huge>(&c, &q, &q, &q);
+    let result = Huge::forward(&c, &q, &q, &q);
     if smem < 128 * 1024 {
         let e = result.unwrap_err();
         assert!(e.to_string().contains("shared memory"), "{e}");
@@ -275,7 +291,7 @@ fn tiles_the_device_cannot_run_are_refused() {
         o: Tensor::empty(&c, [1, 1, 4, 128]),
         lse: Lse::empty(&c, [1, 1, 4]),
     };
-    let e = attn::forward_into::<Huge>(&c, &q, &q, &q, absurd, &out).unwrap_err();
+    let e = Huge::forward_into(&c, &q, &q, &q, absurd, &out).unwrap_err();
     assert!(e.to_string().contains("units per cube"), "{e}");
 }
 
@@ -287,7 +303,7 @@ fn unsupported_dtype_is_an_error_not_a_crash() {
     }
     let data = vec![attn::bf16::from_f32(0.5); 2 * 4 * 64];
     let q = Tensor::from_slice(&c, &data, [1, 2, 4, 64]).unwrap();
-    let e = attn::forward::<Bf16>(&c, &q, &q, &q).unwrap_err();
+    let e = Bf16::forward(&c, &q, &q, &q).unwrap_err();
     assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
 }
 
@@ -325,4 +341,157 @@ fn host_data_must_fill_its_shape() {
     );
     let e = Tensor::from_slice_bnhd(&c, &[0.5f32; 130], [1, 2, 1, 64]).unwrap_err();
     assert!(e.to_string().contains("130 elements"), "{e}");
+}
+
+/// Every run-time input is checked against the problem before anything launches.
+#[test]
+fn run_time_inputs_are_checked() {
+    let c = client();
+    let (q, k, v) = (
+        t(&c, [1, 2, 10, 64]),
+        t(&c, [1, 2, 10, 64]),
+        t(&c, [1, 2, 10, 64]),
+    );
+    let good = Inputs4Inputs {
+        key_lengths: &[3, 4],
+        q_offsets: &[0, 4, 10],
+        k_offsets: &[0, 6, 10],
+        sinks: &[0.0, 1.0],
+        alibi_slopes: &[0.5, 0.25],
+        n: 3,
+        w: &[1.0, 2.0],
+    };
+    Inputs4::forward(&c, &q, &k, &v, &good).expect("valid inputs run");
+    let input_error = |inputs: Inputs4Inputs| match Inputs4::forward(&c, &q, &k, &v, &inputs) {
+        Err(AttnError::Input { input, reason }) => (input, reason),
+        other => panic!("expected an input error, got {other:?}"),
+    };
+    let (input, reason) = input_error(Inputs4Inputs {
+        q_offsets: &[0, 5, 4, 10],
+        k_offsets: &[0, 1, 2, 10],
+        ..good
+    });
+    assert_eq!(input, "q_offsets");
+    assert!(reason.contains("decreases from 5 to 4"), "{reason}");
+    let (input, reason) = input_error(Inputs4Inputs {
+        q_offsets: &[0, 4, 9],
+        ..good
+    });
+    assert_eq!(input, "q_offsets");
+    assert!(
+        reason.contains("ends at 9, but q's sequence length is 10"),
+        "{reason}"
+    );
+    let (input, reason) = input_error(Inputs4Inputs {
+        k_offsets: &[1, 6, 10],
+        ..good
+    });
+    assert_eq!(input, "k_offsets");
+    assert!(reason.contains("starts at 1"), "{reason}");
+    let (input, reason) = input_error(Inputs4Inputs {
+        k_offsets: &[0, 10],
+        ..good
+    });
+    assert_eq!(input, "k_offsets");
+    assert!(
+        reason.contains("1 documents of keys but 2 of queries"),
+        "{reason}"
+    );
+    let (input, reason) = input_error(Inputs4Inputs {
+        key_lengths: &[7, 4],
+        ..good
+    });
+    assert_eq!(input, "key_lengths");
+    assert!(reason.contains("entry 0 is 7"), "{reason}");
+    let (input, reason) = input_error(Inputs4Inputs {
+        key_lengths: &[1, 1, 1],
+        ..good
+    });
+    assert_eq!(input, "key_lengths");
+    assert!(reason.contains("one per sequence (2) expected"), "{reason}");
+    let (input, reason) = input_error(Inputs4Inputs {
+        sinks: &[0.0, f32::NAN],
+        ..good
+    });
+    assert_eq!(input, "sinks");
+    assert!(reason.contains("must be finite"), "{reason}");
+    let (input, reason) = input_error(Inputs4Inputs {
+        alibi_slopes: &[0.5],
+        ..good
+    });
+    assert_eq!(input, "alibi_slopes");
+    assert!(
+        reason.contains("one per query head (2) expected"),
+        "{reason}"
+    );
+    let (input, _) = input_error(Inputs4Inputs {
+        w: &[1.0, 2.0, 3.0],
+        ..good
+    });
+    assert_eq!(input, "w");
+
+    // Packed documents are one sequence: batch 1.
+    let (q2, k2, v2) = (
+        t(&c, [2, 2, 10, 64]),
+        t(&c, [2, 2, 10, 64]),
+        t(&c, [2, 2, 10, 64]),
+    );
+    match Inputs4::forward(&c, &q2, &k2, &v2, &good) {
+        Err(AttnError::Input {
+            input: "q_offsets",
+            reason,
+        }) => assert!(reason.contains("batch 1"), "{reason}"),
+        other => panic!("expected the batch to be refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn inputs_a_variant_does_not_declare_are_refused() {
+    let c = client();
+    let (q, k, v) = (
+        t(&c, [1, 2, 10, 64]),
+        t(&c, [1, 2, 10, 64]),
+        t(&c, [1, 2, 10, 64]),
+    );
+    let stray = attn::Inputs {
+        key_lengths: Some(&[3]),
+        ..Default::default()
+    };
+    match attn::forward::<Mha>(&c, &q, &k, &v, &stray) {
+        Err(AttnError::Input {
+            input: "key_lengths",
+            reason,
+        }) => {
+            assert!(
+                reason.contains("does not declare `key_lengths`"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a stray input to be refused, got {other:?}"),
+    }
+    match attn::forward::<Prefix>(&c, &q, &k, &v, &attn::Inputs::default()) {
+        Err(AttnError::Input {
+            input: "prefix_lengths",
+            reason,
+        }) => {
+            assert!(reason.contains("none was given"), "{reason}")
+        }
+        other => panic!("expected a missing input to be refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn value_dim_is_checked_separately() {
+    let c = client();
+    let e = run::<SplitDims>(&c, [1, 2, 8, 64], [1, 2, 8, 64], [1, 2, 8, 64]);
+    assert_eq!(
+        e,
+        AttnError::DimMismatch {
+            operand: Operand::V,
+            dim: Dim::HeadDim,
+            expected: 128,
+            found: 64,
+            why: "the variant's value_dim"
+        }
+    );
 }

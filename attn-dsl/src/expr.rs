@@ -547,7 +547,7 @@ impl Checker<'_> {
             Op::And | Op::Or => {
                 if lhs.ty != Ty::Bool || rhs.ty != Ty::Bool {
                     self.cx.error_spanned_by(
-                        &b.op,
+                        b.op,
                         format!(
                             "`{text}` joins two bools; found {} and {}",
                             lhs.ty.name(),
@@ -566,7 +566,7 @@ impl Checker<'_> {
                         ""
                     };
                     self.cx.error_spanned_by(
-                        &b.op,
+                        b.op,
                         format!(
                             "`{text}` needs two numbers of one type; found {} and {}{hint}",
                             lhs.ty.name(),
@@ -577,7 +577,7 @@ impl Checker<'_> {
                 }
                 if op == Op::Rem && lhs.ty == Ty::Float {
                     self.cx
-                        .error_spanned_by(&b.op, "`%` applies to i32 values only");
+                        .error_spanned_by(b.op, "`%` applies to i32 values only");
                     return None;
                 }
                 match op {

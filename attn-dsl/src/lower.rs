@@ -48,7 +48,7 @@ pub fn lower(cx: &Ctxt, raw: &RawVariant) -> Option<Spec> {
             kw::KEY_HEADS => heads = parse_with(cx, value, parse_heads),
             kw::KEY_HEAD_DIM => head_dim = parse_with(cx, value, parse_head_dim),
             kw::KEY_DTYPE => dtype = parse_with(cx, value, parse_dtype),
-            kw::KEY_VALUE_DIM => value_dim = parse_with(cx, value, parse_head_dim),
+            kw::KEY_VALUE_DIM => value_dim = parse_with(cx, value, parse_value_dim),
             kw::KEY_MASK => mask = parse_with(cx, value, |i, cx| parse_mask(i, cx, &inputs)),
             kw::KEY_SCORE => score = parse_with(cx, value, |i, cx| parse_score(i, cx, &inputs)),
             kw::KEY_SOFTCAP => softcap = parse_with(cx, value, parse_softcap),
@@ -184,6 +184,15 @@ fn parse_heads(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<Head
 }
 
 fn parse_head_dim(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<u32>>> {
+    dimension(input, cx, kw::KEY_HEAD_DIM)
+}
+
+fn parse_value_dim(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<u32>>> {
+    dimension(input, cx, kw::KEY_VALUE_DIM)
+}
+
+/// A head dimension the kernels support.
+fn dimension(input: ParseStream, cx: &Ctxt, key: &str) -> syn::Result<Option<Spanned<u32>>> {
     let lit: LitInt = input.parse()?;
     let value: u32 = lit.base10_parse()?;
     if !kw::HEAD_DIMS.contains(&value) {
@@ -191,7 +200,7 @@ fn parse_head_dim(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<u
         cx.error_at(
             lit.span(),
             format!(
-                "head_dim {value} is not supported yet; supported: {}",
+                "{key} {value} is not supported yet; supported: {}",
                 supported.join(", ")
             ),
         );

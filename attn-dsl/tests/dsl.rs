@@ -1,7 +1,7 @@
 //! Parse → lower → check → plan, without the macro.
 
 use attn_dsl::plan::{Phase, TileClass};
-use attn_dsl::spec::{Alignment, DType, Heads, Mask, TileShape};
+use attn_dsl::spec::{Alibi, Alignment, DType, Heads, TileShape};
 use quote::quote;
 
 fn errors(tokens: proc_macro2::TokenStream) -> Vec<String> {
@@ -24,7 +24,8 @@ fn a_full_declaration_plans() {
     assert_eq!(p.spec.heads.value, Heads::Gqa { group: 4 });
     assert_eq!(p.spec.head_dim.value, 128);
     assert_eq!(p.spec.dtype.value, DType::BF16);
-    assert_eq!(p.spec.mask.value, Mask::Causal(Alignment::BottomRight));
+    assert_eq!(p.spec.mask.causal.unwrap().value, Alignment::BottomRight);
+    assert!(p.spec.mask.window.is_none() && p.spec.mask.custom.is_none());
     assert_eq!(p.spec.scale.unwrap().value, 0.125);
     assert_eq!(
         p.candidates,
@@ -53,13 +54,13 @@ fn defaults_fill_mask_scale_and_tiles() {
     let plans = attn_dsl::analyse(quote! { M { heads: mqa, head_dim: 64, dtype: f16 } })
         .unwrap_or_else(|(e, _)| panic!("{e}"));
     let p = &plans[0];
-    assert_eq!(p.spec.mask.value, Mask::None);
+    assert!(p.spec.mask.is_none());
     assert!(p.spec.scale.is_none());
     assert_eq!(p.candidates, attn_dsl::plan::default_tiles(64));
     assert_eq!(p.tile_classes, vec![TileClass::Full, TileClass::Partial]);
     let first = p.candidates[0];
     assert!(
-        first.shared_bytes(64) <= 32 * 1024,
+        first.shared_bytes(64, 64) <= 32 * 1024,
         "the first default runs on every back end"
     );
 }
@@ -70,7 +71,7 @@ fn top_left_alignment() {
         quote! { M { heads: mha, head_dim: 64, dtype: f32, mask: causal(top_left) } },
     )
     .unwrap_or_else(|(e, _)| panic!("{e}"));
-    assert_eq!(plans[0].spec.mask.value, Mask::Causal(Alignment::TopLeft));
+    assert_eq!(plans[0].spec.mask.causal.unwrap().value, Alignment::TopLeft);
 }
 
 #[test]
@@ -86,14 +87,14 @@ fn several_variants_in_one_invocation() {
 #[test]
 fn every_mistake_is_reported_at_once() {
     let errs = errors(quote! {
-        Bad { heads: gqa(group = 1), head_dim: 96, dtype: f8, colour: red }
+        Bad { heads: gqa(group = 1), head_dim: 80, dtype: f8, colour: red }
         AlsoBad { heads: mha, head_dim: 64 }
     });
     assert_eq!(errs.len(), 5, "{errs:#?}");
     assert!(errs.iter().any(|e| e.contains("write `heads: mha`")));
     assert!(errs
         .iter()
-        .any(|e| e.contains("head_dim 96 is not supported")));
+        .any(|e| e.contains("head_dim 80 is not supported")));
     assert!(errs.iter().any(|e| e.contains("unknown dtype `f8`")));
     assert!(errs.iter().any(|e| e.contains("unknown setting `colour`")));
     assert!(errs
@@ -133,4 +134,142 @@ fn a_valid_declaration_expands_to_the_variant_and_its_launchers() {
     assert!(text.contains("group: 2u32"), "{text}");
     assert!(text.contains("pub fn forward("), "{text}");
     assert!(text.contains("pub fn forward_into("), "{text}");
+}
+
+#[test]
+fn mask_terms_score_modifications_and_inputs() {
+    let plans = attn_dsl::analyse(quote! {
+        G {
+            heads: gqa(group = 2), head_dim: 192, value_dim: 128, dtype: bf16,
+            mask: causal & window(left = 4095) & key_lengths & documents & |b, h, q, k| k < keep || q - k < limit[b],
+            softcap: 50.0, alibi: given, sinks: per_head,
+            inputs: { keep: i32, limit: [i32; batch], tilt: [f32; heads] },
+            score: |s, b, h, q, k| s + tilt[h] * (q - k) as f32,
+        }
+    })
+    .unwrap_or_else(|(e, _)| panic!("{e}"));
+    let spec = &plans[0].spec;
+    assert_eq!(spec.value_dim(), 128);
+    let window = spec.mask.window.unwrap().value;
+    assert_eq!(window.left.unwrap().value, 4095);
+    assert!(window.right.is_none());
+    assert!(spec.mask.key_lengths.is_some() && spec.mask.documents.is_some());
+    assert!(spec.mask.custom.is_some() && spec.score.is_some());
+    assert_eq!(spec.softcap.unwrap().value, 50.0);
+    assert_eq!(spec.alibi.unwrap().value, Alibi::Given);
+    assert!(spec.sinks.is_some());
+    assert_eq!(spec.inputs.len(), 3);
+    // Per element type, in declaration order.
+    assert_eq!(
+        spec.inputs.iter().map(|i| i.index).collect::<Vec<_>>(),
+        vec![0, 1, 0]
+    );
+    assert!(
+        plans[0].custom_bounds,
+        "k < keep || q - k < limit[b] is boundable"
+    );
+    assert!(spec.has_inputs());
+}
+
+#[test]
+fn interval_reasoning_bounds_what_it_can() {
+    let bounds = |mask: proc_macro2::TokenStream| {
+        let plans = attn_dsl::analyse(quote! {
+            M { heads: mha, head_dim: 64, dtype: f32, inputs: { n: i32, w: [i32; batch] }, mask: #mask }
+        })
+        .unwrap_or_else(|(e, _)| panic!("{e}"));
+        plans[0].custom_bounds
+    };
+    assert!(bounds(
+        quote!(|b, h, q, k| q >= k && (q - k) < 256 || k < 4)
+    ));
+    assert!(bounds(quote!(
+        |b, h, q, k| (q - k).abs() <= w[b] && k / 64 != q / 64
+    )));
+    assert!(bounds(quote!(|b, h, q, k| if k < n {
+        true
+    } else {
+        q * 2 >= k.max(3)
+    })));
+    assert!(
+        !bounds(quote!(|b, h, q, k| (q + k) % 3 == 0)),
+        "`%` is not bounded"
+    );
+    assert!(
+        !bounds(quote!(|b, h, q, k| (q as f32) < 2.5)),
+        "floats are not bounded"
+    );
+    assert!(
+        !bounds(quote!(|b, h, q, k| k / n < 2)),
+        "division by a run-time value is not bounded"
+    );
+}
+
+#[test]
+fn expression_mistakes_point_at_their_tokens() {
+    let errs = errors(quote! {
+        E {
+            heads: mha, head_dim: 64, dtype: f32,
+            inputs: { bias: [f32; heads], n: i32 },
+            mask: |b, h, q, k| q >= k && unknown < 3,
+            score: |s, b, h, q, k| s + q,
+        }
+        F { heads: mha, head_dim: 64, dtype: f32, mask: |b, h, q, k| q + k, score: |s, b, h, q, k| s.pow(2) }
+        G { heads: mha, head_dim: 64, dtype: f32, inputs: { w: [i32; batch] }, mask: |b, h, q, k| k < w[h] && q << 2 > k }
+        H { heads: mha, head_dim: 64, dtype: f32, mask: |b, h, q| q > 0 }
+    });
+    let has = |needle: &str| errs.iter().any(|e| e.contains(needle));
+    assert!(
+        has("unknown name `unknown` in a mask expression"),
+        "{errs:#?}"
+    );
+    assert!(
+        has("`+` needs two numbers of one type; found f32 and i32"),
+        "{errs:#?}"
+    );
+    assert!(
+        has("a mask expression must be a bool; this is a i32"),
+        "{errs:#?}"
+    );
+    assert!(has("unknown method `pow`"), "{errs:#?}");
+    assert!(has("index it with the batch parameter `b`"), "{errs:#?}");
+    assert!(
+        has("`<<` is not supported in a mask expression"),
+        "{errs:#?}"
+    );
+    assert!(has("a mask expression takes 4 parameters"), "{errs:#?}");
+}
+
+#[test]
+fn conflicting_and_empty_masks() {
+    let errs = errors(quote! {
+        A { heads: mha, head_dim: 64, dtype: f32, mask: causal & prefix_lm }
+        B { heads: mha, head_dim: 64, dtype: f32, mask: window(left = 0) }
+        C { heads: mha, head_dim: 64, dtype: f32, mask: causal & window(left = 8, right = 8) }
+        D { heads: mha, head_dim: 64, dtype: f32, mask: none & causal }
+    });
+    let has = |needle: &str| errs.iter().any(|e| e.contains(needle));
+    assert!(has("`causal` conflicts with `prefix_lm`"), "{errs:#?}");
+    assert!(has("a window side of 0 keys"), "{errs:#?}");
+    assert!(
+        has("conflicting masks: `causal` hides every key after the query"),
+        "{errs:#?}"
+    );
+    assert!(has("`none` cannot be combined"), "{errs:#?}");
+}
+
+#[test]
+fn hooks_and_inputs_are_generated_only_when_needed() {
+    let plain = attn_dsl::pretty(&attn_dsl::expand(
+        quote! { pub P { heads: mha, head_dim: 64, dtype: f16, mask: causal & window(left = 7) } },
+    ));
+    assert!(plain.contains("type Hooks = ::attn::NoHooks"), "{plain}");
+    assert!(!plain.contains("Inputs<'a>"), "{plain}");
+    let custom = attn_dsl::pretty(&attn_dsl::expand(quote! {
+        pub C { heads: mha, head_dim: 64, dtype: f16, inputs: { n: i32 }, mask: |b, h, q, k| k < n }
+    }));
+    assert!(custom.contains("impl ::attn::Hooks for C"), "{custom}");
+    assert!(custom.contains("pub struct CInputs<'a>"), "{custom}");
+    assert!(custom.contains("fn host_mask("), "{custom}");
+    assert!(custom.contains("fn classify("), "{custom}");
 }

@@ -481,7 +481,7 @@ pub fn random_offsets(rng: &mut StdRng, docs: usize, total: usize) -> Vec<i32> {
     offsets.push(total as i32);
     if docs >= 2 && total >= 2 {
         // Make the first document a single token.
-        offsets[1] = 1.max(offsets[1].min(1));
+        offsets[1] = 1;
         for i in 2..offsets.len() {
             offsets[i] = offsets[i].max(offsets[i - 1]);
         }

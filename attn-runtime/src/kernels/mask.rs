@@ -133,8 +133,10 @@ pub fn key_range(
     if comptime!(mask.prefix_lm) {
         hi = min_i32(hi, max_i32(seq.prefix, last + 1));
     }
-    let start = max_i32(lo, 0);
-    let end = max_i32(hi, start);
+    // A window can start past the last visible key (a query far beyond the keys): the range is
+    // then empty, never a range past `seq_k`.
+    let end = max_i32(hi, 0);
+    let start = min_i32(max_i32(lo, 0), end);
     KeyRange {
         start: start as usize,
         end: end as usize,
