@@ -16,19 +16,29 @@
 //! | setting | values | default |
 //! |---|---|---|
 //! | `heads` | `mha`, `mqa`, `gqa(group = G)` (G ≥ 2; head counts are run-time values checked against it) | required |
-//! | `head_dim` | `64`, `128` | required |
+//! | `head_dim` | `64`, `96`, `128`, `192`, `256` | required |
+//! | `value_dim` | the same set: the head dimension of V and O | `head_dim` |
 //! | `dtype` | `f16`, `bf16`, `f32` (accumulation is always f32) | required |
-//! | `mask` | `none`, `causal` (= `causal(bottom_right)`, FlashAttention 2's alignment), `causal(top_left)` (PyTorch's `is_causal`) | `none` |
+//! | `mask` | `none`, or terms joined by `&`: `causal` (= `causal(bottom_right)`), `causal(top_left)`, `window(left = L, right = R)`, `key_lengths`, `documents`, `prefix_lm`, and last a closure `\|b, h, q, k\| bool` | `none` |
+//! | `score` | a closure `\|s, b, h, q, k\| f32` | — |
+//! | `softcap` | a positive number | — |
+//! | `alibi` | `geometric`, `given` | — |
+//! | `sinks` | `per_head` | — |
+//! | `inputs` | `{ name: i32, name: [f32; heads], name: [i32; batch], … }` | — |
 //! | `scale` | a positive number | `1/√head_dim` |
 //! | `tiles` | `[64 x 16, 32 x 16, …]`: query rows × keys per step, powers of two; the first the device can run is used | per head dim |
 //!
-//! Every mistake is a compile error at the offending token, all of them in one compile.
+//! Every mistake is a compile error at the offending token, all of them in one compile. A variant
+//! with run-time inputs (key lengths, document offsets, prefix lengths, sinks, given ALiBi slopes,
+//! declared inputs) gets a typed `…Inputs` struct that its `forward` takes.
 //!
 //! ## Semantics
 //!
-//! `O = softmax(scale · Q Kᵀ + mask) · V` per (batch, query head), with query head `h` reading K/V
-//! head `h / G`. `LSE = log Σ exp(scale · q·k)` over the visible keys, natural log. A row that sees
-//! no key (causal, bottom-right, `Nq > Nk`) yields `O = 0` and `LSE = −∞`, never NaN.
+//! `O = softmax(mod(scale · Q Kᵀ) + mask) · V` per (sequence, query head), with query head `h`
+//! reading K/V head `h / G`; `mod` applies softcap, then ALiBi, then the `score` expression. `LSE`
+//! is the natural-log log-sum-exp of the modified logits over the visible keys (and the sink). A
+//! row that sees no key yields `O = 0` and `LSE = −∞` (with a sink: `O = 0`, `LSE` = the sink),
+//! never NaN.
 
 #![warn(missing_docs)]
 
