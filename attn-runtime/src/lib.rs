@@ -4,6 +4,9 @@
 //! Users normally reach this crate through the `attn` facade and the types that
 //! `attn::attention!` generates; the items here are what those types call.
 
+// No `#![warn(missing_docs)]` here: `#[cube]` generates undocumented expansion modules and types
+// for every kernel function. Every item written by hand is documented.
+
 pub mod error;
 pub mod hooks;
 pub mod inputs;

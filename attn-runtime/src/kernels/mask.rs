@@ -5,8 +5,13 @@
 //! Positions are relative to the sequence (or packed document). Query `q` sits at key position
 //! `q + shift` ("aligned"): `shift = seq_k − seq_q` for bottom-right alignment, 0 for top-left.
 
-// `#[cube]` code: a comptime `if` around a run-time one must stay separate.
-#![allow(clippy::collapsible_if, clippy::too_many_arguments)]
+// `#[cube]` code: a comptime `if` around a run-time one must stay separate, and `div_ceil` has no
+// GPU expansion.
+#![allow(
+    clippy::collapsible_if,
+    clippy::too_many_arguments,
+    clippy::manual_div_ceil
+)]
 
 use cubecl::prelude::*;
 
@@ -47,6 +52,66 @@ pub struct KeyRange {
     pub start: usize,
     /// One past the last visible key.
     pub end: usize,
+}
+
+/// A query block's walk over the keys: its last row, the keys it can see, and the K/V steps of
+/// `block_kv` keys that cover them. Uniform across the cube.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct BlockWalk {
+    /// First query row of the block (sequence position).
+    pub q_first: usize,
+    /// Last query row of the block that exists.
+    pub q_last: usize,
+    /// The keys any row of the block can see.
+    pub range: KeyRange,
+    /// First step.
+    pub first_step: usize,
+    /// One past the last step.
+    pub end_step: usize,
+}
+
+/// The keys of one K/V step: `start..start + len` (the ragged last step is shorter).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct StepKeys {
+    /// First key.
+    pub start: usize,
+    /// Keys in the step.
+    pub len: usize,
+}
+
+/// Plan the walk of the query block starting at row `q_start`.
+#[cube]
+pub fn block_walk(
+    seq: Sequence,
+    q_start: usize,
+    args: PrefillArgs,
+    #[comptime] block_q: usize,
+    #[comptime] block_kv: usize,
+    #[comptime] mask: MaskSpec,
+) -> BlockWalk {
+    let block_end = q_start + block_q;
+    let q_last = select(block_end < seq.seq_q, block_end, seq.seq_q) - 1;
+    let range = key_range(seq, q_start, q_last, args, mask);
+    BlockWalk {
+        q_first: q_start,
+        q_last,
+        range,
+        first_step: range.start / block_kv,
+        end_step: (range.end + block_kv - 1) / block_kv,
+    }
+}
+
+/// The keys of step `step` of a walk.
+#[cube]
+pub fn step_keys(walk: BlockWalk, step: usize, #[comptime] block_kv: usize) -> StepKeys {
+    let start = step * block_kv;
+    let remaining = walk.range.end - start;
+    StepKeys {
+        start,
+        len: select(remaining < block_kv, remaining, block_kv),
+    }
 }
 
 /// Locate the sequence: cube `seq` of the grid's z axis is a batch entry, or a packed document
@@ -143,25 +208,23 @@ pub fn key_range(
     }
 }
 
-/// Classify one K/V step (keys `kv_first..=kv_last`) for queries `q_first..=q_last`: empty
-/// (skip it), full (no mask arithmetic) or partial. Uniform across the cube.
+/// Classify one K/V step of a walk: empty (skip it), full (no mask arithmetic) or partial.
+/// Uniform across the cube.
 #[cube]
 pub fn classify_step<M: Hooks>(
     seq: Sequence,
     head: usize,
-    q_first: usize,
-    q_last: usize,
-    kv_first: usize,
-    kv_last: usize,
+    walk: BlockWalk,
+    keys: StepKeys,
     ints: &Tensor<i32>,
     floats: &Tensor<f32>,
     args: PrefillArgs,
     #[comptime] mask: MaskSpec,
 ) -> u32 {
-    let first = q_first as i32 + seq.shift;
-    let last = q_last as i32 + seq.shift;
-    let k_lo = kv_first as i32;
-    let k_hi = kv_last as i32;
+    let first = walk.q_first as i32 + seq.shift;
+    let last = walk.q_last as i32 + seq.shift;
+    let k_lo = keys.start as i32;
+    let k_hi = (keys.start + keys.len - 1) as i32;
     let mut full = true;
     if comptime!(mask.causal) {
         full = full && k_hi <= first;
@@ -182,8 +245,8 @@ pub fn classify_step<M: Hooks>(
             custom = M::classify(
                 seq.index,
                 head as i32,
-                q_first as i32,
-                q_last as i32,
+                walk.q_first as i32,
+                walk.q_last as i32,
                 k_lo,
                 k_hi,
                 ints,
@@ -256,20 +319,25 @@ pub fn modify_score<M: Hooks>(
     s
 }
 
-/// Fold the head's sink logit into a finished row: returns the factor that multiplies the
-/// accumulator and updates the state so that `max + ln(sum)` is the LSE with the sink.
+/// Finish a row's softmax state: with sinks, fold the head's sink logit in so that
+/// `max + ln(sum)` is the LSE with the sink. Returns the factor that multiplies the accumulator
+/// (1 without sinks).
 #[cube]
-pub fn fold_sink(
+pub fn finish_state(
     state: &mut RowState,
     head: usize,
     floats: &Tensor<f32>,
     args: PrefillArgs,
+    #[comptime] score: ScoreFlags,
 ) -> f32 {
-    let sink = floats[slots::SINKS as usize * args.slot_len as usize + head];
-    let new_max = select(sink > state.max, sink, state.max);
-    let correction = (state.max - new_max).exp();
-    state.sum = state.sum * correction + (sink - new_max).exp();
-    state.max = new_max;
+    let mut correction = 1.0f32.runtime();
+    if comptime!(score.sinks) {
+        let sink = floats[slots::SINKS as usize * args.slot_len as usize + head];
+        let new_max = select(sink > state.max, sink, state.max);
+        correction = (state.max - new_max).exp();
+        state.sum = state.sum * correction + (sink - new_max).exp();
+        state.max = new_max;
+    }
     correction
 }
 

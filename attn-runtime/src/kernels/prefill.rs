@@ -30,7 +30,8 @@ use cubecl::prelude::*;
 
 use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
 use crate::kernels::mask::{
-    classify_step, fold_sink, key_range, key_visible, locate_sequence, modify_score, Sequence,
+    block_walk, classify_step, finish_state, key_visible, locate_sequence, modify_score, step_keys,
+    Sequence,
 };
 use crate::variant::{MaskSpec, ScoreFlags, Tiling};
 
@@ -141,8 +142,6 @@ pub fn prefill_forward<E: Float, M: Hooks>(
         let row = q_start + UNIT_POS as usize;
         let kv_head = head / args.group as usize;
         let row_valid = row < seq.seq_q;
-        let block_end = q_start + block_q;
-        let q_last = select(block_end < seq.seq_q, block_end, seq.seq_q) - 1;
 
         let mut q_row = Array::<f32>::new(config.head_dim());
         load_q_row::<E>(q, &mut q_row, seq, head, row, row_valid, args.scale, config);
@@ -161,26 +160,12 @@ pub fn prefill_forward<E: Float, M: Hooks>(
             sum: 0.0f32,
         };
 
-        let range = key_range(seq, q_start, q_last, args, config.mask);
-        let first_step = range.start / block_kv;
-        let end_step = (range.end + block_kv - 1) / block_kv;
-        for step in first_step..end_step {
-            let kv_start = step * block_kv;
-            // Keys of this step that exist; the ragged last step is simply shorter.
-            let remaining = range.end - kv_start;
-            let kv_len = select(remaining < block_kv, remaining, block_kv);
-            let class = classify_step::<M>(
-                seq,
-                head,
-                q_start,
-                q_last,
-                kv_start,
-                kv_start + kv_len - 1,
-                ints,
-                floats,
-                args,
-                config.mask,
-            );
+        let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
+        for step in walk.first_step..walk.end_step {
+            let keys = step_keys(walk, step, block_kv);
+            let kv_start = keys.start;
+            let kv_len = keys.len;
+            let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
             if class != TILE_EMPTY {
                 sync_cube();
                 load_kv_tile::<E>(
@@ -242,10 +227,7 @@ pub fn prefill_forward<E: Float, M: Hooks>(
         }
 
         if row_valid {
-            let mut factor = 1.0f32.runtime();
-            if comptime!(config.score.sinks) {
-                factor = fold_sink(&mut state, head, floats, args);
-            }
+            let factor = finish_state(&mut state, head, floats, args, config.score);
             write_output::<E>(out, lse, &acc, state, factor, seq, head, row, args, config);
         }
     }

@@ -25,7 +25,8 @@ use cubecl::prelude::*;
 
 use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
 use crate::kernels::mask::{
-    classify_step, fold_sink, key_range, key_visible, locate_sequence, modify_score, Sequence,
+    block_walk, classify_step, finish_state, key_visible, locate_sequence, modify_score, step_keys,
+    Sequence,
 };
 use crate::kernels::prefill::{PrefillArgs, PrefillConfig, RowState};
 
@@ -114,8 +115,6 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
     // Cubes past the end of a short document have nothing to do (uniform across the cube).
     if q_start < seq.seq_q {
         let kv_head = head / args.group as usize;
-        let block_end = q_start + block_q;
-        let q_last = select(block_end < seq.seq_q, block_end, seq.seq_q) - 1;
         // Units 0..16 of each plane own one query row each for the softmax and the finish.
         let lane = UNIT_POS_X as usize;
         let plane = UNIT_POS_Y as usize;
@@ -131,25 +130,12 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
             sum: 0.0f32,
         };
 
-        let range = key_range(seq, q_start, q_last, args, config.mask);
-        let first_step = range.start / block_kv;
-        let end_step = (range.end + block_kv - 1) / block_kv;
-        for step in first_step..end_step {
-            let kv_start = step * block_kv;
-            let remaining = range.end - kv_start;
-            let kv_len = select(remaining < block_kv, remaining, block_kv);
-            let class = classify_step::<M>(
-                seq,
-                head,
-                q_start,
-                q_last,
-                kv_start,
-                kv_start + kv_len - 1,
-                ints,
-                floats,
-                args,
-                config.mask,
-            );
+        let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
+        for step in walk.first_step..walk.end_step {
+            let keys = step_keys(walk, step, block_kv);
+            let kv_start = keys.start;
+            let kv_len = keys.len;
+            let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
             if class != TILE_EMPTY {
                 sync_cube();
                 load_kv_tile_tc::<E>(
@@ -215,10 +201,7 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
 
         let row = q_start + row_in_block;
         if lane < MMA && row < seq.seq_q {
-            let mut factor = 1.0f32.runtime();
-            if comptime!(config.score.sinks) {
-                factor = fold_sink(&mut state, head, floats, args);
-            }
+            let factor = finish_state(&mut state, head, floats, args, config.score);
             write_output_tc::<E>(
                 out,
                 lse,
