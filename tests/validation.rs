@@ -430,6 +430,31 @@ fn run_time_inputs_are_checked() {
     });
     assert_eq!(input, "w");
 
+    // One grid row per document: at most 65 535 of them.
+    let many: Vec<i32> = (0..=70_000).map(|i| i.min(10)).collect();
+    let e = Inputs4::forward(
+        &c,
+        &q,
+        &k,
+        &v,
+        &Inputs4Inputs {
+            q_offsets: &many,
+            k_offsets: &many,
+            ..good
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AttnError::TooLarge {
+                what: "the number of documents",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
     // Packed documents are one sequence: batch 1.
     let (q2, k2, v2) = (
         t(&c, [2, 2, 10, 64]),

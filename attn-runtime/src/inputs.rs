@@ -121,6 +121,14 @@ pub fn pack(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Result<Packed, 
             });
         }
         sequences = q_off.len() - 1;
+        // One cube row of the launch grid per document.
+        if sequences > u16::MAX as usize {
+            return Err(AttnError::TooLarge {
+                what: "the number of documents",
+                found: sequences,
+                max: u16::MAX as usize,
+            });
+        }
         max_seq_q = q_off
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
