@@ -577,3 +577,64 @@ fn rows_without_keys() {
         "the sink joins every LSE"
     );
 }
+
+/// The tile classifier the macro derives from a mask expression is sound — a tile it calls empty
+/// has no visible pair, a tile it calls full has no hidden one — and sharp enough that tiles are
+/// really skipped. Checked on the host form of the same interval code against brute force over
+/// random tiles and inputs.
+#[test]
+fn interval_classification_is_sound_and_skips() {
+    fn check<V: Variant>(tiles: usize, expect_skips: bool) {
+        let spec = V::SPEC;
+        let (mut rng, _) = seeded_rng(&format!("{} classification", spec.name));
+        let (mut empty, mut full) = (0, 0);
+        for _ in 0..tiles {
+            let owned = OwnedInputs::random(&spec, [3, 4, 400, 400], 3, &mut rng);
+            let inputs = owned.view();
+            let sequences = owned.q_offsets.as_ref().map_or(3, |o| o.len() - 1);
+            let b = rng.random_range(0..sequences) as i64;
+            let h = rng.random_range(0..4) as i64;
+            let q_lo = rng.random_range(0..400i64);
+            let k_lo = rng.random_range(0..400i64);
+            let (q_hi, k_hi) = (
+                q_lo + rng.random_range(0..64),
+                k_lo + rng.random_range(0..64),
+            );
+            let class = V::host_classify(b, h, q_lo, q_hi, k_lo, k_hi, &inputs);
+            let pairs = (q_lo..=q_hi).flat_map(|q| (k_lo..=k_hi).map(move |k| (q, k)));
+            let visible: Vec<bool> = pairs
+                .map(|(q, k)| V::host_mask(b, h, q, k, &inputs))
+                .collect();
+            match class {
+                attn::TILE_EMPTY => {
+                    empty += 1;
+                    assert!(visible.iter().all(|v| !v), "{}: a tile called empty has a visible pair: b {b} h {h} q {q_lo}..={q_hi} k {k_lo}..={k_hi}", spec.name);
+                }
+                attn::TILE_FULL => {
+                    full += 1;
+                    assert!(visible.iter().all(|v| *v), "{}: a tile called full has a hidden pair: b {b} h {h} q {q_lo}..={q_hi} k {k_lo}..={k_hi}", spec.name);
+                }
+                _ => {}
+            }
+        }
+        println!(
+            "{}: {empty} empty and {full} full of {tiles} random tiles",
+            spec.name
+        );
+        if expect_skips {
+            assert!(
+                empty > 0 && full > 0,
+                "{}: the classifier never skipped ({empty} empty, {full} full)",
+                spec.name
+            );
+        }
+    }
+    check::<CustomBand>(3000, true);
+    check::<Everything>(3000, true);
+    // `%` is not bounded: every tile stays partial (sound, never skips).
+    check::<CustomInputs>(200, false);
+    assert_eq!(
+        CustomInputs::host_classify(0, 0, 0, 0, 0, 0, &attn::Inputs::default()),
+        attn::TILE_PARTIAL
+    );
+}

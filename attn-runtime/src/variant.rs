@@ -328,6 +328,22 @@ pub trait Variant {
         true
     }
 
+    /// The class ([`crate::TILE_EMPTY`], [`crate::TILE_PARTIAL`], [`crate::TILE_FULL`]) the
+    /// kernels' tile classifier gives the custom mask over queries `q_lo..=q_hi` and keys
+    /// `k_lo..=k_hi`, computed on the host by the same interval reasoning (for testing it against
+    /// brute force); partial when the variant has no bounded custom mask.
+    fn host_classify(
+        _b: i64,
+        _h: i64,
+        _q_lo: i64,
+        _q_hi: i64,
+        _k_lo: i64,
+        _k_hi: i64,
+        _inputs: &Inputs,
+    ) -> u32 {
+        crate::hooks::TILE_PARTIAL
+    }
+
     /// The variant's score expression on the host, in float64, for the reference.
     fn host_score(s: f64, _b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> f64 {
         s

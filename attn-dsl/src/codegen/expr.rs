@@ -194,21 +194,24 @@ pub fn host(e: &Typed, inputs: &[InputDecl]) -> TokenStream {
     }
 }
 
-/// Interval arithmetic of a mask over a tile, as `#[cube]` statements: integers become `(lo, hi)`
-/// bounds, booleans `(may, must)` — whether some pair / every pair of the tile makes it true.
-/// Only for expressions [`crate::expr::boundable`] accepts.
+/// Interval arithmetic of a mask over a tile, as statements: integers become `(lo, hi)` bounds,
+/// booleans `(may, must)` — whether some pair / every pair of the tile makes it true. Emitted as
+/// `#[cube]` code for the kernels and as host code (on `i64`) for testing the classifier against
+/// brute force. Only for expressions [`crate::expr::boundable`] accepts.
 pub struct Intervals<'a> {
     inputs: &'a [InputDecl],
+    host: bool,
     /// The statements so far.
     pub stmts: Vec<TokenStream>,
     next: usize,
 }
 
 impl<'a> Intervals<'a> {
-    /// An empty emitter.
-    pub fn new(inputs: &'a [InputDecl]) -> Self {
+    /// An empty emitter of `#[cube]` code (`host = false`) or host code.
+    pub fn new(inputs: &'a [InputDecl], host: bool) -> Self {
         Self {
             inputs,
+            host,
             stmts: Vec::new(),
             next: 0,
         }
@@ -226,11 +229,42 @@ impl<'a> Intervals<'a> {
         (l, h)
     }
 
+    fn select(&self, c: TokenStream, a: TokenStream, b: TokenStream) -> TokenStream {
+        if self.host {
+            quote!((if #c { #a } else { #b }))
+        } else {
+            quote!(select(#c, #a, #b))
+        }
+    }
+
+    fn min(&self, a: TokenStream, b: TokenStream) -> TokenStream {
+        if self.host {
+            quote!((#a).min(#b))
+        } else {
+            let helpers = paths::expr_helpers();
+            quote!(#helpers::min_i32(#a, #b))
+        }
+    }
+
+    fn max(&self, a: TokenStream, b: TokenStream) -> TokenStream {
+        if self.host {
+            quote!((#a).max(#b))
+        } else {
+            let helpers = paths::expr_helpers();
+            quote!(#helpers::max_i32(#a, #b))
+        }
+    }
+
+    fn zero(&self) -> TokenStream {
+        if self.host {
+            quote!(0i64)
+        } else {
+            quote!(0i32)
+        }
+    }
+
     /// Emits the bounds of `e`; returns the names of `(lo, hi)` (ints) or `(may, must)` (bools).
     pub fn emit(&mut self, e: &Typed) -> (Ident, Ident) {
-        let helpers = paths::expr_helpers();
-        let min = quote!(#helpers::min_i32);
-        let max = quote!(#helpers::max_i32);
         match &e.node {
             Node::Param(Param::Q) => self.bind(quote!(q_lo), quote!(q_hi)),
             Node::Param(Param::K) => self.bind(quote!(k_lo), quote!(k_hi)),
@@ -239,7 +273,11 @@ impl<'a> Intervals<'a> {
                 self.bind(quote!(#p), quote!(#p))
             }
             Node::Int(_) | Node::Bool(_) | Node::Input(_) => {
-                let v = cube(e, self.inputs);
+                let v = if self.host {
+                    host(e, self.inputs)
+                } else {
+                    cube(e, self.inputs)
+                };
                 self.bind(v.clone(), v)
             }
             Node::Neg(x) => {
@@ -257,17 +295,18 @@ impl<'a> Intervals<'a> {
                     Op::Add => self.bind(quote!(#al + #bl), quote!(#ah + #bh)),
                     Op::Sub => self.bind(quote!(#al - #bh), quote!(#ah - #bl)),
                     Op::Mul => {
-                        let products = [
+                        let [p0, p1, p2, p3] = [
                             quote!(#al * #bl),
                             quote!(#al * #bh),
                             quote!(#ah * #bl),
                             quote!(#ah * #bh),
                         ];
-                        let [p0, p1, p2, p3] = products;
-                        self.bind(
-                            quote!(#min(#min(#p0, #p1), #min(#p2, #p3))),
-                            quote!(#max(#max(#p0, #p1), #max(#p2, #p3))),
-                        )
+                        let lo = self.min(
+                            self.min(p0.clone(), p1.clone()),
+                            self.min(p2.clone(), p3.clone()),
+                        );
+                        let hi = self.max(self.max(p0, p1), self.max(p2, p3));
+                        self.bind(lo, hi)
                     }
                     // Division by a positive literal is monotone.
                     Op::Div => self.bind(quote!(#al / #bl), quote!(#ah / #bl)),
@@ -291,17 +330,28 @@ impl<'a> Intervals<'a> {
             Node::Call(f, x, args) => {
                 let (l, h) = self.emit(x);
                 match f {
-                    Func::Abs => self.bind(
-                        quote!(select(#l >= 0i32, #l, select(#h <= 0i32, -#h, 0i32))),
-                        quote!(#max(-#l, #h)),
-                    ),
+                    Func::Abs => {
+                        let zero = self.zero();
+                        let inner = self.select(quote!(#h <= #zero), quote!(-#h), zero.clone());
+                        let lo = self.select(quote!(#l >= #zero), quote!(#l), inner);
+                        let hi = self.max(quote!(-#l), quote!(#h));
+                        self.bind(lo, hi)
+                    }
                     Func::Min => {
                         let (bl, bh) = self.emit(&args[0]);
-                        self.bind(quote!(#min(#l, #bl)), quote!(#min(#h, #bh)))
+                        let (lo, hi) = (
+                            self.min(quote!(#l), quote!(#bl)),
+                            self.min(quote!(#h), quote!(#bh)),
+                        );
+                        self.bind(lo, hi)
                     }
                     Func::Max => {
                         let (bl, bh) = self.emit(&args[0]);
-                        self.bind(quote!(#max(#l, #bl)), quote!(#max(#h, #bh)))
+                        let (lo, hi) = (
+                            self.max(quote!(#l), quote!(#bl)),
+                            self.max(quote!(#h), quote!(#bh)),
+                        );
+                        self.bind(lo, hi)
                     }
                     _ => unreachable!("float functions are not boundable"),
                 }
@@ -316,10 +366,13 @@ impl<'a> Intervals<'a> {
                         quote!((#must && #ah) || (!#may && #bh) || (#ah && #bh)),
                     )
                 } else {
-                    self.bind(
-                        quote!(select(#must, #al, select(!#may, #bl, #min(#al, #bl)))),
-                        quote!(select(#must, #ah, select(!#may, #bh, #max(#ah, #bh)))),
-                    )
+                    let lo_mix = self.min(quote!(#al), quote!(#bl));
+                    let hi_mix = self.max(quote!(#ah), quote!(#bh));
+                    let lo_else = self.select(quote!(!#may), quote!(#bl), lo_mix);
+                    let hi_else = self.select(quote!(!#may), quote!(#bh), hi_mix);
+                    let lo = self.select(quote!(#must), quote!(#al), lo_else);
+                    let hi = self.select(quote!(#must), quote!(#ah), hi_else);
+                    self.bind(lo, hi)
                 }
             }
             Node::Float(_) | Node::Cast(..) => unreachable!("floats are not boundable"),

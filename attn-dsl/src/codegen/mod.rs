@@ -266,7 +266,29 @@ fn host_fns(spec: &Spec) -> TokenStream {
             }
         }
     });
-    quote!(#mask #score)
+    let classify = spec.mask.custom.as_ref().filter(|_| boundable(&spec.mask)).map(|c| {
+        let [b, h, _, _, inp] = params(c);
+        let [q_lo, q_hi] = ["q_lo", "q_hi"].map(|n| named(c.uses(Param::Q), n));
+        let [k_lo, k_hi] = ["k_lo", "k_hi"].map(|n| named(c.uses(Param::K), n));
+        let mut iv = expr::Intervals::new(inputs, true);
+        let (may, must) = iv.emit(&c.body);
+        let stmts = &iv.stmts;
+        quote! {
+            fn host_classify(#b: i64, #h: i64, #q_lo: i64, #q_hi: i64, #k_lo: i64, #k_hi: i64, #inp: &#attn::Inputs) -> u32 {
+                #(#stmts)*
+                if !#may { #attn::TILE_EMPTY } else if #must { #attn::TILE_FULL } else { #attn::TILE_PARTIAL }
+            }
+        }
+    });
+    quote!(#mask #score #classify)
+}
+
+/// Whether the custom mask is bounded by interval reasoning (the plan's decision, recomputed
+/// here from the spec for the host form).
+fn boundable(mask: &crate::spec::MaskDecl) -> bool {
+    mask.custom
+        .as_ref()
+        .is_some_and(|c| crate::expr::boundable(&c.body))
 }
 
 /// The variant's `#[cube]` hooks: its mask, its score modification and the mask's tile
@@ -318,7 +340,7 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
             let [q_lo, q_hi] = ["q_lo", "q_hi"].map(|n| named(c.uses(Param::Q), n));
             let [k_lo, k_hi] = ["k_lo", "k_hi"].map(|n| named(c.uses(Param::K), n));
             let [ints, floats, slot_len] = buffers(Some(e));
-            let mut iv = expr::Intervals::new(inputs);
+            let mut iv = expr::Intervals::new(inputs, false);
             let (may, must) = iv.emit(e);
             let stmts = &iv.stmts;
             quote! {
