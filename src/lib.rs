@@ -26,7 +26,7 @@
 //! | `sinks` | `per_head` | — |
 //! | `inputs` | `{ name: i32, name: [f32; heads], name: [i32; batch], … }` | — |
 //! | `scale` | a positive number | `1/√head_dim` |
-//! | `tiles` | `[64 x 16, 32 x 16, …]`: query rows × keys per step, powers of two; the first the device can run is used | per head dim |
+//! | `tiles` | `[64 x 16, 32 x 16, …]`: query rows × keys per step, powers of two, in order of preference: the first the device runs on tensor cores is used, else the first it can run | per head dim |
 //!
 //! Every mistake is a compile error at the offending token, all of them in one compile. A variant
 //! with run-time inputs (key lengths, document offsets, prefix lengths, sinks, given ALiBi slopes,

@@ -50,12 +50,27 @@ pub struct KernelPlan {
     pub custom_bounds: bool,
 }
 
-/// Default tile candidates per head dimension. The first stages at most 32 KiB of K/V and uses 64
-/// units, which every back end runs (lavapipe: 32 KiB, 1024 units); the larger ones are for the
-/// tuner to try on GPUs.
+/// Default tile candidates per head dimension, in order of preference; the launcher runs the
+/// first the device can run (preferring ones its tensor cores can run). Every list holds a shape
+/// that stages at most 32 KiB of K/V with 64 units, which every back end runs (lavapipe: 32 KiB,
+/// 1024 units); the others are for GPUs and the tuner.
+///
+/// From head dim 192 on, 64-key steps come first: the tensor-core kernel keeps its f32 output
+/// accumulator in shared memory and round-trips `block_q × value_dim` of it every step, so short
+/// steps spend their time there (measured on the H200 at head dim 256: 64 × 64 took 39 % of the
+/// time of 64 × 16; bench/RESULTS.md).
 pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
     let kv = if head_dim <= 64 { 32 } else { 16 };
     let tile = |block_q, block_kv| TileShape { block_q, block_kv };
+    if head_dim >= 192 {
+        return vec![
+            tile(64, 64),
+            tile(64, kv),
+            tile(32, kv),
+            tile(128, kv),
+            tile(128, 64),
+        ];
+    }
     vec![
         tile(64, kv),
         tile(32, kv),

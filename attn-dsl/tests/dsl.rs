@@ -273,3 +273,18 @@ fn hooks_and_inputs_are_generated_only_when_needed() {
     assert!(custom.contains("fn host_mask("), "{custom}");
     assert!(custom.contains("fn classify("), "{custom}");
 }
+
+#[test]
+fn every_head_dim_has_a_default_tile_every_back_end_runs() {
+    for &d in attn_dsl::keywords::HEAD_DIMS {
+        let tiles = attn_dsl::plan::default_tiles(d);
+        assert!(
+            tiles
+                .iter()
+                .any(|t| t.shared_bytes(d, d) <= 32 * 1024 && t.block_q <= 1024),
+            "head_dim {d}: no default shape fits 32 KiB of shared memory: {tiles:?}"
+        );
+    }
+    // Long K/V steps first from head dim 192 on (measured: the accumulator round trip).
+    assert_eq!(attn_dsl::plan::default_tiles(256)[0].block_kv, 64);
+}

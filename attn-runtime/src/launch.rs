@@ -95,18 +95,23 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
 }
 
 /// The tile shape `spec` runs with on this device until the tuner measures: the first candidate
-/// the device can run (declaration order is preference order; measured on the H200, the first
-/// default was also the fastest of the defaults on all 8 benchmark shapes).
+/// (declaration order is preference order) that the device's tensor cores can run, else the first
+/// it can run at all. Preferring tensor cores keeps a large shape that only fits the portable
+/// kernel from displacing a smaller one on tensor cores.
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
-    let mut first_error = None;
-    for &tiling in spec.tilings {
-        match check_tiling(client, spec, tiling) {
-            Ok(()) => return Ok(tiling),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
+    let runnable = |t: &&Tiling| check_tiling(client, spec, **t).is_ok();
+    let on_cores = spec
+        .tilings
+        .iter()
+        .filter(runnable)
+        .find(|t| engine_for(client, spec, **t) == Engine::TensorCores);
+    if let Some(&tiling) = on_cores.or_else(|| spec.tilings.iter().find(runnable)) {
+        return Ok(tiling);
     }
+    let first_error = spec
+        .tilings
+        .iter()
+        .find_map(|t| check_tiling(client, spec, *t).err());
     Err(first_error
         .unwrap_or_else(|| AttnError::Unsupported(format!("{} declares no tile shape", spec.name))))
 }
