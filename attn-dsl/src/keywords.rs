@@ -95,6 +95,16 @@ pub const ALIBI_GIVEN: &str = "given";
 /// `sinks: per_head`.
 pub const SINKS_PER_HEAD: &str = "per_head";
 
+/// Names the generated inputs struct uses for built-in inputs; declared inputs may not take them.
+pub const RESERVED_INPUT_NAMES: &[&str] = &[
+    "key_lengths",
+    "q_offsets",
+    "k_offsets",
+    "prefix_lengths",
+    "sinks",
+    "alibi_slopes",
+];
+
 /// Input type `i32`.
 pub const INPUT_I32: &str = "i32";
 /// Input type `f32`.

@@ -489,7 +489,7 @@ fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDe
         if decls.iter().any(|d| d.name == name) {
             cx.error_at(name.span(), format!("input `{name}` is declared twice"));
             ok = false;
-        } else if RESERVED_INPUT_NAMES.contains(&name.to_string().as_str()) {
+        } else if kw::RESERVED_INPUT_NAMES.contains(&name.to_string().as_str()) {
             cx.error_at(
                 name.span(),
                 format!("`{name}` is the name of a built-in input; choose another"),
@@ -510,16 +510,6 @@ fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDe
     }
     Ok(ok.then_some(decls))
 }
-
-/// Names the generated inputs struct already uses for built-in inputs.
-const RESERVED_INPUT_NAMES: &[&str] = &[
-    "key_lengths",
-    "q_offsets",
-    "k_offsets",
-    "prefix_lengths",
-    "sinks",
-    "alibi_slopes",
-];
 
 fn parse_scale(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<f64>>> {
     positive(input, cx, "the softmax scale")
