@@ -1,0 +1,5 @@
+attn_macros::attention! {
+    pub Bad { heads: mha, head_dim: 64, dtype: f16, score: |s, b, h, q, k| if q > k { s } else { 0 } }
+}
+
+fn main() {}

@@ -1,0 +1,5 @@
+attn_macros::attention! {
+    pub Bad { heads: mha, head_dim: 64, dtype: f16, mask: |b, h, q, k| k < q[b] }
+}
+
+fn main() {}
