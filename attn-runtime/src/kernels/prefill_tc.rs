@@ -4,8 +4,9 @@
 //! One cube per (query block, query head, batch), `block_q / 16` planes (warps) of 32 units; each
 //! plane owns 16 query rows. Per K/V step of `block_kv` keys the cube stages K and V in shared
 //! memory (element type `E`); each plane computes its 16×`block_kv` scores on tensor cores into an
-//! f32 scratch tile, 16 of its units run the online softmax (one row each; f32; probabilities
-//! written back in `E`), the plane rescales its rows of the f32 output accumulator (kept in shared
+//! f32 scratch tile, its 32 units run the online softmax (two per row, each over half the keys,
+//! their max and sum combined with a plane shuffle; f32; probabilities written back in `E`), the
+//! plane rescales its rows of the f32 output accumulator (kept in shared
 //! memory) and adds P·V on tensor cores. One normalisation at the end; O and the LSE written out.
 //! The N×N score matrix never exists: only a `block_q × block_kv` tile of it, per step.
 //!
@@ -118,7 +119,10 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
         // Units 0..16 of each plane own one query row each for the softmax and the finish.
         let lane = UNIT_POS_X as usize;
         let plane = UNIT_POS_Y as usize;
-        let row_in_block = plane * MMA + lane;
+        // Two lanes per query row (lanes l and l + 16): each takes half of a step's keys in the
+        // softmax and half of the row's columns in the finish.
+        let row_in_block = plane * MMA + lane % MMA;
+        let half = lane / MMA;
 
         let mut elems = Shared::<[E]>::new_slice(elem_len);
         let mut floats_smem = Shared::<[f32]>::new_slice(f32_len);
@@ -168,24 +172,23 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
                 }
                 sync_cube();
 
-                if lane < MMA {
-                    online_softmax_tc::<E, M>(
-                        &mut floats_smem,
-                        &mut elems,
-                        &mut state,
-                        seq,
-                        head,
-                        q_start + row_in_block,
-                        row_in_block,
-                        kv_start,
-                        kv_len,
-                        class == TILE_PARTIAL,
-                        ints,
-                        floats,
-                        args,
-                        config,
-                    );
-                }
+                online_softmax_tc::<E, M>(
+                    &mut floats_smem,
+                    &mut elems,
+                    &mut state,
+                    seq,
+                    head,
+                    q_start + row_in_block,
+                    row_in_block,
+                    half,
+                    kv_start,
+                    kv_len,
+                    class == TILE_PARTIAL,
+                    ints,
+                    floats,
+                    args,
+                    config,
+                );
                 sync_cube();
 
                 // Rescaling the accumulator is only needed when some row's running max moved;
@@ -200,7 +203,7 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
         sync_cube();
 
         let row = q_start + row_in_block;
-        if lane < MMA && row < seq.seq_q {
+        if row < seq.seq_q {
             let factor = finish_state(&mut state, head, floats, args, config.score);
             write_output_tc::<E>(
                 out,
@@ -212,6 +215,7 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
                 head,
                 row,
                 row_in_block,
+                half,
                 args,
                 config,
             );
@@ -365,8 +369,10 @@ fn store_accumulator(
     );
 }
 
-/// Online softmax of one row: scale, modify, mask, fold into the running max and sum, write the
-/// probabilities (in `E`, 0 for masked and missing keys) and the accumulator's correction factor.
+/// Online softmax of one row, by the two lanes that share it: each scales, modifies and masks
+/// half of the step's keys; the halves' max and sum meet through one plane shuffle each, so both
+/// lanes hold the same running state. Writes the probabilities (in `E`, 0 for masked and missing
+/// keys) and the accumulator's correction factor.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn online_softmax_tc<E: Float, M: Hooks>(
@@ -377,6 +383,7 @@ fn online_softmax_tc<E: Float, M: Hooks>(
     head: usize,
     row: usize,
     row_in_block: usize,
+    half: usize,
     kv_start: usize,
     kv_len: usize,
     partial: bool,
@@ -385,31 +392,21 @@ fn online_softmax_tc<E: Float, M: Hooks>(
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
-    let block_kv = config.block_kv();
+    let half_len = config.block_kv() / 2;
     let [_, _, _, p_at, _] = config.elem_layout();
     let [s_at, _, corr_at, moved_at, _] = config.f32_layout();
     let s_row = s_at + row_in_block * config.score_stride();
     let p_row = p_at + row_in_block * config.prob_stride();
+    let first = half * half_len;
 
     let mut step_max = (-1.0e30f32).runtime();
-    for j in 0..kv_len {
-        let mut s = floats_smem[s_row + j] * args.scale;
-        if comptime!(config.score.modifies_scores()) {
-            s = modify_score::<M>(
-                s,
-                seq,
-                head,
-                row as i32,
-                (kv_start + j) as i32,
-                ints,
-                floats,
-                args,
-                config.score,
-            );
-        }
-        if comptime!(!config.mask.is_none()) {
-            if partial
-                && !key_visible::<M>(
+    for jj in 0..half_len {
+        let j = first + jj;
+        if j < kv_len {
+            let mut s = floats_smem[s_row + j] * args.scale;
+            if comptime!(config.score.modifies_scores()) {
+                s = modify_score::<M>(
+                    s,
                     seq,
                     head,
                     row as i32,
@@ -417,33 +414,54 @@ fn online_softmax_tc<E: Float, M: Hooks>(
                     ints,
                     floats,
                     args,
-                    config.mask,
-                )
-            {
-                s = -1.0e30f32;
+                    config.score,
+                );
             }
+            if comptime!(!config.mask.is_none()) {
+                if partial
+                    && !key_visible::<M>(
+                        seq,
+                        head,
+                        row as i32,
+                        (kv_start + j) as i32,
+                        ints,
+                        floats,
+                        args,
+                        config.mask,
+                    )
+                {
+                    s = -1.0e30f32;
+                }
+            }
+            floats_smem[s_row + j] = s;
+            step_max = select(s > step_max, s, step_max);
         }
-        floats_smem[s_row + j] = s;
-        step_max = select(s > step_max, s, step_max);
     }
+    let other_max = plane_shuffle_xor(step_max, MMA as u32);
+    step_max = select(other_max > step_max, other_max, step_max);
     let new_max = select(step_max > state.max, step_max, state.max);
     let correction = (state.max - new_max).exp();
-    let mut sum = state.sum * correction;
-    for j in 0..block_kv {
+    let mut part = 0.0f32.runtime();
+    for jj in 0..half_len {
+        let j = first + jj;
         let mut p = 0.0f32.runtime();
         if j < kv_len {
             let s = floats_smem[s_row + j];
             p = select(s > -5.0e29f32, (s - new_max).exp(), 0.0f32);
         }
-        sum += p;
+        part += p;
         elems[p_row + j] = E::cast_from(p);
     }
-    floats_smem[corr_at + row_in_block] = correction;
-    if correction != 1.0f32 {
-        floats_smem[moved_at + row_in_block / MMA] = 1.0f32;
+    // `a + b` in one lane and `b + a` in the other: the same float, so the states stay equal.
+    let total = part + plane_shuffle_xor(part, MMA as u32);
+    if half == 0 {
+        floats_smem[corr_at + row_in_block] = correction;
+        if correction != 1.0f32 {
+            floats_smem[moved_at + row_in_block / MMA] = 1.0f32;
+        }
     }
     state.max = new_max;
-    state.sum = sum;
+    state.sum = state.sum * correction + total;
 }
 
 /// Rescale this plane's 16 rows of the output accumulator by their rows' correction factors.
@@ -513,8 +531,8 @@ fn accumulate_pv_tc<E: Float>(
     }
 }
 
-/// Finish: normalise one row once and write O and the LSE (O = 0, LSE = −∞ for a row that saw no
-/// key and has no sink).
+/// Finish: normalise one row once and write O (each of the row's two lanes half of its columns)
+/// and the LSE (O = 0, LSE = −∞ for a row that saw no key and has no sink).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_output_tc<E: Float>(
@@ -527,19 +545,24 @@ fn write_output_tc<E: Float>(
     head: usize,
     row: usize,
     row_in_block: usize,
+    half: usize,
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
     let value_dim = config.value_dim();
+    let half_dim = value_dim / 2;
     let [_, o_at, _, _, _] = config.f32_layout();
     let out_row = seq.q_off + row;
     let base = seq.batch * out.stride(0) + head * out.stride(1) + out_row * out.stride(2);
     let seen = state.sum > 0.0;
     let inv = select(seen, factor / state.sum, 0.0f32);
     let o_row = o_at + row_in_block * value_dim;
-    for c in 0..value_dim {
+    for cc in 0..half_dim {
+        let c = half * half_dim + cc;
         out[base + c] = E::cast_from(floats[o_row + c] * inv);
     }
-    let lse_index = seq.batch * lse.stride(0) + head * lse.stride(1) + out_row * lse.stride(2);
-    lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
+    if half == 0 {
+        let lse_index = seq.batch * lse.stride(0) + head * lse.stride(1) + out_row * lse.stride(2);
+        lse[lse_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
+    }
 }
