@@ -23,7 +23,7 @@ use crate::variant::{CausalAlignment, MaskSpec, ScoreFlags};
 /// Where one cube's sequence lies in the tensors, and its per-cube constants.
 #[derive(CubeType, Clone, Copy)]
 #[expand(derive(Clone, Copy))]
-pub struct Sequence {
+pub struct SequenceSpan {
     /// Batch index into the tensors (0 for packed documents).
     pub batch: usize,
     /// The index expressions see as `b`: batch entry or document.
@@ -84,7 +84,7 @@ pub struct StepKeys {
 /// Plan the walk of the query block starting at row `q_start`.
 #[cube]
 pub fn block_walk(
-    seq: Sequence,
+    seq: SequenceSpan,
     q_start: usize,
     args: PrefillArgs,
     #[comptime] block_q: usize,
@@ -128,7 +128,7 @@ pub fn locate_sequence(
     args: PrefillArgs,
     #[comptime] mask: MaskSpec,
     #[comptime] score: ScoreFlags,
-) -> Sequence {
+) -> SequenceSpan {
     let slot_len = args.slot_len as usize;
     let mut batch = seq;
     let mut q_off = 0usize.runtime();
@@ -159,7 +159,7 @@ pub fn locate_sequence(
     if comptime!(score.alibi) {
         slope = floats[slots::ALIBI_SLOPES as usize * slot_len + head];
     }
-    Sequence {
+    SequenceSpan {
         batch,
         index: seq as i32,
         q_off,
@@ -176,7 +176,7 @@ pub fn locate_sequence(
 /// prefix-LM) and the sequence's key length; the custom mask is classified per step.
 #[cube]
 pub fn key_range(
-    seq: Sequence,
+    seq: SequenceSpan,
     q_first: usize,
     q_last: usize,
     args: PrefillArgs,
@@ -212,7 +212,7 @@ pub fn key_range(
 /// Uniform across the cube.
 #[cube]
 pub fn classify_step<M: Hooks>(
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     walk: BlockWalk,
     keys: StepKeys,
@@ -262,7 +262,7 @@ pub fn classify_step<M: Hooks>(
 /// Whether key `k` is visible to query `q` (both sequence positions), on a partial step.
 #[cube]
 pub fn key_visible<M: Hooks>(
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     q: i32,
     k: i32,
@@ -295,7 +295,7 @@ pub fn key_visible<M: Hooks>(
 #[cube]
 pub fn modify_score<M: Hooks>(
     s: f32,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     q: i32,
     k: i32,

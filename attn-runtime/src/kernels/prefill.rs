@@ -31,7 +31,7 @@ use cubecl::prelude::*;
 use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
 use crate::kernels::mask::{
     block_walk, classify_step, finish_state, key_visible, locate_sequence, modify_score, step_keys,
-    Sequence,
+    SequenceSpan,
 };
 use crate::variant::{MaskSpec, ScoreFlags, Tiling};
 
@@ -239,7 +239,7 @@ pub fn prefill_forward<E: Float, M: Hooks>(
 fn load_q_row<E: Float>(
     q: &Tensor<E>,
     q_row: &mut Array<f32>,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     row_valid: bool,
@@ -265,7 +265,7 @@ fn load_kv_tile<E: Float>(
     src: &Tensor<E>,
     tiles: &mut Shared<[f32]>,
     offset: usize,
-    seq: Sequence,
+    seq: SequenceSpan,
     kv_head: usize,
     kv_start: usize,
     #[comptime] width: usize,
@@ -315,7 +315,7 @@ fn compute_scores(
 #[allow(clippy::too_many_arguments)]
 fn modify_scores<M: Hooks>(
     scores: &mut Array<f32>,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     kv_start: usize,
@@ -345,7 +345,7 @@ fn modify_scores<M: Hooks>(
 #[allow(clippy::too_many_arguments)]
 fn apply_mask<M: Hooks>(
     scores: &mut Array<f32>,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     kv_start: usize,
@@ -434,7 +434,7 @@ fn write_output<E: Float>(
     acc: &Array<f32>,
     state: RowState,
     factor: f32,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     args: PrefillArgs,

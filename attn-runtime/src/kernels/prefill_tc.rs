@@ -6,17 +6,17 @@
 //! memory (element type `E`); each plane computes its 16×`block_kv` scores on tensor cores into an
 //! f32 scratch tile, its 32 units run the online softmax (two per row, each over half the keys,
 //! their max and sum combined with a plane shuffle; f32; probabilities written back in `E`), the
-//! plane rescales its rows of the f32 output accumulator (kept in shared
-//! memory) and adds P·V on tensor cores. One normalisation at the end; O and the LSE written out.
+//! plane adds P·V on tensor cores into its f32 output accumulator, which stays in registers as
+//! tensor-core fragments for the whole walk (rescaled through shared memory only on the steps
+//! where some row's running max moved). One normalisation at the end; O and the LSE written out.
 //! The N×N score matrix never exists: only a `block_q × block_kv` tile of it, per step.
 //!
 //! Mask tiles are classified as in the portable kernel ([`crate::kernels::mask`]): keys outside
 //! the block's visible range are never loaded, empty steps are skipped, full steps skip mask
 //! arithmetic.
 //!
-//! This is the first tensor-core form: synchronous loads, the accumulator in shared memory, scalar
-//! softmax. Asynchronous copies, register-resident accumulators and warpgroup MMA are the
-//! performance work that follows.
+//! Still synchronous loads, 16×16×16 instructions and a scalar softmax over a shared-memory score
+//! tile: asynchronous copies, register-level softmax and warpgroup MMA are the work that follows.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
@@ -27,9 +27,12 @@ use cubecl::prelude::*;
 use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
 use crate::kernels::mask::{
     block_walk, classify_step, finish_state, key_visible, locate_sequence, modify_score, step_keys,
-    Sequence,
+    SequenceSpan,
 };
 use crate::kernels::prefill::{PrefillArgs, PrefillConfig, RowState};
+
+/// A plane's output accumulator: one 16 × 16 f32 tensor-core fragment per 16 columns of V.
+type Fragments = cubecl::prelude::Sequence<cmma::Matrix<f32>>;
 
 /// Rows, columns and depth of one tensor-core instruction.
 pub const MMA: usize = 16;
@@ -128,7 +131,8 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
         let mut floats_smem = Shared::<[f32]>::new_slice(f32_len);
 
         load_q_tile::<E>(q, &mut elems, seq, head, q_start, config);
-        clear_accumulator(&mut floats_smem, config);
+        // The output accumulator stays in registers (tensor-core fragments) for the whole walk.
+        let mut acc = new_accumulator(config);
         let mut state = RowState {
             max: -1.0e30f32,
             sum: 0.0f32,
@@ -194,12 +198,13 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
                 // Rescaling the accumulator is only needed when some row's running max moved;
                 // after the first steps that is rare, and the flag is uniform across the plane.
                 if floats_smem[moved_at + plane] != 0.0f32 {
-                    rescale_rows(&mut floats_smem, plane, lane, config);
+                    rescale_accumulator(&mut acc, &mut floats_smem, plane, lane, config);
                 }
                 sync_cube();
-                accumulate_pv_tc::<E>(&elems, &mut floats_smem, plane, config);
+                accumulate_pv_tc::<E>(&elems, &acc, plane, config);
             }
         }
+        store_output(&acc, &mut floats_smem, plane, config);
         sync_cube();
 
         let row = q_start + row_in_block;
@@ -228,7 +233,7 @@ pub fn prefill_forward_tc<E: Float, M: Hooks>(
 fn load_q_tile<E: Float>(
     q: &Tensor<E>,
     elems: &mut Shared<[E]>,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     q_start: usize,
     #[comptime] config: PrefillConfig,
@@ -247,14 +252,22 @@ fn load_q_tile<E: Float>(
     }
 }
 
-/// Zero the f32 output accumulator.
+/// A zero output accumulator: `value_dim / 16` tensor-core fragments holding this plane's 16 rows.
 #[cube]
-fn clear_accumulator(floats: &mut Shared<[f32]>, #[comptime] config: PrefillConfig) {
-    let [_, o_at, corr_at, _, _] = config.f32_layout();
-    let units = config.planes() * 32;
-    for i in range_stepped(UNIT_POS as usize + o_at, corr_at, units) {
-        floats[i] = 0.0;
+fn new_accumulator(#[comptime] config: PrefillConfig) -> Fragments {
+    let mut acc = Fragments::new();
+    #[unroll]
+    for _ in 0..config.value_dim() / MMA {
+        acc.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            MMA,
+            MMA,
+            MMA,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
     }
+    acc
 }
 
 /// Load K/V: one `block_kv × width` tile into shared memory at `offset`; keys past `kv_len` are
@@ -265,7 +278,7 @@ fn load_kv_tile_tc<E: Float>(
     src: &Tensor<E>,
     elems: &mut Shared<[E]>,
     offset: usize,
-    seq: Sequence,
+    seq: SequenceSpan,
     kv_head: usize,
     kv_start: usize,
     kv_len: usize,
@@ -379,7 +392,7 @@ fn online_softmax_tc<E: Float, M: Hooks>(
     floats_smem: &mut Shared<[f32]>,
     elems: &mut Shared<[E]>,
     state: &mut RowState,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     row_in_block: usize,
@@ -464,51 +477,61 @@ fn online_softmax_tc<E: Float, M: Hooks>(
     state.sum = state.sum * correction + total;
 }
 
-/// Rescale this plane's 16 rows of the output accumulator by their rows' correction factors.
+/// Rescale this plane's 16 rows of the output accumulator by their rows' correction factors: each
+/// fragment goes through the plane's rows of the score tile (free at this point of the step).
 #[cube]
-fn rescale_rows(
+fn rescale_accumulator(
+    acc: &mut Fragments,
     floats: &mut Shared<[f32]>,
     plane: usize,
     lane: usize,
     #[comptime] config: PrefillConfig,
 ) {
-    let value_dim = config.value_dim();
-    let [_, o_at, corr_at, _, _] = config.f32_layout();
-    let rows_len = MMA * value_dim;
-    for i in range_stepped(lane, rows_len, 32) {
-        let r = plane * MMA + i / value_dim;
-        let at = o_at + r * value_dim + i % value_dim;
-        floats[at] *= floats[corr_at + r];
+    let [s_at, _, corr_at, _, _] = config.f32_layout();
+    let stride = config.score_stride();
+    let rows = s_at + plane * MMA * stride;
+    #[unroll]
+    for db in 0..config.value_dim() / MMA {
+        cmma::store(
+            &mut floats[rows..rows + MMA * stride],
+            acc.index(db),
+            stride as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
+        for i in range_stepped(lane, MMA * MMA, 32) {
+            let r = i / MMA;
+            let at = rows + r * stride + i % MMA;
+            floats[at] *= floats[corr_at + plane * MMA + r];
+        }
+        sync_plane();
+        cmma::load_with_layout(
+            acc.index_mut(db),
+            &floats[rows..rows + MMA * stride],
+            stride as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
     }
 }
 
-/// P·V: add this plane's 16 × `value_dim` product of probabilities and the V tile into the f32
-/// accumulator, on tensor cores.
+/// P·V: add this plane's 16 × `value_dim` product of probabilities and the V tile into the
+/// output accumulator's fragments, on tensor cores.
 #[cube]
 fn accumulate_pv_tc<E: Float>(
     elems: &Shared<[E]>,
-    floats: &mut Shared<[f32]>,
+    acc: &Fragments,
     plane: usize,
     #[comptime] config: PrefillConfig,
 ) {
     let value_dim = config.value_dim();
     let block_kv = config.block_kv();
     let [_, _, v_at, p_at, _] = config.elem_layout();
-    let [_, o_at, _, _, _] = config.f32_layout();
     let prob_stride = config.prob_stride();
     let p_rows = p_at + plane * MMA * prob_stride;
-    let o_rows = o_at + plane * MMA * value_dim;
+    #[unroll]
     for db in 0..value_dim / MMA {
-        let acc_at = o_rows + db * MMA;
-        let acc = cmma::Matrix::<f32>::from_slice(
-            cmma::MatrixIdent::Accumulator,
-            MMA,
-            MMA,
-            MMA,
-            cmma::MatrixLayout::RowMajor,
-            &floats[acc_at..acc_at + MMA * value_dim],
-            value_dim as u32,
-        );
+        let fragment = acc.index(db);
         for kb in 0..block_kv / MMA {
             let a = operand::<E>(
                 elems,
@@ -525,9 +548,25 @@ fn accumulate_pv_tc<E: Float>(
                 cmma::MatrixIdent::B,
                 cmma::MatrixLayout::RowMajor,
             );
-            cmma::execute(&a, &b, &acc, &acc);
+            cmma::execute(&a, &b, fragment, fragment);
         }
-        store_accumulator(floats, &acc, acc_at, value_dim);
+    }
+}
+
+/// The finished accumulator into the plane's rows of the f32 output tile, for the finish.
+#[cube]
+fn store_output(
+    acc: &Fragments,
+    floats: &mut Shared<[f32]>,
+    plane: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    let value_dim = config.value_dim();
+    let [_, o_at, _, _, _] = config.f32_layout();
+    let o_rows = o_at + plane * MMA * value_dim;
+    #[unroll]
+    for db in 0..value_dim / MMA {
+        store_accumulator(floats, acc.index(db), o_rows + db * MMA, value_dim);
     }
 }
 
@@ -541,7 +580,7 @@ fn write_output_tc<E: Float>(
     floats: &Shared<[f32]>,
     state: RowState,
     factor: f32,
-    seq: Sequence,
+    seq: SequenceSpan,
     head: usize,
     row: usize,
     row_in_block: usize,
