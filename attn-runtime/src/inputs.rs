@@ -234,47 +234,27 @@ fn pack_custom(
 ) -> Result<(), AttnError> {
     let (mut next_int, mut next_float) = (0, 0);
     for decl in spec.inputs {
-        let expected = match decl.extent {
-            InputExtent::Scalar => 1,
-            InputExtent::PerBatch => sequences,
-            InputExtent::PerHead => p.heads_q,
+        let (expected, what) = match decl.extent {
+            InputExtent::Scalar => (1, "a single value"),
+            InputExtent::PerBatch => (sequences, "one per sequence"),
+            InputExtent::PerHead => (p.heads_q, "one per query head"),
         };
-        let (found, slot) = match decl.ty {
+        match decl.ty {
             InputType::I32 => {
-                let data = inputs.ints.get(next_int).ok_or(AttnError::Input {
-                    input: decl.name,
-                    reason: "missing".into(),
-                })?;
                 let at = (slots::FIRST_CUSTOM_INT as usize + next_int) * slot_len;
+                let data = inputs.ints.get(next_int).copied();
+                place(decl.name, data, expected, what, &mut ints[at..])?;
                 next_int += 1;
-                if data.len() == expected {
-                    ints[at..at + expected].copy_from_slice(data);
-                }
-                (data.len(), at)
             }
             InputType::F32 => {
-                let data = inputs.floats.get(next_float).ok_or(AttnError::Input {
-                    input: decl.name,
-                    reason: "missing".into(),
-                })?;
-                finite(decl.name, data)?;
                 let at = (slots::FIRST_CUSTOM_FLOAT as usize + next_float) * slot_len;
-                next_float += 1;
-                if data.len() == expected {
-                    floats[at..at + expected].copy_from_slice(data);
+                let data = inputs.floats.get(next_float).copied();
+                if let Some(data) = data {
+                    finite(decl.name, data)?;
                 }
-                (data.len(), at)
+                place(decl.name, data, expected, what, &mut floats[at..])?;
+                next_float += 1;
             }
-        };
-        let _ = slot;
-        if found != expected {
-            return Err(AttnError::Input {
-                input: decl.name,
-                reason: format!(
-                    "holds {found} values; {expected} expected ({:?})",
-                    decl.extent
-                ),
-            });
         }
     }
     if inputs.ints.len() != next_int || inputs.floats.len() != next_float {
@@ -287,6 +267,28 @@ fn pack_custom(
             ),
         });
     }
+    Ok(())
+}
+
+/// One declared input into the start of its slot, once its length is checked.
+fn place<T: Copy>(
+    input: &'static str,
+    data: Option<&[T]>,
+    expected: usize,
+    what: &str,
+    slot: &mut [T],
+) -> Result<(), AttnError> {
+    let data = data.ok_or(AttnError::Input {
+        input,
+        reason: "the variant declares it, but none was given".into(),
+    })?;
+    if data.len() != expected {
+        return Err(AttnError::Input {
+            input,
+            reason: format!("holds {} values; {what} ({expected}) expected", data.len()),
+        });
+    }
+    slot[..expected].copy_from_slice(data);
     Ok(())
 }
 
