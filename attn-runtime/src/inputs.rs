@@ -140,10 +140,11 @@ pub fn pack(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Result<Packed, 
         unexpected("k_offsets", inputs.k_offsets, "documents")?;
     }
     let slot_len = (sequences + 1).max(p.heads_q).max(1);
-    let int_slots = slots::FIRST_CUSTOM_INT as usize + count(spec, InputType::I32);
-    let float_slots = slots::FIRST_CUSTOM_FLOAT as usize + count(spec, InputType::F32);
-    let mut ints = vec![0i32; int_slots * slot_len];
-    let mut floats = vec![0f32; float_slots * slot_len];
+    let (int_slots, float_slots) = used_slots(spec);
+    // At least one value each: a device buffer cannot be empty. A variant without run-time inputs
+    // uploads two values per call.
+    let mut ints = vec![0i32; (int_slots * slot_len).max(1)];
+    let mut floats = vec![0f32; (float_slots * slot_len).max(1)];
     let mut put_int = |slot: u32, data: &[i32]| {
         let at = slot as usize * slot_len;
         ints[at..at + data.len()].copy_from_slice(data);
@@ -309,8 +310,34 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
     slopes.into_iter().map(|s| s as f32).collect()
 }
 
-fn count(spec: &VariantSpec, ty: InputType) -> usize {
-    spec.inputs.iter().filter(|d| d.ty == ty).count()
+/// How many `i32` and `f32` slots the variant reads: up to its highest slot in use (the built-in
+/// slots have fixed numbers).
+fn used_slots(spec: &VariantSpec) -> (usize, usize) {
+    let count = |ty| spec.inputs.iter().filter(|d| d.ty == ty).count();
+    let mask = &spec.mask;
+    let custom_ints = count(InputType::I32);
+    let int_slots = if custom_ints > 0 {
+        slots::FIRST_CUSTOM_INT as usize + custom_ints
+    } else if mask.prefix_lm {
+        slots::PREFIX_LENGTHS as usize + 1
+    } else if mask.documents {
+        slots::K_OFFSETS as usize + 1
+    } else if mask.key_lengths {
+        slots::KEY_LENGTHS as usize + 1
+    } else {
+        0
+    };
+    let custom_floats = count(InputType::F32);
+    let float_slots = if custom_floats > 0 {
+        slots::FIRST_CUSTOM_FLOAT as usize + custom_floats
+    } else if spec.score.alibi.is_some() {
+        slots::ALIBI_SLOPES as usize + 1
+    } else if spec.score.sinks {
+        slots::SINKS as usize + 1
+    } else {
+        0
+    };
+    (int_slots, float_slots)
 }
 
 fn required<'a, T>(input: &'static str, value: Option<&'a [T]>) -> Result<&'a [T], AttnError> {

@@ -33,7 +33,7 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
     } else {
         quote!(#attn::NoHooks)
     };
-    let host_fns = host_fns(spec);
+    let host_fns = host_fns(plan);
     let hooks_impl = if has_hooks { hooks(plan) } else { quote!() };
     let phases = plan
         .phases
@@ -233,8 +233,10 @@ fn named(used: bool, name: &str) -> proc_macro2::Ident {
     }
 }
 
-/// `host_mask` / `host_score`: the expressions on the host, for the float64 reference.
-fn host_fns(spec: &Spec) -> TokenStream {
+/// `host_mask`, `host_score` and `host_classify`: the expressions on the host, for the float64
+/// reference and for testing the tile classifier.
+fn host_fns(plan: &KernelPlan) -> TokenStream {
+    let spec = &plan.spec;
     let attn = paths::attn();
     let inputs = &spec.inputs;
     let params = |c: &Closure| {
@@ -266,7 +268,7 @@ fn host_fns(spec: &Spec) -> TokenStream {
             }
         }
     });
-    let classify = spec.mask.custom.as_ref().filter(|_| boundable(&spec.mask)).map(|c| {
+    let classify = spec.mask.custom.as_ref().filter(|_| plan.custom_bounds).map(|c| {
         let [b, h, _, _, inp] = params(c);
         let [q_lo, q_hi] = ["q_lo", "q_hi"].map(|n| named(c.uses(Param::Q), n));
         let [k_lo, k_hi] = ["k_lo", "k_hi"].map(|n| named(c.uses(Param::K), n));
@@ -281,14 +283,6 @@ fn host_fns(spec: &Spec) -> TokenStream {
         }
     });
     quote!(#mask #score #classify)
-}
-
-/// Whether the custom mask is bounded by interval reasoning (the plan's decision, recomputed
-/// here from the spec for the host form).
-fn boundable(mask: &crate::spec::MaskDecl) -> bool {
-    mask.custom
-        .as_ref()
-        .is_some_and(|c| crate::expr::boundable(&c.body))
 }
 
 /// The variant's `#[cube]` hooks: its mask, its score modification and the mask's tile

@@ -15,6 +15,7 @@
 
 use cubecl::prelude::*;
 
+use crate::hooks::ops::{max_i32, min_i32};
 use crate::hooks::{Hooks, TILE_FULL, TILE_PARTIAL};
 use crate::inputs::slots;
 use crate::kernels::prefill::{PrefillArgs, RowState};
@@ -339,16 +340,4 @@ pub fn finish_state(
         state.max = new_max;
     }
     correction
-}
-
-/// `min` of two `i32`.
-#[cube]
-pub fn min_i32(a: i32, b: i32) -> i32 {
-    select(a < b, a, b)
-}
-
-/// `max` of two `i32`.
-#[cube]
-pub fn max_i32(a: i32, b: i32) -> i32 {
-    select(a > b, a, b)
 }
