@@ -638,3 +638,21 @@ fn interval_classification_is_sound_and_skips() {
         attn::TILE_PARTIAL
     );
 }
+
+/// Every runnable tile shape of a variant composing every mask and score modification gives the
+/// reference answer (tile shapes move step and block boundaries across documents, windows and the
+/// classifier's tiles).
+#[test]
+fn every_tile_candidate_of_a_composed_variant() {
+    let client = client();
+    let spec = Everything::SPEC;
+    for tiling in attn::runnable_tilings(&client, &spec) {
+        check_inputs::<Everything>(
+            &client,
+            [1, 3, 1, 203, 203],
+            Layout::Bhnd,
+            tiling,
+            |rng, dims| OwnedInputs::random(&spec, dims, 5, rng),
+        );
+    }
+}
