@@ -4,13 +4,14 @@
 #
 #   bash bench/run_gpu.sh [commit]
 #
-# Expects .bin/bench.gz: `bash bench/build_gpu_binary.sh` makes it on the build machine.
+# Expects .bin/bench.xz: `bash bench/build_gpu_binary.sh` makes it on the build machine.
 set -euo pipefail
 out=${OUT:-bench/out}
 commit=${1:-unknown}
 work=$(mktemp -d)
 mkdir -p "$out"
-gunzip -c .bin/bench.gz >"$work/bench"
+source bench/unpack.sh
+unpack .bin/bench.xz "$work/bench"
 chmod +x "$work/bench"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/device.txt"
 echo "== correctness grid on the device against float64"

@@ -11,7 +11,9 @@
 //! With `--check`, it instead runs a correctness grid on the device against the float64 reference
 //! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones, and every
 //! mask and score modification with random run-time inputs), so one binary carries both jobs to a
-//! GPU machine.
+//! GPU machine. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
+//! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
+//! tuner picks beside the fallback.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,6 +102,10 @@ const fn case<V: Variant<Elem = bf16>>(
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--first-call") {
+        // Before anything else starts the device: the client's start is part of what it times.
+        return first_call();
+    }
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
     let out = PathBuf::from(arg("--out").unwrap_or_else(|| "bench/out".into()));
@@ -304,6 +310,25 @@ fn run<V: Variant<Elem = bf16>>(
     let default_tiling = attn::select_tiling(client, &spec)?;
     let tilings = if std::env::args().any(|a| a == "--all-tiles") {
         attn::runnable_tilings(client, &spec)
+    } else if std::env::args().any(|a| a == "--tuned") {
+        // The tuned call settles the key (tuning on a miss); then the winner and the fallback are
+        // timed side by side.
+        let start = Instant::now();
+        attn::forward::<V>(client, &q, &k, &v, &inputs)?;
+        attn::sync(client)?;
+        let key = attn::tune::TuneKey::of(&spec, &problem, &packed);
+        let winner = attn::tune::chosen::<V>(client, &key).map_or(default_tiling, |c| c.tiling);
+        println!(
+            "  tuned: {} (fallback {}), settled in {:.2} s",
+            winner.name(),
+            default_tiling.name(),
+            start.elapsed().as_secs_f64()
+        );
+        if winner == default_tiling {
+            vec![default_tiling]
+        } else {
+            vec![default_tiling, winner]
+        }
     } else {
         vec![default_tiling]
     };
@@ -518,4 +543,74 @@ fn sorted_median(times: &[f64]) -> f64 {
     let mut sorted = times.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
+}
+
+// ---- `--first-call`: time to first kernel in a fresh process --------------------------------
+
+include!("variants/llama3.rs");
+
+/// What a fresh process pays for its first `forward` (client, tuned-shape lookup or tuning,
+/// kernel compilation or the compiled-kernel cache), its second, and a call after the sequence
+/// length changes inside the same key bucket. Run it once with an empty cache folder
+/// (`ATTN_CACHE_DIR`) and once after tuning.
+fn first_call() {
+    let started = Instant::now();
+    let client = attn::default_client();
+    let client_ms = started.elapsed().as_secs_f64() * 1e3;
+    if attn::supports::<attn::bf16>(&client) {
+        first_call_of::<Llama3>(&client, started, client_ms);
+    } else {
+        first_call_of::<Llama3F16>(&client, started, client_ms);
+    }
+}
+
+fn first_call_arg(name: &str) -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].parse().expect("a number"))
+}
+
+/// A `[B, H, N, D]` tensor with a fixed pattern (the values do not matter for timing).
+fn pattern_tensor<E: Element>(
+    client: &attn::ComputeClient,
+    shape: [usize; 4],
+    salt: usize,
+) -> Tensor<E> {
+    let len = shape.iter().product::<usize>();
+    let data: Vec<E> = (0..len)
+        .map(|i| E::from_f64((((i * 7919 + salt * 104_729) % 2001) as f64 - 1000.0) / 1000.0))
+        .collect();
+    Tensor::from_slice(client, &data, shape).expect("shape")
+}
+
+fn first_calls<V: Variant>(client: &attn::ComputeClient, batch: usize, seq: usize) -> (f64, f64) {
+    let q = pattern_tensor::<V::Elem>(client, [batch, 32, seq, 128], 1);
+    let k = pattern_tensor::<V::Elem>(client, [batch, 8, seq, 128], 2);
+    let v = pattern_tensor::<V::Elem>(client, [batch, 8, seq, 128], 3);
+    attn::sync(client).expect("upload");
+    let call = || {
+        let start = Instant::now();
+        attn::forward::<V>(client, &q, &k, &v, &attn::Inputs::default()).expect("forward");
+        attn::sync(client).expect("run");
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let first = call();
+    let again = call();
+    (first, again)
+}
+
+fn first_call_of<V: Variant>(client: &attn::ComputeClient, started: Instant, client_ms: f64) {
+    let seq = first_call_arg("--seq").unwrap_or(4096);
+    let batch = first_call_arg("--batch").unwrap_or(2);
+    let (first, steady) = first_calls::<V>(client, batch, seq);
+    // A new length inside the same bucket (the key's buckets are powers of four).
+    let (changed, _) = first_calls::<V>(client, batch, seq - seq / 8 - 3);
+    println!(
+        "first_call: variant {} on {}, B {batch}, N {seq}: client {client_ms:.0} ms, first forward {first:.1} ms, second {steady:.1} ms, after a length change to {} {changed:.1} ms, process total {:.0} ms",
+        V::SPEC.name,
+        client.properties().identity.name,
+        seq - seq / 8 - 3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
 }

@@ -100,9 +100,21 @@ fn check_with<V: Variant>(
 /// case's generator), and checks O and LSE against float64.
 fn check_inputs<V: Variant>(
     client: &ComputeClient,
-    [batch, heads_q, heads_kv, seq_q, seq_k]: [usize; 5],
+    dims: [usize; 5],
     layout: Layout,
     tiling: Tiling,
+    inputs: impl FnOnce(&mut rand::rngs::StdRng, [usize; 4]) -> OwnedInputs,
+) {
+    check_run::<V>(client, dims, layout, Some(tiling), inputs);
+}
+
+/// [`check_inputs`] with a given tile shape, or (`None`) through the tuned `forward`, which picks
+/// its shape through the tuner (timing every candidate in scratch buffers on a miss).
+fn check_run<V: Variant>(
+    client: &ComputeClient,
+    [batch, heads_q, heads_kv, seq_q, seq_k]: [usize; 5],
+    layout: Layout,
+    tiling: Option<Tiling>,
     inputs: impl FnOnce(&mut rand::rngs::StdRng, [usize; 4]) -> OwnedInputs,
 ) {
     let spec = V::SPEC;
@@ -110,7 +122,7 @@ fn check_inputs<V: Variant>(
     let label = format!(
         "{} B{batch} H{heads_q}/{heads_kv} Nq{seq_q} Nk{seq_k} {layout:?} {}",
         spec.name,
-        tiling.name()
+        tiling.map_or("tuned".to_string(), |t| t.name())
     );
     let (mut rng, _) = seeded_rng(&label);
     let q_shape = [batch, heads_q, seq_q, d];
@@ -141,7 +153,13 @@ fn check_inputs<V: Variant>(
             .expect("fills its shape"),
         },
     };
-    attn::forward_into::<V>(client, &q, &k, &v, &run_inputs, tiling, &out).expect("launch");
+    let out = match tiling {
+        Some(tiling) => {
+            attn::forward_into::<V>(client, &q, &k, &v, &run_inputs, tiling, &out).expect("launch");
+            out
+        }
+        None => attn::forward::<V>(client, &q, &k, &v, &run_inputs).expect("tuned launch"),
+    };
 
     let (qf, kf, vf) = (widen(&qh), widen(&kh), widen(&vh));
     let reference = attention_f64::<V>(&problem, &packed, &run_inputs, &qf, &kf, &vf);
@@ -655,4 +673,30 @@ fn every_tile_candidate_of_a_composed_variant() {
             |rng, dims| OwnedInputs::random(&spec, dims, 5, rng),
         );
     }
+}
+
+/// The tuner's side: every candidate it may pick for the composed variant on this device, run on
+/// the same inputs, gives the reference answer, and so does the tuned `forward` itself (which, on
+/// a key it has not seen, times every candidate before running the winner into its output).
+#[test]
+fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
+    let client = client();
+    let spec = Everything::SPEC;
+    let candidates = attn::tune::candidates(&client, &spec).expect("candidates");
+    assert!(!candidates.is_empty());
+    assert_eq!(
+        candidates[0].tiling,
+        attn::select_tiling(&client, &spec).unwrap(),
+        "the fallback comes first"
+    );
+    let dims = [1, 3, 1, 150, 171];
+    let random =
+        |rng: &mut rand::rngs::StdRng, d: [usize; 4]| OwnedInputs::random(&spec, d, 4, rng);
+    for candidate in &candidates {
+        check_run::<Everything>(&client, dims, Layout::Bhnd, Some(candidate.tiling), random);
+    }
+    check_run::<Everything>(&client, dims, Layout::Bhnd, None, random);
+    // A second tuned call of the same key (settled now) and one of a new length in its bucket.
+    check_run::<Everything>(&client, [1, 3, 1, 150, 171], Layout::Bhnd, None, random);
+    check_run::<Everything>(&client, [1, 3, 1, 141, 160], Layout::Bhnd, None, random);
 }

@@ -153,4 +153,7 @@ pub enum AttnError {
     /// The device reported an error while running the kernel.
     #[error("launch failed: {0}")]
     Launch(String),
+    /// The tuning cache could not be read, written, exported or imported.
+    #[error("tuning cache: {0}")]
+    Cache(String),
 }

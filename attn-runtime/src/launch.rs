@@ -48,7 +48,8 @@ pub struct Output<E> {
 }
 
 /// Runs variant `V` on Q `[B, Hq, Nq, D]`, K `[B, Hkv, Nk, D]` and V `[B, Hkv, Nk, Dv]` with its
-/// run-time `inputs`, with the first of the variant's tile shapes that this device can run.
+/// run-time `inputs`, with the tile shape tuned for this device and shape bucket (see
+/// [`crate::tune`]: cached, tuned on a miss, or the fallback shape with `ATTN_TUNE=off`).
 pub fn forward<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
@@ -58,12 +59,14 @@ pub fn forward<V: Variant>(
 ) -> Result<Output<V::Elem>, AttnError> {
     let problem = Problem::new(&V::SPEC, q, k, v)?;
     let packed = pack(&V::SPEC, &problem, inputs)?;
-    let tiling = select_tiling(client, &V::SPEC)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&V::SPEC));
+    }
     let out = Output {
         o: Tensor::empty(client, problem.out_shape()),
         lse: Lse::empty(client, problem.lse_shape()),
     };
-    launch::<V>(client, &problem, &packed, tiling, q, k, v, &out)?;
+    crate::tune::forward_tuned::<V>(client, &problem, packed, q, k, v, &out)?;
     Ok(out)
 }
 
@@ -204,9 +207,17 @@ pub fn kernel_config(spec: &VariantSpec, tiling: Tiling) -> PrefillConfig {
     }
 }
 
+fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
+    AttnError::Unsupported(format!(
+        "{} runs in {}, which this device does not support",
+        spec.name,
+        spec.dtype.name()
+    ))
+}
+
 /// The launch itself; every input has been checked.
 #[allow(clippy::too_many_arguments)]
-fn launch<V: Variant>(
+pub(crate) fn launch<V: Variant>(
     client: &ComputeClient,
     problem: &Problem,
     packed: &Packed,
@@ -218,11 +229,7 @@ fn launch<V: Variant>(
 ) -> Result<(), AttnError> {
     let spec = &V::SPEC;
     if !supports::<V::Elem>(client) {
-        return Err(AttnError::Unsupported(format!(
-            "{} runs in {}, which this device does not support",
-            spec.name,
-            spec.dtype.name()
-        )));
+        return Err(unsupported_dtype(spec));
     }
     if packed.max_seq_q == 0 {
         // Every document is empty: nothing to compute, nothing to write.
@@ -288,7 +295,7 @@ fn launch<V: Variant>(
 }
 
 /// Which kernel family runs a tile shape on a device.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub enum Engine {
     /// Scalar units, shared memory only: every back end.
     Portable,

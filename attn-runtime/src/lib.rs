@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod launch;
 pub mod problem;
 pub mod tensor;
+pub mod tune;
 pub mod variant;
 
 #[cfg(feature = "codegen")]
@@ -36,6 +37,7 @@ pub use variant::{
 #[doc(hidden)]
 pub mod __private {
     pub use cubecl;
+    pub use inventory;
 }
 
 /// cubecl itself, for code that needs a device or a client.

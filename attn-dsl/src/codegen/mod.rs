@@ -72,6 +72,9 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
 
         #hooks_impl
 
+        // Found by `attn-tune` (tuning at install) through the program-wide registry.
+        #attn::__private::inventory::submit! { #attn::tune::Registration::of::<#name>() }
+
         #inputs_items
 
         impl #name {

@@ -1,0 +1,27 @@
+//! Tile shapes per device: candidates, the autotune key, cubecl's tuner with its persistent
+//! cache, the install-time shape grid and the registry of declared variants.
+//!
+//! Built on cubecl's autotune (`LocalTuner`, `TunableSet`, `AutotuneKey`, its on-disk store and
+//! environment bundles). What we add, because cubecl leaves it to its users:
+//! - candidates pruned per device before anything launches, the portable fallback first
+//!   ([`candidates`]);
+//! - a tuning policy: tune on a miss (cubecl's behaviour), or never tune ([`Policy`]);
+//! - the cache's place (`ATTN_CACHE_DIR`), a file that is not a database moved aside and rebuilt
+//!   (cubecl would fall back to memory on every later run), a warning when the cache holds
+//!   results for other devices or cubecl versions only ([`cache`]);
+//! - scratch outputs while candidates are timed, so a caller's buffers only ever receive the
+//!   winner's result.
+
+pub mod cache;
+mod candidates;
+mod grid;
+mod key;
+mod registry;
+mod tuner;
+
+pub use candidates::{candidates, Candidate};
+pub use grid::{tune_variant, Grid, KeyReport, ShapePoint};
+pub use key::{fingerprint, TuneKey};
+pub use registry::{registered, Registration};
+pub(crate) use tuner::forward_tuned;
+pub use tuner::{chosen, policy, set_policy, Policy};

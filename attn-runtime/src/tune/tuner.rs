@@ -1,0 +1,173 @@
+//! cubecl's tuner over a variant's candidates: the fastest cached shape, tuned on a miss.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use cubecl::tune::{LocalTuner, Tunable, TunableSet};
+use cubecl_common::device::ServiceId;
+
+use super::cache;
+use super::candidates::{candidates, Candidate};
+use super::key::TuneKey;
+use crate::inputs::Packed;
+use crate::launch::{check_loop_budget, launch, Lse, Output};
+use crate::problem::Problem;
+use crate::tensor::{ComputeClient, Element, Tensor};
+use crate::variant::Variant;
+use crate::AttnError;
+
+/// What a call does when the tuner has no answer for its key.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Policy {
+    /// Use the cached winner (memory, then the persistent cache); on a miss, time every candidate
+    /// now, cache the winner and run it. The default: `attn-tune` at install fills the cache so
+    /// that serving never misses on the tuned grid.
+    Tune,
+    /// Never tune and never read the cache: always the fallback shape (`ATTN_TUNE=off`).
+    Fallback,
+}
+
+/// The process-wide policy: 0 unset (read `ATTN_TUNE`), 1 tune, 2 fallback.
+static POLICY: AtomicU8 = AtomicU8::new(0);
+
+/// The policy in force: [`set_policy`]'s, else `ATTN_TUNE` (`off` → fallback), else tune.
+pub fn policy() -> Policy {
+    match POLICY.load(Ordering::Relaxed) {
+        1 => Policy::Tune,
+        2 => Policy::Fallback,
+        _ => {
+            let off = std::env::var("ATTN_TUNE").is_ok_and(|v| v == "off" || v == "0");
+            let p = if off { Policy::Fallback } else { Policy::Tune };
+            set_policy(p);
+            p
+        }
+    }
+}
+
+/// Sets the policy for the rest of the process.
+pub fn set_policy(policy: Policy) {
+    let code = match policy {
+        Policy::Tune => 1,
+        Policy::Fallback => 2,
+    };
+    POLICY.store(code, Ordering::Relaxed);
+}
+
+/// One tuner for every variant: its cache namespace is the same in every build, and variants keep
+/// apart through the key (the variant's name) and the candidate list's checksum.
+static TUNER: LocalTuner<TuneKey, ServiceId> = LocalTuner::new("attn-prefill");
+
+/// A call as the tuner sees it: owned handles, cheap to clone.
+#[derive(Clone)]
+struct Call<E: Element> {
+    client: ComputeClient,
+    problem: Problem,
+    packed: Arc<Packed>,
+    q: Tensor<E>,
+    k: Tensor<E>,
+    v: Tensor<E>,
+    out: Output<E>,
+    key: TuneKey,
+}
+
+impl<E: Element> Call<E> {
+    /// The same call writing into fresh buffers: candidates are timed there, never in the
+    /// caller's output.
+    fn with_scratch_output(&self) -> Self {
+        let mut call = self.clone();
+        call.out = Output {
+            o: Tensor::empty(&self.client, self.problem.out_shape()),
+            lse: Lse::empty(&self.client, self.problem.lse_shape()),
+        };
+        call
+    }
+}
+
+/// The tunable set of `V` on the device behind `client`: one tunable per candidate, identified
+/// by it.
+fn tunable_set<V: Variant>(
+    client: &ComputeClient,
+) -> TunableSet<TuneKey, Call<V::Elem>, (), Candidate> {
+    let mut set = TunableSet::new(
+        |call: &Call<V::Elem>| call.key.clone(),
+        |_key: &TuneKey, call: &Call<V::Elem>| call.with_scratch_output(),
+    );
+    // `candidates` succeeded before the set is built (see `forward_tuned`).
+    for candidate in candidates(client, &V::SPEC).unwrap_or_default() {
+        set = set.with(Tunable::identified(
+            candidate,
+            move |call: Call<V::Elem>| {
+                launch::<V>(
+                    &call.client,
+                    &call.problem,
+                    &call.packed,
+                    candidate.tiling,
+                    &call.q,
+                    &call.k,
+                    &call.v,
+                    &call.out,
+                )
+                .map_err(|e| e.to_string())
+            },
+        ));
+    }
+    set
+}
+
+/// Runs `V` with the tuned shape for this call's key (see [`Policy`]) into `out`; returns the
+/// candidate that ran. Every input has been checked; `out` has the problem's shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_tuned<V: Variant>(
+    client: &ComputeClient,
+    problem: &Problem,
+    packed: Packed,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+    out: &Output<V::Elem>,
+) -> Result<Candidate, AttnError> {
+    let list = candidates(client, &V::SPEC)?;
+    let fallback = list[0];
+    // A candidate the call cannot run on this device (llvmpipe's loop limit) would fail under the
+    // tuner, which treats a cached winner's failure as fatal: such a call runs the fallback.
+    let all_run = list
+        .iter()
+        .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
+    if policy() == Policy::Fallback || list.len() == 1 || !all_run {
+        launch::<V>(client, problem, &packed, fallback.tiling, q, k, v, out)?;
+        return Ok(fallback);
+    }
+    cache::init();
+    let (id, set) = set_for::<V>(client);
+    let key = TuneKey::of(&V::SPEC, problem, &packed);
+    let call = Call {
+        client: client.clone(),
+        problem: *problem,
+        packed: Arc::new(packed),
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        out: out.clone(),
+        key: key.clone(),
+    };
+    TUNER.execute(&id, client, set.clone(), call);
+    Ok(TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback))
+}
+
+/// The candidate the tuner settled on for `key` in this process, if any.
+pub fn chosen<V: Variant>(client: &ComputeClient, key: &TuneKey) -> Option<Candidate> {
+    let (id, set) = set_for::<V>(client);
+    TUNER.fastest_identity(&id, &set, key)
+}
+
+/// `V`'s tunable set on `client`'s device, built once per device and process.
+type SetOf<V> = Arc<TunableSet<TuneKey, Call<<V as Variant>::Elem>, (), Candidate>>;
+
+fn set_for<V: Variant>(client: &ComputeClient) -> (ServiceId, SetOf<V>) {
+    let id = client.service_id();
+    let set = TUNER.init(&id, {
+        let client = client.clone();
+        move || tunable_set::<V>(&client)
+    });
+    (id, set)
+}

@@ -1,0 +1,183 @@
+//! The tuning cache as processes see it: `attn-tune` run as a program against a private cache
+//! folder on the default back end (lavapipe without a GPU), one small variant, the quick grid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const VARIANT: &str = "Mha64";
+
+/// A fresh cache folder for one test.
+fn cache_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attn-tune-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn attn_tune(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_attn-tune"));
+    cmd.args(args)
+        .env("ATTN_CACHE_DIR", dir)
+        .env_remove("ATTN_CACHE_FILE")
+        .env_remove("ATTN_TUNE")
+        .env_remove("CUBECL_AUTOTUNE_CACHE");
+    cmd
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    let out = attn_tune(dir, args).output().expect("attn-tune runs");
+    assert!(
+        out.status.success(),
+        "attn-tune {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tune(dir: &Path) -> Output {
+    run(
+        dir,
+        &["tune", "--variant", VARIANT, "--grid", "quick", "--quiet"],
+    )
+}
+
+/// `status`'s counts: (tuned for this device, for others, tuning records).
+fn status(dir: &Path) -> (u64, u64, u64) {
+    let out = run(dir, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let count = |label: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no `{label}` in status:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (
+        count("tuned for this device:"),
+        count("tuned for other devices or cubecl versions:"),
+        count("tuning records:"),
+    )
+}
+
+/// The `variant … chosen` part of each report line.
+fn choices(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(VARIANT))
+        .map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+fn is_database(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.starts_with(b"SQLite format 3\0"))
+}
+
+#[test]
+fn a_missing_cache_is_created_and_a_later_process_reuses_it() {
+    let dir = cache_dir("reuse");
+    let first = tune(&dir);
+    assert!(
+        is_database(&dir.join("default.db")),
+        "the cache is a database"
+    );
+    let (ours, foreign, records) = status(&dir);
+    assert!(ours >= 1, "the tuned key is stored");
+    assert_eq!(foreign, 0);
+    assert!(records >= 1, "the tuning round left its record");
+    let second = tune(&dir);
+    assert_eq!(choices(&first), choices(&second), "the same winner");
+    assert!(!choices(&first).is_empty());
+    let (ours2, _, records2) = status(&dir);
+    assert_eq!(
+        (ours2, records2),
+        (ours, records),
+        "a cached key is not tuned again"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_corrupt_cache_is_moved_aside_with_a_warning_and_rebuilt() {
+    let dir = cache_dir("corrupt");
+    let db = dir.join("default.db");
+    let garbage: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&db, &garbage).unwrap();
+    let out = tune(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("was not a readable database"),
+        "warned:\n{stderr}"
+    );
+    assert!(is_database(&db), "a new database took its place");
+    let moved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "the bad file is kept aside for inspection");
+    assert_eq!(std::fs::read(moved[0].path()).unwrap(), garbage);
+    let (ours, _, records) = status(&dir);
+    assert!(ours >= 1);
+    tune(&dir);
+    assert_eq!(
+        status(&dir).2,
+        records,
+        "the rebuilt cache serves the next process"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_processes_tuning_at_once_leave_a_sound_cache() {
+    let dir = cache_dir("concurrent");
+    let args = ["tune", "--variant", VARIANT, "--grid", "quick", "--quiet"];
+    let a = attn_tune(&dir, &args).spawn().unwrap();
+    let b = attn_tune(&dir, &args).spawn().unwrap();
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+    }
+    assert!(is_database(&dir.join("default.db")));
+    let (ours, _, records) = status(&dir);
+    assert!(ours >= 1);
+    tune(&dir);
+    assert_eq!(status(&dir).2, records, "after both, the key is cached");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_exported_bundle_pretunes_another_machine() {
+    let (a, b) = (cache_dir("export-a"), cache_dir("export-b"));
+    tune(&a);
+    let bundle = a.join("fleet.db");
+    run(&a, &["export", bundle.to_str().unwrap()]);
+    run(&b, &["import", bundle.to_str().unwrap()]);
+    let (ours, _, records) = status(&b);
+    assert!(ours >= 1, "the imported key is there");
+    assert_eq!(records, 0, "records stay home");
+    tune(&b);
+    assert_eq!(status(&b).2, 0, "nothing was tuned on the importing side");
+    run(&b, &["clear"]);
+    assert!(!b.join("default.db").exists());
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn an_unknown_variant_is_an_error_that_names_the_known_ones() {
+    let dir = cache_dir("unknown");
+    let out = attn_tune(&dir, &["tune", "--variant", "Nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no variant `Nope`") && stderr.contains(VARIANT),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
