@@ -6,13 +6,16 @@ use crate::tensor::ComputeClient;
 use crate::variant::{Variant, VariantSpec};
 use crate::AttnError;
 
+/// Tunes one variant over a grid on a device, reporting each point as it is done.
+pub type TuneFn =
+    fn(&ComputeClient, &Grid, &mut dyn FnMut(&KeyReport)) -> Result<Vec<KeyReport>, AttnError>;
+
 /// A declared variant as the tuner sees it (the macro submits one per declaration).
 pub struct Registration {
     /// The variant's compile-time facts.
     pub spec: VariantSpec,
     /// Tunes the variant over a grid on a device.
-    pub tune:
-        fn(&ComputeClient, &Grid, &mut dyn FnMut(&KeyReport)) -> Result<Vec<KeyReport>, AttnError>,
+    pub tune: TuneFn,
 }
 
 impl Registration {
