@@ -681,6 +681,8 @@ fn every_tile_candidate_of_a_composed_variant() {
 #[test]
 fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
     let client = client();
+    // Tune here too (calls on CPU-emulated devices default to the fallback).
+    attn::tune::set_policy(attn::tune::Policy::Tune);
     let spec = Everything::SPEC;
     let candidates = attn::tune::candidates(&client, &spec).expect("candidates");
     assert!(!candidates.is_empty());

@@ -189,6 +189,8 @@ fn grid(client: &ComputeClient, args: &TuneArgs) -> Result<Grid, String> {
 
 fn tune_all(args: &TuneArgs) -> Result<(), String> {
     let started = Instant::now();
+    // Tuning is the point here, on every device (calls on CPU-emulated ones skip it by default).
+    tune::set_policy(tune::Policy::Tune);
     let client = attn::default_client();
     let grid = grid(&client, args)?;
     let all = tune::registered();

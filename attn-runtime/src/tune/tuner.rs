@@ -10,7 +10,7 @@ use super::cache;
 use super::candidates::{candidates, Candidate};
 use super::key::TuneKey;
 use crate::inputs::Packed;
-use crate::launch::{check_loop_budget, launch, Lse, Output};
+use crate::launch::{check_loop_budget, is_cpu_emulated, launch, Lse, Output};
 use crate::problem::Problem;
 use crate::tensor::{ComputeClient, Element, Tensor};
 use crate::variant::Variant;
@@ -20,31 +20,34 @@ use crate::AttnError;
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
 pub enum Policy {
     /// Use the cached winner (memory, then the persistent cache); on a miss, time every candidate
-    /// now, cache the winner and run it. The default: `attn-tune` at install fills the cache so
-    /// that serving never misses on the tuned grid.
+    /// now, cache the winner and run it. `attn-tune` at install fills the cache so that serving
+    /// never misses on the tuned grid.
     Tune,
-    /// Never tune and never read the cache: always the fallback shape (`ATTN_TUNE=off`).
+    /// Never tune and never read the cache: always the fallback shape.
     Fallback,
 }
 
-/// The process-wide policy: 0 unset (read `ATTN_TUNE`), 1 tune, 2 fallback.
+/// Set by [`set_policy`]: 0 unset, 1 tune, 2 fallback.
 static POLICY: AtomicU8 = AtomicU8::new(0);
 
-/// The policy in force: [`set_policy`]'s, else `ATTN_TUNE` (`off` → fallback), else tune.
-pub fn policy() -> Policy {
+/// The policy for calls on `client`'s device: [`set_policy`]'s, else `ATTN_TUNE` (`on` or
+/// `off`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
+/// candidates costs minutes and the fallback is what the portable kernel wants anyway.
+pub fn policy(client: &ComputeClient) -> Policy {
     match POLICY.load(Ordering::Relaxed) {
-        1 => Policy::Tune,
-        2 => Policy::Fallback,
-        _ => {
-            let off = std::env::var("ATTN_TUNE").is_ok_and(|v| v == "off" || v == "0");
-            let p = if off { Policy::Fallback } else { Policy::Tune };
-            set_policy(p);
-            p
-        }
+        1 => return Policy::Tune,
+        2 => return Policy::Fallback,
+        _ => {}
+    }
+    match std::env::var("ATTN_TUNE").as_deref() {
+        Ok("off" | "0") => Policy::Fallback,
+        Ok("on" | "1") => Policy::Tune,
+        _ if is_cpu_emulated(client) => Policy::Fallback,
+        _ => Policy::Tune,
     }
 }
 
-/// Sets the policy for the rest of the process.
+/// Sets the policy for the rest of the process, over `ATTN_TUNE` and the device's default.
 pub fn set_policy(policy: Policy) {
     let code = match policy {
         Policy::Tune => 1,
@@ -133,7 +136,7 @@ pub(crate) fn forward_tuned<V: Variant>(
     let all_run = list
         .iter()
         .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
-    if policy() == Policy::Fallback || list.len() == 1 || !all_run {
+    if policy(client) == Policy::Fallback || list.len() == 1 || !all_run {
         launch::<V>(client, problem, &packed, fallback.tiling, q, k, v, out)?;
         return Ok(fallback);
     }
