@@ -681,11 +681,17 @@ fn every_tile_candidate_of_a_composed_variant() {
 #[test]
 fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
     let client = client();
-    // Tune here too (calls on CPU-emulated devices default to the fallback).
+    // Tune here too (calls on CPU-emulated devices default to the fallback), into a fresh cache
+    // so that the tuned call times every candidate on every run.
     attn::tune::set_policy(attn::tune::Policy::Tune);
+    let dir = std::env::temp_dir().join(format!("attn-numerics-tune-{}", std::process::id()));
+    assert!(attn::tune::cache::use_dir(&dir), "no tuned call ran before");
     let spec = Everything::SPEC;
     let candidates = attn::tune::candidates(&client, &spec).expect("candidates");
-    assert!(!candidates.is_empty());
+    assert!(
+        candidates.len() > 1,
+        "the composed variant has several candidates here, so the tuned call really tunes"
+    );
     assert_eq!(
         candidates[0].tiling,
         attn::select_tiling(&client, &spec).unwrap(),
@@ -701,4 +707,5 @@ fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
     // A second tuned call of the same key (settled now) and one of a new length in its bucket.
     check_run::<Everything>(&client, [1, 3, 1, 150, 171], Layout::Bhnd, None, random);
     check_run::<Everything>(&client, [1, 3, 1, 141, 160], Layout::Bhnd, None, random);
+    let _ = std::fs::remove_dir_all(&dir);
 }

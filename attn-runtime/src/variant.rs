@@ -312,8 +312,9 @@ impl VariantSpec {
     }
 }
 
-/// A variant declared with `attention!`: the type the macro generates implements this.
-pub trait Variant {
+/// A variant declared with `attention!`: the type the macro generates implements this
+/// (`'static`: the tuner keeps per-variant state keyed by the type).
+pub trait Variant: 'static {
     /// Element type of Q, K, V and O.
     type Elem: Element;
     /// The `#[cube]` code of the variant's mask and score expressions ([`crate::NoHooks`] when it has

@@ -6,6 +6,8 @@
 //! (`src/bin/attn-tune.rs`) containing `fn main() -> std::process::ExitCode { attn_tune::main() }`;
 //! run it once per machine (`cargo run --release --bin attn-tune`), e.g. in the install step.
 
+#![warn(missing_docs)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,7 +120,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             println!("tuned for this device: {}", s.ours);
             println!("tuned for other devices or cubecl versions: {}", s.foreign);
             println!("tuning records: {}", s.records);
-            println!("other entries (compiled kernels): {}", s.other);
+            println!("other cubecl entries: {}", s.other);
             Ok(())
         }
         Command::Export { out } => {

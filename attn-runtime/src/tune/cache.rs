@@ -7,7 +7,7 @@
 //! `ATTN_CACHE_FILE` mounts one database file instead (a shipped bundle, used in place).
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use cubecl::bundle::{BundleFormat, BundleManifest, ExportOptions, ImportReport};
 use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
@@ -23,13 +23,25 @@ pub const CUBECL_VERSION: &str = "0.12.0-pre.1";
 /// What every SQLite database file starts with.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
+/// A cache folder set by [`use_dir`], over `ATTN_CACHE_DIR`.
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Keeps the cache in `dir` for this process, as `ATTN_CACHE_DIR` would; must come before the
+/// first tuned call (returns false, changing nothing, when the cache is already in use).
+pub fn use_dir(dir: impl Into<PathBuf>) -> bool {
+    !INIT.is_completed() && DIR.set(dir.into()).is_ok()
+}
+
+static INIT: Once = Once::new();
+
 /// Points cubecl at the cache and repairs it, once per process (every tuned call does this first).
 pub fn init() {
-    static INIT: Once = Once::new();
     INIT.call_once(|| {
         // cubecl applies its configuration's root when it first loads it: load it before ours.
         let _ = CubeClRuntimeConfig::get();
-        if let Some(file) = std::env::var_os("ATTN_CACHE_FILE") {
+        if let Some(dir) = DIR.get() {
+            environment::set_root(dir.clone());
+        } else if let Some(file) = std::env::var_os("ATTN_CACHE_FILE") {
             environment::load(PathBuf::from(file));
         } else if let Some(dir) = std::env::var_os("ATTN_CACHE_DIR") {
             environment::set_root(PathBuf::from(dir));
@@ -126,7 +138,7 @@ pub struct Summary {
     pub foreign: u64,
     /// Accounts of tuning rounds cubecl keeps (one per round that ran, under `records`).
     pub records: u64,
-    /// Entries of compiled kernels and other cubecl namespaces.
+    /// Entries of other cubecl namespaces (whatever else its back ends persist).
     pub other: u64,
 }
 
@@ -183,8 +195,8 @@ pub fn warn_if_foreign(client: &ComputeClient) -> Summary {
     s
 }
 
-/// Writes the tuned shapes and compiled kernels of the cache into a bundle file (SQLite format)
-/// that identical machines import or mount (`ATTN_CACHE_FILE`).
+/// Writes the cache (tuned shapes and whatever else cubecl keeps there, not the tuning records)
+/// into a bundle file (SQLite format) that identical machines import or mount (`ATTN_CACHE_FILE`).
 pub fn export(out: &Path) -> Result<BundleManifest, AttnError> {
     let db = path();
     let options = ExportOptions {
@@ -241,6 +253,16 @@ mod tests {
                 records: 17,
                 other: 24
             }
+        );
+    }
+
+    /// The namespaces carry cubecl's version; a bump of the pin must bump the constant.
+    #[test]
+    fn the_version_constant_follows_the_pinned_cubecl() {
+        let manifest = include_str!("../../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!("cubecl = {{ version = \"={CUBECL_VERSION}\"")),
+            "Cargo.toml pins another cubecl than CUBECL_VERSION ({CUBECL_VERSION})"
         );
     }
 

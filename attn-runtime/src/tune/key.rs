@@ -40,6 +40,17 @@ pub struct TuneKey {
 impl TuneKey {
     /// The key of one call.
     pub fn of(spec: &VariantSpec, problem: &Problem, packed: &Packed) -> TuneKey {
+        TuneKey::from_parts(fingerprint(spec), kind(spec), spec, problem, packed)
+    }
+
+    /// The key of one call, given the variant's [`fingerprint`] and [`kind`] (worked out once).
+    pub(crate) fn from_parts(
+        variant: String,
+        kind: String,
+        spec: &VariantSpec,
+        problem: &Problem,
+        packed: &Packed,
+    ) -> TuneKey {
         let seq_k = if spec.mask.documents {
             // Per document, keys follow their queries; the longest document stands for all.
             packed.max_seq_q.max(1)
@@ -47,12 +58,12 @@ impl TuneKey {
             problem.seq_k
         };
         TuneKey::new(
-            fingerprint(spec),
+            variant,
             spec.dtype.name().to_string(),
             spec.head_dim,
             spec.value_dim,
             problem.group,
-            describe(spec),
+            kind,
             packed.max_seq_q,
             seq_k,
             packed.sequences * problem.heads_q,
@@ -60,8 +71,8 @@ impl TuneKey {
     }
 }
 
-/// The mask and the score modifications in a few words.
-fn describe(spec: &VariantSpec) -> String {
+/// The mask and the score modifications in a few words (the key's `kind`).
+pub(crate) fn kind(spec: &VariantSpec) -> String {
     let flags = spec.score.flags();
     let mut kind = spec.mask.describe();
     for (on, name) in [

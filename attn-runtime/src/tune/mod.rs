@@ -3,7 +3,7 @@
 //!
 //! Built on cubecl's autotune (`LocalTuner`, `TunableSet`, `AutotuneKey`, its on-disk store and
 //! environment bundles). What we add, because cubecl leaves it to its users:
-//! - candidates pruned per device before anything launches, the portable fallback first
+//! - candidates pruned per device before anything launches, the untuned default shape first
 //!   ([`candidates`]);
 //! - a tuning policy: tune on a miss (cubecl's behaviour), or never tune ([`Policy`]);
 //! - the cache's place (`ATTN_CACHE_DIR`), a file that is not a database moved aside and rebuilt
@@ -11,6 +11,8 @@
 //!   results for other devices or cubecl versions only ([`cache`]);
 //! - scratch outputs while candidates are timed, so a caller's buffers only ever receive the
 //!   winner's result.
+
+#![warn(missing_docs)]
 
 pub mod cache;
 mod candidates;

@@ -1,14 +1,16 @@
 //! cubecl's tuner over a variant's candidates: the fastest cached shape, tuned on a miss.
 
+use std::any::TypeId;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use cubecl::tune::{LocalTuner, Tunable, TunableSet};
 use cubecl_common::device::ServiceId;
 
 use super::cache;
 use super::candidates::{candidates, Candidate};
-use super::key::TuneKey;
+use super::key::{fingerprint, kind, TuneKey};
 use crate::inputs::Packed;
 use crate::launch::{check_loop_budget, is_cpu_emulated, launch, Lse, Output};
 use crate::problem::Problem;
@@ -34,16 +36,26 @@ static POLICY: AtomicU8 = AtomicU8::new(0);
 /// `off`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
 /// candidates costs minutes and the fallback is what the portable kernel wants anyway.
 pub fn policy(client: &ComputeClient) -> Policy {
+    policy_for(is_cpu_emulated(client))
+}
+
+/// [`policy`] for a device known to be CPU-emulated or not (the environment is read once).
+fn policy_for(cpu_emulated: bool) -> Policy {
+    static FROM_ENV: OnceLock<Option<Policy>> = OnceLock::new();
     match POLICY.load(Ordering::Relaxed) {
         1 => return Policy::Tune,
         2 => return Policy::Fallback,
         _ => {}
     }
-    match std::env::var("ATTN_TUNE").as_deref() {
-        Ok("off" | "0") => Policy::Fallback,
-        Ok("on" | "1") => Policy::Tune,
-        _ if is_cpu_emulated(client) => Policy::Fallback,
-        _ => Policy::Tune,
+    let from_env = FROM_ENV.get_or_init(|| match std::env::var("ATTN_TUNE").as_deref() {
+        Ok("off" | "0") => Some(Policy::Fallback),
+        Ok("on" | "1") => Some(Policy::Tune),
+        _ => None,
+    });
+    match from_env {
+        Some(policy) => *policy,
+        None if cpu_emulated => Policy::Fallback,
+        None => Policy::Tune,
     }
 }
 
@@ -89,14 +101,13 @@ impl<E: Element> Call<E> {
 /// The tunable set of `V` on the device behind `client`: one tunable per candidate, identified
 /// by it.
 fn tunable_set<V: Variant>(
-    client: &ComputeClient,
+    candidates: &[Candidate],
 ) -> TunableSet<TuneKey, Call<V::Elem>, (), Candidate> {
     let mut set = TunableSet::new(
         |call: &Call<V::Elem>| call.key.clone(),
         |_key: &TuneKey, call: &Call<V::Elem>| call.with_scratch_output(),
     );
-    // `candidates` succeeded before the set is built (see `forward_tuned`).
-    for candidate in candidates(client, &V::SPEC).unwrap_or_default() {
+    for &candidate in candidates {
         set = set.with(Tunable::identified(
             candidate,
             move |call: Call<V::Elem>| {
@@ -129,20 +140,28 @@ pub(crate) fn forward_tuned<V: Variant>(
     v: &Tensor<V::Elem>,
     out: &Output<V::Elem>,
 ) -> Result<Candidate, AttnError> {
-    let list = candidates(client, &V::SPEC)?;
+    let prepared = prepared::<V>(client)?;
+    let list = &prepared.candidates;
     let fallback = list[0];
     // A candidate the call cannot run on this device (llvmpipe's loop limit) would fail under the
     // tuner, which treats a cached winner's failure as fatal: such a call runs the fallback.
-    let all_run = list
-        .iter()
-        .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
-    if policy(client) == Policy::Fallback || list.len() == 1 || !all_run {
+    let all_run = !prepared.cpu_emulated
+        || list
+            .iter()
+            .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
+    if policy_for(prepared.cpu_emulated) == Policy::Fallback || list.len() == 1 || !all_run {
         launch::<V>(client, problem, &packed, fallback.tiling, q, k, v, out)?;
         return Ok(fallback);
     }
     cache::init();
     let (id, set) = set_for::<V>(client);
-    let key = TuneKey::of(&V::SPEC, problem, &packed);
+    let key = TuneKey::from_parts(
+        prepared.variant.clone(),
+        prepared.kind.clone(),
+        &V::SPEC,
+        problem,
+        &packed,
+    );
     let call = Call {
         client: client.clone(),
         problem: *problem,
@@ -170,7 +189,49 @@ fn set_for<V: Variant>(client: &ComputeClient) -> (ServiceId, SetOf<V>) {
     let id = client.service_id();
     let set = TUNER.init(&id, {
         let client = client.clone();
-        move || tunable_set::<V>(&client)
+        move || {
+            let candidates = prepared::<V>(&client).map(|p| p.candidates.clone());
+            tunable_set::<V>(&candidates.unwrap_or_default())
+        }
     });
     (id, set)
+}
+
+/// What calls of a variant on a device need besides the tuner, worked out on the first call
+/// there instead of on every launch.
+struct Prepared {
+    /// The candidates, the fallback first.
+    candidates: Vec<Candidate>,
+    /// The key's `variant` field.
+    variant: String,
+    /// The key's `kind` field.
+    kind: String,
+    /// Whether the device is llvmpipe (loop limit; no tuning by default).
+    cpu_emulated: bool,
+}
+
+type PreparedMap = HashMap<(ServiceId, TypeId), Arc<Prepared>>;
+
+/// [`Prepared`] per device and variant type.
+static PREPARED: RwLock<Option<PreparedMap>> = RwLock::new(None);
+
+fn prepared<V: Variant>(client: &ComputeClient) -> Result<Arc<Prepared>, AttnError> {
+    let id = (client.service_id(), TypeId::of::<V>());
+    let known = PREPARED.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = known.as_ref().and_then(|m| m.get(&id)) {
+        return Ok(p.clone());
+    }
+    drop(known);
+    let fresh = Arc::new(Prepared {
+        candidates: candidates(client, &V::SPEC)?,
+        variant: fingerprint(&V::SPEC),
+        kind: kind(&V::SPEC),
+        cpu_emulated: is_cpu_emulated(client),
+    });
+    let mut map = PREPARED.write().unwrap_or_else(|e| e.into_inner());
+    Ok(map
+        .get_or_insert_with(HashMap::new)
+        .entry(id)
+        .or_insert(fresh)
+        .clone())
 }
