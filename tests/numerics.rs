@@ -704,6 +704,11 @@ fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
         check_run::<Everything>(&client, dims, Layout::Bhnd, Some(candidate.tiling), random);
     }
     check_run::<Everything>(&client, dims, Layout::Bhnd, None, random);
+    let stored = attn::tune::cache::summary(&client);
+    assert!(
+        stored.ours >= 1 && stored.records >= 1,
+        "the call tuned and stored its key: {stored:?}"
+    );
     // A second tuned call of the same key (settled now) and one of a new length in its bucket.
     check_run::<Everything>(&client, [1, 3, 1, 150, 171], Layout::Bhnd, None, random);
     check_run::<Everything>(&client, [1, 3, 1, 141, 160], Layout::Bhnd, None, random);
