@@ -13,7 +13,8 @@
 //! mask and score modification with random run-time inputs), so one binary carries both jobs to a
 //! GPU machine. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
 //! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
-//! tuner picks beside the fallback.
+//! tuner picks beside the fallback. With `--decode`, it runs the decode benchmark instead
+//! (`bench_parts/decode.rs`, compared by `bench/decode.py`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,9 @@ use attn::reference::{
 };
 use attn::{bf16, ComputeClient, Element, Problem, Tensor, Variant};
 use rand::SeedableRng;
+
+#[path = "bench_parts/decode.rs"]
+mod decode;
 
 attn::attention! {
     /// MHA, d 128.
@@ -113,6 +117,10 @@ fn main() {
     let only = arg("--only");
     if args.iter().any(|a| a == "--info") {
         describe_device(&attn::default_client());
+    }
+    if args.iter().any(|a| a == "--decode") {
+        let ok = decode::run_decode(&attn::default_client(), &out, iters, only.as_deref());
+        std::process::exit(i32::from(!ok));
     }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));

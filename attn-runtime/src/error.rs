@@ -153,6 +153,15 @@ pub enum AttnError {
     /// The device reported an error while running the kernel.
     #[error("launch failed: {0}")]
     Launch(String),
+    /// A K/V cache is inconsistent or cannot take a request: page size, block table, lengths,
+    /// free pages or room for appended tokens.
+    #[error("kv cache: {field}: {reason}")]
+    KvCache {
+        /// The part of the cache at fault (`page_size`, `block_table`, `lengths`, `pages`, …).
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tuning cache could not be read, written, exported or imported.
     #[error("tuning cache: {0}")]
     Cache(String),

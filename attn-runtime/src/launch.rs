@@ -146,7 +146,10 @@ pub fn check_tiling(
     Ok(())
 }
 
-fn check_output<E: Element>(problem: &Problem, out: &Output<E>) -> Result<(), AttnError> {
+pub(crate) fn check_output<E: Element>(
+    problem: &Problem,
+    out: &Output<E>,
+) -> Result<(), AttnError> {
     const DIMS: [Dim; 4] = [Dim::Batch, Dim::Heads, Dim::Seq, Dim::HeadDim];
     let o_shape = problem.out_shape();
     let lse_shape = problem.lse_shape();
@@ -207,7 +210,7 @@ pub fn kernel_config(spec: &VariantSpec, tiling: Tiling) -> PrefillConfig {
     }
 }
 
-fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
+pub(crate) fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
     AttnError::Unsupported(format!(
         "{} runs in {}, which this device does not support",
         spec.name,
@@ -240,20 +243,8 @@ pub(crate) fn launch<V: Variant>(
         problem.heads_q as u32,
         packed.sequences as u32,
     );
-    let window = spec.mask.window;
-    let softcap = spec.score.softcap.unwrap_or(1.0) as f32;
-    let args = PrefillArgsLaunch::new(
-        spec.softmax_scale() as f32,
-        problem.group as u32,
-        packed.slot_len as u32,
-        window.and_then(|w| w.left).unwrap_or(0) as i32,
-        window.and_then(|w| w.right).unwrap_or(0) as i32,
-        softcap,
-        1.0 / softcap,
-        f32::NEG_INFINITY,
-    );
-    let ints = client.create_from_slice(i32::as_bytes(&packed.ints));
-    let floats = client.create_from_slice(f32::as_bytes(&packed.floats));
+    let args = kernel_args(spec, problem, packed);
+    let (ints, floats) = upload_inputs(client, packed);
     let ints_arg = unsafe { flat_arg(&ints, packed.ints.len()) };
     let floats_arg = unsafe { flat_arg(&floats, packed.floats.len()) };
     let config = kernel_config(spec, tiling);
@@ -292,6 +283,37 @@ pub(crate) fn launch<V: Variant>(
         }
     }
     Ok(())
+}
+
+/// The run-time scalars every attention kernel takes: scale, group, slot length, window, softcap.
+pub(crate) fn kernel_args(
+    spec: &VariantSpec,
+    problem: &Problem,
+    packed: &Packed,
+) -> PrefillArgsLaunch {
+    let window = spec.mask.window;
+    let softcap = spec.score.softcap.unwrap_or(1.0) as f32;
+    PrefillArgsLaunch::new(
+        spec.softmax_scale() as f32,
+        problem.group as u32,
+        packed.slot_len as u32,
+        window.and_then(|w| w.left).unwrap_or(0) as i32,
+        window.and_then(|w| w.right).unwrap_or(0) as i32,
+        softcap,
+        1.0 / softcap,
+        f32::NEG_INFINITY,
+    )
+}
+
+/// The packed run-time inputs as two device buffers (`i32`, `f32`).
+pub(crate) fn upload_inputs(
+    client: &ComputeClient,
+    packed: &Packed,
+) -> (cubecl::server::Handle, cubecl::server::Handle) {
+    (
+        client.create_from_slice(i32::as_bytes(&packed.ints)),
+        client.create_from_slice(f32::as_bytes(&packed.floats)),
+    )
 }
 
 /// Which kernel family runs a tile shape on a device.
@@ -386,7 +408,7 @@ pub fn is_cpu_emulated(client: &ComputeClient) -> bool {
 
 /// # Safety
 /// The tensor's view was checked against its buffer ([`Problem::new`] or [`check_output`]).
-unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
+pub(crate) unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
     unsafe {
         TensorArg::from_raw_parts(
             t.handle().clone(),
@@ -398,6 +420,6 @@ unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
 
 /// # Safety
 /// `len` elements fit in the buffer behind `handle` (it was created from a slice of `len`).
-unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> TensorArg {
+pub(crate) unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> TensorArg {
     unsafe { TensorArg::from_raw_parts(handle.clone(), vec![1].into(), vec![len].into()) }
 }

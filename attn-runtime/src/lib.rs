@@ -7,10 +7,12 @@
 // No `#![warn(missing_docs)]` here: `#[cube]` generates undocumented expansion modules and types
 // for every kernel function. Every item written by hand is documented.
 
+pub mod decode;
 pub mod error;
 pub mod hooks;
 pub mod inputs;
 pub mod kernels;
+pub mod kv_cache;
 pub mod launch;
 pub mod problem;
 pub mod tensor;
@@ -22,9 +24,12 @@ pub mod codegen;
 #[cfg(feature = "testing")]
 pub mod reference;
 
+pub use decode::{decode, decode_into, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES};
 pub use error::{AttnError, Dim, Operand};
 pub use hooks::{Hooks, NoHooks, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};
 pub use inputs::{alibi_slopes, slots, Inputs};
+pub use kernels::decode::DecodeTiling;
+pub use kv_cache::{KvCache, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 pub use launch::{forward, forward_into, runnable_tilings, select_tiling, Lse, Output};
 pub use problem::Problem;
 pub use tensor::{supports, ComputeClient, Element, Tensor};

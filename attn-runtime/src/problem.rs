@@ -139,7 +139,7 @@ fn same(
 }
 
 /// Non-empty, contiguous along head_dim, and inside its buffer.
-fn check_view(
+pub(crate) fn check_view(
     operand: Operand,
     shape: [usize; 4],
     strides: [usize; 4],

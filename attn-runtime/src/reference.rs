@@ -138,6 +138,7 @@ pub fn visible_pairs<V: Variant>(p: &Problem, packed: &Packed, inputs: &Inputs) 
 /// accumulate in `acc_round` precision, as a GPU matmul accumulates in f32.
 #[allow(clippy::too_many_arguments)]
 fn attention_with<V: Variant>(
+    spec: &VariantSpec,
     p: &Problem,
     packed: &Packed,
     inputs: &Inputs,
@@ -147,7 +148,6 @@ fn attention_with<V: Variant>(
     round: &dyn Fn(f64) -> f64,
     acc_round: &dyn Fn(f64) -> f64,
 ) -> Reference {
-    let spec = &V::SPEC;
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
     let slopes: Vec<f64> = match spec.score.alibi {
@@ -240,7 +240,7 @@ pub fn attention_f64<V: Variant>(
     k: &[f64],
     v: &[f64],
 ) -> Reference {
-    attention_with::<V>(p, packed, inputs, q, k, v, &|x| x, &|x| x)
+    attention_with::<V>(&V::SPEC, p, packed, inputs, q, k, v, &|x| x, &|x| x)
 }
 
 /// The naive computation in `V`'s element type: scores, probabilities and output rounded to it,
@@ -254,6 +254,43 @@ pub fn attention_naive<V: Variant>(
     v: &[f64],
 ) -> Vec<f64> {
     attention_with::<V>(
+        &V::SPEC,
+        p,
+        packed,
+        inputs,
+        q,
+        k,
+        v,
+        &|x| V::Elem::from_f64(x).to_f64(),
+        &|x| x as f32 as f64,
+    )
+    .o
+}
+
+/// Float64 attention of a decode call: the cache gathered into `[B, Hkv, capacity, D]` order as
+/// `k` and `v`, each sequence's keys cut at its effective length (as the call packed it).
+pub fn decode_f64<V: Variant>(
+    call: &crate::decode::DecodeProblem,
+    inputs: &Inputs,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+) -> Reference {
+    let (p, packed) = (&call.problem, &call.packed);
+    attention_with::<V>(&call.spec, p, packed, inputs, q, k, v, &|x| x, &|x| x)
+}
+
+/// The naive low-precision computation of a decode call (see [`attention_naive`]).
+pub fn decode_naive<V: Variant>(
+    call: &crate::decode::DecodeProblem,
+    inputs: &Inputs,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+) -> Vec<f64> {
+    let (p, packed) = (&call.problem, &call.packed);
+    attention_with::<V>(
+        &call.spec,
         p,
         packed,
         inputs,

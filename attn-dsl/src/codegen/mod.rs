@@ -48,6 +48,10 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
     let into_doc = format!(
         "Runs `{name_str}` with a chosen tile shape into caller-owned, checked output buffers."
     );
+    let decode_doc = format!(
+        "Runs `{name_str}` for new query tokens `q` `[B, Hq, Nq, {}]` against a K/V cache (paged or contiguous): GQA-packed, split over the keys; returns O and the LSE.",
+        spec.head_dim.value
+    );
     let (inputs_items, inputs_param, inputs_value) = if spec.has_inputs() {
         let inputs_name = format_ident!("{}Inputs", name);
         (
@@ -100,6 +104,16 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
                 out: &#attn::Output<#elem>,
             ) -> #result<(), #attn::AttnError> {
                 #attn::forward_into::<Self>(client, q, k, v, #inputs_value, tiling, out)
+            }
+
+            #[doc = #decode_doc]
+            #vis fn decode(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                cache: &#attn::KvCache<#elem>,
+                #inputs_param
+            ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
+                #attn::decode::<Self>(client, q, cache, #inputs_value)
             }
         }
     }

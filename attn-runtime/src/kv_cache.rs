@@ -1,0 +1,593 @@
+//! K/V caches for decoding: paged (pools of fixed-size pages addressed through a block table, as
+//! in vLLM) or contiguous (one `[B, Hkv, capacity, D]` tensor, the special case without a table),
+//! and appending new tokens' K and V to them.
+//!
+//! The block table and the lengths live on the host, where every change is checked: a page past
+//! the pool, a page two sequences share, lengths the table cannot hold and unsupported page sizes
+//! are [`AttnError::KvCache`] errors before anything is launched. They are uploaded with each call
+//! (a few kilobytes).
+
+use cubecl::prelude::*;
+
+use crate::error::{AttnError, Operand};
+use crate::kernels::append::append_tokens;
+use crate::launch::{flat_arg, tensor_arg};
+use crate::problem::check_view;
+use crate::tensor::{ComputeClient, Element, Tensor};
+
+/// The smallest page size, in tokens.
+pub const MIN_PAGE_SIZE: usize = 16;
+/// The largest page size, in tokens.
+pub const MAX_PAGE_SIZE: usize = 256;
+
+/// The shape of a paged cache.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub struct PagedLayout {
+    /// Sequences (rows of the block table).
+    pub batch: usize,
+    /// K/V heads.
+    pub heads_kv: usize,
+    /// Head dimension of K.
+    pub head_dim: usize,
+    /// Head dimension of V.
+    pub value_dim: usize,
+    /// Tokens per page, 16 to 256.
+    pub page_size: usize,
+    /// Pages in the pool, shared by all sequences.
+    pub pages: usize,
+    /// Block-table entries per sequence: a sequence holds at most `max_pages × page_size` tokens.
+    pub max_pages: usize,
+}
+
+/// How a cache stores its tokens.
+#[derive(Clone, Debug, PartialEq)]
+enum Storage {
+    /// `[B, Hkv, capacity, D]`.
+    Contiguous,
+    /// `[pages, Hkv, page_size, D]` and a block table `[B, max_pages]` (−1: no page yet).
+    Paged {
+        page_size: usize,
+        max_pages: usize,
+        table: Vec<i32>,
+        /// Pages no sequence holds, handed out from the end.
+        free: Vec<i32>,
+    },
+}
+
+/// A K/V cache: the K and V pools (or tensors), the block table and the per-sequence lengths.
+#[derive(Clone, Debug)]
+pub struct KvCache<E> {
+    k: Tensor<E>,
+    v: Tensor<E>,
+    batch: usize,
+    lengths: Vec<usize>,
+    storage: Storage,
+}
+
+impl<E: Element> KvCache<E> {
+    /// An empty paged cache with a new pool; pages are handed to sequences as they grow.
+    pub fn paged(client: &ComputeClient, layout: PagedLayout) -> Result<Self, AttnError> {
+        check_page_size(layout.page_size)?;
+        for (field, n) in [
+            ("batch", layout.batch),
+            ("heads_kv", layout.heads_kv),
+            ("pages", layout.pages),
+            ("max_pages", layout.max_pages),
+        ] {
+            if n == 0 {
+                return Err(kv_error(field, "must be at least 1".into()));
+            }
+        }
+        let pool = |d| [layout.pages, layout.heads_kv, layout.page_size, d];
+        let k = new_pool(client, pool(layout.head_dim));
+        let v = new_pool(client, pool(layout.value_dim));
+        Self::from_paged_parts(
+            k,
+            v,
+            layout.page_size,
+            vec![-1; layout.batch * layout.max_pages],
+            layout.max_pages,
+            vec![0; layout.batch],
+        )
+    }
+
+    /// An empty contiguous cache `[batch, heads_kv, capacity, D]`.
+    pub fn contiguous(
+        client: &ComputeClient,
+        batch: usize,
+        heads_kv: usize,
+        capacity: usize,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Result<Self, AttnError> {
+        let k = new_pool(client, [batch, heads_kv, capacity, head_dim]);
+        let v = new_pool(client, [batch, heads_kv, capacity, value_dim]);
+        Self::from_contiguous_parts(k, v, vec![0; batch])
+    }
+
+    /// A paged cache over pools the caller filled: K `[pages, Hkv, page_size, D]`, V
+    /// `[pages, Hkv, page_size, Dv]` (any strides with a contiguous last dimension), a block
+    /// table `[batch × max_pages]` (−1 where a sequence has no page) and each sequence's length.
+    pub fn from_paged_parts(
+        k: Tensor<E>,
+        v: Tensor<E>,
+        page_size: usize,
+        block_table: Vec<i32>,
+        max_pages: usize,
+        lengths: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        check_page_size(page_size)?;
+        check_pools(&k, &v)?;
+        let pages = k.shape()[0];
+        for (operand, t) in [(Operand::K, &k), (Operand::V, &v)] {
+            if t.shape()[2] != page_size {
+                return Err(kv_error(
+                    "page_size",
+                    format!(
+                        "{operand} pool pages hold {} tokens (dim 2), but the page size is {page_size}",
+                        t.shape()[2]
+                    ),
+                ));
+            }
+        }
+        if max_pages == 0 || block_table.len() % max_pages != 0 {
+            return Err(kv_error(
+                "block_table",
+                format!(
+                    "holds {} entries, not a multiple of {max_pages} pages per sequence",
+                    block_table.len()
+                ),
+            ));
+        }
+        let batch = block_table.len() / max_pages;
+        let mut held = vec![None; pages];
+        for (i, &page) in block_table.iter().enumerate() {
+            let (seq, slot) = (i / max_pages, i % max_pages);
+            if page == -1 {
+                continue;
+            }
+            if page < 0 || page as usize >= pages {
+                return Err(kv_error(
+                    "block_table",
+                    format!("sequence {seq}, entry {slot}: page {page} is outside the pool of {pages} pages"),
+                ));
+            }
+            if let Some(other) = held[page as usize].replace(seq) {
+                return Err(kv_error(
+                    "block_table",
+                    format!("page {page} is held by sequence {other} and again by sequence {seq}"),
+                ));
+            }
+        }
+        let free = (0..pages as i32)
+            .rev()
+            .filter(|&p| held[p as usize].is_none())
+            .collect();
+        let cache = Self {
+            k,
+            v,
+            batch,
+            lengths: Vec::new(),
+            storage: Storage::Paged {
+                page_size,
+                max_pages,
+                table: block_table,
+                free,
+            },
+        };
+        cache.with_lengths(lengths)
+    }
+
+    /// A contiguous cache over tensors the caller filled: K `[B, Hkv, capacity, D]`, V
+    /// `[B, Hkv, capacity, Dv]`, and each sequence's length.
+    pub fn from_contiguous_parts(
+        k: Tensor<E>,
+        v: Tensor<E>,
+        lengths: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        check_pools(&k, &v)?;
+        let cache = Self {
+            batch: k.shape()[0],
+            k,
+            v,
+            lengths: Vec::new(),
+            storage: Storage::Contiguous,
+        };
+        cache.with_lengths(lengths)
+    }
+
+    fn with_lengths(mut self, lengths: Vec<usize>) -> Result<Self, AttnError> {
+        if lengths.len() != self.batch {
+            return Err(kv_error(
+                "lengths",
+                format!("{} lengths for {} sequences", lengths.len(), self.batch),
+            ));
+        }
+        for (seq, &len) in lengths.iter().enumerate() {
+            self.check_room(seq, len)?;
+            if let Storage::Paged {
+                page_size,
+                max_pages,
+                table,
+                ..
+            } = &self.storage
+            {
+                let row = &table[seq * max_pages..(seq + 1) * max_pages];
+                if let Some(slot) = row[..len.div_ceil(*page_size)].iter().position(|&p| p < 0) {
+                    return Err(kv_error(
+                        "block_table",
+                        format!(
+                            "sequence {seq} holds {len} tokens but has no page at entry {slot}"
+                        ),
+                    ));
+                }
+            }
+        }
+        self.lengths = lengths;
+        Ok(self)
+    }
+
+    /// Whether sequence `seq` can hold `len` tokens: the table's row (paged) or the capacity.
+    fn check_room(&self, seq: usize, len: usize) -> Result<(), AttnError> {
+        let room = self.capacity();
+        if len > room {
+            return Err(kv_error(
+                "lengths",
+                format!(
+                    "sequence {seq} would hold {len} tokens; the cache allows {room} per sequence"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands sequence `seq` the given pages, in order, replacing its row of the block table from
+    /// the start (paged caches). Each page must be free or already the sequence's own.
+    pub fn set_pages(&mut self, seq: usize, pages: &[i32]) -> Result<(), AttnError> {
+        self.check_sequence(seq)?;
+        let pool = self.k.shape()[0];
+        let len = self.lengths[seq];
+        let Storage::Paged {
+            page_size,
+            max_pages,
+            table,
+            free,
+        } = &mut self.storage
+        else {
+            return Err(kv_error(
+                "block_table",
+                "a contiguous cache has no pages".into(),
+            ));
+        };
+        if pages.len() > *max_pages {
+            return Err(kv_error(
+                "block_table",
+                format!("{} pages for a row of {max_pages}", pages.len()),
+            ));
+        }
+        let row = &mut table[seq * *max_pages..(seq + 1) * *max_pages];
+        let mut available: Vec<i32> = free
+            .iter()
+            .copied()
+            .chain(row.iter().copied().filter(|&p| p >= 0))
+            .collect();
+        for (slot, &page) in pages.iter().enumerate() {
+            if page < 0 || page as usize >= pool {
+                return Err(kv_error(
+                    "block_table",
+                    format!("entry {slot}: page {page} is outside the pool of {pool} pages"),
+                ));
+            }
+            match available.iter().position(|&p| p == page) {
+                Some(i) => {
+                    available.swap_remove(i);
+                }
+                None => return Err(kv_error(
+                    "block_table",
+                    format!(
+                        "entry {slot}: page {page} is held by another sequence (or given twice)"
+                    ),
+                )),
+            }
+        }
+        if pages.len() * *page_size < len {
+            return Err(kv_error(
+                "block_table",
+                format!(
+                    "sequence {seq} holds {len} tokens; {} pages of {page_size} cannot",
+                    pages.len()
+                ),
+            ));
+        }
+        row.fill(-1);
+        row[..pages.len()].copy_from_slice(pages);
+        available.sort_unstable_by(|a, b| b.cmp(a));
+        *free = available;
+        Ok(())
+    }
+
+    /// Empties sequence `seq`: length 0, its pages back to the pool.
+    pub fn release(&mut self, seq: usize) -> Result<(), AttnError> {
+        self.check_sequence(seq)?;
+        self.lengths[seq] = 0;
+        if let Storage::Paged {
+            max_pages,
+            table,
+            free,
+            ..
+        } = &mut self.storage
+        {
+            for entry in &mut table[seq * *max_pages..(seq + 1) * *max_pages] {
+                if *entry >= 0 {
+                    free.push(*entry);
+                }
+                *entry = -1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends new tokens' K `[B, Hkv, n, D]` and V `[B, Hkv, n, Dv]` after each sequence's
+    /// current length; with `counts`, sequence `b` takes only its first `counts[b] ≤ n` tokens.
+    /// A paged cache takes the pages it needs from its pool; the lengths grow.
+    pub fn append(
+        &mut self,
+        client: &ComputeClient,
+        k_new: &Tensor<E>,
+        v_new: &Tensor<E>,
+        counts: Option<&[usize]>,
+    ) -> Result<(), AttnError> {
+        for (operand, new, pool) in [(Operand::K, k_new, &self.k), (Operand::V, v_new, &self.v)] {
+            check_view(operand, new.shape(), new.strides(), new.buffer_len())?;
+            let [b, h, _, d] = new.shape();
+            let expected = [self.batch, pool.shape()[1], new.shape()[2], pool.shape()[3]];
+            if [b, h, new.shape()[2], d] != expected || v_new.shape()[2] != k_new.shape()[2] {
+                return Err(kv_error(
+                    "append",
+                    format!(
+                        "new {operand} has shape {:?}; the cache takes [{}, {}, n, {}] (the same n for k and v)",
+                        new.shape(),
+                        self.batch,
+                        pool.shape()[1],
+                        pool.shape()[3]
+                    ),
+                ));
+            }
+        }
+        let n = k_new.shape()[2];
+        let counts: Vec<usize> = match counts {
+            Some(c) if c.len() != self.batch => {
+                return Err(kv_error(
+                    "append",
+                    format!("{} counts for {} sequences", c.len(), self.batch),
+                ))
+            }
+            Some(c) => c.to_vec(),
+            None => vec![n; self.batch],
+        };
+        if let Some(seq) = counts.iter().position(|&c| c > n) {
+            return Err(kv_error(
+                "append",
+                format!(
+                    "sequence {seq}: count {} but only {n} new tokens",
+                    counts[seq]
+                ),
+            ));
+        }
+        for (seq, &count) in counts.iter().enumerate() {
+            self.check_room(seq, self.lengths[seq] + count)?;
+        }
+        self.reserve_pages(&counts)?;
+
+        let starts: Vec<i32> = self.lengths.iter().map(|&l| l as i32).collect();
+        let counts_i32: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+        let (page_size, max_pages, table) = self.table_parts();
+        let table_handle = client.create_from_slice(i32::as_bytes(table));
+        let starts_handle = client.create_from_slice(i32::as_bytes(&starts));
+        let counts_handle = client.create_from_slice(i32::as_bytes(&counts_i32));
+        const UNITS: u32 = 256;
+        for (src, dst) in [(k_new, &self.k), (v_new, &self.v)] {
+            let elements = src.shape().iter().product::<usize>();
+            if elements == 0 {
+                continue;
+            }
+            unsafe {
+                append_tokens::launch::<E>(
+                    client,
+                    grid(elements, UNITS),
+                    CubeDim::new_1d(UNITS),
+                    tensor_arg(src),
+                    tensor_arg(dst),
+                    flat_arg(&table_handle, table.len()),
+                    flat_arg(&starts_handle, starts.len()),
+                    flat_arg(&counts_handle, counts_i32.len()),
+                    page_size as u32,
+                    max_pages as u32,
+                    UNITS,
+                    self.is_paged(),
+                );
+            }
+        }
+        for (len, count) in self.lengths.iter_mut().zip(&counts) {
+            *len += count;
+        }
+        Ok(())
+    }
+
+    /// Gives each sequence the pages its new length needs, from the free pool.
+    fn reserve_pages(&mut self, counts: &[usize]) -> Result<(), AttnError> {
+        let Storage::Paged {
+            page_size,
+            max_pages,
+            table,
+            free,
+        } = &mut self.storage
+        else {
+            return Ok(());
+        };
+        let needed: usize = counts
+            .iter()
+            .enumerate()
+            .map(|(seq, &c)| {
+                let row = &table[seq * *max_pages..(seq + 1) * *max_pages];
+                let want = (self.lengths[seq] + c).div_ceil(*page_size);
+                row[..want].iter().filter(|&&p| p < 0).count()
+            })
+            .sum();
+        if needed > free.len() {
+            return Err(kv_error(
+                "pages",
+                format!(
+                    "the append needs {needed} more pages; {} are free",
+                    free.len()
+                ),
+            ));
+        }
+        for (seq, &c) in counts.iter().enumerate() {
+            let want = (self.lengths[seq] + c).div_ceil(*page_size);
+            for entry in &mut table[seq * *max_pages..seq * *max_pages + want] {
+                if *entry < 0 {
+                    *entry = free.pop().expect("counted above");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_sequence(&self, seq: usize) -> Result<(), AttnError> {
+        if seq >= self.batch {
+            return Err(kv_error(
+                "lengths",
+                format!(
+                    "sequence {seq} does not exist; the cache has {}",
+                    self.batch
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `(page_size, max_pages, table)`; a contiguous cache gives `(1, 1, [0])`, which its kernels
+    /// never read.
+    pub(crate) fn table_parts(&self) -> (usize, usize, &[i32]) {
+        match &self.storage {
+            Storage::Paged {
+                page_size,
+                max_pages,
+                table,
+                ..
+            } => (*page_size, *max_pages, table),
+            Storage::Contiguous => (1, 1, &[0]),
+        }
+    }
+
+    /// The K pool (paged: `[pages, Hkv, page_size, D]`) or tensor (`[B, Hkv, capacity, D]`).
+    pub fn k(&self) -> &Tensor<E> {
+        &self.k
+    }
+
+    /// The V pool or tensor.
+    pub fn v(&self) -> &Tensor<E> {
+        &self.v
+    }
+
+    /// Tokens held per sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Sequences.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// K/V heads.
+    pub fn heads_kv(&self) -> usize {
+        self.k.shape()[1]
+    }
+
+    /// The most tokens one sequence can hold.
+    pub fn capacity(&self) -> usize {
+        match &self.storage {
+            Storage::Paged {
+                page_size,
+                max_pages,
+                ..
+            } => page_size * max_pages,
+            Storage::Contiguous => self.k.shape()[2],
+        }
+    }
+
+    /// Whether the cache is paged.
+    pub fn is_paged(&self) -> bool {
+        matches!(self.storage, Storage::Paged { .. })
+    }
+
+    /// Tokens per page (paged caches).
+    pub fn page_size(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::Paged { page_size, .. } => Some(*page_size),
+            Storage::Contiguous => None,
+        }
+    }
+
+    /// The block table `[batch × max_pages]`, −1 where a sequence has no page (paged caches).
+    pub fn block_table(&self) -> Option<&[i32]> {
+        match &self.storage {
+            Storage::Paged { table, .. } => Some(table),
+            Storage::Contiguous => None,
+        }
+    }
+
+    /// Pages no sequence holds (paged caches).
+    pub fn free_pages(&self) -> usize {
+        match &self.storage {
+            Storage::Paged { free, .. } => free.len(),
+            Storage::Contiguous => 0,
+        }
+    }
+}
+
+/// K and V pools agree on every dimension but the last, and lie inside their buffers.
+fn check_pools<E: Element>(k: &Tensor<E>, v: &Tensor<E>) -> Result<(), AttnError> {
+    check_view(Operand::K, k.shape(), k.strides(), k.buffer_len())?;
+    check_view(Operand::V, v.shape(), v.strides(), v.buffer_len())?;
+    if k.shape()[..3] != v.shape()[..3] {
+        return Err(kv_error(
+            "pages",
+            format!(
+                "k is {:?} and v is {:?}; they must agree on all but the last dimension",
+                k.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_page_size(page_size: usize) -> Result<(), AttnError> {
+    if !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        return Err(kv_error(
+            "page_size",
+            format!("{page_size} tokens; pages hold {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE} tokens"),
+        ));
+    }
+    Ok(())
+}
+
+fn kv_error(field: &'static str, reason: String) -> AttnError {
+    AttnError::KvCache { field, reason }
+}
+
+/// A new pool. Left uninitialised: the kernels read only positions below a sequence's length,
+/// and those were written by [`KvCache::append`] or by the caller.
+fn new_pool<E: Element>(client: &ComputeClient, shape: [usize; 4]) -> Tensor<E> {
+    Tensor::empty(client, shape)
+}
+
+/// A 2-D grid of cubes of `units` units covering `elements` (the x axis stays under 65 536).
+pub(crate) fn grid(elements: usize, units: u32) -> CubeCount {
+    let cubes = elements.div_ceil(units as usize);
+    let x = cubes.min(u16::MAX as usize);
+    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
+}

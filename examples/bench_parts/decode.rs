@@ -1,0 +1,277 @@
+//! `bench --decode`: the decode benchmark. Llama-3 shaped decoding (bf16, 32 query heads over 8
+//! K/V heads, d 128, one new token) against long caches, contiguous and paged, timed with the
+//! default plan and a small sweep of split counts and step sizes. Writes, per case, the query,
+//! our O and LSE, the page table and the timings; K and V are a pattern both sides compute from
+//! the element index (`pattern`), so `bench/decode.py` rebuilds them on the GPU without multi-GB
+//! files, checks our output against float64 and times PyTorch's SDPA (flash, cuDNN) and
+//! FlexAttention on the same data.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use attn::decode::{check_plan, default_plan, DecodePlan, DecodeProblem};
+use attn::reference::{random_vec, seeded_rng};
+use attn::{bf16, ComputeClient, Inputs, KvCache, Output, Tensor};
+use rand::seq::SliceRandom;
+
+attn::attention! {
+    /// Llama-3 8B/70B attention: GQA 4, d 128, causal (bottom-right: the new tokens see the cache).
+    pub Llama3Decode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
+}
+
+/// One decode shape.
+#[derive(Clone, Copy)]
+struct DecodeCase {
+    batch: usize,
+    keys: usize,
+    queries: usize,
+    /// `None`: contiguous cache; `Some(p)`: pages of `p` tokens in a shuffled order.
+    page_size: Option<usize>,
+}
+
+const HEADS_Q: usize = 32;
+const HEADS_KV: usize = 8;
+const D: usize = 128;
+
+/// Element `i` of the K (`salt` 1) or V (`salt` 2) pattern: a hash of the index, uniform in
+/// [−1, 1) with 24 bits, rounded to bf16. `bench/decode.py` computes the same.
+pub fn pattern(i: u64, salt: u32) -> bf16 {
+    let mut h = (i as u32).wrapping_mul(0x9E37_79B1)
+        ^ (((i >> 32) as u32).wrapping_mul(0x85EB_CA77))
+        ^ salt.wrapping_mul(0xC2B2_AE3D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2C1B_3C6D);
+    h ^= h >> 12;
+    let unit = (h >> 8) as f32 / 16_777_216.0;
+    bf16::from_f32(unit * 2.0 - 1.0)
+}
+
+/// Runs the decode cases; returns false when one failed to run.
+pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option<&str>) -> bool {
+    let cases = [
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 1,
+            page_size: None,
+        },
+        DecodeCase {
+            batch: 8,
+            keys: 32768,
+            queries: 1,
+            page_size: None,
+        },
+        DecodeCase {
+            batch: 1,
+            keys: 131072,
+            queries: 1,
+            page_size: None,
+        },
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 1,
+            page_size: Some(16),
+        },
+        DecodeCase {
+            batch: 8,
+            keys: 32768,
+            queries: 1,
+            page_size: Some(128),
+        },
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 4,
+            page_size: Some(64),
+        },
+    ];
+    std::fs::create_dir_all(out).expect("output folder");
+    let mut list = std::fs::File::create(out.join("cases.txt")).expect("cases.txt");
+    let mut ok = true;
+    // On a CPU-emulated device, a smoke run: the same cases, 512 times smaller.
+    let shrink = attn::launch::is_cpu_emulated(client);
+    for (i, case) in cases.iter().enumerate() {
+        if only.is_some_and(|o| !o.split(',').any(|p| p.parse::<usize>().ok() == Some(i))) {
+            continue;
+        }
+        let small;
+        let case = if shrink {
+            small = DecodeCase {
+                batch: case.batch.div_ceil(8),
+                keys: case.keys / 64,
+                ..*case
+            };
+            &small
+        } else {
+            case
+        };
+        match run_case(client, case, out, iters) {
+            Ok(name) => writeln!(list, "{name}").expect("cases.txt"),
+            Err(e) => {
+                eprintln!("decode case {i}: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+fn run_case(
+    client: &ComputeClient,
+    case: &DecodeCase,
+    out: &Path,
+    iters: usize,
+) -> Result<String, attn::AttnError> {
+    let (b, n, nq) = (case.batch, case.keys, case.queries);
+    let storage = case
+        .page_size
+        .map_or("contig".to_string(), |p| format!("page{p}"));
+    let name = format!("decode_b{b}_h{HEADS_Q}-{HEADS_KV}_n{n}_q{nq}_{storage}");
+    let (mut rng, seed) = seeded_rng(&name);
+    let started = Instant::now();
+    // K and V in [B, Hkv, N, D] order from the pattern.
+    let logical = |salt| -> Vec<bf16> {
+        (0..(b * HEADS_KV * n * D) as u64)
+            .map(|i| pattern(i, salt))
+            .collect()
+    };
+    let (kh, vh) = (logical(1), logical(2));
+    let mut table: Vec<i32> = Vec::new();
+    let cache = match case.page_size {
+        None => {
+            let shape = [b, HEADS_KV, n, D];
+            KvCache::from_contiguous_parts(
+                Tensor::from_slice(client, &kh, shape)?,
+                Tensor::from_slice(client, &vh, shape)?,
+                vec![n; b],
+            )?
+        }
+        Some(p) => {
+            // Pages in a shuffled order: sequence s's page j holds its tokens j·p .. (j+1)·p.
+            let per_seq = n.div_ceil(p);
+            let pages = b * per_seq;
+            let mut order: Vec<i32> = (0..pages as i32).collect();
+            order.shuffle(&mut rng);
+            table = order.clone();
+            let mut kp = vec![bf16::from_f32(0.0); pages * HEADS_KV * p * D];
+            let mut vp = kp.clone();
+            for s in 0..b {
+                for j in 0..per_seq {
+                    let page = order[s * per_seq + j] as usize;
+                    for h in 0..HEADS_KV {
+                        for t in 0..p.min(n - j * p) {
+                            let src = ((s * HEADS_KV + h) * n + j * p + t) * D;
+                            let dst = ((page * HEADS_KV + h) * p + t) * D;
+                            kp[dst..dst + D].copy_from_slice(&kh[src..src + D]);
+                            vp[dst..dst + D].copy_from_slice(&vh[src..src + D]);
+                        }
+                    }
+                }
+            }
+            let shape = [pages, HEADS_KV, p, D];
+            KvCache::from_paged_parts(
+                Tensor::from_slice(client, &kp, shape)?,
+                Tensor::from_slice(client, &vp, shape)?,
+                p,
+                order,
+                per_seq,
+                vec![n; b],
+            )?
+        }
+    };
+    drop((kh, vh));
+    let q_shape = [b, HEADS_Q, nq, D];
+    let qh: Vec<bf16> = random_vec(&mut rng, q_shape.iter().product());
+    let q = Tensor::from_slice(client, &qh, q_shape)?;
+    let none = Inputs::default();
+    let call = DecodeProblem::new::<Llama3Decode>(&q, &cache, &none)?;
+    println!(
+        "{name}: data ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The default plan, then a sweep around it: split counts and steps of 32 keys.
+    let default = default_plan(client, &call)?;
+    let mut plans = vec![default];
+    for splits in [1, 2, 4, 8, 16, 32, 64, 132, 264] {
+        for block_kv in [default.tiling.block_kv, 32] {
+            let plan = DecodePlan {
+                splits,
+                tiling: attn::DecodeTiling {
+                    block_kv,
+                    ..default.tiling
+                },
+            };
+            if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
+                plans.push(plan);
+            }
+        }
+    }
+    let out_buffers = Output {
+        o: Tensor::empty(client, call.problem.out_shape()),
+        lse: attn::Lse::empty(client, call.problem.lse_shape()),
+    };
+    let mut timed = Vec::new();
+    for &plan in &plans {
+        let time = |count: usize| -> Result<Vec<f64>, attn::AttnError> {
+            let mut times = Vec::with_capacity(count);
+            for _ in 0..count {
+                let start = Instant::now();
+                attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, plan, &out_buffers)?;
+                attn::sync(client)?;
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(times)
+        };
+        time(3)?; // warm-up: compiles
+        let mut times = time(iters)?;
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!("  {}: median {median:.4} ms", plan.name());
+        timed.push((plan, median, times));
+    }
+    let bytes = (b * HEADS_KV * n * 2 * D * 2) as f64;
+    let best = timed
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("a plan")
+        .clone();
+    let default_ms = timed[0].1;
+    println!(
+        "{name}: default {} {default_ms:.4} ms ({:.2} TB/s); best {} {:.4} ms ({:.2} TB/s)",
+        default.name(),
+        bytes / default_ms / 1e9,
+        best.0.name(),
+        best.1,
+        bytes / best.1 / 1e9
+    );
+    // The outputs written out come from the default plan.
+    attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, default, &out_buffers)?;
+    attn::sync(client)?;
+    let dir = out.join(&name);
+    std::fs::create_dir_all(&dir).expect("case folder");
+    super::write_raw(&dir.join("q.bin"), &qh);
+    super::write_raw(&dir.join("o.bin"), &out_buffers.o.to_vec(client));
+    super::write_raw(&dir.join("lse.bin"), &out_buffers.lse.to_vec(client));
+    let plans_json: Vec<String> = timed
+        .iter()
+        .map(|(p, ms, _)| format!("\"{}\": {ms:.5}", p.name()))
+        .collect();
+    let times_json: Vec<String> = timed[0].2.iter().map(|t| format!("{t:.5}")).collect();
+    let meta = format!(
+        "{{\"case\": \"{name}\", \"batch\": {b}, \"heads_q\": {HEADS_Q}, \"heads_kv\": {HEADS_KV}, \"keys\": {n}, \"queries\": {nq}, \"head_dim\": {D}, \"page_size\": {}, \"table\": {:?}, \"scale\": {}, \"default_plan\": \"{}\", \"default_ms\": {default_ms}, \"times_ms\": [{}], \"best_plan\": \"{}\", \"best_ms\": {}, \"plans_ms\": {{{}}}, \"iters\": {iters}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        case.page_size.map_or("null".to_string(), |p| p.to_string()),
+        table,
+        <Llama3Decode as attn::Variant>::SPEC.softmax_scale(),
+        default.name(),
+        times_json.join(", "),
+        best.0.name(),
+        best.1,
+        plans_json.join(", "),
+        client.name()
+    );
+    std::fs::write(dir.join("meta.json"), meta).expect("meta.json");
+    Ok(name)
+}

@@ -1,0 +1,724 @@
+//! Decoding against K/V caches, checked against the float64 reference on random inputs (fresh
+//! seed per run, printed): ragged cache lengths (1, 7, 1000, 3001 and random ones), page sizes
+//! from 16 to 256 and contiguous caches, page tables in random order, key splits from one to
+//! many, group sizes 1, 4, 6, 8 and MQA, 1–16 query tokens and chunked prefill, the whole
+//! variant space composed; appends land where the block table says; the merge of two results is
+//! the result over the union of their keys; bad input is a typed error. Outputs are poisoned with
+//! NaN first, so an element the kernels failed to write fails the check.
+
+use attn::decode::{check_plan, default_plan, DecodePlan, DecodeProblem};
+use attn::reference::{
+    decode_f64, decode_naive, error_floor, max_abs_error, random_vec, seeded_rng, widen,
+    OwnedInputs, Verdict,
+};
+use attn::{
+    AttnError, ComputeClient, DecodeTiling, Element, Inputs, KvCache, Lse, Output, PagedLayout,
+    Tensor, Variant,
+};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+attn::attention! {
+    /// Llama-3 style in small: GQA 4, causal, f32.
+    Gqa4Causal { heads: gqa(group = 4), head_dim: 64, dtype: f32, mask: causal }
+    /// MHA, no mask, f16.
+    MhaF16 { heads: mha, head_dim: 64, dtype: f16 }
+    /// GQA 8, d 128, causal, f16.
+    Gqa8F16 { heads: gqa(group = 8), head_dim: 128, dtype: f16, mask: causal }
+    /// MQA with a softcap, f32.
+    MqaSoftcap { heads: mqa, head_dim: 64, dtype: f32, mask: causal, softcap: 30.0 }
+    /// Every kind of term at once: window, own key lengths, a custom mask, ALiBi and sinks.
+    Composed {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32,
+        mask: causal & window(left = 300) & key_lengths & |b, h, q, k| (k % 7) != 3 || h == 1,
+        alibi: geometric, sinks: per_head,
+    }
+    /// No mask, for merging results over disjoint keys.
+    Plain { heads: gqa(group = 4), head_dim: 64, dtype: f32 }
+    /// bf16 (checked where the back end has it).
+    Bf16 { heads: gqa(group = 4), head_dim: 64, dtype: bf16, mask: causal }
+    /// Packed documents: no cache can serve them.
+    Docs { heads: mha, head_dim: 64, dtype: f32, mask: causal & documents }
+}
+
+fn client() -> ComputeClient {
+    attn::default_client()
+}
+
+/// How a test cache stores its tokens.
+#[derive(Clone, Copy, Debug)]
+enum Storage {
+    /// Pages of this many tokens, handed out in a random order.
+    Paged(usize),
+    /// One `[B, Hkv, capacity, D]` tensor.
+    Contiguous,
+}
+
+/// A cache filled through `append` in ragged chunks, and the same tokens on the host in
+/// `[B, Hkv, capacity, D]` order (f64) for the reference.
+struct Filled<E> {
+    cache: KvCache<E>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+/// Builds a cache holding `lengths[b]` random tokens per sequence, appended in 1–3 ragged chunks.
+#[allow(clippy::too_many_arguments)]
+fn fill<E: Element>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    storage: Storage,
+    heads_kv: usize,
+    d: usize,
+    dv: usize,
+    lengths: &[usize],
+) -> Filled<E> {
+    let batch = lengths.len();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let mut cache = match storage {
+        Storage::Paged(page_size) => {
+            let per_seq: Vec<usize> = lengths.iter().map(|l| l.div_ceil(page_size)).collect();
+            let pages = per_seq.iter().sum::<usize>() + 3;
+            let mut cache = KvCache::<E>::paged(
+                client,
+                PagedLayout {
+                    batch,
+                    heads_kv,
+                    head_dim: d,
+                    value_dim: dv,
+                    page_size,
+                    pages,
+                    max_pages: longest.div_ceil(page_size) + 1,
+                },
+            )
+            .expect("a valid layout");
+            let mut order: Vec<i32> = (0..pages as i32).collect();
+            order.shuffle(rng);
+            let mut next = order.into_iter();
+            for (seq, &n) in per_seq.iter().enumerate() {
+                let pages: Vec<i32> = next.by_ref().take(n).collect();
+                cache.set_pages(seq, &pages).expect("free pages");
+            }
+            cache
+        }
+        Storage::Contiguous => {
+            KvCache::<E>::contiguous(client, batch, heads_kv, longest + 5, d, dv).expect("a cache")
+        }
+    };
+    let capacity = cache.capacity();
+    let mut kh = vec![0.0; batch * heads_kv * capacity * d];
+    let mut vh = vec![0.0; batch * heads_kv * capacity * dv];
+    let chunks = rng.random_range(1..=3usize);
+    for chunk in 0..chunks {
+        let remaining: Vec<usize> = lengths
+            .iter()
+            .zip(cache.lengths())
+            .map(|(want, have)| want - have)
+            .collect();
+        let most = remaining.iter().copied().max().unwrap_or(0);
+        let n = if chunk + 1 == chunks {
+            most
+        } else {
+            rng.random_range(0..=most)
+        };
+        if n == 0 {
+            continue;
+        }
+        let counts: Vec<usize> = remaining.iter().map(|&r| r.min(n)).collect();
+        let knew: Vec<E> = random_vec(rng, batch * heads_kv * n * d);
+        let vnew: Vec<E> = random_vec(rng, batch * heads_kv * n * dv);
+        let starts = cache.lengths().to_vec();
+        let k_t = Tensor::from_slice(client, &knew, [batch, heads_kv, n, d]).expect("shape");
+        let v_t = Tensor::from_slice(client, &vnew, [batch, heads_kv, n, dv]).expect("shape");
+        let all = counts.iter().all(|&c| c == n);
+        cache
+            .append(client, &k_t, &v_t, (!all).then_some(&counts[..]))
+            .expect("room in the cache");
+        for b in 0..batch {
+            for h in 0..heads_kv {
+                for t in 0..counts[b] {
+                    let pos = starts[b] + t;
+                    for (host, new, w) in [(&mut kh, &knew, d), (&mut vh, &vnew, dv)] {
+                        let src = ((b * heads_kv + h) * n + t) * w;
+                        let dst = ((b * heads_kv + h) * capacity + pos) * w;
+                        for c in 0..w {
+                            host[dst + c] = new[src + c].to_f64();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cache.lengths(), lengths);
+    Filled {
+        cache,
+        k: kh,
+        v: vh,
+    }
+}
+
+/// Runs `V` for `nq` random query tokens per sequence against `filled` (with `plan`, or the
+/// default one) and checks O and the LSE against float64. Returns the output.
+fn check_decode<V: Variant>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    filled: &Filled<V::Elem>,
+    heads_q: usize,
+    nq: usize,
+    plan: Option<DecodePlan>,
+    inputs: &OwnedInputs,
+    label: &str,
+) -> Output<V::Elem> {
+    let spec = V::SPEC;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let batch = filled.cache.batch();
+    let q_shape = [batch, heads_q, nq, d];
+    let qh: Vec<V::Elem> = random_vec(rng, q_shape.iter().product());
+    let q = Tensor::from_slice(client, &qh, q_shape).expect("shape");
+    let run_inputs = inputs.view();
+    let call = DecodeProblem::new::<V>(&q, &filled.cache, &run_inputs).expect("a valid call");
+    let plan = plan.unwrap_or_else(|| default_plan(client, &call).expect("a plan"));
+    let label = format!("{label} {} Hq{heads_q} Nq{nq} {}", spec.name, plan.name());
+    let out = poisoned::<V::Elem>(client, call.problem.out_shape());
+    attn::decode_into::<V>(client, &q, &filled.cache, &run_inputs, plan, &out).expect("launch");
+
+    let qf = widen(&qh);
+    let reference = decode_f64::<V>(&call, &run_inputs, &qf, &filled.k, &filled.v);
+    let naive = decode_naive::<V>(&call, &run_inputs, &qf, &filled.k, &filled.v);
+    let o = widen(&out.o.to_vec(client));
+    assert!(
+        o.iter().all(|x| !x.is_nan()),
+        "{label}: an output element was not written (NaN poison left)"
+    );
+    let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
+    let worst_row = (0..o.len() / dv)
+        .max_by(|&a, &b| {
+            let err = |r: usize| {
+                max_abs_error(&o[r * dv..(r + 1) * dv], &reference.o[r * dv..(r + 1) * dv])
+            };
+            err(a).total_cmp(&err(b))
+        })
+        .unwrap_or(0);
+    assert!(
+        verdict.passed(),
+        "{label}: max |O − f64| = {:.3e} > bound {:.3e} (naive: {:.3e}); worst row {worst_row} of [B, Hq, Nq] = {:?}, lengths {:?}",
+        verdict.kernel_error,
+        verdict.bound,
+        verdict.naive_error,
+        call.problem.lse_shape(),
+        filled.cache.lengths()
+    );
+    let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
+    for (i, (&got, &want)) in lse.iter().zip(&reference.lse).enumerate() {
+        if want == f64::NEG_INFINITY {
+            assert_eq!(got, f64::NEG_INFINITY, "{label}: LSE row {i} sees no key");
+            assert!(
+                o[i * dv..(i + 1) * dv].iter().all(|&x| x == 0.0),
+                "{label}: O row {i} sees no key, so must be 0"
+            );
+        }
+    }
+    let lse_error = max_abs_error(&lse, &reference.lse);
+    assert!(
+        lse_error <= 2e-3,
+        "{label}: max |LSE − f64| = {lse_error:.3e}"
+    );
+    println!(
+        "{label}: max |O − f64| {:.2e} (bound {:.2e}), max |LSE − f64| {lse_error:.2e}",
+        verdict.kernel_error, verdict.bound
+    );
+    out
+}
+
+/// Output buffers full of NaN.
+fn poisoned<E: Element>(client: &ComputeClient, shape: [usize; 4]) -> Output<E> {
+    let o = vec![E::from_f64(f64::NAN); shape.iter().product()];
+    let lse = vec![f32::NAN; shape[0] * shape[1] * shape[2]];
+    Output {
+        o: Tensor::from_slice(client, &o, shape).expect("shape"),
+        lse: Lse {
+            tensor: Tensor::from_slice(client, &lse, [shape[0], shape[1], shape[2], 1])
+                .expect("shape"),
+        },
+    }
+}
+
+/// Ragged lengths: the fixed ones, or random ones with a 1 among them.
+fn ragged(rng: &mut StdRng, batch: usize, most: usize) -> Vec<usize> {
+    let mut lengths: Vec<usize> = (0..batch).map(|_| rng.random_range(1..=most)).collect();
+    lengths[0] = 1;
+    lengths.shuffle(rng);
+    lengths
+}
+
+#[test]
+fn ragged_lengths_at_every_page_size() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("ragged_lengths_at_every_page_size");
+    let lengths = [1, 7, 1000, 3001];
+    let mut storages = vec![Storage::Contiguous];
+    storages.extend([16, 17, 32, 64, 100, 128, 256].map(Storage::Paged));
+    storages.push(Storage::Paged(rng.random_range(16..=256)));
+    for storage in storages {
+        let filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        check_decode::<Gqa4Causal>(
+            &client,
+            &mut rng,
+            &filled,
+            8,
+            1,
+            None,
+            &OwnedInputs::default(),
+            &format!("{storage:?}"),
+        );
+    }
+}
+
+#[test]
+fn splits_from_one_to_many_agree() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("splits_from_one_to_many_agree");
+    let lengths = ragged(&mut rng, 3, 2500);
+    let filled = fill::<f32>(&client, &mut rng, Storage::Paged(32), 2, 64, 64, &lengths);
+    let q = Tensor::<f32>::empty(&client, [3, 8, 2, 64]);
+    let call = DecodeProblem::new::<Gqa4Causal>(&q, &filled.cache, &Inputs::default()).unwrap();
+    let base = default_plan(&client, &call).unwrap();
+    let mut checked = 0;
+    for splits in [1, 2, 3, 7, 16, 40, 100] {
+        let plan = DecodePlan { splits, ..base };
+        if let Err(e) = check_plan(&client, &call, plan) {
+            // llvmpipe's loop limit rules out too few splits over long sequences.
+            println!("splits {splits}: {e}");
+            continue;
+        }
+        check_decode::<Gqa4Causal>(
+            &client,
+            &mut rng,
+            &filled,
+            8,
+            2,
+            Some(plan),
+            &OwnedInputs::default(),
+            "splits",
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} split counts ran");
+}
+
+#[test]
+fn group_sizes_and_mqa() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("group_sizes_and_mqa");
+    let none = OwnedInputs::default();
+    let lengths = ragged(&mut rng, 3, 1500);
+    if attn::supports::<attn::f16>(&client) {
+        let filled = fill(&client, &mut rng, Storage::Paged(64), 4, 64, 64, &lengths);
+        check_decode::<MhaF16>(&client, &mut rng, &filled, 4, 1, None, &none, "group 1");
+        let filled = fill(&client, &mut rng, Storage::Paged(16), 2, 128, 128, &lengths);
+        check_decode::<Gqa8F16>(&client, &mut rng, &filled, 16, 1, None, &none, "group 8");
+    }
+    let filled = fill(&client, &mut rng, Storage::Contiguous, 1, 64, 64, &lengths);
+    check_decode::<MqaSoftcap>(&client, &mut rng, &filled, 6, 1, None, &none, "mqa 6");
+    let filled = fill(&client, &mut rng, Storage::Paged(48), 1, 64, 64, &lengths);
+    check_decode::<MqaSoftcap>(&client, &mut rng, &filled, 24, 3, None, &none, "mqa 24");
+}
+
+#[test]
+fn speculative_tokens_and_chunked_prefill() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("speculative_tokens_and_chunked_prefill");
+    let lengths = ragged(&mut rng, 2, 900);
+    // Every sequence holds at least the query tokens (they are its last positions).
+    let lengths: Vec<usize> = lengths.into_iter().map(|l| l.max(40)).collect();
+    let filled = fill::<f32>(&client, &mut rng, Storage::Paged(16), 2, 64, 64, &lengths);
+    let none = OwnedInputs::default();
+    for nq in [1, rng.random_range(2..=15), 16, 40] {
+        check_decode::<Gqa4Causal>(&client, &mut rng, &filled, 8, nq, None, &none, "tokens");
+    }
+}
+
+#[test]
+fn composed_variant_with_inputs() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("composed_variant_with_inputs");
+    let lengths = ragged(&mut rng, 3, 2000);
+    for storage in [Storage::Paged(32), Storage::Contiguous] {
+        let filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        let heads_q = 4;
+        let inputs = OwnedInputs {
+            key_lengths: Some(
+                lengths
+                    .iter()
+                    .map(|&l| rng.random_range(0..=l as i32))
+                    .collect(),
+            ),
+            sinks: Some((0..heads_q).map(|_| rng.random_range(-3.0..3.0)).collect()),
+            ..OwnedInputs::default()
+        };
+        let q = Tensor::<f32>::empty(&client, [3, heads_q, 3, 64]);
+        let call = DecodeProblem::new::<Composed>(&q, &filled.cache, &inputs.view()).unwrap();
+        let base = default_plan(&client, &call).unwrap();
+        for splits in [base.splits, base.splits.max(1) * 4] {
+            let plan = DecodePlan { splits, ..base };
+            check_decode::<Composed>(
+                &client,
+                &mut rng,
+                &filled,
+                heads_q,
+                3,
+                Some(plan),
+                &inputs,
+                "composed",
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_where_supported() {
+    let client = client();
+    if !attn::supports::<attn::bf16>(&client) {
+        println!("bf16 is not supported on this device; skipped");
+        return;
+    }
+    let (mut rng, _) = seeded_rng("bf16_where_supported");
+    let lengths = ragged(&mut rng, 2, 1000);
+    let filled = fill(&client, &mut rng, Storage::Paged(128), 2, 64, 64, &lengths);
+    check_decode::<Bf16>(
+        &client,
+        &mut rng,
+        &filled,
+        8,
+        1,
+        None,
+        &OwnedInputs::default(),
+        "bf16",
+    );
+}
+
+#[test]
+fn merge_of_disjoint_keys_is_the_whole() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("merge_of_disjoint_keys_is_the_whole");
+    let batch = 3;
+    let (heads_kv, heads_q, d) = (2, 8, 64);
+    let prefix = [0, rng.random_range(1..300), rng.random_range(300..900)];
+    let suffix = [rng.random_range(1..400), rng.random_range(1..400), 0];
+    let whole: Vec<usize> = prefix.iter().zip(&suffix).map(|(a, b)| a + b).collect();
+    let filled_whole = fill::<f32>(
+        &client,
+        &mut rng,
+        Storage::Paged(16),
+        heads_kv,
+        d,
+        d,
+        &whole,
+    );
+    // The two parts hold exactly the whole cache's tokens, split at the prefix length.
+    let cap = filled_whole.cache.capacity();
+    let part = |from: &dyn Fn(usize) -> usize, lens: &[usize]| {
+        let longest = lens.iter().copied().max().unwrap_or(0).max(1);
+        let mut k = vec![0f32; batch * heads_kv * longest * d];
+        let mut v = k.clone();
+        for b in 0..batch {
+            for h in 0..heads_kv {
+                for t in 0..lens[b] {
+                    let src = ((b * heads_kv + h) * cap + from(b) + t) * d;
+                    let dst = ((b * heads_kv + h) * longest + t) * d;
+                    for c in 0..d {
+                        k[dst + c] = filled_whole.k[src + c] as f32;
+                        v[dst + c] = filled_whole.v[src + c] as f32;
+                    }
+                }
+            }
+        }
+        let shape = [batch, heads_kv, longest, d];
+        KvCache::from_contiguous_parts(
+            Tensor::from_slice(&client, &k, shape).unwrap(),
+            Tensor::from_slice(&client, &v, shape).unwrap(),
+            lens.to_vec(),
+        )
+        .unwrap()
+    };
+    let a = part(&|_| 0, &prefix);
+    let b = part(&|b| prefix[b], &suffix);
+    let qh: Vec<f32> = random_vec(&mut rng, batch * heads_q * d);
+    let q = Tensor::from_slice(&client, &qh, [batch, heads_q, 1, d]).unwrap();
+    let none = Inputs::default();
+    let out_a = attn::decode::<Plain>(&client, &q, &a, &none).unwrap();
+    let out_b = attn::decode::<Plain>(&client, &q, &b, &none).unwrap();
+    let merged = attn::merge(&client, &out_a, &out_b).unwrap();
+
+    let call = DecodeProblem::new::<Plain>(&q, &filled_whole.cache, &none).unwrap();
+    let qf = widen(&qh);
+    let reference = decode_f64::<Plain>(&call, &none, &qf, &filled_whole.k, &filled_whole.v);
+    let naive = decode_naive::<Plain>(&call, &none, &qf, &filled_whole.k, &filled_whole.v);
+    let o = widen(&merged.o.to_vec(&client));
+    let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<f32>());
+    assert!(
+        verdict.passed(),
+        "merged: max |O − f64| = {:.3e} > bound {:.3e}",
+        verdict.kernel_error,
+        verdict.bound
+    );
+    let lse: Vec<f64> = merged
+        .lse
+        .to_vec(&client)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let lse_error = max_abs_error(&lse, &reference.lse);
+    assert!(
+        lse_error <= 1e-4,
+        "merged: max |LSE − f64| = {lse_error:.3e}"
+    );
+    // A part that saw nothing (sequence 0's prefix, sequence 2's suffix) carries LSE −∞.
+    let lse_a = out_a.lse.to_vec(&client);
+    assert!(lse_a[..heads_q].iter().all(|&x| x == f32::NEG_INFINITY));
+    println!(
+        "merge: max |O − f64| {:.2e}, max |LSE − f64| {lse_error:.2e}",
+        verdict.kernel_error
+    );
+}
+
+#[test]
+fn appends_land_where_the_block_table_says() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("appends_land_where_the_block_table_says");
+    let page_size = rng.random_range(16..=40);
+    let lengths = ragged(&mut rng, 3, 200);
+    let (heads_kv, d) = (2, 64);
+    let filled = fill::<f32>(
+        &client,
+        &mut rng,
+        Storage::Paged(page_size),
+        heads_kv,
+        d,
+        d,
+        &lengths,
+    );
+    let pool = filled.cache.k().to_vec(&client);
+    let table = filled.cache.block_table().unwrap();
+    let max_pages = table.len() / lengths.len();
+    let cap = filled.cache.capacity();
+    for (b, &len) in lengths.iter().enumerate() {
+        for pos in 0..len {
+            let page = table[b * max_pages + pos / page_size];
+            assert!(page >= 0, "sequence {b} position {pos} has no page");
+            for h in 0..heads_kv {
+                let at = ((page as usize * heads_kv + h) * page_size + pos % page_size) * d;
+                let want = ((b * heads_kv + h) * cap + pos) * d;
+                for c in 0..d {
+                    assert_eq!(
+                        pool[at + c] as f64,
+                        filled.k[want + c],
+                        "seq {b} pos {pos} head {h} col {c}"
+                    );
+                }
+            }
+        }
+    }
+    // Released pages go back to the pool and are handed out again.
+    let mut cache = filled.cache;
+    let before = cache.free_pages();
+    let held = lengths[0].div_ceil(page_size);
+    cache.release(0).unwrap();
+    assert_eq!(cache.free_pages(), before + held);
+    assert_eq!(cache.lengths()[0], 0);
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let client = client();
+    let layout = PagedLayout {
+        batch: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        value_dim: 64,
+        page_size: 16,
+        pages: 4,
+        max_pages: 2,
+    };
+    let kv_field = |r: Result<KvCache<f32>, AttnError>| match r {
+        Err(AttnError::KvCache { field, .. }) => field,
+        other => panic!("expected a kv cache error, got {other:?}"),
+    };
+    for page_size in [0, 8, 15, 257, 1024] {
+        assert_eq!(
+            kv_field(KvCache::paged(
+                &client,
+                PagedLayout {
+                    page_size,
+                    ..layout
+                }
+            )),
+            "page_size"
+        );
+    }
+    let pool = |pages| Tensor::<f32>::empty(&client, [pages, 2, 16, 64]);
+    // A block table pointing past the pool.
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(4),
+            16,
+            vec![0, 4, 1, -1],
+            2,
+            vec![20, 3]
+        )),
+        "block_table"
+    );
+    // A page held twice.
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(4),
+            16,
+            vec![0, 1, 1, -1],
+            2,
+            vec![20, 3]
+        )),
+        "block_table"
+    );
+    // Lengths longer than the table allows, or than the pages given.
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(4),
+            16,
+            vec![0, 1, 2, -1],
+            2,
+            vec![33, 3]
+        )),
+        "lengths"
+    );
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(4),
+            16,
+            vec![0, -1, 2, -1],
+            2,
+            vec![20, 3]
+        )),
+        "block_table"
+    );
+    // Pools whose pages are not the page size, and K/V pools that disagree.
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(4),
+            32,
+            vec![0, 1, 2, 3],
+            2,
+            vec![0, 0]
+        )),
+        "page_size"
+    );
+    assert_eq!(
+        kv_field(KvCache::from_paged_parts(
+            pool(4),
+            pool(3),
+            16,
+            vec![0, 1, 2, 3],
+            2,
+            vec![0, 0]
+        )),
+        "pages"
+    );
+
+    // Appends: more tokens than the table can hold, more pages than the pool has.
+    let mut cache = KvCache::<f32>::paged(&client, layout).unwrap();
+    let new = |n| Tensor::<f32>::empty(&client, [2, 2, n, 64]);
+    match cache.append(&client, &new(33), &new(33), None) {
+        Err(AttnError::KvCache {
+            field: "lengths", ..
+        }) => {}
+        other => panic!("expected a lengths error, got {other:?}"),
+    }
+    let mut small = KvCache::<f32>::paged(&client, PagedLayout { pages: 3, ..layout }).unwrap();
+    match small.append(&client, &new(20), &new(20), None) {
+        Err(AttnError::KvCache { field: "pages", .. }) => {}
+        other => panic!("expected a pages error, got {other:?}"),
+    }
+    assert_eq!(small.lengths(), [0, 0], "a refused append changes nothing");
+    match cache.append(&client, &new(4), &new(4), Some(&[5, 1])) {
+        Err(AttnError::KvCache {
+            field: "append", ..
+        }) => {}
+        other => panic!("expected an append error, got {other:?}"),
+    }
+    match cache.append(
+        &client,
+        &Tensor::<f32>::empty(&client, [2, 2, 4, 32]),
+        &new(4),
+        None,
+    ) {
+        Err(AttnError::KvCache {
+            field: "append", ..
+        }) => {}
+        other => panic!("expected an append error, got {other:?}"),
+    }
+    // Pages of another sequence cannot be given out.
+    cache.append(&client, &new(4), &new(4), None).unwrap();
+    let held = cache.block_table().unwrap()[0];
+    match cache.set_pages(1, &[held]) {
+        Err(AttnError::KvCache {
+            field: "block_table",
+            ..
+        }) => {}
+        other => panic!("expected a block_table error, got {other:?}"),
+    }
+
+    // Calls: wrong head dim, wrong batch, wrong grouping, key lengths past the cache, documents.
+    let q = |shape| Tensor::<f32>::empty(&client, shape);
+    let none = Inputs::default();
+    for shape in [[2, 8, 1, 32], [3, 8, 1, 64], [2, 6, 1, 64]] {
+        let err = attn::decode::<Gqa4Causal>(&client, &q(shape), &cache, &none).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttnError::DimMismatch { .. } | AttnError::HeadGrouping { .. }
+            ),
+            "{shape:?}: {err}"
+        );
+    }
+    let too_long = [5, 0];
+    let inputs = Inputs {
+        key_lengths: Some(&too_long),
+        sinks: Some(&[0.0; 4]),
+        ..Inputs::default()
+    };
+    match attn::decode::<Composed>(&client, &q([2, 4, 1, 64]), &cache, &inputs) {
+        Err(AttnError::Input {
+            input: "key_lengths",
+            ..
+        }) => {}
+        other => panic!("expected a key_lengths error, got {other:?}"),
+    }
+    match attn::decode::<Docs>(&client, &q([2, 2, 1, 64]), &cache, &none) {
+        Err(AttnError::Unsupported(_)) => {}
+        other => panic!("expected unsupported, got {other:?}"),
+    }
+    // A plan the device cannot run.
+    let call = DecodeProblem::new::<Gqa4Causal>(&q([2, 8, 1, 64]), &cache, &none).unwrap();
+    let plan = DecodePlan {
+        tiling: DecodeTiling {
+            rows: 4,
+            block_kv: 4096,
+            units: 128,
+        },
+        splits: 1,
+    };
+    assert!(matches!(
+        check_plan(&client, &call, plan),
+        Err(AttnError::Unsupported(_))
+    ));
+    let out = poisoned::<f32>(&client, [2, 8, 1, 64]);
+    assert!(
+        attn::decode_into::<Gqa4Causal>(&client, &q([2, 8, 1, 64]), &cache, &none, plan, &out)
+            .is_err()
+    );
+}
