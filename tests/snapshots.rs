@@ -158,7 +158,42 @@ fn example_variants() {
         names.len() >= 3 * registry.len(),
         "expected every example variant, found {names:?}"
     );
+    names.extend(decode_kernels());
     reject_unreferenced(&names);
+}
+
+/// The decode family: the decode kernel of the Llama-3 variant (GQA, causal) and of Mistral
+/// (sliding window) for the sm_90 model at the CUDA default tile, the f16 form in WGSL at a CI tile,
+/// and the combine step.
+fn decode_kernels() -> Vec<String> {
+    use attn::DecodeTiling;
+    let cuda_tile = DecodeTiling { rows: 4, block_kv: 64, units: 128 };
+    let wgsl_tile = DecodeTiling { rows: 4, block_kv: 16, units: 128 };
+    let mut sources = vec![
+        (
+            "decode_cuda__llama3__Llama3",
+            attn::codegen::decode_cuda_source::<variants::llama3::Llama3>(cuda_tile),
+        ),
+        (
+            "decode_cuda__mistral__Mistral",
+            attn::codegen::decode_cuda_source::<variants::mistral::Mistral>(cuda_tile),
+        ),
+        ("combine_cuda__bf16_d128", attn::codegen::combine_cuda_source::<attn::bf16>(128, false)),
+    ];
+    #[cfg(feature = "wgpu")]
+    {
+        sources.push((
+            "decode_wgsl__llama3__Llama3F16",
+            attn::codegen::decode_wgsl_source::<variants::llama3::Llama3F16>(wgsl_tile),
+        ));
+    }
+    sources
+        .into_iter()
+        .map(|(name, source)| {
+            insta::assert_snapshot!(name, canonical_names(&source));
+            name.to_string()
+        })
+        .collect()
 }
 
 /// Renames every value name `v<digits>` (also inside longer names such as `shared_v12`) to
@@ -190,11 +225,16 @@ fn canonical_names(source: &str) -> String {
     out
 }
 
-/// Replaces the 8-hex-digit suffix of every `prefill_forward…_xxxxxxxx` kernel name by `HASH`.
+/// Replaces the 8-hex-digit suffix of every kernel name (`prefill_forward…_xxxxxxxx`,
+/// `decode_forward…`, `combine_splits…`) by `HASH`.
 fn without_kernel_hashes(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
-    while let Some(at) = rest.find("prefill_forward") {
+    while let Some(at) = ["prefill_forward", "decode_forward", "combine_splits"]
+        .iter()
+        .filter_map(|stem| rest.find(stem))
+        .min()
+    {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];
         let len = tail

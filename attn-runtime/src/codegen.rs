@@ -12,6 +12,8 @@ use cubecl::prelude::*;
 use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
+use crate::kernels::combine::{combine_splits, CombineConfig};
+use crate::kernels::decode::{decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeTiling};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
 use crate::kernels::prefill_tc::prefill_forward_tc;
 use crate::launch::{kernel_config, Engine};
@@ -158,5 +160,103 @@ pub fn wgsl_source<V: Variant>(tiling: Tiling) -> String {
     cubecl::wgpu::WgslCompiler
         .compile(def, &Default::default())
         .expect("the prefill kernel compiles to WGSL")
+        .to_string()
+}
+
+/// The decode kernel's definition for `V` with `tiling` (paged, split over the keys).
+fn decode_definition<V: Variant>(tiling: DecodeTiling, props: DeviceProperties) -> KernelDefinition {
+    let spec = V::SPEC;
+    let mut mask = spec.mask;
+    mask.key_lengths = true;
+    let config = DecodeConfig {
+        tiling,
+        head_dim: spec.head_dim,
+        value_dim: spec.value_dim,
+        mask,
+        score: spec.score.flags(),
+        paged: true,
+        split: true,
+    };
+    decode_forward::DecodeForward::<V::Elem, V::Hooks>::new(
+        KernelSettings::new(
+            *CubeDim::new_1d(tiling.units),
+            ExecutionMode::Checked,
+            AddressType::U32,
+        ),
+        Arc::new(props),
+        Arc::new(TargetProperties::default()),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        args_compilation_arg(),
+        DecodeArgsCompilationArg {
+            queries: (),
+            group_rows: (),
+            page_size: (),
+            max_pages: (),
+            keys_per_split: (),
+        },
+        config,
+    )
+    .define()
+}
+
+/// The CUDA C++ of `V`'s decode kernel with `tiling`, over a paged cache, split over the keys
+/// (sm_90 model).
+pub fn decode_cuda_source<V: Variant>(tiling: DecodeTiling) -> String {
+    CppCompiler::<cubecl_cpp::target::Cuda>::default()
+        .compile(
+            decode_definition::<V>(tiling, sm90_device_model()),
+            &CompilationOptions::default(),
+        )
+        .expect("the decode kernel compiles to CUDA C++")
+        .to_string()
+}
+
+/// The WGSL of `V`'s decode kernel with `tiling`, over a paged cache, split over the keys.
+#[cfg(feature = "wgpu")]
+pub fn decode_wgsl_source<V: Variant>(tiling: DecodeTiling) -> String {
+    let mut props = sm90_device_model();
+    props.hardware.plane_size_min = 8;
+    props.hardware.plane_size_max = 8;
+    props.hardware.max_shared_memory_size = 32 * 1024;
+    cubecl::wgpu::WgslCompiler
+        .compile(decode_definition::<V>(tiling, props), &Default::default())
+        .expect("the decode kernel compiles to WGSL")
+        .to_string()
+}
+
+/// The CUDA C++ of the split-KV combine step for elements `E`, value dim `value_dim`, with or
+/// without sinks (sm_90 model).
+pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: bool) -> String {
+    let config = CombineConfig {
+        value_dim,
+        units: 64,
+        sinks,
+    };
+    let def = combine_splits::CombineSplits::<E>::new(
+        KernelSettings::new(*CubeDim::new_1d(64), ExecutionMode::Checked, AddressType::U32),
+        Arc::new(sm90_device_model()),
+        Arc::new(TargetProperties::default()),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        tensor_compilation_arg(),
+        (),
+        (),
+        (),
+        config,
+    )
+    .define();
+    CppCompiler::<cubecl_cpp::target::Cuda>::default()
+        .compile(def, &CompilationOptions::default())
+        .expect("the combine kernel compiles to CUDA C++")
         .to_string()
 }

@@ -14,7 +14,9 @@ use cubecl::prelude::*;
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::combine::{combine_splits, merge_states, CombineConfig};
-use crate::kernels::decode::{decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeTiling};
+use crate::kernels::decode::{
+    decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeTiling, KV_VECTOR,
+};
 use crate::kv_cache::{grid, KvCache};
 use crate::launch::{
     flat_arg, is_cpu_emulated, kernel_args, tensor_arg, unsupported_dtype, upload_inputs, Lse,
@@ -77,6 +79,16 @@ impl DecodeProblem {
                 "{} packs documents into one sequence; a K/V cache holds one sequence per batch entry, so decode with a batch instead",
                 base.name
             )));
+        }
+        // The kernel reads K and V in vectors of 4 elements.
+        for (operand, t) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
+            let s = t.strides();
+            if s[..3].iter().chain(&[t.shape()[3]]).any(|x| x % KV_VECTOR != 0) {
+                return Err(AttnError::Unsupported(format!(
+                    "decoding reads the cache in vectors of {KV_VECTOR} elements; {operand} has strides {s:?} and head dim {}, which must be multiples of {KV_VECTOR}",
+                    t.shape()[3]
+                )));
+            }
         }
         // The shapes are those of an ordinary call with the cache as K and V.
         let k_view = cache_view(cache.k(), cache);

@@ -195,8 +195,8 @@ fn run_case(
     // The default plan, then a sweep around it: split counts and steps of 32 keys.
     let default = default_plan(client, &call)?;
     let mut plans = vec![default];
-    for splits in [1, 2, 4, 8, 16, 32, 64, 132, 264] {
-        for block_kv in [default.tiling.block_kv, 32] {
+    for splits in [1, 2, 4, 8, 16, 33, 66, 132, 264] {
+        for block_kv in [default.tiling.block_kv, 16, 32, 128] {
             let plan = DecodePlan {
                 splits,
                 tiling: attn::DecodeTiling {

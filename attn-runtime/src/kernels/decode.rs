@@ -39,6 +39,13 @@ use crate::kernels::mask::{
 use crate::kernels::prefill::{PrefillArgs, RowState};
 use crate::variant::{MaskSpec, ScoreFlags};
 
+/// Elements per global load of K and V: 4 (8 bytes in 16-bit types), the widest vector every back
+/// end has. Head dims are multiples of 4; the launcher checks the cache's strides are too.
+pub const KV_VECTOR: usize = 4;
+
+/// One global load of K or V.
+pub type KvVector<E> = Vector<E, Const<4>>;
+
 /// A tile shape of the decode kernel.
 ///
 /// QKᵀ per step is `rows × block_kv × head_dim`, P·V `rows × value_dim × block_kv`.
@@ -182,8 +189,8 @@ pub struct DecodeRow {
 #[cube(launch)]
 pub fn decode_forward<E: Float, M: Hooks>(
     q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+    k: &Tensor<KvVector<E>>,
+    v: &Tensor<KvVector<E>>,
     table: &Tensor<i32>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
@@ -272,7 +279,7 @@ pub fn decode_forward<E: Float, M: Hooks>(
             let correction =
                 online_softmax_step(&mut smem, &mut scores, &mut state, unit, lane, config);
             sync_cube();
-            accumulate_pv(&smem, &mut acc, correction, unit, lane, keys.len, config);
+            accumulate_pv(&smem, &mut acc, correction, unit, lane, config);
             let row_sum = row_reduce_sum(&smem, sum_at, unit, lanes);
             state.sum = state.sum * correction + row_sum;
         }
@@ -419,8 +426,8 @@ fn classify_rows<M: Hooks>(
 /// key for a paged cache), so the tile loads below are plain offsets.
 #[cube]
 fn key_addresses<E: Float>(
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+    k: &Tensor<KvVector<E>>,
+    v: &Tensor<KvVector<E>>,
     table: &Tensor<i32>,
     bases: &mut Shared<[u32]>,
     seq: SequenceSpan,
@@ -448,35 +455,76 @@ fn key_addresses<E: Float>(
 }
 
 /// Load K/V: the step's keys into shared memory as f32 (K rows padded); keys past `kv_len` are 0.
+/// Loads are vectors of [`KV_VECTOR`] elements in an unrolled loop, so each unit has all its loads
+/// in flight before the first store.
 #[cube]
 fn load_kv_tiles<E: Float>(
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+    k: &Tensor<KvVector<E>>,
+    v: &Tensor<KvVector<E>>,
     bases: &Shared<[u32]>,
     smem: &mut Shared<[f32]>,
     kv_len: usize,
     #[comptime] config: DecodeConfig,
 ) {
     let block_kv = config.block_kv();
-    let head_dim = config.head_dim();
-    let value_dim = config.value_dim();
     let [k_at, v_at, _, _, _, _, _] = config.layout();
-    for i in range_stepped(UNIT_POS as usize, block_kv * head_dim, config.units()) {
-        let j = i / head_dim;
-        let c = i % head_dim;
-        let mut value = 0.0f32.runtime();
-        if j < kv_len {
-            value = f32::cast_from(k[bases[j] as usize + c]);
+    load_tile::<E>(k, bases, 0, smem, k_at, config.k_stride(), config.head_dim(), kv_len, config);
+    load_tile::<E>(v, bases, block_kv, smem, v_at, config.value_dim(), config.value_dim(), kv_len, config);
+}
+
+/// One `block_kv × width` tile from `src` (key `j` at element `bases[base_at + j]`) into shared
+/// memory at `offset` with row stride `stride`.
+#[cube]
+fn load_tile<E: Float>(
+    src: &Tensor<KvVector<E>>,
+    bases: &Shared<[u32]>,
+    base_at: usize,
+    smem: &mut Shared<[f32]>,
+    offset: usize,
+    #[comptime] stride: usize,
+    #[comptime] width: usize,
+    kv_len: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let per_row = width / KV_VECTOR;
+    let vectors = config.block_kv() * per_row;
+    let units = config.units();
+    #[unroll]
+    for t in 0..(vectors + units - 1) / units {
+        let i = t * units + UNIT_POS as usize;
+        if comptime!((t + 1) * units > vectors) {
+            if i < vectors {
+                load_vector::<E>(src, bases, base_at, smem, offset, stride, per_row, i, kv_len);
+            }
+        } else {
+            load_vector::<E>(src, bases, base_at, smem, offset, stride, per_row, i, kv_len);
         }
-        smem[k_at + j * config.k_stride() + c] = value;
     }
-    for i in range_stepped(UNIT_POS as usize, block_kv * value_dim, config.units()) {
-        let j = i / value_dim;
-        let mut value = 0.0f32.runtime();
-        if j < kv_len {
-            value = f32::cast_from(v[bases[block_kv + j] as usize + i % value_dim]);
-        }
-        smem[v_at + i] = value;
+}
+
+/// Vector `i` of a tile: row `i / per_row`, columns from `(i % per_row) · 4`.
+#[cube]
+fn load_vector<E: Float>(
+    src: &Tensor<KvVector<E>>,
+    bases: &Shared<[u32]>,
+    base_at: usize,
+    smem: &mut Shared<[f32]>,
+    offset: usize,
+    #[comptime] stride: usize,
+    #[comptime] per_row: usize,
+    i: usize,
+    kv_len: usize,
+) {
+    let j = i / per_row;
+    let c = (i % per_row) * KV_VECTOR;
+    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+    if j < kv_len {
+        x = src[(bases[base_at + j] as usize + c) / KV_VECTOR];
+    }
+    let at = offset + j * stride + c;
+    #[unroll]
+    for e in 0..KV_VECTOR {
+        smem[at + e] = f32::cast_from(x.extract(e));
     }
 }
 
@@ -506,6 +554,7 @@ fn row_scores<M: Hooks>(
     for i in 0..config.keys_per_lane() {
         scores[i] = 0.0;
     }
+    #[unroll]
     for c in 0..head_dim {
         let qc = smem[q_row + c];
         #[unroll]
@@ -574,6 +623,7 @@ fn online_softmax_step(
     let [_, _, p_at, _, max_at, sum_at, _] = config.layout();
     let row_first = unit - lane;
     let mut step_max = (-1.0e30f32).runtime();
+    #[unroll]
     for l in 0..lanes {
         let m = smem[max_at + row_first + l];
         step_max = select(m > step_max, m, step_max);
@@ -609,7 +659,6 @@ fn accumulate_pv(
     correction: f32,
     unit: usize,
     lane: usize,
-    kv_len: usize,
     #[comptime] config: DecodeConfig,
 ) {
     let lanes = config.lanes();
@@ -620,7 +669,9 @@ fn accumulate_pv(
     for i in 0..config.cols_per_lane() {
         acc[i] *= correction;
     }
-    for j in 0..kv_len {
+    // Over the whole step: past `kv_len`, P is 0 and V is 0, and a comptime trip count unrolls.
+    #[unroll]
+    for j in 0..config.block_kv() {
         let p = smem[p_row + j];
         let v_row = v_at + j * value_dim;
         #[unroll]
@@ -647,6 +698,7 @@ fn row_reduce_sum(
 ) -> f32 {
     let row_first = unit - unit % lanes;
     let mut sum = 0.0f32.runtime();
+    #[unroll]
     for l in 0..lanes {
         sum += smem[offset + row_first + l];
     }
