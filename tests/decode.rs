@@ -707,8 +707,7 @@ fn bad_input_is_a_typed_error() {
     let plan = DecodePlan {
         tiling: DecodeTiling {
             rows: 4,
-            block_kv: 4096,
-            units: 128,
+            units: 1 << 20,
         },
         splits: 1,
     };

@@ -167,8 +167,14 @@ fn example_variants() {
 /// and the combine step.
 fn decode_kernels() -> Vec<String> {
     use attn::DecodeTiling;
-    let cuda_tile = DecodeTiling { rows: 4, block_kv: 64, units: 128 };
-    let wgsl_tile = DecodeTiling { rows: 4, block_kv: 16, units: 128 };
+    let cuda_tile = DecodeTiling {
+        rows: 4,
+        units: 128,
+    };
+    let wgsl_tile = DecodeTiling {
+        rows: 4,
+        units: 128,
+    };
     let mut sources = vec![
         (
             "decode_cuda__llama3__Llama3",
@@ -178,7 +184,10 @@ fn decode_kernels() -> Vec<String> {
             "decode_cuda__mistral__Mistral",
             attn::codegen::decode_cuda_source::<variants::mistral::Mistral>(cuda_tile),
         ),
-        ("combine_cuda__bf16_d128", attn::codegen::combine_cuda_source::<attn::bf16>(128, false)),
+        (
+            "combine_cuda__bf16_d128",
+            attn::codegen::combine_cuda_source::<attn::bf16>(128, false),
+        ),
     ];
     #[cfg(feature = "wgpu")]
     {

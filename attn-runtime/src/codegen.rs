@@ -13,7 +13,9 @@ use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
 use crate::kernels::combine::{combine_splits, CombineConfig};
-use crate::kernels::decode::{decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeTiling};
+use crate::kernels::decode::{
+    decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeTiling,
+};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
 use crate::kernels::prefill_tc::prefill_forward_tc;
 use crate::launch::{kernel_config, Engine};
@@ -164,7 +166,10 @@ pub fn wgsl_source<V: Variant>(tiling: Tiling) -> String {
 }
 
 /// The decode kernel's definition for `V` with `tiling` (paged, split over the keys).
-fn decode_definition<V: Variant>(tiling: DecodeTiling, props: DeviceProperties) -> KernelDefinition {
+fn decode_definition<V: Variant>(
+    tiling: DecodeTiling,
+    props: DeviceProperties,
+) -> KernelDefinition {
     let spec = V::SPEC;
     let mut mask = spec.mask;
     mask.key_lengths = true;
@@ -241,7 +246,11 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
         sinks,
     };
     let def = combine_splits::CombineSplits::<E>::new(
-        KernelSettings::new(*CubeDim::new_1d(64), ExecutionMode::Checked, AddressType::U32),
+        KernelSettings::new(
+            *CubeDim::new_1d(64),
+            ExecutionMode::Checked,
+            AddressType::U32,
+        ),
         Arc::new(sm90_device_model()),
         Arc::new(TargetProperties::default()),
         tensor_compilation_arg(),

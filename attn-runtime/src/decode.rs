@@ -83,7 +83,11 @@ impl DecodeProblem {
         // The kernel reads K and V in vectors of 4 elements.
         for (operand, t) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
             let s = t.strides();
-            if s[..3].iter().chain(&[t.shape()[3]]).any(|x| x % KV_VECTOR != 0) {
+            if s[..3]
+                .iter()
+                .chain(&[t.shape()[3]])
+                .any(|x| x % KV_VECTOR != 0)
+            {
                 return Err(AttnError::Unsupported(format!(
                     "decoding reads the cache in vectors of {KV_VECTOR} elements; {operand} has strides {s:?} and head dim {}, which must be multiples of {KV_VECTOR}",
                     t.shape()[3]
@@ -192,30 +196,34 @@ pub fn decode_into<V: Variant>(
     launch_decode::<V>(client, &call, plan, q, cache, out)
 }
 
-/// The tile shape for a call: rows cover the group's packed rows (at most 16 per cube), 128 units
-/// where the device allows, and the most keys per step that fit in shared memory.
+/// The tile shape for a call: rows cover the group's packed rows (at most 16 per cube, fewer where
+/// shared memory is short) and 128 units (keys per step) where the device allows.
 pub fn default_tiling(
     client: &ComputeClient,
     spec: &VariantSpec,
     group_rows: usize,
 ) -> Result<DecodeTiling, AttnError> {
     let hw = &client.properties().hardware;
-    let rows = group_rows.next_power_of_two().min(MAX_ROWS) as u32;
-    let units = (hw.max_units_per_cube.min(128) as u32).max(rows);
-    [64, 32, 16, 8]
-        .into_iter()
-        .map(|block_kv| DecodeTiling {
-            rows,
-            block_kv,
-            units,
-        })
-        .find(|t| t.shared_bytes(spec.head_dim, spec.value_dim) <= hw.max_shared_memory_size)
-        .ok_or_else(|| {
-            AttnError::Unsupported(format!(
-                "decoding {} needs more shared memory than the device's {} bytes",
-                spec.name, hw.max_shared_memory_size
-            ))
-        })
+    let units = hw.max_units_per_cube.min(128);
+    let mut rows = group_rows
+        .next_power_of_two()
+        .min(MAX_ROWS)
+        .min(units as usize) as u32;
+    let fits = |rows| {
+        DecodeTiling { rows, units }.shared_bytes(spec.head_dim, spec.value_dim)
+            <= hw.max_shared_memory_size
+    };
+    while rows > 1 && !fits(rows) {
+        rows /= 2;
+    }
+    let tiling = DecodeTiling { rows, units };
+    if !fits(rows) || (spec.value_dim / KV_VECTOR as u32) > units {
+        return Err(AttnError::Unsupported(format!(
+            "decoding {} needs more shared memory or units per cube than the device has ({} bytes, {} units)",
+            spec.name, hw.max_shared_memory_size, hw.max_units_per_cube
+        )));
+    }
+    Ok(tiling)
 }
 
 /// The plan used without tuning: [`default_tiling`], and enough key splits that the launch fills
@@ -268,11 +276,11 @@ pub fn check_plan(
     if !t.rows.is_power_of_two()
         || !t.units.is_power_of_two()
         || t.units < t.rows
-        || t.block_kv == 0
+        || (t.units as usize) < call.spec.value_dim as usize / KV_VECTOR
     {
-        return bad(
-            "rows and units must be powers of two with units ≥ rows, and block_kv ≥ 1".into(),
-        );
+        return bad(format!(
+            "rows and units must be powers of two with units ≥ rows and units ≥ value_dim / {KV_VECTOR}"
+        ));
     }
     if t.units > hw.max_units_per_cube {
         return bad(format!(
@@ -292,7 +300,7 @@ pub fn check_plan(
     }
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, t, plan.splits > 1, true);
-        let per_split = keys_per_split(call.max_len, plan.splits, t.block_kv as usize);
+        let per_split = keys_per_split(call.max_len, plan.splits, t.units as usize);
         let budget = keys_within_loop_budget(config);
         if per_split > budget {
             return bad(format!(
@@ -303,23 +311,27 @@ pub fn check_plan(
     Ok(())
 }
 
-/// Keys per split for `splits` splits: a multiple of `block_kv`, so no step straddles two splits.
+/// Keys per split for `splits` splits: a multiple of the keys per step, so no step straddles two
+/// splits.
 fn keys_per_split(max_len: usize, splits: usize, block_kv: usize) -> usize {
     max_len.div_ceil(splits).div_ceil(block_kv).max(1) * block_kv
 }
 
 /// The keys one invocation of the decode kernel can walk within llvmpipe's 65 535 counted loop
-/// iterations: per step, the two tile loads, the key addresses, two lane reductions and P·V.
+/// iterations: per step, the step loop, the blocks of the K row and of P·V and the row-max fold;
+/// once, the finish's loops.
 fn keys_within_loop_budget(config: DecodeConfig) -> usize {
-    let (kv, units) = (config.block_kv(), config.units());
-    let per_step = (kv * config.head_dim()).div_ceil(units)
-        + (kv * config.value_dim()).div_ceil(units)
-        + kv.div_ceil(units)
-        + 2 * config.lanes()
-        + kv
-        + 4;
-    let fixed = (config.rows() * config.head_dim()).div_ceil(units) + 64;
-    (65_535 - fixed) / per_step * kv
+    let chunk = 8;
+    let per_step = (config.head_dim() / KV_VECTOR).div_ceil(chunk)
+        + config.keys_per_group().div_ceil(chunk)
+        + config.row_lanes()
+        + 2;
+    let fixed = config.rows() * config.head_dim() / KV_VECTOR
+        + config.units()
+        + config.key_groups()
+        + config.rows() * config.value_dim()
+        + 64;
+    (65_535 - fixed) / per_step * config.block_kv()
 }
 
 /// The comptime configuration of the decode kernel.
@@ -355,7 +367,7 @@ fn launch_decode<V: Variant>(
     }
     let p = &call.problem;
     let tiling = plan.tiling;
-    let kps = keys_per_split(call.max_len, plan.splits, tiling.block_kv as usize);
+    let kps = keys_per_split(call.max_len, plan.splits, tiling.units as usize);
     let splits = call.max_len.div_ceil(kps).max(1);
     let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
     let chunks = call.group_rows().div_ceil(tiling.rows as usize);

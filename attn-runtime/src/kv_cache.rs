@@ -282,12 +282,14 @@ impl<E: Element> KvCache<E> {
                 Some(i) => {
                     available.swap_remove(i);
                 }
-                None => return Err(kv_error(
-                    "block_table",
-                    format!(
+                None => {
+                    return Err(kv_error(
+                        "block_table",
+                        format!(
                         "entry {slot}: page {page} is held by another sequence (or given twice)"
                     ),
-                )),
+                    ))
+                }
             }
         }
         if pages.len() * *page_size < len {

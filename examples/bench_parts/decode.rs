@@ -192,15 +192,15 @@ fn run_case(
         started.elapsed().as_secs_f64()
     );
 
-    // The default plan, then a sweep around it: split counts and steps of 32 keys.
+    // The default plan, then a sweep around it: split counts, and 64 or 256 units (keys per step).
     let default = default_plan(client, &call)?;
     let mut plans = vec![default];
     for splits in [1, 2, 4, 8, 16, 33, 66, 132, 264] {
-        for block_kv in [default.tiling.block_kv, 16, 32, 128] {
+        for units in [default.tiling.units, 64, 256] {
             let plan = DecodePlan {
                 splits,
                 tiling: attn::DecodeTiling {
-                    block_kv,
+                    units,
                     ..default.tiling
                 },
             };

@@ -1,25 +1,30 @@
 //! The decode kernel: a few query tokens per sequence against a long K/V cache, contiguous or
-//! paged, split over the keys (flash-decoding).
+//! paged, split over the keys (flash-decoding). Its one job is to read the cache at the memory's
+//! speed.
 //!
 //! One cube per (key split, K/V head × row chunk, sequence). **GQA packing**: the cube's rows are
 //! the (query head, query token) pairs of one K/V head's group (`group × Nq`, in chunks of
-//! `rows`), so every K/V byte a cube loads serves the whole group, and is read from memory once
-//! per group rather than once per query head.
+//! `rows`), so every K/V byte the cube reads serves the whole group: the cache is read once per
+//! group, not once per query head.
 //!
-//! Units are laid out as `rows × lanes`: unit `u` owns row `u / lanes`; in the scores its keys are
-//! `lane, lane + lanes, …` of the step, in P·V its output columns are `lane, lane + lanes, …`. So
-//! the row's online-softmax state (running max and sum, f32) lives in the registers of its lanes,
-//! identical in each, and its output accumulator is spread over them. Per step of `block_kv` keys:
-//! the keys' cache addresses (one page-table lookup per key), K and V staged in shared memory as
-//! f32, scores in registers (score modification and mask applied), the row max and sum through
-//! shared memory, probabilities through shared memory for P·V.
+//! Each step covers `units` keys and reads K and V straight from memory into registers, never
+//! through shared memory:
+//! - **scores**: unit `u` owns key `u` of the step. It reads the key's row of K in vectors of 4
+//!   and dots it with every row's Q (shared memory, f32, pre-scaled, read by all units at once, so
+//!   a broadcast); the `rows` scores stay in its registers. Score modification and, on partial
+//!   steps, the mask apply there.
+//! - **softmax**: the rows' step maxima through shared memory (per-row partials, then one unit
+//!   per row); each unit turns its scores into probabilities and keeps its own partial row sums,
+//!   reduced once at the end.
+//! - **P·V**: units regroup as `value_dim / 4` column lanes × key groups. A key group walks its
+//!   share of the step's keys; for each key its lanes read the V row together (one coalesced row)
+//!   and add `p · v` for every row into their f32 accumulators. The key groups' accumulators are
+//!   summed once at the end.
 //!
 //! With one split the cube normalises and writes O and the LSE itself. With several, each writes
 //! its normalised partial output and partial LSE in f32, and [`crate::kernels::combine`] merges
-//! them exactly; sinks join only there, once.
-//!
-//! Like the portable prefill kernel, this uses no plane operations and no tensor cores, so it runs
-//! on every cubecl back end.
+//! them exactly; sinks join only there, once. No plane operations, no tensor cores: it runs on
+//! every cubecl back end.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
@@ -39,42 +44,45 @@ use crate::kernels::mask::{
 use crate::kernels::prefill::{PrefillArgs, RowState};
 use crate::variant::{MaskSpec, ScoreFlags};
 
-/// Elements per global load of K and V: 4 (8 bytes in 16-bit types), the widest vector every back
-/// end has. Head dims are multiples of 4; the launcher checks the cache's strides are too.
+/// Elements per global load of K and V, and per shared-memory read of Q: 4 (8 bytes of a 16-bit
+/// type), the widest vector every back end has. Head dims are multiples of 4; the launcher checks
+/// the cache's strides are too.
 pub const KV_VECTOR: usize = 4;
 
 /// One global load of K or V.
 pub type KvVector<E> = Vector<E, Const<4>>;
 
-/// A tile shape of the decode kernel.
+/// Four f32 values: a piece of a Q row in shared memory.
+type F32x4 = Vector<f32, Const<4>>;
+
+/// Vectors of a K row (or keys of P·V) handled per unrolled block: the loads of a block are all in
+/// flight before the first is used, and the blocks keep unrolled code small.
+const CHUNK: usize = 8;
+
+/// A tile shape of the decode kernel: `units` keys per step, `rows` packed query rows per cube.
 ///
-/// QKᵀ per step is `rows × block_kv × head_dim`, P·V `rows × value_dim × block_kv`.
+/// QKᵀ per step is `rows × units × head_dim`, P·V `rows × value_dim × units`.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct DecodeTiling {
     /// Query rows per cube: (query head of the group, query token) pairs (M of both products).
     pub rows: u32,
-    /// Keys per step (N of QKᵀ, K of P·V).
-    pub block_kv: u32,
-    /// Units per cube; `units / rows` lanes serve each row.
+    /// Units per cube, and keys per step (N of QKᵀ, K of P·V).
     pub units: u32,
 }
 
 impl DecodeTiling {
-    /// A stable name, used in logs and benchmark tables (`r4_kv64_u128`).
+    /// A stable name, used in logs and benchmark tables (`r4_u128`).
     pub fn name(&self) -> String {
-        format!("r{}_kv{}_u{}", self.rows, self.block_kv, self.units)
+        format!("r{}_u{}", self.rows, self.units)
     }
 
-    /// Shared memory of one cube in bytes: K (padded rows), V, probabilities, Q, the two
-    /// reduction arrays and the key addresses.
+    /// Shared memory of one cube in bytes: Q rows, scores (then probabilities), per-row partial
+    /// maxima, row maxima and corrections, V key addresses, and the final accumulator sum.
     pub const fn shared_bytes(&self, head_dim: u32, value_dim: u32) -> usize {
-        let (rows, kv) = (self.rows as usize, self.block_kv as usize);
-        let floats = kv * (head_dim as usize + 1)
-            + kv * value_dim as usize
-            + rows * kv
-            + rows * head_dim as usize
-            + 2 * self.units as usize;
-        4 * floats + 4 * 2 * kv
+        let (rows, units) = (self.rows as usize, self.units as usize);
+        let floats =
+            rows * head_dim as usize + rows * units + units + 2 * rows + rows * value_dim as usize;
+        4 * floats + 4 * units
     }
 }
 
@@ -103,29 +111,34 @@ impl DecodeConfig {
         self.tiling.rows as usize
     }
 
-    /// Keys per step.
-    pub const fn block_kv(&self) -> usize {
-        self.tiling.block_kv as usize
-    }
-
     /// Units per cube.
     pub const fn units(&self) -> usize {
         self.tiling.units as usize
     }
 
-    /// Lanes per row.
-    pub const fn lanes(&self) -> usize {
+    /// Keys per step: one per unit.
+    pub const fn block_kv(&self) -> usize {
+        self.units()
+    }
+
+    /// Units per row in the partial row maxima.
+    pub const fn row_lanes(&self) -> usize {
         self.units() / self.rows()
     }
 
-    /// Keys of a step each lane scores.
-    pub const fn keys_per_lane(&self) -> usize {
-        self.block_kv().div_ceil(self.lanes())
+    /// Column lanes of P·V: each accumulates 4 output columns of every row.
+    pub const fn col_lanes(&self) -> usize {
+        self.value_dim() / KV_VECTOR
     }
 
-    /// Output columns each lane accumulates.
-    pub const fn cols_per_lane(&self) -> usize {
-        (self.value_dim as usize).div_ceil(self.lanes())
+    /// Key groups of P·V: each walks its share of the step's keys.
+    pub const fn key_groups(&self) -> usize {
+        self.units() / self.col_lanes()
+    }
+
+    /// Keys of a step each key group walks.
+    pub const fn keys_per_group(&self) -> usize {
+        self.units().div_ceil(self.key_groups())
     }
 
     /// Head dimension of Q and K (K of QKᵀ).
@@ -138,22 +151,22 @@ impl DecodeConfig {
         self.value_dim as usize
     }
 
-    /// Row stride of the K tile in shared memory: one float of padding, so lanes reading the same
-    /// column of consecutive keys hit different banks.
-    pub const fn k_stride(&self) -> usize {
-        self.head_dim() + 1
-    }
-
-    /// Offsets in the f32 shared array: K tile, V tile, probabilities, Q rows, row maxima, row
-    /// sums, and the length.
-    pub const fn layout(&self) -> [usize; 7] {
-        let k = 0;
-        let v = k + self.block_kv() * self.k_stride();
-        let p = v + self.block_kv() * self.value_dim();
-        let q = p + self.rows() * self.block_kv();
-        let max = q + self.rows() * self.head_dim();
-        let sum = max + self.units();
-        [k, v, p, q, max, sum, sum + self.units()]
+    /// Offsets in the f32 shared array: scores `[rows][units]`, partial maxima `[units]`, row
+    /// maxima `[rows]`, corrections `[rows]`, the output sum `[rows][value_dim]`, and the length.
+    pub const fn layout(&self) -> [usize; 6] {
+        let scores = 0;
+        let partial = scores + self.rows() * self.units();
+        let max = partial + self.units();
+        let corr = max + self.rows();
+        let out = corr + self.rows();
+        [
+            scores,
+            partial,
+            max,
+            corr,
+            out,
+            out + self.rows() * self.value_dim(),
+        ]
     }
 }
 
@@ -169,7 +182,7 @@ pub struct DecodeArgs {
     pub page_size: u32,
     /// Entries per sequence in the block table.
     pub max_pages: u32,
-    /// Keys per split (a multiple of `block_kv`).
+    /// Keys per split (a multiple of `units`).
     pub keys_per_split: u32,
 }
 
@@ -202,9 +215,8 @@ pub fn decode_forward<E: Float, M: Hooks>(
     #[comptime] config: DecodeConfig,
 ) {
     let rows = config.rows();
-    let lanes = config.lanes();
-    let block_kv = config.block_kv();
-    let [_, _, _, _, max_at, sum_at, smem_len] = config.layout();
+    let units = config.units();
+    let [_, _, max_at, corr_at, _, smem_len] = config.layout();
 
     let group_rows = dargs.group_rows as usize;
     let chunks = (group_rows + rows - 1) / rows;
@@ -212,11 +224,9 @@ pub fn decode_forward<E: Float, M: Hooks>(
     let first_row = (CUBE_POS_Y as usize % chunks) * rows;
     let last_row = select(first_row + rows < group_rows, first_row + rows, group_rows) - 1;
     let unit = UNIT_POS as usize;
-    let lane = unit % lanes;
-    let row = locate_row(first_row + unit / lanes, kv_head, args, dargs);
     let seq = locate_sequence(
         CUBE_POS_Z as usize,
-        row.head,
+        locate_row(first_row, kv_head, args, dargs).head,
         q.shape(2),
         0,
         ints,
@@ -227,81 +237,86 @@ pub fn decode_forward<E: Float, M: Hooks>(
     );
 
     let mut smem = Shared::<[f32]>::new_slice(smem_len);
-    let mut bases = Shared::<[u32]>::new_slice(2 * block_kv);
-    load_q_rows::<E>(q, &mut smem, seq, first_row, kv_head, args, dargs, config);
+    let mut q_rows = Shared::<[F32x4]>::new_slice(rows * config.head_dim() / KV_VECTOR);
+    let mut v_bases = Shared::<[u32]>::new_slice(units);
+    load_q_rows::<E>(q, &mut q_rows, seq, first_row, kv_head, args, dargs, config);
+    if unit < rows {
+        smem[max_at + unit] = -1.0e30f32;
+    }
 
     let walk = split_walk(seq, first_row, last_row, args, dargs, config);
-    let mut scores = Array::<f32>::new(config.keys_per_lane());
-    let mut acc = Array::<f32>::new(config.cols_per_lane());
+    let mut scores = Array::<f32>::new(rows);
+    let mut row_sums = Array::<f32>::new(rows);
+    let mut corrections = Array::<f32>::new(rows);
+    let mut acc = Array::<f32>::new(rows * KV_VECTOR);
     #[unroll]
-    for c in 0..config.cols_per_lane() {
-        acc[c] = 0.0;
+    for r in 0..rows {
+        row_sums[r] = 0.0;
     }
-    let mut state = RowState {
-        max: -1.0e30f32,
-        sum: 0.0f32,
-    };
+    #[unroll]
+    for i in 0..rows * KV_VECTOR {
+        acc[i] = 0.0;
+    }
 
     for step in walk.first_step..walk.end_step {
-        let keys = step_keys(walk, step, block_kv);
+        let keys = step_keys(walk, step, units);
         let class = classify_rows::<M>(
             seq, walk, keys, first_row, last_row, kv_head, ints, floats, args, dargs, config,
         );
         if class != TILE_EMPTY {
+            // The previous step's P·V has read every probability and key address.
             sync_cube();
-            key_addresses(
-                k, v, table, &mut bases, seq, kv_head, keys.start, keys.len, dargs, config,
-            );
-            sync_cube();
-            load_kv_tiles::<E>(k, v, &bases, &mut smem, keys.len, config);
-            sync_cube();
-            row_scores::<M>(
-                &smem,
+            let k_base = key_address(k, v, table, &mut v_bases, seq, kv_head, keys, dargs, config);
+            key_scores::<E, M>(
+                k,
+                &q_rows,
                 &mut scores,
+                k_base,
                 seq,
-                row,
-                lane,
-                keys.start,
-                keys.len,
+                first_row,
+                kv_head,
+                keys,
                 class,
                 ints,
                 floats,
                 args,
+                dargs,
                 config,
             );
-            let mut step_max = (-1.0e30f32).runtime();
+            let [scores_at, _, _, _, _, _] = config.layout();
             #[unroll]
-            for i in 0..config.keys_per_lane() {
-                step_max = select(scores[i] > step_max, scores[i], step_max);
+            for r in 0..rows {
+                smem[scores_at + r * units + unit] = scores[r];
             }
-            smem[max_at + unit] = step_max;
             sync_cube();
-            let correction =
-                online_softmax_step(&mut smem, &mut scores, &mut state, unit, lane, config);
+            row_maxima(&mut smem, config);
             sync_cube();
-            accumulate_pv(&smem, &mut acc, correction, unit, lane, config);
-            let row_sum = row_reduce_sum(&smem, sum_at, unit, lanes);
-            state.sum = state.sum * correction + row_sum;
+            #[unroll]
+            for r in 0..rows {
+                corrections[r] = smem[corr_at + r];
+            }
+            probabilities(&mut smem, &scores, &mut row_sums, &corrections, config);
+            sync_cube();
+            accumulate_pv::<E>(v, &smem, &v_bases, &mut acc, &corrections, keys.len, config);
         }
     }
 
-    if row.valid {
-        write_result::<E>(
-            out,
-            lse,
-            part_o,
-            &acc,
-            state,
-            seq,
-            row,
-            lane,
-            q.shape(1),
-            floats,
-            args,
-            dargs,
-            config,
-        );
-    }
+    finish::<E>(
+        out,
+        lse,
+        part_o,
+        &mut smem,
+        &acc,
+        &row_sums,
+        seq,
+        first_row,
+        kv_head,
+        q.shape(1),
+        floats,
+        args,
+        dargs,
+        config,
+    );
 }
 
 /// Locate the row: packed row `r` of K/V head `kv_head` is query head `kv_head·group + r / Nq`,
@@ -316,32 +331,6 @@ fn locate_row(r: usize, kv_head: usize, args: PrefillArgs, dargs: DecodeArgs) ->
         head: kv_head * args.group as usize + at / queries,
         token: at % queries,
         valid,
-    }
-}
-
-/// Load Q: the chunk's rows into shared memory as f32, pre-multiplied by the softmax scale; rows
-/// past the group are 0.
-#[cube]
-fn load_q_rows<E: Float>(
-    q: &Tensor<E>,
-    smem: &mut Shared<[f32]>,
-    seq: SequenceSpan,
-    first_row: usize,
-    kv_head: usize,
-    args: PrefillArgs,
-    dargs: DecodeArgs,
-    #[comptime] config: DecodeConfig,
-) {
-    let head_dim = config.head_dim();
-    let q_at = config.layout()[3];
-    for i in range_stepped(UNIT_POS as usize, config.rows() * head_dim, config.units()) {
-        let row = locate_row(first_row + i / head_dim, kv_head, args, dargs);
-        let mut value = 0.0f32.runtime();
-        if row.valid {
-            let at = seq.batch * q.stride(0) + row.head * q.stride(1) + row.token * q.stride(2);
-            value = f32::cast_from(q[at + i % head_dim]) * args.scale;
-        }
-        smem[q_at + i] = value;
     }
 }
 
@@ -422,26 +411,58 @@ fn classify_rows<M: Hooks>(
     class
 }
 
-/// Key addresses: where each key of the step starts in K and in V (one block-table lookup per
-/// key for a paged cache), so the tile loads below are plain offsets.
+/// Load Q: the chunk's rows into shared memory as f32 vectors, pre-multiplied by the softmax
+/// scale; rows past the group are 0.
 #[cube]
-fn key_addresses<E: Float>(
-    k: &Tensor<KvVector<E>>,
-    v: &Tensor<KvVector<E>>,
-    table: &Tensor<i32>,
-    bases: &mut Shared<[u32]>,
+fn load_q_rows<E: Float>(
+    q: &Tensor<E>,
+    q_rows: &mut Shared<[F32x4]>,
     seq: SequenceSpan,
+    first_row: usize,
     kv_head: usize,
-    kv_start: usize,
-    kv_len: usize,
+    args: PrefillArgs,
     dargs: DecodeArgs,
     #[comptime] config: DecodeConfig,
 ) {
-    let block_kv = config.block_kv();
-    for j in range_stepped(UNIT_POS as usize, kv_len, config.units()) {
-        let key = kv_start + j;
-        let mut k_at = seq.batch * k.stride(0) + kv_head * k.stride(1) + key * k.stride(2);
-        let mut v_at = seq.batch * v.stride(0) + kv_head * v.stride(1) + key * v.stride(2);
+    let per_row = config.head_dim() / KV_VECTOR;
+    for i in range_stepped(UNIT_POS as usize, config.rows() * per_row, config.units()) {
+        let row = locate_row(first_row + i / per_row, kv_head, args, dargs);
+        let mut value = F32x4::new(0.0);
+        if row.valid {
+            let at = seq.batch * q.stride(0)
+                + row.head * q.stride(1)
+                + row.token * q.stride(2)
+                + (i % per_row) * KV_VECTOR;
+            #[unroll]
+            for e in 0..KV_VECTOR {
+                value.insert(e, f32::cast_from(q[at + e]) * args.scale);
+            }
+        }
+        q_rows[i] = value;
+    }
+}
+
+/// Key address: where this unit's key starts in K (returned) and in V (into shared memory, for
+/// P·V), through one block-table lookup for a paged cache. Units past the step get 0 (unused).
+#[cube]
+fn key_address<E: Float>(
+    k: &Tensor<KvVector<E>>,
+    v: &Tensor<KvVector<E>>,
+    table: &Tensor<i32>,
+    v_bases: &mut Shared<[u32]>,
+    seq: SequenceSpan,
+    kv_head: usize,
+    keys: StepKeys,
+    dargs: DecodeArgs,
+    #[comptime] config: DecodeConfig,
+) -> usize {
+    let j = UNIT_POS as usize;
+    let mut k_at = 0usize.runtime();
+    let mut v_at = 0usize.runtime();
+    if j < keys.len {
+        let key = keys.start + j;
+        k_at = seq.batch * k.stride(0) + kv_head * k.stride(1) + key * k.stride(2);
+        v_at = seq.batch * v.stride(0) + kv_head * v.stride(1) + key * v.stride(2);
         if comptime!(config.paged) {
             let page_size = dargs.page_size as usize;
             let page = table[seq.batch * dargs.max_pages as usize + key / page_size] as usize;
@@ -449,135 +470,84 @@ fn key_addresses<E: Float>(
             k_at = page * k.stride(0) + kv_head * k.stride(1) + slot * k.stride(2);
             v_at = page * v.stride(0) + kv_head * v.stride(1) + slot * v.stride(2);
         }
-        bases[j] = k_at as u32;
-        bases[block_kv + j] = v_at as u32;
     }
+    v_bases[j] = v_at as u32;
+    k_at
 }
 
-/// Load K/V: the step's keys into shared memory as f32 (K rows padded); keys past `kv_len` are 0.
-/// Loads are vectors of [`KV_VECTOR`] elements in an unrolled loop, so each unit has all its loads
-/// in flight before the first store.
+/// Scores: this unit's key against every row, in registers. The K row is read in blocks of
+/// [`CHUNK`] vectors, each block's loads issued together; Q comes from shared memory (the same
+/// address for every unit: a broadcast). Score modification and, on partial steps, the mask
+/// apply; keys past the step and rows past the group score −1e30 (masked).
 #[cube]
-fn load_kv_tiles<E: Float>(
+fn key_scores<E: Float, M: Hooks>(
     k: &Tensor<KvVector<E>>,
-    v: &Tensor<KvVector<E>>,
-    bases: &Shared<[u32]>,
-    smem: &mut Shared<[f32]>,
-    kv_len: usize,
-    #[comptime] config: DecodeConfig,
-) {
-    let block_kv = config.block_kv();
-    let [k_at, v_at, _, _, _, _, _] = config.layout();
-    load_tile::<E>(k, bases, 0, smem, k_at, config.k_stride(), config.head_dim(), kv_len, config);
-    load_tile::<E>(v, bases, block_kv, smem, v_at, config.value_dim(), config.value_dim(), kv_len, config);
-}
-
-/// One `block_kv × width` tile from `src` (key `j` at element `bases[base_at + j]`) into shared
-/// memory at `offset` with row stride `stride`.
-#[cube]
-fn load_tile<E: Float>(
-    src: &Tensor<KvVector<E>>,
-    bases: &Shared<[u32]>,
-    base_at: usize,
-    smem: &mut Shared<[f32]>,
-    offset: usize,
-    #[comptime] stride: usize,
-    #[comptime] width: usize,
-    kv_len: usize,
-    #[comptime] config: DecodeConfig,
-) {
-    let per_row = width / KV_VECTOR;
-    let vectors = config.block_kv() * per_row;
-    let units = config.units();
-    #[unroll]
-    for t in 0..(vectors + units - 1) / units {
-        let i = t * units + UNIT_POS as usize;
-        if comptime!((t + 1) * units > vectors) {
-            if i < vectors {
-                load_vector::<E>(src, bases, base_at, smem, offset, stride, per_row, i, kv_len);
-            }
-        } else {
-            load_vector::<E>(src, bases, base_at, smem, offset, stride, per_row, i, kv_len);
-        }
-    }
-}
-
-/// Vector `i` of a tile: row `i / per_row`, columns from `(i % per_row) · 4`.
-#[cube]
-fn load_vector<E: Float>(
-    src: &Tensor<KvVector<E>>,
-    bases: &Shared<[u32]>,
-    base_at: usize,
-    smem: &mut Shared<[f32]>,
-    offset: usize,
-    #[comptime] stride: usize,
-    #[comptime] per_row: usize,
-    i: usize,
-    kv_len: usize,
-) {
-    let j = i / per_row;
-    let c = (i % per_row) * KV_VECTOR;
-    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-    if j < kv_len {
-        x = src[(bases[base_at + j] as usize + c) / KV_VECTOR];
-    }
-    let at = offset + j * stride + c;
-    #[unroll]
-    for e in 0..KV_VECTOR {
-        smem[at + e] = f32::cast_from(x.extract(e));
-    }
-}
-
-/// Scores: this lane's keys of the step against its row, in registers; score modification
-/// applied, and on a partial step the mask. Keys past the step, and rows past the group, score
-/// −1e30 (masked).
-#[cube]
-fn row_scores<M: Hooks>(
-    smem: &Shared<[f32]>,
+    q_rows: &Shared<[F32x4]>,
     scores: &mut Array<f32>,
+    k_base: usize,
     seq: SequenceSpan,
-    row: DecodeRow,
-    lane: usize,
-    kv_start: usize,
-    kv_len: usize,
+    first_row: usize,
+    kv_head: usize,
+    keys: StepKeys,
     class: u32,
     ints: &Tensor<i32>,
     floats: &Tensor<f32>,
     args: PrefillArgs,
+    dargs: DecodeArgs,
     #[comptime] config: DecodeConfig,
 ) {
-    let lanes = config.lanes();
-    let head_dim = config.head_dim();
-    let [k_at, _, _, q_at, _, _, _] = config.layout();
-    let q_row = q_at + (UNIT_POS as usize / lanes) * head_dim;
+    let rows = config.rows();
+    let per_row = config.head_dim() / KV_VECTOR;
+    let j = UNIT_POS as usize;
+    let present = j < keys.len;
     #[unroll]
-    for i in 0..config.keys_per_lane() {
-        scores[i] = 0.0;
+    for r in 0..rows {
+        scores[r] = 0.0;
     }
-    #[unroll]
-    for c in 0..head_dim {
-        let qc = smem[q_row + c];
+    let mut k_vectors = Array::<KvVector<E>>::new(CHUNK);
+    for block in 0..(per_row + CHUNK - 1) / CHUNK {
         #[unroll]
-        for i in 0..config.keys_per_lane() {
-            let j = lane + i * lanes;
-            if comptime!(config.keys_per_lane() * config.lanes() > config.block_kv()) {
-                if j < config.block_kv() {
-                    scores[i] += qc * smem[k_at + j * config.k_stride() + c];
+        for i in 0..CHUNK {
+            let c = block * CHUNK + i;
+            let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+            if present && c < per_row {
+                x = k[k_base / KV_VECTOR + c];
+            }
+            k_vectors[i] = x;
+        }
+        #[unroll]
+        for i in 0..CHUNK {
+            let c = block * CHUNK + i;
+            if c < per_row {
+                let kf = F32x4::cast_from(k_vectors[i]);
+                #[unroll]
+                for r in 0..rows {
+                    let qv = q_rows[r * per_row + c];
+                    let mut dot = scores[r];
+                    #[unroll]
+                    for e in 0..KV_VECTOR {
+                        dot += kf.extract(e) * qv.extract(e);
+                    }
+                    scores[r] = dot;
                 }
-            } else {
-                scores[i] += qc * smem[k_at + j * config.k_stride() + c];
             }
         }
     }
+    let key = (keys.start + j) as i32;
     #[unroll]
-    for i in 0..config.keys_per_lane() {
-        let j = lane + i * lanes;
-        let key = (kv_start + j) as i32;
-        let mut s = scores[i];
+    for r in 0..rows {
+        let row = locate_row(first_row + r, kv_head, args, dargs);
+        let mut s = scores[r];
         if comptime!(config.score.modifies_scores()) {
+            let mut row_seq = seq;
+            if comptime!(config.score.alibi) {
+                row_seq.slope = floats[crate::inputs::slots::ALIBI_SLOPES as usize
+                    * args.slot_len as usize
+                    + row.head];
+            }
             s = modify_score::<M>(
                 s,
-                seq,
+                row_seq,
                 row.head,
                 row.token as i32,
                 key,
@@ -587,7 +557,7 @@ fn row_scores<M: Hooks>(
                 config.score,
             );
         }
-        let mut visible = j < kv_len && row.valid;
+        let mut visible = present && row.valid;
         if comptime!(!config.mask.is_none()) {
             if class == TILE_PARTIAL {
                 visible = visible
@@ -603,160 +573,219 @@ fn row_scores<M: Hooks>(
                     );
             }
         }
-        scores[i] = select(visible, s, -1.0e30f32);
+        scores[r] = select(visible, s, -1.0e30f32);
     }
 }
 
-/// Online softmax: the row's step max from its lanes' maxima, the new running max, this lane's
-/// probabilities (into shared memory for P·V) and their sum (into shared memory for the row sum).
-/// Returns the factor that rescales the old accumulator and sum.
+/// Row maxima: per row, `row_lanes` partial maxima over the scores, then one unit per row folds
+/// them into the running max and writes the new max and the correction `exp(old − new)`.
 #[cube]
-fn online_softmax_step(
-    smem: &mut Shared<[f32]>,
-    scores: &mut Array<f32>,
-    state: &mut RowState,
-    unit: usize,
-    lane: usize,
-    #[comptime] config: DecodeConfig,
-) -> f32 {
-    let lanes = config.lanes();
-    let [_, _, p_at, _, max_at, sum_at, _] = config.layout();
-    let row_first = unit - lane;
-    let mut step_max = (-1.0e30f32).runtime();
+fn row_maxima(smem: &mut Shared<[f32]>, #[comptime] config: DecodeConfig) {
+    let rows = config.rows();
+    let units = config.units();
+    let lanes = config.row_lanes();
+    let [scores_at, partial_at, max_at, corr_at, _, _] = config.layout();
+    let unit = UNIT_POS as usize;
+    let r = unit / lanes;
+    let lane = unit % lanes;
+    let mut m = (-1.0e30f32).runtime();
     #[unroll]
-    for l in 0..lanes {
-        let m = smem[max_at + row_first + l];
-        step_max = select(m > step_max, m, step_max);
+    for i in 0..units / lanes {
+        let s = smem[scores_at + r * units + lane + i * lanes];
+        m = select(s > m, s, m);
     }
-    let new_max = select(step_max > state.max, step_max, state.max);
-    let correction = (state.max - new_max).exp();
-    state.max = new_max;
-    let p_row = p_at + (unit / lanes) * config.block_kv();
-    let mut sum = 0.0f32.runtime();
-    #[unroll]
-    for i in 0..config.keys_per_lane() {
-        let s = scores[i];
-        let p = select(s > -5.0e29f32, (s - new_max).exp(), 0.0f32);
-        let j = lane + i * lanes;
-        if comptime!(config.keys_per_lane() * config.lanes() > config.block_kv()) {
-            if j < config.block_kv() {
-                smem[p_row + j] = p;
-            }
-        } else {
-            smem[p_row + j] = p;
+    smem[partial_at + unit] = m;
+    sync_cube();
+    if unit < rows {
+        let mut step_max = (-1.0e30f32).runtime();
+        for l in 0..lanes {
+            let p = smem[partial_at + unit * lanes + l];
+            step_max = select(p > step_max, p, step_max);
         }
-        sum += p;
+        let old = smem[max_at + unit];
+        let new = select(step_max > old, step_max, old);
+        smem[max_at + unit] = new;
+        smem[corr_at + unit] = (old - new).exp();
     }
-    smem[sum_at + unit] = sum;
-    correction
 }
 
-/// P·V: rescale this lane's output columns and add the step's probabilities times V.
+/// Probabilities: this unit's scores become `exp(s − max)` (0 where masked), written over its
+/// scores for P·V; its partial row sums are rescaled and grow.
 #[cube]
-fn accumulate_pv(
-    smem: &Shared<[f32]>,
-    acc: &mut Array<f32>,
-    correction: f32,
-    unit: usize,
-    lane: usize,
+fn probabilities(
+    smem: &mut Shared<[f32]>,
+    scores: &Array<f32>,
+    row_sums: &mut Array<f32>,
+    corrections: &Array<f32>,
     #[comptime] config: DecodeConfig,
 ) {
-    let lanes = config.lanes();
-    let value_dim = config.value_dim();
-    let [_, v_at, p_at, _, _, _, _] = config.layout();
-    let p_row = p_at + (unit / lanes) * config.block_kv();
+    let units = config.units();
+    let [scores_at, _, max_at, _, _, _] = config.layout();
+    let unit = UNIT_POS as usize;
     #[unroll]
-    for i in 0..config.cols_per_lane() {
-        acc[i] *= correction;
+    for r in 0..config.rows() {
+        let s = scores[r];
+        let p = select(s > -5.0e29f32, (s - smem[max_at + r]).exp(), 0.0f32);
+        row_sums[r] = row_sums[r] * corrections[r] + p;
+        smem[scores_at + r * units + unit] = p;
     }
-    // Over the whole step: past `kv_len`, P is 0 and V is 0, and a comptime trip count unrolls.
+}
+
+/// P·V: rescale this unit's accumulators (4 columns of every row) and add its key group's share of
+/// the step: per key, the group's lanes read the V row together, in blocks of [`CHUNK`] keys whose
+/// loads are issued together.
+#[cube]
+fn accumulate_pv<E: Float>(
+    v: &Tensor<KvVector<E>>,
+    smem: &Shared<[f32]>,
+    v_bases: &Shared<[u32]>,
+    acc: &mut Array<f32>,
+    corrections: &Array<f32>,
+    kv_len: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let rows = config.rows();
+    let units = config.units();
+    let per_group = config.keys_per_group();
+    let [scores_at, _, _, _, _, _] = config.layout();
+    let unit = UNIT_POS as usize;
+    let lane = unit % config.col_lanes();
+    let group = unit / config.col_lanes();
     #[unroll]
-    for j in 0..config.block_kv() {
-        let p = smem[p_row + j];
-        let v_row = v_at + j * value_dim;
+    for r in 0..rows {
         #[unroll]
-        for i in 0..config.cols_per_lane() {
-            let c = lane + i * lanes;
-            if comptime!(config.cols_per_lane() * config.lanes() > config.value_dim()) {
-                if c < value_dim {
-                    acc[i] += p * smem[v_row + c];
+        for e in 0..KV_VECTOR {
+            acc[r * KV_VECTOR + e] *= corrections[r];
+        }
+    }
+    // Units past the last whole key group (value dims that do not divide the units) idle here.
+    if group < config.key_groups() {
+        let mut v_vectors = Array::<KvVector<E>>::new(CHUNK);
+        for block in 0..(per_group + CHUNK - 1) / CHUNK {
+            #[unroll]
+            for i in 0..CHUNK {
+                let j = group * per_group + block * CHUNK + i;
+                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                if j < kv_len && block * CHUNK + i < per_group {
+                    x = v[v_bases[j] as usize / KV_VECTOR + lane];
                 }
-            } else {
-                acc[i] += p * smem[v_row + c];
+                v_vectors[i] = x;
+            }
+            #[unroll]
+            for i in 0..CHUNK {
+                let j = group * per_group + block * CHUNK + i;
+                if j < kv_len && block * CHUNK + i < per_group {
+                    let vf = F32x4::cast_from(v_vectors[i]);
+                    #[unroll]
+                    for r in 0..rows {
+                        let p = smem[scores_at + r * units + j];
+                        #[unroll]
+                        for e in 0..KV_VECTOR {
+                            acc[r * KV_VECTOR + e] += p * vf.extract(e);
+                        }
+                    }
+                }
             }
         }
     }
 }
 
-/// The sum of one row's lane partials at `offset`.
+/// Finish: sum the key groups' accumulators and the units' row sums through shared memory; then,
+/// with one split, normalise (sinks folded in) and write O and the LSE; with several, write the
+/// normalised partial output and the partial LSE (−∞ for a split that saw no key).
 #[cube]
-fn row_reduce_sum(
-    smem: &Shared<[f32]>,
-    offset: usize,
-    unit: usize,
-    #[comptime] lanes: usize,
-) -> f32 {
-    let row_first = unit - unit % lanes;
-    let mut sum = 0.0f32.runtime();
-    #[unroll]
-    for l in 0..lanes {
-        sum += smem[offset + row_first + l];
-    }
-    sum
-}
-
-/// Finish: with one split, normalise (sinks folded in) and write O and the LSE; with several,
-/// write the normalised partial output and the partial LSE (−∞ for a split that saw no key).
-#[cube]
-fn write_result<E: Float>(
+fn finish<E: Float>(
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     part_o: &mut Tensor<f32>,
+    smem: &mut Shared<[f32]>,
     acc: &Array<f32>,
-    state: RowState,
+    row_sums: &Array<f32>,
     seq: SequenceSpan,
-    row: DecodeRow,
-    lane: usize,
+    first_row: usize,
+    kv_head: usize,
     heads_q: usize,
     floats: &Tensor<f32>,
     args: PrefillArgs,
     dargs: DecodeArgs,
     #[comptime] config: DecodeConfig,
 ) {
-    let lanes = config.lanes();
+    let rows = config.rows();
+    let units = config.units();
     let value_dim = config.value_dim();
-    let mut state = state;
-    // Row index in `[B, Hq, Nq]` order.
-    let row_index = (seq.batch * heads_q + row.head) * dargs.queries as usize + row.token;
-    if comptime!(config.split) {
-        let splits = CUBE_COUNT_X as usize;
-        let part = row_index * splits + CUBE_POS_X as usize;
-        let seen = state.sum > 0.0;
-        let inv = select(seen, 1.0 / state.sum, 0.0f32);
-        #[unroll]
-        for i in 0..config.cols_per_lane() {
-            let c = lane + i * lanes;
-            if c < value_dim {
-                part_o[part * value_dim + c] = acc[i] * inv;
+    let [scores_at, _, max_at, _, out_at, _] = config.layout();
+    let unit = UNIT_POS as usize;
+    let lane = unit % config.col_lanes();
+    let group = unit / config.col_lanes();
+    sync_cube();
+    #[unroll]
+    for r in 0..rows {
+        smem[scores_at + r * units + unit] = row_sums[r];
+    }
+    // Key group by key group, the accumulators add up in shared memory.
+    for g in 0..config.key_groups() {
+        if group == g {
+            #[unroll]
+            for r in 0..rows {
+                #[unroll]
+                for e in 0..KV_VECTOR {
+                    let at = out_at + r * value_dim + lane * KV_VECTOR + e;
+                    let mut sum = acc[r * KV_VECTOR + e];
+                    if g > 0 {
+                        sum += smem[at];
+                    }
+                    smem[at] = sum;
+                }
             }
         }
-        if lane == 0 {
-            lse[part] = select(seen, state.max + state.sum.ln(), args.neg_inf);
+        sync_cube();
+    }
+    // One unit per row: the row sum, the LSE and the normaliser.
+    if unit < rows {
+        let mut sum = 0.0f32.runtime();
+        for u in 0..units {
+            sum += smem[scores_at + unit * units + u];
         }
-    } else {
-        let factor = finish_state(&mut state, row.head, floats, args, config.score);
+        let mut state = RowState {
+            max: smem[max_at + unit],
+            sum,
+        };
+        let row = locate_row(first_row + unit, kv_head, args, dargs);
+        let row_index = (seq.batch * heads_q + row.head) * dargs.queries as usize + row.token;
+        let mut factor = 1.0f32.runtime();
+        if comptime!(!config.split) {
+            factor = finish_state(&mut state, row.head, floats, args, config.score);
+        }
         let seen = state.sum > 0.0;
-        let inv = select(seen, factor / state.sum, 0.0f32);
-        let base = seq.batch * out.stride(0) + row.head * out.stride(1) + row.token * out.stride(2);
-        #[unroll]
-        for i in 0..config.cols_per_lane() {
-            let c = lane + i * lanes;
-            if c < value_dim {
-                out[base + c] = E::cast_from(acc[i] * inv);
+        // The normaliser goes where the row sums were; the LSE is written right away.
+        smem[scores_at + unit * units] = select(seen, factor / state.sum, 0.0f32);
+        let value = select(seen, state.max + state.sum.ln(), args.neg_inf);
+        if row.valid {
+            if comptime!(config.split) {
+                lse[row_index * CUBE_COUNT_X as usize + CUBE_POS_X as usize] = value;
+            } else {
+                lse[row_index] = value;
             }
         }
-        if lane == 0 {
-            lse[row_index] = select(seen, state.max + state.sum.ln(), args.neg_inf);
+    }
+    sync_cube();
+    // Every unit writes whole rows' columns: element `i` of the chunk's `rows × value_dim`.
+    for i in range_stepped(unit, rows * value_dim, units) {
+        let r = i / value_dim;
+        let c = i % value_dim;
+        let row = locate_row(first_row + r, kv_head, args, dargs);
+        if row.valid {
+            let o = smem[out_at + i] * smem[scores_at + r * units];
+            let row_index = (seq.batch * heads_q + row.head) * dargs.queries as usize + row.token;
+            if comptime!(config.split) {
+                let part = row_index * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+                part_o[part * value_dim + c] = o;
+            } else {
+                let at = seq.batch * out.stride(0)
+                    + row.head * out.stride(1)
+                    + row.token * out.stride(2);
+                out[at + c] = E::cast_from(o);
+            }
         }
     }
 }
