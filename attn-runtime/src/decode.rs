@@ -162,8 +162,9 @@ fn cache_view<E: Element>(pool: &Tensor<E>, cache: &KvCache<E>) -> Tensor<E> {
     }
 }
 
-/// Runs variant `V` for query tokens `q` `[B, Hq, Nq, D]` against `cache` with the default
-/// plan for this device; returns O `[B, Hq, Nq, Dv]` and the LSE.
+/// Runs variant `V` for query tokens `q` `[B, Hq, Nq, D]` against `cache` with the plan tuned for
+/// this device and key (cached; tuned on a miss; the heuristic's plan with `ATTN_TUNE=off` and on
+/// CPU-emulated devices, see [`crate::tune::Policy`]); returns O `[B, Hq, Nq, Dv]` and the LSE.
 pub fn decode<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
@@ -171,12 +172,14 @@ pub fn decode<V: Variant>(
     inputs: &Inputs,
 ) -> Result<Output<V::Elem>, AttnError> {
     let call = DecodeProblem::new::<V>(q, cache, inputs)?;
-    let plan = default_plan(client, &call)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&call.spec));
+    }
     let out = Output {
         o: Tensor::empty(client, call.problem.out_shape()),
         lse: Lse::empty(client, call.problem.lse_shape()),
     };
-    launch_decode::<V>(client, &call, plan, q, cache, &out)?;
+    crate::tune::decode_tuned::<V>(client, call, q, cache, &out)?;
     Ok(out)
 }
 
@@ -226,9 +229,9 @@ pub fn default_tiling(
     Ok(tiling)
 }
 
-/// The plan used without tuning: [`default_tiling`], and enough key splits that the launch fills
-/// the device about twice over (`B × Hkv × row chunks` cubes before splitting, against the
-/// multiprocessor count), never below 256 keys per split. On a CPU-emulated device, splits also
+/// The plan used without tuning: [`default_tiling`], and enough key splits that the launch has
+/// about four cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), never
+/// below 256 keys per split. On a CPU-emulated device, splits also
 /// keep each invocation under llvmpipe's loop limit.
 pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
     let tiling = default_tiling(client, &call.spec, call.group_rows())?;
@@ -240,7 +243,9 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     let cubes = call.problem.batch
         * call.problem.heads_kv
         * call.group_rows().div_ceil(tiling.rows as usize);
-    let target = 2 * processors;
+    // Four cubes per multiprocessor: measured on the H200, the split counts around this did best
+    // (bench/RESULTS.md); the tuner refines it per key.
+    let target = 4 * processors;
     let wanted = if cubes >= target {
         1
     } else {
@@ -353,7 +358,7 @@ fn decode_config(
 }
 
 /// The launches: the decode kernel, and with several splits the combine step.
-fn launch_decode<V: Variant>(
+pub(crate) fn launch_decode<V: Variant>(
     client: &ComputeClient,
     call: &DecodeProblem,
     plan: DecodePlan,

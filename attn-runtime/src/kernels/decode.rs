@@ -146,6 +146,23 @@ impl DecodeConfig {
         self.head_dim as usize
     }
 
+    /// Whether a step's loads are all issued up front: the unit's whole K row, and its key
+    /// group's V rows before the scores, so both are in flight together. Up to head dim 128 (at
+    /// most 64 vectors in registers); larger heads read in blocks of [`CHUNK`].
+    pub const fn prefetch(&self) -> bool {
+        self.head_dim <= 128 && self.value_dim <= 128
+    }
+
+    /// Vectors the unit holds in registers: its K row and its group's V rows (1 each when not
+    /// prefetching).
+    pub const fn held_vectors(&self) -> [usize; 2] {
+        if self.prefetch() {
+            [self.head_dim() / KV_VECTOR, self.keys_per_group()]
+        } else {
+            [1, 1]
+        }
+    }
+
     /// Head dimension of V and O (N of P·V).
     pub const fn value_dim(&self) -> usize {
         self.value_dim as usize
@@ -267,8 +284,19 @@ pub fn decode_forward<E: Float, M: Hooks>(
             // The previous step's P·V has read every probability and key address.
             sync_cube();
             let k_base = key_address(k, v, table, &mut v_bases, seq, kv_head, keys, dargs, config);
+            let [k_held, v_held] = config.held_vectors();
+            let mut k_row = Array::<KvVector<E>>::new(k_held);
+            let mut v_rows = Array::<KvVector<E>>::new(v_held);
+            if comptime!(config.prefetch()) {
+                load_k_row::<E>(k, &mut k_row, k_base, keys.len, config);
+            }
+            sync_cube();
+            if comptime!(config.prefetch()) {
+                load_v_rows::<E>(v, &v_bases, &mut v_rows, keys.len, config);
+            }
             key_scores::<E, M>(
                 k,
+                &k_row,
                 &q_rows,
                 &mut scores,
                 k_base,
@@ -297,7 +325,16 @@ pub fn decode_forward<E: Float, M: Hooks>(
             }
             probabilities(&mut smem, &scores, &mut row_sums, &corrections, config);
             sync_cube();
-            accumulate_pv::<E>(v, &smem, &v_bases, &mut acc, &corrections, keys.len, config);
+            accumulate_pv::<E>(
+                v,
+                &v_rows,
+                &smem,
+                &v_bases,
+                &mut acc,
+                &corrections,
+                keys.len,
+                config,
+            );
         }
     }
 
@@ -475,6 +512,51 @@ fn key_address<E: Float>(
     k_at
 }
 
+/// Load K (prefetching): this unit's whole K row into registers, every load issued at once.
+#[cube]
+fn load_k_row<E: Float>(
+    k: &Tensor<KvVector<E>>,
+    k_row: &mut Array<KvVector<E>>,
+    k_base: usize,
+    kv_len: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let present = (UNIT_POS as usize) < kv_len;
+    #[unroll]
+    for c in 0..config.head_dim() / KV_VECTOR {
+        let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+        if present {
+            x = k[k_base / KV_VECTOR + c];
+        }
+        k_row[c] = x;
+    }
+}
+
+/// Load V (prefetching): this unit's 4 columns of every key of its group, every load issued at
+/// once, before the scores.
+#[cube]
+fn load_v_rows<E: Float>(
+    v: &Tensor<KvVector<E>>,
+    v_bases: &Shared<[u32]>,
+    v_rows: &mut Array<KvVector<E>>,
+    kv_len: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let unit = UNIT_POS as usize;
+    let lane = unit % config.col_lanes();
+    let group = unit / config.col_lanes();
+    let per_group = config.keys_per_group();
+    #[unroll]
+    for i in 0..per_group {
+        let j = group * per_group + i;
+        let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+        if j < kv_len && group < config.key_groups() {
+            x = v[v_bases[j] as usize / KV_VECTOR + lane];
+        }
+        v_rows[i] = x;
+    }
+}
+
 /// Scores: this unit's key against every row, in registers. The K row is read in blocks of
 /// [`CHUNK`] vectors, each block's loads issued together; Q comes from shared memory (the same
 /// address for every unit: a broadcast). Score modification and, on partial steps, the mask
@@ -482,6 +564,7 @@ fn key_address<E: Float>(
 #[cube]
 fn key_scores<E: Float, M: Hooks>(
     k: &Tensor<KvVector<E>>,
+    k_row: &Array<KvVector<E>>,
     q_rows: &Shared<[F32x4]>,
     scores: &mut Array<f32>,
     k_base: usize,
@@ -504,31 +587,28 @@ fn key_scores<E: Float, M: Hooks>(
     for r in 0..rows {
         scores[r] = 0.0;
     }
-    let mut k_vectors = Array::<KvVector<E>>::new(CHUNK);
-    for block in 0..(per_row + CHUNK - 1) / CHUNK {
+    if comptime!(config.prefetch()) {
         #[unroll]
-        for i in 0..CHUNK {
-            let c = block * CHUNK + i;
-            let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-            if present && c < per_row {
-                x = k[k_base / KV_VECTOR + c];
-            }
-            k_vectors[i] = x;
+        for c in 0..per_row {
+            add_products(scores, F32x4::cast_from(k_row[c]), q_rows, c, config);
         }
-        #[unroll]
-        for i in 0..CHUNK {
-            let c = block * CHUNK + i;
-            if c < per_row {
-                let kf = F32x4::cast_from(k_vectors[i]);
-                #[unroll]
-                for r in 0..rows {
-                    let qv = q_rows[r * per_row + c];
-                    let mut dot = scores[r];
-                    #[unroll]
-                    for e in 0..KV_VECTOR {
-                        dot += kf.extract(e) * qv.extract(e);
-                    }
-                    scores[r] = dot;
+    } else {
+        let mut k_vectors = Array::<KvVector<E>>::new(CHUNK);
+        for block in 0..(per_row + CHUNK - 1) / CHUNK {
+            #[unroll]
+            for i in 0..CHUNK {
+                let c = block * CHUNK + i;
+                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                if present && c < per_row {
+                    x = k[k_base / KV_VECTOR + c];
+                }
+                k_vectors[i] = x;
+            }
+            #[unroll]
+            for i in 0..CHUNK {
+                let c = block * CHUNK + i;
+                if c < per_row {
+                    add_products(scores, F32x4::cast_from(k_vectors[i]), q_rows, c, config);
                 }
             }
         }
@@ -577,6 +657,28 @@ fn key_scores<E: Float, M: Hooks>(
     }
 }
 
+/// Scores += K vector `c` (as f32) · every row's Q vector `c`.
+#[cube]
+fn add_products(
+    scores: &mut Array<f32>,
+    kf: F32x4,
+    q_rows: &Shared<[F32x4]>,
+    c: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let per_row = config.head_dim() / KV_VECTOR;
+    #[unroll]
+    for r in 0..config.rows() {
+        let qv = q_rows[r * per_row + c];
+        let mut dot = scores[r];
+        #[unroll]
+        for e in 0..KV_VECTOR {
+            dot += kf.extract(e) * qv.extract(e);
+        }
+        scores[r] = dot;
+    }
+}
+
 /// Row maxima: per row, `row_lanes` partial maxima over the scores, then one unit per row folds
 /// them into the running max and writes the new max and the correction `exp(old − new)`.
 #[cube]
@@ -598,6 +700,7 @@ fn row_maxima(smem: &mut Shared<[f32]>, #[comptime] config: DecodeConfig) {
     sync_cube();
     if unit < rows {
         let mut step_max = (-1.0e30f32).runtime();
+        #[unroll]
         for l in 0..lanes {
             let p = smem[partial_at + unit * lanes + l];
             step_max = select(p > step_max, p, step_max);
@@ -637,6 +740,7 @@ fn probabilities(
 #[cube]
 fn accumulate_pv<E: Float>(
     v: &Tensor<KvVector<E>>,
+    v_rows: &Array<KvVector<E>>,
     smem: &Shared<[f32]>,
     v_bases: &Shared<[u32]>,
     acc: &mut Array<f32>,
@@ -645,9 +749,7 @@ fn accumulate_pv<E: Float>(
     #[comptime] config: DecodeConfig,
 ) {
     let rows = config.rows();
-    let units = config.units();
     let per_group = config.keys_per_group();
-    let [scores_at, _, _, _, _, _] = config.layout();
     let unit = UNIT_POS as usize;
     let lane = unit % config.col_lanes();
     let group = unit / config.col_lanes();
@@ -660,32 +762,55 @@ fn accumulate_pv<E: Float>(
     }
     // Units past the last whole key group (value dims that do not divide the units) idle here.
     if group < config.key_groups() {
-        let mut v_vectors = Array::<KvVector<E>>::new(CHUNK);
-        for block in 0..(per_group + CHUNK - 1) / CHUNK {
+        if comptime!(config.prefetch()) {
             #[unroll]
-            for i in 0..CHUNK {
-                let j = group * per_group + block * CHUNK + i;
-                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                if j < kv_len && block * CHUNK + i < per_group {
-                    x = v[v_bases[j] as usize / KV_VECTOR + lane];
+            for i in 0..per_group {
+                let j = group * per_group + i;
+                if j < kv_len {
+                    add_pv(acc, F32x4::cast_from(v_rows[i]), smem, j, config);
                 }
-                v_vectors[i] = x;
             }
-            #[unroll]
-            for i in 0..CHUNK {
-                let j = group * per_group + block * CHUNK + i;
-                if j < kv_len && block * CHUNK + i < per_group {
-                    let vf = F32x4::cast_from(v_vectors[i]);
-                    #[unroll]
-                    for r in 0..rows {
-                        let p = smem[scores_at + r * units + j];
-                        #[unroll]
-                        for e in 0..KV_VECTOR {
-                            acc[r * KV_VECTOR + e] += p * vf.extract(e);
-                        }
+        } else {
+            let mut v_vectors = Array::<KvVector<E>>::new(CHUNK);
+            for block in 0..(per_group + CHUNK - 1) / CHUNK {
+                #[unroll]
+                for i in 0..CHUNK {
+                    let j = group * per_group + block * CHUNK + i;
+                    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                    if j < kv_len && block * CHUNK + i < per_group {
+                        x = v[v_bases[j] as usize / KV_VECTOR + lane];
+                    }
+                    v_vectors[i] = x;
+                }
+                #[unroll]
+                for i in 0..CHUNK {
+                    let j = group * per_group + block * CHUNK + i;
+                    if j < kv_len && block * CHUNK + i < per_group {
+                        add_pv(acc, F32x4::cast_from(v_vectors[i]), smem, j, config);
                     }
                 }
             }
+        }
+    }
+}
+
+/// Accumulators += every row's probability of key `j` × this unit's 4 columns of its V row.
+#[cube]
+fn add_pv(
+    acc: &mut Array<f32>,
+    vf: F32x4,
+    smem: &Shared<[f32]>,
+    j: usize,
+    #[comptime] config: DecodeConfig,
+) {
+    let units = config.units();
+    let [scores_at, _, _, _, _, _] = config.layout();
+    #[unroll]
+    for r in 0..config.rows() {
+        let p = smem[scores_at + r * units + j];
+        #[unroll]
+        for e in 0..KV_VECTOR {
+            acc[r * KV_VECTOR + e] += p * vf.extract(e);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Tile shapes per device: candidates, the autotune key, cubecl's tuner with its persistent
+//! Tile shapes (and decode plans) per device: candidates, the autotune key, cubecl's tuner with its persistent
 //! cache, the install-time shape grid and the registry of declared variants.
 //!
 //! Built on cubecl's autotune (`LocalTuner`, `TunableSet`, `AutotuneKey`, its on-disk store and
@@ -16,12 +16,15 @@
 
 pub mod cache;
 mod candidates;
+mod decode;
 mod grid;
 mod key;
 mod registry;
 mod tuner;
 
 pub use candidates::{candidates, Candidate};
+pub(crate) use decode::decode_tuned;
+pub use decode::{plan_choices, DecodeKey, PlanChoice};
 pub use grid::{tune_variant, Grid, KeyReport, ShapePoint};
 pub use key::{fingerprint, TuneKey};
 pub use registry::{registered, Registration};

@@ -1,0 +1,165 @@
+//! Tuning the decode plan: per device and key, the fastest of a few plans around the heuristic
+//! ([`crate::decode::default_plan`], the fallback): split counts from a quarter to eight times
+//! the heuristic's, at 128 and 64 keys per step.
+
+use std::sync::Arc;
+
+use cubecl::tune::{LocalTuner, Tunable, TunableSet};
+use cubecl::AutotuneKey;
+use cubecl_common::device::ServiceId;
+use serde::{Deserialize, Serialize};
+
+use super::cache;
+use super::key::fingerprint;
+use super::tuner::policy;
+use crate::decode::{check_plan, default_plan, launch_decode, DecodePlan, DecodeProblem};
+use crate::kernels::decode::DecodeTiling;
+use crate::kv_cache::KvCache;
+use crate::launch::{Lse, Output};
+use crate::tensor::{ComputeClient, Element, Tensor};
+use crate::variant::Variant;
+use crate::AttnError;
+
+/// One decode tuning decision's scope: the variant, the packed rows per K/V head, and buckets of
+/// `B × Hkv` and of the longest key length. The device is cubecl's part of the cache namespace.
+#[derive(AutotuneKey, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DecodeKey {
+    /// The variant's name and a hash of its compile-time facts.
+    pub variant: String,
+    /// Query rows per K/V head (group × query tokens).
+    pub group_rows: usize,
+    /// Sequences × K/V heads.
+    #[autotune(anchor(exp(min = 1, max = 1024, base = 4)))]
+    pub batch_heads: usize,
+    /// The longest key length.
+    #[autotune(anchor(exp(min = 256, max = 262144, base = 4)))]
+    pub keys: usize,
+    /// Whether the cache is paged.
+    pub paged: bool,
+}
+
+/// A plan relative to the heuristic's: its split count times `num / den`, at `units` keys per
+/// step. Stable names (`s1x1_u128`) key the cache.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Serialize, Deserialize)]
+pub struct PlanChoice {
+    /// Split-count factor, numerator.
+    pub num: u32,
+    /// Split-count factor, denominator.
+    pub den: u32,
+    /// Units per cube (keys per step).
+    pub units: u32,
+}
+
+impl std::fmt::Display for PlanChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}x{}_u{}", self.num, self.den, self.units)
+    }
+}
+
+impl PlanChoice {
+    /// The plan this choice makes of the heuristic's `base`.
+    pub fn apply(&self, base: DecodePlan) -> DecodePlan {
+        DecodePlan {
+            tiling: DecodeTiling {
+                units: self.units,
+                ..base.tiling
+            },
+            splits: (base.splits * self.num as usize / self.den as usize).max(1),
+        }
+    }
+}
+
+/// The choices, the heuristic itself first.
+pub fn plan_choices() -> Vec<PlanChoice> {
+    let mut choices = Vec::new();
+    for units in [128, 64] {
+        for (num, den) in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4)] {
+            choices.push(PlanChoice { num, den, units });
+        }
+    }
+    choices
+}
+
+static TUNER: LocalTuner<DecodeKey, ServiceId> = LocalTuner::new("attn-decode");
+
+/// A decode call as the tuner sees it.
+#[derive(Clone)]
+struct Call<E: Element> {
+    client: ComputeClient,
+    problem: Arc<DecodeProblem>,
+    base: DecodePlan,
+    q: Tensor<E>,
+    cache: Arc<KvCache<E>>,
+    out: Output<E>,
+    key: DecodeKey,
+}
+
+fn tunable_set<V: Variant>() -> TunableSet<DecodeKey, Call<V::Elem>, (), PlanChoice> {
+    let mut set = TunableSet::new(
+        |call: &Call<V::Elem>| call.key.clone(),
+        |_key: &DecodeKey, call: &Call<V::Elem>| {
+            // Candidates are timed into scratch buffers, never the caller's.
+            let mut call = call.clone();
+            call.out = Output {
+                o: Tensor::empty(&call.client, call.problem.problem.out_shape()),
+                lse: Lse::empty(&call.client, call.problem.problem.lse_shape()),
+            };
+            call
+        },
+    );
+    for choice in plan_choices() {
+        set = set.with(Tunable::identified(choice, move |call: Call<V::Elem>| {
+            let plan = choice.apply(call.base);
+            check_plan(&call.client, &call.problem, plan).map_err(|e| e.to_string())?;
+            launch_decode::<V>(
+                &call.client,
+                &call.problem,
+                plan,
+                &call.q,
+                &call.cache,
+                &call.out,
+            )
+            .map_err(|e| e.to_string())
+        }));
+    }
+    set
+}
+
+/// Runs a checked decode call with the tuned plan for its key (the heuristic's plan when the
+/// policy says so, on CPU-emulated devices by default); returns the plan that ran.
+pub(crate) fn decode_tuned<V: Variant>(
+    client: &ComputeClient,
+    call: DecodeProblem,
+    q: &Tensor<V::Elem>,
+    cache: &KvCache<V::Elem>,
+    out: &Output<V::Elem>,
+) -> Result<DecodePlan, AttnError> {
+    let base = default_plan(client, &call)?;
+    if policy(client) == super::Policy::Fallback {
+        launch_decode::<V>(client, &call, base, q, cache, out)?;
+        return Ok(base);
+    }
+    cache::init();
+    let key = DecodeKey::new(
+        fingerprint(&V::SPEC),
+        call.group_rows(),
+        call.problem.batch * call.problem.heads_kv,
+        call.max_len,
+        cache.is_paged(),
+    );
+    let id = client.service_id();
+    let set = TUNER.init(&id, tunable_set::<V>);
+    let tuned = Call {
+        client: client.clone(),
+        problem: Arc::new(call),
+        base,
+        q: q.clone(),
+        cache: Arc::new(cache.clone()),
+        out: out.clone(),
+        key: key.clone(),
+    };
+    TUNER.execute(&id, client, set.clone(), tuned);
+    Ok(TUNER
+        .fastest_identity(&id, &set, &key)
+        .map_or(base, |choice| choice.apply(base)))
+}
