@@ -708,6 +708,7 @@ fn bad_input_is_a_typed_error() {
         tiling: DecodeTiling {
             rows: 4,
             units: 1 << 20,
+            chunk: 8,
         },
         splits: 1,
     };

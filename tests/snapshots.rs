@@ -170,10 +170,12 @@ fn decode_kernels() -> Vec<String> {
     let cuda_tile = DecodeTiling {
         rows: 4,
         units: 128,
+        chunk: 8,
     };
     let wgsl_tile = DecodeTiling {
         rows: 4,
         units: 128,
+        chunk: 8,
     };
     let mut sources = vec![
         (

@@ -32,6 +32,9 @@ pub const MAX_DECODE_QUERIES: usize = 16;
 /// Most query rows one decode cube packs: (head of a group, token) pairs.
 const MAX_ROWS: usize = 16;
 
+/// Loads issued together by default (`DecodeTiling::chunk`).
+const DEFAULT_CHUNK: u32 = 8;
+
 /// The fewest keys a split gets: below this, the combine step costs more than the parallelism
 /// brings.
 const MIN_KEYS_PER_SPLIT: usize = 256;
@@ -213,13 +216,22 @@ pub fn default_tiling(
         .min(MAX_ROWS)
         .min(units as usize) as u32;
     let fits = |rows| {
-        DecodeTiling { rows, units }.shared_bytes(spec.head_dim, spec.value_dim)
+        DecodeTiling {
+            rows,
+            units,
+            chunk: DEFAULT_CHUNK,
+        }
+        .shared_bytes(spec.head_dim, spec.value_dim)
             <= hw.max_shared_memory_size
     };
     while rows > 1 && !fits(rows) {
         rows /= 2;
     }
-    let tiling = DecodeTiling { rows, units };
+    let tiling = DecodeTiling {
+        rows,
+        units,
+        chunk: DEFAULT_CHUNK,
+    };
     if !fits(rows) || (spec.value_dim / KV_VECTOR as u32) > units {
         return Err(AttnError::Unsupported(format!(
             "decoding {} needs more shared memory or units per cube than the device has ({} bytes, {} units)",
@@ -282,9 +294,11 @@ pub fn check_plan(
         || !t.units.is_power_of_two()
         || t.units < t.rows
         || (t.units as usize) < call.spec.value_dim as usize / KV_VECTOR
+        || !t.chunk.is_power_of_two()
+        || t.chunk > 64
     {
         return bad(format!(
-            "rows and units must be powers of two with units ≥ rows and units ≥ value_dim / {KV_VECTOR}"
+            "rows, units and chunk must be powers of two with units ≥ rows, units ≥ value_dim / {KV_VECTOR} and chunk ≤ 64"
         ));
     }
     if t.units > hw.max_units_per_cube {
@@ -326,7 +340,7 @@ fn keys_per_split(max_len: usize, splits: usize, block_kv: usize) -> usize {
 /// iterations: per step, the step loop, the blocks of the K row and of P·V and the row-max fold;
 /// once, the finish's loops.
 fn keys_within_loop_budget(config: DecodeConfig) -> usize {
-    let chunk = 8;
+    let chunk = config.chunk();
     let per_step = (config.head_dim() / KV_VECTOR).div_ceil(chunk)
         + config.keys_per_group().div_ceil(chunk)
         + config.row_lanes()

@@ -192,20 +192,24 @@ fn run_case(
         started.elapsed().as_secs_f64()
     );
 
-    // The default plan, then a sweep around it: split counts, and 64 or 256 units (keys per step).
+    // The default plan, then a sweep around it: split counts, 128 or 64 units (keys per step), and
+    // 8, 16 or 32 loads issued together.
     let default = default_plan(client, &call)?;
     let mut plans = vec![default];
     for splits in [1, 2, 4, 8, 16, 33, 66, 132, 264] {
-        for units in [default.tiling.units, 64, 256] {
-            let plan = DecodePlan {
-                splits,
-                tiling: attn::DecodeTiling {
-                    units,
-                    ..default.tiling
-                },
-            };
-            if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
-                plans.push(plan);
+        for units in [default.tiling.units, 64] {
+            for chunk in [8, 16, 32] {
+                let plan = DecodePlan {
+                    splits,
+                    tiling: attn::DecodeTiling {
+                        units,
+                        chunk,
+                        ..default.tiling
+                    },
+                };
+                if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
+                    plans.push(plan);
+                }
             }
         }
     }

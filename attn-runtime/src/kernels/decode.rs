@@ -55,10 +55,6 @@ pub type KvVector<E> = Vector<E, Const<4>>;
 /// Four f32 values: a piece of a Q row in shared memory.
 type F32x4 = Vector<f32, Const<4>>;
 
-/// Vectors of a K row (or keys of P·V) handled per unrolled block: the loads of a block are all in
-/// flight before the first is used, and the blocks keep unrolled code small.
-const CHUNK: usize = 8;
-
 /// A tile shape of the decode kernel: `units` keys per step, `rows` packed query rows per cube.
 ///
 /// QKᵀ per step is `rows × units × head_dim`, P·V `rows × value_dim × units`.
@@ -68,12 +64,15 @@ pub struct DecodeTiling {
     pub rows: u32,
     /// Units per cube, and keys per step (N of QKᵀ, K of P·V).
     pub units: u32,
+    /// Loads issued together per unrolled block: vectors of a K row, keys of a key group's V.
+    /// More loads in flight hide more latency; more registers hold them.
+    pub chunk: u32,
 }
 
 impl DecodeTiling {
-    /// A stable name, used in logs and benchmark tables (`r4_u128`).
+    /// A stable name, used in logs and benchmark tables (`r4_u128_c8`).
     pub fn name(&self) -> String {
-        format!("r{}_u{}", self.rows, self.units)
+        format!("r{}_u{}_c{}", self.rows, self.units, self.chunk)
     }
 
     /// Shared memory of one cube in bytes: Q rows, scores (then probabilities), per-row partial
@@ -146,21 +145,9 @@ impl DecodeConfig {
         self.head_dim as usize
     }
 
-    /// Whether a step's loads are all issued up front: the unit's whole K row, and its key
-    /// group's V rows before the scores, so both are in flight together. Up to head dim 128 (at
-    /// most 64 vectors in registers); larger heads read in blocks of [`CHUNK`].
-    pub const fn prefetch(&self) -> bool {
-        self.head_dim <= 128 && self.value_dim <= 128
-    }
-
-    /// Vectors the unit holds in registers: its K row and its group's V rows (1 each when not
-    /// prefetching).
-    pub const fn held_vectors(&self) -> [usize; 2] {
-        if self.prefetch() {
-            [self.head_dim() / KV_VECTOR, self.keys_per_group()]
-        } else {
-            [1, 1]
-        }
+    /// K vectors (and V keys) per unrolled block of loads.
+    pub const fn chunk(&self) -> usize {
+        self.tiling.chunk as usize
     }
 
     /// Head dimension of V and O (N of P·V).
@@ -284,19 +271,8 @@ pub fn decode_forward<E: Float, M: Hooks>(
             // The previous step's P·V has read every probability and key address.
             sync_cube();
             let k_base = key_address(k, v, table, &mut v_bases, seq, kv_head, keys, dargs, config);
-            let [k_held, v_held] = config.held_vectors();
-            let mut k_row = Array::<KvVector<E>>::new(k_held);
-            let mut v_rows = Array::<KvVector<E>>::new(v_held);
-            if comptime!(config.prefetch()) {
-                load_k_row::<E>(k, &mut k_row, k_base, keys.len, config);
-            }
-            sync_cube();
-            if comptime!(config.prefetch()) {
-                load_v_rows::<E>(v, &v_bases, &mut v_rows, keys.len, config);
-            }
             key_scores::<E, M>(
                 k,
-                &k_row,
                 &q_rows,
                 &mut scores,
                 k_base,
@@ -325,16 +301,7 @@ pub fn decode_forward<E: Float, M: Hooks>(
             }
             probabilities(&mut smem, &scores, &mut row_sums, &corrections, config);
             sync_cube();
-            accumulate_pv::<E>(
-                v,
-                &v_rows,
-                &smem,
-                &v_bases,
-                &mut acc,
-                &corrections,
-                keys.len,
-                config,
-            );
+            accumulate_pv::<E>(v, &smem, &v_bases, &mut acc, &corrections, keys.len, config);
         }
     }
 
@@ -512,59 +479,13 @@ fn key_address<E: Float>(
     k_at
 }
 
-/// Load K (prefetching): this unit's whole K row into registers, every load issued at once.
-#[cube]
-fn load_k_row<E: Float>(
-    k: &Tensor<KvVector<E>>,
-    k_row: &mut Array<KvVector<E>>,
-    k_base: usize,
-    kv_len: usize,
-    #[comptime] config: DecodeConfig,
-) {
-    let present = (UNIT_POS as usize) < kv_len;
-    #[unroll]
-    for c in 0..config.head_dim() / KV_VECTOR {
-        let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-        if present {
-            x = k[k_base / KV_VECTOR + c];
-        }
-        k_row[c] = x;
-    }
-}
-
-/// Load V (prefetching): this unit's 4 columns of every key of its group, every load issued at
-/// once, before the scores.
-#[cube]
-fn load_v_rows<E: Float>(
-    v: &Tensor<KvVector<E>>,
-    v_bases: &Shared<[u32]>,
-    v_rows: &mut Array<KvVector<E>>,
-    kv_len: usize,
-    #[comptime] config: DecodeConfig,
-) {
-    let unit = UNIT_POS as usize;
-    let lane = unit % config.col_lanes();
-    let group = unit / config.col_lanes();
-    let per_group = config.keys_per_group();
-    #[unroll]
-    for i in 0..per_group {
-        let j = group * per_group + i;
-        let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-        if j < kv_len && group < config.key_groups() {
-            x = v[v_bases[j] as usize / KV_VECTOR + lane];
-        }
-        v_rows[i] = x;
-    }
-}
-
 /// Scores: this unit's key against every row, in registers. The K row is read in blocks of
-/// [`CHUNK`] vectors, each block's loads issued together; Q comes from shared memory (the same
+/// `chunk` vectors, each block's loads issued together; Q comes from shared memory (the same
 /// address for every unit: a broadcast). Score modification and, on partial steps, the mask
 /// apply; keys past the step and rows past the group score −1e30 (masked).
 #[cube]
 fn key_scores<E: Float, M: Hooks>(
     k: &Tensor<KvVector<E>>,
-    k_row: &Array<KvVector<E>>,
     q_rows: &Shared<[F32x4]>,
     scores: &mut Array<f32>,
     k_base: usize,
@@ -587,17 +508,13 @@ fn key_scores<E: Float, M: Hooks>(
     for r in 0..rows {
         scores[r] = 0.0;
     }
-    if comptime!(config.prefetch()) {
-        #[unroll]
-        for c in 0..per_row {
-            add_products(scores, F32x4::cast_from(k_row[c]), q_rows, c, config);
-        }
-    } else {
-        let mut k_vectors = Array::<KvVector<E>>::new(CHUNK);
-        for block in 0..(per_row + CHUNK - 1) / CHUNK {
+    {
+        let chunk = config.chunk();
+        let mut k_vectors = Array::<KvVector<E>>::new(chunk);
+        for block in 0..(per_row + chunk - 1) / chunk {
             #[unroll]
-            for i in 0..CHUNK {
-                let c = block * CHUNK + i;
+            for i in 0..chunk {
+                let c = block * chunk + i;
                 let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
                 if present && c < per_row {
                     x = k[k_base / KV_VECTOR + c];
@@ -605,8 +522,8 @@ fn key_scores<E: Float, M: Hooks>(
                 k_vectors[i] = x;
             }
             #[unroll]
-            for i in 0..CHUNK {
-                let c = block * CHUNK + i;
+            for i in 0..chunk {
+                let c = block * chunk + i;
                 if c < per_row {
                     add_products(scores, F32x4::cast_from(k_vectors[i]), q_rows, c, config);
                 }
@@ -735,12 +652,11 @@ fn probabilities(
 }
 
 /// P·V: rescale this unit's accumulators (4 columns of every row) and add its key group's share of
-/// the step: per key, the group's lanes read the V row together, in blocks of [`CHUNK`] keys whose
+/// the step: per key, the group's lanes read the V row together, in blocks of `chunk` keys whose
 /// loads are issued together.
 #[cube]
 fn accumulate_pv<E: Float>(
     v: &Tensor<KvVector<E>>,
-    v_rows: &Array<KvVector<E>>,
     smem: &Shared<[f32]>,
     v_bases: &Shared<[u32]>,
     acc: &mut Array<f32>,
@@ -762,30 +678,23 @@ fn accumulate_pv<E: Float>(
     }
     // Units past the last whole key group (value dims that do not divide the units) idle here.
     if group < config.key_groups() {
-        if comptime!(config.prefetch()) {
-            #[unroll]
-            for i in 0..per_group {
-                let j = group * per_group + i;
-                if j < kv_len {
-                    add_pv(acc, F32x4::cast_from(v_rows[i]), smem, j, config);
-                }
-            }
-        } else {
-            let mut v_vectors = Array::<KvVector<E>>::new(CHUNK);
-            for block in 0..(per_group + CHUNK - 1) / CHUNK {
+        {
+            let chunk = config.chunk();
+            let mut v_vectors = Array::<KvVector<E>>::new(chunk);
+            for block in 0..(per_group + chunk - 1) / chunk {
                 #[unroll]
-                for i in 0..CHUNK {
-                    let j = group * per_group + block * CHUNK + i;
+                for i in 0..chunk {
+                    let j = group * per_group + block * chunk + i;
                     let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                    if j < kv_len && block * CHUNK + i < per_group {
+                    if j < kv_len && block * chunk + i < per_group {
                         x = v[v_bases[j] as usize / KV_VECTOR + lane];
                     }
                     v_vectors[i] = x;
                 }
                 #[unroll]
-                for i in 0..CHUNK {
-                    let j = group * per_group + block * CHUNK + i;
-                    if j < kv_len && block * CHUNK + i < per_group {
+                for i in 0..chunk {
+                    let j = group * per_group + block * chunk + i;
+                    if j < kv_len && block * chunk + i < per_group {
                         add_pv(acc, F32x4::cast_from(v_vectors[i]), smem, j, config);
                     }
                 }
