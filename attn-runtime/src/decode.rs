@@ -203,14 +203,16 @@ pub fn decode_into<V: Variant>(
 }
 
 /// The tile shape for a call: rows cover the group's packed rows (at most 16 per cube, fewer where
-/// shared memory is short) and 128 units (keys per step) where the device allows.
+/// shared memory is short), 64 units (keys per step) where the device allows, and 8 loads issued
+/// together.
 pub fn default_tiling(
     client: &ComputeClient,
     spec: &VariantSpec,
     group_rows: usize,
 ) -> Result<DecodeTiling, AttnError> {
     let hw = &client.properties().hardware;
-    let units = hw.max_units_per_cube.min(128);
+    // 64 units: on the H200 the sweep around the plans did best with 64 (bench/RESULTS.md).
+    let units = hw.max_units_per_cube.min(64);
     let mut rows = group_rows
         .next_power_of_two()
         .min(MAX_ROWS)
@@ -242,7 +244,7 @@ pub fn default_tiling(
 }
 
 /// The plan used without tuning: [`default_tiling`], and enough key splits that the launch has
-/// about four cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), never
+/// about eight cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), never
 /// below 256 keys per split. On a CPU-emulated device, splits also
 /// keep each invocation under llvmpipe's loop limit.
 pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
@@ -255,9 +257,9 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     let cubes = call.problem.batch
         * call.problem.heads_kv
         * call.group_rows().div_ceil(tiling.rows as usize);
-    // Four cubes per multiprocessor: measured on the H200, the split counts around this did best
+    // Eight cubes per multiprocessor: measured on the H200, the split counts around this did best
     // (bench/RESULTS.md); the tuner refines it per key.
-    let target = 4 * processors;
+    let target = 8 * processors;
     let wanted = if cubes >= target {
         1
     } else {

@@ -1,6 +1,6 @@
 //! Tuning the decode plan: per device and key, the fastest of a few plans around the heuristic
-//! ([`crate::decode::default_plan`], the fallback): split counts from a quarter to eight times
-//! the heuristic's, at 128 and 64 keys per step.
+//! ([`crate::decode::default_plan`], the fallback): split counts from a quarter to four times
+//! the heuristic's, at 64 and 128 keys per step.
 
 use std::sync::Arc;
 
@@ -69,18 +69,18 @@ impl PlanChoice {
     }
 }
 
-/// The choices, the heuristic itself first.
+/// The choices, the heuristic itself (64 units, its split count) first.
 pub fn plan_choices() -> Vec<PlanChoice> {
     let mut choices = Vec::new();
-    for units in [128, 64] {
-        for (num, den) in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4)] {
+    for units in [64, 128] {
+        for (num, den) in [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)] {
             choices.push(PlanChoice { num, den, units });
         }
     }
     choices
 }
 
-static TUNER: LocalTuner<DecodeKey, ServiceId> = LocalTuner::new("attn-decode");
+static TUNER: LocalTuner<DecodeKey, ServiceId> = LocalTuner::new(cache::DECODE_TUNER_NAME);
 
 /// A decode call as the tuner sees it.
 #[derive(Clone)]
