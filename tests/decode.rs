@@ -160,6 +160,7 @@ fn fill<E: Element>(
 
 /// Runs `V` for `nq` random query tokens per sequence against `filled` (with `plan`, or the
 /// default one) and checks O and the LSE against float64. Returns the output.
+#[allow(clippy::too_many_arguments)]
 fn check_decode<V: Variant>(
     client: &ComputeClient,
     rng: &mut StdRng,
@@ -422,9 +423,9 @@ fn merge_of_disjoint_keys_is_the_whole() {
         let longest = lens.iter().copied().max().unwrap_or(0).max(1);
         let mut k = vec![0f32; batch * heads_kv * longest * d];
         let mut v = k.clone();
-        for b in 0..batch {
+        for (b, &len) in lens.iter().enumerate() {
             for h in 0..heads_kv {
-                for t in 0..lens[b] {
+                for t in 0..len {
                     let src = ((b * heads_kv + h) * cap + from(b) + t) * d;
                     let dst = ((b * heads_kv + h) * longest + t) * d;
                     for c in 0..d {

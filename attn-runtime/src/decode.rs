@@ -266,7 +266,12 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
         target.div_ceil(cubes)
     };
     let most = call.max_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
-    let mut splits = wanted.min(most);
+    // A power of two: splits of equal length (three splits of 8192 keys left the last one short
+    // and ran 20 % slower than two or four on the H200).
+    let mut splits = wanted.next_power_of_two();
+    while splits > most {
+        splits /= 2;
+    }
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, tiling, false, true);
         let budget = keys_within_loop_budget(config);
