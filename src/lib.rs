@@ -40,6 +40,14 @@
 //! row that sees no key yields `O = 0` and `LSE = −∞` (with a sink: `O = 0`, `LSE` = the sink),
 //! never NaN.
 
+//!
+//! ## Decoding
+//!
+//! Every variant also gets `decode(&client, &q, &cache)`: new query tokens against a
+//! [`KvCache`] (paged, pages of 16–256 tokens through a block table, or contiguous), GQA-packed and
+//! split over the keys with an exact combine; [`merge`] combines results over disjoint keys
+//! through their LSEs.
+
 #![warn(missing_docs)]
 
 extern crate self as attn;
