@@ -530,6 +530,14 @@ fn appends_land_where_the_block_table_says() {
     assert_eq!(cache.lengths()[0], 0);
 }
 
+/// `result` is an [`AttnError::KvCache`] naming `field`.
+fn expect_field<T: std::fmt::Debug>(result: Result<T, AttnError>, field: &str) {
+    match result {
+        Err(AttnError::KvCache { field: found, .. }) if found == field => {}
+        other => panic!("expected a kv cache error about {field}, got {other:?}"),
+    }
+}
+
 #[test]
 fn bad_input_is_a_typed_error() {
     let client = client();
@@ -542,136 +550,65 @@ fn bad_input_is_a_typed_error() {
         pages: 4,
         max_pages: 2,
     };
-    let kv_field = |r: Result<KvCache<f32>, AttnError>| match r {
-        Err(AttnError::KvCache { field, .. }) => field,
-        other => panic!("expected a kv cache error, got {other:?}"),
-    };
     for page_size in [0, 8, 15, 257, 1024] {
-        assert_eq!(
-            kv_field(KvCache::paged(
+        expect_field(
+            KvCache::<f32>::paged(
                 &client,
                 PagedLayout {
                     page_size,
                     ..layout
-                }
-            )),
-            "page_size"
+                },
+            ),
+            "page_size",
         );
     }
     let pool = |pages| Tensor::<f32>::empty(&client, [pages, 2, 16, 64]);
     // A block table pointing past the pool.
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(4),
-            16,
-            vec![0, 4, 1, -1],
-            2,
-            vec![20, 3]
-        )),
-        "block_table"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(4), 16, vec![0, 4, 1, -1], 2, vec![20, 3]),
+        "block_table",
     );
     // A page held twice.
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(4),
-            16,
-            vec![0, 1, 1, -1],
-            2,
-            vec![20, 3]
-        )),
-        "block_table"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(4), 16, vec![0, 1, 1, -1], 2, vec![20, 3]),
+        "block_table",
     );
     // Lengths longer than the table allows, or than the pages given.
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(4),
-            16,
-            vec![0, 1, 2, -1],
-            2,
-            vec![33, 3]
-        )),
-        "lengths"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(4), 16, vec![0, 1, 2, -1], 2, vec![33, 3]),
+        "lengths",
     );
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(4),
-            16,
-            vec![0, -1, 2, -1],
-            2,
-            vec![20, 3]
-        )),
-        "block_table"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(4), 16, vec![0, -1, 2, -1], 2, vec![20, 3]),
+        "block_table",
     );
     // Pools whose pages are not the page size, and K/V pools that disagree.
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(4),
-            32,
-            vec![0, 1, 2, 3],
-            2,
-            vec![0, 0]
-        )),
-        "page_size"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(4), 32, vec![0, 1, 2, 3], 2, vec![0, 0]),
+        "page_size",
     );
-    assert_eq!(
-        kv_field(KvCache::from_paged_parts(
-            pool(4),
-            pool(3),
-            16,
-            vec![0, 1, 2, 3],
-            2,
-            vec![0, 0]
-        )),
-        "pages"
+    expect_field(
+        KvCache::from_paged_parts(pool(4), pool(3), 16, vec![0, 1, 2, 3], 2, vec![0, 0]),
+        "pages",
     );
 
     // Appends: more tokens than the table can hold, more pages than the pool has.
     let mut cache = KvCache::<f32>::paged(&client, layout).unwrap();
     let new = |n| Tensor::<f32>::empty(&client, [2, 2, n, 64]);
-    match cache.append(&client, &new(33), &new(33), None) {
-        Err(AttnError::KvCache {
-            field: "lengths", ..
-        }) => {}
-        other => panic!("expected a lengths error, got {other:?}"),
-    }
+    expect_field(cache.append(&client, &new(33), &new(33), None), "lengths");
     let mut small = KvCache::<f32>::paged(&client, PagedLayout { pages: 3, ..layout }).unwrap();
-    match small.append(&client, &new(20), &new(20), None) {
-        Err(AttnError::KvCache { field: "pages", .. }) => {}
-        other => panic!("expected a pages error, got {other:?}"),
-    }
+    expect_field(small.append(&client, &new(20), &new(20), None), "pages");
     assert_eq!(small.lengths(), [0, 0], "a refused append changes nothing");
-    match cache.append(&client, &new(4), &new(4), Some(&[5, 1])) {
-        Err(AttnError::KvCache {
-            field: "append", ..
-        }) => {}
-        other => panic!("expected an append error, got {other:?}"),
-    }
-    match cache.append(
-        &client,
-        &Tensor::<f32>::empty(&client, [2, 2, 4, 32]),
-        &new(4),
-        None,
-    ) {
-        Err(AttnError::KvCache {
-            field: "append", ..
-        }) => {}
-        other => panic!("expected an append error, got {other:?}"),
-    }
+    expect_field(
+        cache.append(&client, &new(4), &new(4), Some(&[5, 1])),
+        "append",
+    );
+    let narrow = Tensor::<f32>::empty(&client, [2, 2, 4, 32]);
+    expect_field(cache.append(&client, &narrow, &new(4), None), "append");
     // Pages of another sequence cannot be given out.
     cache.append(&client, &new(4), &new(4), None).unwrap();
     let held = cache.block_table().unwrap()[0];
-    match cache.set_pages(1, &[held]) {
-        Err(AttnError::KvCache {
-            field: "block_table",
-            ..
-        }) => {}
-        other => panic!("expected a block_table error, got {other:?}"),
-    }
+    expect_field(cache.set_pages(1, &[held]), "block_table");
 
     // Calls: wrong head dim, wrong batch, wrong grouping, key lengths past the cache, documents.
     let q = |shape| Tensor::<f32>::empty(&client, shape);

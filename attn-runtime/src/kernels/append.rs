@@ -21,8 +21,7 @@ pub fn append_tokens<E: Float>(
     #[comptime] units: u32,
     #[comptime] paged: bool,
 ) {
-    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-    let i = cube * units as usize + UNIT_POS as usize;
+    let i = crate::kernels::flat_index(units);
     let batch = src.shape(0);
     let heads = src.shape(1);
     let tokens = src.shape(2);

@@ -98,8 +98,7 @@ pub fn merge_states<E: Float>(
     #[comptime] value_dim: u32,
     #[comptime] units: u32,
 ) {
-    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-    let i = cube * units as usize + UNIT_POS as usize;
+    let i = crate::kernels::flat_index(units);
     if i < elements as usize {
         let row = i / value_dim as usize;
         let la = lse_a[row];

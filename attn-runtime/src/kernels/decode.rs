@@ -249,6 +249,7 @@ pub fn decode_forward<E: Float, M: Hooks>(
     }
 
     let walk = split_walk(seq, first_row, last_row, args, dargs, config);
+    let rows_facts = row_facts(seq, first_row, kv_head, floats, args, dargs, config);
     let mut scores = Array::<f32>::new(rows);
     let mut row_sums = Array::<f32>::new(rows);
     let mut corrections = Array::<f32>::new(rows);
@@ -277,14 +278,12 @@ pub fn decode_forward<E: Float, M: Hooks>(
                 &mut scores,
                 k_base,
                 seq,
-                first_row,
-                kv_head,
+                &rows_facts,
                 keys,
                 class,
                 ints,
                 floats,
                 args,
-                dargs,
                 config,
             );
             let [scores_at, _, _, _, _, _] = config.layout();
@@ -321,6 +320,57 @@ pub fn decode_forward<E: Float, M: Hooks>(
         dargs,
         config,
     );
+}
+
+/// The chunk's rows, worked out once per cube instead of per step: query head and token of each
+/// row, its ALiBi slope (0 without ALiBi), and how many of the rows exist.
+#[derive(CubeType)]
+struct RowFacts {
+    /// Query head per row.
+    heads: Array<u32>,
+    /// Query token per row.
+    tokens: Array<u32>,
+    /// ALiBi slope per row.
+    slopes: Array<f32>,
+    /// Rows that exist (the last chunk of a group can be short).
+    valid: u32,
+}
+
+/// Work out the chunk's [`RowFacts`].
+#[cube]
+fn row_facts(
+    seq: SequenceSpan,
+    first_row: usize,
+    kv_head: usize,
+    floats: &Tensor<f32>,
+    args: PrefillArgs,
+    dargs: DecodeArgs,
+    #[comptime] config: DecodeConfig,
+) -> RowFacts {
+    let rows = config.rows();
+    let mut heads = Array::<u32>::new(rows);
+    let mut tokens = Array::<u32>::new(rows);
+    let mut slopes = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        let row = locate_row(first_row + r, kv_head, args, dargs);
+        heads[r] = row.head as u32;
+        tokens[r] = row.token as u32;
+        let mut slope = seq.slope;
+        if comptime!(config.score.alibi) {
+            let at = crate::inputs::slots::ALIBI_SLOPES as usize * args.slot_len as usize;
+            slope = floats[at + row.head];
+        }
+        slopes[r] = slope;
+    }
+    let group_rows = dargs.group_rows as usize;
+    let valid = select(first_row < group_rows, group_rows - first_row, 0);
+    RowFacts {
+        heads,
+        tokens,
+        slopes,
+        valid: valid as u32,
+    }
 }
 
 /// Locate the row: packed row `r` of K/V head `kv_head` is query head `kv_head·group + r / Nq`,
@@ -490,14 +540,12 @@ fn key_scores<E: Float, M: Hooks>(
     scores: &mut Array<f32>,
     k_base: usize,
     seq: SequenceSpan,
-    first_row: usize,
-    kv_head: usize,
+    rows_facts: &RowFacts,
     keys: StepKeys,
     class: u32,
     ints: &Tensor<i32>,
     floats: &Tensor<f32>,
     args: PrefillArgs,
-    dargs: DecodeArgs,
     #[comptime] config: DecodeConfig,
 ) {
     let rows = config.rows();
@@ -508,45 +556,40 @@ fn key_scores<E: Float, M: Hooks>(
     for r in 0..rows {
         scores[r] = 0.0;
     }
-    {
-        let chunk = config.chunk();
-        let mut k_vectors = Array::<KvVector<E>>::new(chunk);
-        for block in 0..(per_row + chunk - 1) / chunk {
-            #[unroll]
-            for i in 0..chunk {
-                let c = block * chunk + i;
-                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                if present && c < per_row {
-                    x = k[k_base / KV_VECTOR + c];
-                }
-                k_vectors[i] = x;
+    let chunk = config.chunk();
+    let mut k_vectors = Array::<KvVector<E>>::new(chunk);
+    for block in 0..(per_row + chunk - 1) / chunk {
+        #[unroll]
+        for i in 0..chunk {
+            let c = block * chunk + i;
+            let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+            if present && c < per_row {
+                x = k[k_base / KV_VECTOR + c];
             }
-            #[unroll]
-            for i in 0..chunk {
-                let c = block * chunk + i;
-                if c < per_row {
-                    add_products(scores, F32x4::cast_from(k_vectors[i]), q_rows, c, config);
-                }
+            k_vectors[i] = x;
+        }
+        #[unroll]
+        for i in 0..chunk {
+            let c = block * chunk + i;
+            if c < per_row {
+                add_products(scores, F32x4::cast_from(k_vectors[i]), q_rows, c, config);
             }
         }
     }
     let key = (keys.start + j) as i32;
     #[unroll]
     for r in 0..rows {
-        let row = locate_row(first_row + r, kv_head, args, dargs);
+        let head = rows_facts.heads[r] as usize;
+        let token = rows_facts.tokens[r] as i32;
         let mut s = scores[r];
         if comptime!(config.score.modifies_scores()) {
             let mut row_seq = seq;
-            if comptime!(config.score.alibi) {
-                row_seq.slope = floats[crate::inputs::slots::ALIBI_SLOPES as usize
-                    * args.slot_len as usize
-                    + row.head];
-            }
+            row_seq.slope = rows_facts.slopes[r];
             s = modify_score::<M>(
                 s,
                 row_seq,
-                row.head,
-                row.token as i32,
+                head,
+                token,
                 key,
                 ints,
                 floats,
@@ -554,20 +597,11 @@ fn key_scores<E: Float, M: Hooks>(
                 config.score,
             );
         }
-        let mut visible = present && row.valid;
+        let mut visible = present && (r as u32) < rows_facts.valid;
         if comptime!(!config.mask.is_none()) {
             if class == TILE_PARTIAL {
                 visible = visible
-                    && key_visible::<M>(
-                        seq,
-                        row.head,
-                        row.token as i32,
-                        key,
-                        ints,
-                        floats,
-                        args,
-                        config.mask,
-                    );
+                    && key_visible::<M>(seq, head, token, key, ints, floats, args, config.mask);
             }
         }
         scores[r] = select(visible, s, -1.0e30f32);
@@ -678,25 +712,23 @@ fn accumulate_pv<E: Float>(
     }
     // Units past the last whole key group (value dims that do not divide the units) idle here.
     if group < config.key_groups() {
-        {
-            let chunk = config.chunk();
-            let mut v_vectors = Array::<KvVector<E>>::new(chunk);
-            for block in 0..(per_group + chunk - 1) / chunk {
-                #[unroll]
-                for i in 0..chunk {
-                    let j = group * per_group + block * chunk + i;
-                    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                    if j < kv_len && block * chunk + i < per_group {
-                        x = v[v_bases[j] as usize / KV_VECTOR + lane];
-                    }
-                    v_vectors[i] = x;
+        let chunk = config.chunk();
+        let mut v_vectors = Array::<KvVector<E>>::new(chunk);
+        for block in 0..(per_group + chunk - 1) / chunk {
+            #[unroll]
+            for i in 0..chunk {
+                let j = group * per_group + block * chunk + i;
+                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                if j < kv_len && block * chunk + i < per_group {
+                    x = v[v_bases[j] as usize / KV_VECTOR + lane];
                 }
-                #[unroll]
-                for i in 0..chunk {
-                    let j = group * per_group + block * chunk + i;
-                    if j < kv_len && block * chunk + i < per_group {
-                        add_pv(acc, F32x4::cast_from(v_vectors[i]), smem, j, config);
-                    }
+                v_vectors[i] = x;
+            }
+            #[unroll]
+            for i in 0..chunk {
+                let j = group * per_group + block * chunk + i;
+                if j < kv_len && block * chunk + i < per_group {
+                    add_pv(acc, F32x4::cast_from(v_vectors[i]), smem, j, config);
                 }
             }
         }

@@ -2,7 +2,9 @@
 //! ([`crate::decode::default_plan`], the fallback): split counts from a quarter to four times
 //! the heuristic's, at 64 and 128 keys per step.
 
-use std::sync::Arc;
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use cubecl::tune::{LocalTuner, Tunable, TunableSet};
 use cubecl::AutotuneKey;
@@ -11,11 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use super::cache;
 use super::key::fingerprint;
-use super::tuner::policy;
+use super::tuner::policy_for;
 use crate::decode::{check_plan, default_plan, launch_decode, DecodePlan, DecodeProblem};
 use crate::kernels::decode::DecodeTiling;
 use crate::kv_cache::KvCache;
-use crate::launch::{Lse, Output};
+use crate::launch::{is_cpu_emulated, Lse, Output};
 use crate::tensor::{ComputeClient, Element, Tensor};
 use crate::variant::Variant;
 use crate::AttnError;
@@ -125,6 +127,35 @@ fn tunable_set<V: Variant>() -> TunableSet<DecodeKey, Call<V::Elem>, (), PlanCho
     set
 }
 
+/// What decode calls of a variant on a device need besides the tuner, worked out on the first call
+/// there instead of on every launch: the key's variant field and whether the device is llvmpipe.
+struct Prepared {
+    variant: String,
+    cpu_emulated: bool,
+}
+
+type PreparedMap = HashMap<(ServiceId, TypeId), Arc<Prepared>>;
+
+static PREPARED: RwLock<Option<PreparedMap>> = RwLock::new(None);
+
+fn prepared<V: Variant>(client: &ComputeClient) -> Arc<Prepared> {
+    let id = (client.service_id(), TypeId::of::<V>());
+    let known = PREPARED.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = known.as_ref().and_then(|m| m.get(&id)) {
+        return p.clone();
+    }
+    drop(known);
+    let fresh = Arc::new(Prepared {
+        variant: fingerprint(&V::SPEC),
+        cpu_emulated: is_cpu_emulated(client),
+    });
+    let mut map = PREPARED.write().unwrap_or_else(|e| e.into_inner());
+    map.get_or_insert_with(HashMap::new)
+        .entry(id)
+        .or_insert(fresh)
+        .clone()
+}
+
 /// Runs a checked decode call with the tuned plan for its key (the heuristic's plan when the
 /// policy says so, on CPU-emulated devices by default); returns the plan that ran.
 pub(crate) fn decode_tuned<V: Variant>(
@@ -135,13 +166,14 @@ pub(crate) fn decode_tuned<V: Variant>(
     out: &Output<V::Elem>,
 ) -> Result<DecodePlan, AttnError> {
     let base = default_plan(client, &call)?;
-    if policy(client) == super::Policy::Fallback {
+    let facts = prepared::<V>(client);
+    if policy_for(facts.cpu_emulated) == super::Policy::Fallback {
         launch_decode::<V>(client, &call, base, q, cache, out)?;
         return Ok(base);
     }
     cache::init();
     let key = DecodeKey::new(
-        fingerprint(&V::SPEC),
+        facts.variant.clone(),
         call.group_rows(),
         call.problem.batch * call.problem.heads_kv,
         call.max_len,
@@ -149,6 +181,12 @@ pub(crate) fn decode_tuned<V: Variant>(
     );
     let id = client.service_id();
     let set = TUNER.init(&id, tunable_set::<V>);
+    // A key this process has settled runs its plan directly: no copy of the cache for the tuner.
+    if let Some(choice) = TUNER.fastest_identity(&id, &set, &key) {
+        let plan = choice.apply(base);
+        launch_decode::<V>(client, &call, plan, q, cache, out)?;
+        return Ok(plan);
+    }
     let tuned = Call {
         client: client.clone(),
         problem: Arc::new(call),

@@ -40,7 +40,7 @@ pub fn policy(client: &ComputeClient) -> Policy {
 }
 
 /// [`policy`] for a device known to be CPU-emulated or not (the environment is read once).
-fn policy_for(cpu_emulated: bool) -> Policy {
+pub(super) fn policy_for(cpu_emulated: bool) -> Policy {
     static FROM_ENV: OnceLock<Option<Policy>> = OnceLock::new();
     match POLICY.load(Ordering::Relaxed) {
         1 => return Policy::Tune,
