@@ -122,6 +122,10 @@ fn main() {
         let ok = decode::run_decode(&attn::default_client(), &out, iters, only.as_deref());
         std::process::exit(i32::from(!ok));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(dir) = arg("--ptx") {
+        std::process::exit(i32::from(!write_ptx(Path::new(&dir))));
+    }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));
     }
@@ -438,10 +442,25 @@ fn run<V: Variant<Elem = bf16>>(
 
 /// Runs `V` once on random inputs (and random run-time inputs) and compares with float64;
 /// prints one line, returns pass.
-fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5]) -> bool {
+fn check_one<V: Variant>(client: &ComputeClient, shape: [usize; 5]) -> bool {
+    check_layout::<V>(client, shape, false)
+}
+
+/// [`check_one`] with Q, K and V optionally laid out `[batch, seq, heads, head_dim]` (the layout of
+/// most model code, viewed without a copy). Checks the tuned call, then every tile shape the
+/// warpgroup kernel runs on this device, each against float64.
+fn check_layout<V: Variant>(
+    client: &ComputeClient,
+    [b, hq, hkv, nq, nk]: [usize; 5],
+    bnhd: bool,
+) -> bool {
     let spec = V::SPEC;
     let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
-    let label = format!("{} B{b} H{hq}/{hkv} Nq{nq} Nk{nk}", spec.name);
+    let label = format!(
+        "{} B{b} H{hq}/{hkv} Nq{nq} Nk{nk}{}",
+        spec.name,
+        if bnhd { " BNHD" } else { "" }
+    );
     let (mut rng, _) = seeded_rng(&label);
     let (qs, ks, vs) = ([b, hq, nq, d], [b, hkv, nk, d], [b, hkv, nk, dv]);
     let qh: Vec<V::Elem> = random_vec(&mut rng, qs.iter().product());
@@ -449,17 +468,23 @@ fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5
     let vh: Vec<V::Elem> = random_vec(&mut rng, vs.iter().product());
     let owned = OwnedInputs::random(&spec, [b, hq, nq, nk], 6, &mut rng);
     let inputs = owned.view();
-    let (q, k, v) = (
-        Tensor::from_slice(client, &qh, qs).expect("q fills its shape"),
-        Tensor::from_slice(client, &kh, ks).expect("k fills its shape"),
-        Tensor::from_slice(client, &vh, vs).expect("v fills its shape"),
-    );
-    let result = attn::forward::<V>(client, &q, &k, &v, &inputs).and_then(|out| {
-        let problem = Problem::new(&spec, &q, &k, &v)?;
-        let packed = pack(&spec, &problem, &inputs)?;
-        Ok((out, problem, packed))
-    });
-    let (out, problem, packed) = match result {
+    let upload = |data: &[V::Elem], [b, h, n, d]: [usize; 4]| {
+        if bnhd {
+            // The same logical tensor, stored as [b, n, h, d].
+            let mut stored = vec![data[0]; data.len()];
+            for (i, &x) in data.iter().enumerate() {
+                let (bi, hi, ni, di) = (i / (h * n * d), i / (n * d) % h, i / d % n, i % d);
+                stored[((bi * n + ni) * h + hi) * d + di] = x;
+            }
+            Tensor::from_slice_bnhd(client, &stored, [b, n, h, d]).expect("fills its shape")
+        } else {
+            Tensor::from_slice(client, data, [b, h, n, d]).expect("fills its shape")
+        }
+    };
+    let (q, k, v) = (upload(&qh, qs), upload(&kh, ks), upload(&vh, vs));
+    let (problem, packed) = match Problem::new(&spec, &q, &k, &v)
+        .and_then(|problem| Ok((problem, pack(&spec, &problem, &inputs)?)))
+    {
         Ok(r) => r,
         Err(e) => {
             println!("{label}: FAIL: {e}");
@@ -469,19 +494,86 @@ fn check_one<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usize; 5
     let (qf, kf, vf) = (widen(&qh), widen(&kh), widen(&vh));
     let reference = attention_f64::<V>(&problem, &packed, &inputs, &qf, &kf, &vf);
     let naive = attention_naive::<V>(&problem, &packed, &inputs, &qf, &kf, &vf);
-    let o = widen(&out.o.to_vec(client));
-    let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
-    let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
-    let lse_error = max_abs_error(&lse, &reference.lse);
-    let pass = verdict.passed() && lse_error <= 2e-3;
-    println!(
-        "{label}: max|O-f64| {:.2e} (naive {:.2e}, bound {:.2e}), max|LSE-f64| {lse_error:.2e}: {}",
-        verdict.kernel_error,
-        verdict.naive_error,
-        verdict.bound,
-        if pass { "ok" } else { "FAIL" }
-    );
+    let verify = |what: &str, out: Result<attn::Output<V::Elem>, attn::AttnError>| {
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                println!("{label} {what}: FAIL: {e}");
+                return false;
+            }
+        };
+        let o = widen(&out.o.to_vec(client));
+        let verdict = Verdict::new(&o, &reference.o, &naive, error_floor::<V::Elem>());
+        let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
+        let lse_error = max_abs_error(&lse, &reference.lse);
+        let pass = verdict.passed() && lse_error <= 2e-3;
+        println!(
+            "{label} {what}: max|O-f64| {:.2e} (naive {:.2e}, bound {:.2e}), max|LSE-f64| {lse_error:.2e}: {}",
+            verdict.kernel_error,
+            verdict.naive_error,
+            verdict.bound,
+            if pass { "ok" } else { "FAIL" }
+        );
+        pass
+    };
+    let mut pass = verify("tuned", attn::forward::<V>(client, &q, &k, &v, &inputs));
+    for tiling in attn::runnable_tilings(client, &spec) {
+        if attn::launch::engine_for(client, &spec, tiling) != attn::launch::Engine::Warpgroup {
+            continue;
+        }
+        // Poisoned, so an unwritten element fails.
+        let poison = |shape: [usize; 4]| {
+            let nan = vec![<V::Elem as Element>::from_f64(f64::NAN); shape.iter().product()];
+            Tensor::from_slice(client, &nan, shape).expect("fills its shape")
+        };
+        let lse_shape = problem.lse_shape();
+        let out = attn::Output {
+            o: poison(problem.out_shape()),
+            lse: attn::Lse {
+                tensor: Tensor::from_slice(
+                    client,
+                    &vec![f32::NAN; lse_shape.iter().product()],
+                    [lse_shape[0], lse_shape[1], lse_shape[2], 1],
+                )
+                .expect("fills its shape"),
+            },
+        };
+        let result = attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out)
+            .and_then(|()| attn::sync(client))
+            .map(|()| out);
+        pass &= verify(&format!("wg {}", tiling.name()), result);
+    }
     pass
+}
+
+/// Compiles the warpgroup kernel of the benchmark's variants at every tile shape it runs (sm_90a,
+/// no GPU needed) into `dir/<variant>_<tile>.ptx`; returns whether every one compiled.
+#[cfg(feature = "cuda")]
+fn write_ptx(dir: &Path) -> bool {
+    fn one<V: Variant>(dir: &Path) -> bool {
+        let mut ok = true;
+        for tiling in V::SPEC.tilings {
+            if tiling.block_q % 64 != 0 || tiling.block_kv < 64 {
+                continue;
+            }
+            let path = dir.join(format!("{}_{}.ptx", V::SPEC.name, tiling.name()));
+            match attn::codegen::warpgroup_ptx::<V>(*tiling) {
+                Ok(ptx) => std::fs::write(&path, ptx).expect("write the PTX"),
+                Err(e) => {
+                    println!("{}: FAIL: {e}", path.display());
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+    std::fs::create_dir_all(dir).expect("PTX folder");
+    one::<Mha128>(dir)
+        & one::<Mha128Causal>(dir)
+        & one::<Mha64>(dir)
+        & one::<Gqa4x128Causal>(dir)
+        & one::<Window1k>(dir)
+        & one::<Gqa2F16TopLeft>(dir)
 }
 
 /// The device correctness grid; returns whether every case passed.
@@ -499,6 +591,12 @@ fn check_grid(client: &ComputeClient) -> bool {
     results.push(check_one::<Gqa4x128Causal>(client, [1, 8, 2, 1000, 333]));
     results.push(check_one::<Mqa128Causal>(client, [2, 5, 1, 77, 1000]));
     results.push(check_one::<Gqa8F32Causal>(client, [1, 16, 2, 513, 513]));
+    results.push(check_layout::<Gqa4x128Causal>(
+        client,
+        [2, 8, 2, 333, 1000],
+        true,
+    ));
+    results.push(check_layout::<Mha64>(client, [1, 4, 4, 1000, 1000], true));
     for (nq, nk) in [(1, 1), (17, 1000), (1000, 17), (777, 777)] {
         results.push(check_one::<Mistral>(client, [1, 8, 2, nq, nk]));
         results.push(check_one::<Window1k>(client, [2, 4, 1, nq, nk]));

@@ -159,6 +159,7 @@ fn example_variants() {
         "expected every example variant, found {names:?}"
     );
     names.extend(decode_kernels());
+    names.extend(warpgroup_kernels());
     reject_unreferenced(&names);
 }
 
@@ -205,6 +206,41 @@ fn decode_kernels() -> Vec<String> {
             name.to_string()
         })
         .collect()
+}
+
+/// The warpgroup prefill kernel (Hopper: wgmma fed by bulk tensor copies) of the Llama-3 variant
+/// (GQA, causal) at 64 × 64, as cubecl's IR: that kernel has no CUDA C++ form in cubecl (its LLVM
+/// back end compiles it), and the IR of larger tiles only repeats the unrolled register code.
+fn warpgroup_kernels() -> Vec<String> {
+    let tile = attn::Tiling {
+        block_q: 64,
+        block_kv: 64,
+    };
+    let name = "wg_ir__llama3__Llama3";
+    let source = attn::codegen::warpgroup_ir::<variants::llama3::Llama3>(tile);
+    insta::assert_snapshot!(name, canonical_names(&without_ir_types(&source)));
+    vec![name.to_string()]
+}
+
+/// cubecl's IR with the type signature dropped from the end of each operation (` [..] [..]: <..>`
+/// or ` : type`): the operations and their operands are what a review reads, and the types
+/// follow from them.
+fn without_ir_types(ir: &str) -> String {
+    ir.lines()
+        .map(|line| {
+            let Some(body) = line.strip_suffix(';') else {
+                return line.to_string();
+            };
+            let cut = body
+                .find(" [] []: <")
+                .or_else(|| body.rfind(" : ").filter(|&at| !body[at..].contains('=')));
+            match cut {
+                Some(at) => format!("{};", &body[..at]),
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Renames every value name `v<digits>` (also inside longer names such as `shared_v12`) to

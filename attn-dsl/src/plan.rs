@@ -55,6 +55,9 @@ pub struct KernelPlan {
 /// that stages at most 32 KiB of K/V with 64 units, which every back end runs (lavapipe: 32 KiB,
 /// 1024 units); the others are for GPUs and the tuner.
 ///
+/// Of the GPU shapes, 128 × 128 comes first: on Hopper it is the first the warpgroup kernel runs
+/// (64 to 256 keys per step, 64 or 128 query rows), so it is the untuned default there.
+///
 /// From head dim 192 on, 64-key steps come first: the tensor-core kernel keeps its f32 output
 /// accumulator in shared memory and round-trips `block_q × value_dim` of it every step, so short
 /// steps spend their time there (measured on the H200 at head dim 256: 64 × 64 took 39 % of the
@@ -75,8 +78,10 @@ pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
         tile(64, kv),
         tile(32, kv),
         tile(128, kv),
+        tile(128, 128),
         tile(64, 64),
         tile(128, 64),
+        tile(64, 128),
     ]
 }
 

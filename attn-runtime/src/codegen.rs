@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cubecl::features::MmaConfig;
+use cubecl::features::{MmaConfig, Tma, WgmmaConfig, WgmmaElems};
 use cubecl::ir::{
     DeviceIdentity, DeviceProperties, ElemType, FloatKind, HardwareProperties,
     MemoryDeviceProperties, VectorSize,
@@ -18,6 +18,7 @@ use crate::kernels::decode::{
 };
 use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
 use crate::kernels::prefill_tc::prefill_forward_tc;
+use crate::kernels::prefill_wg::{prefill_forward_wg, WARPGROUP_UNITS};
 use crate::launch::{kernel_config, Engine};
 use crate::variant::{Tiling, Variant};
 
@@ -65,7 +66,36 @@ pub fn sm90_device_model() -> DeviceProperties {
             k: 16,
         });
     }
+    // The warpgroup MMA forms (m 64, n 8..256 by 8, k 16) and the copy engine, as the H200 reports.
+    for elem in [FloatKind::F16, FloatKind::BF16] {
+        props.features.matmul.wgmma.insert(WgmmaConfig {
+            elems: WgmmaElems {
+                a: ElemType::Float(elem),
+                b: ElemType::Float(elem),
+                cd: ElemType::Float(FloatKind::F32),
+            },
+            m: 64,
+            n_granularity: 8,
+            n_max: 256,
+            k: 16,
+        });
+    }
+    props.features.tma.insert(Tma::Base);
     props
+}
+
+/// cubecl's IR of `V`'s warpgroup prefill kernel with `tiling` (sm_90 model), the form its LLVM
+/// back end takes: the warpgroup MMAs and bulk tensor copies have no CUDA C++ form in cubecl, so
+/// this is what the snapshots record for this kernel.
+pub fn warpgroup_ir<V: Variant>(tiling: Tiling) -> String {
+    let config = kernel_config(&V::SPEC, tiling);
+    let def = definition::<V>(Engine::Warpgroup, config, sm90_device_model());
+    let errors = def.body.pop_errors();
+    assert!(
+        errors.is_empty(),
+        "the warpgroup kernel expands cleanly: {errors:?}"
+    );
+    def.body.to_string()
 }
 
 /// The kernel definition of `V`'s prefill kernel of `engine` for `config` on a device with
@@ -104,6 +134,25 @@ fn definition<V: Variant>(
             prefill_forward_tc::PrefillForwardTc<V::Elem, V::Hooks>,
             CubeDim::new_2d(32, config.planes() as u32)
         ),
+        Engine::Warpgroup => prefill_forward_wg::PrefillForwardWg::<V::Elem, V::Hooks>::new(
+            KernelSettings::new(
+                *CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
+                ExecutionMode::Checked,
+                AddressType::U32,
+            ),
+            Arc::new(props),
+            Arc::new(TargetProperties::default()),
+            (),
+            (),
+            (),
+            tensor_compilation_arg(),
+            tensor_compilation_arg(),
+            tensor_compilation_arg(),
+            tensor_compilation_arg(),
+            args_compilation_arg(),
+            config,
+        )
+        .define(),
     }
 }
 
@@ -268,4 +317,34 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
         .compile(def, &CompilationOptions::default())
         .expect("the combine kernel compiles to CUDA C++")
         .to_string()
+}
+
+/// The PTX cubecl's CUDA back end (through LLVM) makes of `V`'s warpgroup prefill kernel with
+/// `tiling` for sm_90a, compiled here without a GPU: for reading the code (`ptxas -v` gives its
+/// registers and spills) and for catching lowering errors before a GPU run. The error is the
+/// back end's message.
+#[cfg(feature = "cuda")]
+pub fn warpgroup_ptx<V: Variant>(tiling: Tiling) -> Result<String, String> {
+    use cubecl::cuda::compiler::CudaBackend;
+    use cubecl::cuda::{CudaCompilationOptions, CudaCompiler, CudaRepresentation};
+    let config = kernel_config(&V::SPEC, tiling);
+    let def = definition::<V>(Engine::Warpgroup, config, sm90_device_model());
+    let mut options = CudaCompilationOptions {
+        arch: Some(cubecl::ir::nvidia::SmArch::new(90, true)),
+        ..Default::default()
+    };
+    options.cpp.supports_features.grid_constants = true;
+    match CudaCompiler::new(CudaBackend::Llvm).compile(def, &options) {
+        Ok(CudaRepresentation::Llvm(module)) => {
+            let bytes: Vec<u8> = module
+                .ptx
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        Ok(CudaRepresentation::Cpp(kernel)) => Ok(kernel.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -6,6 +6,7 @@ use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
 use crate::kernels::prefill_tc::{prefill_forward_tc, MMA};
+use crate::kernels::prefill_wg::{prefill_forward_wg, PANEL, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::problem::Problem;
 use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
 use crate::variant::{DType, Tiling, Variant, VariantSpec};
@@ -98,17 +99,23 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
 }
 
 /// The tile shape `spec` runs with on this device until the tuner measures: the first candidate
-/// (declaration order is preference order) that the device's tensor cores can run, else the first
-/// it can run at all. Preferring tensor cores keeps a large shape that only fits the portable
-/// kernel from displacing a smaller one on tensor cores.
+/// (declaration order is preference order) that the device's fastest kernel family can run
+/// (warpgroup, then 16×16×16 tensor cores, then portable). Preferring the family keeps a shape that
+/// only fits a slower kernel from displacing one on a faster kernel.
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
     let runnable = |t: &&Tiling| check_tiling(client, spec, **t).is_ok();
-    let on_cores = spec
+    let best = spec
         .tilings
         .iter()
         .filter(runnable)
-        .find(|t| engine_for(client, spec, **t) == Engine::TensorCores);
-    if let Some(&tiling) = on_cores.or_else(|| spec.tilings.iter().find(runnable)) {
+        .map(|t| engine_for(client, spec, *t).rank())
+        .max();
+    let on_best = spec
+        .tilings
+        .iter()
+        .filter(runnable)
+        .find(|t| Some(engine_for(client, spec, **t).rank()) == best);
+    if let Some(&tiling) = on_best {
         return Ok(tiling);
     }
     let first_error = spec
@@ -269,7 +276,38 @@ pub(crate) fn launch<V: Variant>(
             }
         };
     }
-    match engine_for(client, spec, tiling) {
+    let mut engine = engine_for(client, spec, tiling);
+    if engine == Engine::Warpgroup && ![q, k, v].iter().all(|t| copy_engine_can_read(t)) {
+        // The copy engine cannot describe these strides: same tile shape, older kernel.
+        engine = cmma_engine_for(client, spec, tiling);
+    }
+    match engine {
+        Engine::Warpgroup => unsafe {
+            let map = |t: &Tensor<V::Elem>, rows: u32| {
+                TensorMapArg::new(
+                    TiledArgs {
+                        tile_size: cubecl::zspace::shape![1, 1, rows as usize, PANEL],
+                    },
+                    tensor_arg(t),
+                    V::Elem::cube_type(),
+                )
+                .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128)
+            };
+            prefill_forward_wg::launch::<V::Elem, V::Hooks>(
+                client,
+                cube_count,
+                CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
+                map(q, tiling.block_q),
+                map(k, tiling.block_kv),
+                map(v, tiling.block_kv),
+                tensor_arg(&out.o),
+                tensor_arg(&out.lse.tensor),
+                ints_arg,
+                floats_arg,
+                args,
+                config,
+            )
+        },
         Engine::TensorCores => launch_with!(
             prefill_forward_tc::launch::<V::Elem, V::Hooks>,
             CubeDim::new_2d(32, config.planes() as u32)
@@ -323,11 +361,92 @@ pub enum Engine {
     Portable,
     /// 16×16×16 tensor-core instructions (cubecl `cmma`).
     TensorCores,
+    /// Warpgroup tensor cores (Hopper's wgmma) fed by the bulk tensor copy engine (TMA).
+    Warpgroup,
+}
+
+impl Engine {
+    /// Preference among the families a device runs: the higher, the faster.
+    pub const fn rank(self) -> u8 {
+        match self {
+            Engine::Portable => 0,
+            Engine::TensorCores => 1,
+            Engine::Warpgroup => 2,
+        }
+    }
+}
+
+/// The warpgroup kernel where it can run the shape (see [`warpgroup_fits`]), else
+/// [`cmma_engine_for`]'s choice.
+pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
+    if warpgroup_fits(client, spec, tiling) && forced_engine() != Some("tc") {
+        Engine::Warpgroup
+    } else {
+        cmma_engine_for(client, spec, tiling)
+    }
+}
+
+/// Whether the warpgroup kernel runs `tiling` for `spec` on this device: 16-bit elements, warpgroup
+/// MMAs of `64 × block_kv` and `64 × value_dim` and the copy engine on the device, 64 or 128 query
+/// rows, 64 to 256 keys per step in multiples of 16, head dims of 64 or 128 (the output and a
+/// step's scores stay in registers), and its shared memory.
+pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> bool {
+    use cubecl::features::{Tma, WgmmaElems};
+    use cubecl::ir::types::MatrixShape;
+    use cubecl::ir::{ElemType, FloatKind};
+    let elem = match spec.dtype {
+        DType::F16 => ElemType::Float(FloatKind::F16),
+        DType::BF16 => ElemType::Float(FloatKind::BF16),
+        DType::F32 => return false,
+    };
+    let features = client.features();
+    let elems = WgmmaElems {
+        a: elem,
+        b: elem,
+        cd: ElemType::Float(FloatKind::F32),
+    };
+    let mma = |n: u32| {
+        features.matmul.wgmma.iter().any(|c| {
+            c.matches(
+                elems,
+                MatrixShape {
+                    m: WARPGROUP_ROWS,
+                    n: n as usize,
+                    k: 16,
+                },
+            )
+        })
+    };
+    let config = kernel_config(spec, tiling);
+    let hw = &client.properties().hardware;
+    let dims = |d: u32| d % PANEL as u32 == 0 && d <= 128;
+    features.tma.contains(Tma::Base)
+        && (tiling.block_q == 64 || tiling.block_q == 128)
+        && tiling.block_kv % 16 == 0
+        && (64..=256).contains(&tiling.block_kv)
+        && dims(spec.head_dim)
+        && dims(spec.value_dim)
+        && mma(tiling.block_kv)
+        && mma(spec.value_dim)
+        && config.warpgroup_shared_bytes() <= hw.max_shared_memory_size
+        && config.warpgroups() as u32 * WARPGROUP_UNITS as u32 <= hw.max_units_per_cube
+        && hw.plane_size_max == 32
+        && forced_engine() != Some("portable")
+}
+
+/// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the last dim contiguous,
+/// every other stride a multiple of 16 bytes, every extent within `i32`.
+pub fn copy_engine_can_read<E: Element>(t: &Tensor<E>) -> bool {
+    let bytes = std::mem::size_of::<E>();
+    let strides = t.strides();
+    strides[3] == 1
+        && strides[..3].iter().all(|s| (s * bytes) % 16 == 0)
+        && t.shape().iter().all(|&n| n > 0 && n <= i32::MAX as usize)
 }
 
 /// The tensor-core kernel when the device has 16×16×16 tensor cores for `E` (accumulating in f32),
 /// the shape is made of whole 16-blocks and fits in shared memory; the portable kernel otherwise.
-pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
+pub fn cmma_engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
     use cubecl::ir::{ElemType, FloatKind};
     let mma = MMA as u32;
     let elem = match spec.dtype {
@@ -355,17 +474,22 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
         && spec.value_dim % mma == 0
         && config.planes() as u32 * 32 <= hw.max_units_per_cube
         && config.tensor_core_shared_bytes(2) <= hw.max_shared_memory_size;
-    if has_cores && fits && hw.plane_size_max == 32 && !forced_portable() {
+    if has_cores && fits && hw.plane_size_max == 32 && forced_engine() != Some("portable") {
         Engine::TensorCores
     } else {
         Engine::Portable
     }
 }
 
-/// `ATTN_ENGINE=portable` forces the portable kernel (for comparisons and diagnosis); read once.
-fn forced_portable() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var_os("ATTN_ENGINE").is_some_and(|e| e == "portable"))
+/// `ATTN_ENGINE=portable` forces the portable kernel, `ATTN_ENGINE=tc` caps at the 16×16×16
+/// tensor-core kernel (for comparisons and diagnosis); read once.
+fn forced_engine() -> Option<&'static str> {
+    static FORCED: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("ATTN_ENGINE").as_deref() {
+        Ok("portable") => Some("portable"),
+        Ok("tc") => Some("tc"),
+        _ => None,
+    })
 }
 
 /// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop

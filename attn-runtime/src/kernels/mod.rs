@@ -7,6 +7,7 @@ pub mod decode;
 pub mod mask;
 pub mod prefill;
 pub mod prefill_tc;
+pub mod prefill_wg;
 
 use cubecl::prelude::*;
 

@@ -17,9 +17,11 @@ pub struct Candidate {
 }
 
 impl fmt::Display for Candidate {
-    /// The stable name the persistent cache is keyed on: `tc_q64_kv16`, `portable_q32_kv32`.
+    /// The stable name the persistent cache is keyed on: `wg_q128_kv128`, `tc_q64_kv16`,
+    /// `portable_q32_kv32`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let family = match self.engine {
+            Engine::Warpgroup => "wg",
             Engine::TensorCores => "tc",
             Engine::Portable => "portable",
         };
@@ -31,9 +33,9 @@ impl fmt::Display for Candidate {
 ///
 /// The fallback is the shape [`select_tiling`] picks (the first declared shape the device's tensor
 /// cores run, else the first it runs at all), so an untuned call and the tuner's first candidate
-/// agree. Pruned: shapes over the device's shared memory or units per cube, and, on a device whose
-/// tensor cores run some shape, shapes that would fall back to the portable kernel (several times
-/// slower there; timing them only lengthens tuning). The kernels have no mask-block granularity,
+/// agree. Pruned: shapes over the device's shared memory or units per cube, and shapes that would
+/// run on a slower kernel family than the fallback's (warpgroup, then 16×16×16 tensor cores, then
+/// portable: several times slower each; timing them only lengthens tuning). The kernels have no mask-block granularity,
 /// so no shape is pruned for the mask. Errors only when no declared shape runs on the device.
 pub fn candidates(client: &ComputeClient, spec: &VariantSpec) -> Result<Vec<Candidate>, AttnError> {
     let fallback = select_tiling(client, spec)?;
@@ -46,7 +48,7 @@ pub fn candidates(client: &ComputeClient, spec: &VariantSpec) -> Result<Vec<Cand
     for &tiling in spec.tilings {
         let c = candidate(tiling);
         let runs = check_tiling(client, spec, tiling).is_ok();
-        let same_family = first.engine == Engine::Portable || c.engine == Engine::TensorCores;
+        let same_family = c.engine.rank() >= first.engine.rank();
         if runs && same_family && !list.contains(&c) {
             list.push(c);
         }

@@ -1,0 +1,669 @@
+//! The fused forward kernel on Hopper's warpgroup tensor cores (wgmma), fed by the bulk tensor
+//! copy engine (TMA).
+//!
+//! One cube per (query block, query head, batch or document); one warpgroup (4 planes, 128 units)
+//! per 64 query rows. Unit 0 issues the copies: Q once, then each step's K and V tiles into one of
+//! two shared-memory stages, one step ahead of the math, each completing on its own barrier, so
+//! the next step's tiles arrive while this step computes. Tiles are laid out as the copy engine
+//! writes them with the 128-byte swizzle: panels of 64 columns, which the warpgroup MMAs read
+//! directly (Q and K K-major, V MN-major), with no bank conflicts and no unit touching them.
+//!
+//! Per step, each warpgroup:
+//! 1. **scores**: `S = Q Kᵀ` for its 64 rows, `64 × block_kv` f32 in registers;
+//! 2. **softmax**: scale, score modification and mask per register (each unit holds two rows'
+//!    values; the row max is joined across the four units of a row by two shuffles), f32 online
+//!    state, probabilities rounded to `E` straight into the MMA's A-operand registers (the
+//!    accumulator's layout is the operand's);
+//! 3. **P·V**: the step's `64 × value_dim` product from those registers and the V tile, added to
+//!    the output, which stays in registers for the whole walk (rescaled by each row's correction).
+//!
+//! The N×N score matrix never exists; K and V are read once per query block, from the K/V head
+//! the query head's group shares. Mask tiles are classified as in the other kernels: keys outside
+//! the block's visible range are never loaded, empty steps skip the math, full steps skip the
+//! mask arithmetic. Heavy causal blocks are scheduled first.
+
+// `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
+// stay separate (the outer branch disappears at expansion, the inner one is kept).
+#![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
+
+use cubecl::prelude::barrier::Barrier;
+use cubecl::prelude::*;
+use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
+
+use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
+use crate::kernels::mask::{
+    block_walk, classify_step, finish_state, key_visible, locate_sequence, modify_score, step_keys,
+    SequenceSpan,
+};
+use crate::kernels::prefill::{PrefillArgs, PrefillConfig, RowState};
+
+/// Query rows of one warpgroup (the M of every warpgroup MMA).
+pub const WARPGROUP_ROWS: usize = 64;
+/// Units of one warpgroup.
+pub const WARPGROUP_UNITS: usize = 128;
+/// Columns of one 128-byte swizzle panel of 16-bit elements: the copy engine's box width.
+pub const PANEL: usize = 64;
+/// K (keys) of one warpgroup MMA on 16-bit elements.
+const MMA_K: usize = 16;
+/// Shared-memory stages of K and V.
+pub const STAGES: usize = 2;
+
+/// What only the warpgroup kernel derives from the comptime configuration. Its constraints
+/// (checked by the launcher): `block_q` a multiple of 64, `block_kv` a multiple of 16 up to 256,
+/// `head_dim` and `value_dim` multiples of 64, 16-bit elements.
+impl PrefillConfig {
+    /// Warpgroups per cube: one per 64 query rows.
+    pub const fn warpgroups(&self) -> usize {
+        self.block_q() / WARPGROUP_ROWS
+    }
+
+    /// Q: `block_q` rows by `head_dim`, K-major (the A operand of the scores).
+    pub const fn q_tile(&self) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: self.block_q(),
+            k: self.head_dim(),
+        }
+    }
+
+    /// K, both stages: `STAGES × block_kv` key rows by `head_dim`, K-major (the B operand of the
+    /// scores); stage `s` is rows `s · block_kv..`.
+    pub const fn k_tile(&self) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: STAGES * self.block_kv(),
+            k: self.head_dim(),
+        }
+    }
+
+    /// V, both stages: `value_dim` columns by `STAGES × block_kv` keys, MN-major (the B operand of
+    /// P·V, its columns contiguous); stage `s` is keys `s · block_kv..`.
+    pub const fn v_tile(&self) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::MN,
+            swizzle: Swizzle::B128,
+            rows: self.value_dim(),
+            k: STAGES * self.block_kv(),
+        }
+    }
+
+    /// Shared memory of one warpgroup cube, in bytes, for 16-bit elements (barriers and
+    /// alignment included).
+    pub const fn warpgroup_shared_bytes(&self) -> usize {
+        let elems = self.block_q() * self.head_dim()
+            + STAGES * self.block_kv() * (self.head_dim() + self.value_dim());
+        elems * 2 + 3 * 1024
+    }
+}
+
+/// The online-softmax state of a unit's two rows (`row0`, `row0 + 8`), and the factors this
+/// step's max moved their output by.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct RowPair {
+    /// Row `row0`.
+    pub top: RowState,
+    /// Row `row0 + 8`.
+    pub bottom: RowState,
+    /// `exp(old max − new max)` of the top row, this step.
+    pub corr_top: f32,
+    /// The same for the bottom row.
+    pub corr_bottom: f32,
+}
+
+/// The fused forward pass on warpgroup tensor cores: O = softmax(mod(scale · Q Kᵀ) + mask) V, and
+/// LSE. `q_map`, `k_map` and `v_map` describe Q, K and V (`[B, H, N, D]`) to the copy engine with
+/// boxes of `block_q` (Q) or `block_kv` (K, V) rows by 64 columns, 128-byte swizzled.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_forward_wg<E: Float, M: Hooks>(
+    q_map: &TensorMap<E, Tiled>,
+    k_map: &TensorMap<E, Tiled>,
+    v_map: &TensorMap<E, Tiled>,
+    out: &mut Tensor<E>,
+    lse: &mut Tensor<f32>,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
+    args: PrefillArgs,
+    #[comptime] config: PrefillConfig,
+) {
+    let block_q = config.block_q();
+    let block_kv = config.block_kv();
+    let head = CUBE_POS_Y as usize;
+    let seq = locate_sequence(
+        CUBE_POS_Z as usize,
+        head,
+        out.shape(2),
+        k_map.shape(2),
+        ints,
+        floats,
+        args,
+        config.mask,
+        config.score,
+    );
+    // Heaviest blocks first: under a causal mask the last query blocks see the most keys, and
+    // starting them first shortens the tail of the grid.
+    let mut block = CUBE_POS_X as usize;
+    if comptime!(config.mask.causal) {
+        block = CUBE_COUNT_X as usize - 1 - block;
+    }
+    let q_start = block * block_q;
+    // Cubes past the end of a short document have nothing to do (uniform across the cube).
+    if q_start < seq.seq_q {
+        let kv_head = head / args.group as usize;
+        let q_tile = config.q_tile();
+        let k_tile = config.k_tile();
+        let v_tile = config.v_tile();
+        let mut q_smem =
+            Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
+        let mut k_smem =
+            Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment());
+        let mut v_smem =
+            Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
+        let q_bar = Barrier::shared(1, UNIT_POS == 0);
+        let k_bar0 = Barrier::shared(1, UNIT_POS == 0);
+        let k_bar1 = Barrier::shared(1, UNIT_POS == 0);
+        let v_bar0 = Barrier::shared(1, UNIT_POS == 0);
+        let v_bar1 = Barrier::shared(1, UNIT_POS == 0);
+        // A stage is free again once every unit has finished the step that read it.
+        let free0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        let free1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        sync_async_proxy_shared();
+        sync_cube();
+
+        let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
+        let row_at = (seq.q_off + q_start) as i32;
+        let key_at = seq.k_off as i32;
+        if UNIT_POS == 0 {
+            load_rows::<E>(
+                q_map,
+                &q_bar,
+                &mut q_smem,
+                seq.batch,
+                head,
+                row_at,
+                0,
+                block_q,
+                block_q,
+                config.head_dim(),
+            );
+            if walk.first_step < walk.end_step {
+                let first_key = key_at + (walk.first_step * block_kv) as i32;
+                load_rows::<E>(
+                    k_map,
+                    &k_bar0,
+                    &mut k_smem,
+                    seq.batch,
+                    kv_head,
+                    first_key,
+                    0,
+                    block_kv,
+                    STAGES * block_kv,
+                    config.head_dim(),
+                );
+                load_rows::<E>(
+                    v_map,
+                    &v_bar0,
+                    &mut v_smem,
+                    seq.batch,
+                    kv_head,
+                    first_key,
+                    0,
+                    block_kv,
+                    STAGES * block_kv,
+                    config.value_dim(),
+                );
+            }
+        }
+
+        let warpgroup = UNIT_POS as usize / WARPGROUP_UNITS;
+        let unit = UNIT_POS as usize % WARPGROUP_UNITS;
+        // This unit's two rows of its warpgroup's 64 (`row0` and `row0 + 8`) and its first column
+        // in each group of 8: the accumulator layout of a warpgroup MMA.
+        let row0 = (unit / 32) * 16 + (unit % 32) / 4;
+        let col0 = (unit % 4) * 2;
+        let first_row = q_start + warpgroup * WARPGROUP_ROWS + row0;
+
+        let q_desc = MatrixDescriptor::new(&q_smem, q_tile).at(warpgroup * WARPGROUP_ROWS, 0usize);
+        let k_desc = MatrixDescriptor::new(&k_smem, k_tile);
+        let v_desc = MatrixDescriptor::new(&v_smem, v_tile);
+
+        let mut out_regs = zero_output(config);
+        // Running maxima, −∞ until a row sees a key.
+        let mut rows = RowPair {
+            top: RowState {
+                max: args.neg_inf,
+                sum: 0.0f32,
+            },
+            bottom: RowState {
+                max: args.neg_inf,
+                sum: 0.0f32,
+            },
+            corr_top: 1.0f32,
+            corr_bottom: 1.0f32,
+        };
+        q_bar.wait_parity(0);
+
+        for step in walk.first_step..walk.end_step {
+            let index = step - walk.first_step;
+            let stage = index % STAGES;
+            let parity = ((index / STAGES) % 2) as u32;
+            // Unit 0 fills the other stage with the next step's tiles once every unit is done
+            // with the step that last read it (the one before this one); the warpgroups are not
+            // held in step with each other otherwise.
+            if UNIT_POS == 0 && step + 1 < walk.end_step {
+                let next_key = key_at + ((step + 1) * block_kv) as i32;
+                let next = (stage + 1) % STAGES;
+                let at = next * block_kv;
+                let uses = (index + 1) / STAGES;
+                if next == 0 {
+                    if uses > 0 {
+                        free0.wait_parity(((uses - 1) % 2) as u32);
+                    }
+                    load_kv::<E>(
+                        k_map,
+                        v_map,
+                        &k_bar0,
+                        &v_bar0,
+                        &mut k_smem,
+                        &mut v_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        at,
+                        config,
+                    );
+                } else {
+                    if uses > 0 {
+                        free1.wait_parity(((uses - 1) % 2) as u32);
+                    }
+                    load_kv::<E>(
+                        k_map,
+                        v_map,
+                        &k_bar1,
+                        &v_bar1,
+                        &mut k_smem,
+                        &mut v_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        at,
+                        config,
+                    );
+                }
+            }
+            // Unit 0 may have waited above: its plane meets again before the warpgroup MMAs,
+            // which every unit of a plane issues together.
+            sync_plane();
+            let keys = step_keys(walk, step, block_kv);
+            let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
+            if stage == 0 {
+                k_bar0.wait_parity(parity);
+            } else {
+                k_bar1.wait_parity(parity);
+            }
+            if class != TILE_EMPTY {
+                let stage_at = stage * block_kv;
+                let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
+                // Keys past the step's length (the ragged last step, or another document's) and
+                // masked pairs are set to -1e30 before the max.
+                let check = class == TILE_PARTIAL || keys.len < block_kv;
+                let probs = online_softmax::<E, M>(
+                    &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len, check,
+                    ints, floats, args, config,
+                );
+                if stage == 0 {
+                    v_bar0.wait_parity(parity);
+                } else {
+                    v_bar1.wait_parity(parity);
+                }
+                accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
+            } else {
+                // The step's V arrived too: its barrier's phase must complete before the stage is
+                // refilled.
+                if stage == 0 {
+                    v_bar0.wait_parity(parity);
+                } else {
+                    v_bar1.wait_parity(parity);
+                }
+            }
+            // This unit is done with the stage (its MMAs have completed).
+            if stage == 0 {
+                let _done = free0.arrive();
+            } else {
+                let _done = free1.arrive();
+            }
+        }
+
+        write_output::<E>(
+            out, lse, &out_regs, rows, seq, head, first_row, col0, floats, args, config,
+        );
+    }
+}
+
+/// Unit 0 only: copy `rows` rows of `width` columns starting at `(batch, head, row, 0)` into
+/// `tile` (`lines` rows per panel) at row `at` of each panel, one 64-column box per panel,
+/// completing on `bar`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_rows<E: Float>(
+    map: &TensorMap<E, Tiled>,
+    bar: &Shared<Barrier>,
+    tile: &mut Shared<[E]>,
+    batch: usize,
+    head: usize,
+    row: i32,
+    at: usize,
+    #[comptime] rows: usize,
+    #[comptime] lines: usize,
+    #[comptime] width: usize,
+) {
+    let bytes = comptime!((rows * width * 2) as u32);
+    let _token = bar.arrive_and_expect_tx(1, bytes);
+    #[unroll]
+    for p in 0..width / PANEL {
+        let start = (p * lines + at) * PANEL;
+        bar.tma_load_4d(
+            map,
+            &mut tile[start..start + rows * PANEL],
+            batch as i32,
+            head as i32,
+            row,
+            (p * PANEL) as i32,
+        );
+    }
+}
+
+/// Unit 0 only: one step's K and V tiles, starting at key row `key`, into the stage at row `at`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_kv<E: Float>(
+    k_map: &TensorMap<E, Tiled>,
+    v_map: &TensorMap<E, Tiled>,
+    k_bar: &Shared<Barrier>,
+    v_bar: &Shared<Barrier>,
+    k_smem: &mut Shared<[E]>,
+    v_smem: &mut Shared<[E]>,
+    seq: SequenceSpan,
+    kv_head: usize,
+    key: i32,
+    at: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    load_rows::<E>(
+        k_map,
+        k_bar,
+        k_smem,
+        seq.batch,
+        kv_head,
+        key,
+        at,
+        config.block_kv(),
+        STAGES * config.block_kv(),
+        config.head_dim(),
+    );
+    load_rows::<E>(
+        v_map,
+        v_bar,
+        v_smem,
+        seq.batch,
+        kv_head,
+        key,
+        at,
+        config.block_kv(),
+        STAGES * config.block_kv(),
+        config.value_dim(),
+    );
+}
+
+/// A zero output: the unit's `value_dim / 2` f32 registers of its warpgroup's `64 × value_dim`.
+#[cube]
+fn zero_output(#[comptime] config: PrefillConfig) -> Array<f32> {
+    let len = config.value_dim() / 2;
+    let mut regs = Array::<f32>::new(len);
+    #[unroll]
+    for i in 0..len {
+        regs[i] = 0.0f32;
+    }
+    regs
+}
+
+/// Scores: this warpgroup's `64 × block_kv` logits `Q Kᵀ` against the stage starting at key row
+/// `stage_at`, in f32 registers.
+#[cube]
+fn compute_scores<E: Float>(
+    q_desc: &MatrixDescriptor<E>,
+    k_desc: &MatrixDescriptor<E>,
+    stage_at: usize,
+    #[comptime] config: PrefillConfig,
+) -> Accumulator<f32> {
+    let mut acc = Accumulator::<f32>::new(config.block_kv()).start();
+    #[unroll]
+    for kk in 0..config.head_dim() / MMA_K {
+        acc.execute(
+            &q_desc.at(0usize, kk * MMA_K),
+            &k_desc.at(stage_at, kk * MMA_K),
+        );
+    }
+    acc.wait()
+}
+
+/// Which of the unit's two rows its `nth` accumulator register belongs to (0: `row0`, 1:
+/// `row0 + 8`). `nth` is an unrolled constant, so this folds away.
+#[cube]
+fn register_row(nth: usize) -> usize {
+    (nth / 2) % 2
+}
+
+/// The column of the unit's `nth` accumulator register, from the unit's first column.
+#[cube]
+fn register_col(nth: usize) -> usize {
+    (nth / 4) * 8 + nth % 2
+}
+
+/// The online softmax of one step on the unit's registers: scale, modify and mask each score,
+/// update both rows' running max (joined across the row's four units), sum (the unit's part;
+/// joined at the end) and correction, and round the probabilities into the P·V operand fragments.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn online_softmax<E: Float, M: Hooks>(
+    scores: &Accumulator<f32>,
+    rows: &mut RowPair,
+    seq: SequenceSpan,
+    head: usize,
+    first_row: usize,
+    col0: usize,
+    kv_start: usize,
+    kv_len: usize,
+    check: bool,
+    ints: &Tensor<i32>,
+    floats: &Tensor<f32>,
+    args: PrefillArgs,
+    #[comptime] config: PrefillConfig,
+) -> Sequence<Fragment<E>> {
+    let len = config.block_kv() / 2;
+    let mut x = Array::<f32>::new(len);
+    let mut max0 = args.neg_inf;
+    let mut max1 = args.neg_inf;
+    #[unroll]
+    for nth in 0..len {
+        let which = register_row(nth);
+        let row = first_row + which * 8;
+        let key = col0 + register_col(nth);
+        let mut s = scores.get(nth) * args.scale;
+        if comptime!(config.score.modifies_scores()) {
+            s = modify_score::<M>(
+                s,
+                seq,
+                head,
+                row as i32,
+                (kv_start + key) as i32,
+                ints,
+                floats,
+                args,
+                config.score,
+            );
+        }
+        if check {
+            let mut visible = key < kv_len;
+            if comptime!(!config.mask.is_none()) {
+                visible = visible
+                    && key_visible::<M>(
+                        seq,
+                        head,
+                        row as i32,
+                        (kv_start + key) as i32,
+                        ints,
+                        floats,
+                        args,
+                        config.mask,
+                    );
+            }
+            s = select(visible, s, args.neg_inf);
+        }
+        x[nth] = s;
+        if which == 0 {
+            max0 = select(s > max0, s, max0);
+        } else {
+            max1 = select(s > max1, s, max1);
+        }
+    }
+    let new0 = row_max(max0, rows.top.max);
+    let new1 = row_max(max1, rows.bottom.max);
+    // A row that has seen no key yet keeps −∞ as its max and subtracts 0 instead, so masked
+    // scores (−∞) give 0 and nothing gives NaN.
+    let base0 = select(new0 == args.neg_inf, 0.0f32, new0);
+    let base1 = select(new1 == args.neg_inf, 0.0f32, new1);
+    let corr0 = (rows.top.max - base0).exp();
+    let corr1 = (rows.bottom.max - base1).exp();
+    let mut sum0 = 0.0f32.runtime();
+    let mut sum1 = 0.0f32.runtime();
+    let mut fragments = Sequence::<Fragment<E>>::new();
+    #[unroll]
+    for t in 0..config.block_kv() / MMA_K {
+        let mut fragment = Fragment::<E>::new();
+        #[unroll]
+        for i in 0..8 {
+            let nth = t * 8 + i;
+            let which = register_row(nth);
+            let p = (x[nth] - select(which == 0, base0, base1)).exp();
+            if which == 0 {
+                sum0 += p;
+            } else {
+                sum1 += p;
+            }
+            fragment.set(i, E::cast_from(p));
+        }
+        fragments.push(fragment);
+    }
+    rows.top.sum = rows.top.sum * corr0 + sum0;
+    rows.bottom.sum = rows.bottom.sum * corr1 + sum1;
+    rows.top.max = new0;
+    rows.bottom.max = new1;
+    rows.corr_top = corr0;
+    rows.corr_bottom = corr1;
+    fragments
+}
+
+/// A row's new running max: the unit's step max joined across the row's four units (lanes
+/// `4r..4r + 4`), and the old max.
+#[cube]
+fn row_max(unit_max: f32, old: f32) -> f32 {
+    let other = plane_shuffle_xor(unit_max, 1);
+    let a = select(other > unit_max, other, unit_max);
+    let other = plane_shuffle_xor(a, 2);
+    let b = select(other > a, other, a);
+    select(old > b, old, b)
+}
+
+/// P·V: the step's product of the probabilities (A from registers) and the V stage starting at
+/// key `stage_at`, added to the output registers after scaling them by their rows' corrections.
+#[cube]
+fn accumulate_pv<E: Float>(
+    probs: &Sequence<Fragment<E>>,
+    v_desc: &MatrixDescriptor<E>,
+    stage_at: usize,
+    out_regs: &mut Array<f32>,
+    rows: RowPair,
+    #[comptime] config: PrefillConfig,
+) {
+    let mut acc = Accumulator::<f32>::new(config.value_dim()).start();
+    #[unroll]
+    for t in 0..config.block_kv() / MMA_K {
+        acc.execute_registers(probs.index(t), &v_desc.at(0usize, stage_at + t * MMA_K));
+    }
+    let acc = acc.wait();
+    #[unroll]
+    for nth in 0..config.value_dim() / 2 {
+        let c = select(register_row(nth) == 0, rows.corr_top, rows.corr_bottom);
+        out_regs[nth] = out_regs[nth] * c + acc.get(nth);
+    }
+}
+
+/// Finish: join each row's sum across its four units, fold in the sink, normalise once and write
+/// O (two adjacent columns per register pair) and the LSE (O = 0, LSE = −∞ for a row that saw no
+/// key and has no sink).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_output<E: Float>(
+    out: &mut Tensor<E>,
+    lse: &mut Tensor<f32>,
+    out_regs: &Array<f32>,
+    rows: RowPair,
+    seq: SequenceSpan,
+    head: usize,
+    first_row: usize,
+    col0: usize,
+    floats: &Tensor<f32>,
+    args: PrefillArgs,
+    #[comptime] config: PrefillConfig,
+) {
+    let mut state0 = RowState {
+        max: rows.top.max,
+        sum: quad_sum(rows.top.sum),
+    };
+    let mut state1 = RowState {
+        max: rows.bottom.max,
+        sum: quad_sum(rows.bottom.sum),
+    };
+    let factor0 = finish_state(&mut state0, head, floats, args, config.score);
+    let factor1 = finish_state(&mut state1, head, floats, args, config.score);
+    let inv0 = select(state0.sum > 0.0, factor0 / state0.sum, 0.0f32);
+    let inv1 = select(state1.sum > 0.0, factor1 / state1.sum, 0.0f32);
+    let row1 = first_row + 8;
+    let base = seq.batch * out.stride(0) + head * out.stride(1);
+    let base0 = base + (seq.q_off + first_row) * out.stride(2);
+    let base1 = base + (seq.q_off + row1) * out.stride(2);
+    #[unroll]
+    for nth in 0..config.value_dim() / 2 {
+        let c = col0 + register_col(nth);
+        if register_row(nth) == 0 {
+            if first_row < seq.seq_q {
+                out[base0 + c] = E::cast_from(out_regs[nth] * inv0);
+            }
+        } else if row1 < seq.seq_q {
+            out[base1 + c] = E::cast_from(out_regs[nth] * inv1);
+        }
+    }
+    if col0 == 0 {
+        let lse_base = seq.batch * lse.stride(0) + head * lse.stride(1);
+        let lse_row = lse.stride(2);
+        if first_row < seq.seq_q {
+            lse[lse_base + (seq.q_off + first_row) * lse_row] =
+                select(state0.sum > 0.0, state0.max + state0.sum.ln(), args.neg_inf);
+        }
+        if row1 < seq.seq_q {
+            lse[lse_base + (seq.q_off + row1) * lse_row] =
+                select(state1.sum > 0.0, state1.max + state1.sum.ln(), args.neg_inf);
+        }
+    }
+}
+
+/// A row's sum over its four units.
+#[cube]
+fn quad_sum(x: f32) -> f32 {
+    let a = x + plane_shuffle_xor(x, 1);
+    a + plane_shuffle_xor(a, 2)
+}
