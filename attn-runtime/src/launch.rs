@@ -437,11 +437,14 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
 /// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the last dim contiguous,
 /// every other stride a multiple of 16 bytes, every extent within `i32`.
 pub fn copy_engine_can_read<E: Element>(t: &Tensor<E>) -> bool {
-    let bytes = std::mem::size_of::<E>();
-    let strides = t.strides();
+    copy_engine_layout(t.shape(), t.strides(), std::mem::size_of::<E>())
+}
+
+/// [`copy_engine_can_read`] on a shape and strides (in elements of `elem_bytes`).
+pub fn copy_engine_layout(shape: [usize; 4], strides: [usize; 4], elem_bytes: usize) -> bool {
     strides[3] == 1
-        && strides[..3].iter().all(|s| (s * bytes) % 16 == 0)
-        && t.shape().iter().all(|&n| n > 0 && n <= i32::MAX as usize)
+        && strides[..3].iter().all(|s| (s * elem_bytes) % 16 == 0)
+        && shape.iter().all(|&n| n > 0 && n <= i32::MAX as usize)
 }
 
 /// The tensor-core kernel when the device has 16×16×16 tensor cores for `E` (accumulating in f32),
@@ -546,4 +549,33 @@ pub(crate) unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
 /// `len` elements fit in the buffer behind `handle` (it was created from a slice of `len`).
 pub(crate) unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> TensorArg {
     unsafe { TensorArg::from_raw_parts(handle.clone(), vec![1].into(), vec![len].into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_engine_layout;
+    use crate::tensor::contiguous_strides;
+
+    #[test]
+    fn copy_engine_layouts() {
+        // [B, H, N, D] contiguous, and the [B, N, H, D] storage viewed as [B, H, N, D].
+        let shape = [2, 8, 333, 128];
+        assert!(copy_engine_layout(shape, contiguous_strides(shape), 2));
+        let bnhd = contiguous_strides([2, 333, 8, 128]);
+        assert!(copy_engine_layout(
+            shape,
+            [bnhd[0], bnhd[2], bnhd[1], bnhd[3]],
+            2
+        ));
+        // A head dim of 100 in bf16: rows 200 bytes apart, not a multiple of 16.
+        let odd = [1, 2, 17, 100];
+        assert!(!copy_engine_layout(odd, contiguous_strides(odd), 2));
+        // The last dim strided, or an empty extent.
+        assert!(!copy_engine_layout(shape, [0, 0, 256, 2], 2));
+        assert!(!copy_engine_layout(
+            [1, 1, 0, 64],
+            contiguous_strides([1, 1, 0, 64]),
+            2
+        ));
+    }
 }

@@ -667,3 +667,50 @@ fn quad_sum(x: f32) -> f32 {
     let a = x + plane_shuffle_xor(x, 1);
     a + plane_shuffle_xor(a, 2)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::prefill::PrefillConfig;
+    use crate::variant::{MaskSpec, ScoreFlags, Tiling};
+
+    /// Every shape the launcher may pick has tiles a warpgroup MMA reads (whole 128-byte panels,
+    /// whole 8-line swizzle patterns, whole K steps), and the two-stage layout fits a Hopper cube
+    /// at the largest of them.
+    #[test]
+    fn tile_layouts_are_readable() {
+        for head_dim in [64, 128] {
+            for block_q in [64, 128] {
+                for block_kv in (64..=256).step_by(16) {
+                    let config = PrefillConfig {
+                        tiling: Tiling { block_q, block_kv },
+                        head_dim,
+                        value_dim: head_dim,
+                        mask: MaskSpec::NONE,
+                        score: ScoreFlags::default(),
+                    };
+                    for tile in [config.q_tile(), config.k_tile(), config.v_tile()] {
+                        tile.validate(2).unwrap_or_else(|e| {
+                            panic!("{block_q} x {block_kv} at d {head_dim}: {e}")
+                        });
+                        assert_eq!(tile.alignment(), 1024, "128-byte swizzle");
+                    }
+                    assert_eq!(
+                        config.warpgroups() * super::WARPGROUP_ROWS,
+                        block_q as usize
+                    );
+                }
+            }
+        }
+        let largest = PrefillConfig {
+            tiling: Tiling {
+                block_q: 128,
+                block_kv: 128,
+            },
+            head_dim: 128,
+            value_dim: 128,
+            mask: MaskSpec::NONE,
+            score: ScoreFlags::default(),
+        };
+        assert!(largest.warpgroup_shared_bytes() <= 227 * 1024);
+    }
+}
