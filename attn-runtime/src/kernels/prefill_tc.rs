@@ -15,8 +15,9 @@
 //! the block's visible range are never loaded, empty steps are skipped, full steps skip mask
 //! arithmetic.
 //!
-//! Still synchronous loads, 16×16×16 instructions and a scalar softmax over a shared-memory score
-//! tile: asynchronous copies, register-level softmax and warpgroup MMA are the work that follows.
+//! Synchronous loads, 16×16×16 instructions and a scalar softmax over a shared-memory score tile:
+//! on Hopper the warpgroup kernel ([`crate::kernels::prefill_wg`]) replaces it where it runs; this
+//! one serves other tensor-core GPUs, head dim 256, and strides the copy engine cannot describe.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).

@@ -308,7 +308,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 let stage_at = stage * block_kv;
                 let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
                 // Keys past the step's length (the ragged last step, or another document's) and
-                // masked pairs are set to -1e30 before the max.
+                // masked pairs are set to −∞ before the max.
                 let check = class == TILE_PARTIAL || keys.len < block_kv;
                 let probs = online_softmax::<E, M>(
                     &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len, check,
