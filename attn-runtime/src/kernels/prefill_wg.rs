@@ -2,11 +2,9 @@
 //! copy engine (TMA).
 //!
 //! One cube per (query block, query head, batch or document); one warpgroup (4 planes, 128 units)
-//! per 64 query rows. One unit (the first of the last warpgroup) issues the copies: Q once, then
-//! each step's K and V tiles into one of two shared-memory stages, one step ahead of the math,
-//! each completing on its own barrier, so the next step's tiles arrive while this step computes.
-//! The other warpgroups start after the first one's first softmax and are not held in step after
-//! that, so their softmax and MMAs tend to interleave. Tiles are laid out as the copy engine
+//! per 64 query rows. Unit 0 issues the copies: Q once, then each step's K and V tiles into one of
+//! two shared-memory stages, one step ahead of the math, each completing on its own barrier, so
+//! the next step's tiles arrive while this step computes. Tiles are laid out as the copy engine
 //! writes them with the 128-byte swizzle: panels of 64 columns, which the warpgroup MMAs read
 //! directly (Q and K K-major, V MN-major), with no bank conflicts and no unit touching them.
 //!
@@ -172,21 +170,13 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         // A stage is free again once every unit has finished the step that read it.
         let free0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
         let free1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-        // The first warpgroup's first softmax is done: the others start that far behind it, so
-        // one warpgroup's softmax tends to run while another's MMAs do.
-        let lead = Barrier::shared(WARPGROUP_UNITS as u32, UNIT_POS == 0);
         sync_async_proxy_shared();
         sync_cube();
 
         let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
         let row_at = (seq.q_off + q_start) as i32;
         let key_at = seq.k_off as i32;
-        let warpgroup = UNIT_POS as usize / WARPGROUP_UNITS;
-        let unit = UNIT_POS as usize % WARPGROUP_UNITS;
-        // The copies are issued by the first unit of the last warpgroup, the one that runs
-        // behind: the stage it refills was last read a step ago, by units already past it.
-        let producer = UNIT_POS as usize == (config.warpgroups() - 1) * WARPGROUP_UNITS;
-        if producer {
+        if UNIT_POS == 0 {
             load_rows::<E>(
                 q_map,
                 &q_bar,
@@ -228,6 +218,8 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             }
         }
 
+        let warpgroup = UNIT_POS as usize / WARPGROUP_UNITS;
+        let unit = UNIT_POS as usize % WARPGROUP_UNITS;
         // This unit's two rows of its warpgroup's 64 (`row0` and `row0 + 8`) and its first column
         // in each group of 8: the accumulator layout of a warpgroup MMA.
         let row0 = (unit / 32) * 16 + (unit % 32) / 4;
@@ -258,10 +250,10 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             let index = step - walk.first_step;
             let stage = index % STAGES;
             let parity = ((index / STAGES) % 2) as u32;
-            // The producer fills the other stage with the next step's tiles once every unit is
-            // done with the step that last read it (the one before this one); the warpgroups are
-            // not held in step with each other otherwise.
-            if producer && step + 1 < walk.end_step {
+            // Unit 0 fills the other stage with the next step's tiles once every unit is done
+            // with the step that last read it (the one before this one); the warpgroups are not
+            // held in step with each other otherwise.
+            if UNIT_POS == 0 && step + 1 < walk.end_step {
                 let next_key = key_at + ((step + 1) * block_kv) as i32;
                 let next = (stage + 1) % STAGES;
                 let at = next * block_kv;
@@ -302,14 +294,9 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                     );
                 }
             }
-            // The producer may have waited above: its plane meets again before the warpgroup
-            // MMAs, which every unit of a plane issues together.
+            // Unit 0 may have waited above: its plane meets again before the warpgroup MMAs,
+            // which every unit of a plane issues together.
             sync_plane();
-            if comptime!(config.warpgroups() > 1) {
-                if index == 0 && warpgroup > 0 {
-                    lead.wait_parity(0);
-                }
-            }
             let keys = step_keys(walk, step, block_kv);
             let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
             if stage == 0 {
@@ -327,11 +314,6 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                     &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len, check,
                     ints, floats, args, config,
                 );
-                if comptime!(config.warpgroups() > 1) {
-                    if index == 0 && warpgroup == 0 {
-                        let _led = lead.arrive();
-                    }
-                }
                 if stage == 0 {
                     v_bar0.wait_parity(parity);
                 } else {
@@ -339,11 +321,6 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 }
                 accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
             } else {
-                if comptime!(config.warpgroups() > 1) {
-                    if index == 0 && warpgroup == 0 {
-                        let _led = lead.arrive();
-                    }
-                }
                 // The step's V arrived too: its barrier's phase must complete before the stage is
                 // refilled.
                 if stage == 0 {
@@ -366,7 +343,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
     }
 }
 
-/// The producer only: copy `rows` rows of `width` columns starting at `(batch, head, row, 0)` into
+/// Unit 0 only: copy `rows` rows of `width` columns starting at `(batch, head, row, 0)` into
 /// `tile` (`lines` rows per panel) at row `at` of each panel, one 64-column box per panel,
 /// completing on `bar`.
 #[cube]
@@ -399,7 +376,7 @@ fn load_rows<E: Float>(
     }
 }
 
-/// The producer only: one step's K and V tiles, starting at key row `key`, into the stage at row `at`.
+/// Unit 0 only: one step's K and V tiles, starting at key row `key`, into the stage at row `at`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_kv<E: Float>(
