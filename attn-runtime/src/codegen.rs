@@ -105,16 +105,18 @@ fn definition<V: Variant>(
     config: PrefillConfig,
     props: DeviceProperties,
 ) -> KernelDefinition {
-    // Both kernel families take the same arguments; only the kernel and the cube shape differ.
+    // The kernel families take the same arguments; they differ in the kernel, the cube shape and
+    // how Q, K and V arrive (plain tensors, or tensor maps for the copy engine, which carry no
+    // compilation argument).
     macro_rules! define {
-        ($kernel:ty, $cube_dim:expr) => {
+        ($kernel:ty, $cube_dim:expr, $qkv:expr) => {
             <$kernel>::new(
-                KernelSettings::new(*$cube_dim, ExecutionMode::Checked, AddressType::U32),
+                settings($cube_dim),
                 Arc::new(props),
                 Arc::new(TargetProperties::default()),
-                tensor_compilation_arg(),
-                tensor_compilation_arg(),
-                tensor_compilation_arg(),
+                $qkv,
+                $qkv,
+                $qkv,
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
@@ -128,32 +130,25 @@ fn definition<V: Variant>(
     match engine {
         Engine::Portable => define!(
             prefill_forward::PrefillForward<V::Elem, V::Hooks>,
-            CubeDim::new_1d(config.tiling.block_q)
+            CubeDim::new_1d(config.tiling.block_q),
+            tensor_compilation_arg()
         ),
         Engine::TensorCores => define!(
             prefill_forward_tc::PrefillForwardTc<V::Elem, V::Hooks>,
-            CubeDim::new_2d(32, config.planes() as u32)
+            CubeDim::new_2d(32, config.planes() as u32),
+            tensor_compilation_arg()
         ),
-        Engine::Warpgroup => prefill_forward_wg::PrefillForwardWg::<V::Elem, V::Hooks>::new(
-            KernelSettings::new(
-                *CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
-                ExecutionMode::Checked,
-                AddressType::U32,
-            ),
-            Arc::new(props),
-            Arc::new(TargetProperties::default()),
-            (),
-            (),
-            (),
-            tensor_compilation_arg(),
-            tensor_compilation_arg(),
-            tensor_compilation_arg(),
-            tensor_compilation_arg(),
-            args_compilation_arg(),
-            config,
-        )
-        .define(),
+        Engine::Warpgroup => define!(
+            prefill_forward_wg::PrefillForwardWg<V::Elem, V::Hooks>,
+            CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
+            ()
+        ),
     }
+}
+
+/// The settings every kernel here is compiled with: checked execution, 32-bit addressing.
+fn settings(cube_dim: CubeDim) -> KernelSettings {
+    KernelSettings::new(*cube_dim, ExecutionMode::Checked, AddressType::U32)
 }
 
 /// The CUDA C++ cubecl generates for `V`'s tensor-core prefill kernel with `tiling` (sm_90 model).
@@ -232,11 +227,7 @@ fn decode_definition<V: Variant>(
         split: true,
     };
     decode_forward::DecodeForward::<V::Elem, V::Hooks>::new(
-        KernelSettings::new(
-            *CubeDim::new_1d(tiling.units),
-            ExecutionMode::Checked,
-            AddressType::U32,
-        ),
+        settings(CubeDim::new_1d(tiling.units)),
         Arc::new(props),
         Arc::new(TargetProperties::default()),
         tensor_compilation_arg(),
@@ -295,11 +286,7 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
         sinks,
     };
     let def = combine_splits::CombineSplits::<E>::new(
-        KernelSettings::new(
-            *CubeDim::new_1d(64),
-            ExecutionMode::Checked,
-            AddressType::U32,
-        ),
+        settings(CubeDim::new_1d(64)),
         Arc::new(sm90_device_model()),
         Arc::new(TargetProperties::default()),
         tensor_compilation_arg(),

@@ -103,19 +103,14 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
 /// (warpgroup, then 16×16×16 tensor cores, then portable). Preferring the family keeps a shape that
 /// only fits a slower kernel from displacing one on a faster kernel.
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
-    let runnable = |t: &&Tiling| check_tiling(client, spec, **t).is_ok();
-    let best = spec
+    let ranked: Vec<(Tiling, u8)> = spec
         .tilings
         .iter()
-        .filter(runnable)
-        .map(|t| engine_for(client, spec, *t).rank())
-        .max();
-    let on_best = spec
-        .tilings
-        .iter()
-        .filter(runnable)
-        .find(|t| Some(engine_for(client, spec, **t).rank()) == best);
-    if let Some(&tiling) = on_best {
+        .filter(|t| check_tiling(client, spec, **t).is_ok())
+        .map(|&t| (t, engine_for(client, spec, t).rank()))
+        .collect();
+    let best = ranked.iter().map(|&(_, rank)| rank).max();
+    if let Some(&(tiling, _)) = ranked.iter().find(|&&(_, rank)| Some(rank) == best) {
         return Ok(tiling);
     }
     let first_error = spec
@@ -434,15 +429,24 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
         && forced_engine() != Some("portable")
 }
 
-/// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the last dim contiguous,
-/// every other stride a multiple of 16 bytes, every extent within `i32`.
+/// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the view starting at a
+/// multiple of 16 bytes in its buffer, the last dim contiguous, every other stride a multiple of
+/// 16 bytes, every extent within `i32`.
 pub fn copy_engine_can_read<E: Element>(t: &Tensor<E>) -> bool {
-    copy_engine_layout(t.shape(), t.strides(), std::mem::size_of::<E>())
+    let offset = t.handle().offset_start.unwrap_or(0) as usize;
+    copy_engine_layout(t.shape(), t.strides(), std::mem::size_of::<E>(), offset)
 }
 
-/// [`copy_engine_can_read`] on a shape and strides (in elements of `elem_bytes`).
-pub fn copy_engine_layout(shape: [usize; 4], strides: [usize; 4], elem_bytes: usize) -> bool {
-    strides[3] == 1
+/// [`copy_engine_can_read`] on a shape and strides (in elements of `elem_bytes`) starting
+/// `offset_bytes` into the buffer.
+pub fn copy_engine_layout(
+    shape: [usize; 4],
+    strides: [usize; 4],
+    elem_bytes: usize,
+    offset_bytes: usize,
+) -> bool {
+    offset_bytes % 16 == 0
+        && strides[3] == 1
         && strides[..3].iter().all(|s| (s * elem_bytes) % 16 == 0)
         && shape.iter().all(|&n| n > 0 && n <= i32::MAX as usize)
 }
@@ -560,22 +564,18 @@ mod tests {
     fn copy_engine_layouts() {
         // [B, H, N, D] contiguous, and the [B, N, H, D] storage viewed as [B, H, N, D].
         let shape = [2, 8, 333, 128];
-        assert!(copy_engine_layout(shape, contiguous_strides(shape), 2));
+        assert!(copy_engine_layout(shape, contiguous_strides(shape), 2, 0));
         let bnhd = contiguous_strides([2, 333, 8, 128]);
-        assert!(copy_engine_layout(
-            shape,
-            [bnhd[0], bnhd[2], bnhd[1], bnhd[3]],
-            2
-        ));
+        let bnhd_view = [bnhd[0], bnhd[2], bnhd[1], bnhd[3]];
+        assert!(copy_engine_layout(shape, bnhd_view, 2, 256));
+        // A view starting 8 bytes into its buffer.
+        assert!(!copy_engine_layout(shape, bnhd_view, 2, 8));
         // A head dim of 100 in bf16: rows 200 bytes apart, not a multiple of 16.
         let odd = [1, 2, 17, 100];
-        assert!(!copy_engine_layout(odd, contiguous_strides(odd), 2));
+        assert!(!copy_engine_layout(odd, contiguous_strides(odd), 2, 0));
         // The last dim strided, or an empty extent.
-        assert!(!copy_engine_layout(shape, [0, 0, 256, 2], 2));
-        assert!(!copy_engine_layout(
-            [1, 1, 0, 64],
-            contiguous_strides([1, 1, 0, 64]),
-            2
-        ));
+        assert!(!copy_engine_layout(shape, [0, 0, 256, 2], 2, 0));
+        let empty = [1, 1, 0, 64];
+        assert!(!copy_engine_layout(empty, contiguous_strides(empty), 2, 0));
     }
 }
