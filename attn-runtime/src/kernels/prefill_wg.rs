@@ -3,19 +3,29 @@
 //!
 //! One cube per (query block, query head, batch or document); one warpgroup (4 planes, 128 units)
 //! per 64 query rows. Unit 0 issues the copies: Q once, then each step's K and V tiles into one of
-//! two shared-memory stages, one step ahead of the math, each completing on its own barrier, so
-//! the next step's tiles arrive while this step computes. Tiles are laid out as the copy engine
-//! writes them with the 128-byte swizzle: panels of 64 columns, which the warpgroup MMAs read
-//! directly (Q and K K-major, V MN-major), with no bank conflicts and no unit touching them.
+//! two shared-memory stages, each completing on its own barrier. K and V have separate "free"
+//! barriers (one arrival per plane), so the next step's K is requested as soon as every plane has
+//! finished this step's scores, and its V once every plane has finished the P·V before. Tiles are
+//! laid out as the copy engine writes them with the 128-byte swizzle: panels of 64 columns, which
+//! the warpgroup MMAs read directly (Q and K K-major, V MN-major), with no bank conflicts and no
+//! unit touching them.
 //!
 //! Per step, each warpgroup:
 //! 1. **scores**: `S = Q Kᵀ` for its 64 rows, `64 × block_kv` f32 in registers;
-//! 2. **softmax**: scale, score modification and mask per register (each unit holds two rows'
-//!    values; the row max is joined across the four units of a row by two shuffles), f32 online
-//!    state, probabilities rounded to `E` straight into the MMA's A-operand registers (the
-//!    accumulator's layout is the operand's);
+//! 2. **softmax**: score modification and mask per register (each unit holds two rows' values;
+//!    the row max is joined across the four units of a row by two shuffles), f32 online state in
+//!    base 2 (one fused multiply-add and one `ex2.approx` per probability), probabilities rounded
+//!    to `E` straight into the MMA's A-operand registers (the accumulator's layout is the
+//!    operand's);
 //! 3. **P·V**: the step's `64 × value_dim` product from those registers and the V tile, added to
 //!    the output, which stays in registers for the whole walk (rescaled by each row's correction).
+//!
+//! With two warpgroups per cube they take turns on the tensor cores (FA3's ping-pong, on two named
+//! barriers): a turn is one step's P·V and the next step's scores, and one warpgroup's softmax
+//! runs while the other has the turn.
+//!
+//! `ex2.approx` and the named barriers are inline PTX (`gpu_asm!`); cubecl's LLVM back end lowers
+//! it with the change in `vendor/` (see its README).
 //!
 //! The N×N score matrix never exists; K and V are read once per query block, from the K/V head
 //! the query head's group shares. Mask tiles are classified as in the other kernels: keys outside
@@ -47,6 +57,8 @@ pub const PANEL: usize = 64;
 const MMA_K: usize = 16;
 /// Shared-memory stages of K and V.
 pub const STAGES: usize = 2;
+/// `log2(e)`: the softmax runs in base 2.
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 /// What only the warpgroup kernel derives from the comptime configuration. Its constraints
 /// (checked by the launcher): `block_q` a multiple of 64, `block_kv` a multiple of 16 up to 256,
@@ -163,19 +175,24 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         let mut v_smem =
             Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
         let q_bar = Barrier::shared(1, UNIT_POS == 0);
-        let k_bar0 = Barrier::shared(1, UNIT_POS == 0);
-        let k_bar1 = Barrier::shared(1, UNIT_POS == 0);
-        let v_bar0 = Barrier::shared(1, UNIT_POS == 0);
-        let v_bar1 = Barrier::shared(1, UNIT_POS == 0);
-        // A stage is free again once every unit has finished the step that read it.
-        let free0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
-        let free1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        let k_full0 = Barrier::shared(1, UNIT_POS == 0);
+        let k_full1 = Barrier::shared(1, UNIT_POS == 0);
+        let v_full0 = Barrier::shared(1, UNIT_POS == 0);
+        let v_full1 = Barrier::shared(1, UNIT_POS == 0);
+        // A stage's K (V) is free again once every plane has finished the scores (P·V) that read
+        // it: one arrival per plane.
+        let planes = comptime!((config.warpgroups() * WARPGROUP_UNITS / 32) as u32);
+        let k_free0 = Barrier::shared(planes, UNIT_POS == 0);
+        let k_free1 = Barrier::shared(planes, UNIT_POS == 0);
+        let v_free0 = Barrier::shared(planes, UNIT_POS == 0);
+        let v_free1 = Barrier::shared(planes, UNIT_POS == 0);
         sync_async_proxy_shared();
         sync_cube();
 
         let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
         let row_at = (seq.q_off + q_start) as i32;
         let key_at = seq.k_off as i32;
+        let steps = walk.end_step - walk.first_step;
         if UNIT_POS == 0 {
             load_rows::<E>(
                 q_map,
@@ -189,31 +206,35 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 block_q,
                 config.head_dim(),
             );
-            if walk.first_step < walk.end_step {
+            if steps > 0 {
                 let first_key = key_at + (walk.first_step * block_kv) as i32;
-                load_rows::<E>(
+                refill::<E>(
                     k_map,
-                    &k_bar0,
+                    &k_full0,
+                    &k_full1,
+                    &k_free0,
+                    &k_free1,
                     &mut k_smem,
-                    seq.batch,
+                    seq,
                     kv_head,
                     first_key,
                     0,
-                    block_kv,
-                    STAGES * block_kv,
                     config.head_dim(),
+                    config,
                 );
-                load_rows::<E>(
+                refill::<E>(
                     v_map,
-                    &v_bar0,
+                    &v_full0,
+                    &v_full1,
+                    &v_free0,
+                    &v_free1,
                     &mut v_smem,
-                    seq.batch,
+                    seq,
                     kv_head,
                     first_key,
                     0,
-                    block_kv,
-                    STAGES * block_kv,
                     config.value_dim(),
+                    config,
                 );
             }
         }
@@ -244,69 +265,54 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             corr_top: 1.0f32,
             corr_bottom: 1.0f32,
         };
+        // Two warpgroups take turns on the tensor cores (FA3's ping-pong): a turn is one step's
+        // P·V and the next step's scores, and while one warpgroup has it the other runs its
+        // softmax. The first warpgroup goes first.
+        let pingpong = comptime!(config.warpgroups() == 2);
+        if pingpong {
+            if warpgroup == 1 {
+                pass_turn(1);
+            }
+            wait_turn(warpgroup as u32);
+        }
         q_bar.wait_parity(0);
 
         for step in walk.first_step..walk.end_step {
             let index = step - walk.first_step;
             let stage = index % STAGES;
             let parity = ((index / STAGES) % 2) as u32;
-            // Unit 0 fills the other stage with the next step's tiles once every unit is done
-            // with the step that last read it (the one before this one); the warpgroups are not
-            // held in step with each other otherwise.
-            if UNIT_POS == 0 && step + 1 < walk.end_step {
-                let next_key = key_at + ((step + 1) * block_kv) as i32;
-                let next = (stage + 1) % STAGES;
-                let at = next * block_kv;
-                let uses = (index + 1) / STAGES;
-                if next == 0 {
-                    if uses > 0 {
-                        free0.wait_parity(((uses - 1) % 2) as u32);
-                    }
-                    load_kv::<E>(
-                        k_map,
-                        v_map,
-                        &k_bar0,
-                        &v_bar0,
-                        &mut k_smem,
-                        &mut v_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        at,
-                        config,
-                    );
-                } else {
-                    if uses > 0 {
-                        free1.wait_parity(((uses - 1) % 2) as u32);
-                    }
-                    load_kv::<E>(
-                        k_map,
-                        v_map,
-                        &k_bar1,
-                        &v_bar1,
-                        &mut k_smem,
-                        &mut v_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        at,
-                        config,
-                    );
-                }
-            }
-            // Unit 0 may have waited above: its plane meets again before the warpgroup MMAs,
-            // which every unit of a plane issues together.
-            sync_plane();
+            let has_next = index + 1 < steps;
+            let next_key = key_at + ((step + 1) * block_kv) as i32;
             let keys = step_keys(walk, step, block_kv);
             let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
-            if stage == 0 {
-                k_bar0.wait_parity(parity);
-            } else {
-                k_bar1.wait_parity(parity);
-            }
+            // The plane meets before its warpgroup MMAs, which its units issue together.
+            sync_plane();
+            wait_stage(&k_full0, &k_full1, stage, parity);
             if class != TILE_EMPTY {
                 let stage_at = stage * block_kv;
                 let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
+                if pingpong {
+                    pass_turn(warpgroup as u32);
+                }
+                release_stage(&k_free0, &k_free1, stage);
+                // The next step's K goes into the other stage as soon as every plane is done
+                // with the scores that last read it (two turns ago, so this rarely waits).
+                if UNIT_POS == 0 && has_next {
+                    refill::<E>(
+                        k_map,
+                        &k_full0,
+                        &k_full1,
+                        &k_free0,
+                        &k_free1,
+                        &mut k_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        index + 1,
+                        config.head_dim(),
+                        config,
+                    );
+                }
                 // Keys past the step's length (the ragged last step, or another document's) and
                 // masked pairs are set to −∞ before the max.
                 let check = class == TILE_PARTIAL || keys.len < block_kv;
@@ -314,31 +320,191 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                     &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len, check,
                     ints, floats, args, config,
                 );
-                if stage == 0 {
-                    v_bar0.wait_parity(parity);
-                } else {
-                    v_bar1.wait_parity(parity);
+                if UNIT_POS == 0 && has_next {
+                    refill::<E>(
+                        v_map,
+                        &v_full0,
+                        &v_full1,
+                        &v_free0,
+                        &v_free1,
+                        &mut v_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        index + 1,
+                        config.value_dim(),
+                        config,
+                    );
                 }
+                // Unit 0 may have waited: its plane meets again before the warpgroup MMAs, which
+                // every unit of a plane issues together.
+                sync_plane();
+                if pingpong {
+                    wait_turn(warpgroup as u32);
+                }
+                wait_stage(&v_full0, &v_full1, stage, parity);
                 accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
+                release_stage(&v_free0, &v_free1, stage);
             } else {
-                // The step's V arrived too: its barrier's phase must complete before the stage is
-                // refilled.
-                if stage == 0 {
-                    v_bar0.wait_parity(parity);
-                } else {
-                    v_bar1.wait_parity(parity);
+                // No math, but the same hand-offs in the same order, so the turns and the
+                // stages' phases stay in step: the tiles arrived all the same, and their phases
+                // complete before the stage is refilled.
+                if pingpong {
+                    pass_turn(warpgroup as u32);
                 }
+                release_stage(&k_free0, &k_free1, stage);
+                if UNIT_POS == 0 && has_next {
+                    refill::<E>(
+                        k_map,
+                        &k_full0,
+                        &k_full1,
+                        &k_free0,
+                        &k_free1,
+                        &mut k_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        index + 1,
+                        config.head_dim(),
+                        config,
+                    );
+                    refill::<E>(
+                        v_map,
+                        &v_full0,
+                        &v_full1,
+                        &v_free0,
+                        &v_free1,
+                        &mut v_smem,
+                        seq,
+                        kv_head,
+                        next_key,
+                        index + 1,
+                        config.value_dim(),
+                        config,
+                    );
+                }
+                sync_plane();
+                if pingpong {
+                    wait_turn(warpgroup as u32);
+                }
+                wait_stage(&v_full0, &v_full1, stage, parity);
+                release_stage(&v_free0, &v_free1, stage);
             }
-            // This unit is done with the stage (its MMAs have completed).
-            if stage == 0 {
-                let _done = free0.arrive();
-            } else {
-                let _done = free1.arrive();
+        }
+        // The first warpgroup hands over the turn for the other's last P·V.
+        if pingpong {
+            if warpgroup == 0 {
+                pass_turn(0);
             }
         }
 
         write_output::<E>(
             out, lse, &out_regs, rows, seq, head, first_row, col0, floats, args, config,
+        );
+    }
+}
+
+/// Waits for this warpgroup's turn on the tensor cores: named barrier `1 + warpgroup`, complete
+/// once its own 128 units wait on it and the other warpgroup's 128 have passed the turn.
+#[cube]
+fn wait_turn(warpgroup: u32) {
+    let id = 1 + warpgroup;
+    gpu_asm!("bar.sync {}, 256;", in(_) id);
+}
+
+/// Passes the turn from `warpgroup` to the other one: arrives on the other's named barrier
+/// without waiting.
+#[cube]
+fn pass_turn(warpgroup: u32) {
+    let id = 2 - warpgroup;
+    gpu_asm!("bar.arrive {}, 256;", in(_) id);
+}
+
+/// `2^x` in one `ex2.approx.ftz` (relative error about 2⁻²²; −∞ gives 0, results below 2⁻¹²⁶
+/// flush to 0, which a probability may).
+#[cube]
+fn exp2_approx(x: f32) -> f32 {
+    let y: f32;
+    gpu_asm!("ex2.approx.ftz.f32 {}, {};", out(_) y, in(_) x, options(pure, nomem));
+    y
+}
+
+/// Waits until the stage's tiles (filled with `parity`) have arrived.
+#[cube]
+fn wait_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, stage: usize, parity: u32) {
+    if stage == 0 {
+        bar0.wait_parity(parity);
+    } else {
+        bar1.wait_parity(parity);
+    }
+}
+
+/// This plane is done with the stage: its first unit arrives on the stage's "free" barrier (the
+/// plane's MMAs that read it have completed, for every unit of the plane together).
+#[cube]
+fn release_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, stage: usize) {
+    if UNIT_POS_PLANE == 0 {
+        if stage == 0 {
+            let _done = bar0.arrive();
+        } else {
+            let _done = bar1.arrive();
+        }
+    }
+}
+
+/// Unit 0 only: fills the stage of the walk's `index`-th step with `block_kv` rows of `width`
+/// columns from key row `key`, completing on that stage's "full" barrier, once every plane has
+/// released the stage's previous use.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn refill<E: Float>(
+    map: &TensorMap<E, Tiled>,
+    full0: &Shared<Barrier>,
+    full1: &Shared<Barrier>,
+    free0: &Shared<Barrier>,
+    free1: &Shared<Barrier>,
+    tile: &mut Shared<[E]>,
+    seq: SequenceSpan,
+    kv_head: usize,
+    key: i32,
+    index: usize,
+    #[comptime] width: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    let stage = index % STAGES;
+    let uses = index / STAGES;
+    let at = stage * config.block_kv();
+    if stage == 0 {
+        if uses > 0 {
+            free0.wait_parity(((uses - 1) % 2) as u32);
+        }
+        load_rows::<E>(
+            map,
+            full0,
+            tile,
+            seq.batch,
+            kv_head,
+            key,
+            at,
+            config.block_kv(),
+            STAGES * config.block_kv(),
+            width,
+        );
+    } else {
+        if uses > 0 {
+            free1.wait_parity(((uses - 1) % 2) as u32);
+        }
+        load_rows::<E>(
+            map,
+            full1,
+            tile,
+            seq.batch,
+            kv_head,
+            key,
+            at,
+            config.block_kv(),
+            STAGES * config.block_kv(),
+            width,
         );
     }
 }
@@ -374,48 +540,6 @@ fn load_rows<E: Float>(
             (p * PANEL) as i32,
         );
     }
-}
-
-/// Unit 0 only: one step's K and V tiles, starting at key row `key`, into the stage at row `at`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_kv<E: Float>(
-    k_map: &TensorMap<E, Tiled>,
-    v_map: &TensorMap<E, Tiled>,
-    k_bar: &Shared<Barrier>,
-    v_bar: &Shared<Barrier>,
-    k_smem: &mut Shared<[E]>,
-    v_smem: &mut Shared<[E]>,
-    seq: SequenceSpan,
-    kv_head: usize,
-    key: i32,
-    at: usize,
-    #[comptime] config: PrefillConfig,
-) {
-    load_rows::<E>(
-        k_map,
-        k_bar,
-        k_smem,
-        seq.batch,
-        kv_head,
-        key,
-        at,
-        config.block_kv(),
-        STAGES * config.block_kv(),
-        config.head_dim(),
-    );
-    load_rows::<E>(
-        v_map,
-        v_bar,
-        v_smem,
-        seq.batch,
-        kv_head,
-        key,
-        at,
-        config.block_kv(),
-        STAGES * config.block_kv(),
-        config.value_dim(),
-    );
 }
 
 /// A zero output: the unit's `value_dim / 2` f32 registers of its warpgroup's `64 × value_dim`.
@@ -463,9 +587,14 @@ fn register_col(nth: usize) -> usize {
     (nth / 4) * 8 + nth % 2
 }
 
-/// The online softmax of one step on the unit's registers: scale, modify and mask each score,
-/// update both rows' running max (joined across the row's four units), sum (the unit's part;
-/// joined at the end) and correction, and round the probabilities into the P·V operand fragments.
+/// The online softmax of one step on the unit's registers: modify and mask each score, update
+/// both rows' running max (joined across the row's four units), sum (the unit's part; joined at
+/// the end) and correction, and round the probabilities into the P·V operand fragments.
+///
+/// Everything runs in base 2 on the logits' own units: without a score modification the raw
+/// `q·k` (the positive scale commutes with the max), with one the modified scaled logit. One
+/// fused multiply-add by `log2(e)` (times the scale) and one `ex2` give each probability; the
+/// rows' maxima stay in the same units until [`write_output`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn online_softmax<E: Float, M: Hooks>(
@@ -492,10 +621,10 @@ fn online_softmax<E: Float, M: Hooks>(
         let which = register_row(nth);
         let row = first_row + which * 8;
         let key = col0 + register_col(nth);
-        let mut s = scores.get(nth) * args.scale;
+        let mut s = scores.get(nth);
         if comptime!(config.score.modifies_scores()) {
             s = modify_score::<M>(
-                s,
+                s * args.scale,
                 seq,
                 head,
                 row as i32,
@@ -532,12 +661,17 @@ fn online_softmax<E: Float, M: Hooks>(
     }
     let new0 = row_max(max0, rows.top.max);
     let new1 = row_max(max1, rows.bottom.max);
+    // log2(e), times the scale when the logits are still raw.
+    let mut to_log2 = LOG2_E.runtime();
+    if comptime!(!config.score.modifies_scores()) {
+        to_log2 *= args.scale;
+    }
     // A row that has seen no key yet keeps −∞ as its max and subtracts 0 instead, so masked
     // scores (−∞) give 0 and nothing gives NaN.
-    let base0 = select(new0 == args.neg_inf, 0.0f32, new0);
-    let base1 = select(new1 == args.neg_inf, 0.0f32, new1);
-    let corr0 = (rows.top.max - base0).exp();
-    let corr1 = (rows.bottom.max - base1).exp();
+    let base0 = select(new0 == args.neg_inf, 0.0f32, new0) * to_log2;
+    let base1 = select(new1 == args.neg_inf, 0.0f32, new1) * to_log2;
+    let corr0 = exp2_approx(rows.top.max * to_log2 - base0);
+    let corr1 = exp2_approx(rows.bottom.max * to_log2 - base1);
     let mut sum0 = 0.0f32.runtime();
     let mut sum1 = 0.0f32.runtime();
     let mut fragments = Sequence::<Fragment<E>>::new();
@@ -548,7 +682,7 @@ fn online_softmax<E: Float, M: Hooks>(
         for i in 0..8 {
             let nth = t * 8 + i;
             let which = register_row(nth);
-            let p = (x[nth] - select(which == 0, base0, base1)).exp();
+            let p = exp2_approx(x[nth] * to_log2 - select(which == 0, base0, base1));
             if which == 0 {
                 sum0 += p;
             } else {
@@ -620,12 +754,17 @@ fn write_output<E: Float>(
     args: PrefillArgs,
     #[comptime] config: PrefillConfig,
 ) {
+    // The maxima are in the logits' own units (see `online_softmax`): back to scaled logits.
+    let mut unit = 1.0f32.runtime();
+    if comptime!(!config.score.modifies_scores()) {
+        unit = args.scale;
+    }
     let mut state0 = RowState {
-        max: rows.top.max,
+        max: rows.top.max * unit,
         sum: quad_sum(rows.top.sum),
     };
     let mut state1 = RowState {
-        max: rows.bottom.max,
+        max: rows.bottom.max * unit,
         sum: quad_sum(rows.bottom.sum),
     };
     let factor0 = finish_state(&mut state0, head, floats, args, config.score);
