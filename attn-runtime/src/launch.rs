@@ -101,7 +101,8 @@ pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tilin
 /// The tile shape `spec` runs with on this device until the tuner measures: the first candidate
 /// (declaration order is preference order) that the device's fastest kernel family can run
 /// (warpgroup, then 16×16×16 tensor cores, then portable). Preferring the family keeps a shape that
-/// only fits a slower kernel from displacing one on a faster kernel.
+/// only fits a slower kernel from displacing one on a faster kernel. On the warpgroup kernel at
+/// head dim 64 the 64-row tile goes first (see `preferred_tiling`).
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
     let ranked: Vec<(Tiling, u8)> = spec
         .tilings
@@ -109,8 +110,7 @@ pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tilin
         .filter(|t| check_tiling(client, spec, **t).is_ok())
         .map(|&t| (t, engine_for(client, spec, t).rank()))
         .collect();
-    let best = ranked.iter().map(|&(_, rank)| rank).max();
-    if let Some(&(tiling, _)) = ranked.iter().find(|&&(_, rank)| Some(rank) == best) {
+    if let Some(tiling) = preferred_tiling(&ranked, spec.head_dim) {
         return Ok(tiling);
     }
     let first_error = spec
@@ -119,6 +119,23 @@ pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tilin
         .find_map(|t| check_tiling(client, spec, *t).err());
     Err(first_error
         .unwrap_or_else(|| AttnError::Unsupported(format!("{} declares no tile shape", spec.name))))
+}
+
+/// The untuned pick among `(tile, engine rank)` pairs the device runs: the first tile of the
+/// fastest family, except that on the warpgroup kernel at head dim 64 or less the 64-row tile
+/// with the longest steps goes first. There a cube of one warpgroup is faster than two taking
+/// turns: their MMAs are too short to hide each other's softmax (H200, B 4, H 32, N 4096:
+/// q64_kv128 1.87–1.92 ms, q128_kv128 2.15–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md).
+fn preferred_tiling(ranked: &[(Tiling, u8)], head_dim: u32) -> Option<Tiling> {
+    let best = ranked.iter().map(|&(_, rank)| rank).max()?;
+    let mut fastest = ranked.iter().filter(|&&(_, rank)| rank == best);
+    if best == Engine::Warpgroup.rank() && head_dim <= 64 {
+        let one_warpgroup = fastest.clone().filter(|(t, _)| t.block_q == 64);
+        if let Some(&(tiling, _)) = one_warpgroup.max_by_key(|(t, _)| t.block_kv) {
+            return Some(tiling);
+        }
+    }
+    fastest.next().map(|&(tiling, _)| tiling)
 }
 
 /// Whether this device can run `tiling` for `spec`: shared memory, units per cube, element type.
@@ -557,8 +574,32 @@ pub(crate) unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> Te
 
 #[cfg(test)]
 mod tests {
-    use super::copy_engine_layout;
+    use super::{copy_engine_layout, preferred_tiling, Engine};
     use crate::tensor::contiguous_strides;
+    use crate::variant::Tiling;
+
+    /// The untuned pick: the first tile of the fastest family, and at head dim 64 on the
+    /// warpgroup kernel the 64-row tile with the longest steps.
+    #[test]
+    fn preferred_tiles() {
+        let tile = |block_q, block_kv| Tiling { block_q, block_kv };
+        let (wg, tc) = (Engine::Warpgroup.rank(), Engine::TensorCores.rank());
+        let ranked = [
+            (tile(64, 32), tc),
+            (tile(128, 128), wg),
+            (tile(64, 64), wg),
+            (tile(128, 64), wg),
+            (tile(64, 128), wg),
+        ];
+        assert_eq!(preferred_tiling(&ranked, 128), Some(tile(128, 128)));
+        assert_eq!(preferred_tiling(&ranked, 64), Some(tile(64, 128)));
+        // No 64-row tile of the fastest family: its first.
+        assert_eq!(preferred_tiling(&ranked[..2], 64), Some(tile(128, 128)));
+        // Another family fastest: its first, whatever the head dim.
+        let cmma = [(tile(64, 32), tc), (tile(32, 32), tc)];
+        assert_eq!(preferred_tiling(&cmma, 64), Some(tile(64, 32)));
+        assert_eq!(preferred_tiling(&[], 64), None);
+    }
 
     #[test]
     fn copy_engine_layouts() {
