@@ -125,7 +125,7 @@ pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tilin
 /// fastest family, except that on the warpgroup kernel at head dim 64 or less the 64-row tile
 /// with the longest steps goes first. There a cube of one warpgroup is faster than two taking
 /// turns: their MMAs are too short to hide each other's softmax (H200, B 4, H 32, N 4096:
-/// q64_kv128 1.87–1.92 ms, q128_kv128 2.15–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md).
+/// q64_kv128 1.87–1.92 ms, q128_kv128 2.13–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md).
 fn preferred_tiling(ranked: &[(Tiling, u8)], head_dim: u32) -> Option<Tiling> {
     let best = ranked.iter().map(|&(_, rank)| rank).max()?;
     let mut fastest = ranked.iter().filter(|&&(_, rank)| rank == best);
