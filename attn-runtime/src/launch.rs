@@ -267,17 +267,27 @@ pub(crate) fn launch<V: Variant>(
     let ints_arg = unsafe { flat_arg(&ints, packed.ints.len()) };
     let floats_arg = unsafe { flat_arg(&floats, packed.floats.len()) };
     let config = kernel_config(spec, tiling);
-    // Both kernel families take the same arguments; only the kernel and the cube shape differ.
+    // Every kernel family takes the same arguments; only the kernel, the cube shape and how Q, K
+    // and V are passed (tensors, or tensor maps for the copy engine) differ.
     macro_rules! launch_with {
         ($kernel:path, $cube_dim:expr) => {
+            launch_with!(
+                $kernel,
+                $cube_dim,
+                tensor_arg(q),
+                tensor_arg(k),
+                tensor_arg(v)
+            )
+        };
+        ($kernel:path, $cube_dim:expr, $q:expr, $k:expr, $v:expr) => {
             unsafe {
                 $kernel(
                     client,
                     cube_count,
                     $cube_dim,
-                    tensor_arg(q),
-                    tensor_arg(k),
-                    tensor_arg(v),
+                    $q,
+                    $k,
+                    $v,
                     tensor_arg(&out.o),
                     tensor_arg(&out.lse.tensor),
                     ints_arg,
@@ -294,32 +304,26 @@ pub(crate) fn launch<V: Variant>(
         engine = cmma_engine_for(client, spec, tiling);
     }
     match engine {
-        Engine::Warpgroup => unsafe {
+        Engine::Warpgroup => {
+            // SAFETY: Q, K and V were checked against their buffers by `Problem::new`.
             let map = |t: &Tensor<V::Elem>, rows: u32| {
                 TensorMapArg::new(
                     TiledArgs {
                         tile_size: cubecl::zspace::shape![1, 1, rows as usize, PANEL],
                     },
-                    tensor_arg(t),
+                    unsafe { tensor_arg(t) },
                     V::Elem::cube_type(),
                 )
                 .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128)
             };
-            prefill_forward_wg::launch::<V::Elem, V::Hooks>(
-                client,
-                cube_count,
+            launch_with!(
+                prefill_forward_wg::launch::<V::Elem, V::Hooks>,
                 CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
                 map(q, tiling.block_q),
                 map(k, tiling.block_kv),
-                map(v, tiling.block_kv),
-                tensor_arg(&out.o),
-                tensor_arg(&out.lse.tensor),
-                ints_arg,
-                floats_arg,
-                args,
-                config,
+                map(v, tiling.block_kv)
             )
-        },
+        }
         Engine::TensorCores => launch_with!(
             prefill_forward_tc::launch::<V::Elem, V::Hooks>,
             CubeDim::new_2d(32, config.planes() as u32)

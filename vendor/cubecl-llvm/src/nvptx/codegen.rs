@@ -292,9 +292,8 @@ unsafe fn lower_to_device_libs(module: llvm_sys::prelude::LLVMModuleRef) -> Resu
 
 /// Makes every function the module defines, other than its kernels, internal and always inlined.
 /// A kernel module is a whole program: the library functions linked in are called from nowhere
-/// else. Left visible, they stay in the PTX after being inlined, and the driver's assembler,
-/// which compiles a module as relocatable code, then counts them as extern calls and serializes
-/// every warpgroup MMA of the kernel (ptxas C7509).
+/// else. Left visible, a copy of each stays in the PTX after being inlined, dead code the
+/// assembler still compiles.
 ///
 /// # Safety
 /// `module` must be a live LLVM module.
