@@ -188,6 +188,20 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         let v_free1 = Barrier::shared(planes, UNIT_POS == 0);
         sync_async_proxy_shared();
         sync_cube();
+        let k_stages = Stages {
+            full0: k_full0,
+            full1: k_full1,
+            free0: k_free0,
+            free1: k_free1,
+            width: config.head_dim(),
+        };
+        let v_stages = Stages {
+            full0: v_full0,
+            full1: v_full1,
+            free0: v_free0,
+            free1: v_free1,
+            width: config.value_dim(),
+        };
 
         let walk = block_walk(seq, q_start, args, block_q, block_kv, config.mask);
         let row_at = (seq.q_off + q_start) as i32;
@@ -208,34 +222,8 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             );
             if steps > 0 {
                 let first_key = key_at + (walk.first_step * block_kv) as i32;
-                refill::<E>(
-                    k_map,
-                    &k_full0,
-                    &k_full1,
-                    &k_free0,
-                    &k_free1,
-                    &mut k_smem,
-                    seq,
-                    kv_head,
-                    first_key,
-                    0,
-                    config.head_dim(),
-                    config,
-                );
-                refill::<E>(
-                    v_map,
-                    &v_full0,
-                    &v_full1,
-                    &v_free0,
-                    &v_free1,
-                    &mut v_smem,
-                    seq,
-                    kv_head,
-                    first_key,
-                    0,
-                    config.value_dim(),
-                    config,
-                );
+                k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, first_key, 0, config);
+                v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, first_key, 0, config);
             }
         }
 
@@ -281,37 +269,25 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             let index = step - walk.first_step;
             let stage = index % STAGES;
             let parity = ((index / STAGES) % 2) as u32;
-            let has_next = index + 1 < steps;
+            let next = index + 1;
+            let has_next = next < steps;
             let next_key = key_at + ((step + 1) * block_kv) as i32;
             let keys = step_keys(walk, step, block_kv);
             let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
             // The plane meets before its warpgroup MMAs, which its units issue together.
             sync_plane();
-            wait_stage(&k_full0, &k_full1, stage, parity);
+            k_stages.wait(stage, parity);
             if class != TILE_EMPTY {
                 let stage_at = stage * block_kv;
                 let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
                 if pingpong {
                     pass_turn(warpgroup as u32);
                 }
-                release_stage(&k_free0, &k_free1, stage);
+                k_stages.release(stage);
                 // The next step's K goes into the other stage as soon as every plane is done
                 // with the scores that last read it (two turns ago, so this rarely waits).
                 if UNIT_POS == 0 && has_next {
-                    refill::<E>(
-                        k_map,
-                        &k_full0,
-                        &k_full1,
-                        &k_free0,
-                        &k_free1,
-                        &mut k_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        index + 1,
-                        config.head_dim(),
-                        config,
-                    );
+                    k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, next_key, next, config);
                 }
                 // Keys past the step's length (the ragged last step, or another document's) and
                 // masked pairs are set to −∞ before the max.
@@ -321,20 +297,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                     ints, floats, args, config,
                 );
                 if UNIT_POS == 0 && has_next {
-                    refill::<E>(
-                        v_map,
-                        &v_full0,
-                        &v_full1,
-                        &v_free0,
-                        &v_free1,
-                        &mut v_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        index + 1,
-                        config.value_dim(),
-                        config,
-                    );
+                    v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, next_key, next, config);
                 }
                 // Unit 0 may have waited: its plane meets again before the warpgroup MMAs, which
                 // every unit of a plane issues together.
@@ -342,9 +305,9 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 if pingpong {
                     wait_turn(warpgroup as u32);
                 }
-                wait_stage(&v_full0, &v_full1, stage, parity);
+                v_stages.wait(stage, parity);
                 accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
-                release_stage(&v_free0, &v_free1, stage);
+                v_stages.release(stage);
             } else {
                 // No math, but the same hand-offs in the same order, so the turns and the
                 // stages' phases stay in step: the tiles arrived all the same, and their phases
@@ -352,43 +315,17 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 if pingpong {
                     pass_turn(warpgroup as u32);
                 }
-                release_stage(&k_free0, &k_free1, stage);
+                k_stages.release(stage);
                 if UNIT_POS == 0 && has_next {
-                    refill::<E>(
-                        k_map,
-                        &k_full0,
-                        &k_full1,
-                        &k_free0,
-                        &k_free1,
-                        &mut k_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        index + 1,
-                        config.head_dim(),
-                        config,
-                    );
-                    refill::<E>(
-                        v_map,
-                        &v_full0,
-                        &v_full1,
-                        &v_free0,
-                        &v_free1,
-                        &mut v_smem,
-                        seq,
-                        kv_head,
-                        next_key,
-                        index + 1,
-                        config.value_dim(),
-                        config,
-                    );
+                    k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, next_key, next, config);
+                    v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, next_key, next, config);
                 }
                 sync_plane();
                 if pingpong {
                     wait_turn(warpgroup as u32);
                 }
-                wait_stage(&v_full0, &v_full1, stage, parity);
-                release_stage(&v_free0, &v_free1, stage);
+                v_stages.wait(stage, parity);
+                v_stages.release(stage);
             }
         }
         // The first warpgroup hands over the turn for the other's last P·V.
@@ -429,83 +366,95 @@ fn exp2_approx(x: f32) -> f32 {
     y
 }
 
-/// Waits until the stage's tiles (filled with `parity`) have arrived.
-#[cube]
-fn wait_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, stage: usize, parity: u32) {
-    if stage == 0 {
-        bar0.wait_parity(parity);
-    } else {
-        bar1.wait_parity(parity);
-    }
+/// The two shared-memory stages of K or of V: per stage a "full" barrier (its copy arrived) and
+/// a "free" barrier (every plane is done reading it), and the columns of one row.
+#[derive(CubeType)]
+pub struct Stages {
+    full0: Shared<Barrier>,
+    full1: Shared<Barrier>,
+    free0: Shared<Barrier>,
+    free1: Shared<Barrier>,
+    #[cube(comptime)]
+    width: usize,
 }
 
-/// This plane is done with the stage: its first unit arrives on the stage's "free" barrier (the
-/// plane's MMAs that read it have completed, for every unit of the plane together).
 #[cube]
-fn release_stage(bar0: &Shared<Barrier>, bar1: &Shared<Barrier>, stage: usize) {
-    if UNIT_POS_PLANE == 0 {
+impl Stages {
+    /// Waits until the stage's tile (filled with `parity`) has arrived.
+    pub fn wait(&self, stage: usize, parity: u32) {
         if stage == 0 {
-            let _done = bar0.arrive();
+            self.full0.wait_parity(parity);
         } else {
-            let _done = bar1.arrive();
+            self.full1.wait_parity(parity);
         }
     }
-}
 
-/// Unit 0 only: fills the stage of the walk's `index`-th step with `block_kv` rows of `width`
-/// columns from key row `key`, completing on that stage's "full" barrier, once every plane has
-/// released the stage's previous use.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn refill<E: Float>(
-    map: &TensorMap<E, Tiled>,
-    full0: &Shared<Barrier>,
-    full1: &Shared<Barrier>,
-    free0: &Shared<Barrier>,
-    free1: &Shared<Barrier>,
-    tile: &mut Shared<[E]>,
-    seq: SequenceSpan,
-    kv_head: usize,
-    key: i32,
-    index: usize,
-    #[comptime] width: usize,
-    #[comptime] config: PrefillConfig,
-) {
-    let stage = index % STAGES;
-    let uses = index / STAGES;
-    let at = stage * config.block_kv();
-    if stage == 0 {
-        if uses > 0 {
-            free0.wait_parity(((uses - 1) % 2) as u32);
+    /// This plane is done with the stage: its first unit arrives on the stage's "free" barrier
+    /// (the plane's MMAs that read it have completed, for every unit of the plane together).
+    pub fn release(&self, stage: usize) {
+        if UNIT_POS_PLANE == 0 {
+            if stage == 0 {
+                let _done = self.free0.arrive();
+            } else {
+                let _done = self.free1.arrive();
+            }
         }
-        load_rows::<E>(
-            map,
-            full0,
-            tile,
-            seq.batch,
-            kv_head,
-            key,
-            at,
-            config.block_kv(),
-            STAGES * config.block_kv(),
-            width,
-        );
-    } else {
-        if uses > 0 {
-            free1.wait_parity(((uses - 1) % 2) as u32);
+    }
+
+    /// Unit 0 only: fills the stage of the walk's `index`-th step with `block_kv` rows from key
+    /// row `key`, completing on that stage's "full" barrier, once every plane has released the
+    /// stage's previous use.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refill<E: Float>(
+        &self,
+        map: &TensorMap<E, Tiled>,
+        tile: &mut Shared<[E]>,
+        seq: SequenceSpan,
+        kv_head: usize,
+        key: i32,
+        index: usize,
+        #[comptime] config: PrefillConfig,
+    ) {
+        let stage = index % STAGES;
+        let uses = index / STAGES;
+        let at = stage * config.block_kv();
+        let width = comptime!(self.width);
+        let rows = comptime!(config.block_kv());
+        let lines = comptime!(STAGES * config.block_kv());
+        let batch = seq.batch;
+        if stage == 0 {
+            if uses > 0 {
+                self.free0.wait_parity(((uses - 1) % 2) as u32);
+            }
+            load_rows::<E>(
+                map,
+                &self.full0,
+                tile,
+                batch,
+                kv_head,
+                key,
+                at,
+                rows,
+                lines,
+                width,
+            );
+        } else {
+            if uses > 0 {
+                self.free1.wait_parity(((uses - 1) % 2) as u32);
+            }
+            load_rows::<E>(
+                map,
+                &self.full1,
+                tile,
+                batch,
+                kv_head,
+                key,
+                at,
+                rows,
+                lines,
+                width,
+            );
         }
-        load_rows::<E>(
-            map,
-            full1,
-            tile,
-            seq.batch,
-            kv_head,
-            key,
-            at,
-            config.block_kv(),
-            STAGES * config.block_kv(),
-            width,
-        );
     }
 }
 
