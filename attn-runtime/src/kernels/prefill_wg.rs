@@ -57,6 +57,12 @@ pub const PANEL: usize = 64;
 const MMA_K: usize = 16;
 /// Shared-memory stages of K and V.
 pub const STAGES: usize = 2;
+/// Independent partial maxima and sums per row in the softmax (the joins below take four).
+const PARTS: usize = 4;
+const _: () = assert!(
+    PARTS == 4,
+    "join_parts and the sums' joins take exactly four parts"
+);
 /// `log2(e)`: the softmax runs in base 2.
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
@@ -530,6 +536,22 @@ fn register_row(nth: usize) -> usize {
     (nth / 2) % 2
 }
 
+/// Which of a row's `PARTS` partial maxima and sums the unit's `nth` accumulator register goes
+/// to: consecutive registers of a row take turns. `nth` is an unrolled constant.
+#[cube]
+fn register_part(nth: usize) -> usize {
+    (nth / 4) % PARTS
+}
+
+/// The max of a row's `PARTS` partial maxima starting at `at`, in a tree.
+#[cube]
+fn join_parts(part: &Array<f32>, #[comptime] at: usize) -> f32 {
+    f32::max(
+        f32::max(part[at], part[at + 1]),
+        f32::max(part[at + 2], part[at + 3]),
+    )
+}
+
 /// The column of the unit's `nth` accumulator register, from the unit's first column.
 #[cube]
 fn register_col(nth: usize) -> usize {
@@ -563,15 +585,12 @@ fn online_softmax<E: Float, M: Hooks>(
 ) -> Sequence<Fragment<E>> {
     let len = config.block_kv() / 2;
     let mut x = Array::<f32>::new(len);
-    let mut max0 = args.neg_inf;
-    let mut max1 = args.neg_inf;
     #[unroll]
     for nth in 0..len {
-        let which = register_row(nth);
-        let row = first_row + which * 8;
-        let key = col0 + register_col(nth);
         let mut s = scores.get(nth);
         if comptime!(config.score.modifies_scores()) {
+            let row = first_row + register_row(nth) * 8;
+            let key = col0 + register_col(nth);
             s = modify_score::<M>(
                 s * args.scale,
                 seq,
@@ -584,7 +603,16 @@ fn online_softmax<E: Float, M: Hooks>(
                 config.score,
             );
         }
-        if check {
+        x[nth] = s;
+    }
+    // The mask in a pass of its own, taken only on the steps that need it: full steps pay
+    // nothing for it (folded into the loop above, it became two selects per score on every
+    // step).
+    if check {
+        #[unroll]
+        for nth in 0..len {
+            let row = first_row + register_row(nth) * 8;
+            let key = col0 + register_col(nth);
             let mut visible = key < kv_len;
             if comptime!(!config.mask.is_none()) {
                 visible = visible
@@ -599,15 +627,25 @@ fn online_softmax<E: Float, M: Hooks>(
                         config.mask,
                     );
             }
-            s = select(visible, s, args.neg_inf);
-        }
-        x[nth] = s;
-        if which == 0 {
-            max0 = select(s > max0, s, max0);
-        } else {
-            max1 = select(s > max1, s, max1);
+            x[nth] = select(visible, x[nth], args.neg_inf);
         }
     }
+    // Each row's max over the unit's 32 scores, in `PARTS` independent running maxima (one
+    // `max` each, not a compare and a select): while the other warpgroup's MMAs run, this
+    // warpgroup's planes have their sub-partitions to themselves, and the latency of a chain of
+    // dependent instructions is what a long chain costs.
+    let mut part = Array::<f32>::new(2 * PARTS);
+    #[unroll]
+    for i in 0..2 * PARTS {
+        part[i] = args.neg_inf;
+    }
+    #[unroll]
+    for nth in 0..len {
+        let at = register_row(nth) * PARTS + register_part(nth);
+        part[at] = f32::max(part[at], x[nth]);
+    }
+    let max0 = join_parts(&part, 0usize);
+    let max1 = join_parts(&part, PARTS);
     let new0 = row_max(max0, rows.top.max);
     let new1 = row_max(max1, rows.bottom.max);
     // log2(e), times the scale when the logits are still raw.
@@ -621,8 +659,11 @@ fn online_softmax<E: Float, M: Hooks>(
     let base1 = select(new1 == args.neg_inf, 0.0f32, new1) * to_log2;
     let corr0 = exp2_approx(rows.top.max * to_log2 - base0);
     let corr1 = exp2_approx(rows.bottom.max * to_log2 - base1);
-    let mut sum0 = 0.0f32.runtime();
-    let mut sum1 = 0.0f32.runtime();
+    // The rows' sums in `PARTS` independent parts each, as the maxima.
+    #[unroll]
+    for i in 0..2 * PARTS {
+        part[i] = 0.0f32;
+    }
     let mut fragments = Sequence::<Fragment<E>>::new();
     #[unroll]
     for t in 0..config.block_kv() / MMA_K {
@@ -632,15 +673,14 @@ fn online_softmax<E: Float, M: Hooks>(
             let nth = t * 8 + i;
             let which = register_row(nth);
             let p = exp2_approx(x[nth] * to_log2 - select(which == 0, base0, base1));
-            if which == 0 {
-                sum0 += p;
-            } else {
-                sum1 += p;
-            }
+            let at = which * PARTS + register_part(nth);
+            part[at] += p;
             fragment.set(i, E::cast_from(p));
         }
         fragments.push(fragment);
     }
+    let sum0 = (part[0] + part[1]) + (part[2] + part[3]);
+    let sum1 = (part[PARTS] + part[PARTS + 1]) + (part[PARTS + 2] + part[PARTS + 3]);
     rows.top.sum = rows.top.sum * corr0 + sum0;
     rows.bottom.sum = rows.bottom.sum * corr1 + sum1;
     rows.top.max = new0;
