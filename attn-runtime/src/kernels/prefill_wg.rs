@@ -12,11 +12,12 @@
 //!
 //! Per step, each warpgroup:
 //! 1. **scores**: `S = Q Kᵀ` for its 64 rows, `64 × block_kv` f32 in registers;
-//! 2. **softmax**: score modification and mask per register (each unit holds two rows' values;
-//!    the row max is joined across the four units of a row by two shuffles), f32 online state in
-//!    base 2 (one fused multiply-add and one `ex2.approx` per probability), probabilities rounded
-//!    to `E` straight into the MMA's A-operand registers (the accumulator's layout is the
-//!    operand's);
+//! 2. **softmax**: score modification per register, then the mask in a pass of its own on the
+//!    steps that need it (each unit holds two rows' values); each row's max and sum kept in four
+//!    independent parts, so their chains stay short, and the row max joined across the four
+//!    units of a row by two shuffles; f32 online state in base 2 (one fused multiply-add and one
+//!    `ex2.approx` per probability), probabilities rounded to `E` straight into the MMA's
+//!    A-operand registers (the accumulator's layout is the operand's);
 //! 3. **P·V**: the step's `64 × value_dim` product from those registers and the V tile, added to
 //!    the output, which stays in registers for the whole walk (rescaled by each row's correction).
 //!
