@@ -10,7 +10,8 @@
 # the same way at the commit compared against; see build_gpu_binary.sh). REPEATS (default 2),
 # ITERS (default 20) and BENCH_ARGS (default "--only 0-7,9") choose what is timed; ATTN_TUNE=off
 # is set, so both run their untuned default tiles. Results land in $OUT (or bench/out):
-# check.log, ab.log (every timed line) and ab.md (the table).
+# check.log, ab.log (every timed line) and ab.md (the table); ptxas.txt where the candidate's PTX
+# was carried in .bin/ptx.
 set -euo pipefail
 out=${OUT:-bench/out}
 work=$(mktemp -d)
@@ -28,6 +29,16 @@ args=${BENCH_ARGS:---only 0-7,9}
 limit_check=${LIMIT_CHECK:-180}
 limit_turn=${LIMIT_TURN:-150}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/device.txt"
+# The candidate's PTX, where it was carried (`bench --ptx .bin/ptx`): registers, spills and any
+# serialized warpgroup MMAs (ptxas C75xx) per kernel, assembled as the driver loads it (no -c).
+ptxas=$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)
+if [ -d .bin/ptx ] && [ -x "$ptxas" ]; then
+  echo "== ptxas on .bin/ptx"
+  for ptx in .bin/ptx/*.ptx; do
+    echo "-- $(basename "$ptx" .ptx)"
+    timeout 60 "$ptxas" -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -E 'registers|spill|C75' || true
+  done | tee "$out/ptxas.txt"
+fi
 echo "== correctness grid of the candidate against float64"
 timeout "$limit_check" "$work/candidate" --check 2>&1 | grep --line-buffered -v '^.*: seed ' \
   | tee "$out/check.log" || echo "CHECK FAILED (or over ${limit_check} s)"
