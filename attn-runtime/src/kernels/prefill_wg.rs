@@ -422,46 +422,55 @@ impl Stages {
         index: usize,
         #[comptime] config: PrefillConfig,
     ) {
-        let stage = index % STAGES;
         let uses = index / STAGES;
-        let at = stage * config.block_kv();
-        let width = comptime!(self.width);
-        let rows = comptime!(config.block_kv());
-        let lines = comptime!(STAGES * config.block_kv());
-        let batch = seq.batch;
-        if stage == 0 {
-            if uses > 0 {
-                self.free0.wait_parity(((uses - 1) % 2) as u32);
-            }
-            load_rows::<E>(
-                map,
-                &self.full0,
-                tile,
-                batch,
-                kv_head,
-                key,
-                at,
-                rows,
-                lines,
-                width,
-            );
+        // A run-time stage cannot pick a barrier reference: each arm names its stage at compile
+        // time.
+        if index % STAGES == 0 {
+            self.fill_stage::<E>(map, tile, seq, kv_head, key, uses, 0usize, config);
         } else {
-            if uses > 0 {
-                self.free1.wait_parity(((uses - 1) % 2) as u32);
-            }
-            load_rows::<E>(
-                map,
-                &self.full1,
-                tile,
-                batch,
-                kv_head,
-                key,
-                at,
-                rows,
-                lines,
-                width,
-            );
+            self.fill_stage::<E>(map, tile, seq, kv_head, key, uses, 1usize, config);
         }
+    }
+
+    /// [`refill`](Self::refill) of stage `stage`, whose previous uses number `uses`.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_stage<E: Float>(
+        &self,
+        map: &TensorMap<E, Tiled>,
+        tile: &mut Shared<[E]>,
+        seq: SequenceSpan,
+        kv_head: usize,
+        key: i32,
+        uses: usize,
+        #[comptime] stage: usize,
+        #[comptime] config: PrefillConfig,
+    ) {
+        let free = if comptime!(stage == 0) {
+            &self.free0
+        } else {
+            &self.free1
+        };
+        let full = if comptime!(stage == 0) {
+            &self.full0
+        } else {
+            &self.full1
+        };
+        if uses > 0 {
+            free.wait_parity(((uses - 1) % 2) as u32);
+        }
+        let rows = comptime!(config.block_kv());
+        load_rows::<E>(
+            map,
+            full,
+            tile,
+            seq.batch,
+            kv_head,
+            key,
+            stage * rows,
+            rows,
+            STAGES * rows,
+            comptime!(self.width),
+        );
     }
 }
 
@@ -551,6 +560,12 @@ fn join_parts(part: &Array<f32>, #[comptime] at: usize) -> f32 {
         f32::max(part[at], part[at + 1]),
         f32::max(part[at + 2], part[at + 3]),
     )
+}
+
+/// The sum of a row's `PARTS` partial sums starting at `at`, in a tree.
+#[cube]
+fn sum_parts(part: &Array<f32>, #[comptime] at: usize) -> f32 {
+    (part[at] + part[at + 1]) + (part[at + 2] + part[at + 3])
 }
 
 /// The column of the unit's `nth` accumulator register, from the unit's first column.
@@ -680,8 +695,8 @@ fn online_softmax<E: Float, M: Hooks>(
         }
         fragments.push(fragment);
     }
-    let sum0 = (part[0] + part[1]) + (part[2] + part[3]);
-    let sum1 = (part[PARTS] + part[PARTS + 1]) + (part[PARTS + 2] + part[PARTS + 3]);
+    let sum0 = sum_parts(&part, 0usize);
+    let sum1 = sum_parts(&part, PARTS);
     rows.top.sum = rows.top.sum * corr0 + sum0;
     rows.bottom.sum = rows.bottom.sum * corr1 + sum1;
     rows.top.max = new0;
