@@ -361,13 +361,9 @@ fn run<V: Variant<Elem = bf16>>(
             attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
         }
         attn::sync(client)?;
-        let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let start = Instant::now();
-            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
-            attn::sync(client)?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
+        let times = device_times(client, iters, || {
+            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
+        })?;
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
@@ -382,6 +378,9 @@ fn run<V: Variant<Elem = bf16>>(
         }
     }
     let (tiling, times, first_ms) = best.expect("at least one tile shape");
+    let latency_ms = call_latency(client, iters, || {
+        attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
+    })?;
     // The reported outputs come from the fastest shape.
     attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
     attn::sync(client)?;
@@ -392,7 +391,7 @@ fn run<V: Variant<Elem = bf16>>(
     let pairs = visible_pairs::<V>(&problem, &packed, &inputs);
     let flops = 2.0 * pairs as f64 * (d + dv) as f64;
     println!(
-        "{name}: {} tile {} ({:?}): median {median:.3} ms, {:.1} TFLOP/s (first call {first_ms:.0} ms)",
+        "{name}: {} tile {} ({:?}): median {median:.3} ms, {:.1} TFLOP/s (call with sync {latency_ms:.3} ms; first call {first_ms:.0} ms)",
         spec.name,
         tiling.name(),
         attn::launch::engine_for(client, &spec, tiling),
@@ -421,7 +420,7 @@ fn run<V: Variant<Elem = bf16>>(
         "variant"
     };
     let meta = format!(
-        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"value_dim\": {dv}, \"dtype\": \"bf16\", \"mask\": \"{simple}\", \"mask_terms\": \"{mask}\", {}, \"pairs\": {pairs}, \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"value_dim\": {dv}, \"dtype\": \"bf16\", \"mask\": \"{simple}\", \"mask_terms\": \"{mask}\", {}, \"pairs\": {pairs}, \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"call_latency_ms\": {latency_ms}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
         spec.name,
         case.batch,
         case.heads_q,
@@ -643,6 +642,50 @@ fn describe_device(client: &ComputeClient) {
             attn::launch::engine_for(client, &Mha128::SPEC, tiling)
         );
     }
+}
+
+/// Per-call GPU times in ms, measured as the anchors are (`compare.py`'s `time_cuda`): `iters`
+/// calls queued back to back, each between two events the device stamps as its queue reaches
+/// them, read back after the last. The host's launch work overlaps the previous call's kernel,
+/// as it does in a serving loop; a call's own latency with a sync after it is `call_latency`.
+fn device_times(
+    client: &ComputeClient,
+    iters: usize,
+    call: impl Fn() -> Result<(), attn::AttnError> + Send + Sync,
+) -> Result<Vec<f64>, attn::AttnError> {
+    let failed = |e: &dyn std::fmt::Debug| attn::AttnError::Launch(format!("profiling: {e:?}"));
+    let mut windows = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let (result, window) = client.profile(&call, "forward").map_err(|e| failed(&e))?;
+        result?;
+        windows.push(window);
+    }
+    windows
+        .into_iter()
+        .map(|w| {
+            let ticks = attn::cubecl::future::block_on(w.resolve());
+            ticks
+                .map(|t| t.duration().as_secs_f64() * 1e3)
+                .ok_or_else(|| failed(&"a window carried no measurement"))
+        })
+        .collect()
+}
+
+/// The median wall-clock time of one call followed by a sync, in ms: what a caller that waits
+/// for each result sees, launch work and the sync's round trip included.
+fn call_latency(
+    client: &ComputeClient,
+    iters: usize,
+    call: impl Fn() -> Result<(), attn::AttnError>,
+) -> Result<f64, attn::AttnError> {
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        call()?;
+        attn::sync(client)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(sorted_median(&times))
 }
 
 fn sorted_median(times: &[f64]) -> f64 {
