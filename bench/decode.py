@@ -75,19 +75,19 @@ def load(path: Path, dtype: str, shape) -> torch.Tensor:
 
 
 def timed(fn, iters: int, warmup: int) -> float:
+    """Median GPU time of one call in ms: calls queued back to back, each between two events,
+    synchronised once (as `compare.py` and our side time them)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        start.record()
         fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def copy_bandwidth(iters: int) -> float:

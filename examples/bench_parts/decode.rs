@@ -219,15 +219,11 @@ fn run_case(
     };
     let mut timed = Vec::new();
     for &plan in &plans {
-        let time = |count: usize| -> Result<Vec<f64>, attn::AttnError> {
-            let mut times = Vec::with_capacity(count);
-            for _ in 0..count {
-                let start = Instant::now();
-                attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, plan, &out_buffers)?;
-                attn::sync(client)?;
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(times)
+        // Timed as the anchors are: calls queued back to back, each between device events.
+        let time = |count: usize| {
+            super::device_times(client, count, || {
+                attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, plan, &out_buffers)
+            })
         };
         time(3)?; // warm-up: compiles
         let mut times = time(iters)?;
@@ -243,14 +239,9 @@ fn run_case(
     attn::sync(client)?;
     let tuning_s = start.elapsed().as_secs_f64();
     drop(tuned_out);
-    let mut tuned_times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        let out = Llama3Decode::decode(client, &q, &cache)?;
-        attn::sync(client)?;
-        tuned_times.push(start.elapsed().as_secs_f64() * 1e3);
-        drop(out);
-    }
+    let mut tuned_times = super::device_times(client, iters, || {
+        Llama3Decode::decode(client, &q, &cache).map(drop)
+    })?;
     tuned_times.sort_by(f64::total_cmp);
     let tuned_ms = tuned_times[tuned_times.len() / 2];
     println!(
