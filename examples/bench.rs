@@ -364,9 +364,7 @@ fn run<V: Variant<Elem = bf16>>(
         let times = device_times(client, iters, || {
             attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
         })?;
-        let mut sorted = times.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted[sorted.len() / 2];
+        let median = sorted_median(&times);
         per_tile.push(format!("\"{}\": {median:.4}", tiling.name()));
         println!(
             "  {} {:?}: median {median:.3} ms",
@@ -385,9 +383,7 @@ fn run<V: Variant<Elem = bf16>>(
     attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
     attn::sync(client)?;
     let result = out_buffers;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = sorted_median(&times);
     let pairs = visible_pairs::<V>(&problem, &packed, &inputs);
     let flops = 2.0 * pairs as f64 * (d + dv) as f64;
     println!(
@@ -656,7 +652,9 @@ fn device_times(
     let failed = |e: &dyn std::fmt::Debug| attn::AttnError::Launch(format!("profiling: {e:?}"));
     let mut windows = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let (result, window) = client.profile(&call, "forward").map_err(|e| failed(&e))?;
+        let (result, window) = client
+            .profile(&call, "timed call")
+            .map_err(|e| failed(&e))?;
         result?;
         windows.push(window);
     }
