@@ -229,8 +229,26 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             );
             if steps > 0 {
                 let first_key = key_at + (walk.first_step * block_kv) as i32;
-                k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, first_key, 0, config);
-                v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, first_key, 0, config);
+                k_stages.refill::<E>(
+                    k_map,
+                    &mut k_smem,
+                    seq,
+                    kv_head,
+                    first_key,
+                    0usize,
+                    0usize,
+                    config,
+                );
+                v_stages.refill::<E>(
+                    v_map,
+                    &mut v_smem,
+                    seq,
+                    kv_head,
+                    first_key,
+                    0usize,
+                    0usize,
+                    config,
+                );
             }
         }
 
@@ -272,67 +290,114 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         }
         q_bar.wait_parity(0);
 
-        for step in walk.first_step..walk.end_step {
-            let index = step - walk.first_step;
-            let stage = index % STAGES;
-            let parity = ((index / STAGES) % 2) as u32;
-            let next = index + 1;
-            let has_next = next < steps;
-            let next_key = key_at + ((step + 1) * block_kv) as i32;
-            let keys = step_keys(walk, step, block_kv);
-            let class = classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
-            // The plane meets before its warpgroup MMAs, which its units issue together.
-            sync_plane();
-            k_stages.wait(stage, parity);
-            if class != TILE_EMPTY {
-                let stage_at = stage * block_kv;
-                let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
-                if pingpong {
-                    pass_turn(warpgroup as u32);
+        // The walk in pairs of steps, one per stage, unrolled: each step's stage is a constant,
+        // so its barrier waits, releases and refills name their barriers at compile time.
+        for pair in 0..(steps + STAGES - 1) / STAGES {
+            #[unroll]
+            for stage in 0..STAGES {
+                let index = pair * STAGES + stage;
+                if index < steps {
+                    let step = walk.first_step + index;
+                    let parity = (pair % 2) as u32;
+                    let next = index + 1;
+                    let has_next = next < steps;
+                    let next_key = key_at + ((step + 1) * block_kv) as i32;
+                    let keys = step_keys(walk, step, block_kv);
+                    let class =
+                        classify_step::<M>(seq, head, walk, keys, ints, floats, args, config.mask);
+                    // The plane meets before its warpgroup MMAs, which its units issue together.
+                    sync_plane();
+                    k_stages.wait(stage, parity);
+                    if class != TILE_EMPTY {
+                        // Opaque, or the optimizer would hoist both stages' K and V descriptors
+                        // out of the loop and hold them all in registers (see `opaque`).
+                        let stage_at = opaque(comptime!((stage * block_kv) as u32)) as usize;
+                        let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, config);
+                        if pingpong {
+                            pass_turn(warpgroup as u32);
+                        }
+                        k_stages.release(stage);
+                        // The next step's K goes into the other stage as soon as every plane is
+                        // done with the scores that last read it (two turns ago, so this rarely
+                        // waits).
+                        if UNIT_POS == 0 && has_next {
+                            k_stages.refill::<E>(
+                                k_map,
+                                &mut k_smem,
+                                seq,
+                                kv_head,
+                                next_key,
+                                next / STAGES,
+                                (stage + 1) % STAGES,
+                                config,
+                            );
+                        }
+                        // Keys past the step's length (the ragged last step, or another
+                        // document's) and masked pairs are set to −∞ before the max.
+                        let check = class == TILE_PARTIAL || keys.len < block_kv;
+                        let probs = online_softmax::<E, M>(
+                            &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len,
+                            check, ints, floats, args, config,
+                        );
+                        if UNIT_POS == 0 && has_next {
+                            v_stages.refill::<E>(
+                                v_map,
+                                &mut v_smem,
+                                seq,
+                                kv_head,
+                                next_key,
+                                next / STAGES,
+                                (stage + 1) % STAGES,
+                                config,
+                            );
+                        }
+                        // Unit 0 may have waited: its plane meets again before the warpgroup
+                        // MMAs, which every unit of a plane issues together.
+                        sync_plane();
+                        if pingpong {
+                            wait_turn(warpgroup as u32);
+                        }
+                        v_stages.wait(stage, parity);
+                        accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
+                        v_stages.release(stage);
+                    } else {
+                        // No math, but the same hand-offs in the same order, so the turns and the
+                        // stages' phases stay in step: the tiles arrived all the same, and their
+                        // phases complete before the stage is refilled.
+                        if pingpong {
+                            pass_turn(warpgroup as u32);
+                        }
+                        k_stages.release(stage);
+                        if UNIT_POS == 0 && has_next {
+                            k_stages.refill::<E>(
+                                k_map,
+                                &mut k_smem,
+                                seq,
+                                kv_head,
+                                next_key,
+                                next / STAGES,
+                                (stage + 1) % STAGES,
+                                config,
+                            );
+                            v_stages.refill::<E>(
+                                v_map,
+                                &mut v_smem,
+                                seq,
+                                kv_head,
+                                next_key,
+                                next / STAGES,
+                                (stage + 1) % STAGES,
+                                config,
+                            );
+                        }
+                        sync_plane();
+                        if pingpong {
+                            wait_turn(warpgroup as u32);
+                        }
+                        v_stages.wait(stage, parity);
+                        v_stages.release(stage);
+                    }
                 }
-                k_stages.release(stage);
-                // The next step's K goes into the other stage as soon as every plane is done
-                // with the scores that last read it (two turns ago, so this rarely waits).
-                if UNIT_POS == 0 && has_next {
-                    k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, next_key, next, config);
-                }
-                // Keys past the step's length (the ragged last step, or another document's) and
-                // masked pairs are set to −∞ before the max.
-                let check = class == TILE_PARTIAL || keys.len < block_kv;
-                let probs = online_softmax::<E, M>(
-                    &scores, &mut rows, seq, head, first_row, col0, keys.start, keys.len, check,
-                    ints, floats, args, config,
-                );
-                if UNIT_POS == 0 && has_next {
-                    v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, next_key, next, config);
-                }
-                // Unit 0 may have waited: its plane meets again before the warpgroup MMAs, which
-                // every unit of a plane issues together.
-                sync_plane();
-                if pingpong {
-                    wait_turn(warpgroup as u32);
-                }
-                v_stages.wait(stage, parity);
-                accumulate_pv::<E>(&probs, &v_desc, stage_at, &mut out_regs, rows, config);
-                v_stages.release(stage);
-            } else {
-                // No math, but the same hand-offs in the same order, so the turns and the
-                // stages' phases stay in step: the tiles arrived all the same, and their phases
-                // complete before the stage is refilled.
-                if pingpong {
-                    pass_turn(warpgroup as u32);
-                }
-                k_stages.release(stage);
-                if UNIT_POS == 0 && has_next {
-                    k_stages.refill::<E>(k_map, &mut k_smem, seq, kv_head, next_key, next, config);
-                    v_stages.refill::<E>(v_map, &mut v_smem, seq, kv_head, next_key, next, config);
-                }
-                sync_plane();
-                if pingpong {
-                    wait_turn(warpgroup as u32);
-                }
-                v_stages.wait(stage, parity);
-                v_stages.release(stage);
             }
         }
         // The first warpgroup hands over the turn for the other's last P·V.
@@ -364,6 +429,19 @@ fn pass_turn(warpgroup: u32) {
     gpu_asm!("bar.arrive {}, 256;", in(_) id);
 }
 
+/// `x`, through a statement the optimizer keeps in place. The walk passes each step's stage
+/// offset through it: as a constant, the descriptors of both stages' K and V slices (16 per
+/// stage at head dim 128, 64 bits each) are hoisted out of the loop and held in registers for the
+/// whole walk, which took the two-warpgroup kernels to 255 registers with spills and the head
+/// dim 64 one past the 168 that three cubes per SM allow. Computed per step, they cost an add
+/// each.
+#[cube]
+fn opaque(x: u32) -> u32 {
+    let y: u32;
+    gpu_asm!("mov.b32 {}, {};", out(_) y, in(_) x);
+    y
+}
+
 /// `2^x` in one `ex2.approx.ftz` (relative error about 2⁻²²; −∞ gives 0, results below 2⁻¹²⁶
 /// flush to 0, which a probability may).
 #[cube]
@@ -387,54 +465,42 @@ pub struct Stages {
 
 #[cube]
 impl Stages {
-    /// Waits until the stage's tile (filled with `parity`) has arrived.
-    pub fn wait(&self, stage: usize, parity: u32) {
-        if stage == 0 {
-            self.full0.wait_parity(parity);
+    /// The stage's "full" barrier.
+    fn full(&self, #[comptime] stage: usize) -> &Shared<Barrier> {
+        if comptime!(stage == 0) {
+            &self.full0
         } else {
-            self.full1.wait_parity(parity);
+            &self.full1
         }
+    }
+
+    /// The stage's "free" barrier.
+    fn free(&self, #[comptime] stage: usize) -> &Shared<Barrier> {
+        if comptime!(stage == 0) {
+            &self.free0
+        } else {
+            &self.free1
+        }
+    }
+
+    /// Waits until the stage's tile (filled with `parity`) has arrived.
+    pub fn wait(&self, #[comptime] stage: usize, parity: u32) {
+        self.full(stage).wait_parity(parity);
     }
 
     /// This plane is done with the stage: its first unit arrives on the stage's "free" barrier
     /// (the plane's MMAs that read it have completed, for every unit of the plane together).
-    pub fn release(&self, stage: usize) {
+    pub fn release(&self, #[comptime] stage: usize) {
         if UNIT_POS_PLANE == 0 {
-            if stage == 0 {
-                let _done = self.free0.arrive();
-            } else {
-                let _done = self.free1.arrive();
-            }
+            let _done = self.free(stage).arrive();
         }
     }
 
-    /// Unit 0 only: fills the stage of the walk's `index`-th step with `block_kv` rows from key
-    /// row `key`, completing on that stage's "full" barrier, once every plane has released the
-    /// stage's previous use.
+    /// Unit 0 only: fills stage `stage`, whose previous fills number `uses`, with `block_kv` rows
+    /// from key row `key`, completing on the stage's "full" barrier, once every plane has
+    /// released the previous fill.
     #[allow(clippy::too_many_arguments)]
     pub fn refill<E: Float>(
-        &self,
-        map: &TensorMap<E, Tiled>,
-        tile: &mut Shared<[E]>,
-        seq: SequenceSpan,
-        kv_head: usize,
-        key: i32,
-        index: usize,
-        #[comptime] config: PrefillConfig,
-    ) {
-        let uses = index / STAGES;
-        // A run-time stage cannot pick a barrier reference: each arm names its stage at compile
-        // time.
-        if index % STAGES == 0 {
-            self.fill_stage::<E>(map, tile, seq, kv_head, key, uses, 0usize, config);
-        } else {
-            self.fill_stage::<E>(map, tile, seq, kv_head, key, uses, 1usize, config);
-        }
-    }
-
-    /// [`refill`](Self::refill) of stage `stage`, whose previous uses number `uses`.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_stage<E: Float>(
         &self,
         map: &TensorMap<E, Tiled>,
         tile: &mut Shared<[E]>,
@@ -445,23 +511,13 @@ impl Stages {
         #[comptime] stage: usize,
         #[comptime] config: PrefillConfig,
     ) {
-        let free = if comptime!(stage == 0) {
-            &self.free0
-        } else {
-            &self.free1
-        };
-        let full = if comptime!(stage == 0) {
-            &self.full0
-        } else {
-            &self.full1
-        };
         if uses > 0 {
-            free.wait_parity(((uses - 1) % 2) as u32);
+            self.free(stage).wait_parity(((uses - 1) % 2) as u32);
         }
         let rows = comptime!(config.block_kv());
         load_rows::<E>(
             map,
-            full,
+            self.full(stage),
             tile,
             seq.batch,
             kv_head,
