@@ -107,9 +107,9 @@ fn definition<V: Variant>(
 ) -> KernelDefinition {
     // The kernel families take the same arguments; they differ in the kernel, the cube shape and
     // how Q, K and V arrive (plain tensors, or tensor maps for the copy engine, which carry no
-    // compilation argument).
+    // compilation argument); the warpgroup kernel also takes O as a tensor map.
     macro_rules! define {
-        ($kernel:ty, $cube_dim:expr, $qkv:expr) => {
+        ($kernel:ty, $cube_dim:expr, $qkv:expr $(, $o_map:expr)?) => {
             <$kernel>::new(
                 settings($cube_dim),
                 Arc::new(props),
@@ -117,6 +117,7 @@ fn definition<V: Variant>(
                 $qkv,
                 $qkv,
                 $qkv,
+                $($o_map,)?
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
                 tensor_compilation_arg(),
@@ -141,6 +142,7 @@ fn definition<V: Variant>(
         Engine::Warpgroup => define!(
             prefill_forward_wg::PrefillForwardWg<V::Elem, V::Hooks>,
             CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
+            (),
             ()
         ),
     }

@@ -268,7 +268,8 @@ pub(crate) fn launch<V: Variant>(
     let floats_arg = unsafe { flat_arg(&floats, packed.floats.len()) };
     let config = kernel_config(spec, tiling);
     // Every kernel family takes the same arguments; only the kernel, the cube shape and how Q, K
-    // and V are passed (tensors, or tensor maps for the copy engine) differ.
+    // and V are passed (tensors, or tensor maps for the copy engine) differ, and the warpgroup
+    // kernel also takes O as a tensor map, to store it with the copy engine.
     macro_rules! launch_with {
         ($kernel:path, $cube_dim:expr) => {
             launch_with!(
@@ -279,7 +280,7 @@ pub(crate) fn launch<V: Variant>(
                 tensor_arg(v)
             )
         };
-        ($kernel:path, $cube_dim:expr, $q:expr, $k:expr, $v:expr) => {
+        ($kernel:path, $cube_dim:expr, $q:expr, $k:expr, $v:expr $(, $o_map:expr)?) => {
             unsafe {
                 $kernel(
                     client,
@@ -288,6 +289,7 @@ pub(crate) fn launch<V: Variant>(
                     $q,
                     $k,
                     $v,
+                    $($o_map,)?
                     tensor_arg(&out.o),
                     tensor_arg(&out.lse.tensor),
                     ints_arg,
@@ -299,7 +301,7 @@ pub(crate) fn launch<V: Variant>(
         };
     }
     let mut engine = engine_for(client, spec, tiling);
-    if engine == Engine::Warpgroup && ![q, k, v].iter().all(|t| copy_engine_can_read(t)) {
+    if engine == Engine::Warpgroup && ![q, k, v, &out.o].iter().all(|t| copy_engine_can_read(t)) {
         // The copy engine cannot describe these strides: same tile shape, older kernel.
         engine = cmma_engine_for(client, spec, tiling);
     }
@@ -321,7 +323,9 @@ pub(crate) fn launch<V: Variant>(
                 CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
                 map(q, tiling.block_q),
                 map(k, tiling.block_kv),
-                map(v, tiling.block_kv)
+                map(v, tiling.block_kv),
+                // O leaves through the copy engine a warpgroup's rows at a time.
+                map(&out.o, WARPGROUP_ROWS as u32)
             )
         }
         Engine::TensorCores => launch_with!(

@@ -141,6 +141,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
     q_map: &TensorMap<E, Tiled>,
     k_map: &TensorMap<E, Tiled>,
     v_map: &TensorMap<E, Tiled>,
+    o_map: &mut TensorMap<E, Tiled>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     ints: &Tensor<i32>,
@@ -408,7 +409,21 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         }
 
         write_output::<E>(
-            out, lse, &out_regs, rows, seq, head, first_row, col0, floats, args, config,
+            o_map,
+            &mut q_smem,
+            out,
+            lse,
+            &out_regs,
+            rows,
+            seq,
+            head,
+            warpgroup,
+            first_row,
+            row0,
+            col0,
+            floats,
+            args,
+            config,
         );
     }
 }
@@ -419,6 +434,14 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
 fn wait_turn(warpgroup: u32) {
     let id = 1 + warpgroup;
     gpu_asm!("bar.sync {}, 256;", in(_) id);
+}
+
+/// Waits until the 128 units of `warpgroup` all reach it: named barrier `3 + warpgroup` (0 is the
+/// cube's, 1 and 2 the turns').
+#[cube]
+fn sync_warpgroup(warpgroup: u32) {
+    let id = 3 + warpgroup;
+    gpu_asm!("bar.sync {}, 128;", in(_) id);
 }
 
 /// Passes the turn from `warpgroup` to the other one: arrives on the other's named barrier
@@ -798,18 +821,28 @@ fn accumulate_pv<E: Float>(
 }
 
 /// Finish: join each row's sum across its four units, fold in the sink, normalise once and write
-/// O (two adjacent columns per register pair) and the LSE (O = 0, LSE = −∞ for a row that saw no
-/// key and has no sink).
+/// O and the LSE (O = 0, LSE = −∞ for a row that saw no key and has no sink).
+///
+/// A warpgroup whose 64 rows all lie in the sequence stages its O in its own rows of the Q tile
+/// (its last scores have read them) in the copy engine's swizzled layout, and stores it with one
+/// bulk copy per 64-column panel: whole 128-byte lines, where the units' own stores write 2 bytes
+/// each, scattered over eight rows per instruction. The rows of a block that end a sequence (and
+/// O wider than Q's tile) take the units' stores, row by row, so no row of another document is
+/// touched.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_output<E: Float>(
+    o_map: &mut TensorMap<E, Tiled>,
+    q_smem: &mut Shared<[E]>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     out_regs: &Array<f32>,
     rows: RowPair,
     seq: SequenceSpan,
     head: usize,
+    warpgroup: usize,
     first_row: usize,
+    row0: usize,
     col0: usize,
     floats: &Tensor<f32>,
     args: PrefillArgs,
@@ -833,6 +866,114 @@ fn write_output<E: Float>(
     let inv0 = select(state0.sum > 0.0, factor0 / state0.sum, 0.0f32);
     let inv1 = select(state1.sum > 0.0, factor1 / state1.sum, 0.0f32);
     let row1 = first_row + 8;
+    // The warpgroup's first row.
+    let group_row = first_row - row0;
+    if comptime!(config.value_dim() <= config.head_dim()) {
+        if group_row + WARPGROUP_ROWS <= seq.seq_q {
+            store_output_staged::<E>(
+                o_map, q_smem, out_regs, inv0, inv1, seq, head, warpgroup, group_row, row0, col0,
+                config,
+            );
+        } else {
+            store_output_rows::<E>(
+                out, out_regs, inv0, inv1, seq, head, first_row, col0, config,
+            );
+        }
+    } else {
+        store_output_rows::<E>(
+            out, out_regs, inv0, inv1, seq, head, first_row, col0, config,
+        );
+    }
+    if col0 == 0 {
+        let lse_base = seq.batch * lse.stride(0) + head * lse.stride(1);
+        let lse_row = lse.stride(2);
+        if first_row < seq.seq_q {
+            lse[lse_base + (seq.q_off + first_row) * lse_row] =
+                select(state0.sum > 0.0, state0.max + state0.sum.ln(), args.neg_inf);
+        }
+        if row1 < seq.seq_q {
+            lse[lse_base + (seq.q_off + row1) * lse_row] =
+                select(state1.sum > 0.0, state1.max + state1.sum.ln(), args.neg_inf);
+        }
+    }
+}
+
+/// O of a warpgroup whose rows all lie in the sequence: into its 64 rows of the Q tile, panels of
+/// 64 columns with the 128-byte swizzle (16-byte chunk `c` of row `r` at chunk `c ^ (r % 8)`,
+/// which also spreads a plane's eight rows over all banks), then one bulk copy per panel, issued
+/// by the warpgroup's first unit once every unit's writes are visible to the copy engine.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_output_staged<E: Float>(
+    o_map: &mut TensorMap<E, Tiled>,
+    q_smem: &mut Shared<[E]>,
+    out_regs: &Array<f32>,
+    inv0: f32,
+    inv1: f32,
+    seq: SequenceSpan,
+    head: usize,
+    warpgroup: usize,
+    group_row: usize,
+    row0: usize,
+    col0: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    let block_q = config.block_q();
+    let group_at = warpgroup * WARPGROUP_ROWS;
+    let swizzle = row0 % 8;
+    #[unroll]
+    for nth in 0..config.value_dim() / 2 {
+        let chunk = nth / 4;
+        let panel = chunk / 8;
+        let row = row0 + register_row(nth) * 8;
+        let inv = select(register_row(nth) == 0, inv0, inv1);
+        let at = (panel * block_q + group_at + row) * PANEL
+            + ((chunk % 8) ^ swizzle) * 8
+            + col0
+            + nth % 2;
+        q_smem[at] = E::cast_from(out_regs[nth] * inv);
+    }
+    sync_async_proxy_shared();
+    sync_warpgroup(warpgroup as u32);
+    if UNIT_POS as usize % WARPGROUP_UNITS == 0 {
+        let row_at = (seq.q_off + group_row) as i32;
+        let panels = comptime!(config.value_dim() / PANEL);
+        #[unroll]
+        for p in 0..panels {
+            let start = (p * block_q + group_at) * PANEL;
+            let stored = tma_store_4d(
+                &q_smem[start..start + WARPGROUP_ROWS * PANEL],
+                o_map,
+                seq.batch as i32,
+                head as i32,
+                row_at,
+                (p * PANEL) as i32,
+            );
+            // The cube may end only once the copies have read the tile; the last wait covers
+            // every earlier copy.
+            if comptime!(p + 1 == panels) {
+                stored.wait();
+            }
+        }
+    }
+}
+
+/// O row by row from the registers: each unit writes its two rows' elements, skipping rows past
+/// the sequence.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_output_rows<E: Float>(
+    out: &mut Tensor<E>,
+    out_regs: &Array<f32>,
+    inv0: f32,
+    inv1: f32,
+    seq: SequenceSpan,
+    head: usize,
+    first_row: usize,
+    col0: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    let row1 = first_row + 8;
     let base = seq.batch * out.stride(0) + head * out.stride(1);
     let base0 = base + (seq.q_off + first_row) * out.stride(2);
     let base1 = base + (seq.q_off + row1) * out.stride(2);
@@ -845,18 +986,6 @@ fn write_output<E: Float>(
             }
         } else if row1 < seq.seq_q {
             out[base1 + c] = E::cast_from(out_regs[nth] * inv1);
-        }
-    }
-    if col0 == 0 {
-        let lse_base = seq.batch * lse.stride(0) + head * lse.stride(1);
-        let lse_row = lse.stride(2);
-        if first_row < seq.seq_q {
-            lse[lse_base + (seq.q_off + first_row) * lse_row] =
-                select(state0.sum > 0.0, state0.max + state0.sum.ln(), args.neg_inf);
-        }
-        if row1 < seq.seq_q {
-            lse[lse_base + (seq.q_off + row1) * lse_row] =
-                select(state1.sum > 0.0, state1.max + state1.sum.ln(), args.neg_inf);
         }
     }
 }
