@@ -180,6 +180,8 @@ class Case:
             extras.append("sinks")
         if self.documents is not None:
             extras.append(f"{len(self.documents) - 1} docs")
+        if self.dtype not in ("bf16", "bfloat16"):
+            extras.append(self.dtype)
         mask = " ".join([mask] + extras)
         seq = f"{self.sq}" if self.sq == self.sk else f"{self.sq}x{self.sk}"
         d = f"{self.d}" if self.dv == self.d else f"{self.d}/{self.dv}"

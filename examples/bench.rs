@@ -1,4 +1,5 @@
-//! Prefill benchmark: runs our kernels on the shapes we answer to (bf16) and writes, per shape,
+//! Prefill benchmark: runs our kernels on the shapes we answer to (bf16; case 17 is case 5 in
+//! f16) and writes, per shape,
 //! the inputs, our outputs and our timings, for `bench/compare.py` to check against PyTorch in
 //! float64 and to time PyTorch's SDPA (flash, cuDNN) and FlexAttention on the same data.
 //!
@@ -25,7 +26,7 @@ use attn::reference::{
     attention_f64, attention_naive, error_floor, max_abs_error, random_vec, seeded_rng,
     visible_pairs, widen, OwnedInputs, Verdict,
 };
-use attn::{bf16, ComputeClient, Element, Problem, Tensor, Variant};
+use attn::{ComputeClient, Element, Problem, Tensor, Variant};
 use rand::SeedableRng;
 
 #[path = "bench_parts/decode.rs"]
@@ -90,12 +91,7 @@ struct Case {
 }
 
 /// A benchmark case of one variant.
-const fn case<V: Variant<Elem = bf16>>(
-    batch: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    seq: usize,
-) -> Case {
+const fn case<V: Variant>(batch: usize, heads_q: usize, heads_kv: usize, seq: usize) -> Case {
     Case {
         batch,
         heads_q,
@@ -196,6 +192,8 @@ fn main() {
         case::<AlibiCausal>(4, 16, 16, 4096),
         case::<SinkWindow>(2, 64, 8, 8192),
         case::<StreamMask>(2, 32, 8, 8192),
+        // f16 (case 17): Llama-3's shape of case 5 in the other 16-bit type.
+        case::<Llama3F16>(4, 32, 8, 4096),
     ];
     std::fs::create_dir_all(&out).expect("output folder");
     let client = attn::default_client();
@@ -282,7 +280,7 @@ fn flex_meta(spec: &attn::VariantSpec, inputs: &OwnedInputs) -> String {
 }
 
 /// Runs one case, writes its folder, and returns the folder's name.
-fn run<V: Variant<Elem = bf16>>(
+fn run<V: Variant>(
     client: &ComputeClient,
     case: &Case,
     out: &Path,
@@ -292,7 +290,7 @@ fn run<V: Variant<Elem = bf16>>(
     let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let mask = spec.mask.describe();
     let name = format!(
-        "b{}_h{}-{}_n{}_d{}_{}{}",
+        "b{}_h{}-{}_n{}_d{}_{}{}{}",
         case.batch,
         case.heads_q,
         case.heads_kv,
@@ -303,15 +301,20 @@ fn run<V: Variant<Elem = bf16>>(
             format!("_{}", spec.name)
         } else {
             String::new()
+        },
+        if spec.dtype == attn::DType::BF16 {
+            String::new()
+        } else {
+            format!("_{}", spec.dtype.name())
         }
     );
     let (mut rng, seed) = seeded_rng(&name);
     let q_shape = [case.batch, case.heads_q, case.seq, d];
     let k_shape = [case.batch, case.heads_kv, case.seq, d];
     let v_shape = [case.batch, case.heads_kv, case.seq, dv];
-    let qh: Vec<bf16> = random_vec(&mut rng, q_shape.iter().product());
-    let kh: Vec<bf16> = random_vec(&mut rng, k_shape.iter().product());
-    let vh: Vec<bf16> = random_vec(&mut rng, v_shape.iter().product());
+    let qh: Vec<V::Elem> = random_vec(&mut rng, q_shape.iter().product());
+    let kh: Vec<V::Elem> = random_vec(&mut rng, k_shape.iter().product());
+    let vh: Vec<V::Elem> = random_vec(&mut rng, v_shape.iter().product());
     let q = Tensor::from_slice(client, &qh, q_shape)?;
     let k = Tensor::from_slice(client, &kh, k_shape)?;
     let v = Tensor::from_slice(client, &vh, v_shape)?;
@@ -416,13 +419,14 @@ fn run<V: Variant<Elem = bf16>>(
         "variant"
     };
     let meta = format!(
-        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"value_dim\": {dv}, \"dtype\": \"bf16\", \"mask\": \"{simple}\", \"mask_terms\": \"{mask}\", {}, \"pairs\": {pairs}, \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"call_latency_ms\": {latency_ms}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"variant\": \"{}\", \"batch\": {}, \"heads_q\": {}, \"heads_kv\": {}, \"seq_q\": {}, \"seq_k\": {}, \"head_dim\": {d}, \"value_dim\": {dv}, \"dtype\": \"{}\", \"mask\": \"{simple}\", \"mask_terms\": \"{mask}\", {}, \"pairs\": {pairs}, \"causal_alignment\": \"bottom_right\", \"scale\": {}, \"tile\": \"{}\", \"iters\": {iters}, \"default_tile\": \"{}\", \"tiles_ms\": {{{}}}, \"times_ms\": [{}], \"median_ms\": {median}, \"call_latency_ms\": {latency_ms}, \"first_call_ms\": {first_ms}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
         spec.name,
         case.batch,
         case.heads_q,
         case.heads_kv,
         case.seq,
         case.seq,
+        spec.dtype.name(),
         flex_meta(&spec, &owned),
         spec.softmax_scale(),
         tiling.name(),
