@@ -21,6 +21,13 @@
 //! 3. **P·V**: the step's `64 × value_dim` product from those registers and the V tile, added to
 //!    the output, which stays in registers for the whole walk (rescaled by each row's correction).
 //!
+//! The steps are walked in pairs, one per stage, unrolled, so each step's stage (its barriers,
+//! its tiles' offsets) is a compile-time constant.
+//!
+//! At the end, a warpgroup whose rows all lie in the sequence stages its normalised O in its own
+//! rows of the Q tile and stores it with the copy engine, whole lines at a time; the rows that end
+//! a sequence are stored by the units, row by row.
+//!
 //! With two warpgroups per cube they take turns on the tensor cores (FA3's ping-pong, on two named
 //! barriers): a turn is one step's P·V and the next step's scores, and one warpgroup's softmax
 //! runs while the other has the turn.
