@@ -90,7 +90,7 @@ struct Case {
     run: fn(&ComputeClient, &Case, &Path, usize) -> Result<String, attn::AttnError>,
 }
 
-/// A benchmark case of one variant.
+/// A benchmark case of one variant (16-bit: `compare.py` reads bf16 and f16 data).
 const fn case<V: Variant>(batch: usize, heads_q: usize, heads_kv: usize, seq: usize) -> Case {
     Case {
         batch,

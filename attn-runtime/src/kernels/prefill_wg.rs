@@ -875,6 +875,8 @@ fn write_output<E: Float>(
     let row1 = first_row + 8;
     // The warpgroup's first row.
     let group_row = first_row - row0;
+    // Staging needs O to fit in the warpgroup's Q rows (known at compile time) and every row to
+    // lie in the sequence (known at run time): two `if`s, each with the row stores as its other arm.
     if comptime!(config.value_dim() <= config.head_dim()) {
         if group_row + WARPGROUP_ROWS <= seq.seq_q {
             store_output_staged::<E>(
