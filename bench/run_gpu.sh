@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$ou
 # Each stage runs under a time limit (seconds; about twice what it takes on an H200), so a kernel
 # that hangs costs that stage, not the whole trip: `timeout` exits 124 and the next stage runs.
 # The logs are written line by line, so a stage cut short shows the last case it reached.
-limit_check=${LIMIT_CHECK:-180}
+limit_check=${LIMIT_CHECK:-300}
 limit_bench=${LIMIT_BENCH:-300}
 limit_compare=${LIMIT_COMPARE:-300}
 echo "== correctness grid on the device against float64"

@@ -1,6 +1,5 @@
 //! Prefill benchmark: runs our kernels on the shapes we answer to (bf16; case 17 is case 5 in
-//! f16) and writes, per shape,
-//! the inputs, our outputs and our timings, for `bench/compare.py` to check against PyTorch in
+//! f16; cases 18 and 19 are head dim 256) and writes, per shape, the inputs, our outputs and our timings, for `bench/compare.py` to check against PyTorch in
 //! float64 and to time PyTorch's SDPA (flash, cuDNN) and FlexAttention on the same data.
 //!
 //! `cargo run --release --no-default-features --features cuda --example bench -- --out DIR [--iters 10] [--only CASE]`
@@ -45,6 +44,10 @@ attn::attention! {
     Gqa4x128Causal { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
     /// MQA, d 128, causal.
     Mqa128Causal { heads: mqa, head_dim: 128, dtype: bf16, mask: causal }
+    /// GQA 2, d 256 (Gemma-2's heads without its softcap).
+    Gqa2x256 { heads: gqa(group = 2), head_dim: 256, dtype: bf16 }
+    /// GQA 2, d 256, causal.
+    Gqa2x256Causal { heads: gqa(group = 2), head_dim: 256, dtype: bf16, mask: causal }
     /// f16, GQA 2, d 64, causal top-left (correctness grid only).
     Gqa2F16TopLeft { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal(top_left) }
     /// f32, GQA 8, d 128, causal (correctness grid only).
@@ -194,6 +197,10 @@ fn main() {
         case::<StreamMask>(2, 32, 8, 8192),
         // f16 (case 17): Llama-3's shape of case 5 in the other 16-bit type.
         case::<Llama3F16>(4, 32, 8, 4096),
+        // Head dim 256 (cases 18, 19): Gemma-2's shape of case 12 without the softcap, so the SDPA
+        // back ends run it too.
+        case::<Gqa2x256>(2, 16, 8, 8192),
+        case::<Gqa2x256Causal>(2, 16, 8, 8192),
     ];
     std::fs::create_dir_all(&out).expect("output folder");
     let client = attn::default_client();
@@ -573,6 +580,9 @@ fn write_ptx(dir: &Path) -> bool {
         & one::<Gqa4x128Causal>(dir)
         & one::<Window1k>(dir)
         & one::<Gqa2F16TopLeft>(dir)
+        & one::<Gemma2Global>(dir)
+        & one::<Gqa2x256Causal>(dir)
+        & one::<Dv128Dk192>(dir)
 }
 
 /// The device correctness grid; returns whether every case passed.
@@ -589,6 +599,8 @@ fn check_grid(client: &ComputeClient) -> bool {
     results.push(check_one::<Gqa4x128>(client, [2, 8, 2, 129, 1000]));
     results.push(check_one::<Gqa4x128Causal>(client, [1, 8, 2, 1000, 333]));
     results.push(check_one::<Mqa128Causal>(client, [2, 5, 1, 77, 1000]));
+    results.push(check_one::<Gqa2x256>(client, [1, 4, 2, 333, 777]));
+    results.push(check_one::<Gqa2x256Causal>(client, [2, 4, 2, 1000, 1000]));
     results.push(check_one::<Gqa8F32Causal>(client, [1, 16, 2, 513, 513]));
     results.push(check_layout::<Gqa4x128Causal>(
         client,

@@ -125,13 +125,22 @@ pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tilin
 /// fastest family, except that on the warpgroup kernel at head dim 64 or less the 64-row tile
 /// with the longest steps goes first. There a cube of one warpgroup is faster than two taking
 /// turns: their MMAs are too short to hide each other's softmax (H200, B 4, H 32, N 4096:
-/// q64_kv128 1.87–1.92 ms, q128_kv128 2.13–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md).
+/// q64_kv128 1.87–1.92 ms, q128_kv128 2.13–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md). Past
+/// head dim 128 the first 128-row tile goes first: a one-warpgroup cube's tiles fill the SM's
+/// shared memory, leaving it four planes.
 fn preferred_tiling(ranked: &[(Tiling, u8)], head_dim: u32) -> Option<Tiling> {
     let best = ranked.iter().map(|&(_, rank)| rank).max()?;
     let mut fastest = ranked.iter().filter(|&&(_, rank)| rank == best);
     if best == Engine::Warpgroup.rank() && head_dim <= 64 {
         let one_warpgroup = fastest.clone().filter(|(t, _)| t.block_q == 64);
         if let Some(&(tiling, _)) = one_warpgroup.max_by_key(|(t, _)| t.block_kv) {
+            return Some(tiling);
+        }
+    }
+    if best == Engine::Warpgroup.rank() && head_dim > 128 {
+        // Two warpgroups taking turns: one alone has a whole SM (its tiles fill the shared
+        // memory) with four planes.
+        if let Some(&(tiling, _)) = fastest.clone().find(|(t, _)| t.block_q == 128) {
             return Some(tiling);
         }
     }
@@ -408,8 +417,9 @@ pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) ->
 
 /// Whether the warpgroup kernel runs `tiling` for `spec` on this device: 16-bit elements, warpgroup
 /// MMAs of `64 × block_kv` and `64 × value_dim` and the copy engine on the device, 64 or 128 query
-/// rows, 64 to 256 keys per step in multiples of 16, head dims of 64 or 128 (the output and a
-/// step's scores stay in registers), and its shared memory.
+/// rows, 64 to 256 keys per step in multiples of 16, head dims in multiples of 64 up to 256 (the
+/// output and a step's scores stay in registers: past a value dim of 128, steps of at most 64
+/// keys), and its shared memory.
 pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> bool {
     use cubecl::features::{Tma, WgmmaElems};
     use cubecl::ir::types::MatrixShape;
@@ -439,13 +449,16 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
     };
     let config = kernel_config(spec, tiling);
     let hw = &client.properties().hardware;
-    let dims = |d: u32| d % PANEL as u32 == 0 && d <= 128;
+    let dims = |d: u32| d % PANEL as u32 == 0 && d <= 256;
     features.tma.contains(Tma::Base)
         && (tiling.block_q == 64 || tiling.block_q == 128)
         && tiling.block_kv % 16 == 0
         && (64..=256).contains(&tiling.block_kv)
         && dims(spec.head_dim)
         && dims(spec.value_dim)
+        // Past value dim 128 the output takes 128 registers a unit: steps of at most 64 keys
+        // keep the scores and probabilities beside it.
+        && (spec.value_dim <= 128 || tiling.block_kv <= 64)
         && mma(tiling.block_kv)
         && mma(spec.value_dim)
         && config.warpgroup_shared_bytes() <= hw.max_shared_memory_size
@@ -607,6 +620,10 @@ mod tests {
         let cmma = [(tile(64, 32), tc), (tile(32, 32), tc)];
         assert_eq!(preferred_tiling(&cmma, 64), Some(tile(64, 32)));
         assert_eq!(preferred_tiling(&[], 64), None);
+        // Past head dim 128 on the warpgroup kernel: the first 128-row tile.
+        let wide = [(tile(64, 64), wg), (tile(128, 64), wg)];
+        assert_eq!(preferred_tiling(&wide, 256), Some(tile(128, 64)));
+        assert_eq!(preferred_tiling(&wide, 128), Some(tile(64, 64)));
     }
 
     #[test]

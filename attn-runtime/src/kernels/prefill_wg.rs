@@ -83,6 +83,15 @@ impl PrefillConfig {
         self.block_q() / WARPGROUP_ROWS
     }
 
+    /// Columns of O per P·V accumulator: all of them up to 128, else parts of 128.
+    pub const fn pv_part(&self) -> usize {
+        if self.value_dim() <= 128 {
+            self.value_dim()
+        } else {
+            128
+        }
+    }
+
     /// Q: `block_q` rows by `head_dim`, K-major (the A operand of the scores).
     pub const fn q_tile(&self) -> WgmmaTileLayout {
         WgmmaTileLayout {
@@ -614,11 +623,18 @@ fn compute_scores<E: Float>(
     stage_at: usize,
     #[comptime] config: PrefillConfig,
 ) -> Accumulator<f32> {
+    // Past head dim 128 the Q tile's descriptors (16, 64 bits each) are computed per step from
+    // an opaque row: hoisted out of the walk, they held 32 registers beside the output's 128 and
+    // pushed the kernel into spills. At 128 and below they stay hoisted (16 registers, no spills).
+    let mut q_row = 0usize;
+    if comptime!(config.head_dim() > 128) {
+        q_row = opaque(0u32) as usize;
+    }
     let mut acc = Accumulator::<f32>::new(config.block_kv()).start();
     #[unroll]
     for kk in 0..config.head_dim() / MMA_K {
         acc.execute(
-            &q_desc.at(0usize, kk * MMA_K),
+            &q_desc.at(q_row, kk * MMA_K),
             &k_desc.at(stage_at, kk * MMA_K),
         );
     }
@@ -814,16 +830,23 @@ fn accumulate_pv<E: Float>(
     rows: RowPair,
     #[comptime] config: PrefillConfig,
 ) {
-    let mut acc = Accumulator::<f32>::new(config.value_dim()).start();
+    // Past 128 columns, in parts of 128: one part's accumulator (64 registers) at a time, beside
+    // the output's.
+    let part = comptime!(config.pv_part());
     #[unroll]
-    for t in 0..config.block_kv() / MMA_K {
-        acc.execute_registers(probs.index(t), &v_desc.at(0usize, stage_at + t * MMA_K));
-    }
-    let acc = acc.wait();
-    #[unroll]
-    for nth in 0..config.value_dim() / 2 {
-        let c = select(register_row(nth) == 0, rows.corr_top, rows.corr_bottom);
-        out_regs[nth] = out_regs[nth] * c + acc.get(nth);
+    for at in 0..config.value_dim() / part {
+        let mut acc = Accumulator::<f32>::new(part).start();
+        #[unroll]
+        for t in 0..config.block_kv() / MMA_K {
+            acc.execute_registers(probs.index(t), &v_desc.at(at * part, stage_at + t * MMA_K));
+        }
+        let acc = acc.wait();
+        #[unroll]
+        for nth in 0..part / 2 {
+            let c = select(register_row(nth) == 0, rows.corr_top, rows.corr_bottom);
+            let o = at * (part / 2) + nth;
+            out_regs[o] = out_regs[o] * c + acc.get(nth);
+        }
     }
 }
 
