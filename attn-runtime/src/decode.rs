@@ -243,10 +243,10 @@ pub fn default_tiling(
     Ok(tiling)
 }
 
-/// The plan used without tuning: [`default_tiling`], and enough key splits that the launch has
-/// about eight cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), never
-/// below 256 keys per split. On a CPU-emulated device, splits also
-/// keep each invocation under llvmpipe's loop limit.
+/// The plan used without tuning: [`default_tiling`], and key splits that bring the launch to at
+/// most about eight cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), in
+/// a power of two, never below 256 keys per split. On a CPU-emulated device, splits also keep
+/// each invocation under llvmpipe's loop limit.
 pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
     let tiling = default_tiling(client, &call.spec, call.group_rows())?;
     let hw = &client.properties().hardware;
@@ -267,8 +267,14 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     };
     let most = call.max_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
     // A power of two: splits of equal length (three splits of 8192 keys left the last one short
-    // and ran 20 % slower than two or four on the H200).
-    let mut splits = wanted.next_power_of_two();
+    // and ran 20 % slower than two or four on the H200). Rounded down, so the launch stays at or
+    // under eight cubes per multiprocessor: the sweeps timed like the anchors favour that side
+    // (bench/RESULTS.md).
+    let mut splits = if wanted.is_power_of_two() {
+        wanted
+    } else {
+        wanted.next_power_of_two() / 2
+    };
     while splits > most {
         splits /= 2;
     }
