@@ -1,6 +1,7 @@
 //! Prefill benchmark: runs our kernels on the shapes we answer to (bf16; case 17 is case 5 in
-//! f16; cases 18 and 19 are head dim 256) and writes, per shape, the inputs, our outputs and our timings, for `bench/compare.py` to check against PyTorch in
-//! float64 and to time PyTorch's SDPA (flash, cuDNN) and FlexAttention on the same data.
+//! f16; cases 18 and 19 are head dim 256) and writes, per shape, the inputs, our outputs and our
+//! timings, for `bench/compare.py` to check against PyTorch in float64 and to time PyTorch's SDPA
+//! (flash, cuDNN) and FlexAttention on the same data.
 //!
 //! `cargo run --release --no-default-features --features cuda --example bench -- --out DIR [--iters 10] [--only CASE]`
 //!

@@ -267,9 +267,10 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     };
     let most = call.max_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
     // A power of two: splits of equal length (three splits of 8192 keys left the last one short
-    // and ran 20 % slower than two or four on the H200). Rounded down, so the launch stays at or
-    // under eight cubes per multiprocessor: the sweeps timed like the anchors favour that side
-    // (bench/RESULTS.md).
+    // and ran 20 % slower than two or four on the H200). Rounded down, so the launch stays at about
+    // eight cubes per multiprocessor or under: on the H200 that beat rounding up on all six
+    // benchmark cases (B 64 × 8192 keys: 2 splits 0.906 ms, 4 splits 0.993 ms; B 1 × 128k: 128
+    // splits 0.292 ms, 256 splits 0.409 ms; bench/RESULTS.md).
     let mut splits = if wanted.is_power_of_two() {
         wanted
     } else {

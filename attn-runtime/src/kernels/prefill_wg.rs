@@ -20,6 +20,8 @@
 //!    A-operand registers (the accumulator's layout is the operand's);
 //! 3. **P·V**: the step's `64 × value_dim` product from those registers and the V tile, added to
 //!    the output, which stays in registers for the whole walk (rescaled by each row's correction).
+//!    Past a value dim of 128 it runs in parts of 128 columns, each folded into the output before
+//!    the next is issued, so one part's accumulator sits beside the output's 128 registers.
 //!
 //! The steps are walked in pairs, one per stage, unrolled, so each step's stage (its barriers,
 //! its tiles' offsets) is a compile-time constant.
