@@ -14,7 +14,7 @@ source bench/unpack.sh
 unpack .bin/bench.xz "$work/bench"
 chmod +x "$work/bench"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/device.txt"
-# Each stage runs under a time limit (seconds; about twice what it takes on an H200), so a kernel
+# Each stage runs under a time limit (seconds; above what each takes on an H200), so a kernel
 # that hangs costs that stage, not the whole trip: `timeout` exits 124 and the next stage runs.
 # The logs are written line by line, so a stage cut short shows the last case it reached.
 limit_check=${LIMIT_CHECK:-300}
