@@ -266,19 +266,7 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
         target.div_ceil(cubes)
     };
     let most = call.max_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
-    // A power of two: splits of equal length (three splits of 8192 keys left the last one short
-    // and ran 20 % slower than two or four on the H200). Rounded down, so the launch stays at about
-    // eight cubes per multiprocessor or under: on the H200 that beat rounding up on all six
-    // benchmark cases (B 64 × 8192 keys: 2 splits 0.906 ms, 4 splits 0.993 ms; B 1 × 128k: 128
-    // splits 0.292 ms, 256 splits 0.409 ms; bench/RESULTS.md).
-    let mut splits = if wanted.is_power_of_two() {
-        wanted
-    } else {
-        wanted.next_power_of_two() / 2
-    };
-    while splits > most {
-        splits /= 2;
-    }
+    let mut splits = power_of_two_at_most(wanted.min(most));
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, tiling, false, true);
         let budget = keys_within_loop_budget(config);
@@ -288,6 +276,16 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
         tiling,
         splits: splits.clamp(1, u16::MAX as usize),
     })
+}
+
+/// The largest power of two at or below `n` (1 for 0). Split counts are powers of two: splits of
+/// equal length (three splits of 8192 keys left the last one short and ran 20 % slower than two
+/// or four on the H200). Rounded down, so the launch stays at about eight cubes per
+/// multiprocessor or under: on the H200 that beat rounding up on all six benchmark cases (B 64 ×
+/// 8192 keys: 2 splits 0.906 ms, 4 splits 0.993 ms; B 1 × 128k: 128 splits 0.292 ms, 256 splits
+/// 0.409 ms; bench/RESULTS.md).
+fn power_of_two_at_most(n: usize) -> usize {
+    1 << n.max(1).ilog2()
 }
 
 /// Whether this device can run `plan` for `call`.
@@ -540,4 +538,21 @@ pub fn merge<E: Element>(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::power_of_two_at_most;
+
+    #[test]
+    fn split_counts_round_down_to_a_power_of_two() {
+        // The benchmark's cases on 132 multiprocessors: 1056 cubes wanted over 512, 64 and 8.
+        assert_eq!(power_of_two_at_most(3), 2);
+        assert_eq!(power_of_two_at_most(17), 16);
+        assert_eq!(power_of_two_at_most(132), 128);
+        assert_eq!(power_of_two_at_most(4), 4);
+        assert_eq!(power_of_two_at_most(1), 1);
+        assert_eq!(power_of_two_at_most(0), 1);
+        assert_eq!(power_of_two_at_most(usize::MAX), 1 << (usize::BITS - 1));
+    }
 }
