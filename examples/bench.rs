@@ -365,15 +365,15 @@ fn run<V: Variant>(
     let mut per_tile = Vec::new();
     for &tiling in &tilings {
         let start = Instant::now();
-        attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
+        attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
         attn::sync(client)?;
         let first_ms = start.elapsed().as_secs_f64() * 1e3;
         for _ in 0..2 {
-            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
+            attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
         }
         attn::sync(client)?;
         let times = device_times(client, iters, || {
-            attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
+            attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
         })?;
         let median = sorted_median(&times);
         per_tile.push(format!("\"{}\": {median:.4}", tiling.name()));
@@ -388,10 +388,10 @@ fn run<V: Variant>(
     }
     let (tiling, times, first_ms) = best.expect("at least one tile shape");
     let latency_ms = call_latency(client, iters, || {
-        attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
+        attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)
     })?;
     // The reported outputs come from the fastest shape.
-    attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
+    attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out_buffers)?;
     attn::sync(client)?;
     let result = out_buffers;
     let median = sorted_median(&times);
@@ -545,7 +545,7 @@ fn check_layout<V: Variant>(
                 .expect("fills its shape"),
             },
         };
-        let result = attn::forward_into::<V>(client, &q, &k, &v, &inputs, tiling, &out)
+        let result = attn::forward_with_tiling::<V>(client, &q, &k, &v, &inputs, tiling, &out)
             .and_then(|()| attn::sync(client))
             .map(|()| out);
         pass &= verify(&format!("wg {}", tiling.name()), result);

@@ -182,7 +182,8 @@ fn check_decode<V: Variant>(
     let plan = plan.unwrap_or_else(|| default_plan(client, &call).expect("a plan"));
     let label = format!("{label} {} Hq{heads_q} Nq{nq} {}", spec.name, plan.name());
     let out = poisoned::<V::Elem>(client, call.problem.out_shape());
-    attn::decode_into::<V>(client, &q, &filled.cache, &run_inputs, plan, &out).expect("launch");
+    attn::decode_with_plan::<V>(client, &q, &filled.cache, &run_inputs, plan, &out)
+        .expect("launch");
 
     let qf = widen(&qh);
     let reference = decode_f64::<V>(&call, &run_inputs, &qf, &filled.k, &filled.v);
@@ -655,8 +656,13 @@ fn bad_input_is_a_typed_error() {
         Err(AttnError::Unsupported(_))
     ));
     let out = poisoned::<f32>(&client, [2, 8, 1, 64]);
-    assert!(
-        attn::decode_into::<Gqa4Causal>(&client, &q([2, 8, 1, 64]), &cache, &none, plan, &out)
-            .is_err()
-    );
+    assert!(attn::decode_with_plan::<Gqa4Causal>(
+        &client,
+        &q([2, 8, 1, 64]),
+        &cache,
+        &none,
+        plan,
+        &out
+    )
+    .is_err());
 }

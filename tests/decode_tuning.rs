@@ -76,7 +76,7 @@ fn tuned_decode_and_every_plan_choice_match_the_reference() {
             o: Tensor::empty(&client, call.problem.out_shape()),
             lse: attn::Lse::empty(&client, call.problem.lse_shape()),
         };
-        attn::decode_into::<Gqa4Causal>(&client, &q, &cache, &none, plan, &out).unwrap();
+        attn::decode_with_plan::<Gqa4Causal>(&client, &q, &cache, &none, plan, &out).unwrap();
         check(
             &client,
             &out,

@@ -155,7 +155,8 @@ fn check_run<V: Variant>(
     };
     let out = match tiling {
         Some(tiling) => {
-            attn::forward_into::<V>(client, &q, &k, &v, &run_inputs, tiling, &out).expect("launch");
+            attn::forward_with_tiling::<V>(client, &q, &k, &v, &run_inputs, tiling, &out)
+                .expect("launch");
             out
         }
         None => attn::forward::<V>(client, &q, &k, &v, &run_inputs).expect("tuned launch"),

@@ -220,7 +220,7 @@ fn output_buffers_are_checked() {
         o: Tensor::empty(&c, [1, 2, 9, 64]),
         lse: Lse::empty(&c, [1, 2, 8]),
     };
-    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
+    let e = Mha::forward_with_tiling(&c, &q, &q, &q, tiling, &wrong).unwrap_err();
     assert_eq!(
         e,
         AttnError::DimMismatch {
@@ -235,7 +235,7 @@ fn output_buffers_are_checked() {
         o: Tensor::empty(&c, [1, 2, 8, 64]),
         lse: Lse::empty(&c, [1, 2, 7]),
     };
-    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
+    let e = Mha::forward_with_tiling(&c, &q, &q, &q, tiling, &wrong_lse).unwrap_err();
     assert!(
         matches!(
             e,
@@ -261,7 +261,7 @@ fn output_buffers_are_checked() {
         o: strided,
         lse: Lse::empty(&c, [1, 2, 8]),
     };
-    let e = Mha::forward_into(&c, &q, &q, &q, tiling, &view).unwrap_err();
+    let e = Mha::forward_with_tiling(&c, &q, &q, &q, tiling, &view).unwrap_err();
     assert_eq!(
         e,
         AttnError::OutputLayout {
@@ -291,7 +291,7 @@ fn tiles_the_device_cannot_run_are_refused() {
         o: Tensor::empty(&c, [1, 1, 4, 128]),
         lse: Lse::empty(&c, [1, 1, 4]),
     };
-    let e = Huge::forward_into(&c, &q, &q, &q, absurd, &out).unwrap_err();
+    let e = Huge::forward_with_tiling(&c, &q, &q, &q, absurd, &out).unwrap_err();
     assert!(e.to_string().contains("units per cube"), "{e}");
 }
 

@@ -186,9 +186,27 @@ pub fn decode<V: Variant>(
     Ok(out)
 }
 
+/// [`decode`] into caller-owned output buffers (checked before anything launches), with the
+/// tuned plan: a serving loop reuses its buffers across steps.
+pub fn decode_into<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    cache: &KvCache<V::Elem>,
+    inputs: &Inputs,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    let call = DecodeProblem::new::<V>(q, cache, inputs)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&call.spec));
+    }
+    crate::launch::check_output(&call.problem, out)?;
+    crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
+    Ok(())
+}
+
 /// Runs variant `V` against `cache` with a given plan, into caller-owned output buffers (for the
 /// tests and the benchmarks).
-pub fn decode_into<V: Variant>(
+pub fn decode_with_plan<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
     cache: &KvCache<V::Elem>,
@@ -402,6 +420,14 @@ pub(crate) fn launch_decode<V: Variant>(
     let splits = call.max_len.div_ceil(kps).max(1);
     let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
     let chunks = call.group_rows().div_ceil(tiling.rows as usize);
+    tracing::debug!(
+        variant = spec.name,
+        plan = %plan.name(),
+        splits,
+        keys_per_split = kps,
+        paged = cache.is_paged(),
+        "decode launch"
+    );
     let (page_size, max_pages, table) = cache.table_parts();
     let args = kernel_args(spec, p, &call.packed);
     let dargs = DecodeArgsLaunch::new(

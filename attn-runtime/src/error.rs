@@ -53,8 +53,10 @@ impl fmt::Display for Dim {
     }
 }
 
-/// Why an attention call was refused or failed.
+/// Why an attention call was refused or failed. New kinds of failure may be added: match with a
+/// wildcard arm.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum AttnError {
     /// A dimension is zero.
     #[error("{operand}: {dim} is 0; every dimension must be at least 1")]

@@ -48,6 +48,16 @@ pub struct Output<E> {
     pub lse: Lse,
 }
 
+impl<E: Element> Output<E> {
+    /// Fresh, uninitialised output buffers for `o_shape = [batch, heads_q, seq_q, value_dim]`.
+    pub fn empty(client: &ComputeClient, o_shape: [usize; 4]) -> Self {
+        Self {
+            o: Tensor::empty(client, o_shape),
+            lse: Lse::empty(client, [o_shape[0], o_shape[1], o_shape[2]]),
+        }
+    }
+}
+
 /// Runs variant `V` on Q `[B, Hq, Nq, D]`, K `[B, Hkv, Nk, D]` and V `[B, Hkv, Nk, Dv]` with its
 /// run-time `inputs`, with the tile shape tuned for this device and shape bucket (see
 /// [`crate::tune`]: cached, tuned on a miss, or the fallback shape with `ATTN_TUNE=off`).
@@ -71,9 +81,30 @@ pub fn forward<V: Variant>(
     Ok(out)
 }
 
+/// [`forward`] into caller-owned `out` (checked before anything launches: the problem's shape,
+/// contiguous, large enough), with the tuned tile shape: for callers that reuse output buffers
+/// or hand the kernel memory of their own (a framework's tensor, a preallocated arena).
+pub fn forward_into<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+    inputs: &Inputs,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    let problem = Problem::new(&V::SPEC, q, k, v)?;
+    let packed = pack(&V::SPEC, &problem, inputs)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&V::SPEC));
+    }
+    check_output(&problem, out)?;
+    crate::tune::forward_tuned::<V>(client, &problem, packed, q, k, v, out)?;
+    Ok(())
+}
+
 /// Runs variant `V` with a given tile shape, writing into caller-owned `out` (checked: the right
 /// shape, contiguous). Used by the tuner, tests and benchmarks.
-pub fn forward_into<V: Variant>(
+pub fn forward_with_tiling<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
     k: &Tensor<V::Elem>,
@@ -314,7 +345,18 @@ pub(crate) fn launch<V: Variant>(
     if engine == Engine::Warpgroup && ![q, k, v, &out.o].iter().all(|t| copy_engine_can_read(t)) {
         // The copy engine cannot describe these strides: same tile shape, older kernel.
         engine = cmma_engine_for(client, spec, tiling);
+        tracing::debug!(
+            variant = spec.name,
+            "strides the copy engine cannot describe (not multiples of 16 bytes): tensor-core kernel"
+        );
     }
+    tracing::debug!(
+        variant = spec.name,
+        family = ?engine,
+        tile = %tiling.name(),
+        cubes = packed.max_seq_q.div_ceil(tiling.block_q as usize) * problem.heads_q * packed.sequences,
+        "prefill launch"
+    );
     match engine {
         Engine::Warpgroup => {
             // SAFETY: Q, K and V were checked against their buffers by `Problem::new`.
@@ -451,7 +493,7 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
     let config = kernel_config(spec, tiling);
     let hw = &client.properties().hardware;
     let dims = |d: u32| d % PANEL as u32 == 0 && d <= 256;
-    features.tma.contains(Tma::Base)
+    let fits = features.tma.contains(Tma::Base)
         && (tiling.block_q == 64 || tiling.block_q == 128)
         && tiling.block_kv % 16 == 0
         && (64..=256).contains(&tiling.block_kv)
@@ -465,8 +507,33 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
         && config.warpgroup_shared_bytes() <= hw.max_shared_memory_size
         && config.warpgroups() as u32 * WARPGROUP_UNITS as u32 <= hw.max_units_per_cube
         && hw.plane_size_max == 32
-        && forced_engine() != Some("portable")
+        && forced_engine() != Some("portable");
+    fits && warpgroup_compiles()
 }
+
+/// Whether this build can compile the warpgroup kernel: cubecl's CUDA crates must carry attn's
+/// patches (vendor/README.md), which a crate depending on attn gets only through the same
+/// `[patch.crates-io]` lines as this workspace. Without them the tensor-core kernel runs, and the
+/// first call that would have taken the warpgroup kernel says once how to enable it.
+fn warpgroup_compiles() -> bool {
+    if cfg!(attn_warpgroup_patches) {
+        return true;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!(
+            "attn: this device runs attn's warpgroup (Hopper) kernel, but this build links the \
+             published cubecl-cuda and cubecl-llvm, which cannot compile it; the tensor-core \
+             kernel runs instead. To enable the fast path, add attn's two patched crates to your \
+             workspace's Cargo.toml: [patch.crates-io] cubecl-llvm = {{ path = \".../vendor/cubecl-llvm\" }} \
+             and cubecl-cuda = {{ path = \".../vendor/cubecl-cuda\" }} (see attn's README, \"Depending on attn\")"
+        );
+    });
+    false
+}
+
+/// Whether the warpgroup kernel family is compiled into this build (see [`warpgroup_fits`]).
+pub const WARPGROUP_BUILT: bool = cfg!(attn_warpgroup_patches);
 
 /// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the view starting at a
 /// multiple of 16 bytes in its buffer, the last dim contiguous, every other stride a multiple of

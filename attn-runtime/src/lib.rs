@@ -11,6 +11,7 @@ pub mod decode;
 pub mod error;
 pub mod hooks;
 pub mod inputs;
+pub mod interop;
 pub mod kernels;
 pub mod kv_cache;
 pub mod launch;
@@ -24,13 +25,17 @@ pub mod codegen;
 #[cfg(feature = "testing")]
 pub mod reference;
 
-pub use decode::{decode, decode_into, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES};
+pub use decode::{
+    decode, decode_into, decode_with_plan, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES,
+};
 pub use error::{AttnError, Dim, Operand};
 pub use hooks::{Hooks, NoHooks, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};
 pub use inputs::{alibi_slopes, slots, Inputs};
 pub use kernels::decode::DecodeTiling;
 pub use kv_cache::{KvCache, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
-pub use launch::{forward, forward_into, runnable_tilings, select_tiling, Lse, Output};
+pub use launch::{
+    forward, forward_into, forward_with_tiling, runnable_tilings, select_tiling, Lse, Output,
+};
 pub use problem::Problem;
 pub use tensor::{supports, ComputeClient, Element, Tensor};
 pub use variant::{

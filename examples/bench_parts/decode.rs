@@ -222,7 +222,14 @@ fn run_case(
         // Timed as the anchors are: calls queued back to back, each between device events.
         let time = |count: usize| {
             super::device_times(client, count, || {
-                attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, plan, &out_buffers)
+                attn::decode_with_plan::<Llama3Decode>(
+                    client,
+                    &q,
+                    &cache,
+                    &none,
+                    plan,
+                    &out_buffers,
+                )
             })
         };
         time(3)?; // warm-up: compiles
@@ -263,7 +270,7 @@ fn run_case(
         bytes / best.1 / 1e9
     );
     // The outputs written out come from the default plan.
-    attn::decode_into::<Llama3Decode>(client, &q, &cache, &none, default, &out_buffers)?;
+    attn::decode_with_plan::<Llama3Decode>(client, &q, &cache, &none, default, &out_buffers)?;
     attn::sync(client)?;
     let dir = out.join(&name);
     std::fs::create_dir_all(&dir).expect("case folder");

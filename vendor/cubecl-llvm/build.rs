@@ -1,4 +1,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // attn's patch: `gpu_asm!` is lowered on NVPTX. Dependents that link this crate directly
+    // read it as DEP_ATTN_PATCHED_CUBECL_LLVM_INLINE_ASM.
+    println!("cargo::metadata=inline_asm=1");
     println!("cargo::rerun-if-env-changed=DOCS_RS");
     // docs.rs does not need native LLVM setup.
     // https://docs.rs/about/builds#detecting-docsrs

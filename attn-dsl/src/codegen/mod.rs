@@ -46,7 +46,13 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
         "Runs `{name_str}`: one fused kernel ({phases}); returns O `[B, Hq, Nq, {value_dim}]` and the LSE `[B, Hq, Nq]`."
     );
     let into_doc = format!(
-        "Runs `{name_str}` with a chosen tile shape into caller-owned, checked output buffers."
+        "Runs `{name_str}` with the tuned tile shape into caller-owned, checked output buffers (contiguous O `[B, Hq, Nq, {value_dim}]`, LSE `[B, Hq, Nq]`)."
+    );
+    let tiling_doc = format!(
+        "Runs `{name_str}` with a chosen tile shape into caller-owned, checked output buffers (tuning, tests, benchmarks)."
+    );
+    let decode_into_doc = format!(
+        "Runs `{name_str}`'s decode with the tuned plan into caller-owned, checked output buffers."
     );
     let decode_doc = format!(
         "Runs `{name_str}` for new query tokens `q` `[B, Hq, Nq, {}]` against a K/V cache (paged or contiguous): GQA-packed, split over the keys; returns O and the LSE.",
@@ -100,10 +106,22 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
                 k: &#attn::Tensor<#elem>,
                 v: &#attn::Tensor<#elem>,
                 #inputs_param
+                out: &#attn::Output<#elem>,
+            ) -> #result<(), #attn::AttnError> {
+                #attn::forward_into::<Self>(client, q, k, v, #inputs_value, out)
+            }
+
+            #[doc = #tiling_doc]
+            #vis fn forward_with_tiling(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                k: &#attn::Tensor<#elem>,
+                v: &#attn::Tensor<#elem>,
+                #inputs_param
                 tiling: #attn::Tiling,
                 out: &#attn::Output<#elem>,
             ) -> #result<(), #attn::AttnError> {
-                #attn::forward_into::<Self>(client, q, k, v, #inputs_value, tiling, out)
+                #attn::forward_with_tiling::<Self>(client, q, k, v, #inputs_value, tiling, out)
             }
 
             #[doc = #decode_doc]
@@ -114,6 +132,17 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
                 #inputs_param
             ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
                 #attn::decode::<Self>(client, q, cache, #inputs_value)
+            }
+
+            #[doc = #decode_into_doc]
+            #vis fn decode_into(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                cache: &#attn::KvCache<#elem>,
+                #inputs_param
+                out: &#attn::Output<#elem>,
+            ) -> #result<(), #attn::AttnError> {
+                #attn::decode_into::<Self>(client, q, cache, #inputs_value, out)
             }
         }
     }

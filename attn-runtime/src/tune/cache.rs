@@ -49,10 +49,10 @@ pub fn init() {
             environment::set_root(PathBuf::from(dir));
         }
         if let Some(moved) = repair(&environment::path()) {
-            eprintln!(
-                "attn: warning: the tuning cache {} was not a readable database; moved it to {} and starting a new one",
-                environment::path().display(),
-                moved.display()
+            tracing::warn!(
+                cache = %environment::path().display(),
+                moved_to = %moved.display(),
+                "attn: the tuning cache was not a readable database; moved it aside and starting a new one"
             );
         }
     });
@@ -189,11 +189,12 @@ pub fn classify(rows: &[(String, u64)], version: &str, hardware: &str) -> Summar
 pub fn warn_if_foreign(client: &ComputeClient) -> Summary {
     let s = summary(client);
     if s.ours == 0 && s.foreign > 0 {
-        eprintln!(
-            "attn: warning: the tuning cache {} holds {} tuned shapes for other devices or cubecl versions and none for this {} with cubecl {CUBECL_VERSION}; they are ignored and this device is tuned anew",
-            path().display(),
-            s.foreign,
-            client.properties().identity.name
+        tracing::warn!(
+            cache = %path().display(),
+            foreign = s.foreign,
+            device = %client.properties().identity.name,
+            cubecl = CUBECL_VERSION,
+            "attn: the tuning cache holds tuned shapes for other devices or cubecl versions only; they are ignored and this device is tuned anew"
         );
     }
     s

@@ -150,6 +150,7 @@ pub(crate) fn forward_tuned<V: Variant>(
             .iter()
             .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
     if policy_for(prepared.cpu_emulated) == Policy::Fallback || list.len() == 1 || !all_run {
+        tracing::trace!(variant = V::SPEC.name, tile = %fallback.tiling.name(), "untuned call");
         launch::<V>(client, problem, &packed, fallback.tiling, q, k, v, out)?;
         return Ok(fallback);
     }
@@ -172,8 +173,22 @@ pub(crate) fn forward_tuned<V: Variant>(
         out: out.clone(),
         key: key.clone(),
     };
+    let known = TUNER.fastest_identity(&id, &set, &key);
+    if known.is_none() {
+        tracing::info!(
+            variant = V::SPEC.name,
+            key = ?key,
+            "attn: no tuned tile shape in this process for this key: read from the tuning cache, or timed now"
+        );
+    }
     TUNER.execute(&id, client, set.clone(), call);
-    Ok(TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback))
+    let ran = known
+        .or_else(|| TUNER.fastest_identity(&id, &set, &key))
+        .unwrap_or(fallback);
+    if known.is_none() {
+        tracing::info!(variant = V::SPEC.name, tile = %ran.tiling.name(), "attn: tuned tile shape");
+    }
+    Ok(ran)
 }
 
 /// The candidate the tuner settled on for `key` in this process, if any.

@@ -1,0 +1,274 @@
+//! burn tensors in and out (feature `burn`), zero-copy: a burn 0.23 `Tensor<4>` on a cubecl
+//! device (wgpu, CUDA, …) shares its client and buffers with attn.
+//!
+//! Enabled with attn's feature `burn` together with `wgpu` or `cuda` (burn's cubecl runtimes).
+//!
+//! - [`to_attn`]: resolves the burn tensor (under fusion: submits the pending fused work that
+//!   writes it, as a read does, without copying), checks dtype, rank, tiling and the head-dim
+//!   stride, and wraps a clone of its cubecl `Handle` with its strides; `Layout::Bnhd` swaps the
+//!   strides of dims 1 and 2.
+//! - [`from_attn`]: wraps an attn tensor's handle as a burn tensor (contiguous or strided, as the
+//!   attn view says). Under fusion it is registered with the fusion server through a zero-input
+//!   custom operation, the mechanism `burn-backend-extension` uses for custom ops.
+//!
+//! Fusion on or off: the `burn` facade's default features turn burn-cubecl's `fusion` on
+//! (`burn/default` -> `burn-tensor/default` -> `burn-dispatch/default` -> `burn-cubecl?/default`),
+//! making burn's cubecl backend `burn_fusion::Fusion<CubeBackend>` (float primitive: a lazy
+//! `FusionTensor`) instead of `CubeBackend` (float primitive: `CubeTensor`). [`CubeKind`] is
+//! implemented for both, keyed on the backend type, so this module compiles either way.
+//!
+//! While attn holds a handle clone, `Handle::can_mut` is false, so burn never reuses the buffer in
+//! place under a view. Ordering across streams (fusion runs its kernels on its own thread and
+//! cubecl stream, attn launches on the caller's) is cubecl's: a handle records the stream that
+//! wrote it, and binding it on another stream waits on that stream's event.
+
+use super::Layout;
+use crate::cubecl::zspace::metadata::Metadata;
+use crate::tensor::contiguous_strides;
+use crate::{AttnError, ComputeClient, Element, Tensor};
+
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{Cube, CubeBackend, CubeDevice};
+use burn_dispatch::DispatchDevice;
+use burn_fusion::client::GlobalFusionClient;
+use burn_fusion::custom::{CustomOpIr, HandleContainer, OperationIr, StreamId, TensorId, TensorIr};
+use burn_fusion::{ExecutionError, Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_tensor::{DType, Device, Shape};
+
+/// The burn this module is built against.
+pub use burn_tensor;
+
+/// burn's dtype for an attn element type.
+pub fn burn_dtype<E: Element>() -> DType {
+    match E::DTYPE {
+        crate::DType::F32 => DType::F32,
+        crate::DType::F16 => DType::F16,
+        crate::DType::BF16 => DType::BF16,
+    }
+}
+
+/// The cubecl device behind a burn device (an autodiff device answers for the one it wraps).
+///
+/// Errors: `Unsupported` for a device of another burn backend (Flex, remote, …).
+pub fn cube_device(device: &Device) -> Result<CubeDevice, AttnError> {
+    let device = device.clone().without_autodiff();
+    #[allow(unreachable_patterns)] // Cube can be the only dispatch backend compiled in.
+    match device.as_dispatch() {
+        DispatchDevice::Cube(device) => Ok(device.clone()),
+        other => Err(AttnError::Unsupported(format!(
+            "burn device {other:?} is not a cubecl device (wgpu, CUDA, ROCm, Metal, CPU)"
+        ))),
+    }
+}
+
+/// The cubecl client of a burn device: the very client burn's kernels run on, so attn's calls
+/// take it as is.
+pub fn client(device: &Device) -> Result<ComputeClient, AttnError> {
+    Ok(cube_device(device)?.client())
+}
+
+/// burn's cubecl backend, with or without fusion: how its float primitive becomes a `CubeTensor`
+/// and back. Implemented for `CubeBackend` and for `Fusion<B>` over a backend whose primitive is
+/// a `CubeTensor`; [`Cube`] is whichever of the two the build's features select.
+pub trait CubeKind {
+    /// The backend's float tensor primitive.
+    type Primitive;
+    /// The concrete cubecl tensor, once the work that writes it has been submitted.
+    fn into_cube(p: Self::Primitive) -> Result<CubeTensor, AttnError>;
+    /// Hands a cubecl tensor to the backend.
+    fn from_cube(t: CubeTensor) -> Self::Primitive;
+}
+
+impl CubeKind for CubeBackend {
+    type Primitive = CubeTensor;
+    fn into_cube(p: CubeTensor) -> Result<CubeTensor, AttnError> {
+        Ok(p)
+    }
+    fn from_cube(t: CubeTensor) -> CubeTensor {
+        t
+    }
+}
+
+impl<B> CubeKind for Fusion<B>
+where
+    B: FusionBackend<FloatTensorPrimitive = CubeTensor>,
+    B::FusionRuntime: FusionRuntime<FusionDevice = CubeDevice>,
+{
+    type Primitive = FusionTensor<B::FusionRuntime>;
+
+    fn into_cube(p: Self::Primitive) -> Result<CubeTensor, AttnError> {
+        // Drains this stream's queue up to the tensor and takes its handle, as a read does (no
+        // copy). `p` comes from a clone of the caller's tensor, so it is read-only here and
+        // stays registered with the fusion server.
+        let client = p.client.clone();
+        client.resolve_tensor_float::<B>(p).map_err(|e| {
+            AttnError::Launch(format!(
+                "burn could not run the work that writes a tensor: {e:?}"
+            ))
+        })
+    }
+
+    fn from_cube(t: CubeTensor) -> Self::Primitive {
+        let client = GlobalFusionClient::<B::FusionRuntime>::load(&t.device);
+        let id = client.create_empty_handle();
+        let out = TensorIr::uninit(id, t.meta.shape().clone(), t.dtype);
+        let desc = CustomOpIr::new("attn::from_attn", &[], &[out]);
+        let op = Publish::<B> {
+            id,
+            tensor: t,
+            _backend: core::marker::PhantomData,
+        };
+        let mut outputs = client.register(StreamId::current(), OperationIr::Custom(desc), op);
+        outputs.pop().expect("the operation declares one output")
+    }
+}
+
+/// A fusion operation with no inputs that publishes an existing cubecl tensor under `id`.
+struct Publish<B> {
+    id: TensorId,
+    tensor: CubeTensor,
+    _backend: core::marker::PhantomData<fn() -> B>,
+}
+
+impl<B> core::fmt::Debug for Publish<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "attn::Publish({:?}, {:?})", self.id, self.tensor)
+    }
+}
+
+impl<B> burn_fusion::stream::Operation<B::FusionRuntime> for Publish<B>
+where
+    B: FusionBackend<FloatTensorPrimitive = CubeTensor>,
+    B::FusionRuntime: FusionRuntime<FusionDevice = CubeDevice>,
+{
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) -> Result<(), ExecutionError> {
+        handles.register_float_tensor::<B>(&self.id, self.tensor.clone());
+        Ok(())
+    }
+}
+
+/// The `CubeTensor` behind a burn tensor: no copy (under fusion, the pending work that writes it
+/// is submitted first). An autodiff tensor is taken without its graph.
+///
+/// Errors: `Unsupported` for a tensor of another burn backend.
+pub fn to_cube(t: &burn_tensor::Tensor<4>) -> Result<CubeTensor, AttnError> {
+    let primitive = t
+        .clone()
+        .without_autodiff()
+        .try_into_primitive::<Cube>()
+        .map_err(|e| {
+            AttnError::Unsupported(format!("burn tensor is not on a cubecl device: {e:?}"))
+        })?;
+    <Cube as CubeKind>::into_cube(primitive)
+}
+
+/// A burn tensor over a `CubeTensor` (no copy).
+pub fn from_cube(t: CubeTensor) -> burn_tensor::Tensor<4> {
+    burn_tensor::Tensor::<4>::from_primitive::<Cube>(<Cube as CubeKind>::from_cube(t))
+}
+
+/// Views a rank-4 burn tensor of dtype `E` as an attn tensor, `layout` saying whether its dims
+/// are `[B, H, N, D]` or `[B, N, H, D]`: a clone of its cubecl handle with its own strides, no
+/// copy. `client` (see [`client`]) is the one to launch with.
+///
+/// Errors: `Unsupported` for a tensor not on a cubecl device or stored tiled; `Input` for a
+/// dtype other than `E`'s, a rank other than 4, or a head dim whose stride is not 1 (a
+/// `swap_dims` involving the last dim: make it contiguous first, e.g. with `x * 1`).
+pub fn to_attn<E: Element>(
+    t: &burn_tensor::Tensor<4>,
+    layout: Layout,
+) -> Result<Tensor<E>, AttnError> {
+    if t.dtype() != burn_dtype::<E>() {
+        return Err(dtype_error::<E>(t.dtype()));
+    }
+    cube_to_attn(&to_cube(t)?, layout)
+}
+
+/// [`to_attn`] on a `CubeTensor` already at hand.
+pub fn cube_to_attn<E: Element>(t: &CubeTensor, layout: Layout) -> Result<Tensor<E>, AttnError> {
+    if t.dtype != burn_dtype::<E>() {
+        return Err(dtype_error::<E>(t.dtype));
+    }
+    if t.meta.is_tiled() {
+        return Err(AttnError::Unsupported(
+            "burn tensor is stored tiled; attn reads row-major views".into(),
+        ));
+    }
+    let (shape, strides) = match (
+        <[usize; 4]>::try_from(t.meta.shape().as_slice()),
+        <[usize; 4]>::try_from(&t.meta.strides()[..]),
+    ) {
+        (Ok(shape), Ok(strides)) => layout.to_bhnd(shape, strides),
+        _ => {
+            return Err(AttnError::Input {
+                input: "burn tensor",
+                reason: format!(
+                    "shape {:?}; attention takes rank 4, [B, H, N, D] or [B, N, H, D]",
+                    t.meta.shape().as_slice()
+                ),
+            })
+        }
+    };
+    if strides[3] != 1 && shape[3] > 1 {
+        return Err(AttnError::Input {
+            input: "burn tensor",
+            reason: format!(
+                "head dim stride is {}; it must be 1 (make the tensor contiguous first)",
+                strides[3]
+            ),
+        });
+    }
+    // Elements reachable from the view's start: the binding honours the handle's offsets, and
+    // attn checks the view against this length before any launch.
+    let len = t.handle.size_in_used() as usize / size_of::<E>();
+    Ok(Tensor::from_raw_parts(
+        t.handle.clone(),
+        len,
+        shape,
+        strides,
+    ))
+}
+
+/// Hands an attn tensor (e.g. `Output::o`, contiguous `[B, H, N, D]`) to burn without a copy,
+/// on `device`, which must be the device whose client made the tensor's buffer.
+///
+/// Errors: `Unsupported` for a device that is not a cubecl device.
+pub fn from_attn<E: Element>(
+    t: &Tensor<E>,
+    device: &Device,
+) -> Result<burn_tensor::Tensor<4>, AttnError> {
+    Ok(from_cube(attn_to_cube(t, cube_device(device)?)))
+}
+
+/// The `CubeTensor` over an attn tensor's buffer, with its view's shape and strides.
+pub fn attn_to_cube<E: Element>(t: &Tensor<E>, device: CubeDevice) -> CubeTensor {
+    let client = device.client();
+    let shape = Shape::from(t.shape());
+    let dtype = burn_dtype::<E>();
+    let handle = t.handle().clone();
+    if t.strides() == contiguous_strides(t.shape()) {
+        CubeTensor::new_contiguous(client, device, shape, handle, dtype)
+    } else {
+        CubeTensor::new(
+            client,
+            handle,
+            Metadata::new(shape, t.strides()),
+            device,
+            dtype,
+        )
+    }
+}
+
+fn dtype_error<E: Element>(found: DType) -> AttnError {
+    AttnError::Input {
+        input: "burn tensor",
+        reason: format!(
+            "dtype is {found:?}, the variant runs {:?} (convert with `t.cast(DType::{:?})`)",
+            burn_dtype::<E>(),
+            burn_dtype::<E>()
+        ),
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds attn as a user's crate gets it: packages the workspace's crates (`cargo package`), then
+# builds `downstream/` against those packages and crates.io's cubecl (none of the workspace's
+# `[patch]`es) in the shared target folder.
+#
+#   bash scripts/downstream.sh          # package, run on the default back end, check the cuda feature
+#   bash scripts/downstream.sh package  # only package and unpack
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+target=${CARGO_TARGET_DIR:-$root/target}
+cargo package --workspace --no-verify --allow-dirty --quiet
+for crate in attn attn-dsl attn-macros attn-runtime attn-tune; do
+  rm -rf "$target/package/$crate-0.1.0"
+  tar -xzf "$target/package/$crate-0.1.0.crate" -C "$target/package"
+done
+[ "${1:-}" = package ] && exit 0
+# The workspace's versions of every shared dependency, so its compiled ones are reused.
+cp Cargo.lock downstream/Cargo.lock
+cd downstream
+export CARGO_TARGET_DIR=$target
+echo "== downstream: run on the default back end"
+cargo run --quiet
+echo "== downstream: cargo check --features cuda (crates.io cubecl, no patches)"
+bash "$root/scripts/setup.sh" --cuda >/dev/null
+CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000} cargo check --quiet --features cuda
+echo "downstream: ok"

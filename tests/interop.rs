@@ -1,0 +1,181 @@
+//! burn and candle tensors in and out of attn (features `burn` and `candle`), on the default back
+//! end: views without copies, both layouts, refusals with typed errors, and a forward pass on a
+//! framework's tensors giving the same bits as on uploaded slices.
+
+use attn::interop::burn::{burn_tensor, client as burn_client, from_attn as burn_out, to_attn};
+use attn::interop::candle::{candle_core, from_attn as candle_out, to_attn as candle_in};
+use attn::interop::Layout;
+use attn::reference::{random_vec, seeded_rng};
+use attn::{AttnError, Tensor};
+use burn_tensor::{DType, Device, Distribution, TensorData};
+
+attn::attention! {
+    /// GQA 2, causal, head dim 64, f32 (every back end runs it).
+    pub Gqa2 { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal }
+}
+
+fn burn_values(t: burn_tensor::Tensor<4>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().expect("read back")
+}
+
+/// A random `[B, N, H, D]` f32 burn tensor and its values.
+fn burn_random(shape: [usize; 4], device: &Device) -> burn_tensor::Tensor<4> {
+    burn_tensor::Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32))
+}
+
+#[test]
+fn burn_views_share_buffers_in_both_layouts() {
+    let device = Device::default();
+    let client = burn_client(&device).unwrap();
+    let x = burn_random([2, 17, 3, 64], &device); // [B, N, H, D]
+    let bhnd = burn_values(x.clone().swap_dims(1, 2));
+    let before = client
+        .memory_report(attn::cubecl::MemoryScope::Device)
+        .usage();
+    let view = to_attn::<f32>(&x, Layout::Bnhd).unwrap();
+    let after = client
+        .memory_report(attn::cubecl::MemoryScope::Device)
+        .usage();
+    assert_eq!(view.shape(), [2, 3, 17, 64]);
+    assert_eq!(
+        after.bytes_in_use, before.bytes_in_use,
+        "a view allocates nothing"
+    );
+    assert_eq!(after.number_allocs, before.number_allocs);
+    assert_eq!(view.to_vec(&client), bhnd);
+    // The transposed burn tensor read as [B, H, N, D].
+    let t = x.clone().swap_dims(1, 2);
+    assert_eq!(
+        to_attn::<f32>(&t, Layout::Bhnd).unwrap().to_vec(&client),
+        bhnd
+    );
+    // Back to burn: the same buffer, the same values.
+    let back = burn_out(&view, &device).unwrap();
+    assert_eq!(back.dims(), [2, 3, 17, 64]);
+    assert_eq!(burn_values(back), bhnd);
+}
+
+#[test]
+fn burn_refusals_are_typed() {
+    let device = Device::default();
+    let x = burn_random([1, 5, 2, 64], &device);
+    let e = to_attn::<attn::f16>(&x, Layout::Bnhd).unwrap_err();
+    assert!(matches!(e, AttnError::Input { .. }), "{e}");
+    assert!(e.to_string().contains("dtype"), "{e}");
+    // The head dim strided (a transpose of the last two dims).
+    let e = to_attn::<f32>(&x.swap_dims(2, 3), Layout::Bnhd).unwrap_err();
+    assert!(matches!(e, AttnError::Input { .. }), "{e}");
+    assert!(e.to_string().contains("stride"), "{e}");
+}
+
+#[test]
+fn forward_on_burn_tensors_matches_uploaded_slices() {
+    let device = Device::default();
+    let client = burn_client(&device).unwrap();
+    let (mut rng, _) = seeded_rng("interop-burn");
+    let (b, n, hq, hkv, d) = (2, 77, 4, 2, 64);
+    let qh: Vec<f32> = random_vec(&mut rng, b * n * hq * d);
+    let kh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let vh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let burn = |data: &Vec<f32>, h: usize| {
+        burn_tensor::Tensor::<4>::from_data(
+            TensorData::new(data.clone(), [b, n, h, d]),
+            (&device, DType::F32),
+        )
+    };
+    let (q, k, v) = (burn(&qh, hq), burn(&kh, hkv), burn(&vh, hkv));
+    let out = Gqa2::forward(
+        &client,
+        &to_attn(&q, Layout::Bnhd).unwrap(),
+        &to_attn(&k, Layout::Bnhd).unwrap(),
+        &to_attn(&v, Layout::Bnhd).unwrap(),
+    )
+    .unwrap();
+    let from_burn = burn_values(burn_out(&out.o, &device).unwrap());
+    let direct = Gqa2::forward(
+        &client,
+        &Tensor::from_slice_bnhd(&client, &qh, [b, n, hq, d]).unwrap(),
+        &Tensor::from_slice_bnhd(&client, &kh, [b, n, hkv, d]).unwrap(),
+        &Tensor::from_slice_bnhd(&client, &vh, [b, n, hkv, d]).unwrap(),
+    )
+    .unwrap();
+    let direct = direct.o.to_vec(&client);
+    assert!(from_burn.iter().all(|x| x.is_finite()));
+    assert!(
+        from_burn
+            .iter()
+            .zip(&direct)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the same kernel on the same values gives the same bits"
+    );
+}
+
+fn candle_values(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Every path (contiguous, transposed view, narrowed view, broadcast, packed copy) gives the
+/// values in attn's `[B, H, N, D]` order, and back.
+#[test]
+fn candle_round_trips() {
+    use candle_core::{DType, Device};
+    let client = attn::default_client();
+    let (b, h, n, d) = (2, 3, 5, 64);
+    let x = candle_core::Tensor::randn(0f32, 1f32, (b, n, h, d), &Device::Cpu).unwrap();
+    let want = candle_values(&x.transpose(1, 2).unwrap());
+    let cases = [
+        (x.clone(), Layout::Bnhd),
+        (x.transpose(1, 2).unwrap(), Layout::Bhnd),
+        (
+            x.transpose(1, 2).unwrap().contiguous().unwrap(),
+            Layout::Bhnd,
+        ),
+    ];
+    for (t, layout) in cases {
+        let a = candle_in::<f32>(&client, &t, layout).unwrap();
+        assert_eq!(a.shape(), [b, h, n, d]);
+        assert_eq!(a.to_vec(&client), want, "{layout:?} {:?}", t.stride());
+        assert_eq!(
+            candle_values(&candle_out(&client, &a, &Device::Cpu).unwrap()),
+            want
+        );
+    }
+    // A narrowed sequence range (a start offset), and a strided head dim (packed once).
+    let part = x.narrow(1, 1, 3).unwrap();
+    let a = candle_in::<f32>(&client, &part, Layout::Bnhd).unwrap();
+    assert_eq!(
+        a.to_vec(&client),
+        candle_values(&part.transpose(1, 2).unwrap())
+    );
+    let y = candle_core::Tensor::randn(0f32, 1f32, (b, n, d, h), &Device::Cpu).unwrap();
+    let odd = y.transpose(2, 3).unwrap();
+    let a = candle_in::<f32>(&client, &odd, Layout::Bnhd).unwrap();
+    assert_eq!(
+        a.to_vec(&client),
+        candle_values(&odd.transpose(1, 2).unwrap())
+    );
+    // A broadcast over heads (stride 0): uploaded as is, smaller than its element count.
+    let one = x
+        .narrow(2, 0, 1)
+        .unwrap()
+        .broadcast_as((b, n, h, d))
+        .unwrap();
+    let a = candle_in::<f32>(&client, &one, Layout::Bnhd).unwrap();
+    assert!(a.buffer_len() < b * n * h * d);
+    assert_eq!(
+        a.to_vec(&client),
+        candle_values(&one.transpose(1, 2).unwrap())
+    );
+    // Refusals: another dtype, another rank.
+    let e = candle_in::<attn::f16>(&client, &x, Layout::Bnhd).unwrap_err();
+    assert!(matches!(e, AttnError::Input { .. }), "{e}");
+    let e = candle_in::<f32>(&client, &x.flatten_from(2).unwrap(), Layout::Bnhd).unwrap_err();
+    assert!(matches!(e, AttnError::Input { .. }), "{e}");
+    let bf = x.to_dtype(DType::BF16).unwrap();
+    assert_eq!(
+        candle_in::<attn::bf16>(&client, &bf, Layout::Bnhd)
+            .unwrap()
+            .shape(),
+        [b, h, n, d]
+    );
+}
