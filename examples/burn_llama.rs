@@ -1,6 +1,8 @@
 //! A Llama-style attention block written in burn, its attention step run three ways: burn ops
-//! only (repeat K/V heads, Q·Kᵀ·scale, causal mask, softmax, ·V), burn's own fused
-//! `module::attention`, and attn's kernel on burn's own buffers (zero-copy, `attn::interop::burn`).
+//! only (repeat K/V heads, Q·Kᵀ·scale, causal mask, softmax, ·V), burn's own
+//! `module::attention` (cubek's flash kernels when burn's autotuning is on, as with the `burn`
+//! crate's default features and attn's `burn-fusion` feature; its unfused fallback otherwise), and
+//! attn's kernel on burn's own buffers (zero-copy, `attn::interop::burn`).
 //!
 //! x [B, N, Dm] -> q/k/v projections -> RoPE -> GQA causal attention -> output projection.
 //!
@@ -195,8 +197,9 @@ fn attention_burn(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     probs.matmul(v)
 }
 
-/// The attention step through burn's own fused op (`burn_tensor::module::attention`: cubek flash
-/// kernels with autotune on the cubecl backend, GQA by head index, causal by flag). `[B, Hq, N, D]`.
+/// The attention step through burn's own op (`burn_tensor::module::attention`: GQA by head
+/// index, causal by flag; cubek's flash kernels when burn autotunes, else its unfused fallback).
+/// `[B, Hq, N, D]`.
 fn attention_burn_builtin(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let options = AttentionModuleOptions {
         scale: None, // 1/sqrt(head_dim)
@@ -268,7 +271,7 @@ fn check<V: Variant>(device: &Device, dtype: DType) -> bool {
         ("attn", attention_attn::<V>(&q, &k, &v)),
         ("burn ops", attention_burn(q.clone(), k.clone(), v.clone())),
         (
-            "burn fused",
+            "burn attn op",
             attention_burn_builtin(q.clone(), k.clone(), v.clone()),
         ),
     ] {
@@ -346,7 +349,7 @@ fn time<V: Variant>(c: &Config, device: &Device, dtype: DType) {
     let o_burn = step("burn ops", &|| {
         attention_burn(q.clone(), k.clone(), v.clone())
     });
-    let o_fused = step("burn fused", &|| {
+    let o_fused = step("burn attn op", &|| {
         attention_burn_builtin(q.clone(), k.clone(), v.clone())
     });
     let o_attn = step("attn", &|| attention_attn::<V>(&q, &k, &v));
@@ -358,7 +361,7 @@ fn time<V: Variant>(c: &Config, device: &Device, dtype: DType) {
     };
     let y_burn = y(o_burn);
     let scale = y_burn.iter().fold(0f32, |m, x| m.max(x.abs()));
-    for (name, o) in [("burn fused", o_fused), ("attn", o_attn)] {
+    for (name, o) in [("burn attn op", o_fused), ("attn", o_attn)] {
         let diff = y_burn
             .iter()
             .zip(&y(o))

@@ -298,5 +298,20 @@ fn main() -> Res<()> {
         max_abs_diff(&y_attn, &y64)?,
         max_abs_diff(&y_candle, &y64)?
     );
+    // FlashAttention's criterion: attn's error against float64 within twice that of the plain
+    // computation in the same precision (candle's f32 ops here), plus a small floor.
+    let (kernel, naive) = (
+        max_abs_diff(&o_attn, &o64_same_inputs)?,
+        max_abs_diff(&o_candle, &o64_same_inputs)?,
+    );
+    let bound = 2.0 * naive + attn::reference::error_floor::<f32>();
+    let passed = kernel <= bound;
+    println!(
+        "{}: attn's error {kernel:.3e} against the bound {bound:.3e}",
+        if passed { "PASS" } else { "FAIL" }
+    );
+    if !passed {
+        std::process::exit(1);
+    }
     Ok(())
 }
