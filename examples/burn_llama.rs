@@ -334,9 +334,15 @@ fn time<V: Variant>(c: &Config, device: &Device, dtype: DType) {
     // stream, attn on the caller's, so both are waited for.
     let client = attn_client(device).expect("a cubecl device");
     let finish = |o: &Tensor<4>| {
-        to_cube(o).expect("burn ran the step");
+        let o = to_cube(o).expect("burn ran the step");
         device.sync().expect("sync");
         attn::sync(&client).expect("sync");
+        // A launch that failed (or was skipped because its inputs failed) leaves the output
+        // unwritten: such a time would be no measurement.
+        if let Err(e) = client.check([&o.handle]) {
+            println!("  the step's output was never written: {e}");
+            std::process::exit(1);
+        }
     };
     let step = |name: &str, f: &dyn Fn() -> Tensor<4>| -> Tensor<4> {
         let o = f(); // warm-up: kernel compilation, autotune, attn's tuning
