@@ -81,6 +81,13 @@ pub struct TuneArgs {
 
 /// Runs the command line of this process; the exit code says whether everything succeeded.
 pub fn main() -> ExitCode {
+    // What the library decides goes through `tracing`; the command shows its warnings (a cache
+    // moved aside, a cache of other devices only, a missing fast path) on stderr.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
