@@ -10,9 +10,12 @@ cd "$(dirname "$0")/.."
 root=$PWD
 target=${CARGO_TARGET_DIR:-$root/target}
 cargo package --workspace --no-verify --allow-dirty --quiet
+# Unpacked where downstream/Cargo.toml's [patch] expects them, wherever the target folder is.
+packages=$root/downstream/packages
+mkdir -p "$packages"
 for crate in attn attn-dsl attn-macros attn-runtime attn-tune; do
-  rm -rf "$target/package/$crate-0.1.0"
-  tar -xzf "$target/package/$crate-0.1.0.crate" -C "$target/package"
+  rm -rf "${packages:?}/$crate-0.1.0"
+  tar -xzf "$target/package/$crate-0.1.0.crate" -C "$packages"
 done
 [ "${1:-}" = package ] && exit 0
 # The workspace's versions of every shared dependency, so its compiled ones are reused.
