@@ -70,7 +70,7 @@ impl Config {
             }
         }
         assert!(
-            c.heads_q % GROUP == 0,
+            c.heads_q.is_multiple_of(GROUP),
             "--heads must be a multiple of {GROUP}"
         );
         c

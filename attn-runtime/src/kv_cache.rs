@@ -130,7 +130,7 @@ impl<E: Element> KvCache<E> {
                 ));
             }
         }
-        if max_pages == 0 || block_table.len() % max_pages != 0 {
+        if max_pages == 0 || !block_table.len().is_multiple_of(max_pages) {
             return Err(kv_error(
                 "block_table",
                 format!(

@@ -492,10 +492,10 @@ pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling
     };
     let config = kernel_config(spec, tiling);
     let hw = &client.properties().hardware;
-    let dims = |d: u32| d % PANEL as u32 == 0 && d <= 256;
+    let dims = |d: u32| d.is_multiple_of(PANEL as u32) && d <= 256;
     let fits = features.tma.contains(Tma::Base)
         && (tiling.block_q == 64 || tiling.block_q == 128)
-        && tiling.block_kv % 16 == 0
+        && tiling.block_kv.is_multiple_of(16)
         && (64..=256).contains(&tiling.block_kv)
         && dims(spec.head_dim)
         && dims(spec.value_dim)
@@ -551,9 +551,11 @@ pub fn copy_engine_layout(
     elem_bytes: usize,
     offset_bytes: usize,
 ) -> bool {
-    offset_bytes % 16 == 0
+    offset_bytes.is_multiple_of(16)
         && strides[3] == 1
-        && strides[..3].iter().all(|s| (s * elem_bytes) % 16 == 0)
+        && strides[..3]
+            .iter()
+            .all(|s| (s * elem_bytes).is_multiple_of(16))
         && shape.iter().all(|&n| n > 0 && n <= i32::MAX as usize)
 }
 
@@ -581,10 +583,10 @@ pub fn cmma_engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tilin
         });
     let config = kernel_config(spec, tiling);
     let hw = &client.properties().hardware;
-    let fits = tiling.block_q % mma == 0
-        && tiling.block_kv % mma == 0
-        && spec.head_dim % mma == 0
-        && spec.value_dim % mma == 0
+    let fits = tiling.block_q.is_multiple_of(mma)
+        && tiling.block_kv.is_multiple_of(mma)
+        && spec.head_dim.is_multiple_of(mma)
+        && spec.value_dim.is_multiple_of(mma)
         && config.planes() as u32 * 32 <= hw.max_units_per_cube
         && config.tensor_core_shared_bytes(2) <= hw.max_shared_memory_size;
     if has_cores && fits && hw.plane_size_max == 32 && forced_engine() != Some("portable") {

@@ -114,13 +114,14 @@ pub fn to_attn<E: CandleElement>(
         }
         let (shape, strides) = layout.to_bhnd(dims, stride4(l.stride()));
         let reach = span(shape, strides);
-        if strides[3] == 1 {
-            if reach <= MAX_SPAN_RATIO.saturating_mul(count) && start + reach <= data.len() {
-                let window = &data[start..start + reach];
-                let bytes = <E as cubecl::CubeElement>::as_bytes(window);
-                let handle = client.create_from_slice(bytes);
-                return Ok(Tensor::from_raw_parts(handle, reach, shape, strides));
-            }
+        if strides[3] == 1
+            && reach <= MAX_SPAN_RATIO.saturating_mul(count)
+            && start + reach <= data.len()
+        {
+            let window = &data[start..start + reach];
+            let bytes = <E as cubecl::CubeElement>::as_bytes(window);
+            let handle = client.create_from_slice(bytes);
+            return Ok(Tensor::from_raw_parts(handle, reach, shape, strides));
         }
     }
     // One host copy packs the view (candle's strided copy), then the contiguous path.

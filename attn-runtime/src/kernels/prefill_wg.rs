@@ -42,6 +42,8 @@
 //! the block's visible range are never loaded, empty steps skip the math, full steps skip the
 //! mask arithmetic. Heavy causal blocks are scheduled first.
 
+// `%` stays in `#[cube]` code: cubecl's frontend expands operators, not `is_multiple_of`.
+#![allow(clippy::manual_is_multiple_of)]
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
 #![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
