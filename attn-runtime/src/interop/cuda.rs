@@ -84,7 +84,7 @@ pub unsafe fn export<E: Element>(
             needed: shape.iter().product(),
         });
     }
-    if dst == 0 || dst % size_of::<E>() as u64 != 0 {
+    if dst == 0 || !dst.is_multiple_of(size_of::<E>() as u64) {
         return Err(AttnError::Input {
             input: "dst",
             reason: format!("device pointer {dst:#x} is null or not aligned to its element"),
@@ -119,7 +119,7 @@ fn check_view<E: Element>(view: &CudaView, operand: Operand) -> Result<(), AttnE
             stride: view.strides[3],
         });
     }
-    if view.ptr == 0 || view.ptr % size_of::<E>() as u64 != 0 {
+    if view.ptr == 0 || !view.ptr.is_multiple_of(size_of::<E>() as u64) {
         return Err(AttnError::Input {
             input: "ptr",
             reason: format!(
