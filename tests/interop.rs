@@ -25,6 +25,22 @@ fn burn_random(shape: [usize; 4], device: &Device) -> burn_tensor::Tensor<4> {
     burn_tensor::Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32))
 }
 
+/// The same kernel on the same values gives the same bits, every one written (finite).
+fn assert_same_bits(from_burn: &[f32], direct: &[f32], what: &str) {
+    assert_eq!(from_burn.len(), direct.len(), "{what}");
+    assert!(
+        from_burn.iter().all(|x| x.is_finite()),
+        "{what}: every output written"
+    );
+    assert!(
+        from_burn
+            .iter()
+            .zip(direct)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}: the same kernel on the same values gives the same bits"
+    );
+}
+
 #[test]
 fn burn_views_share_buffers_in_both_layouts() {
     let device = Device::default();
@@ -99,14 +115,7 @@ fn forward_on_burn_tensors_matches_uploaded_slices() {
     )
     .unwrap();
     let direct = direct.o.to_vec(&client);
-    assert!(from_burn.iter().all(|x| x.is_finite()));
-    assert!(
-        from_burn
-            .iter()
-            .zip(&direct)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "the same kernel on the same values gives the same bits"
-    );
+    assert_same_bits(&from_burn, &direct, "forward");
 }
 
 fn candle_values(t: &candle_core::Tensor) -> Vec<f32> {
@@ -214,12 +223,5 @@ fn decode_on_a_burn_cache_matches_uploaded_slices() {
             .unwrap();
     let direct = Gqa2::decode(&client, &upload(&qh, nq, hq), &direct_cache).unwrap();
     let direct = direct.o.to_vec(&client);
-    assert!(from_burn.iter().all(|x| x.is_finite()));
-    assert!(
-        from_burn
-            .iter()
-            .zip(&direct)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "the same decode on the same values gives the same bits"
-    );
+    assert_same_bits(&from_burn, &direct, "decode");
 }

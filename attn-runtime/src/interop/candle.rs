@@ -138,36 +138,11 @@ pub fn from_attn<E: CandleElement>(
     t: &Tensor<E>,
     device: &candle_core::Device,
 ) -> Result<candle_core::Tensor, AttnError> {
-    vec_to_candle(t.to_vec(client), &t.shape(), device)
-}
-
-/// As [`from_attn`], in the given layout: `Layout::Bnhd` returns the `[B, N, H, D]` view
-/// (`transpose(1, 2)`, no copy; a following `reshape((b, n, h * d))` packs it once).
-pub fn from_attn_as<E: CandleElement>(
-    client: &ComputeClient,
-    t: &Tensor<E>,
-    layout: Layout,
-    device: &candle_core::Device,
-) -> Result<candle_core::Tensor, AttnError> {
-    let out = from_attn(client, t, device)?;
-    match layout {
-        Layout::Bhnd => Ok(out),
-        Layout::Bnhd => out
-            .transpose(1, 2)
-            .map_err(|e| candle_error("attn output", e)),
-    }
+    candle_core::Tensor::from_vec(t.to_vec(client), &t.shape(), device)
+        .map_err(|e| candle_error("attn output", e))
 }
 
 /// A candle stride list of a rank-4 tensor as an array.
 fn stride4(s: &[usize]) -> [usize; 4] {
     [s[0], s[1], s[2], s[3]]
-}
-
-/// Moves host data (e.g. an attn `to_vec`) into a candle tensor of `shape` on `device`.
-pub fn vec_to_candle<E: CandleElement>(
-    data: Vec<E>,
-    shape: &[usize],
-    device: &candle_core::Device,
-) -> Result<candle_core::Tensor, AttnError> {
-    candle_core::Tensor::from_vec(data, shape, device).map_err(|e| candle_error("attn output", e))
 }
