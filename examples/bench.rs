@@ -380,7 +380,7 @@ fn run<V: Variant>(
         println!(
             "  {} {:?}: median {median:.3} ms",
             tiling.name(),
-            attn::launch::engine_for(client, &spec, tiling)
+            family(client, &spec, tiling)
         );
         if best.as_ref().is_none_or(|b| median < sorted_median(&b.1)) {
             best = Some((tiling, times, first_ms));
@@ -401,7 +401,7 @@ fn run<V: Variant>(
         "{name}: {} tile {} ({:?}): median {median:.3} ms, {:.1} TFLOP/s (call with sync {latency_ms:.3} ms; first call {first_ms:.0} ms)",
         spec.name,
         tiling.name(),
-        attn::launch::engine_for(client, &spec, tiling),
+        family(client, &spec, tiling),
         flops / median / 1e9
     );
 
@@ -525,7 +525,7 @@ fn check_layout<V: Variant>(
     };
     let mut pass = verify("tuned", attn::forward::<V>(client, &q, &k, &v, &inputs));
     for tiling in attn::runnable_tilings(client, &spec) {
-        if attn::launch::engine_for(client, &spec, tiling) != attn::launch::Engine::Warpgroup {
+        if family(client, &spec, tiling) != Some(attn::blueprint::Family::Warpgroup) {
             continue;
         }
         // Poisoned, so an unwritten element fails.
@@ -652,7 +652,7 @@ fn describe_device(client: &ComputeClient) {
         println!(
             "Mha128 {}: {:?}",
             tiling.name(),
-            attn::launch::engine_for(client, &Mha128::SPEC, tiling)
+            family(client, &Mha128::SPEC, tiling)
         );
     }
 }
@@ -777,4 +777,14 @@ fn first_call_of<V: Variant>(client: &attn::ComputeClient, started: Instant, cli
         seq - seq / 8 - 3,
         started.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// The kernel family that runs `tiling` for `spec` on this device (operands the copy engine
+/// reads), if any.
+fn family(
+    client: &ComputeClient,
+    spec: &attn::VariantSpec,
+    tiling: attn::Tiling,
+) -> Option<attn::blueprint::Family> {
+    attn::blueprint::family_for(client, spec, tiling, true).ok()
 }

@@ -13,7 +13,7 @@ cargo package --workspace --no-verify --allow-dirty --quiet
 # Unpacked where downstream/Cargo.toml's [patch] expects them, wherever the target folder is.
 packages=$root/downstream/packages
 mkdir -p "$packages"
-for crate in attn attn-dsl attn-macros attn-runtime attn-tune; do
+for crate in attn attn-types attn-dsl attn-macros attn-runtime attn-tune; do
   rm -rf "${packages:?}/$crate-0.1.0"
   tar -xzf "$target/package/$crate-0.1.0.crate" -C "$packages"
 done

@@ -688,7 +688,7 @@ fn tuned_forward_and_every_tuner_candidate_match_the_reference() {
     let dir = std::env::temp_dir().join(format!("attn-numerics-tune-{}", std::process::id()));
     assert!(attn::tune::cache::use_dir(&dir), "no tuned call ran before");
     let spec = Everything::SPEC;
-    let candidates = attn::tune::candidates(&client, &spec).expect("candidates");
+    let candidates = attn::tune::candidates(&client, &spec, true).expect("candidates");
     assert!(
         candidates.len() > 1,
         "the composed variant has several candidates here, so the tuned call really tunes"

@@ -1,9 +1,21 @@
-//! Snapshots of what we generate for every example variant: the macro's expansion, and the GPU
-//! source cubecl emits for its kernels at the variant's first tile shape — CUDA C++ of the portable
-//! and the tensor-core kernel for an sm_90 device model, and WGSL for the portable back end — all
-//! produced without a GPU. The example variants are declared in `examples/variants/`, which both
-//! the examples and this test include, so the source is generated from the very types users get
-//! (their `#[cube]` mask and score hooks included).
+//! Snapshots of what we generate, kept small enough that a change reads as a diff:
+//!
+//! - the macro's expansion of every example variant (`expansion__*`);
+//! - the GPU source of the kernel that actually runs, for a few representative variants, produced
+//!   without a GPU: WGSL of the portable kernel (what the wgpu back end runs, CI included) for
+//!   MQA at head dim 64; CUDA C++ of the tensor-core kernel (NVIDIA before Hopper) for GQA causal,
+//!   a softcapped window at head dim 256, packed documents, and sinks with a window; CUDA C++ of
+//!   the decode kernel (GQA causal) and of its combine step (the variants' own mask and score
+//!   expressions show in their expansions, as the `#[cube]` hooks the kernels inline);
+//! - a digest of every kernel of every example variant (`digests`): lines, a hash of the
+//!   normalised source and counts of the operations that matter (barriers, exponentials, matrix
+//!   instructions, bulk copies), including the warpgroup kernel Hopper runs, whose cubecl IR is
+//!   tens of thousands of lines of unrolled register code. A change to any kernel moves its
+//!   digest; the full sources above show how.
+//!
+//! The example variants are declared in `examples/variants/`, which both the examples and this
+//! test include, so the source is generated from the very types users get (their `#[cube]` mask
+//! and score hooks included).
 //!
 //! Review changes with `cargo insta review`. Two things cubecl emits are not stable and are
 //! normalised before comparison: value names (`v123`, renumbered in order of first appearance;
@@ -43,32 +55,80 @@ mod variants {
     }
 }
 
-/// The GPU source of one variant's kernels.
-struct Sources {
-    cuda: String,
-    cuda_tensor_cores: Option<String>,
-    wgsl: Option<String>,
+/// Which kernels of a variant the test writes out in full (the rest are digests only).
+#[derive(Copy, Clone, Default)]
+struct Full {
+    /// WGSL of the portable kernel.
+    wgsl: bool,
+    /// CUDA C++ of the tensor-core kernel.
+    tensor_cores: bool,
 }
 
-fn sources<V: Variant>() -> Sources {
-    let tiling = V::SPEC.tilings[0];
-    Sources {
-        cuda: attn::codegen::cuda_source::<V>(tiling),
-        // The tensor-core kernel serves f16 and bf16.
-        cuda_tensor_cores: (V::SPEC.dtype != DType::F32)
-            .then(|| attn::codegen::cuda_source_tensor_cores::<V>(tiling)),
-        // WGSL has no bf16.
-        #[cfg(feature = "wgpu")]
-        wgsl: (V::SPEC.dtype != DType::BF16).then(|| attn::codegen::wgsl_source::<V>(tiling)),
-        #[cfg(not(feature = "wgpu"))]
-        wgsl: None,
+/// The kernels of one variant: `(kernel name, source)`; `full` says which get a snapshot of their
+/// own.
+fn kernels<V: Variant>(full: Full) -> Vec<(&'static str, String, bool)> {
+    let spec = V::SPEC;
+    let tiling = spec.tilings[0];
+    let mut kernels = vec![(
+        "portable_cuda",
+        canonical_names(&attn::codegen::cuda_source::<V>(tiling)),
+        false,
+    )];
+    // WGSL has no bf16.
+    #[cfg(feature = "wgpu")]
+    if spec.dtype != DType::BF16 {
+        let wgsl = attn::codegen::wgsl_source::<V>(tiling);
+        kernels.push(("portable_wgsl", canonical_names(&wgsl), full.wgsl));
     }
+    #[cfg(not(feature = "wgpu"))]
+    let _ = full.wgsl;
+    // The 16-bit families.
+    if spec.dtype != DType::F32 {
+        let tc = attn::codegen::cuda_source_tensor_cores::<V>(tiling);
+        kernels.push(("tensor_core_cuda", canonical_names(&tc), full.tensor_cores));
+        if let Some(wg) = warpgroup_tiling(&spec) {
+            let ir = attn::codegen::warpgroup_ir::<V>(wg);
+            kernels.push((
+                "warpgroup_ir",
+                canonical_names(&without_ir_types(&ir)),
+                false,
+            ));
+        }
+    }
+    kernels
 }
 
-/// `(file stem, variant name, its sources)` for every example variant.
+/// The first declared tile shape the warpgroup kernel runs at the variant's head dims (sm_90).
+fn warpgroup_tiling(spec: &attn::VariantSpec) -> Option<attn::Tiling> {
+    let dims = |d: u32| d.is_multiple_of(64) && d <= 256;
+    spec.tilings.iter().copied().find(|t| {
+        (t.block_q == 64 || t.block_q == 128)
+            && t.block_kv.is_multiple_of(16)
+            && (64..=256).contains(&t.block_kv)
+            && dims(spec.head_dim)
+            && dims(spec.value_dim)
+            && (spec.value_dim <= 128 || t.block_kv <= 64)
+    })
+}
+
+/// `(file stem, variant name, which kernels in full, its kernels)` for every example variant.
+type Entry = (
+    &'static str,
+    &'static str,
+    Full,
+    fn(Full) -> Vec<(&'static str, String, bool)>,
+);
+
 macro_rules! registry {
-    ($($file:ident :: $variant:ident),* $(,)?) => {
-        vec![$((stringify!($file), stringify!($variant), sources::<variants::$file::$variant> as fn() -> Sources)),*] as Vec<(&str, &str, fn() -> Sources)>
+    (@full) => { Full::default() };
+    (@full $full:expr) => { $full };
+    ($($file:ident :: $variant:ident $(: $full:expr)?),* $(,)?) => {
+        vec![$((
+            stringify!($file),
+            stringify!($variant),
+            registry!(@full $($full)?),
+            kernels::<variants::$file::$variant> as fn(Full) -> Vec<(&'static str, String, bool)>,
+        )),*] as Vec<Entry>
     };
 }
 
@@ -94,21 +154,47 @@ fn declarations(file: &Path) -> Vec<proc_macro2::TokenStream> {
         .collect()
 }
 
+/// One digest line: lines, an FNV-1a hash of the source and counts of the marker strings.
+fn digest(kernel: &str, variant: &str, source: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in source.bytes() {
+        hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let markers: &[&str] = match kernel {
+        "warpgroup_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
+        "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],
+        _ => &["__syncthreads", "exp", "mma"],
+    };
+    let counts: Vec<String> = markers
+        .iter()
+        .map(|m| format!("{m}×{}", source.matches(m).count()))
+        .collect();
+    format!(
+        "{kernel:<17} {variant:<36} {:>6} lines  {hash:016x}  {}",
+        source.lines().count(),
+        counts.join(" ")
+    )
+}
+
 #[test]
 fn example_variants() {
+    let tc = Full {
+        tensor_cores: true,
+        ..Full::default()
+    };
     let registry = registry![
         alibi::Alibi,
         alibi::AlibiGiven,
-        gemma2::Gemma2Local,
+        gemma2::Gemma2Local: tc,
         gemma2::Gemma2Global,
-        llama3::Llama3,
+        llama3::Llama3: tc,
         llama3::Llama3F16,
         mha::Mha64,
         mistral::Mistral,
         mistral::MistralSmallWindow,
-        mqa::Mqa64,
-        packed_documents::PackedCausal,
-        sinks::SinkWindow,
+        mqa::Mqa64: Full { wgsl: true, tensor_cores: false },
+        packed_documents::PackedCausal: tc,
+        sinks::SinkWindow: tc,
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/variants");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -118,11 +204,14 @@ fn example_variants() {
         .collect();
     files.sort();
     let mut names = Vec::new();
+    let mut digests = Vec::new();
+    let mut declared = 0;
     for file in files {
         let stem = file.file_stem().unwrap().to_string_lossy().into_owned();
         for body in declarations(&file) {
             let plans = attn_dsl::analyse(body).unwrap_or_else(|(e, _)| panic!("{stem}: {e}"));
             for plan in &plans {
+                declared += 1;
                 let variant = plan.spec.name.to_string();
                 let name = format!("{stem}__{variant}");
                 let expansion = format!("expansion__{name}");
@@ -131,95 +220,72 @@ fn example_variants() {
                     attn_dsl::pretty(&attn_dsl::codegen::variant(plan))
                 );
                 names.push(expansion);
-                let Some((_, _, make)) = registry
+                let Some((_, _, full, make)) = registry
                     .iter()
-                    .find(|(f, v, _)| *f == stem && *v == variant)
+                    .find(|(f, v, _, _)| *f == stem && *v == variant)
                 else {
                     panic!("{stem}::{variant} is not in this test's registry: add it");
                 };
-                let sources = make();
-                let cuda_name = format!("cuda__{name}");
-                insta::assert_snapshot!(cuda_name.clone(), canonical_names(&sources.cuda));
-                names.push(cuda_name);
-                if let Some(source) = sources.cuda_tensor_cores {
-                    let tc_name = format!("cuda_tc__{name}");
-                    insta::assert_snapshot!(tc_name.clone(), canonical_names(&source));
-                    names.push(tc_name);
-                }
-                if let Some(source) = sources.wgsl {
-                    let wgsl_name = format!("wgsl__{name}");
-                    insta::assert_snapshot!(wgsl_name.clone(), canonical_names(&source));
-                    names.push(wgsl_name);
+                for (kernel, source, whole) in make(*full) {
+                    digests.push(digest(kernel, &name, &source));
+                    if whole {
+                        let snapshot = format!("{kernel}__{name}");
+                        insta::assert_snapshot!(snapshot.clone(), source);
+                        names.push(snapshot);
+                    }
                 }
             }
         }
     }
-    assert!(
-        names.len() >= 3 * registry.len(),
-        "expected every example variant, found {names:?}"
+    assert_eq!(
+        declared,
+        registry.len(),
+        "every example variant is in the registry, and only those"
     );
-    names.extend(decode_kernels());
-    names.extend(warpgroup_kernels());
+    digests.extend(decode_kernels(&mut names));
+    insta::assert_snapshot!("digests", digests.join("\n"));
+    names.push("digests".to_string());
     reject_unreferenced(&names);
 }
 
-/// The decode family: the decode kernel of the Llama-3 variant (GQA, causal) and of Mistral
-/// (sliding window) for the sm_90 model at the CUDA default tile, the f16 form in WGSL at a CI tile,
-/// and the combine step.
-fn decode_kernels() -> Vec<String> {
+/// The decode family: the decode kernel of the Llama-3 variant (GQA, causal) in full and of
+/// Mistral (sliding window) as a digest, for the sm_90 model at the CUDA default tile; the f16
+/// form in WGSL as a digest; the combine step in full. Returns the digests.
+fn decode_kernels(names: &mut Vec<String>) -> Vec<String> {
     use attn::DecodeTiling;
-    let cuda_tile = DecodeTiling {
+    let tile = DecodeTiling {
         rows: 4,
         units: 128,
         chunk: 8,
     };
-    let wgsl_tile = DecodeTiling {
-        rows: 4,
-        units: 128,
-        chunk: 8,
-    };
-    let mut sources = vec![
-        (
-            "decode_cuda__llama3__Llama3",
-            attn::codegen::decode_cuda_source::<variants::llama3::Llama3>(cuda_tile),
-        ),
-        (
-            "decode_cuda__mistral__Mistral",
-            attn::codegen::decode_cuda_source::<variants::mistral::Mistral>(cuda_tile),
-        ),
-        (
-            "combine_cuda__bf16_d128",
-            attn::codegen::combine_cuda_source::<attn::bf16>(128, false),
-        ),
+    let llama =
+        canonical_names(&attn::codegen::decode_cuda_source::<variants::llama3::Llama3>(tile));
+    let mistral = canonical_names(&attn::codegen::decode_cuda_source::<
+        variants::mistral::Mistral,
+    >(tile));
+    let combine = canonical_names(&attn::codegen::combine_cuda_source::<attn::bf16>(
+        128, false,
+    ));
+    let mut digests = vec![
+        digest("decode_cuda", "llama3__Llama3", &llama),
+        digest("decode_cuda", "mistral__Mistral", &mistral),
+        digest("combine_cuda", "bf16_d128", &combine),
     ];
     #[cfg(feature = "wgpu")]
     {
-        sources.push((
-            "decode_wgsl__llama3__Llama3F16",
-            attn::codegen::decode_wgsl_source::<variants::llama3::Llama3F16>(wgsl_tile),
-        ));
+        let wgsl = canonical_names(&attn::codegen::decode_wgsl_source::<
+            variants::llama3::Llama3F16,
+        >(tile));
+        digests.push(digest("decode_wgsl", "llama3__Llama3F16", &wgsl));
     }
-    sources
-        .into_iter()
-        .map(|(name, source)| {
-            insta::assert_snapshot!(name, canonical_names(&source));
-            name.to_string()
-        })
-        .collect()
-}
-
-/// The warpgroup prefill kernel (Hopper: wgmma fed by bulk tensor copies) of the Llama-3 variant
-/// (GQA, causal) at 64 × 64, as cubecl's IR: that kernel has no CUDA C++ form in cubecl (its LLVM
-/// back end compiles it), and the IR of larger tiles only repeats the unrolled register code.
-fn warpgroup_kernels() -> Vec<String> {
-    let tile = attn::Tiling {
-        block_q: 64,
-        block_kv: 64,
-    };
-    let name = "wg_ir__llama3__Llama3";
-    let source = attn::codegen::warpgroup_ir::<variants::llama3::Llama3>(tile);
-    insta::assert_snapshot!(name, canonical_names(&without_ir_types(&source)));
-    vec![name.to_string()]
+    for (name, source) in [
+        ("decode_cuda__llama3__Llama3", llama),
+        ("combine_cuda__bf16_d128", combine),
+    ] {
+        insta::assert_snapshot!(name, source);
+        names.push(name.to_string());
+    }
+    digests
 }
 
 /// cubecl's IR with the type signature dropped from the end of each operation (` [..] [..]: <..>`
@@ -320,7 +386,7 @@ fn reject_unreferenced(names: &[String]) {
         };
         let known = names.iter().any(|n| n == name);
         // Without the wgpu feature the WGSL snapshots are not produced, but they are not stale.
-        let other_backend = cfg!(not(feature = "wgpu")) && name.starts_with("wgsl__");
+        let other_backend = cfg!(not(feature = "wgpu")) && name.starts_with("portable_wgsl__");
         assert!(
             known || other_backend,
             "unreferenced snapshot {file}: delete it or restore its variant"

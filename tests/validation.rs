@@ -309,12 +309,12 @@ fn unsupported_dtype_is_an_error_not_a_crash() {
 
 #[test]
 fn f32_and_devices_without_tensor_cores_use_the_portable_kernel() {
-    use attn::launch::{engine_for, Engine};
+    use attn::blueprint::{family_for, Family};
     let c = client();
     let tiling = attn::select_tiling(&c, &Mha::SPEC).unwrap();
     assert_eq!(
-        engine_for(&c, &Mha::SPEC, tiling),
-        Engine::Portable,
+        family_for(&c, &Mha::SPEC, tiling, true).unwrap(),
+        Family::Portable,
         "f32 always runs the portable kernel"
     );
     let f16_cores =
@@ -323,7 +323,10 @@ fn f32_and_devices_without_tensor_cores_use_the_portable_kernel() {
         });
     if !f16_cores {
         let tiling = attn::select_tiling(&c, &Half::SPEC).unwrap();
-        assert_eq!(engine_for(&c, &Half::SPEC, tiling), Engine::Portable);
+        assert_eq!(
+            family_for(&c, &Half::SPEC, tiling, true).unwrap(),
+            Family::Portable
+        );
     }
 }
 

@@ -43,7 +43,7 @@ pub fn check_tiles_fit_shared_memory(cx: &Ctxt, spec: &Spec) {
     for tile in &spec.tiles {
         let bytes = tile
             .value
-            .shared_bytes(spec.head_dim.value, spec.value_dim());
+            .portable_shared_bytes(spec.head_dim.value, spec.value_dim());
         if bytes > kw::MAX_SHARED_BYTES {
             cx.error_at(
                 tile.span,

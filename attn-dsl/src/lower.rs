@@ -8,7 +8,9 @@ use syn::{Ident, LitInt, Token};
 use crate::ctxt::Ctxt;
 use crate::expr::{check_closure, ClosureKind, Extent, InputDecl, Ty};
 use crate::keywords as kw;
-use crate::spec::{Alibi, Alignment, DType, Heads, MaskDecl, Spanned, Spec, TileShape, WindowDecl};
+use crate::spec::{
+    Alibi, CausalAlignment, DType, HeadGrouping, MaskDecl, Spanned, Spec, Tiling, WindowDecl,
+};
 use crate::syntax::RawVariant;
 
 /// Interprets one raw variant; `None` when a required setting is missing or unreadable (the
@@ -127,12 +129,12 @@ fn parse_with<T>(
     }
 }
 
-fn parse_heads(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<Heads>>> {
+fn parse_heads(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<HeadGrouping>>> {
     let name: Ident = input.parse()?;
     let span = name.span();
     let value = match name.to_string().as_str() {
-        kw::HEADS_MHA => Heads::Mha,
-        kw::HEADS_MQA => Heads::Mqa,
+        kw::HEADS_MHA => HeadGrouping::Mha,
+        kw::HEADS_MQA => HeadGrouping::Mqa,
         kw::HEADS_GQA => {
             if input.is_empty() {
                 return Err(syn::Error::new(
@@ -170,7 +172,7 @@ fn parse_heads(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<Head
                     );
                     return Ok(None);
                 }
-                _ => Heads::Gqa { group },
+                _ => HeadGrouping::Gqa { group },
             }
         }
         other => {
@@ -264,8 +266,8 @@ fn parse_mask(
                     syn::parenthesized!(args in input);
                     let align: Ident = args.parse()?;
                     match align.to_string().as_str() {
-                        kw::ALIGN_BOTTOM_RIGHT => Alignment::BottomRight,
-                        kw::ALIGN_TOP_LEFT => Alignment::TopLeft,
+                        kw::ALIGN_BOTTOM_RIGHT => CausalAlignment::BottomRight,
+                        kw::ALIGN_TOP_LEFT => CausalAlignment::TopLeft,
                         other => {
                             return Err(syn::Error::new(
                                 align.span(),
@@ -278,7 +280,7 @@ fn parse_mask(
                         }
                     }
                 } else {
-                    Alignment::BottomRight
+                    CausalAlignment::BottomRight
                 };
                 if mask.causal.is_some() {
                     twice(cx);
@@ -543,7 +545,7 @@ fn positive(input: ParseStream, cx: &Ctxt, what: &str) -> syn::Result<Option<Spa
     Ok(Some(Spanned { value, span }))
 }
 
-fn parse_tiles(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<Spanned<TileShape>>>> {
+fn parse_tiles(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<Spanned<Tiling>>>> {
     let content;
     let bracket = syn::bracketed!(content in input);
     let mut tiles = Vec::new();
@@ -569,7 +571,7 @@ fn parse_tiles(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<Spanned<
 }
 
 /// `Q x KV`. The lexer reads `64x16` as one literal with suffix `x16`; both spellings are accepted.
-fn parse_tile(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<TileShape>>> {
+fn parse_tile(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<Tiling>>> {
     let q: LitInt = input.parse()?;
     let (block_q, block_kv, kv_span) = if q.suffix() == "" {
         let sep: Ident = input.parse()?;
@@ -617,7 +619,7 @@ fn parse_tile(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<TileS
         }
     }
     Ok(ok.then_some(Spanned {
-        value: TileShape { block_q, block_kv },
+        value: Tiling { block_q, block_kv },
         span,
     }))
 }

@@ -2,7 +2,7 @@
 //! occur, and the tile candidates in order of preference.
 
 use crate::expr::boundable;
-use crate::spec::{Spec, TileShape};
+use crate::spec::{Spec, Tiling};
 
 /// A phase of the prefill kernel, in execution order (each is one `#[cube]` function).
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
@@ -44,7 +44,7 @@ pub struct KernelPlan {
     /// Tile classes that can occur with this mask (partial always can: the ragged last tile).
     pub tile_classes: Vec<TileClass>,
     /// Tile candidates, the first valid on every device.
-    pub candidates: Vec<TileShape>,
+    pub candidates: Vec<Tiling>,
     /// Whether the custom mask expression can be bounded over a tile by interval reasoning (so
     /// tiles it rules out are skipped and tiles it keeps whole skip its arithmetic).
     pub custom_bounds: bool,
@@ -62,9 +62,9 @@ pub struct KernelPlan {
 /// accumulator in shared memory and round-trips `block_q × value_dim` of it every step, so short
 /// steps spend their time there (measured on the H200 at head dim 256: 64 × 64 took 39 % of the
 /// time of 64 × 16; bench/RESULTS.md).
-pub fn default_tiles(head_dim: u32) -> Vec<TileShape> {
+pub fn default_tiles(head_dim: u32) -> Vec<Tiling> {
     let kv = if head_dim <= 64 { 32 } else { 16 };
-    let tile = |block_q, block_kv| TileShape { block_q, block_kv };
+    let tile = |block_q, block_kv| Tiling { block_q, block_kv };
     if head_dim >= 192 {
         return vec![
             tile(64, 64),

@@ -3,41 +3,9 @@
 use proc_macro2::Span;
 use syn::{Attribute, Ident, Visibility};
 
+pub use attn_types::{Alibi, CausalAlignment, DType, HeadGrouping, Tiling};
+
 use crate::expr::{Closure, InputDecl};
-
-/// Head grouping as declared.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum Heads {
-    /// One K/V head per query head.
-    Mha,
-    /// `group` query heads per K/V head.
-    Gqa {
-        /// Query heads per K/V head (≥ 2).
-        group: u32,
-    },
-    /// One K/V head for all query heads.
-    Mqa,
-}
-
-/// Element type as declared.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum DType {
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    BF16,
-    /// IEEE single.
-    F32,
-}
-
-/// Causal diagonal alignment when query and key lengths differ.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum Alignment {
-    /// The last query sees every key.
-    BottomRight,
-    /// Query `i` sees keys `0..=i`.
-    TopLeft,
-}
 
 /// A sliding window as declared: keys `left` before and `right` after the query's position.
 #[derive(Copy, Clone, Debug)]
@@ -54,7 +22,7 @@ pub struct MaskDecl {
     /// `none`.
     pub none: Option<Span>,
     /// `causal` and its alignment.
-    pub causal: Option<Spanned<Alignment>>,
+    pub causal: Option<Spanned<CausalAlignment>>,
     /// `window(…)`.
     pub window: Option<Spanned<WindowDecl>>,
     /// `key_lengths`.
@@ -79,33 +47,9 @@ impl MaskDecl {
     }
 
     /// The alignment of the diagonal (causal's, else bottom-right).
-    pub fn alignment(&self) -> Alignment {
-        self.causal.map_or(Alignment::BottomRight, |c| c.value)
-    }
-}
-
-/// ALiBi slopes as declared.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum Alibi {
-    /// The standard geometric slopes.
-    Geometric,
-    /// Given per head at run time.
-    Given,
-}
-
-/// A tile shape: `block_q` query rows by `block_kv` keys.
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub struct TileShape {
-    /// Query rows.
-    pub block_q: u32,
-    /// Keys per step.
-    pub block_kv: u32,
-}
-
-impl TileShape {
-    /// Shared memory the portable kernel stages per cube: f32 K and V tiles.
-    pub const fn shared_bytes(&self, head_dim: u32, value_dim: u32) -> usize {
-        self.block_kv as usize * (head_dim + value_dim) as usize * 4
+    pub fn alignment(&self) -> CausalAlignment {
+        self.causal
+            .map_or(CausalAlignment::BottomRight, |c| c.value)
     }
 }
 
@@ -128,7 +72,7 @@ pub struct Spec {
     /// Name of the generated type.
     pub name: Ident,
     /// Head grouping.
-    pub heads: Spanned<Heads>,
+    pub heads: Spanned<HeadGrouping>,
     /// Head dimension of Q and K.
     pub head_dim: Spanned<u32>,
     /// Head dimension of V and O, when it differs.
@@ -150,7 +94,7 @@ pub struct Spec {
     /// Softmax scale, when given.
     pub scale: Option<Spanned<f64>>,
     /// Tile shapes, when given (else the planner's defaults).
-    pub tiles: Vec<Spanned<TileShape>>,
+    pub tiles: Vec<Spanned<Tiling>>,
 }
 
 impl Spec {

@@ -1,7 +1,7 @@
 //! Parse → lower → check → plan, without the macro.
 
 use attn_dsl::plan::{Phase, TileClass};
-use attn_dsl::spec::{Alibi, Alignment, DType, Heads, TileShape};
+use attn_dsl::spec::{Alibi, CausalAlignment, DType, HeadGrouping, Tiling};
 use quote::quote;
 
 fn errors(tokens: proc_macro2::TokenStream) -> Vec<String> {
@@ -21,20 +21,23 @@ fn a_full_declaration_plans() {
     assert_eq!(plans.len(), 1);
     let p = &plans[0];
     assert_eq!(p.spec.name, "Llama3");
-    assert_eq!(p.spec.heads.value, Heads::Gqa { group: 4 });
+    assert_eq!(p.spec.heads.value, HeadGrouping::Gqa { group: 4 });
     assert_eq!(p.spec.head_dim.value, 128);
     assert_eq!(p.spec.dtype.value, DType::BF16);
-    assert_eq!(p.spec.mask.causal.unwrap().value, Alignment::BottomRight);
+    assert_eq!(
+        p.spec.mask.causal.unwrap().value,
+        CausalAlignment::BottomRight
+    );
     assert!(p.spec.mask.window.is_none() && p.spec.mask.custom.is_none());
     assert_eq!(p.spec.scale.unwrap().value, 0.125);
     assert_eq!(
         p.candidates,
         vec![
-            TileShape {
+            Tiling {
                 block_q: 64,
                 block_kv: 16
             },
-            TileShape {
+            Tiling {
                 block_q: 32,
                 block_kv: 16
             }
@@ -60,7 +63,7 @@ fn defaults_fill_mask_scale_and_tiles() {
     assert_eq!(p.tile_classes, vec![TileClass::Full, TileClass::Partial]);
     let first = p.candidates[0];
     assert!(
-        first.shared_bytes(64, 64) <= 32 * 1024,
+        first.portable_shared_bytes(64, 64) <= 32 * 1024,
         "the first default runs on every back end"
     );
 }
@@ -71,7 +74,10 @@ fn top_left_alignment() {
         quote! { M { heads: mha, head_dim: 64, dtype: f32, mask: causal(top_left) } },
     )
     .unwrap_or_else(|(e, _)| panic!("{e}"));
-    assert_eq!(plans[0].spec.mask.causal.unwrap().value, Alignment::TopLeft);
+    assert_eq!(
+        plans[0].spec.mask.causal.unwrap().value,
+        CausalAlignment::TopLeft
+    );
 }
 
 #[test]
@@ -281,7 +287,7 @@ fn every_head_dim_has_a_default_tile_every_back_end_runs() {
         assert!(
             tiles
                 .iter()
-                .any(|t| t.shared_bytes(d, d) <= 32 * 1024 && t.block_q <= 1024),
+                .any(|t| t.portable_shared_bytes(d, d) <= 32 * 1024 && t.block_q <= 1024),
             "head_dim {d}: no default shape fits 32 KiB of shared memory: {tiles:?}"
         );
     }

@@ -12,14 +12,21 @@ use cubecl::prelude::*;
 use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
-use crate::kernels::combine::{combine_splits, CombineConfig};
-use crate::kernels::decode::{
-    decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeTiling,
+use crate::blueprint::{prefill_config, Family};
+use crate::kernels::common::context::{
+    ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
 };
-use crate::kernels::prefill::{prefill_forward, PrefillArgsCompilationArg, PrefillConfig};
-use crate::kernels::prefill_tc::prefill_forward_tc;
-use crate::kernels::prefill_wg::{prefill_forward_wg, WARPGROUP_UNITS};
-use crate::launch::{kernel_config, Engine};
+use crate::kernels::decode::combine::{combine_splits, CombineConfig, PartsCompilationArg};
+use crate::kernels::decode::{
+    decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeOperandsCompilationArg,
+    DecodeOutputsCompilationArg, DecodeTiling,
+};
+use crate::kernels::prefill::portable::prefill_forward;
+use crate::kernels::prefill::tensor_core::prefill_forward_tc;
+use crate::kernels::prefill::warpgroup::{
+    prefill_forward_wg, TmaOperandsCompilationArg, TmaOutputsCompilationArg,
+};
+use crate::kernels::prefill::PrefillConfig;
 use crate::variant::{Tiling, Variant};
 
 /// The properties of an H100/H200-class GPU (sm_90): 132 SMs, 227 KiB shared memory per block,
@@ -88,8 +95,8 @@ pub fn sm90_device_model() -> DeviceProperties {
 /// back end takes: the warpgroup MMAs and bulk tensor copies have no CUDA C++ form in cubecl, so
 /// this is what the snapshots record for this kernel.
 pub fn warpgroup_ir<V: Variant>(tiling: Tiling) -> String {
-    let config = kernel_config(&V::SPEC, tiling);
-    let def = definition::<V>(Engine::Warpgroup, config, sm90_device_model());
+    let config = prefill_config(&V::SPEC, tiling);
+    let def = definition::<V>(Family::Warpgroup, config, sm90_device_model());
     let errors = def.body.pop_errors();
     assert!(
         errors.is_empty(),
@@ -98,53 +105,67 @@ pub fn warpgroup_ir<V: Variant>(tiling: Tiling) -> String {
     def.body.to_string()
 }
 
-/// The kernel definition of `V`'s prefill kernel of `engine` for `config` on a device with
+/// The kernel definition of `V`'s prefill kernel of `family` for `config` on a device with
 /// `props`.
 fn definition<V: Variant>(
-    engine: Engine,
+    family: Family,
     config: PrefillConfig,
     props: DeviceProperties,
 ) -> KernelDefinition {
-    // The kernel families take the same arguments; they differ in the kernel, the cube shape and
-    // how Q, K and V arrive (plain tensors, or tensor maps for the copy engine, which carry no
-    // compilation argument); the warpgroup kernel also takes O as a tensor map.
-    macro_rules! define {
-        ($kernel:ty, $cube_dim:expr, $qkv:expr $(, $o_map:expr)?) => {
-            <$kernel>::new(
-                settings($cube_dim),
-                Arc::new(props),
-                Arc::new(TargetProperties::default()),
-                $qkv,
-                $qkv,
-                $qkv,
-                $($o_map,)?
-                tensor_compilation_arg(),
-                tensor_compilation_arg(),
-                tensor_compilation_arg(),
-                tensor_compilation_arg(),
-                args_compilation_arg(),
-                config,
-            )
-            .define()
-        };
-    }
-    match engine {
-        Engine::Portable => define!(
-            prefill_forward::PrefillForward<V::Elem, V::Hooks>,
-            CubeDim::new_1d(config.tiling.block_q),
-            tensor_compilation_arg()
-        ),
-        Engine::TensorCores => define!(
-            prefill_forward_tc::PrefillForwardTc<V::Elem, V::Hooks>,
-            CubeDim::new_2d(32, config.planes() as u32),
-            tensor_compilation_arg()
-        ),
-        Engine::Warpgroup => define!(
-            prefill_forward_wg::PrefillForwardWg<V::Elem, V::Hooks>,
-            CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
-            (),
-            ()
-        ),
+    let settings = settings(family.cube_dim(&config));
+    let (props, target) = (Arc::new(props), Arc::new(TargetProperties::default()));
+    let operands = || OperandsCompilationArg {
+        q: tensor_compilation_arg(),
+        k: tensor_compilation_arg(),
+        v: tensor_compilation_arg(),
+    };
+    let outputs = || OutputsCompilationArg {
+        o: tensor_compilation_arg(),
+        lse: tensor_compilation_arg(),
+    };
+    match family {
+        Family::Portable => prefill_forward::PrefillForward::<V::Elem, V::Hooks>::new(
+            settings,
+            props,
+            target,
+            operands(),
+            outputs(),
+            inputs_compilation_arg(),
+            args_compilation_arg(),
+            config,
+        )
+        .define(),
+        Family::TensorCores => prefill_forward_tc::PrefillForwardTc::<V::Elem, V::Hooks>::new(
+            settings,
+            props,
+            target,
+            operands(),
+            outputs(),
+            inputs_compilation_arg(),
+            args_compilation_arg(),
+            config,
+        )
+        .define(),
+        // Tensor maps carry no compilation argument.
+        Family::Warpgroup => prefill_forward_wg::PrefillForwardWg::<V::Elem, V::Hooks>::new(
+            settings,
+            props,
+            target,
+            TmaOperandsCompilationArg {
+                q: (),
+                k: (),
+                v: (),
+            },
+            TmaOutputsCompilationArg {
+                o_map: (),
+                o: tensor_compilation_arg(),
+                lse: tensor_compilation_arg(),
+            },
+            inputs_compilation_arg(),
+            args_compilation_arg(),
+            config,
+        )
+        .define(),
     }
 }
 
@@ -155,10 +176,10 @@ fn settings(cube_dim: CubeDim) -> KernelSettings {
 
 /// The CUDA C++ cubecl generates for `V`'s tensor-core prefill kernel with `tiling` (sm_90 model).
 pub fn cuda_source_tensor_cores<V: Variant>(tiling: Tiling) -> String {
-    let config = kernel_config(&V::SPEC, tiling);
+    let config = prefill_config(&V::SPEC, tiling);
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(
-            definition::<V>(Engine::TensorCores, config, sm90_device_model()),
+            definition::<V>(Family::TensorCores, config, sm90_device_model()),
             &CompilationOptions::default(),
         )
         .expect("the tensor-core prefill kernel compiles to CUDA C++")
@@ -172,11 +193,18 @@ fn tensor_compilation_arg() -> TensorCompilationArg {
     }
 }
 
-fn args_compilation_arg() -> PrefillArgsCompilationArg {
-    PrefillArgsCompilationArg {
+fn inputs_compilation_arg() -> RunInputsCompilationArg {
+    RunInputsCompilationArg {
+        ints: tensor_compilation_arg(),
+        floats: tensor_compilation_arg(),
+        slot_len: (),
+    }
+}
+
+fn args_compilation_arg() -> ArgsCompilationArg {
+    ArgsCompilationArg {
         scale: (),
         group: (),
-        slot_len: (),
         window_left: (),
         window_right: (),
         softcap: (),
@@ -187,8 +215,8 @@ fn args_compilation_arg() -> PrefillArgsCompilationArg {
 
 /// The CUDA C++ cubecl generates for `V`'s portable prefill kernel with `tiling` (sm_90 model).
 pub fn cuda_source<V: Variant>(tiling: Tiling) -> String {
-    let config = kernel_config(&V::SPEC, tiling);
-    let def = definition::<V>(Engine::Portable, config, sm90_device_model());
+    let config = prefill_config(&V::SPEC, tiling);
+    let def = definition::<V>(Family::Portable, config, sm90_device_model());
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(def, &CompilationOptions::default())
         .expect("the prefill kernel compiles to CUDA C++")
@@ -199,12 +227,12 @@ pub fn cuda_source<V: Variant>(tiling: Tiling) -> String {
 /// end's form).
 #[cfg(feature = "wgpu")]
 pub fn wgsl_source<V: Variant>(tiling: Tiling) -> String {
-    let config = kernel_config(&V::SPEC, tiling);
+    let config = prefill_config(&V::SPEC, tiling);
     let mut props = sm90_device_model();
     props.hardware.plane_size_min = 8;
     props.hardware.plane_size_max = 8;
     props.hardware.max_shared_memory_size = 32 * 1024;
-    let def = definition::<V>(Engine::Portable, config, props);
+    let def = definition::<V>(Family::Portable, config, props);
     cubecl::wgpu::WgslCompiler
         .compile(def, &Default::default())
         .expect("the prefill kernel compiles to WGSL")
@@ -232,15 +260,18 @@ fn decode_definition<V: Variant>(
         settings(CubeDim::new_1d(tiling.units)),
         Arc::new(props),
         Arc::new(TargetProperties::default()),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
+        DecodeOperandsCompilationArg {
+            q: tensor_compilation_arg(),
+            k: tensor_compilation_arg(),
+            v: tensor_compilation_arg(),
+            table: tensor_compilation_arg(),
+        },
+        DecodeOutputsCompilationArg {
+            o: tensor_compilation_arg(),
+            lse: tensor_compilation_arg(),
+            part_o: tensor_compilation_arg(),
+        },
+        inputs_compilation_arg(),
         args_compilation_arg(),
         DecodeArgsCompilationArg {
             queries: (),
@@ -291,12 +322,15 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
         settings(CubeDim::new_1d(64)),
         Arc::new(sm90_device_model()),
         Arc::new(TargetProperties::default()),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        tensor_compilation_arg(),
-        (),
+        PartsCompilationArg {
+            o: tensor_compilation_arg(),
+            lse: tensor_compilation_arg(),
+        },
+        OutputsCompilationArg {
+            o: tensor_compilation_arg(),
+            lse: tensor_compilation_arg(),
+        },
+        inputs_compilation_arg(),
         (),
         (),
         config,
@@ -316,8 +350,8 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
 pub fn warpgroup_ptx<V: Variant>(tiling: Tiling) -> Result<String, String> {
     use cubecl::cuda::compiler::CudaBackend;
     use cubecl::cuda::{CudaCompilationOptions, CudaCompiler, CudaRepresentation};
-    let config = kernel_config(&V::SPEC, tiling);
-    let def = definition::<V>(Engine::Warpgroup, config, sm90_device_model());
+    let config = prefill_config(&V::SPEC, tiling);
+    let def = definition::<V>(Family::Warpgroup, config, sm90_device_model());
     let mut options = CudaCompilationOptions {
         arch: Some(cubecl::ir::nvidia::SmArch::new(90, true)),
         ..Default::default()

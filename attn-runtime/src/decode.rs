@@ -13,14 +13,18 @@ use cubecl::prelude::*;
 
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
-use crate::kernels::combine::{combine_splits, merge_states, CombineConfig};
+use crate::kernels::common::OutputsLaunch;
+use crate::kernels::decode::combine::{
+    combine_splits, merge_states, CombineConfig, MergeConfig, PartsLaunch,
+};
 use crate::kernels::decode::{
-    decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeTiling, KV_VECTOR,
+    decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeOperandsLaunch, DecodeOutputsLaunch,
+    DecodeTiling, KV_VECTOR,
 };
 use crate::kv_cache::{grid, KvCache};
 use crate::launch::{
-    flat_arg, is_cpu_emulated, kernel_args, tensor_arg, unsupported_dtype, upload_inputs, Lse,
-    Output,
+    flat_arg, is_cpu_emulated, kernel_args, run_inputs, tensor_arg, unsupported_dtype,
+    upload_inputs, Lse, Output,
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
@@ -32,8 +36,17 @@ pub const MAX_DECODE_QUERIES: usize = 16;
 /// Most query rows one decode cube packs: (head of a group, token) pairs.
 const MAX_ROWS: usize = 16;
 
-/// Loads issued together by default (`DecodeTiling::chunk`).
-const DEFAULT_CHUNK: u32 = 8;
+/// Loads issued together by default (`DecodeTiling::chunk`): 16 for cubes of at most 4 rows
+/// (one new token of a GQA-4 group), 8 above. On an H100 (bench/RESULTS.md, 2026-12-06) the
+/// sweep's fastest plan for 4 rows issued 16 in all five single-token cases, 1–4 % ahead of 8 at
+/// the same split; with 16 rows 8 stayed fastest (their scores take the registers).
+const fn default_chunk(rows: u32) -> u32 {
+    if rows <= 4 {
+        16
+    } else {
+        8
+    }
+}
 
 /// The fewest keys a split gets: below this, the combine step costs more than the parallelism
 /// brings.
@@ -239,7 +252,7 @@ pub fn default_tiling(
         DecodeTiling {
             rows,
             units,
-            chunk: DEFAULT_CHUNK,
+            chunk: default_chunk(rows),
         }
         .shared_bytes(spec.head_dim, spec.value_dim)
             <= hw.max_shared_memory_size
@@ -250,7 +263,7 @@ pub fn default_tiling(
     let tiling = DecodeTiling {
         rows,
         units,
-        chunk: DEFAULT_CHUNK,
+        chunk: default_chunk(rows),
     };
     if !fits(rows) || (spec.value_dim / KV_VECTOR as u32) > units {
         return Err(AttnError::Unsupported(format!(
@@ -429,7 +442,7 @@ pub(crate) fn launch_decode<V: Variant>(
         "decode launch"
     );
     let (page_size, max_pages, table) = cache.table_parts();
-    let args = kernel_args(spec, p, &call.packed);
+    let args = kernel_args(spec, p);
     let dargs = DecodeArgsLaunch::new(
         p.seq_q as u32,
         call.group_rows() as u32,
@@ -457,15 +470,18 @@ pub(crate) fn launch_decode<V: Variant>(
             client,
             cube_count,
             CubeDim::new_1d(tiling.units),
-            tensor_arg(q),
-            tensor_arg(cache.k()),
-            tensor_arg(cache.v()),
-            flat_arg(&table_handle, table.len()),
-            tensor_arg(&out.o),
-            tensor_arg(&part_lse),
-            tensor_arg(&part_o),
-            flat_arg(&ints, call.packed.ints.len()),
-            flat_arg(&floats, call.packed.floats.len()),
+            DecodeOperandsLaunch::new(
+                tensor_arg(q),
+                tensor_arg(cache.k()),
+                tensor_arg(cache.v()),
+                flat_arg(&table_handle, table.len()),
+            ),
+            DecodeOutputsLaunch::new(
+                tensor_arg(&out.o),
+                tensor_arg(&part_lse),
+                tensor_arg(&part_o),
+            ),
+            run_inputs(&ints, &floats, &call.packed),
             args,
             dargs,
             config,
@@ -483,13 +499,10 @@ pub(crate) fn launch_decode<V: Variant>(
                 client,
                 CubeCount::Static(p.seq_q as u32, p.heads_q as u32, p.batch as u32),
                 CubeDim::new_1d(UNITS),
-                tensor_arg(&part_o),
-                tensor_arg(&part_lse),
-                tensor_arg(&out.o),
-                tensor_arg(&out.lse.tensor),
-                flat_arg(&floats, call.packed.floats.len()),
+                PartsLaunch::new(tensor_arg(&part_o), tensor_arg(&part_lse)),
+                OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
+                run_inputs(&ints, &floats, &call.packed),
                 splits as u32,
-                call.packed.slot_len as u32,
                 f32::NEG_INFINITY,
                 combine,
             );
@@ -551,16 +564,15 @@ pub fn merge<E: Element>(
             client,
             grid(elements, UNITS),
             CubeDim::new_1d(UNITS),
-            tensor_arg(&a.o),
-            tensor_arg(&a.lse.tensor),
-            tensor_arg(&b.o),
-            tensor_arg(&b.lse.tensor),
-            tensor_arg(&out.o),
-            tensor_arg(&out.lse.tensor),
+            OutputsLaunch::new(tensor_arg(&a.o), tensor_arg(&a.lse.tensor)),
+            OutputsLaunch::new(tensor_arg(&b.o), tensor_arg(&b.lse.tensor)),
+            OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
             elements as u32,
             f32::NEG_INFINITY,
-            shape[3] as u32,
-            UNITS,
+            MergeConfig {
+                value_dim: shape[3] as u32,
+                units: UNITS,
+            },
         );
     }
     Ok(out)

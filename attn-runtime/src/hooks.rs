@@ -5,9 +5,11 @@
 //! Indices are `i32` and relative to the sequence (or document): `b` is the batch entry (or
 //! document), `h` the query head, `q` and `k` the query's and key's positions. The run-time inputs
 //! a variant declares live in two flat device buffers, one `i32` and one `f32`, in slots of
-//! `slot_len` values ([`crate::inputs::slots`]).
+//! `slot_len` values ([`crate::inputs::slots`]), passed to every hook as one [`RunInputs`].
 
 use cubecl::prelude::*;
+
+pub use crate::kernels::common::RunInputs;
 
 /// Tile class: no pair of the tile takes part; the tile is never loaded.
 pub const TILE_EMPTY: u32 = 0;
@@ -16,48 +18,34 @@ pub const TILE_PARTIAL: u32 = 1;
 /// Tile class: every pair takes part; no mask arithmetic.
 pub const TILE_FULL: u32 = 2;
 
+/// The tile a mask classification covers: queries `q_lo..=q_hi` and keys `k_lo..=k_hi`
+/// (sequence positions).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct TileBounds {
+    /// First query.
+    pub q_lo: i32,
+    /// Last query.
+    pub q_hi: i32,
+    /// First key.
+    pub k_lo: i32,
+    /// Last key.
+    pub k_hi: i32,
+}
+
 /// A variant's `#[cube]` mask and score expressions, and the tile classification derived from
-/// its mask expression by interval reasoning.
+/// its mask expression by interval reasoning. `inputs` holds the call's run-time inputs.
 #[cube]
 pub trait Hooks: Send + Sync + 'static {
     /// Whether key `k` is visible to query `q` of head `h` in batch entry `b`.
-    fn mask(
-        b: i32,
-        h: i32,
-        q: i32,
-        k: i32,
-        ints: &Tensor<i32>,
-        floats: &Tensor<f32>,
-        slot_len: u32,
-    ) -> bool;
+    fn mask(b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs) -> bool;
 
     /// The modified logit `s` (already scaled) of query `q` and key `k`.
-    #[allow(clippy::too_many_arguments)]
-    fn score(
-        s: f32,
-        b: i32,
-        h: i32,
-        q: i32,
-        k: i32,
-        ints: &Tensor<i32>,
-        floats: &Tensor<f32>,
-        slot_len: u32,
-    ) -> f32;
+    fn score(s: f32, b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs) -> f32;
 
-    /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over the tile of
-    /// queries `q_lo..=q_hi` and keys `k_lo..=k_hi`; [`TILE_PARTIAL`] whenever unsure.
-    #[allow(clippy::too_many_arguments)]
-    fn classify(
-        b: i32,
-        h: i32,
-        q_lo: i32,
-        q_hi: i32,
-        k_lo: i32,
-        k_hi: i32,
-        ints: &Tensor<i32>,
-        floats: &Tensor<f32>,
-        slot_len: u32,
-    ) -> u32;
+    /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over `tile`;
+    /// [`TILE_PARTIAL`] whenever unsure.
+    fn classify(b: i32, h: i32, tile: TileBounds, inputs: &RunInputs) -> u32;
 }
 
 /// The hooks of a variant without expressions: every pair visible, logits unchanged.
@@ -66,42 +54,15 @@ pub struct NoHooks;
 
 #[cube]
 impl Hooks for NoHooks {
-    fn mask(
-        _b: i32,
-        _h: i32,
-        _q: i32,
-        _k: i32,
-        _ints: &Tensor<i32>,
-        _floats: &Tensor<f32>,
-        _slot_len: u32,
-    ) -> bool {
+    fn mask(_b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs) -> bool {
         true
     }
 
-    fn score(
-        s: f32,
-        _b: i32,
-        _h: i32,
-        _q: i32,
-        _k: i32,
-        _ints: &Tensor<i32>,
-        _floats: &Tensor<f32>,
-        _slot_len: u32,
-    ) -> f32 {
+    fn score(s: f32, _b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs) -> f32 {
         s
     }
 
-    fn classify(
-        _b: i32,
-        _h: i32,
-        _q_lo: i32,
-        _q_hi: i32,
-        _k_lo: i32,
-        _k_hi: i32,
-        _ints: &Tensor<i32>,
-        _floats: &Tensor<f32>,
-        _slot_len: u32,
-    ) -> u32 {
+    fn classify(_b: i32, _h: i32, _tile: TileBounds, _inputs: &RunInputs) -> u32 {
         TILE_FULL
     }
 }

@@ -10,7 +10,7 @@
 use cubecl::prelude::*;
 
 use crate::error::{AttnError, Operand};
-use crate::kernels::append::append_tokens;
+use crate::kernels::append::{append_tokens, AppendConfig, CacheSlotsLaunch};
 use crate::launch::{flat_arg, tensor_arg};
 use crate::problem::check_view;
 use crate::tensor::{ComputeClient, Element, Tensor};
@@ -400,13 +400,17 @@ impl<E: Element> KvCache<E> {
                     CubeDim::new_1d(UNITS),
                     tensor_arg(src),
                     tensor_arg(dst),
-                    flat_arg(&table_handle, table.len()),
-                    flat_arg(&starts_handle, starts.len()),
-                    flat_arg(&counts_handle, counts_i32.len()),
-                    page_size as u32,
-                    max_pages as u32,
-                    UNITS,
-                    self.is_paged(),
+                    CacheSlotsLaunch::new(
+                        flat_arg(&table_handle, table.len()),
+                        flat_arg(&starts_handle, starts.len()),
+                        flat_arg(&counts_handle, counts_i32.len()),
+                        page_size as u32,
+                        max_pages as u32,
+                    ),
+                    AppendConfig {
+                        units: UNITS,
+                        paged: self.is_paged(),
+                    },
                 );
             }
         }

@@ -2,14 +2,17 @@
 
 use cubecl::prelude::*;
 
+use crate::blueprint::{family_for, Blueprint, Candidate, Family};
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
-use crate::kernels::prefill::{prefill_forward, PrefillArgsLaunch, PrefillConfig};
-use crate::kernels::prefill_tc::{prefill_forward_tc, MMA};
-use crate::kernels::prefill_wg::{prefill_forward_wg, PANEL, WARPGROUP_ROWS, WARPGROUP_UNITS};
+use crate::kernels::common::{ArgsLaunch, OperandsLaunch, OutputsLaunch, RunInputsLaunch};
+use crate::kernels::prefill::config::{PANEL, WARPGROUP_ROWS};
+use crate::kernels::prefill::portable::prefill_forward;
+use crate::kernels::prefill::tensor_core::prefill_forward_tc;
+use crate::kernels::prefill::warpgroup::{prefill_forward_wg, TmaOperandsLaunch, TmaOutputsLaunch};
 use crate::problem::Problem;
 use crate::tensor::{contiguous_strides, supports, ComputeClient, Element, Tensor};
-use crate::variant::{DType, Tiling, Variant, VariantSpec};
+use crate::variant::{Tiling, Variant, VariantSpec};
 
 /// The log-sum-exp of each query row's scaled logits, `[batch, heads_q, seq_q]`, f32, contiguous.
 /// A row that sees no key holds −∞.
@@ -115,95 +118,80 @@ pub fn forward_with_tiling<V: Variant>(
 ) -> Result<(), AttnError> {
     let problem = Problem::new(&V::SPEC, q, k, v)?;
     let packed = pack(&V::SPEC, &problem, inputs)?;
-    check_tiling(client, &V::SPEC, tiling)?;
+    let candidate = Candidate::on(client, &V::SPEC, tiling, copy_engine_reads(q, k, v, out))?;
     check_output(&problem, out)?;
-    launch::<V>(client, &problem, &packed, tiling, q, k, v, out)
+    let blueprint = Blueprint::new(&V::SPEC, candidate, &problem, &packed);
+    launch::<V>(client, &blueprint, &problem, &packed, q, k, v, out)
 }
 
-/// The tile shapes of `spec` this device can run, in order of preference.
+/// The tile shapes of `spec` this device can run (on some kernel family), in order of
+/// preference.
 pub fn runnable_tilings(client: &ComputeClient, spec: &VariantSpec) -> Vec<Tiling> {
     spec.tilings
         .iter()
         .copied()
-        .filter(|t| check_tiling(client, spec, *t).is_ok())
+        .filter(|&t| family_for(client, spec, t, true).is_ok())
         .collect()
 }
 
-/// The tile shape `spec` runs with on this device until the tuner measures: the first candidate
-/// (declaration order is preference order) that the device's fastest kernel family can run
-/// (warpgroup, then 16×16×16 tensor cores, then portable). Preferring the family keeps a shape that
-/// only fits a slower kernel from displacing one on a faster kernel. On the warpgroup kernel at
-/// head dim 64 the 64-row tile goes first (see `preferred_tiling`).
+/// The tile shape `spec` runs with on this device until the tuner measures (operands the copy
+/// engine can read): [`select_candidate`]'s.
 pub fn select_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
-    let ranked: Vec<(Tiling, u8)> = spec
+    select_candidate(client, spec, true).map(|c| c.tiling)
+}
+
+/// The candidate `spec` runs with on this device until the tuner measures: the first declared
+/// tile shape (declaration order is preference order) that the device's fastest kernel family
+/// runs (warpgroup — for operands the copy engine reads — then 16×16×16 tensor cores, then
+/// portable). Preferring the family keeps a shape that only fits a slower kernel from displacing
+/// one on a faster kernel. On the warpgroup kernel at head dim 64 the 64-row tile goes first (see
+/// `preferred_tiling`).
+pub fn select_candidate(
+    client: &ComputeClient,
+    spec: &VariantSpec,
+    copy_engine: bool,
+) -> Result<Candidate, AttnError> {
+    let ranked: Vec<Candidate> = spec
         .tilings
         .iter()
-        .filter(|t| check_tiling(client, spec, **t).is_ok())
-        .map(|&t| (t, engine_for(client, spec, t).rank()))
+        .filter_map(|&t| Candidate::on(client, spec, t, copy_engine).ok())
         .collect();
-    if let Some(tiling) = preferred_tiling(&ranked, spec.head_dim) {
-        return Ok(tiling);
+    if let Some(candidate) = preferred_tiling(&ranked, spec.head_dim) {
+        return Ok(candidate);
     }
     let first_error = spec
         .tilings
         .iter()
-        .find_map(|t| check_tiling(client, spec, *t).err());
+        .find_map(|&t| family_for(client, spec, t, copy_engine).err());
     Err(first_error
         .unwrap_or_else(|| AttnError::Unsupported(format!("{} declares no tile shape", spec.name))))
 }
 
-/// The untuned pick among `(tile, engine rank)` pairs the device runs: the first tile of the
-/// fastest family, except that on the warpgroup kernel at head dim 64 or less the 64-row tile
-/// with the longest steps goes first. There a cube of one warpgroup is faster than two taking
-/// turns: their MMAs are too short to hide each other's softmax (H200, B 4, H 32, N 4096:
-/// q64_kv128 1.87–1.92 ms, q128_kv128 2.13–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md). Past
-/// head dim 128 the first 128-row tile goes first: a one-warpgroup cube's tiles fill the SM's
-/// shared memory, leaving it four planes (H200, B 2, Hq 16, Hkv 8, N 8192, d 256: q128_kv64
-/// 4.83 ms, q64_kv64 6.61 ms; causal 2.62 and 3.40 ms).
-fn preferred_tiling(ranked: &[(Tiling, u8)], head_dim: u32) -> Option<Tiling> {
-    let best = ranked.iter().map(|&(_, rank)| rank).max()?;
-    let mut fastest = ranked.iter().filter(|&&(_, rank)| rank == best);
-    if best == Engine::Warpgroup.rank() && head_dim <= 64 {
-        let one_warpgroup = fastest.clone().filter(|(t, _)| t.block_q == 64);
-        if let Some(&(tiling, _)) = one_warpgroup.max_by_key(|(t, _)| t.block_kv) {
-            return Some(tiling);
+/// The untuned pick among the candidates the device runs: the first tile of the fastest family,
+/// except that on the warpgroup kernel at head dim 64 or less the 64-row tile with the longest
+/// steps goes first. There a cube of one warpgroup is faster than two taking turns: their MMAs
+/// are too short to hide each other's softmax (H200, B 4, H 32, N 4096: q64_kv128 1.87–1.92 ms,
+/// q128_kv128 2.13–2.44 ms, q64_kv64 2.01–2.12 ms; bench/NOTES.md). Past head dim 128 the first
+/// 128-row tile goes first: a one-warpgroup cube's tiles fill the SM's shared memory, leaving it
+/// four planes (H200, B 2, Hq 16, Hkv 8, N 8192, d 256: q128_kv64 4.83 ms, q64_kv64 6.61 ms;
+/// causal 2.62 and 3.40 ms).
+fn preferred_tiling(ranked: &[Candidate], head_dim: u32) -> Option<Candidate> {
+    let best = ranked.iter().map(|c| c.family.rank()).max()?;
+    let mut fastest = ranked.iter().filter(|c| c.family.rank() == best);
+    if best == Family::Warpgroup.rank() && head_dim <= 64 {
+        let one_warpgroup = fastest.clone().filter(|c| c.tiling.block_q == 64);
+        if let Some(&candidate) = one_warpgroup.max_by_key(|c| c.tiling.block_kv) {
+            return Some(candidate);
         }
     }
-    if best == Engine::Warpgroup.rank() && head_dim > 128 {
+    if best == Family::Warpgroup.rank() && head_dim > 128 {
         // Two warpgroups taking turns: one alone has a whole SM (its tiles fill the shared
         // memory) with four planes.
-        if let Some(&(tiling, _)) = fastest.clone().find(|(t, _)| t.block_q == 128) {
-            return Some(tiling);
+        if let Some(&candidate) = fastest.clone().find(|c| c.tiling.block_q == 128) {
+            return Some(candidate);
         }
     }
-    fastest.next().map(|&(tiling, _)| tiling)
-}
-
-/// Whether this device can run `tiling` for `spec`: shared memory, units per cube, element type.
-pub fn check_tiling(
-    client: &ComputeClient,
-    spec: &VariantSpec,
-    tiling: Tiling,
-) -> Result<(), AttnError> {
-    let hw = &client.properties().hardware;
-    let smem = tiling.shared_bytes(spec.head_dim, spec.value_dim);
-    if smem > hw.max_shared_memory_size {
-        return Err(AttnError::Unsupported(format!(
-            "tile {} needs {smem} bytes of shared memory at head_dim {}; the device has {}",
-            tiling.name(),
-            spec.head_dim,
-            hw.max_shared_memory_size
-        )));
-    }
-    if tiling.units_per_cube() > hw.max_units_per_cube || tiling.block_q > hw.max_cube_dim.0 {
-        return Err(AttnError::Unsupported(format!(
-            "tile {} needs {} units per cube; the device allows {}",
-            tiling.name(),
-            tiling.units_per_cube(),
-            hw.max_units_per_cube
-        )));
-    }
-    Ok(())
+    fastest.next().copied()
 }
 
 pub(crate) fn check_output<E: Element>(
@@ -259,17 +247,6 @@ fn check_contiguous(
     Ok(())
 }
 
-/// The comptime configuration of `spec`'s kernels for `tiling`.
-pub fn kernel_config(spec: &VariantSpec, tiling: Tiling) -> PrefillConfig {
-    PrefillConfig {
-        tiling,
-        head_dim: spec.head_dim,
-        value_dim: spec.value_dim,
-        mask: spec.mask,
-        score: spec.score.flags(),
-    }
-}
-
 pub(crate) fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
     AttnError::Unsupported(format!(
         "{} runs in {}, which this device does not support",
@@ -278,13 +255,13 @@ pub(crate) fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
     ))
 }
 
-/// The launch itself; every input has been checked.
+/// The launch itself, as `blueprint` says; every input has been checked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch<V: Variant>(
     client: &ComputeClient,
+    blueprint: &Blueprint,
     problem: &Problem,
     packed: &Packed,
-    tiling: Tiling,
     q: &Tensor<V::Elem>,
     k: &Tensor<V::Elem>,
     v: &Tensor<V::Elem>,
@@ -298,68 +275,29 @@ pub(crate) fn launch<V: Variant>(
         // Every document is empty: nothing to compute, nothing to write.
         return Ok(());
     }
-    let cube_count = CubeCount::Static(
-        packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
-        problem.heads_q as u32,
-        packed.sequences as u32,
-    );
-    let args = kernel_args(spec, problem, packed);
+    let (x, y, z) = blueprint.cube_count;
+    let cube_count = CubeCount::Static(x, y, z);
+    let args = kernel_args(spec, problem);
     let (ints, floats) = upload_inputs(client, packed);
-    let ints_arg = unsafe { flat_arg(&ints, packed.ints.len()) };
-    let floats_arg = unsafe { flat_arg(&floats, packed.floats.len()) };
-    let config = kernel_config(spec, tiling);
-    // Every kernel family takes the same arguments; only the kernel, the cube shape and how Q, K
-    // and V are passed (tensors, or tensor maps for the copy engine) differ, and the warpgroup
-    // kernel also takes O as a tensor map, to store it with the copy engine.
-    macro_rules! launch_with {
-        ($kernel:path, $cube_dim:expr) => {
-            launch_with!(
-                $kernel,
-                $cube_dim,
-                tensor_arg(q),
-                tensor_arg(k),
-                tensor_arg(v)
-            )
-        };
-        ($kernel:path, $cube_dim:expr, $q:expr, $k:expr, $v:expr $(, $o_map:expr)?) => {
-            unsafe {
-                $kernel(
-                    client,
-                    cube_count,
-                    $cube_dim,
-                    $q,
-                    $k,
-                    $v,
-                    $($o_map,)?
-                    tensor_arg(&out.o),
-                    tensor_arg(&out.lse.tensor),
-                    ints_arg,
-                    floats_arg,
-                    args,
-                    config,
-                )
-            }
-        };
-    }
-    let mut engine = engine_for(client, spec, tiling);
-    if engine == Engine::Warpgroup && ![q, k, v, &out.o].iter().all(|t| copy_engine_can_read(t)) {
-        // The copy engine cannot describe these strides: same tile shape, older kernel.
-        engine = cmma_engine_for(client, spec, tiling);
-        tracing::debug!(
-            variant = spec.name,
-            "strides the copy engine cannot describe (not multiples of 16 bytes): tensor-core kernel"
-        );
-    }
+    let inputs = unsafe { run_inputs(&ints, &floats, packed) };
+    let config = blueprint.config;
     tracing::debug!(
         variant = spec.name,
-        family = ?engine,
-        tile = %tiling.name(),
-        cubes = packed.max_seq_q.div_ceil(tiling.block_q as usize) * problem.heads_q * packed.sequences,
+        family = ?blueprint.family,
+        tile = %config.tiling.name(),
+        cubes = blueprint.cubes(),
         "prefill launch"
     );
-    match engine {
-        Engine::Warpgroup => {
-            // SAFETY: Q, K and V were checked against their buffers by `Problem::new`.
+    // SAFETY (every `tensor_arg`): Q, K and V were checked against their buffers by
+    // `Problem::new`, O and the LSE by `check_output`.
+    match blueprint.family {
+        Family::Warpgroup => {
+            if ![q, k, v, &out.o].iter().all(|t| copy_engine_can_read(t)) {
+                return Err(AttnError::Unsupported(format!(
+                    "{}: the warpgroup kernel was asked for operands the copy engine cannot read",
+                    spec.name
+                )));
+            }
             let map = |t: &Tensor<V::Elem>, rows: u32| {
                 TensorMapArg::new(
                     TiledArgs {
@@ -370,43 +308,68 @@ pub(crate) fn launch<V: Variant>(
                 )
                 .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128)
             };
-            launch_with!(
-                prefill_forward_wg::launch::<V::Elem, V::Hooks>,
-                CubeDim::new_1d(config.warpgroups() as u32 * WARPGROUP_UNITS as u32),
-                map(q, tiling.block_q),
-                map(k, tiling.block_kv),
-                map(v, tiling.block_kv),
-                // O leaves through the copy engine a warpgroup's rows at a time.
-                map(&out.o, WARPGROUP_ROWS as u32)
+            let maps = TmaOperandsLaunch::new(
+                map(q, config.tiling.block_q),
+                map(k, config.tiling.block_kv),
+                map(v, config.tiling.block_kv),
+            );
+            // O leaves through the copy engine a warpgroup's rows at a time.
+            let outputs = TmaOutputsLaunch::new(
+                map(&out.o, WARPGROUP_ROWS as u32),
+                unsafe { tensor_arg(&out.o) },
+                unsafe { tensor_arg(&out.lse.tensor) },
+            );
+            prefill_forward_wg::launch::<V::Elem, V::Hooks>(
+                client,
+                cube_count,
+                blueprint.cube_dim,
+                maps,
+                outputs,
+                inputs,
+                args,
+                config,
             )
         }
-        Engine::TensorCores => launch_with!(
-            prefill_forward_tc::launch::<V::Elem, V::Hooks>,
-            CubeDim::new_2d(32, config.planes() as u32)
-        ),
-        Engine::Portable => {
-            check_loop_budget(client, problem, tiling)?;
-            launch_with!(
-                prefill_forward::launch::<V::Elem, V::Hooks>,
-                CubeDim::new_1d(tiling.block_q)
-            )
+        family => {
+            let ops = unsafe { OperandsLaunch::new(tensor_arg(q), tensor_arg(k), tensor_arg(v)) };
+            let outputs =
+                unsafe { OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)) };
+            if family == Family::Portable {
+                check_loop_budget(client, problem, config.tiling)?;
+                prefill_forward::launch::<V::Elem, V::Hooks>(
+                    client,
+                    cube_count,
+                    blueprint.cube_dim,
+                    ops,
+                    outputs,
+                    inputs,
+                    args,
+                    config,
+                )
+            } else {
+                prefill_forward_tc::launch::<V::Elem, V::Hooks>(
+                    client,
+                    cube_count,
+                    blueprint.cube_dim,
+                    ops,
+                    outputs,
+                    inputs,
+                    args,
+                    config,
+                )
+            }
         }
     }
     Ok(())
 }
 
-/// The run-time scalars every attention kernel takes: scale, group, slot length, window, softcap.
-pub(crate) fn kernel_args(
-    spec: &VariantSpec,
-    problem: &Problem,
-    packed: &Packed,
-) -> PrefillArgsLaunch {
+/// The run-time scalars every attention kernel takes: scale, group, window, softcap, −∞.
+pub(crate) fn kernel_args(spec: &VariantSpec, problem: &Problem) -> ArgsLaunch {
     let window = spec.mask.window;
     let softcap = spec.score.softcap.unwrap_or(1.0) as f32;
-    PrefillArgsLaunch::new(
+    ArgsLaunch::new(
         spec.softmax_scale() as f32,
         problem.group as u32,
-        packed.slot_len as u32,
         window.and_then(|w| w.left).unwrap_or(0) as i32,
         window.and_then(|w| w.right).unwrap_or(0) as i32,
         softcap,
@@ -426,114 +389,33 @@ pub(crate) fn upload_inputs(
     )
 }
 
-/// Which kernel family runs a tile shape on a device.
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub enum Engine {
-    /// Scalar units, shared memory only: every back end.
-    Portable,
-    /// 16×16×16 tensor-core instructions (cubecl `cmma`).
-    TensorCores,
-    /// Warpgroup tensor cores (Hopper's wgmma) fed by the bulk tensor copy engine (TMA).
-    Warpgroup,
-}
-
-impl Engine {
-    /// Preference among the families a device runs: the higher, the faster.
-    pub const fn rank(self) -> u8 {
-        match self {
-            Engine::Portable => 0,
-            Engine::TensorCores => 1,
-            Engine::Warpgroup => 2,
-        }
+/// The kernels' view of the uploaded inputs.
+///
+/// # Safety
+/// `ints` and `floats` were created by [`upload_inputs`] from `packed`.
+pub(crate) unsafe fn run_inputs(
+    ints: &cubecl::server::Handle,
+    floats: &cubecl::server::Handle,
+    packed: &Packed,
+) -> RunInputsLaunch {
+    unsafe {
+        RunInputsLaunch::new(
+            flat_arg(ints, packed.ints.len()),
+            flat_arg(floats, packed.floats.len()),
+            packed.slot_len as u32,
+        )
     }
 }
 
-/// The warpgroup kernel where it can run the shape (see [`warpgroup_fits`]), else
-/// [`cmma_engine_for`]'s choice.
-pub fn engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
-    if warpgroup_fits(client, spec, tiling) && forced_engine() != Some("tc") {
-        Engine::Warpgroup
-    } else {
-        cmma_engine_for(client, spec, tiling)
-    }
+/// Whether the copy engine can read every operand of a call (see [`copy_engine_can_read`]).
+pub fn copy_engine_reads<E: Element>(
+    q: &Tensor<E>,
+    k: &Tensor<E>,
+    v: &Tensor<E>,
+    out: &Output<E>,
+) -> bool {
+    [q, k, v, &out.o].iter().all(|t| copy_engine_can_read(t))
 }
-
-/// Whether the warpgroup kernel runs `tiling` for `spec` on this device: 16-bit elements, warpgroup
-/// MMAs of `64 × block_kv` and `64 × value_dim` and the copy engine on the device, 64 or 128 query
-/// rows, 64 to 256 keys per step in multiples of 16, head dims in multiples of 64 up to 256 (the
-/// output and a step's scores stay in registers: past a value dim of 128, steps of at most 64
-/// keys), and its shared memory.
-pub fn warpgroup_fits(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> bool {
-    use cubecl::features::{Tma, WgmmaElems};
-    use cubecl::ir::types::MatrixShape;
-    use cubecl::ir::{ElemType, FloatKind};
-    let elem = match spec.dtype {
-        DType::F16 => ElemType::Float(FloatKind::F16),
-        DType::BF16 => ElemType::Float(FloatKind::BF16),
-        DType::F32 => return false,
-    };
-    let features = client.features();
-    let elems = WgmmaElems {
-        a: elem,
-        b: elem,
-        cd: ElemType::Float(FloatKind::F32),
-    };
-    let mma = |n: u32| {
-        features.matmul.wgmma.iter().any(|c| {
-            c.matches(
-                elems,
-                MatrixShape {
-                    m: WARPGROUP_ROWS,
-                    n: n as usize,
-                    k: 16,
-                },
-            )
-        })
-    };
-    let config = kernel_config(spec, tiling);
-    let hw = &client.properties().hardware;
-    let dims = |d: u32| d.is_multiple_of(PANEL as u32) && d <= 256;
-    let fits = features.tma.contains(Tma::Base)
-        && (tiling.block_q == 64 || tiling.block_q == 128)
-        && tiling.block_kv.is_multiple_of(16)
-        && (64..=256).contains(&tiling.block_kv)
-        && dims(spec.head_dim)
-        && dims(spec.value_dim)
-        // Past value dim 128 the output takes 128 registers a unit: steps of at most 64 keys
-        // keep the scores and probabilities beside it.
-        && (spec.value_dim <= 128 || tiling.block_kv <= 64)
-        && mma(tiling.block_kv)
-        && mma(spec.value_dim)
-        && config.warpgroup_shared_bytes() <= hw.max_shared_memory_size
-        && config.warpgroups() as u32 * WARPGROUP_UNITS as u32 <= hw.max_units_per_cube
-        && hw.plane_size_max == 32
-        && forced_engine() != Some("portable");
-    fits && warpgroup_compiles()
-}
-
-/// Whether this build can compile the warpgroup kernel: cubecl's CUDA crates must carry attn's
-/// patches (vendor/README.md), which a crate depending on attn gets only through the same
-/// `[patch.crates-io]` lines as this workspace. Without them the tensor-core kernel runs, and the
-/// first call that would have taken the warpgroup kernel says once how to enable it.
-fn warpgroup_compiles() -> bool {
-    if cfg!(attn_warpgroup_patches) {
-        return true;
-    }
-    static SAID: std::sync::Once = std::sync::Once::new();
-    SAID.call_once(|| {
-        tracing::warn!(
-            "attn: this device runs attn's warpgroup (Hopper) kernel, but this build links the \
-             published cubecl-cuda and cubecl-llvm, which cannot compile it; the tensor-core \
-             kernel runs instead. To enable the fast path, add attn's two patched crates to your \
-             workspace's Cargo.toml: [patch.crates-io] cubecl-llvm = {{ path = \".../vendor/cubecl-llvm\" }} \
-             and cubecl-cuda = {{ path = \".../vendor/cubecl-cuda\" }} (see attn's README, \"Depending on attn\")"
-        );
-    });
-    false
-}
-
-/// Whether the warpgroup kernel family is compiled into this build (see [`warpgroup_fits`]).
-pub const WARPGROUP_BUILT: bool = cfg!(attn_warpgroup_patches);
 
 /// Whether the copy engine can read `t` as a `[B, H, N, D]` tensor map: the view starting at a
 /// multiple of 16 bytes in its buffer, the last dim contiguous, every other stride a multiple of
@@ -557,54 +439,6 @@ pub fn copy_engine_layout(
             .iter()
             .all(|s| (s * elem_bytes).is_multiple_of(16))
         && shape.iter().all(|&n| n > 0 && n <= i32::MAX as usize)
-}
-
-/// The tensor-core kernel when the device has 16×16×16 tensor cores for `E` (accumulating in f32),
-/// the shape is made of whole 16-blocks and fits in shared memory; the portable kernel otherwise.
-pub fn cmma_engine_for(client: &ComputeClient, spec: &VariantSpec, tiling: Tiling) -> Engine {
-    use cubecl::ir::{ElemType, FloatKind};
-    let mma = MMA as u32;
-    let elem = match spec.dtype {
-        DType::F16 => ElemType::Float(FloatKind::F16),
-        DType::BF16 => ElemType::Float(FloatKind::BF16),
-        DType::F32 => return Engine::Portable,
-    };
-    let has_cores = client
-        .features()
-        .matmul
-        .cmma
-        .contains(&cubecl::features::MmaConfig {
-            a_type: elem,
-            b_type: elem,
-            cd_type: ElemType::Float(FloatKind::F32),
-            m: mma,
-            k: mma,
-            n: mma,
-        });
-    let config = kernel_config(spec, tiling);
-    let hw = &client.properties().hardware;
-    let fits = tiling.block_q.is_multiple_of(mma)
-        && tiling.block_kv.is_multiple_of(mma)
-        && spec.head_dim.is_multiple_of(mma)
-        && spec.value_dim.is_multiple_of(mma)
-        && config.planes() as u32 * 32 <= hw.max_units_per_cube
-        && config.tensor_core_shared_bytes(2) <= hw.max_shared_memory_size;
-    if has_cores && fits && hw.plane_size_max == 32 && forced_engine() != Some("portable") {
-        Engine::TensorCores
-    } else {
-        Engine::Portable
-    }
-}
-
-/// `ATTN_ENGINE=portable` forces the portable kernel, `ATTN_ENGINE=tc` caps at the 16×16×16
-/// tensor-core kernel (for comparisons and diagnosis); read once.
-fn forced_engine() -> Option<&'static str> {
-    static FORCED: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| match std::env::var("ATTN_ENGINE").as_deref() {
-        Ok("portable") => Some("portable"),
-        Ok("tc") => Some("tc"),
-        _ => None,
-    })
 }
 
 /// Loop iterations of one kernel invocation that llvmpipe counts: per step, one for the step loop
@@ -665,7 +499,8 @@ pub(crate) unsafe fn flat_arg(handle: &cubecl::server::Handle, len: usize) -> Te
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_engine_layout, preferred_tiling, Engine};
+    use super::{copy_engine_layout, preferred_tiling};
+    use crate::blueprint::{Candidate, Family};
     use crate::tensor::contiguous_strides;
     use crate::variant::Tiling;
 
@@ -673,27 +508,30 @@ mod tests {
     /// warpgroup kernel the 64-row tile with the longest steps.
     #[test]
     fn preferred_tiles() {
-        let tile = |block_q, block_kv| Tiling { block_q, block_kv };
-        let (wg, tc) = (Engine::Warpgroup.rank(), Engine::TensorCores.rank());
+        let tile = |block_q, block_kv, family| Candidate {
+            tiling: Tiling { block_q, block_kv },
+            family,
+        };
+        let (wg, tc) = (Family::Warpgroup, Family::TensorCores);
         let ranked = [
-            (tile(64, 32), tc),
-            (tile(128, 128), wg),
-            (tile(64, 64), wg),
-            (tile(128, 64), wg),
-            (tile(64, 128), wg),
+            tile(64, 32, tc),
+            tile(128, 128, wg),
+            tile(64, 64, wg),
+            tile(128, 64, wg),
+            tile(64, 128, wg),
         ];
-        assert_eq!(preferred_tiling(&ranked, 128), Some(tile(128, 128)));
-        assert_eq!(preferred_tiling(&ranked, 64), Some(tile(64, 128)));
+        assert_eq!(preferred_tiling(&ranked, 128), Some(ranked[1]));
+        assert_eq!(preferred_tiling(&ranked, 64), Some(ranked[4]));
         // No 64-row tile of the fastest family: its first.
-        assert_eq!(preferred_tiling(&ranked[..2], 64), Some(tile(128, 128)));
+        assert_eq!(preferred_tiling(&ranked[..2], 64), Some(ranked[1]));
         // Another family fastest: its first, whatever the head dim.
-        let cmma = [(tile(64, 32), tc), (tile(32, 32), tc)];
-        assert_eq!(preferred_tiling(&cmma, 64), Some(tile(64, 32)));
+        let cmma = [tile(64, 32, tc), tile(32, 32, tc)];
+        assert_eq!(preferred_tiling(&cmma, 64), Some(cmma[0]));
         assert_eq!(preferred_tiling(&[], 64), None);
         // Past head dim 128 on the warpgroup kernel: the first 128-row tile.
-        let wide = [(tile(64, 64), wg), (tile(128, 64), wg)];
-        assert_eq!(preferred_tiling(&wide, 256), Some(tile(128, 64)));
-        assert_eq!(preferred_tiling(&wide, 128), Some(tile(64, 64)));
+        let wide = [tile(64, 64, wg), tile(128, 64, wg)];
+        assert_eq!(preferred_tiling(&wide, 256), Some(wide[1]));
+        assert_eq!(preferred_tiling(&wide, 128), Some(wide[0]));
     }
 
     #[test]

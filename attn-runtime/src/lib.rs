@@ -7,6 +7,7 @@
 // No `#![warn(missing_docs)]` here: `#[cube]` generates undocumented expansion modules and types
 // for every kernel function. Every item written by hand is documented.
 
+pub mod blueprint;
 pub mod decode;
 pub mod error;
 pub mod hooks;
@@ -29,12 +30,14 @@ pub use decode::{
     decode, decode_into, decode_with_plan, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES,
 };
 pub use error::{AttnError, Dim, Operand};
-pub use hooks::{Hooks, NoHooks, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};
+pub use hooks::{Hooks, NoHooks, TileBounds, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};
 pub use inputs::{alibi_slopes, slots, Inputs};
+pub use kernels::common::RunInputs;
 pub use kernels::decode::DecodeTiling;
 pub use kv_cache::{KvCache, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 pub use launch::{
-    forward, forward_into, forward_with_tiling, runnable_tilings, select_tiling, Lse, Output,
+    forward, forward_into, forward_with_tiling, runnable_tilings, select_candidate, select_tiling,
+    Lse, Output,
 };
 pub use problem::Problem;
 pub use tensor::{supports, ComputeClient, Element, Tensor};

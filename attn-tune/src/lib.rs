@@ -107,7 +107,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             let client = attn::default_client();
             println!("device: {}", client.properties().identity.name);
             for r in tune::registered() {
-                let names = match tune::candidates(&client, &r.spec) {
+                let names = match tune::candidates(&client, &r.spec, true) {
                     Ok(list) => list
                         .iter()
                         .map(|c| c.to_string())

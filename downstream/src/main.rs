@@ -5,7 +5,7 @@
 //! run says so once (a `tracing` warning) and the tensor-core kernel answers.
 
 use attn::inputs::pack;
-use attn::launch::{engine_for, WARPGROUP_BUILT};
+use attn::blueprint::{family_for, WARPGROUP_BUILT};
 use attn::reference::{
     attention_f64, attention_naive, error_floor, random_vec, seeded_rng, widen, Verdict,
 };
@@ -45,7 +45,7 @@ fn run() -> Result<bool, attn::AttnError> {
     println!(
         "device {}; warpgroup kernel built: {WARPGROUP_BUILT}; runs {:?} with tile {}",
         client.properties().identity.name,
-        engine_for(&client, &Llama::SPEC, tiling),
+        family_for(&client, &Llama::SPEC, tiling, true)?,
         tiling.name()
     );
     let out = Llama::forward(&client, &q, &k, &v)?;

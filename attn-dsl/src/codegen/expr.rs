@@ -43,11 +43,11 @@ fn slot_index(decl: &InputDecl) -> TokenStream {
         crate::expr::Extent::Batch => quote!((b as u32)),
         crate::expr::Extent::Heads => quote!((h as u32)),
     };
-    quote!(((#first + #index) * slot_len + #at) as usize)
+    quote!(((#first + #index) * inputs.slot_len + #at) as usize)
 }
 
-/// `#[cube]` code of an expression (parameters `s, b, h, q, k`; buffers `ints`, `floats`,
-/// `slot_len` in scope).
+/// `#[cube]` code of an expression (parameters `s, b, h, q, k` and the run-time `inputs` in
+/// scope).
 pub fn cube(e: &Typed, inputs: &[InputDecl]) -> TokenStream {
     let helpers = paths::expr_helpers();
     match &e.node {
@@ -68,8 +68,8 @@ pub fn cube(e: &Typed, inputs: &[InputDecl]) -> TokenStream {
             let decl = &inputs[*i];
             let at = slot_index(decl);
             match decl.ty {
-                Ty::Float => quote!(floats[#at]),
-                _ => quote!(ints[#at]),
+                Ty::Float => quote!(inputs.floats[#at]),
+                _ => quote!(inputs.ints[#at]),
             }
         }
         Node::Neg(x) => {

@@ -14,7 +14,7 @@ use quote::{format_ident, quote};
 
 use crate::expr::{Closure, Extent, InputDecl, Node, Param, Ty, Typed};
 use crate::plan::{KernelPlan, Phase};
-use crate::spec::{Alibi, Alignment, DType, Heads, Spec};
+use crate::spec::{Alibi, CausalAlignment, DType, HeadGrouping, Spec};
 
 /// The items of one planned variant.
 pub fn variant(plan: &KernelPlan) -> TokenStream {
@@ -155,9 +155,9 @@ fn variant_spec(plan: &KernelPlan) -> TokenStream {
     let spec = &plan.spec;
     let name_str = spec.name.to_string();
     let heads = match spec.heads.value {
-        Heads::Mha => quote!(#attn::HeadGrouping::Mha),
-        Heads::Mqa => quote!(#attn::HeadGrouping::Mqa),
-        Heads::Gqa { group } => quote!(#attn::HeadGrouping::Gqa { group: #group }),
+        HeadGrouping::Mha => quote!(#attn::HeadGrouping::Mha),
+        HeadGrouping::Mqa => quote!(#attn::HeadGrouping::Mqa),
+        HeadGrouping::Gqa { group } => quote!(#attn::HeadGrouping::Gqa { group: #group }),
     };
     let dtype = format_ident!(
         "{}",
@@ -178,8 +178,8 @@ fn variant_spec(plan: &KernelPlan) -> TokenStream {
     let m = &spec.mask;
     let causal = m.causal.is_some();
     let align = match m.alignment() {
-        Alignment::BottomRight => quote!(#attn::CausalAlignment::BottomRight),
-        Alignment::TopLeft => quote!(#attn::CausalAlignment::TopLeft),
+        CausalAlignment::BottomRight => quote!(#attn::CausalAlignment::BottomRight),
+        CausalAlignment::TopLeft => quote!(#attn::CausalAlignment::TopLeft),
     };
     let window = match m.window {
         Some(w) => {
@@ -339,23 +339,20 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
     let spec = &plan.spec;
     let name = &spec.name;
     let inputs = &spec.inputs;
+    let run_inputs = quote!(#attn::RunInputs);
     let buffers = |e: Option<&Typed>| {
         let (ints, floats) = e.map_or((false, false), |e| reads_inputs(e, inputs));
-        [
-            named(ints, "ints"),
-            named(floats, "floats"),
-            named(ints || floats, "slot_len"),
-        ]
+        named(ints || floats, "inputs")
     };
     let mask_body = spec.mask.custom.as_ref().map(|c| &c.body);
     let mask = {
         let used = |p| spec.mask.custom.as_ref().is_some_and(|c| c.uses(p));
         let [b, h, q, k] =
             [Param::B, Param::H, Param::Q, Param::K].map(|p| named(used(p), p.ident()));
-        let [ints, floats, slot_len] = buffers(mask_body);
+        let inp = buffers(mask_body);
         let body = mask_body.map_or(quote!(true), |e| expr::cube(e, inputs));
         quote! {
-            fn mask(#b: i32, #h: i32, #q: i32, #k: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> bool {
+            fn mask(#b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs) -> bool {
                 #body
             }
         }
@@ -365,10 +362,10 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
         let used = |p| c.is_some_and(|c| c.uses(p));
         let [s, b, h, q, k] = [Param::S, Param::B, Param::H, Param::Q, Param::K]
             .map(|p| named(used(p) || (p == Param::S && c.is_none()), p.ident()));
-        let [ints, floats, slot_len] = buffers(c.map(|c| &c.body));
+        let inp = buffers(c.map(|c| &c.body));
         let body = c.map_or(quote!(s), |c| expr::cube(&c.body, inputs));
         quote! {
-            fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> f32 {
+            fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs) -> f32 {
                 #body
             }
         }
@@ -379,12 +376,16 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
             let [b, h] = [Param::B, Param::H].map(|p| named(c.uses(p), p.ident()));
             let [q_lo, q_hi] = ["q_lo", "q_hi"].map(|n| named(c.uses(Param::Q), n));
             let [k_lo, k_hi] = ["k_lo", "k_hi"].map(|n| named(c.uses(Param::K), n));
-            let [ints, floats, slot_len] = buffers(Some(e));
+            let inp = buffers(Some(e));
             let mut iv = expr::Intervals::new(inputs, false);
             let (may, must) = iv.emit(e);
             let stmts = &iv.stmts;
             quote! {
-                fn classify(#b: i32, #h: i32, #q_lo: i32, #q_hi: i32, #k_lo: i32, #k_hi: i32, #ints: &Tensor<i32>, #floats: &Tensor<f32>, #slot_len: u32) -> u32 {
+                fn classify(#b: i32, #h: i32, tile: #attn::TileBounds, #inp: &#run_inputs) -> u32 {
+                    let #q_lo = tile.q_lo;
+                    let #q_hi = tile.q_hi;
+                    let #k_lo = tile.k_lo;
+                    let #k_hi = tile.k_hi;
                     #(#stmts)*
                     select(!#may, #attn::TILE_EMPTY, select(#must, #attn::TILE_FULL, #attn::TILE_PARTIAL))
                 }
@@ -397,7 +398,7 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
                 quote!(#attn::TILE_FULL)
             };
             quote! {
-                fn classify(_b: i32, _h: i32, _q_lo: i32, _q_hi: i32, _k_lo: i32, _k_hi: i32, _ints: &Tensor<i32>, _floats: &Tensor<f32>, _slot_len: u32) -> u32 {
+                fn classify(_b: i32, _h: i32, _tile: #attn::TileBounds, _inputs: &#run_inputs) -> u32 {
                     #full_or_partial
                 }
             }

@@ -1,13 +1,12 @@
 //! Generic `#[cube]` kernel families, specialised at compile time by a variant's comptime
-//! configuration.
+//! configuration: [`common`] (context, walk, mask, score, softmax), [`prefill`] (portable,
+//! tensor-core and warpgroup), [`decode`] (split-KV decoding and its combine step), and
+//! [`append`] (writing new tokens into a K/V cache).
 
 pub mod append;
-pub mod combine;
+pub mod common;
 pub mod decode;
-pub mod mask;
 pub mod prefill;
-pub mod prefill_tc;
-pub mod prefill_wg;
 
 use cubecl::prelude::*;
 

@@ -2,9 +2,7 @@
 //! ([`crate::decode::default_plan`], the fallback): split counts from a quarter to four times
 //! the heuristic's, at 64 and 128 keys per step.
 
-use std::any::TypeId;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use cubecl::tune::{LocalTuner, Tunable, TunableSet};
 use cubecl::AutotuneKey;
@@ -13,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache;
 use super::key::fingerprint;
+use super::prepared::PerVariant;
 use super::tuner::policy_for;
 use crate::decode::{check_plan, default_plan, launch_decode, DecodePlan, DecodeProblem};
 use crate::kernels::decode::DecodeTiling;
@@ -134,26 +133,20 @@ struct Prepared {
     cpu_emulated: bool,
 }
 
-type PreparedMap = HashMap<(ServiceId, TypeId), Arc<Prepared>>;
-
-static PREPARED: RwLock<Option<PreparedMap>> = RwLock::new(None);
+static PREPARED: PerVariant<Prepared> = PerVariant::new();
 
 fn prepared<V: Variant>(client: &ComputeClient) -> Arc<Prepared> {
-    let id = (client.service_id(), TypeId::of::<V>());
-    let known = PREPARED.read().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = known.as_ref().and_then(|m| m.get(&id)) {
-        return p.clone();
+    let made: Result<_, std::convert::Infallible> =
+        PREPARED.get_or_try_init::<V, _>(client, || {
+            Ok(Prepared {
+                variant: fingerprint(&V::SPEC),
+                cpu_emulated: is_cpu_emulated(client),
+            })
+        });
+    match made {
+        Ok(p) => p,
+        Err(never) => match never {},
     }
-    drop(known);
-    let fresh = Arc::new(Prepared {
-        variant: fingerprint(&V::SPEC),
-        cpu_emulated: is_cpu_emulated(client),
-    });
-    let mut map = PREPARED.write().unwrap_or_else(|e| e.into_inner());
-    map.get_or_insert_with(HashMap::new)
-        .entry(id)
-        .or_insert(fresh)
-        .clone()
 }
 
 /// Runs a checked decode call with the tuned plan for its key (the heuristic's plan when the

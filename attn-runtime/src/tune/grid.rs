@@ -5,6 +5,7 @@ use std::time::Instant;
 use super::candidates::{candidates, Candidate};
 use super::key::TuneKey;
 use super::tuner::{chosen, forward_tuned};
+use crate::blueprint::Blueprint;
 use crate::inputs::{alibi_slopes, pack, Inputs};
 use crate::launch::{is_cpu_emulated, launch, Lse, Output};
 use crate::problem::Problem;
@@ -139,7 +140,7 @@ pub fn tune_variant<V: Variant>(
     progress: &mut dyn FnMut(&KeyReport),
 ) -> Result<Vec<KeyReport>, AttnError> {
     let spec = &V::SPEC;
-    let list = candidates(client, spec)?;
+    let list = candidates(client, spec, true)?;
     let mut reports = Vec::new();
     for point in grid.points(spec) {
         let report = tune_point::<V>(client, grid, point, &list)?;
@@ -194,12 +195,13 @@ fn tune_point<V: Variant>(
     let fallback = list[0];
     let chosen = chosen::<V>(client, &key).unwrap_or(fallback);
     let time = |c: Candidate| -> Result<f64, AttnError> {
-        launch::<V>(client, &problem, &packed, c.tiling, &q, &k, &v, &out)?;
+        let blueprint = Blueprint::new(spec, c, &problem, &packed);
+        launch::<V>(client, &blueprint, &problem, &packed, &q, &k, &v, &out)?;
         crate::sync(client)?;
         let mut ms = Vec::with_capacity(grid.samples.max(1));
         for _ in 0..grid.samples.max(1) {
             let t = Instant::now();
-            launch::<V>(client, &problem, &packed, c.tiling, &q, &k, &v, &out)?;
+            launch::<V>(client, &blueprint, &problem, &packed, &q, &k, &v, &out)?;
             crate::sync(client)?;
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }

@@ -19,6 +19,7 @@ mod candidates;
 mod decode;
 mod grid;
 mod key;
+mod prepared;
 mod registry;
 mod tuner;
 

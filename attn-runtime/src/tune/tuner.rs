@@ -1,9 +1,7 @@
 //! cubecl's tuner over a variant's candidates: the fastest cached shape, tuned on a miss.
 
-use std::any::TypeId;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use cubecl::tune::{LocalTuner, Tunable, TunableSet};
 use cubecl_common::device::ServiceId;
@@ -11,8 +9,12 @@ use cubecl_common::device::ServiceId;
 use super::cache;
 use super::candidates::{candidates, Candidate};
 use super::key::{fingerprint, kind, TuneKey};
+use super::prepared::PerVariant;
+use crate::blueprint::Blueprint;
 use crate::inputs::Packed;
-use crate::launch::{check_loop_budget, is_cpu_emulated, launch, Lse, Output};
+use crate::launch::{
+    check_loop_budget, copy_engine_reads, is_cpu_emulated, launch, select_candidate, Lse, Output,
+};
 use crate::problem::Problem;
 use crate::tensor::{ComputeClient, Element, Tensor};
 use crate::variant::Variant;
@@ -111,11 +113,12 @@ fn tunable_set<V: Variant>(
         set = set.with(Tunable::identified(
             candidate,
             move |call: Call<V::Elem>| {
+                let blueprint = Blueprint::new(&V::SPEC, candidate, &call.problem, &call.packed);
                 launch::<V>(
                     &call.client,
+                    &blueprint,
                     &call.problem,
                     &call.packed,
-                    candidate.tiling,
                     &call.q,
                     &call.k,
                     &call.v,
@@ -141,6 +144,19 @@ pub(crate) fn forward_tuned<V: Variant>(
     out: &Output<V::Elem>,
 ) -> Result<Candidate, AttnError> {
     let prepared = prepared::<V>(client)?;
+    if !copy_engine_reads(q, k, v, out) {
+        // Strides the copy engine cannot describe (not multiples of 16 bytes, rare): the next
+        // family's untuned pick, never a tuned warpgroup entry run on another kernel.
+        let candidate = prepared.without_copy_engine;
+        tracing::debug!(
+            variant = V::SPEC.name,
+            candidate = %candidate,
+            "operands the copy engine cannot read: untuned call"
+        );
+        let blueprint = Blueprint::new(&V::SPEC, candidate, problem, &packed);
+        launch::<V>(client, &blueprint, problem, &packed, q, k, v, out)?;
+        return Ok(candidate);
+    }
     let list = &prepared.candidates;
     let fallback = list[0];
     // A candidate the call cannot run on this device (llvmpipe's loop limit) would fail under the
@@ -150,8 +166,9 @@ pub(crate) fn forward_tuned<V: Variant>(
             .iter()
             .all(|c| check_loop_budget(client, problem, c.tiling).is_ok());
     if policy_for(prepared.cpu_emulated) == Policy::Fallback || list.len() == 1 || !all_run {
-        tracing::trace!(variant = V::SPEC.name, tile = %fallback.tiling.name(), "untuned call");
-        launch::<V>(client, problem, &packed, fallback.tiling, q, k, v, out)?;
+        tracing::trace!(variant = V::SPEC.name, candidate = %fallback, "untuned call");
+        let blueprint = Blueprint::new(&V::SPEC, fallback, problem, &packed);
+        launch::<V>(client, &blueprint, problem, &packed, q, k, v, out)?;
         return Ok(fallback);
     }
     cache::init();
@@ -215,8 +232,10 @@ fn set_for<V: Variant>(client: &ComputeClient) -> (ServiceId, SetOf<V>) {
 /// What calls of a variant on a device need besides the tuner, worked out on the first call
 /// there instead of on every launch.
 struct Prepared {
-    /// The candidates, the fallback first.
+    /// The candidates for operands the copy engine reads, the fallback first.
     candidates: Vec<Candidate>,
+    /// The untuned pick for operands it cannot read.
+    without_copy_engine: Candidate,
     /// The key's `variant` field.
     variant: String,
     /// The key's `kind` field.
@@ -225,28 +244,17 @@ struct Prepared {
     cpu_emulated: bool,
 }
 
-type PreparedMap = HashMap<(ServiceId, TypeId), Arc<Prepared>>;
-
 /// [`Prepared`] per device and variant type.
-static PREPARED: RwLock<Option<PreparedMap>> = RwLock::new(None);
+static PREPARED: PerVariant<Prepared> = PerVariant::new();
 
 fn prepared<V: Variant>(client: &ComputeClient) -> Result<Arc<Prepared>, AttnError> {
-    let id = (client.service_id(), TypeId::of::<V>());
-    let known = PREPARED.read().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = known.as_ref().and_then(|m| m.get(&id)) {
-        return Ok(p.clone());
-    }
-    drop(known);
-    let fresh = Arc::new(Prepared {
-        candidates: candidates(client, &V::SPEC)?,
-        variant: fingerprint(&V::SPEC),
-        kind: kind(&V::SPEC),
-        cpu_emulated: is_cpu_emulated(client),
-    });
-    let mut map = PREPARED.write().unwrap_or_else(|e| e.into_inner());
-    Ok(map
-        .get_or_insert_with(HashMap::new)
-        .entry(id)
-        .or_insert(fresh)
-        .clone())
+    PREPARED.get_or_try_init::<V, _>(client, || {
+        Ok(Prepared {
+            candidates: candidates(client, &V::SPEC, true)?,
+            without_copy_engine: select_candidate(client, &V::SPEC, false)?,
+            variant: fingerprint(&V::SPEC),
+            kind: kind(&V::SPEC),
+            cpu_emulated: is_cpu_emulated(client),
+        })
+    })
 }

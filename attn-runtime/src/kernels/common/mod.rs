@@ -1,0 +1,20 @@
+//! What every attention kernel family shares: the cube's context (where it works, the launch's
+//! run-time scalars and inputs, the variant's comptime mask and score flags), the walk over the
+//! keys, the mask, the score modification and the online-softmax state.
+//!
+//! Positions are relative to the sequence (or packed document). Query `q` sits at key position
+//! `q + shift` ("aligned"): `shift = seq_k − seq_q` for bottom-right alignment, 0 for top-left.
+//! A masked score is −∞ in every kernel ([`Ctx::masked`]).
+
+pub mod context;
+pub mod mask;
+pub mod score;
+pub mod softmax;
+pub mod walk;
+
+pub use context::{
+    Args, ArgsLaunch, Ctx, Lengths, Operands, OperandsLaunch, Outputs, OutputsLaunch, RunInputs,
+    RunInputsLaunch, Site,
+};
+pub use softmax::RowState;
+pub use walk::{BlockWalk, KeyRange, Step, StepKeys};

@@ -1,0 +1,131 @@
+//! The walk over the keys: which keys a query block can see at all (closed-form mask terms and
+//! the key length), and the K/V steps that cover them. Keys outside the range are never loaded.
+
+// `#[cube]` code: `div_ceil` has no GPU expansion.
+#![allow(clippy::manual_div_ceil)]
+
+use cubecl::prelude::*;
+
+use super::context::Ctx;
+use crate::hooks::ops::{max_i32, min_i32};
+use crate::hooks::TILE_PARTIAL;
+
+/// Half-open key range `[start, end)` a query block can see; steps outside it are never loaded.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct KeyRange {
+    /// First visible key.
+    pub start: usize,
+    /// One past the last visible key.
+    pub end: usize,
+}
+
+/// A query block's walk over the keys: its rows, the keys it can see, and the K/V steps of
+/// `block_kv` keys that cover them. Uniform across the cube.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct BlockWalk {
+    /// First query row of the block (sequence position).
+    pub q_first: usize,
+    /// Last query row of the block that exists.
+    pub q_last: usize,
+    /// The keys any row of the block can see.
+    pub range: KeyRange,
+    /// First step.
+    pub first_step: usize,
+    /// One past the last step.
+    pub end_step: usize,
+}
+
+/// The keys of one K/V step: `start..start + len` (the ragged last step is shorter).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct StepKeys {
+    /// First key.
+    pub start: usize,
+    /// Keys in the step.
+    pub len: usize,
+}
+
+/// One K/V step: its keys and its mask class ([`crate::TILE_EMPTY`], [`crate::TILE_PARTIAL`],
+/// [`crate::TILE_FULL`]), uniform across the cube.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Step {
+    /// The step's keys.
+    pub keys: StepKeys,
+    /// Its class.
+    pub class: u32,
+}
+
+#[cube]
+impl Step {
+    /// Whether the mask must be evaluated per pair on this step.
+    pub fn partial(&self) -> bool {
+        self.class == TILE_PARTIAL
+    }
+}
+
+#[cube]
+impl BlockWalk {
+    /// Plan the walk of the query block starting at row `q_start`.
+    pub fn new(
+        ctx: &Ctx,
+        q_start: usize,
+        #[comptime] block_q: usize,
+        #[comptime] block_kv: usize,
+    ) -> BlockWalk {
+        let block_end = q_start + block_q;
+        let q_last = select(block_end < ctx.site.seq_q, block_end, ctx.site.seq_q) - 1;
+        let range = key_range(ctx, q_start, q_last);
+        BlockWalk {
+            q_first: q_start,
+            q_last,
+            range,
+            first_step: range.start / block_kv,
+            end_step: (range.end + block_kv - 1) / block_kv,
+        }
+    }
+
+    /// The keys of step `step`.
+    pub fn keys(&self, step: usize, #[comptime] block_kv: usize) -> StepKeys {
+        let start = step * block_kv;
+        let remaining = self.range.end - start;
+        StepKeys {
+            start,
+            len: select(remaining < block_kv, remaining, block_kv),
+        }
+    }
+}
+
+/// The keys queries `q_first..=q_last` can see under the closed-form terms (causal, window,
+/// prefix-LM) and the sequence's key length; the custom mask is classified per step.
+#[cube]
+pub fn key_range(ctx: &Ctx, q_first: usize, q_last: usize) -> KeyRange {
+    let seq = ctx.site;
+    let args = ctx.args;
+    let first = q_first as i32 + seq.shift;
+    let last = q_last as i32 + seq.shift;
+    let mut lo = 0i32.runtime();
+    let mut hi = seq.seq_k as i32;
+    if comptime!(ctx.mask.causal) {
+        hi = min_i32(hi, last + 1);
+    }
+    if comptime!(ctx.mask.has_left()) {
+        lo = max_i32(lo, first - args.window_left);
+    }
+    if comptime!(ctx.mask.has_right()) {
+        hi = min_i32(hi, last + args.window_right + 1);
+    }
+    if comptime!(ctx.mask.prefix_lm) {
+        hi = min_i32(hi, max_i32(seq.prefix, last + 1));
+    }
+    // A window can start past the last visible key (a query far beyond the keys): the range is
+    // then empty, never a range past `seq_k`.
+    let end = max_i32(hi, 0);
+    let start = min_i32(max_i32(lo, 0), end);
+    KeyRange {
+        start: start as usize,
+        end: end as usize,
+    }
+}
