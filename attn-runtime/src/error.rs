@@ -15,6 +15,8 @@ pub enum Operand {
     O,
     /// A caller-owned log-sum-exp buffer.
     Lse,
+    /// The gradient of the output (the backward pass's input).
+    DOut,
 }
 
 impl fmt::Display for Operand {
@@ -25,6 +27,7 @@ impl fmt::Display for Operand {
             Operand::V => "v",
             Operand::O => "output",
             Operand::Lse => "lse",
+            Operand::DOut => "d_out",
         })
     }
 }

@@ -469,6 +469,22 @@ pub fn check_loop_budget(
     Ok(())
 }
 
+/// [`check_loop_budget`] for a kernel whose invocations run `iterations` counted loop iterations
+/// (`what` names the work in the error).
+pub(crate) fn check_loop_budget_for(
+    client: &ComputeClient,
+    iterations: usize,
+    what: &str,
+) -> Result<(), AttnError> {
+    const LLVMPIPE_LOOP_LIMIT: usize = 65_535;
+    if is_cpu_emulated(client) && iterations > LLVMPIPE_LOOP_LIMIT {
+        return Err(AttnError::Unsupported(format!(
+            "{what} needs {iterations} loop iterations per invocation; CPU-emulated Vulkan (llvmpipe) stops loops after {LLVMPIPE_LOOP_LIMIT}"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether the device is a CPU emulating a GPU (Mesa's llvmpipe behind lavapipe).
 pub fn is_cpu_emulated(client: &ComputeClient) -> bool {
     client

@@ -7,6 +7,7 @@
 // No `#![warn(missing_docs)]` here: `#[cube]` generates undocumented expansion modules and types
 // for every kernel function. Every item written by hand is documented.
 
+pub mod backward;
 pub mod blueprint;
 pub mod decode;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod codegen;
 #[cfg(feature = "testing")]
 pub mod reference;
 
+pub use backward::{backward, Grads};
 pub use decode::{
     decode, decode_into, decode_with_plan, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES,
 };

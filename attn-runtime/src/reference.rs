@@ -303,6 +303,173 @@ pub fn decode_naive<V: Variant>(
     .o
 }
 
+/// dQ `[B, Hq, Nq, D]`, dK `[B, Hkv, Nk, D]` and dV `[B, Hkv, Nk, Dv]` of the reference.
+#[derive(Clone, Debug)]
+pub struct GradsF64 {
+    /// Gradient of Q.
+    pub dq: Vec<f64>,
+    /// Gradient of K, summed over each K/V head's query group.
+    pub dk: Vec<f64>,
+    /// Gradient of V, summed the same way.
+    pub dv: Vec<f64>,
+}
+
+/// The derivative of the score modification at the scaled logit `x` (softcap's
+/// `1 − tanh²(x / cap)`; ALiBi adds a constant). Custom score expressions have no host
+/// derivative yet.
+fn modified_slope(spec: &VariantSpec, x: f64) -> f64 {
+    spec.score.softcap.map_or(1.0, |cap| {
+        let t = (x / cap).tanh();
+        1.0 - t * t
+    })
+}
+
+/// The gradients of attention with every operation rounded by `round` (identity for float64);
+/// sums accumulate in `acc_round` precision. Softmax probabilities are recomputed from the
+/// forward's semantics (sinks in the denominator).
+#[allow(clippy::too_many_arguments)]
+fn backward_with<V: Variant>(
+    p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
+    [q, k, v, d_out]: [&[f64]; 4],
+    round: &dyn Fn(f64) -> f64,
+    acc_round: &dyn Fn(f64) -> f64,
+) -> GradsF64 {
+    let spec = &V::SPEC;
+    let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
+    let scale = spec.softmax_scale();
+    let slopes: Vec<f64> = match spec.score.alibi {
+        Some(Alibi::Given) => inputs
+            .alibi_slopes
+            .unwrap_or(&[])
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        Some(Alibi::Geometric) => alibi_slopes(p.heads_q).iter().map(|&x| x as f64).collect(),
+        None => Vec::new(),
+    };
+    let mut dq = vec![0.0; p.batch * p.heads_q * nq * d];
+    let mut dk = vec![0.0; p.batch * p.heads_kv * nk * d];
+    let mut dvv = vec![0.0; p.batch * p.heads_kv * nk * dv];
+    for s in sequences(spec, p, packed, inputs) {
+        for h in 0..p.heads_q {
+            let hk = h / p.group;
+            let qb = (s.batch * p.heads_q + h) * nq;
+            let kb = (s.batch * p.heads_kv + hk) * nk;
+            for i in 0..s.seq_q {
+                let qr = qb + s.q_off + i;
+                let qi = &q[qr * d..(qr + 1) * d];
+                let doi = &d_out[qr * dv..(qr + 1) * dv];
+                // Scores (raw scaled logit and modified), max and sum, as the forward.
+                let mut raw = vec![0.0; s.seq_k];
+                let mut sc = vec![f64::NEG_INFINITY; s.seq_k];
+                let mut max = f64::NEG_INFINITY;
+                for j in 0..s.seq_k {
+                    if !visible::<V>(&s, h, i, j, inputs) {
+                        continue;
+                    }
+                    let kr = kb + s.k_off + j;
+                    let dot = qi
+                        .iter()
+                        .zip(&k[kr * d..(kr + 1) * d])
+                        .fold(0.0, |a, (x, y)| acc_round(a + x * y));
+                    raw[j] = round(dot * scale);
+                    sc[j] = round(modified::<V>(raw[j], &s, h, i, j, &slopes, inputs));
+                    max = max.max(sc[j]);
+                }
+                let sink = inputs
+                    .sinks
+                    .filter(|_| spec.score.sinks)
+                    .map(|sk| sk[h] as f64);
+                if let Some(sink) = sink {
+                    max = max.max(sink);
+                }
+                if max == f64::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = sink.map_or(0.0, |sink| (sink - max).exp());
+                for x in &sc {
+                    if *x != f64::NEG_INFINITY {
+                        sum = acc_round(sum + (x - max).exp());
+                    }
+                }
+                let probs: Vec<f64> = sc
+                    .iter()
+                    .map(|&x| {
+                        if x == f64::NEG_INFINITY {
+                            0.0
+                        } else {
+                            round((x - max).exp() / sum)
+                        }
+                    })
+                    .collect();
+                // dP = dO·v, D = Σ P dP (= dO·O), dS = P (dP − D) f'.
+                let dps: Vec<f64> = (0..s.seq_k)
+                    .map(|j| {
+                        if probs[j] == 0.0 {
+                            return 0.0;
+                        }
+                        let vr = kb + s.k_off + j;
+                        doi.iter()
+                            .zip(&v[vr * dv..(vr + 1) * dv])
+                            .fold(0.0, |a, (x, y)| acc_round(a + x * y))
+                    })
+                    .collect();
+                let delta = probs
+                    .iter()
+                    .zip(&dps)
+                    .fold(0.0, |a, (pj, dp)| acc_round(a + pj * dp));
+                for j in 0..s.seq_k {
+                    let pj = probs[j];
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let ds = round(pj * (dps[j] - delta) * modified_slope(spec, raw[j]));
+                    let kr = kb + s.k_off + j;
+                    for c in 0..d {
+                        dq[qr * d + c] = acc_round(dq[qr * d + c] + ds * scale * k[kr * d + c]);
+                        dk[kr * d + c] = acc_round(dk[kr * d + c] + ds * scale * qi[c]);
+                    }
+                    for c in 0..dv {
+                        dvv[kr * dv + c] = acc_round(dvv[kr * dv + c] + pj * doi[c]);
+                    }
+                }
+            }
+        }
+    }
+    GradsF64 { dq, dk, dv: dvv }
+}
+
+/// Float64 gradients of variant `V` for the upstream gradient `d_out`: the oracle of the
+/// backward kernels. Inputs in `[B, H, N, D]` order, contiguous.
+pub fn backward_f64<V: Variant>(
+    p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
+    qkv_do: [&[f64]; 4],
+) -> GradsF64 {
+    backward_with::<V>(p, packed, inputs, qkv_do, &|x| x, &|x| x)
+}
+
+/// The naive low-precision backward (see [`attention_naive`]): probabilities and score gradients
+/// rounded to `V`'s element type, sums in f32.
+pub fn backward_naive<V: Variant>(
+    p: &Problem,
+    packed: &Packed,
+    inputs: &Inputs,
+    qkv_do: [&[f64]; 4],
+) -> GradsF64 {
+    backward_with::<V>(
+        p,
+        packed,
+        inputs,
+        qkv_do,
+        &|x| V::Elem::from_f64(x).to_f64(),
+        &|x| x as f32 as f64,
+    )
+}
+
 /// Widens a tensor to f64.
 pub fn widen<E: Element>(data: &[E]) -> Vec<f64> {
     data.iter().map(|&x| Element::to_f64(x)).collect()

@@ -3,8 +3,8 @@
 //! A variant becomes a unit struct implementing `attn::Variant` (its comptime facts and tile
 //! candidates, which specialise the generic kernels in `attn-runtime`, and the host form of its
 //! expressions), a `#[cube]` implementation of `attn::Hooks` when it declares mask or score
-//! expressions, a typed `…Inputs` struct when it needs run-time inputs, and inherent `forward` /
-//! `forward_into` launchers typed by its element type.
+//! expressions, a typed `…Inputs` struct when it needs run-time inputs, and inherent launchers
+//! typed by its element type (`forward`, `forward_into`, `decode`, `backward`, …).
 
 mod expr;
 mod paths;
@@ -57,6 +57,9 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
     let decode_doc = format!(
         "Runs `{name_str}` for new query tokens `q` `[B, Hq, Nq, {}]` against a K/V cache (paged or contiguous): GQA-packed, split over the keys; returns O and the LSE.",
         spec.head_dim.value
+    );
+    let backward_doc = format!(
+        "The gradients of `{name_str}`'s attention of `q`, `k`, `v` given its forward output `out` and the loss's gradient `d_out` `[B, Hq, Nq, {value_dim}]`: dQ, and dK, dV summed over each K/V head's query group; deterministic."
     );
     let (inputs_items, inputs_param, inputs_value) = if spec.has_inputs() {
         let inputs_name = format_ident!("{}Inputs", name);
@@ -143,6 +146,19 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
                 out: &#attn::Output<#elem>,
             ) -> #result<(), #attn::AttnError> {
                 #attn::decode_into::<Self>(client, q, cache, #inputs_value, out)
+            }
+
+            #[doc = #backward_doc]
+            #vis fn backward(
+                client: &#attn::ComputeClient,
+                q: &#attn::Tensor<#elem>,
+                k: &#attn::Tensor<#elem>,
+                v: &#attn::Tensor<#elem>,
+                out: &#attn::Output<#elem>,
+                d_out: &#attn::Tensor<#elem>,
+                #inputs_param
+            ) -> #result<#attn::Grads<#elem>, #attn::AttnError> {
+                #attn::backward::<Self>(client, q, k, v, out, d_out, #inputs_value)
             }
         }
     }

@@ -4,6 +4,7 @@
 //! [`append`] (writing new tokens into a K/V cache).
 
 pub mod append;
+pub mod backward;
 pub mod common;
 pub mod decode;
 pub mod prefill;

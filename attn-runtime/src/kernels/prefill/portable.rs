@@ -269,9 +269,10 @@ fn load_kv<E: Float>(
     load_tile::<E>(&ops.v, kv_tiles, ctx, keys.start, true, config);
 }
 
-/// One tile of [`load_kv`]: K (`value` false) or V; keys past the sequence read as zero.
+/// One f32 tile of [`load_kv`] (and of the backward pass): K (`value` false) or V, `block_kv`
+/// rows from key `kv_start`; keys past the sequence read as zero.
 #[cube]
-fn load_tile<E: Float>(
+pub(crate) fn load_tile<E: Float>(
     src: &Tensor<E>,
     kv_tiles: &mut Shared<[f32]>,
     ctx: &Ctx,

@@ -1,0 +1,198 @@
+//! The backward pass of a variant: validate, pick the tiles, launch the three kernels of
+//! [`crate::kernels::backward`] (`D`, then dK and dV, then dQ).
+
+use cubecl::prelude::*;
+
+use crate::blueprint::prefill_config;
+use crate::error::{AttnError, Dim, Operand};
+use crate::inputs::{pack, Inputs};
+use crate::kernels::backward::{
+    backward_delta, backward_dkdv, backward_dq, BackwardOperandsLaunch, KvGradsLaunch,
+};
+use crate::kv_cache::grid;
+use crate::launch::{
+    check_loop_budget_for, check_output, is_cpu_emulated, kernel_args, run_inputs, tensor_arg,
+    unsupported_dtype, upload_inputs, Output,
+};
+use crate::problem::{check_view, Problem};
+use crate::tensor::{supports, ComputeClient, Element, Tensor};
+use crate::variant::{Tiling, Variant, VariantSpec};
+
+/// The gradients of a forward pass's inputs.
+#[derive(Clone, Debug)]
+pub struct Grads<E> {
+    /// dQ, `[B, Hq, Nq, D]`, contiguous.
+    pub dq: Tensor<E>,
+    /// dK, `[B, Hkv, Nk, D]`, contiguous: summed over each K/V head's query group.
+    pub dk: Tensor<E>,
+    /// dV, `[B, Hkv, Nk, Dv]`, contiguous, summed the same way.
+    pub dv: Tensor<E>,
+}
+
+/// Query rows (and keys) per cube of the backward kernels where shared memory allows.
+const BLOCK: u32 = 64;
+
+/// The gradients of variant `V`'s attention of Q, K and V with run-time `inputs`, given the
+/// forward's output `out` (O and its LSE, as [`crate::forward`] returned them) and the gradient
+/// of the loss with respect to O, `d_out` (`[B, Hq, Nq, Dv]`, any strides contiguous in the head
+/// dim). Deterministic: the same bits on every run. Every input is checked before anything is
+/// launched.
+///
+/// Not yet differentiated: a variant's own score expression (`score: |s, b, h, q, k| …`) and
+/// the gradients of run-time inputs (sink logits, ALiBi slopes): such a call is refused.
+pub fn backward<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    k: &Tensor<V::Elem>,
+    v: &Tensor<V::Elem>,
+    out: &Output<V::Elem>,
+    d_out: &Tensor<V::Elem>,
+    inputs: &Inputs,
+) -> Result<Grads<V::Elem>, AttnError> {
+    let spec = &V::SPEC;
+    let problem = Problem::new(spec, q, k, v)?;
+    let packed = pack(spec, &problem, inputs)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(spec));
+    }
+    if spec.score.custom {
+        return Err(AttnError::Unsupported(format!(
+            "{}: the backward pass of a custom score expression is not implemented yet",
+            spec.name
+        )));
+    }
+    check_output(&problem, out)?;
+    check_gradient(&problem, d_out)?;
+    let tiling = backward_tiling(client, spec)?;
+    // The dK/dV kernel's units walk every query row of their group (and stage each block's rows
+    // in a few loops), the dQ kernel's every key.
+    let walked = (problem.group * problem.seq_q).max(problem.seq_k);
+    check_loop_budget_for(client, 4 * walked + 64, "this backward call")?;
+
+    // Zeros: rows outside every document and keys past a sequence's length get no gradient.
+    let zeros = |shape: [usize; 4]| {
+        let zero = vec![V::Elem::from_f64(0.0); shape.iter().product()];
+        Tensor::from_slice(client, &zero, shape)
+    };
+    let grads = Grads {
+        dq: zeros(q.shape())?,
+        dk: zeros(k.shape())?,
+        dv: zeros(v.shape())?,
+    };
+    if packed.max_seq_q == 0 {
+        return Ok(grads);
+    }
+    let rows = problem.batch * problem.heads_q * problem.seq_q;
+    let max_seq_k = (0..packed.sequences)
+        .map(|s| packed.sequence(spec, &problem, s).3)
+        .max()
+        .unwrap_or(0);
+    let delta = Tensor::<f32>::empty(client, [problem.batch, problem.heads_q, problem.seq_q, 1]);
+    const UNITS: u32 = 256;
+    let config = prefill_config(spec, tiling);
+    let args = || kernel_args(spec, &problem);
+    let (ints, floats) = upload_inputs(client, &packed);
+    // SAFETY (every `tensor_arg`): Q, K and V were checked against their buffers by
+    // `Problem::new`, O and the LSE by `check_output`, dO by `check_gradient`; the gradients and
+    // `delta` were created with their shapes.
+    unsafe {
+        backward_delta::launch::<V::Elem>(
+            client,
+            grid(rows, UNITS),
+            CubeDim::new_1d(UNITS),
+            tensor_arg(&out.o),
+            tensor_arg(d_out),
+            tensor_arg(&delta),
+            UNITS,
+        );
+    }
+    let operands = || unsafe {
+        BackwardOperandsLaunch::new(
+            tensor_arg(q),
+            tensor_arg(k),
+            tensor_arg(v),
+            tensor_arg(d_out),
+            tensor_arg(&out.lse.tensor),
+            tensor_arg(&delta),
+        )
+    };
+    tracing::debug!(variant = spec.name, tile = %tiling.name(), "backward launch");
+    backward_dkdv::launch::<V::Elem, V::Hooks>(
+        client,
+        CubeCount::Static(
+            max_seq_k.div_ceil(tiling.block_kv as usize) as u32,
+            problem.heads_kv as u32,
+            packed.sequences as u32,
+        ),
+        CubeDim::new_1d(tiling.block_kv),
+        operands(),
+        unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+        unsafe { run_inputs(&ints, &floats, &packed) },
+        args(),
+        config,
+    );
+    backward_dq::launch::<V::Elem, V::Hooks>(
+        client,
+        CubeCount::Static(
+            packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
+            problem.heads_q as u32,
+            packed.sequences as u32,
+        ),
+        CubeDim::new_1d(tiling.block_q),
+        operands(),
+        unsafe { tensor_arg(&grads.dq) },
+        unsafe { run_inputs(&ints, &floats, &packed) },
+        args(),
+        config,
+    );
+    Ok(grads)
+}
+
+/// dO must have O's shape and be a view inside its buffer, contiguous in the head dim.
+fn check_gradient<E: Element>(problem: &Problem, d_out: &Tensor<E>) -> Result<(), AttnError> {
+    const DIMS: [Dim; 4] = [Dim::Batch, Dim::Heads, Dim::Seq, Dim::HeadDim];
+    let expected = problem.out_shape();
+    for (i, dim) in DIMS.into_iter().enumerate() {
+        if d_out.shape()[i] != expected[i] {
+            return Err(AttnError::DimMismatch {
+                operand: Operand::DOut,
+                dim,
+                expected: expected[i],
+                found: d_out.shape()[i],
+                why: "the output's gradient follows the output's shape",
+            });
+        }
+    }
+    check_view(
+        Operand::DOut,
+        d_out.shape(),
+        d_out.strides(),
+        d_out.buffer_len(),
+    )
+}
+
+/// The backward kernels' tile: `block_q` query rows (dQ cubes, and the dK/dV kernel's staged
+/// query block) and `block_kv` keys, 64 each, halved until both kernels' f32 tiles fit the
+/// device's shared memory.
+pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Tiling, AttnError> {
+    let hw = &client.properties().hardware;
+    let width = (spec.head_dim + spec.value_dim) as usize;
+    let fits = |block: u32| {
+        let staged = block as usize * (width + 2) * 4;
+        staged <= hw.max_shared_memory_size && block <= hw.max_units_per_cube
+    };
+    let mut block = BLOCK;
+    while block > 1 && !fits(block) {
+        block /= 2;
+    }
+    if !fits(block) || is_cpu_emulated(client) && block < 4 {
+        return Err(AttnError::Unsupported(format!(
+            "{}: the backward tiles do not fit {} bytes of shared memory",
+            spec.name, hw.max_shared_memory_size
+        )));
+    }
+    Ok(Tiling {
+        block_q: block,
+        block_kv: block,
+    })
+}

@@ -1,0 +1,567 @@
+//! The backward pass (FlashAttention-2's algorithm): gradients of Q, K and V recomputed from Q,
+//! K, V, the forward's LSE and the output's gradient, without the N×N matrices and without
+//! atomics (the same bits on every run):
+//!
+//! 1. [`backward_delta`]: `D = rowsum(dO ∘ O)` per query row;
+//! 2. [`backward_dkdv`]: one cube per block of keys of one K/V head; each unit owns one key and
+//!    walks every query row of the head's query group (GQA and MQA summed inside the kernel, K/V
+//!    never repeated), staged through shared memory a block at a time: `P = exp(s − LSE)`,
+//!    `dV += P dO`, `dS = P (dO·v − D) f′(s)`, `dK += scale · dS q`;
+//! 3. [`backward_dq`]: one cube per query block of one head, the forward's walk over the keys:
+//!    `dQ += scale · dS k`.
+//!
+//! Tiles the mask rules out are skipped as in the forward ([`crate::kernels::common::mask`]);
+//! `f′` is the score modification's derivative (softcap's `1 − tanh²`; ALiBi adds a constant).
+//! Portable form: one unit per row, shared memory only, every back end.
+
+// `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
+// stay separate (the outer branch disappears at expansion, the inner one is kept).
+#![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
+
+use cubecl::prelude::*;
+
+use crate::hooks::{Hooks, TILE_EMPTY};
+use crate::inputs::slots;
+use crate::kernels::common::walk::{BlockWalk, KeyRange};
+use crate::kernels::common::{mask, score, Args, Ctx, Lengths, RunInputs, Step, StepKeys};
+use crate::kernels::prefill::portable::load_tile;
+use crate::kernels::prefill::PrefillConfig;
+
+/// What the backward kernels read: the forward's operands, its LSE, the output's gradient and
+/// the rows' `D`.
+#[derive(CubeType, CubeLaunch)]
+pub struct BackwardOperands<E: Float> {
+    /// Q, `[B, Hq, Nq, D]`.
+    pub q: OwnedTensor<E>,
+    /// K, `[B, Hkv, Nk, D]`.
+    pub k: OwnedTensor<E>,
+    /// V, `[B, Hkv, Nk, Dv]`.
+    pub v: OwnedTensor<E>,
+    /// dO, `[B, Hq, Nq, Dv]`.
+    pub d_out: OwnedTensor<E>,
+    /// The forward's LSE, `[B, Hq, Nq]`.
+    pub lse: OwnedTensor<f32>,
+    /// `D = rowsum(dO ∘ O)`, `[B, Hq, Nq]`.
+    pub delta: OwnedTensor<f32>,
+}
+
+/// The gradients of K and V.
+#[derive(CubeType, CubeLaunch)]
+pub struct KvGrads<E: Float> {
+    /// dK, `[B, Hkv, Nk, D]`, contiguous.
+    pub dk: OwnedTensor<E>,
+    /// dV, `[B, Hkv, Nk, Dv]`, contiguous.
+    pub dv: OwnedTensor<E>,
+}
+
+/// A pair's place: query and key positions in the sequence.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Pair {
+    /// Query position.
+    pub q: i32,
+    /// Key position.
+    pub k: i32,
+}
+
+/// A block of query rows of the dK/dV kernel's walk: its rows `start..start + len` and their
+/// mask class against the cube's keys.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct QueryBlock {
+    /// The cube's keys and the class of the tile.
+    pub step: Step,
+    /// First query row.
+    pub start: usize,
+    /// Rows in the block.
+    pub len: usize,
+}
+
+/// A pair's probability and the derivative of its score modification.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct PairGrad {
+    /// `P = exp(s′ − LSE)`, 0 where the pair does not take part.
+    pub p: f32,
+    /// `f′(s)`: 1 without a softcap.
+    pub slope: f32,
+}
+
+/// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`, one unit per row on a grid of
+/// `units`-unit cubes (rows past the end idle).
+#[cube(launch)]
+pub fn backward_delta<E: Float>(
+    o: &Tensor<E>,
+    d_out: &Tensor<E>,
+    delta: &mut Tensor<f32>,
+    #[comptime] units: u32,
+) {
+    let row = crate::kernels::flat_index(units);
+    let rows = o.shape(0) * o.shape(1) * o.shape(2);
+    if row < rows {
+        let n = row % o.shape(2);
+        let h = (row / o.shape(2)) % o.shape(1);
+        let b = row / (o.shape(2) * o.shape(1));
+        let o_at = b * o.stride(0) + h * o.stride(1) + n * o.stride(2);
+        let d_at = b * d_out.stride(0) + h * d_out.stride(1) + n * d_out.stride(2);
+        let mut sum = 0.0f32.runtime();
+        for c in 0..o.shape(3) {
+            sum += f32::cast_from(o[o_at + c]) * f32::cast_from(d_out[d_at + c]);
+        }
+        delta[row] = sum;
+    }
+}
+
+/// The probability of a pair from its raw `q·k` under the row's LSE, recomputed as the forward
+/// computed it (scale, score modification, mask), and the modification's derivative.
+#[cube]
+fn recompute<M: Hooks>(
+    dot: f32,
+    lse: f32,
+    at: Pair,
+    step: Step,
+    ctx: &Ctx,
+    inputs: &RunInputs,
+) -> PairGrad {
+    let s = dot * ctx.args.scale;
+    let mut modified = s;
+    if comptime!(ctx.score.modifies_scores()) {
+        modified = score::modify::<M>(s, ctx, at.q, at.k, inputs);
+    }
+    let mut slope = 1.0f32.runtime();
+    if comptime!(ctx.score.softcap) {
+        let t = (s * ctx.args.inv_softcap).tanh();
+        slope = 1.0 - t * t;
+    }
+    let mut visible = true;
+    if comptime!(!ctx.mask.is_none()) {
+        if step.partial() {
+            visible = mask::visible::<M>(ctx, at.q, at.k, inputs);
+        }
+    }
+    PairGrad {
+        p: select(visible, (modified - lse).exp(), 0.0f32),
+        slope,
+    }
+}
+
+/// The context of query head `head`: its ALiBi slope read from the input slots.
+#[cube]
+fn head_context(ctx: &Ctx, head: usize, inputs: &RunInputs) -> Ctx {
+    let mut slope = ctx.site.slope;
+    if comptime!(ctx.score.alibi) {
+        slope = inputs.floats[slots::ALIBI_SLOPES as usize * inputs.slot_len as usize + head];
+    }
+    ctx.with_head(head, slope)
+}
+
+/// dK and dV: one cube per block of `block_kv` keys of one K/V head, one unit per key.
+#[cube(launch)]
+pub fn backward_dkdv<E: Float, M: Hooks>(
+    ops: &BackwardOperands<E>,
+    grads: &mut KvGrads<E>,
+    inputs: &RunInputs,
+    args: Args,
+    #[comptime] config: PrefillConfig,
+) {
+    let block_kv = config.block_kv();
+    let at = Lengths {
+        sequence: CUBE_POS_Z as usize,
+        head: CUBE_POS_Y as usize * args.group as usize,
+        q_total: ops.q.shape(2),
+        k_total: ops.k.shape(2),
+    };
+    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    let key_start = CUBE_POS_X as usize * block_kv;
+    // Blocks past the end of a short document have nothing to do (uniform across the cube).
+    if key_start < ctx.site.seq_k {
+        let mut key = KeyRow::new(ops, &ctx, key_start + UNIT_POS as usize, config);
+        let remaining = ctx.site.seq_k - key_start;
+        let keys = StepKeys {
+            start: key_start,
+            len: select(remaining < block_kv, remaining, block_kv),
+        };
+        let mut tiles = Shared::<[f32]>::new_slice(
+            config.block_q() * (config.head_dim() + config.value_dim() + 2),
+        );
+        for g in 0..args.group as usize {
+            let head_ctx = head_context(&ctx, ctx.site.head + g, inputs);
+            let blocks = (ctx.site.seq_q + config.block_q() - 1) / config.block_q();
+            for qb in 0..blocks {
+                let q_start = qb * config.block_q();
+                let q_end = select(
+                    q_start + config.block_q() < ctx.site.seq_q,
+                    q_start + config.block_q(),
+                    ctx.site.seq_q,
+                );
+                let walk = BlockWalk {
+                    q_first: q_start,
+                    q_last: q_end - 1,
+                    range: KeyRange { start: 0, end: 0 },
+                    first_step: 0,
+                    end_step: 0,
+                };
+                let step = Step {
+                    keys,
+                    class: mask::classify::<M>(&head_ctx, walk, keys, inputs),
+                };
+                if step.class != TILE_EMPTY {
+                    sync_cube();
+                    load_query_rows::<E>(ops, &mut tiles, &head_ctx, q_start, config);
+                    sync_cube();
+                    let block = QueryBlock {
+                        step,
+                        start: q_start,
+                        len: q_end - q_start,
+                    };
+                    key.accumulate::<M>(&tiles, &head_ctx, block, inputs, config);
+                }
+            }
+        }
+        key.write::<E>(grads, &ctx, config);
+    }
+}
+
+/// One key row owned by one unit: its K and V (f32) and its gradients' accumulators.
+#[derive(CubeType)]
+pub struct KeyRow {
+    /// The key row, f32.
+    k: Array<f32>,
+    /// The value row, f32.
+    v: Array<f32>,
+    /// dK accumulator.
+    dk: Array<f32>,
+    /// dV accumulator.
+    dv: Array<f32>,
+    /// Sequence position.
+    key: usize,
+    /// Whether the key lies in the sequence.
+    valid: bool,
+}
+
+#[cube]
+impl KeyRow {
+    /// Key `key` of the cube's K/V head, loaded; zero accumulators.
+    pub fn new<E: Float>(
+        ops: &BackwardOperands<E>,
+        ctx: &Ctx,
+        key: usize,
+        #[comptime] config: PrefillConfig,
+    ) -> KeyRow {
+        let seq = ctx.site;
+        let valid = key < seq.seq_k;
+        let row = seq.k_off + select(valid, key, 0);
+        let k_at =
+            seq.batch * ops.k.stride(0) + seq.kv_head * ops.k.stride(1) + row * ops.k.stride(2);
+        let v_at =
+            seq.batch * ops.v.stride(0) + seq.kv_head * ops.v.stride(1) + row * ops.v.stride(2);
+        let mut k = Array::<f32>::new(config.head_dim());
+        let mut dk = Array::<f32>::new(config.head_dim());
+        #[unroll]
+        for c in 0..config.head_dim() {
+            let mut x = 0.0f32.runtime();
+            if valid {
+                x = f32::cast_from(ops.k[k_at + c]);
+            }
+            k[c] = x;
+            dk[c] = 0.0;
+        }
+        let mut v = Array::<f32>::new(config.value_dim());
+        let mut dv = Array::<f32>::new(config.value_dim());
+        #[unroll]
+        for c in 0..config.value_dim() {
+            let mut x = 0.0f32.runtime();
+            if valid {
+                x = f32::cast_from(ops.v[v_at + c]);
+            }
+            v[c] = x;
+            dv[c] = 0.0;
+        }
+        KeyRow {
+            k,
+            v,
+            dk,
+            dv,
+            key,
+            valid,
+        }
+    }
+
+    /// Add the staged query rows' contributions: `dV += P dO`, `dK += scale · dS q`.
+    pub fn accumulate<M: Hooks>(
+        &mut self,
+        tiles: &Shared<[f32]>,
+        ctx: &Ctx,
+        block: QueryBlock,
+        inputs: &RunInputs,
+        #[comptime] config: PrefillConfig,
+    ) {
+        let d = config.head_dim();
+        let dv = config.value_dim();
+        let do_at = config.block_q() * d;
+        let stats_at = config.block_q() * (d + dv);
+        for r in 0..block.len {
+            let mut dot = 0.0f32.runtime();
+            #[unroll]
+            for c in 0..d {
+                dot += tiles[r * d + c] * self.k[c];
+            }
+            let at = Pair {
+                q: (block.start + r) as i32,
+                k: self.key as i32,
+            };
+            let grad = recompute::<M>(dot, tiles[stats_at + r], at, block.step, ctx, inputs);
+            let p = select(self.valid, grad.p, 0.0f32);
+            let mut dp = 0.0f32.runtime();
+            #[unroll]
+            for c in 0..dv {
+                let g = tiles[do_at + r * dv + c];
+                self.dv[c] += p * g;
+                dp += g * self.v[c];
+            }
+            let delta = tiles[stats_at + config.block_q() + r];
+            let ds = p * (dp - delta) * grad.slope * ctx.args.scale;
+            #[unroll]
+            for c in 0..d {
+                self.dk[c] += ds * tiles[r * d + c];
+            }
+        }
+    }
+
+    /// Write dK and dV (contiguous).
+    pub fn write<E: Float>(
+        &self,
+        grads: &mut KvGrads<E>,
+        ctx: &Ctx,
+        #[comptime] config: PrefillConfig,
+    ) {
+        if self.valid {
+            let seq = ctx.site;
+            let row = seq.k_off + self.key;
+            let k_at = seq.batch * grads.dk.stride(0)
+                + seq.kv_head * grads.dk.stride(1)
+                + row * grads.dk.stride(2);
+            let v_at = seq.batch * grads.dv.stride(0)
+                + seq.kv_head * grads.dv.stride(1)
+                + row * grads.dv.stride(2);
+            #[unroll]
+            for c in 0..config.head_dim() {
+                grads.dk[k_at + c] = E::cast_from(self.dk[c]);
+            }
+            #[unroll]
+            for c in 0..config.value_dim() {
+                grads.dv[v_at + c] = E::cast_from(self.dv[c]);
+            }
+        }
+    }
+}
+
+/// Stage `block_q` query rows of the context's head from `q_start`: Q and dO (f32), and per row
+/// its LSE and `D`; rows past the sequence have LSE +∞, so every probability of theirs is 0.
+#[cube]
+fn load_query_rows<E: Float>(
+    ops: &BackwardOperands<E>,
+    tiles: &mut Shared<[f32]>,
+    ctx: &Ctx,
+    q_start: usize,
+    #[comptime] config: PrefillConfig,
+) {
+    let seq = ctx.site;
+    let d = config.head_dim();
+    let dv = config.value_dim();
+    let block_q = config.block_q();
+    let units = config.block_kv();
+    let do_at = block_q * d;
+    let stats_at = block_q * (d + dv);
+    let q_base = seq.batch * ops.q.stride(0) + seq.head * ops.q.stride(1);
+    for i in range_stepped(UNIT_POS as usize, block_q * d, units) {
+        let row = q_start + i / d;
+        let mut x = 0.0f32.runtime();
+        if row < seq.seq_q {
+            x = f32::cast_from(ops.q[q_base + (seq.q_off + row) * ops.q.stride(2) + i % d]);
+        }
+        tiles[i] = x;
+    }
+    let o_base = seq.batch * ops.d_out.stride(0) + seq.head * ops.d_out.stride(1);
+    for i in range_stepped(UNIT_POS as usize, block_q * dv, units) {
+        let row = q_start + i / dv;
+        let mut x = 0.0f32.runtime();
+        if row < seq.seq_q {
+            x = f32::cast_from(
+                ops.d_out[o_base + (seq.q_off + row) * ops.d_out.stride(2) + i % dv],
+            );
+        }
+        tiles[do_at + i] = x;
+    }
+    for r in range_stepped(UNIT_POS as usize, block_q, units) {
+        let row = q_start + r;
+        let stat = (seq.batch * ops.lse.shape(1) + seq.head) * ops.lse.shape(2) + seq.q_off + row;
+        let mut lse = -ctx.masked();
+        let mut delta = 0.0f32.runtime();
+        if row < seq.seq_q {
+            lse = ops.lse[stat];
+            delta = ops.delta[stat];
+        }
+        tiles[stats_at + r] = lse;
+        tiles[stats_at + block_q + r] = delta;
+    }
+}
+
+/// dQ: one cube per query block of one head, one unit per query row, the forward's walk over the
+/// keys with K and V staged in shared memory.
+#[cube(launch)]
+pub fn backward_dq<E: Float, M: Hooks>(
+    ops: &BackwardOperands<E>,
+    dq: &mut Tensor<E>,
+    inputs: &RunInputs,
+    args: Args,
+    #[comptime] config: PrefillConfig,
+) {
+    let block_q = config.block_q();
+    let block_kv = config.block_kv();
+    let at = Lengths {
+        sequence: CUBE_POS_Z as usize,
+        head: CUBE_POS_Y as usize,
+        q_total: ops.q.shape(2),
+        k_total: ops.k.shape(2),
+    };
+    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    let q_start = CUBE_POS_X as usize * block_q;
+    if q_start < ctx.site.seq_q {
+        let mut row = QueryGradRow::new(ops, &ctx, q_start + UNIT_POS as usize, config);
+        let mut kv_tiles = Shared::<[f32]>::new_slice(
+            block_kv * config.head_dim() + block_kv * config.value_dim(),
+        );
+        let walk = BlockWalk::new(&ctx, q_start, block_q, block_kv);
+        for index in walk.first_step..walk.end_step {
+            let keys = walk.keys(index, block_kv);
+            let step = Step {
+                keys,
+                class: mask::classify::<M>(&ctx, walk, keys, inputs),
+            };
+            if step.class != TILE_EMPTY {
+                sync_cube();
+                load_tile::<E>(&ops.k, &mut kv_tiles, &ctx, keys.start, false, config);
+                load_tile::<E>(&ops.v, &mut kv_tiles, &ctx, keys.start, true, config);
+                sync_cube();
+                row.accumulate::<M>(&kv_tiles, &ctx, step, inputs, config);
+            }
+        }
+        row.write::<E>(dq, &ctx, config);
+    }
+}
+
+/// One query row of the dQ kernel: its Q and dO (f32), LSE and `D`, and the dQ accumulator.
+#[derive(CubeType)]
+pub struct QueryGradRow {
+    /// Q, f32.
+    q: Array<f32>,
+    /// dO, f32.
+    d_out: Array<f32>,
+    /// dQ accumulator.
+    dq: Array<f32>,
+    /// The forward's LSE (+∞ for a row past the sequence).
+    lse: f32,
+    /// `D`.
+    delta: f32,
+    /// Sequence position.
+    row: usize,
+    /// Whether the row lies in the sequence.
+    valid: bool,
+}
+
+#[cube]
+impl QueryGradRow {
+    /// Row `row` of the cube's head, loaded; a zero accumulator.
+    pub fn new<E: Float>(
+        ops: &BackwardOperands<E>,
+        ctx: &Ctx,
+        row: usize,
+        #[comptime] config: PrefillConfig,
+    ) -> QueryGradRow {
+        let seq = ctx.site;
+        let valid = row < seq.seq_q;
+        let at = seq.q_off + select(valid, row, 0);
+        let q_at = seq.batch * ops.q.stride(0) + seq.head * ops.q.stride(1) + at * ops.q.stride(2);
+        let o_at = seq.batch * ops.d_out.stride(0)
+            + seq.head * ops.d_out.stride(1)
+            + at * ops.d_out.stride(2);
+        let mut q = Array::<f32>::new(config.head_dim());
+        let mut dq = Array::<f32>::new(config.head_dim());
+        #[unroll]
+        for c in 0..config.head_dim() {
+            q[c] = f32::cast_from(ops.q[q_at + c]);
+            dq[c] = 0.0;
+        }
+        let mut d_out = Array::<f32>::new(config.value_dim());
+        #[unroll]
+        for c in 0..config.value_dim() {
+            d_out[c] = f32::cast_from(ops.d_out[o_at + c]);
+        }
+        let stat = (seq.batch * ops.lse.shape(1) + seq.head) * ops.lse.shape(2) + at;
+        QueryGradRow {
+            q,
+            d_out,
+            dq,
+            lse: select(valid, ops.lse[stat], -ctx.masked()),
+            delta: ops.delta[stat],
+            row,
+            valid,
+        }
+    }
+
+    /// Add the staged keys' contributions: `dQ += scale · dS k`.
+    pub fn accumulate<M: Hooks>(
+        &mut self,
+        kv_tiles: &Shared<[f32]>,
+        ctx: &Ctx,
+        step: Step,
+        inputs: &RunInputs,
+        #[comptime] config: PrefillConfig,
+    ) {
+        let d = config.head_dim();
+        let dv = config.value_dim();
+        let v_at = config.block_kv() * d;
+        for j in 0..step.keys.len {
+            let mut dot = 0.0f32.runtime();
+            #[unroll]
+            for c in 0..d {
+                dot += self.q[c] * kv_tiles[j * d + c];
+            }
+            let at = Pair {
+                q: self.row as i32,
+                k: (step.keys.start + j) as i32,
+            };
+            let grad = recompute::<M>(dot, self.lse, at, step, ctx, inputs);
+            let mut dp = 0.0f32.runtime();
+            #[unroll]
+            for c in 0..dv {
+                dp += self.d_out[c] * kv_tiles[v_at + j * dv + c];
+            }
+            let ds = grad.p * (dp - self.delta) * grad.slope * ctx.args.scale;
+            #[unroll]
+            for c in 0..d {
+                self.dq[c] += ds * kv_tiles[j * d + c];
+            }
+        }
+    }
+
+    /// Write dQ (contiguous).
+    pub fn write<E: Float>(
+        &self,
+        dq: &mut Tensor<E>,
+        ctx: &Ctx,
+        #[comptime] config: PrefillConfig,
+    ) {
+        if self.valid {
+            let seq = ctx.site;
+            let at = seq.batch * dq.stride(0)
+                + seq.head * dq.stride(1)
+                + (seq.q_off + self.row) * dq.stride(2);
+            #[unroll]
+            for c in 0..config.head_dim() {
+                dq[at + c] = E::cast_from(self.dq[c]);
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The backward pass against float64 gradients on random inputs (fresh seed per run, printed):
+//! every mask kind, softcap, ALiBi, sinks, GQA and MQA (dK and dV summed over each group), a V
+//! head dim of its own, odd lengths and Nq ≠ Nk, f32 and f16. Pass criterion as the forward's:
+//! max error ≤ 2 × the naive low-precision computation's error + a floor, per gradient.
+
+use attn::inputs::pack;
+use attn::reference::{
+    backward_f64, backward_naive, error_floor, random_vec, seeded_rng, widen, OwnedInputs, Verdict,
+};
+use attn::{AttnError, ComputeClient, Element, Problem, Tensor, Variant};
+
+attn::attention! {
+    /// MHA, causal, f32.
+    MhaCausalF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal }
+    /// GQA 4, causal with a window, f16.
+    Gqa4WindowF16 { heads: gqa(group = 4), head_dim: 64, dtype: f16, mask: causal & window(left = 20) }
+    /// GQA 2, softcap, no mask, f16 (d 128).
+    SoftcapF16 { heads: gqa(group = 2), head_dim: 128, dtype: f16, softcap: 3.0 }
+    /// MHA, ALiBi, causal top-left, f32.
+    AlibiF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal(top_left), alibi: geometric }
+    /// GQA 2, packed documents, causal, f32.
+    DocsF32 { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal & documents }
+    /// MQA, key lengths, sinks, f32.
+    SinksMqaF32 { heads: mqa, head_dim: 64, dtype: f32, mask: key_lengths, sinks: per_head }
+    /// GQA 3, V head dim 64 under QK head dim 128, prefix-LM, f32.
+    PrefixDvF32 { heads: gqa(group = 3), head_dim: 128, value_dim: 64, dtype: f32, mask: prefix_lm }
+    /// MHA, a custom mask expression, f32.
+    BandF32 { heads: mha, head_dim: 64, dtype: f32, mask: |b, h, q, k| (q - k) % 3 != 1 && k <= q + 2 }
+    /// A custom score expression: not differentiated yet.
+    CustomScoreF32 { heads: mha, head_dim: 64, dtype: f32, score: |s, b, h, q, k| s * 0.5 }
+}
+
+fn client() -> ComputeClient {
+    attn::default_client()
+}
+
+/// Forward, then backward with a random dO; every gradient checked against float64.
+fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, seq_k]: [usize; 5]) {
+    let spec = V::SPEC;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let label = format!(
+        "{} B{batch} H{heads_q}/{heads_kv} Nq{seq_q} Nk{seq_k}",
+        spec.name
+    );
+    let (mut rng, _) = seeded_rng(&label);
+    let q_shape = [batch, heads_q, seq_q, d];
+    let k_shape = [batch, heads_kv, seq_k, d];
+    let v_shape = [batch, heads_kv, seq_k, dv];
+    let o_shape = [batch, heads_q, seq_q, dv];
+    let qh: Vec<V::Elem> = random_vec(&mut rng, q_shape.iter().product());
+    let kh: Vec<V::Elem> = random_vec(&mut rng, k_shape.iter().product());
+    let vh: Vec<V::Elem> = random_vec(&mut rng, v_shape.iter().product());
+    let doh: Vec<V::Elem> = random_vec(&mut rng, o_shape.iter().product());
+    let owned = OwnedInputs::random(&spec, [batch, heads_q, seq_q, seq_k], 4, &mut rng);
+    let inputs = owned.view();
+    let upload =
+        |h: &[V::Elem], shape| Tensor::from_slice(client, h, shape).expect("fills its shape");
+    let (q, k, v, d_out) = (
+        upload(&qh, q_shape),
+        upload(&kh, k_shape),
+        upload(&vh, v_shape),
+        upload(&doh, o_shape),
+    );
+    let out = attn::forward::<V>(client, &q, &k, &v, &inputs).expect("forward");
+    let grads = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
+
+    let problem = Problem::new(&spec, &q, &k, &v).expect("valid problem");
+    let packed = pack(&spec, &problem, &inputs).expect("valid inputs");
+    let host = [widen(&qh), widen(&kh), widen(&vh), widen(&doh)];
+    let qkv_do = [&host[0][..], &host[1][..], &host[2][..], &host[3][..]];
+    let reference = backward_f64::<V>(&problem, &packed, &inputs, qkv_do);
+    let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do);
+    for (name, got, want, low) in [
+        ("dQ", &grads.dq, &reference.dq, &naive.dq),
+        ("dK", &grads.dk, &reference.dk, &naive.dk),
+        ("dV", &grads.dv, &reference.dv, &naive.dv),
+    ] {
+        let got = widen(&got.to_vec(client));
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{label}: {name} has a non-finite element"
+        );
+        let verdict = Verdict::new(&got, want, low, error_floor::<V::Elem>());
+        println!(
+            "{label}: {name}: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}, max |f64| {:.2e}",
+            verdict.kernel_error,
+            verdict.naive_error,
+            verdict.bound,
+            want.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+        );
+        assert!(
+            verdict.passed(),
+            "{label}: {name}: max |kernel − f64| = {:.3e} > bound {:.3e} (naive {}: {:.3e})",
+            verdict.kernel_error,
+            verdict.bound,
+            <V::Elem as Element>::DTYPE.name(),
+            verdict.naive_error
+        );
+    }
+    // Deterministic: the same bits again.
+    let again = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
+    assert_eq!(
+        again.dk.to_vec(client),
+        grads.dk.to_vec(client),
+        "{label}: dK differs between two runs"
+    );
+    assert_eq!(
+        again.dq.to_vec(client),
+        grads.dq.to_vec(client),
+        "{label}: dQ differs between two runs"
+    );
+}
+
+#[test]
+fn masks_and_groups() {
+    let c = client();
+    check::<MhaCausalF32>(&c, [2, 2, 2, 37, 37]);
+    check::<MhaCausalF32>(&c, [1, 3, 3, 17, 70]);
+    check::<Gqa4WindowF16>(&c, [1, 8, 2, 65, 65]);
+    check::<DocsF32>(&c, [1, 4, 2, 90, 90]);
+    check::<BandF32>(&c, [1, 2, 2, 33, 41]);
+    check::<PrefixDvF32>(&c, [2, 3, 1, 29, 29]);
+}
+
+#[test]
+fn score_modifications_and_sinks() {
+    let c = client();
+    check::<SoftcapF16>(&c, [1, 4, 2, 40, 53]);
+    check::<AlibiF32>(&c, [1, 4, 4, 31, 47]);
+    check::<SinksMqaF32>(&c, [2, 4, 1, 1, 77]);
+    check::<SinksMqaF32>(&c, [2, 4, 1, 19, 33]);
+}
+
+#[test]
+fn refusals_are_typed_and_launch_nothing() {
+    let c = client();
+    let zeros = |shape: [usize; 4]| {
+        Tensor::<f32>::from_slice(&c, &vec![0.5; shape.iter().product()], shape).unwrap()
+    };
+    let (q, k, v) = (
+        zeros([1, 2, 8, 64]),
+        zeros([1, 2, 8, 64]),
+        zeros([1, 2, 8, 64]),
+    );
+    let out = attn::forward::<MhaCausalF32>(&c, &q, &k, &v, &Default::default()).unwrap();
+    // dO of the wrong length.
+    let e = attn::backward::<MhaCausalF32>(
+        &c,
+        &q,
+        &k,
+        &v,
+        &out,
+        &zeros([1, 2, 7, 64]),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, AttnError::DimMismatch { .. }), "{e:?}");
+    // A custom score expression.
+    let out = attn::forward::<CustomScoreF32>(&c, &q, &k, &v, &Default::default()).unwrap();
+    // Through the method the macro generates on every variant.
+    let e = CustomScoreF32::backward(&c, &q, &k, &v, &out, &zeros([1, 2, 8, 64])).unwrap_err();
+    assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+}
