@@ -1,5 +1,6 @@
 //! The backward pass against float64 gradients on random inputs (fresh seed per run, printed):
-//! every mask kind, softcap, ALiBi, sinks, GQA and MQA (dK and dV summed over each group), a V
+//! every mask kind, softcap, ALiBi, sinks (their logits' gradient too), custom score expressions
+//! (the macro's derivative, also against finite differences), GQA and MQA (dK and dV summed over each group), a V
 //! head dim of its own, odd lengths and Nq ≠ Nk, f32 and f16. Pass criterion as the forward's:
 //! max error ≤ 2 × the naive low-precision computation's error + a floor, per gradient.
 
@@ -22,12 +23,22 @@ attn::attention! {
     DocsF32 { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal & documents }
     /// MQA, key lengths, sinks, f32.
     SinksMqaF32 { heads: mqa, head_dim: 64, dtype: f32, mask: key_lengths, sinks: per_head }
+    /// GQA 2, packed documents with sinks, f16 (the sinks' gradient summed over documents).
+    SinksDocsF16 { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & documents, sinks: per_head }
     /// GQA 3, V head dim 64 under QK head dim 128, prefix-LM, f32.
     PrefixDvF32 { heads: gqa(group = 3), head_dim: 128, value_dim: 64, dtype: f32, mask: prefix_lm }
     /// MHA, a custom mask expression, f32.
     BandF32 { heads: mha, head_dim: 64, dtype: f32, mask: |b, h, q, k| (q - k) % 3 != 1 && k <= q + 2 }
-    /// A custom score expression: not differentiated yet.
-    CustomScoreF32 { heads: mha, head_dim: 64, dtype: f32, score: |s, b, h, q, k| s * 0.5 }
+    /// A linear custom score (its derivative the constant 0.5).
+    CustomLinF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal, score: |s, b, h, q, k| s * 0.5 + (q - k) as f32 * 0.01 }
+    /// A piecewise, nonlinear custom score reading a per-head input.
+    CustomNonlinF32 {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32,
+        inputs: { bias: [f32; heads] },
+        score: |s, b, h, q, k| if s > 0.0 { (s * bias[h]).tanh() * 3.0 } else { s.max(-2.0) + (s * 0.1).exp() },
+    }
+    /// A custom score after softcap and ALiBi (the chain rule through all three), f16.
+    CustomChainF16 { heads: mha, head_dim: 64, dtype: f16, mask: causal, softcap: 4.0, alibi: geometric, score: |s, b, h, q, k| s * s * 0.1 + s }
 }
 
 fn client() -> ComputeClient {
@@ -97,6 +108,28 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             verdict.naive_error
         );
     }
+    match (&grads.d_sinks, spec.score.sinks) {
+        (Some(d_sinks), true) => {
+            let got: Vec<f64> = d_sinks.to_vec(client).into_iter().map(f64::from).collect();
+            let verdict = Verdict::new(&got, &reference.d_sinks, &naive.d_sinks, 1e-4);
+            println!(
+                "{label}: d_sinks: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}",
+                verdict.kernel_error, verdict.naive_error, verdict.bound
+            );
+            assert!(
+                verdict.passed(),
+                "{label}: d_sinks: max |kernel − f64| = {:.3e} > bound {:.3e}",
+                verdict.kernel_error,
+                verdict.bound
+            );
+        }
+        (None, false) => {}
+        (d_sinks, _) => panic!(
+            "{label}: sink gradients {:?} for sinks: {}",
+            d_sinks.is_some(),
+            spec.score.sinks
+        ),
+    }
     // Deterministic: the same bits again.
     let again = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
     assert_eq!(
@@ -129,6 +162,7 @@ fn score_modifications_and_sinks() {
     check::<AlibiF32>(&c, [1, 4, 4, 31, 47]);
     check::<SinksMqaF32>(&c, [2, 4, 1, 1, 77]);
     check::<SinksMqaF32>(&c, [2, 4, 1, 19, 33]);
+    check::<SinksDocsF16>(&c, [1, 4, 2, 70, 70]);
 }
 
 #[test]
@@ -155,9 +189,49 @@ fn refusals_are_typed_and_launch_nothing() {
     )
     .unwrap_err();
     assert!(matches!(e, AttnError::DimMismatch { .. }), "{e:?}");
-    // A custom score expression.
-    let out = attn::forward::<CustomScoreF32>(&c, &q, &k, &v, &Default::default()).unwrap();
     // Through the method the macro generates on every variant.
-    let e = CustomScoreF32::backward(&c, &q, &k, &v, &out, &zeros([1, 2, 8, 64])).unwrap_err();
-    assert!(matches!(e, AttnError::Unsupported(_)), "{e:?}");
+    let e = MhaCausalF32::backward(&c, &q, &k, &v, &out, &zeros([2, 2, 8, 64])).unwrap_err();
+    assert!(matches!(e, AttnError::DimMismatch { .. }), "{e:?}");
+}
+
+#[test]
+fn custom_score_expressions() {
+    let c = client();
+    check::<CustomLinF32>(&c, [1, 2, 2, 45, 45]);
+    check::<CustomNonlinF32>(&c, [2, 4, 2, 23, 38]);
+    check::<CustomChainF16>(&c, [1, 3, 3, 50, 50]);
+}
+
+/// The macro's derivative of each score expression (`host_score_grad`) against central finite
+/// differences of the expression itself (`host_score`), at random logits and positions.
+#[test]
+fn derived_score_gradients_match_finite_differences() {
+    use attn::reference::OwnedInputs;
+    use rand::Rng;
+    fn one<V: Variant>(rng: &mut rand::rngs::StdRng) {
+        let owned = OwnedInputs::random(&V::SPEC, [2, 4, 16, 16], 1, rng);
+        let inputs = owned.view();
+        for _ in 0..2000 {
+            let s: f64 = rng.random_range(-6.0..6.0);
+            let (b, h, q, k) = (
+                rng.random_range(0..2),
+                rng.random_range(0..4),
+                rng.random_range(0..16),
+                rng.random_range(0..16),
+            );
+            let eps = 1e-6;
+            let f = |x: f64| V::host_score(x, b, h, q, k, &inputs);
+            let numeric = (f(s + eps) - f(s - eps)) / (2.0 * eps);
+            let derived = V::host_score_grad(s, b, h, q, k, &inputs);
+            assert!(
+                (numeric - derived).abs() <= 1e-5 * (1.0 + derived.abs()),
+                "{}: at s = {s}, b {b}, h {h}, q {q}, k {k}: derived {derived}, finite differences {numeric}",
+                V::SPEC.name
+            );
+        }
+    }
+    let (mut rng, _) = seeded_rng("derived score gradients");
+    one::<CustomLinF32>(&mut rng);
+    one::<CustomNonlinF32>(&mut rng);
+    one::<CustomChainF16>(&mut rng);
 }

@@ -757,3 +757,21 @@ pub fn boundable(e: &Typed) -> bool {
         Node::If(c, a, b) => boundable(c) && boundable(a) && boundable(b),
     }
 }
+
+/// Whether parameter `p` appears in `e`, reading a declared input indexed by it included.
+pub fn mentions(e: &Typed, p: Param, inputs: &[InputDecl]) -> bool {
+    let m = |x: &Typed| mentions(x, p, inputs);
+    match &e.node {
+        Node::Param(q) => *q == p,
+        Node::Input(i) => match inputs[*i].extent {
+            Extent::Batch => p == Param::B,
+            Extent::Heads => p == Param::H,
+            Extent::Scalar => false,
+        },
+        Node::Int(_) | Node::Float(_) | Node::Bool(_) => false,
+        Node::Neg(x) | Node::Not(x) | Node::Cast(_, x) => m(x),
+        Node::Binary(_, a, b) => m(a) || m(b),
+        Node::Call(_, x, args) => m(x) || args.iter().any(m),
+        Node::If(c, a, b) => m(c) || m(a) || m(b),
+    }
+}

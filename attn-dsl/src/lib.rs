@@ -7,6 +7,7 @@
 pub mod check;
 pub mod codegen;
 pub mod ctxt;
+pub mod derive;
 pub mod expr;
 pub mod keywords;
 pub mod lower;

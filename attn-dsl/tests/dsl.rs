@@ -294,3 +294,47 @@ fn every_head_dim_has_a_default_tile_every_back_end_runs() {
     // Long K/V steps first from head dim 192 on (measured: the accumulator round trip).
     assert_eq!(attn_dsl::plan::default_tiles(256)[0].block_kv, 64);
 }
+
+/// The derivative of a score expression with respect to `s`, folded as it is built: a linear
+/// score derives to its constant slope, a score that does not depend on `s` (beyond adding to
+/// it) to 1, and a nonlinear one keeps its structure (`tanh′ = 1 − tanh²`).
+#[test]
+fn score_derivatives_fold() {
+    use attn_dsl::derive::d_ds;
+    use attn_dsl::expr::{Func, Node, Op};
+    let derive = |tokens: proc_macro2::TokenStream| {
+        let plans = attn_dsl::analyse(tokens).unwrap_or_else(|(e, _)| panic!("{e}"));
+        d_ds(&plans[0].spec.score.as_ref().expect("a score").body)
+    };
+    let linear = derive(quote! {
+        V { heads: mha, head_dim: 64, dtype: f32, inputs: { bias: [f32; heads] },
+            score: |s, b, h, q, k| s * 0.5 + bias[h] * (q - k) as f32 }
+    });
+    assert!(
+        matches!(linear.node, Node::Float(x) if x == 0.5),
+        "{linear:?}"
+    );
+    let shifted = derive(quote! {
+        V { heads: mha, head_dim: 64, dtype: f32, score: |s, b, h, q, k| s - (q - k).abs() as f32 }
+    });
+    assert!(
+        matches!(shifted.node, Node::Float(x) if x == 1.0),
+        "{shifted:?}"
+    );
+    let tanh = derive(quote! {
+        V { heads: mha, head_dim: 64, dtype: f32, score: |s, b, h, q, k| (s * 2.0).tanh() }
+    });
+    // (1 − tanh(2s)²) · 2.
+    let Node::Binary(Op::Mul, outer, two) = &tanh.node else {
+        panic!("{tanh:?}")
+    };
+    assert!(matches!(two.node, Node::Float(x) if x == 2.0), "{tanh:?}");
+    let Node::Binary(Op::Sub, one, square) = &outer.node else {
+        panic!("{tanh:?}")
+    };
+    assert!(matches!(one.node, Node::Float(x) if x == 1.0), "{tanh:?}");
+    assert!(
+        matches!(&square.node, Node::Binary(Op::Mul, a, _) if matches!(a.node, Node::Call(Func::Tanh, _, _))),
+        "{tanh:?}"
+    );
+}

@@ -7,7 +7,8 @@ use crate::blueprint::prefill_config;
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs};
 use crate::kernels::backward::{
-    backward_delta, backward_dkdv, backward_dq, BackwardOperandsLaunch, KvGradsLaunch,
+    backward_delta, backward_dkdv, backward_dq, backward_sinks, BackwardOperandsLaunch,
+    KvGradsLaunch, SinkConfig, SinkStatsLaunch, SINK_UNITS,
 };
 use crate::kv_cache::grid;
 use crate::launch::{
@@ -27,6 +28,9 @@ pub struct Grads<E> {
     pub dk: Tensor<E>,
     /// dV, `[B, Hkv, Nk, Dv]`, contiguous, summed the same way.
     pub dv: Tensor<E>,
+    /// With sinks (`sinks: per_head`): the gradient of each head's sink logit, `[1, 1, 1, Hq]`,
+    /// f32.
+    pub d_sinks: Option<Tensor<f32>>,
 }
 
 /// Query rows (and keys) per cube of the backward kernels where shared memory allows.
@@ -38,8 +42,9 @@ const BLOCK: u32 = 64;
 /// dim). Deterministic: the same bits on every run. Every input is checked before anything is
 /// launched.
 ///
-/// Not yet differentiated: a variant's own score expression (`score: |s, b, h, q, k| …`) and
-/// the gradients of run-time inputs (sink logits, ALiBi slopes): such a call is refused.
+/// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`]);
+/// with sinks, their logits' gradient comes too ([`Grads::d_sinks`]). Not computed yet: the
+/// gradients of the other run-time inputs (ALiBi slopes, declared inputs).
 pub fn backward<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
@@ -54,12 +59,6 @@ pub fn backward<V: Variant>(
     let packed = pack(spec, &problem, inputs)?;
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(spec));
-    }
-    if spec.score.custom {
-        return Err(AttnError::Unsupported(format!(
-            "{}: the backward pass of a custom score expression is not implemented yet",
-            spec.name
-        )));
     }
     check_output(&problem, out)?;
     check_gradient(&problem, d_out)?;
@@ -78,6 +77,17 @@ pub fn backward<V: Variant>(
         dq: zeros(q.shape())?,
         dk: zeros(k.shape())?,
         dv: zeros(v.shape())?,
+        d_sinks: spec
+            .score
+            .sinks
+            .then(|| {
+                Tensor::<f32>::from_slice(
+                    client,
+                    &vec![0.0; problem.heads_q],
+                    [1, 1, 1, problem.heads_q],
+                )
+            })
+            .transpose()?,
     };
     if packed.max_seq_q == 0 {
         return Ok(grads);
@@ -145,6 +155,28 @@ pub fn backward<V: Variant>(
         args(),
         config,
     );
+    if let Some(d_sinks) = &grads.d_sinks {
+        let stats = unsafe {
+            SinkStatsLaunch::new(
+                tensor_arg(&out.lse.tensor),
+                tensor_arg(&delta),
+                packed.sequences as u32,
+            )
+        };
+        backward_sinks::launch(
+            client,
+            CubeCount::Static(problem.heads_q as u32, 1, 1),
+            CubeDim::new_1d(SINK_UNITS),
+            stats,
+            unsafe { tensor_arg(d_sinks) },
+            unsafe { run_inputs(&ints, &floats, &packed) },
+            args(),
+            SinkConfig {
+                mask: spec.mask,
+                score: spec.score.flags(),
+            },
+        );
+    }
     Ok(grads)
 }
 

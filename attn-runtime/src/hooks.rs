@@ -43,6 +43,10 @@ pub trait Hooks: Send + Sync + 'static {
     /// The modified logit `s` (already scaled) of query `q` and key `k`.
     fn score(s: f32, b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs) -> f32;
 
+    /// `∂ score / ∂ s` at `s`, derived from the score expression by the macro (1 without one):
+    /// the backward pass's chain rule through the variant's own score modification.
+    fn score_grad(s: f32, b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs) -> f32;
+
     /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over `tile`;
     /// [`TILE_PARTIAL`] whenever unsure.
     fn classify(b: i32, h: i32, tile: TileBounds, inputs: &RunInputs) -> u32;
@@ -60,6 +64,10 @@ impl Hooks for NoHooks {
 
     fn score(s: f32, _b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs) -> f32 {
         s
+    }
+
+    fn score_grad(_s: f32, _b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs) -> f32 {
+        1.0
     }
 
     fn classify(_b: i32, _h: i32, _tile: TileBounds, _inputs: &RunInputs) -> u32 {

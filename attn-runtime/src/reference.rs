@@ -312,16 +312,41 @@ pub struct GradsF64 {
     pub dk: Vec<f64>,
     /// Gradient of V, summed the same way.
     pub dv: Vec<f64>,
+    /// Gradient of each head's sink logit (empty without sinks).
+    pub d_sinks: Vec<f64>,
 }
 
-/// The derivative of the score modification at the scaled logit `x` (softcap's
-/// `1 − tanh²(x / cap)`; ALiBi adds a constant). Custom score expressions have no host
-/// derivative yet.
-fn modified_slope(spec: &VariantSpec, x: f64) -> f64 {
-    spec.score.softcap.map_or(1.0, |cap| {
+/// The derivative of the score modification at the scaled logit `x`: softcap's
+/// `1 − tanh²(x / cap)`, ALiBi's 1, and the variant's own expression's (its host derivative,
+/// [`Variant::host_score_grad`]) at the value it receives.
+fn modified_slope<V: Variant>(
+    x: f64,
+    s: &SeqView,
+    [h, i, j]: [usize; 3],
+    slopes: &[f64],
+    inputs: &Inputs,
+) -> f64 {
+    let sc = &V::SPEC.score;
+    let softcap = sc.softcap.map_or(1.0, |cap| {
         let t = (x / cap).tanh();
         1.0 - t * t
-    })
+    });
+    if !sc.custom {
+        return softcap;
+    }
+    // The value the expression receives: the built-in modifications alone.
+    let mut y = x;
+    if let Some(cap) = sc.softcap {
+        y = cap * (y / cap).tanh();
+    }
+    if sc.alibi.is_some() {
+        let shift = match V::SPEC.mask.align {
+            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
+            CausalAlignment::TopLeft => 0,
+        };
+        y -= slopes[h] * (i as i64 + shift - j as i64).abs() as f64;
+    }
+    softcap * V::host_score_grad(y, s.index as i64, h as i64, i as i64, j as i64, inputs)
 }
 
 /// The gradients of attention with every operation rounded by `round` (identity for float64);
@@ -352,6 +377,7 @@ fn backward_with<V: Variant>(
     let mut dq = vec![0.0; p.batch * p.heads_q * nq * d];
     let mut dk = vec![0.0; p.batch * p.heads_kv * nk * d];
     let mut dvv = vec![0.0; p.batch * p.heads_kv * nk * dv];
+    let mut d_sinks = vec![0.0; if spec.score.sinks { p.heads_q } else { 0 }];
     for s in sequences(spec, p, packed, inputs) {
         for h in 0..p.heads_q {
             let hk = h / p.group;
@@ -420,12 +446,18 @@ fn backward_with<V: Variant>(
                     .iter()
                     .zip(&dps)
                     .fold(0.0, |a, (pj, dp)| acc_round(a + pj * dp));
+                // The sink moves O only through the normalisation: −P_sink · D.
+                if let Some(sink) = sink {
+                    let p_sink = round((sink - max).exp() / sum);
+                    d_sinks[h] = acc_round(d_sinks[h] - p_sink * delta);
+                }
                 for j in 0..s.seq_k {
                     let pj = probs[j];
                     if pj == 0.0 {
                         continue;
                     }
-                    let ds = round(pj * (dps[j] - delta) * modified_slope(spec, raw[j]));
+                    let slope = modified_slope::<V>(raw[j], &s, [h, i, j], &slopes, inputs);
+                    let ds = round(pj * (dps[j] - delta) * slope);
                     let kr = kb + s.k_off + j;
                     for c in 0..d {
                         dq[qr * d + c] = acc_round(dq[qr * d + c] + ds * scale * k[kr * d + c]);
@@ -438,7 +470,12 @@ fn backward_with<V: Variant>(
             }
         }
     }
-    GradsF64 { dq, dk, dv: dvv }
+    GradsF64 {
+        dq,
+        dk,
+        dv: dvv,
+        d_sinks,
+    }
 }
 
 /// Float64 gradients of variant `V` for the upstream gradient `d_out`: the oracle of the

@@ -267,4 +267,10 @@ pub trait Variant: 'static {
     fn host_score(s: f64, _b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> f64 {
         s
     }
+
+    /// `∂ score / ∂ s` of the variant's score expression on the host (the macro's derivative),
+    /// for the gradients' reference; 1 without an expression.
+    fn host_score_grad(_s: f64, _b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> f64 {
+        1.0
+    }
 }

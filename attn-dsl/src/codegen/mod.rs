@@ -324,9 +324,19 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
         let [b, h, q, k, inp] = params(c);
         let s = named(c.uses(Param::S), "s");
         let body = expr::host(&c.body, inputs);
+        let grad = crate::derive::d_ds(&c.body);
+        let grad_used = |p: Param| crate::expr::mentions(&grad, p, inputs);
+        let [gs, gb, gh, gq, gk] = [Param::S, Param::B, Param::H, Param::Q, Param::K]
+            .map(|p| named(grad_used(p), p.ident()));
+        let (gi, gf) = reads_inputs(&grad, inputs);
+        let ginp = named(gi || gf, "inputs");
+        let grad_body = expr::host(&grad, inputs);
         quote! {
             fn host_score(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs) -> f64 {
                 #body
+            }
+            fn host_score_grad(#gs: f64, #gb: i64, #gh: i64, #gq: i64, #gk: i64, #ginp: &#attn::Inputs) -> f64 {
+                #grad_body
             }
         }
     });
@@ -380,9 +390,24 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
             .map(|p| named(used(p) || (p == Param::S && c.is_none()), p.ident()));
         let inp = buffers(c.map(|c| &c.body));
         let body = c.map_or(quote!(s), |c| expr::cube(&c.body, inputs));
+        // ∂ score / ∂ s, for the backward pass.
+        let grad = c.map(|c| crate::derive::d_ds(&c.body));
+        let grad_used = |p: Param| {
+            grad.as_ref()
+                .is_some_and(|g| crate::expr::mentions(g, p, inputs))
+        };
+        let [gs, gb, gh, gq, gk] = [Param::S, Param::B, Param::H, Param::Q, Param::K]
+            .map(|p| named(grad_used(p), p.ident()));
+        let ginp = buffers(grad.as_ref());
+        let grad_body = grad
+            .as_ref()
+            .map_or(quote!(1.0f32), |g| expr::cube(g, inputs));
         quote! {
             fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs) -> f32 {
                 #body
+            }
+            fn score_grad(#gs: f32, #gb: i32, #gh: i32, #gq: i32, #gk: i32, #ginp: &#run_inputs) -> f32 {
+                #grad_body
             }
         }
     };

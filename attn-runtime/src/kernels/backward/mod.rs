@@ -8,10 +8,13 @@
 //!    never repeated), staged through shared memory a block at a time: `P = exp(s − LSE)`,
 //!    `dV += P dO`, `dS = P (dO·v − D) f′(s)`, `dK += scale · dS q`;
 //! 3. [`backward_dq`]: one cube per query block of one head, the forward's walk over the keys:
-//!    `dQ += scale · dS k`.
+//!    `dQ += scale · dS k`;
+//! 4. with sinks, [`backward_sinks`]: per head, `d sink = −Σ P_sink D` over every query row, a
+//!    tree reduction in a fixed order.
 //!
 //! Tiles the mask rules out are skipped as in the forward ([`crate::kernels::common::mask`]);
-//! `f′` is the score modification's derivative (softcap's `1 − tanh²`; ALiBi adds a constant).
+//! `f′` is the score modification's derivative: softcap's `1 − tanh²`, ALiBi's 1, and the
+//! variant's own score expression's as the macro derived it ([`crate::Hooks::score_grad`]).
 //! Portable form: one unit per row, shared memory only, every back end.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
@@ -26,6 +29,7 @@ use crate::kernels::common::walk::{BlockWalk, KeyRange};
 use crate::kernels::common::{mask, score, Args, Ctx, Lengths, RunInputs, Step, StepKeys};
 use crate::kernels::prefill::portable::load_tile;
 use crate::kernels::prefill::PrefillConfig;
+use crate::variant::{MaskSpec, ScoreFlags};
 
 /// What the backward kernels read: the forward's operands, its LSE, the output's gradient and
 /// the rows' `D`.
@@ -112,6 +116,80 @@ pub fn backward_delta<E: Float>(
     }
 }
 
+/// The gradient of each head's sink logit: `−Σ exp(sink − LSE) · D` over the query rows of every
+/// sequence (the sink's probability times the row's `D`: the sink's value is 0, so it moves O
+/// only through the normalisation). One cube of [`SINK_UNITS`] units per query head, written to
+/// `d_sinks[h]`.
+#[cube(launch)]
+pub fn backward_sinks(
+    stats: &SinkStats,
+    d_sinks: &mut Tensor<f32>,
+    inputs: &RunInputs,
+    args: Args,
+    #[comptime] config: SinkConfig,
+) {
+    let head = CUBE_POS_X as usize;
+    let units = SINK_UNITS as usize;
+    let unit = UNIT_POS as usize;
+    let sink = inputs.floats[slots::SINKS as usize * inputs.slot_len as usize + head];
+    let mut part = 0.0f32.runtime();
+    for sequence in 0..stats.sequences as usize {
+        let at = Lengths {
+            sequence,
+            head,
+            q_total: stats.lse.shape(2),
+            k_total: 0,
+        };
+        let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+        let seq = ctx.site;
+        let base = (seq.batch * stats.lse.shape(1) + head) * stats.lse.shape(2) + seq.q_off;
+        for i in range_stepped(unit, seq.seq_q, units) {
+            part -= (sink - stats.lse[base + i]).exp() * stats.delta[base + i];
+        }
+    }
+    let mut sums = Shared::<[f32]>::new_slice(units);
+    sums[unit] = part;
+    sync_cube();
+    // Halving, in the same order on every run.
+    #[unroll]
+    for level in 0..SINK_LEVELS {
+        let width = comptime!((SINK_UNITS >> (level + 1)) as usize);
+        if unit < width {
+            sums[unit] += sums[unit + width];
+        }
+        sync_cube();
+    }
+    if unit == 0 {
+        d_sinks[head] = sums[0];
+    }
+}
+
+/// The forward's per-row statistics the sinks' gradient reads, and the number of sequences.
+#[derive(CubeType, CubeLaunch)]
+pub struct SinkStats {
+    /// The forward's LSE, `[B, Hq, Nq]`.
+    pub lse: OwnedTensor<f32>,
+    /// `D`, `[B, Hq, Nq]`.
+    pub delta: OwnedTensor<f32>,
+    /// Sequences (batch entries or documents).
+    pub sequences: u32,
+}
+
+/// Units per cube of [`backward_sinks`] (a power of two).
+pub const SINK_UNITS: u32 = 256;
+/// Halvings of its reduction: `log2(SINK_UNITS)`.
+const SINK_LEVELS: u32 = 8;
+const _: () = assert!(1 << SINK_LEVELS == SINK_UNITS);
+
+/// The comptime facts [`backward_sinks`] needs to find each sequence.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct SinkConfig {
+    /// The variant's mask.
+    pub mask: MaskSpec,
+    /// Its score flags.
+    pub score: ScoreFlags,
+}
+
 /// The probability of a pair from its raw `q·k` under the row's LSE, recomputed as the forward
 /// computed it (scale, score modification, mask), and the modification's derivative.
 #[cube]
@@ -126,12 +204,18 @@ fn recompute<M: Hooks>(
     let s = dot * ctx.args.scale;
     let mut modified = s;
     if comptime!(ctx.score.modifies_scores()) {
-        modified = score::modify::<M>(s, ctx, at.q, at.k, inputs);
+        modified = score::modify_builtin(s, ctx, at.q, at.k, inputs);
     }
     let mut slope = 1.0f32.runtime();
     if comptime!(ctx.score.softcap) {
         let t = (s * ctx.args.inv_softcap).tanh();
         slope = 1.0 - t * t;
+    }
+    if comptime!(ctx.score.custom) {
+        // The chain rule through the variant's own expression, at the value it receives.
+        let (b, h) = (ctx.site.index, ctx.site.head as i32);
+        slope *= M::score_grad(modified, b, h, at.q, at.k, inputs);
+        modified = M::score(modified, b, h, at.q, at.k, inputs);
     }
     let mut visible = true;
     if comptime!(!ctx.mask.is_none()) {

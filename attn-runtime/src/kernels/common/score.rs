@@ -4,7 +4,7 @@
 use cubecl::prelude::*;
 
 use super::context::{Ctx, RunInputs};
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, NoHooks};
 
 /// The modified logit of query `q` and key `k` (sequence positions) from the scaled logit `s`.
 #[cube]
@@ -23,4 +23,12 @@ pub fn modify<M: Hooks>(s: f32, ctx: &Ctx, q: i32, k: i32, inputs: &RunInputs) -
         s = M::score(s, seq.index, seq.head as i32, q, k, inputs);
     }
     s
+}
+
+/// The built-in modifications alone (softcap, then ALiBi): the value the variant's own score
+/// expression receives (the backward pass's chain rule evaluates its derivative there). The
+/// identity hooks stand in for the expression, so this is [`modify`] itself.
+#[cube]
+pub fn modify_builtin(s: f32, ctx: &Ctx, q: i32, k: i32, inputs: &RunInputs) -> f32 {
+    modify::<NoHooks>(s, ctx, q, k, inputs)
 }
