@@ -37,6 +37,20 @@ attn::attention! {
         inputs: { bias: [f32; heads] },
         score: |s, b, h, q, k| if s > 0.0 { (s * bias[h]).tanh() * 3.0 } else { s.max(-2.0) + (s * 0.1).exp() },
     }
+    /// Learnable inputs: a scalar temperature and a per-head relative bias.
+    LearnBiasF32 {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal,
+        inputs: { temp: f32, bias: [f32; heads] },
+        score: |s, b, h, q, k| s * temp + bias[h] * ((q - k) as f32 / 16.0).tanh(),
+    }
+    /// A learnable per-document scale of the logits.
+    DocScaleF32 {
+        heads: mha, head_dim: 64, dtype: f32, mask: causal & documents,
+        inputs: { scale: [f32; batch] },
+        score: |s, b, h, q, k| s * scale[b],
+    }
+    /// Given ALiBi slopes, learnable.
+    AlibiGivenF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal, alibi: given }
     /// A custom score after softcap and ALiBi (the chain rule through all three), f16.
     CustomChainF16 { heads: mha, head_dim: 64, dtype: f16, mask: causal, softcap: 4.0, alibi: geometric, score: |s, b, h, q, k| s * s * 0.1 + s }
 }
@@ -130,6 +144,48 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             spec.score.sinks
         ),
     }
+    let learned = grads
+        .d_inputs
+        .iter()
+        .map(|(name, t)| (*name, t))
+        .chain(grads.d_alibi_slopes.iter().map(|t| ("alibi_slopes", t)));
+    let expected = reference
+        .d_inputs
+        .iter()
+        .zip(&naive.d_inputs)
+        .chain(std::iter::once((
+            &reference.d_alibi_slopes,
+            &naive.d_alibi_slopes,
+        )))
+        .filter(|(r, _)| !r.is_empty());
+    let mut compared = 0;
+    for ((name, got), (want, low)) in learned.zip(expected) {
+        let got: Vec<f64> = got.to_vec(client).into_iter().map(f64::from).collect();
+        let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let verdict = Verdict::new(&got, want, low, 1e-4 * scale);
+        println!(
+            "{label}: d {name}: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}, max |f64| {scale:.2e}",
+            verdict.kernel_error, verdict.naive_error, verdict.bound
+        );
+        assert!(
+            verdict.passed(),
+            "{label}: d {name}: max |kernel − f64| = {:.3e} > bound {:.3e}",
+            verdict.kernel_error,
+            verdict.bound
+        );
+        compared += 1;
+    }
+    let floats = spec
+        .inputs
+        .iter()
+        .filter(|d| d.ty == attn::InputType::F32)
+        .count();
+    let slopes = usize::from(spec.score.alibi == Some(attn::Alibi::Given));
+    assert_eq!(
+        compared,
+        floats + slopes,
+        "{label}: every learnable input compared"
+    );
     // Deterministic: the same bits again.
     let again = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
     assert_eq!(
@@ -195,6 +251,14 @@ fn refusals_are_typed_and_launch_nothing() {
 }
 
 #[test]
+fn learnable_inputs() {
+    let c = client();
+    check::<LearnBiasF32>(&c, [2, 4, 2, 31, 31]);
+    check::<DocScaleF32>(&c, [1, 2, 2, 80, 80]);
+    check::<AlibiGivenF32>(&c, [2, 3, 3, 27, 40]);
+}
+
+#[test]
 fn custom_score_expressions() {
     let c = client();
     check::<CustomLinF32>(&c, [1, 2, 2, 45, 45]);
@@ -231,6 +295,35 @@ fn derived_score_gradients_match_finite_differences() {
         }
     }
     let (mut rng, _) = seeded_rng("derived score gradients");
+    // With respect to each element of a declared input: perturb it, difference the expression.
+    {
+        let mut owned = OwnedInputs::random(&LearnBiasF32::SPEC, [1, 4, 16, 16], 1, &mut rng);
+        for _ in 0..500 {
+            let s: f64 = rng.random_range(-6.0..6.0);
+            let (h, q, k) = (
+                rng.random_range(0..4usize),
+                rng.random_range(0..16),
+                rng.random_range(0..16),
+            );
+            for (decl, element) in [(0usize, 0usize), (1, h)] {
+                let base = owned.floats[decl][element];
+                let eps = 1e-3f32;
+                let mut at = |x: f32| {
+                    owned.floats[decl][element] = x;
+                    let v = LearnBiasF32::host_score(s, 0, h as i64, q, k, &owned.view());
+                    owned.floats[decl][element] = base;
+                    v
+                };
+                let numeric = (at(base + eps) - at(base - eps)) / (2.0 * eps as f64);
+                let derived =
+                    LearnBiasF32::host_score_input_grad(s, 0, h as i64, q, k, &owned.view(), decl);
+                assert!(
+                    (numeric - derived).abs() <= 1e-3 * (1.0 + derived.abs()),
+                    "d score / d input {decl}[{element}] at s = {s}, h {h}, q {q}, k {k}: derived {derived}, finite differences {numeric}"
+                );
+            }
+        }
+    }
     one::<CustomLinF32>(&mut rng);
     one::<CustomNonlinF32>(&mut rng);
     one::<CustomChainF16>(&mut rng);

@@ -1,5 +1,5 @@
-//! Symbolic differentiation of a score expression with respect to the logit `s`, for the
-//! backward pass: `d_ds(body)` is an expression of the same language (so it compiles to `#[cube]`
+//! Symbolic differentiation of a score expression with respect to the logit `s` (or a declared
+//! `f32` input), for the backward pass: `d_ds(body)` is an expression of the same language (so it compiles to `#[cube]`
 //! code and to host code like any other), equal to `∂ score / ∂ s` wherever the score is
 //! differentiable. Every construct of the language has such a derivative: integer and boolean
 //! subexpressions and declared inputs do not depend on `s` (derivative 0), `abs`, `min`, `max`,
@@ -9,21 +9,38 @@
 
 use crate::expr::{Func, Node, Op, Param, Ty, Typed};
 
+/// What an expression is differentiated with respect to.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Var {
+    /// The logit `s`.
+    S,
+    /// Declared input number `i` (an `f32` one; every element read alike).
+    Input(usize),
+}
+
 /// `∂ e / ∂ s` of a float expression (0 for any other).
 pub fn d_ds(e: &Typed) -> Typed {
+    derivative(e, Var::S)
+}
+
+/// `∂ e / ∂ var` of a float expression (0 for any other). For a declared input indexed by `b`
+/// or `h`, the derivative with respect to the element the expression reads.
+pub fn derivative(e: &Typed, var: Var) -> Typed {
+    let d = |x: &Typed| derivative(x, var);
     if e.ty != Ty::Float {
         return float(0.0);
     }
     match &e.node {
-        Node::Param(Param::S) => float(1.0),
+        Node::Param(Param::S) if var == Var::S => float(1.0),
+        Node::Input(i) if var == Var::Input(*i) => float(1.0),
         Node::Param(_) | Node::Int(_) | Node::Float(_) | Node::Bool(_) | Node::Input(_) => {
             float(0.0)
         }
         Node::Cast(..) => float(0.0),
-        Node::Neg(x) => neg(d_ds(x)),
+        Node::Neg(x) => neg(d(x)),
         Node::Not(_) => float(0.0),
         Node::Binary(op, a, b) => {
-            let (da, db) = (d_ds(a), d_ds(b));
+            let (da, db) = (d(a), d(b));
             match op {
                 Op::Add => add(da, db),
                 Op::Sub => sub(da, db),
@@ -46,7 +63,7 @@ pub fn d_ds(e: &Typed) -> Typed {
             }
         }
         Node::Call(f, x, args) => {
-            let dx = d_ds(x);
+            let dx = d(x);
             let x = (**x).clone();
             match f {
                 Func::Tanh => {
@@ -59,13 +76,13 @@ pub fn d_ds(e: &Typed) -> Typed {
                 Func::Abs => pick(binary(Op::Lt, x, float(0.0), Ty::Bool), neg(dx.clone()), dx),
                 Func::Min | Func::Max => {
                     let y = args[0].clone();
-                    let dy = d_ds(&y);
+                    let dy = d(&y);
                     let op = if *f == Func::Min { Op::Lt } else { Op::Gt };
                     pick(binary(op, x, y, Ty::Bool), dx, dy)
                 }
             }
         }
-        Node::If(c, a, b) => pick((**c).clone(), d_ds(a), d_ds(b)),
+        Node::If(c, a, b) => pick((**c).clone(), d(a), d(b)),
     }
 }
 

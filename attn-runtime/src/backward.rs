@@ -7,8 +7,9 @@ use crate::blueprint::prefill_config;
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs};
 use crate::kernels::backward::{
-    backward_delta, backward_dkdv, backward_dq, backward_sinks, BackwardOperandsLaunch,
-    KvGradsLaunch, SinkConfig, SinkStatsLaunch, SINK_UNITS,
+    backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks,
+    BackwardOperandsLaunch, Grid, GridLaunch, KvGradsLaunch, LearnConfig, QueryGradsLaunch,
+    SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
 };
 use crate::kv_cache::grid;
 use crate::launch::{
@@ -17,7 +18,7 @@ use crate::launch::{
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
-use crate::variant::{Tiling, Variant, VariantSpec};
+use crate::variant::{Alibi, InputExtent, InputType, Tiling, Variant, VariantSpec};
 
 /// The gradients of a forward pass's inputs.
 #[derive(Clone, Debug)]
@@ -31,6 +32,11 @@ pub struct Grads<E> {
     /// With sinks (`sinks: per_head`): the gradient of each head's sink logit, `[1, 1, 1, Hq]`,
     /// f32.
     pub d_sinks: Option<Tensor<f32>>,
+    /// With `alibi: given`: the gradient of each head's slope, `[1, 1, 1, Hq]`, f32.
+    pub d_alibi_slopes: Option<Tensor<f32>>,
+    /// The gradient of each declared `f32` input, in declaration order, by name: `[1, 1, 1, n]`
+    /// with `n` its length (1, the batch or documents, or the query heads), f32.
+    pub d_inputs: Vec<(&'static str, Tensor<f32>)>,
 }
 
 /// Query rows (and keys) per cube of the backward kernels where shared memory allows.
@@ -42,9 +48,10 @@ const BLOCK: u32 = 64;
 /// dim). Deterministic: the same bits on every run. Every input is checked before anything is
 /// launched.
 ///
-/// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`]);
-/// with sinks, their logits' gradient comes too ([`Grads::d_sinks`]). Not computed yet: the
-/// gradients of the other run-time inputs (ALiBi slopes, declared inputs).
+/// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`],
+/// [`crate::Hooks::score_input_grad`]); the run-time inputs get their gradients too: sink
+/// logits ([`Grads::d_sinks`]), given ALiBi slopes ([`Grads::d_alibi_slopes`]) and every declared
+/// `f32` input ([`Grads::d_inputs`]), each summed over the pairs in a fixed order.
 pub fn backward<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
@@ -73,7 +80,8 @@ pub fn backward<V: Variant>(
         let zero = vec![V::Elem::from_f64(0.0); shape.iter().product()];
         Tensor::from_slice(client, &zero, shape)
     };
-    let grads = Grads {
+    let learn = learn_config(spec)?;
+    let mut grads = Grads {
         dq: zeros(q.shape())?,
         dk: zeros(k.shape())?,
         dv: zeros(v.shape())?,
@@ -88,8 +96,40 @@ pub fn backward<V: Variant>(
                 )
             })
             .transpose()?,
+        d_alibi_slopes: None,
+        d_inputs: Vec::new(),
+    };
+    // The learnable inputs' gradients, zero until the kernels sum them: (extent, length) each.
+    let learned_shapes: Vec<(u32, usize)> = (0..learn.slots())
+        .map(|slot| {
+            match learn
+                .extent
+                .get(slot)
+                .filter(|_| slot < learn.count as usize)
+            {
+                Some(0) => (0, 1),
+                Some(1) => (1, packed.sequences),
+                _ => (2, problem.heads_q),
+            }
+        })
+        .collect();
+    let mut learned = Vec::new();
+    for &(_, len) in &learned_shapes {
+        learned.push(Tensor::<f32>::from_slice(
+            client,
+            &vec![0.0; len],
+            [1, 1, 1, len],
+        )?);
+    }
+    let attach = |grads: &mut Grads<V::Elem>, mut learned: Vec<Tensor<f32>>| {
+        if learn.alibi {
+            grads.d_alibi_slopes = learned.pop();
+        }
+        let names = spec.inputs.iter().filter(|d| d.ty == InputType::F32);
+        grads.d_inputs = names.map(|d| d.name).zip(learned).collect();
     };
     if packed.max_seq_q == 0 {
+        attach(&mut grads, learned);
         return Ok(grads);
     }
     let rows = problem.batch * problem.heads_q * problem.seq_q;
@@ -141,20 +181,42 @@ pub fn backward<V: Variant>(
         args(),
         config,
     );
+    let grid = Grid {
+        x: packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
+        y: problem.heads_q as u32,
+        z: packed.sequences as u32,
+    };
+    let cubes = (grid.x * grid.y * grid.z) as usize;
+    let partials = Tensor::<f32>::from_slice(
+        client,
+        &vec![0.0; (learn.slots() * cubes).max(1)],
+        [1, 1, 1, (learn.slots() * cubes).max(1)],
+    )?;
     backward_dq::launch::<V::Elem, V::Hooks>(
         client,
-        CubeCount::Static(
-            packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
-            problem.heads_q as u32,
-            packed.sequences as u32,
-        ),
+        CubeCount::Static(grid.x, grid.y, grid.z),
         CubeDim::new_1d(tiling.block_q),
         operands(),
-        unsafe { tensor_arg(&grads.dq) },
+        unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
         unsafe { run_inputs(&ints, &floats, &packed) },
         args(),
         config,
+        learn,
     );
+    // Each learnable input's gradient from the cubes' partials, element by element.
+    for (slot, (&(extent, len), out)) in learned_shapes.iter().zip(&learned).enumerate() {
+        const UNITS: u32 = 64;
+        backward_learned::launch(
+            client,
+            CubeCount::Static((len as u32).div_ceil(UNITS), 1, 1),
+            CubeDim::new_1d(UNITS),
+            unsafe { tensor_arg(&partials) },
+            unsafe { tensor_arg(out) },
+            GridLaunch::new(grid.x, grid.y, grid.z),
+            slot as u32,
+            extent,
+        );
+    }
     if let Some(d_sinks) = &grads.d_sinks {
         let stats = unsafe {
             SinkStatsLaunch::new(
@@ -177,6 +239,7 @@ pub fn backward<V: Variant>(
             },
         );
     }
+    attach(&mut grads, learned);
     Ok(grads)
 }
 
@@ -227,4 +290,33 @@ pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Til
         block_q: block,
         block_kv: block,
     })
+}
+
+/// Which run-time inputs get gradients: the declared `f32` inputs (at most [`MAX_LEARNED`]) and
+/// given ALiBi slopes.
+fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError> {
+    let mut learn = LearnConfig {
+        alibi: spec.score.alibi == Some(Alibi::Given),
+        ..LearnConfig::default()
+    };
+    for (i, decl) in spec.inputs.iter().enumerate() {
+        if decl.ty != InputType::F32 {
+            continue;
+        }
+        let slot = learn.count as usize;
+        if slot == MAX_LEARNED {
+            return Err(AttnError::Unsupported(format!(
+                "{}: the backward pass computes the gradients of at most {MAX_LEARNED} f32 inputs",
+                spec.name
+            )));
+        }
+        learn.decl[slot] = i as u32;
+        learn.extent[slot] = match decl.extent {
+            InputExtent::Scalar => 0,
+            InputExtent::PerBatch => 1,
+            InputExtent::PerHead => 2,
+        };
+        learn.count += 1;
+    }
+    Ok(learn)
 }

@@ -47,6 +47,20 @@ pub trait Hooks: Send + Sync + 'static {
     /// the backward pass's chain rule through the variant's own score modification.
     fn score_grad(s: f32, b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs) -> f32;
 
+    /// `∂ score / ∂ x` for the element `x` of declared input number `input` that the expression
+    /// reads at this pair (0 for an `i32` input), derived by the macro: what a learnable input's
+    /// gradient sums over the pairs.
+    #[allow(clippy::too_many_arguments)]
+    fn score_input_grad(
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        inputs: &RunInputs,
+        input: u32,
+    ) -> f32;
+
     /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over `tile`;
     /// [`TILE_PARTIAL`] whenever unsure.
     fn classify(b: i32, h: i32, tile: TileBounds, inputs: &RunInputs) -> u32;
@@ -68,6 +82,18 @@ impl Hooks for NoHooks {
 
     fn score_grad(_s: f32, _b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs) -> f32 {
         1.0
+    }
+
+    fn score_input_grad(
+        _s: f32,
+        _b: i32,
+        _h: i32,
+        _q: i32,
+        _k: i32,
+        _inputs: &RunInputs,
+        _input: u32,
+    ) -> f32 {
+        0.0
     }
 
     fn classify(_b: i32, _h: i32, _tile: TileBounds, _inputs: &RunInputs) -> u32 {

@@ -314,26 +314,27 @@ pub struct GradsF64 {
     pub dv: Vec<f64>,
     /// Gradient of each head's sink logit (empty without sinks).
     pub d_sinks: Vec<f64>,
+    /// Gradient of each head's given ALiBi slope (empty unless `alibi: given`).
+    pub d_alibi_slopes: Vec<f64>,
+    /// Gradient of each declared `f32` input, in declaration order.
+    pub d_inputs: Vec<Vec<f64>>,
 }
 
 /// The derivative of the score modification at the scaled logit `x`: softcap's
 /// `1 − tanh²(x / cap)`, ALiBi's 1, and the variant's own expression's (its host derivative,
-/// [`Variant::host_score_grad`]) at the value it receives.
+/// [`Variant::host_score_grad`]) at the value it receives; with that value and that derivative.
 fn modified_slope<V: Variant>(
     x: f64,
     s: &SeqView,
     [h, i, j]: [usize; 3],
     slopes: &[f64],
     inputs: &Inputs,
-) -> f64 {
+) -> (f64, f64, f64) {
     let sc = &V::SPEC.score;
     let softcap = sc.softcap.map_or(1.0, |cap| {
         let t = (x / cap).tanh();
         1.0 - t * t
     });
-    if !sc.custom {
-        return softcap;
-    }
     // The value the expression receives: the built-in modifications alone.
     let mut y = x;
     if let Some(cap) = sc.softcap {
@@ -346,7 +347,12 @@ fn modified_slope<V: Variant>(
         };
         y -= slopes[h] * (i as i64 + shift - j as i64).abs() as f64;
     }
-    softcap * V::host_score_grad(y, s.index as i64, h as i64, i as i64, j as i64, inputs)
+    let custom = if sc.custom {
+        V::host_score_grad(y, s.index as i64, h as i64, i as i64, j as i64, inputs)
+    } else {
+        1.0
+    };
+    (softcap * custom, y, custom)
 }
 
 /// The gradients of attention with every operation rounded by `round` (identity for float64);
@@ -378,6 +384,28 @@ fn backward_with<V: Variant>(
     let mut dk = vec![0.0; p.batch * p.heads_kv * nk * d];
     let mut dvv = vec![0.0; p.batch * p.heads_kv * nk * dv];
     let mut d_sinks = vec![0.0; if spec.score.sinks { p.heads_q } else { 0 }];
+    let given = spec.score.alibi == Some(Alibi::Given);
+    let mut d_alibi_slopes = vec![0.0; if given { p.heads_q } else { 0 }];
+    let learned: Vec<(usize, crate::variant::InputExtent)> = spec
+        .inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.ty == crate::variant::InputType::F32)
+        .map(|(i, d)| (i, d.extent))
+        .collect();
+    let mut d_inputs: Vec<Vec<f64>> = learned
+        .iter()
+        .map(|&(_, extent)| {
+            vec![
+                0.0;
+                match extent {
+                    crate::variant::InputExtent::Scalar => 1,
+                    crate::variant::InputExtent::PerBatch => packed.sequences,
+                    crate::variant::InputExtent::PerHead => p.heads_q,
+                }
+            ]
+        })
+        .collect();
     for s in sequences(spec, p, packed, inputs) {
         for h in 0..p.heads_q {
             let hk = h / p.group;
@@ -456,8 +484,29 @@ fn backward_with<V: Variant>(
                     if pj == 0.0 {
                         continue;
                     }
-                    let slope = modified_slope::<V>(raw[j], &s, [h, i, j], &slopes, inputs);
-                    let ds = round(pj * (dps[j] - delta) * slope);
+                    let (slope, pre, custom) =
+                        modified_slope::<V>(raw[j], &s, [h, i, j], &slopes, inputs);
+                    let d_score = pj * (dps[j] - delta);
+                    let ds = round(d_score * slope);
+                    for (n, &(decl, extent)) in learned.iter().enumerate() {
+                        let at = match extent {
+                            crate::variant::InputExtent::Scalar => 0,
+                            crate::variant::InputExtent::PerBatch => s.index,
+                            crate::variant::InputExtent::PerHead => h,
+                        };
+                        let (b, hh, qi64, kj64) = (s.index as i64, h as i64, i as i64, j as i64);
+                        let dx = V::host_score_input_grad(pre, b, hh, qi64, kj64, inputs, decl);
+                        d_inputs[n][at] = acc_round(d_inputs[n][at] + d_score * dx);
+                    }
+                    if given {
+                        let shift = match spec.mask.align {
+                            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
+                            CausalAlignment::TopLeft => 0,
+                        };
+                        let distance = (i as i64 + shift - j as i64).abs() as f64;
+                        d_alibi_slopes[h] =
+                            acc_round(d_alibi_slopes[h] - d_score * custom * distance);
+                    }
                     let kr = kb + s.k_off + j;
                     for c in 0..d {
                         dq[qr * d + c] = acc_round(dq[qr * d + c] + ds * scale * k[kr * d + c]);
@@ -475,6 +524,8 @@ fn backward_with<V: Variant>(
         dk,
         dv: dvv,
         d_sinks,
+        d_alibi_slopes,
+        d_inputs,
     }
 }
 

@@ -273,4 +273,19 @@ pub trait Variant: 'static {
     fn host_score_grad(_s: f64, _b: i64, _h: i64, _q: i64, _k: i64, _inputs: &Inputs) -> f64 {
         1.0
     }
+
+    /// `∂ score / ∂ x` on the host for the element of declared input number `input` that the
+    /// expression reads at this pair (the macro's derivative; 0 for `i32` inputs).
+    #[allow(clippy::too_many_arguments)]
+    fn host_score_input_grad(
+        _s: f64,
+        _b: i64,
+        _h: i64,
+        _q: i64,
+        _k: i64,
+        _inputs: &Inputs,
+        _input: usize,
+    ) -> f64 {
+        0.0
+    }
 }

@@ -286,6 +286,97 @@ fn reads_inputs(e: &Typed, inputs: &[InputDecl]) -> (bool, bool) {
     }
 }
 
+/// The derivatives of a score expression with respect to each declared `f32` input, by the
+/// input's declaration index (`None` for the others).
+fn input_derivatives(body: &Typed, inputs: &[InputDecl]) -> Vec<Option<Typed>> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, decl)| {
+            (decl.ty == Ty::Float)
+                .then(|| crate::derive::derivative(body, crate::derive::Var::Input(i)))
+        })
+        .collect()
+}
+
+/// The parameter names of a function whose body is `bodies` (a leading `_` on the unused).
+fn grad_params(bodies: &[&Typed], inputs: &[InputDecl]) -> [proc_macro2::Ident; 6] {
+    let used = |p: Param| bodies.iter().any(|b| crate::expr::mentions(b, p, inputs));
+    let reads = bodies.iter().any(|b| {
+        let (i, f) = reads_inputs(b, inputs);
+        i || f
+    });
+    [
+        named(used(Param::S), "s"),
+        named(used(Param::B), "b"),
+        named(used(Param::H), "h"),
+        named(used(Param::Q), "q"),
+        named(used(Param::K), "k"),
+        named(reads, "inputs"),
+    ]
+}
+
+/// `Hooks::score_input_grad`: `∂ score / ∂ input` for declared input number `input` (0 for an
+/// `i32` input or without a score expression).
+fn cube_input_grads(
+    body: Option<&Typed>,
+    inputs: &[InputDecl],
+    run_inputs: &TokenStream,
+) -> TokenStream {
+    let derivatives = body.map_or_else(Vec::new, |b| input_derivatives(b, inputs));
+    let present: Vec<(usize, &Typed)> = derivatives
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.as_ref().map(|d| (i, d)))
+        .collect();
+    let bodies: Vec<&Typed> = present.iter().map(|(_, d)| *d).collect();
+    let [s, b, h, q, k, inp] = grad_params(&bodies, inputs);
+    let which = if present.is_empty() {
+        format_ident!("_input")
+    } else {
+        format_ident!("input")
+    };
+    let mut value = quote!(0.0f32);
+    for (i, d) in present.iter().rev() {
+        let i = *i as u32;
+        let d = expr::cube(d, inputs);
+        value = quote!(select(#which == #i, #d, #value));
+    }
+    quote! {
+        fn score_input_grad(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs, #which: u32) -> f32 {
+            #value
+        }
+    }
+}
+
+/// `Variant::host_score_input_grad`, the host form of [`cube_input_grads`].
+fn host_input_grads(body: &Typed, inputs: &[InputDecl]) -> TokenStream {
+    let attn = paths::attn();
+    let derivatives = input_derivatives(body, inputs);
+    let present: Vec<(usize, &Typed)> = derivatives
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.as_ref().map(|d| (i, d)))
+        .collect();
+    if present.is_empty() {
+        return quote!();
+    }
+    let bodies: Vec<&Typed> = present.iter().map(|(_, d)| *d).collect();
+    let [s, b, h, q, k, inp] = grad_params(&bodies, inputs);
+    let arms = present.iter().map(|(i, d)| {
+        let d = expr::host(d, inputs);
+        quote!(#i => #d,)
+    });
+    quote! {
+        fn host_score_input_grad(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs, input: usize) -> f64 {
+            match input {
+                #(#arms)*
+                _ => 0.0,
+            }
+        }
+    }
+}
+
 /// A parameter's name, with a leading `_` when the expression does not use it.
 fn named(used: bool, name: &str) -> proc_macro2::Ident {
     if used {
@@ -331,6 +422,7 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
         let (gi, gf) = reads_inputs(&grad, inputs);
         let ginp = named(gi || gf, "inputs");
         let grad_body = expr::host(&grad, inputs);
+        let input_grads = host_input_grads(&c.body, inputs);
         quote! {
             fn host_score(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs) -> f64 {
                 #body
@@ -338,6 +430,7 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
             fn host_score_grad(#gs: f64, #gb: i64, #gh: i64, #gq: i64, #gk: i64, #ginp: &#attn::Inputs) -> f64 {
                 #grad_body
             }
+            #input_grads
         }
     });
     let classify = spec.mask.custom.as_ref().filter(|_| plan.custom_bounds).map(|c| {
@@ -402,6 +495,7 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
         let grad_body = grad
             .as_ref()
             .map_or(quote!(1.0f32), |g| expr::cube(g, inputs));
+        let input_grads = cube_input_grads(c.map(|c| &c.body), inputs, &run_inputs);
         quote! {
             fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs) -> f32 {
                 #body
@@ -409,6 +503,7 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
             fn score_grad(#gs: f32, #gb: i32, #gh: i32, #gq: i32, #gk: i32, #ginp: &#run_inputs) -> f32 {
                 #grad_body
             }
+            #input_grads
         }
     };
     let classify = match mask_body.filter(|_| plan.custom_bounds) {

@@ -89,6 +89,10 @@ pub struct PairGrad {
     pub p: f32,
     /// `f′(s)`: 1 without a softcap.
     pub slope: f32,
+    /// The value the variant's own score expression receives (after softcap and ALiBi).
+    pub pre: f32,
+    /// The expression's derivative there (1 without one).
+    pub custom_slope: f32,
 }
 
 /// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`, one unit per row on a grid of
@@ -211,10 +215,13 @@ fn recompute<M: Hooks>(
         let t = (s * ctx.args.inv_softcap).tanh();
         slope = 1.0 - t * t;
     }
+    let pre = modified;
+    let mut custom_slope = 1.0f32.runtime();
     if comptime!(ctx.score.custom) {
         // The chain rule through the variant's own expression, at the value it receives.
         let (b, h) = (ctx.site.index, ctx.site.head as i32);
-        slope *= M::score_grad(modified, b, h, at.q, at.k, inputs);
+        custom_slope = M::score_grad(modified, b, h, at.q, at.k, inputs);
+        slope *= custom_slope;
         modified = M::score(modified, b, h, at.q, at.k, inputs);
     }
     let mut visible = true;
@@ -226,6 +233,8 @@ fn recompute<M: Hooks>(
     PairGrad {
         p: select(visible, (modified - lse).exp(), 0.0f32),
         slope,
+        pre,
+        custom_slope,
     }
 }
 
@@ -496,10 +505,11 @@ fn load_query_rows<E: Float>(
 #[cube(launch)]
 pub fn backward_dq<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
-    dq: &mut Tensor<E>,
+    grads: &mut QueryGrads<E>,
     inputs: &RunInputs,
     args: Args,
     #[comptime] config: PrefillConfig,
+    #[comptime] learn: LearnConfig,
 ) {
     let block_q = config.block_q();
     let block_kv = config.block_kv();
@@ -512,7 +522,7 @@ pub fn backward_dq<E: Float, M: Hooks>(
     let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
     let q_start = CUBE_POS_X as usize * block_q;
     if q_start < ctx.site.seq_q {
-        let mut row = QueryGradRow::new(ops, &ctx, q_start + UNIT_POS as usize, config);
+        let mut row = QueryGradRow::new(ops, &ctx, q_start + UNIT_POS as usize, config, learn);
         let mut kv_tiles = Shared::<[f32]>::new_slice(
             block_kv * config.head_dim() + block_kv * config.value_dim(),
         );
@@ -531,7 +541,94 @@ pub fn backward_dq<E: Float, M: Hooks>(
                 row.accumulate::<M>(&kv_tiles, &ctx, step, inputs, config);
             }
         }
-        row.write::<E>(dq, &ctx, config);
+        row.write::<E>(&mut grads.dq, &ctx, config);
+        if comptime!(learn.slots() > 0) {
+            row.reduce_learned(&mut grads.partials, config);
+        }
+    }
+}
+
+/// The learnable run-time inputs whose gradients the dQ kernel sums: up to [`MAX_LEARNED`]
+/// declared `f32` inputs (by declaration index, with their extent: 0 scalar, 1 per batch entry or
+/// document, 2 per head) and the given ALiBi slopes.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Default)]
+pub struct LearnConfig {
+    /// Declared `f32` inputs.
+    pub count: u32,
+    /// Their declaration indices.
+    pub decl: [u32; MAX_LEARNED],
+    /// Their extents (0 scalar, 1 per batch, 2 per head).
+    pub extent: [u32; MAX_LEARNED],
+    /// Whether the ALiBi slopes are given at run time (their gradient comes last).
+    pub alibi: bool,
+}
+
+/// The most declared `f32` inputs whose gradients one backward call computes.
+pub const MAX_LEARNED: usize = 4;
+
+impl LearnConfig {
+    /// Gradient slots: the inputs, then the slopes.
+    pub const fn slots(&self) -> usize {
+        self.count as usize + if self.alibi { 1 } else { 0 }
+    }
+}
+
+/// What the dQ kernel writes: dQ, and per learnable input slot one partial sum per cube
+/// (`[slots, cubes]`, f32, zeroed by the caller).
+#[derive(CubeType, CubeLaunch)]
+pub struct QueryGrads<E: Float> {
+    /// dQ, `[B, Hq, Nq, D]`.
+    pub dq: OwnedTensor<E>,
+    /// The cubes' partial sums.
+    pub partials: OwnedTensor<f32>,
+}
+
+/// The grid of the dQ kernel, for [`backward_learned`] to map cubes to input elements.
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Grid {
+    /// Cubes along x (query blocks).
+    pub x: u32,
+    /// Along y (heads).
+    pub y: u32,
+    /// Along z (sequences).
+    pub z: u32,
+}
+
+/// One learnable input's gradient: element `e` (one unit each) sums, in a fixed order, the
+/// partials of the dQ cubes that read it: those of head `e` (per-head inputs, ALiBi slopes), of
+/// sequence `e` (per-batch inputs), or all (a scalar).
+#[cube(launch)]
+pub fn backward_learned(
+    partials: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    grid: Grid,
+    #[comptime] slot: u32,
+    #[comptime] extent: u32,
+) {
+    let e = ABSOLUTE_POS;
+    if e < out.len() {
+        let (gx, gy, gz) = (grid.x as usize, grid.y as usize, grid.z as usize);
+        let cubes = gx * gy * gz;
+        let base = slot as usize * cubes;
+        let mut sum = 0.0f32.runtime();
+        for z in 0..gz {
+            for y in 0..gy {
+                let mut take = true;
+                if comptime!(extent == 2) {
+                    take = y == e;
+                }
+                if comptime!(extent == 1) {
+                    take = z == e;
+                }
+                if take {
+                    for x in 0..gx {
+                        sum += partials[base + (z * gy + y) * gx + x];
+                    }
+                }
+            }
+        }
+        out[e] = sum;
     }
 }
 
@@ -552,6 +649,11 @@ pub struct QueryGradRow {
     row: usize,
     /// Whether the row lies in the sequence.
     valid: bool,
+    /// This row's partial gradients of the learnable inputs.
+    learned: Array<f32>,
+    /// Which inputs those are.
+    #[cube(comptime)]
+    learn: LearnConfig,
 }
 
 #[cube]
@@ -562,7 +664,14 @@ impl QueryGradRow {
         ctx: &Ctx,
         row: usize,
         #[comptime] config: PrefillConfig,
+        #[comptime] learn: LearnConfig,
     ) -> QueryGradRow {
+        let slots = comptime!(learn.slots().max(1));
+        let mut learned = Array::<f32>::new(slots);
+        #[unroll]
+        for g in 0..slots {
+            learned[g] = 0.0;
+        }
         let seq = ctx.site;
         let valid = row < seq.seq_q;
         let at = seq.q_off + select(valid, row, 0);
@@ -591,6 +700,8 @@ impl QueryGradRow {
             delta: ops.delta[stat],
             row,
             valid,
+            learned,
+            learn,
         }
     }
 
@@ -622,10 +733,80 @@ impl QueryGradRow {
             for c in 0..dv {
                 dp += self.d_out[c] * kv_tiles[v_at + j * dv + c];
             }
-            let ds = grad.p * (dp - self.delta) * grad.slope * ctx.args.scale;
+            // The gradient with respect to the modified score, then through the modification.
+            let d_score = grad.p * (dp - self.delta);
+            let ds = d_score * grad.slope * ctx.args.scale;
             #[unroll]
             for c in 0..d {
                 self.dq[c] += ds * kv_tiles[j * d + c];
+            }
+            if comptime!(self.learn.slots() > 0) {
+                self.learn_pair::<M>(d_score, grad, at, ctx, inputs);
+            }
+        }
+    }
+
+    /// Add one pair's share to the learnable inputs' partial gradients: the score gradient times
+    /// the score's derivative with respect to each input (the macro's), and for given ALiBi
+    /// slopes times `−|q′ − k|` through the expression's derivative.
+    fn learn_pair<M: Hooks>(
+        &mut self,
+        d_score: f32,
+        grad: PairGrad,
+        at: Pair,
+        ctx: &Ctx,
+        inputs: &RunInputs,
+    ) {
+        let learn = comptime!(self.learn);
+        let (b, h) = (ctx.site.index, ctx.site.head as i32);
+        #[unroll]
+        for g in 0..learn.count as usize {
+            let decl = comptime!(learn.decl[g]);
+            self.learned[g] +=
+                d_score * M::score_input_grad(grad.pre, b, h, at.q, at.k, inputs, decl);
+        }
+        if comptime!(learn.alibi) {
+            let distance = at.q + ctx.site.shift - at.k;
+            let distance = select(distance < 0, -distance, distance);
+            let slot = comptime!(learn.count as usize);
+            self.learned[slot] -= d_score * grad.custom_slope * f32::cast_from(distance);
+        }
+    }
+
+    /// Sum the rows' partial gradients of the learnable inputs over the cube, in a fixed order,
+    /// into this cube's entry of `partials`.
+    pub fn reduce_learned(&self, partials: &mut Tensor<f32>, #[comptime] config: PrefillConfig) {
+        let learn = comptime!(self.learn);
+        let slots = comptime!(learn.slots());
+        let units = config.block_q();
+        let unit = UNIT_POS as usize;
+        let mut sums = Shared::<[f32]>::new_slice(slots * units);
+        #[unroll]
+        for g in 0..slots {
+            sums[g * units + unit] = self.learned[g];
+        }
+        sync_cube();
+        // Halving, in the same order on every run (`block_q` is a power of two).
+        let levels = comptime!(units.trailing_zeros() as usize);
+        #[unroll]
+        for level in 0..levels {
+            let width = comptime!(units >> (level + 1));
+            if unit < width {
+                #[unroll]
+                for g in 0..slots {
+                    sums[g * units + unit] += sums[g * units + unit + width];
+                }
+            }
+            sync_cube();
+        }
+        if unit == 0 {
+            let cube = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize)
+                * CUBE_COUNT_X as usize
+                + CUBE_POS_X as usize;
+            let cubes = CUBE_COUNT_X as usize * CUBE_COUNT_Y as usize * CUBE_COUNT_Z as usize;
+            #[unroll]
+            for g in 0..slots {
+                partials[g * cubes + cube] = sums[g * units];
             }
         }
     }
