@@ -24,6 +24,8 @@ cd downstream
 export CARGO_TARGET_DIR=$target
 echo "== downstream: run on the default back end"
 cargo run --quiet
+echo "== downstream: its kernels' snapshot test"
+cargo test --quiet
 echo "== downstream: cargo check --features cuda (crates.io cubecl, no patches)"
 bash "$root/scripts/setup.sh" --cuda >/dev/null
 CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000} cargo check --quiet --features cuda

@@ -26,6 +26,8 @@ pub mod variant;
 pub mod codegen;
 #[cfg(feature = "testing")]
 pub mod reference;
+#[cfg(feature = "codegen")]
+pub mod snapshot;
 
 pub use backward::{backward, Grads};
 pub use decode::{

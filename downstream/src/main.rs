@@ -4,8 +4,8 @@
 //! Built against crates.io's cubecl, so on Hopper the warpgroup kernel is not compiled in: the
 //! run says so once (a `tracing` warning) and the tensor-core kernel answers.
 
-use attn::inputs::pack;
 use attn::blueprint::{family_for, WARPGROUP_BUILT};
+use attn::inputs::pack;
 use attn::reference::{
     attention_f64, attention_naive, error_floor, random_vec, seeded_rng, widen, Verdict,
 };

@@ -1,0 +1,224 @@
+//! Snapshot-testing generated kernels: the source of the kernels a variant compiles to, produced
+//! without a GPU and normalised so that it is the same on every machine, build and checkout path
+//! (value names renumbered in order of first appearance, kernel-name hashes replaced), and a
+//! one-line digest per kernel (lines, a hash, counts of the operations that matter) small enough
+//! to review every kernel of every variant as a diff.
+//!
+//! ```ignore
+//! #[test]
+//! fn my_kernels() {
+//!     let kernels = attn::snapshot::kernels::<MyVariant>();
+//!     insta::assert_snapshot!("my_variant_digests", attn::snapshot::digests(&kernels));
+//!     insta::assert_snapshot!("my_variant_tensor_cores", kernels.source("tensor_core_cuda").unwrap());
+//! }
+//! ```
+
+use crate::kernels::decode::DecodeTiling;
+use crate::variant::{DType, Tiling, Variant, VariantSpec};
+
+/// One generated kernel: its name (`portable_cuda`, `portable_wgsl`, `tensor_core_cuda`,
+/// `warpgroup_ir`, `decode_cuda`) and its normalised source.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// Which kernel and form.
+    pub name: &'static str,
+    /// The normalised source (CUDA C++ for an sm_90 model, WGSL, or cubecl's IR).
+    pub source: String,
+}
+
+/// Every kernel of a variant.
+#[derive(Clone, Debug)]
+pub struct Kernels {
+    /// The variant's name.
+    pub variant: &'static str,
+    /// Its kernels, in the order above.
+    pub kernels: Vec<Kernel>,
+}
+
+impl Kernels {
+    /// The source of kernel `name`, if the variant has it.
+    pub fn source(&self, name: &str) -> Option<&str> {
+        self.kernels
+            .iter()
+            .find(|k| k.name == name)
+            .map(|k| k.source.as_str())
+    }
+}
+
+/// The kernels `V` compiles to, at its first declared tile shape: the portable prefill kernel
+/// (CUDA C++, and WGSL for f16/f32 with the `wgpu` feature), for 16-bit elements the tensor-core
+/// kernel (CUDA C++) and the warpgroup kernel (cubecl IR, at the first declared tile it runs),
+/// and the decode kernel (CUDA C++, paged, split). Produced without a device; normalised.
+pub fn kernels<V: Variant>() -> Kernels {
+    let spec = V::SPEC;
+    let tiling = spec.tilings[0];
+    let mut kernels = vec![Kernel {
+        name: "portable_cuda",
+        source: normalise(&crate::codegen::cuda_source::<V>(tiling)),
+    }];
+    #[cfg(feature = "wgpu")]
+    if spec.dtype != DType::BF16 {
+        kernels.push(Kernel {
+            name: "portable_wgsl",
+            source: normalise(&crate::codegen::wgsl_source::<V>(tiling)),
+        });
+    }
+    if spec.dtype != DType::F32 {
+        kernels.push(Kernel {
+            name: "tensor_core_cuda",
+            source: normalise(&crate::codegen::cuda_source_tensor_cores::<V>(tiling)),
+        });
+        if let Some(wg) = warpgroup_tiling(&spec) {
+            let ir = crate::codegen::warpgroup_ir::<V>(wg);
+            kernels.push(Kernel {
+                name: "warpgroup_ir",
+                source: normalise(&without_ir_types(&ir)),
+            });
+        }
+    }
+    let decode = DecodeTiling {
+        rows: 4,
+        units: 128,
+        chunk: 8,
+    };
+    kernels.push(Kernel {
+        name: "decode_cuda",
+        source: normalise(&crate::codegen::decode_cuda_source::<V>(decode)),
+    });
+    Kernels {
+        variant: spec.name,
+        kernels,
+    }
+}
+
+/// One digest line per kernel of `kernels` (see [`digest`]).
+pub fn digests(kernels: &Kernels) -> String {
+    kernels
+        .kernels
+        .iter()
+        .map(|k| digest(k.name, kernels.variant, &k.source))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A kernel's source normalised for comparison: the hash suffix of kernel names replaced, value
+/// names renumbered in order of first appearance.
+pub fn normalise(source: &str) -> String {
+    canonical_names(source)
+}
+
+/// The first declared tile shape the warpgroup kernel runs at the variant's head dims (sm_90).
+fn warpgroup_tiling(spec: &VariantSpec) -> Option<Tiling> {
+    let dims = |d: u32| d.is_multiple_of(64) && d <= 256;
+    spec.tilings.iter().copied().find(|t| {
+        (t.block_q == 64 || t.block_q == 128)
+            && t.block_kv.is_multiple_of(16)
+            && (64..=256).contains(&t.block_kv)
+            && dims(spec.head_dim)
+            && dims(spec.value_dim)
+            && (spec.value_dim <= 128 || t.block_kv <= 64)
+    })
+}
+
+/// One digest line: lines, an FNV-1a hash of the source and counts of the marker strings.
+pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in source.bytes() {
+        hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let markers: &[&str] = match kernel {
+        "warpgroup_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
+        "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],
+        _ => &["__syncthreads", "exp", "mma"],
+    };
+    let counts: Vec<String> = markers
+        .iter()
+        .map(|m| format!("{m}×{}", source.matches(m).count()))
+        .collect();
+    format!(
+        "{kernel:<17} {variant:<36} {:>6} lines  {hash:016x}  {}",
+        source.lines().count(),
+        counts.join(" ")
+    )
+}
+
+/// cubecl's IR with the type signature dropped from the end of each operation (` [..] [..]: <..>`
+/// or ` : type`): the operations and their operands are what a review reads, and the types
+/// follow from them.
+pub fn without_ir_types(ir: &str) -> String {
+    ir.lines()
+        .map(|line| {
+            let Some(body) = line.strip_suffix(';') else {
+                return line.to_string();
+            };
+            let cut = body
+                .find(" [] []: <")
+                .or_else(|| body.rfind(" : ").filter(|&at| !body[at..].contains('=')));
+            match cut {
+                Some(at) => format!("{};", &body[..at]),
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Renames every value name `v<digits>` (also inside longer names such as `shared_v12`) to
+/// `v<k>`, where `k` counts distinct names in order of first appearance.
+fn canonical_names(source: &str) -> String {
+    let unhashed = without_kernel_hashes(source);
+    let source = unhashed.as_str();
+    let mut names = std::collections::HashMap::new();
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut previous: Option<char> = None;
+    while let Some(c) = rest.chars().next() {
+        let digits = rest[1..].bytes().take_while(u8::is_ascii_digit).count();
+        let starts_name =
+            c == 'v' && digits > 0 && !previous.is_some_and(|p| p.is_ascii_alphanumeric());
+        if starts_name {
+            let number = &rest[1..1 + digits];
+            let next = names.len();
+            let k = *names.entry(number).or_insert(next);
+            out.push_str(&format!("v{k}"));
+            rest = &rest[1 + digits..];
+            previous = Some('0');
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            previous = Some(c);
+        }
+    }
+    out
+}
+
+/// Replaces the 8-hex-digit suffix of every kernel name (`prefill_forward…_xxxxxxxx`,
+/// `decode_forward…`, `combine_splits…`) by `HASH`.
+fn without_kernel_hashes(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = ["prefill_forward", "decode_forward", "combine_splits"]
+        .iter()
+        .filter_map(|stem| rest.find(stem))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..len];
+        match name.rsplit_once('_') {
+            Some((stem, hash))
+                if hash.len() == 8 && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                out.push_str(stem);
+                out.push_str("_HASH");
+            }
+            _ => out.push_str(name),
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out
+}
