@@ -180,6 +180,12 @@ pub(crate) fn decode_tuned<V: Variant>(
         launch_decode::<V>(client, &call, plan, q, cache, out)?;
         return Ok(plan);
     }
+    let background = policy_for(facts.cpu_emulated) == super::Policy::Background;
+    if background {
+        // The heuristic's plan now; the key is settled on a thread of its own, into scratch
+        // buffers (the caller's output is written here, before the thread starts).
+        launch_decode::<V>(client, &call, base, q, cache, out)?;
+    }
     let tuned = Call {
         client: client.clone(),
         problem: Arc::new(call),
@@ -189,6 +195,20 @@ pub(crate) fn decode_tuned<V: Variant>(
         out: out.clone(),
         key: key.clone(),
     };
+    if background {
+        let scratch = Call {
+            out: Output {
+                o: Tensor::empty(client, tuned.problem.problem.out_shape()),
+                lse: Lse::empty(client, tuned.problem.problem.lse_shape()),
+            },
+            ..tuned
+        };
+        super::tuner::spawn_settling(format!("{key:?}"), move || {
+            let client = scratch.client.clone();
+            TUNER.execute(&id, &client, set, scratch);
+        });
+        return Ok(base);
+    }
     TUNER.execute(&id, client, set.clone(), tuned);
     Ok(TUNER
         .fastest_identity(&id, &set, &key)

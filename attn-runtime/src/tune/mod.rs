@@ -30,4 +30,4 @@ pub use grid::{tune_variant, Grid, KeyReport, ShapePoint};
 pub use key::{fingerprint, TuneKey};
 pub use registry::{registered, Registration};
 pub(crate) use tuner::forward_tuned;
-pub use tuner::{chosen, policy, set_policy, Policy};
+pub use tuner::{chosen, policy, set_policy, wait_for_background_tuning, Policy};

@@ -29,13 +29,18 @@ pub enum Policy {
     Tune,
     /// Never tune and never read the cache: always the fallback shape.
     Fallback,
+    /// Use the cached winner; on a miss, run the fallback at once and settle the key (read the
+    /// persistent cache, or time the candidates) on a thread of its own, off the request path:
+    /// later calls of the key run the winner. For servers, where a first call must not wait for
+    /// tuning. [`wait_for_background_tuning`] waits for the threads.
+    Background,
 }
 
-/// Set by [`set_policy`]: 0 unset, 1 tune, 2 fallback.
+/// Set by [`set_policy`]: 0 unset, 1 tune, 2 fallback, 3 background.
 static POLICY: AtomicU8 = AtomicU8::new(0);
 
-/// The policy for calls on `client`'s device: [`set_policy`]'s, else `ATTN_TUNE` (`on` or
-/// `off`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
+/// The policy for calls on `client`'s device: [`set_policy`]'s, else `ATTN_TUNE` (`on`, `off`
+/// or `background`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
 /// candidates costs minutes and the fallback is what the portable kernel wants anyway.
 pub fn policy(client: &ComputeClient) -> Policy {
     policy_for(is_cpu_emulated(client))
@@ -47,11 +52,13 @@ pub(super) fn policy_for(cpu_emulated: bool) -> Policy {
     match POLICY.load(Ordering::Relaxed) {
         1 => return Policy::Tune,
         2 => return Policy::Fallback,
+        3 => return Policy::Background,
         _ => {}
     }
     let from_env = FROM_ENV.get_or_init(|| match std::env::var("ATTN_TUNE").as_deref() {
         Ok("off" | "0") => Some(Policy::Fallback),
         Ok("on" | "1") => Some(Policy::Tune),
+        Ok("background") => Some(Policy::Background),
         _ => None,
     });
     match from_env {
@@ -66,6 +73,7 @@ pub fn set_policy(policy: Policy) {
     let code = match policy {
         Policy::Tune => 1,
         Policy::Fallback => 2,
+        Policy::Background => 3,
     };
     POLICY.store(code, Ordering::Relaxed);
 }
@@ -191,6 +199,18 @@ pub(crate) fn forward_tuned<V: Variant>(
         key: key.clone(),
     };
     let known = TUNER.fastest_identity(&id, &set, &key);
+    if known.is_none() && policy_for(prepared.cpu_emulated) == Policy::Background {
+        tracing::info!(
+            variant = V::SPEC.name,
+            key = ?key,
+            candidate = %fallback,
+            "attn: no tuned tile shape in this process for this key: the fallback runs now, the key is settled in the background"
+        );
+        let blueprint = Blueprint::new(&V::SPEC, fallback, problem, &call.packed);
+        launch::<V>(client, &blueprint, problem, &call.packed, q, k, v, out)?;
+        settle_in_background::<V>(id, set, call.with_scratch_output());
+        return Ok(fallback);
+    }
     if known.is_none() {
         tracing::info!(
             variant = V::SPEC.name,
@@ -206,6 +226,61 @@ pub(crate) fn forward_tuned<V: Variant>(
         tracing::info!(variant = V::SPEC.name, tile = %ran.tiling.name(), "attn: tuned tile shape");
     }
     Ok(ran)
+}
+
+/// Keys being settled in the background (their debug form), so a burst of calls of one key
+/// starts one thread.
+static SETTLING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// The background threads not yet waited for.
+static THREADS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Settles `call`'s key on a thread of its own (the tuner reads the persistent cache or times the
+/// candidates, into scratch outputs), unless a thread already does.
+fn settle_in_background<V: Variant>(id: ServiceId, set: SetOf<V>, call: Call<V::Elem>) {
+    let key = call.key.clone();
+    spawn_settling(format!("{key:?}"), move || {
+        let client = call.client.clone();
+        TUNER.execute(&id, &client, set.clone(), call);
+        let ran = TUNER.fastest_identity(&id, &set, &key);
+        tracing::info!(variant = V::SPEC.name, candidate = ?ran, "attn: key settled in the background");
+    });
+}
+
+/// Runs `work`, which settles `key`, on a thread of its own that [`wait_for_background_tuning`]
+/// waits for; nothing when a thread already settles that key.
+pub(super) fn spawn_settling(key: String, work: impl FnOnce() + Send + 'static) {
+    {
+        let mut settling = SETTLING.lock().unwrap_or_else(|e| e.into_inner());
+        if settling.contains(&key) {
+            return;
+        }
+        settling.push(key.clone());
+    }
+    let thread = std::thread::spawn(move || {
+        work();
+        let mut settling = SETTLING.lock().unwrap_or_else(|e| e.into_inner());
+        settling.retain(|k| k != &key);
+    });
+    THREADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(thread);
+}
+
+/// Waits until every key [`Policy::Background`] started settling is settled (for tests, tools and
+/// a clean shutdown).
+pub fn wait_for_background_tuning() {
+    loop {
+        let pending: Vec<_> =
+            std::mem::take(&mut *THREADS.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        for thread in pending {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The candidate the tuner settled on for `key` in this process, if any.
