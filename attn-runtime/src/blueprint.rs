@@ -218,7 +218,7 @@ impl KernelFamily for Warpgroup {
     /// engine on the device, 64 or 128 query rows, 64 to 256 keys per step in multiples of 16,
     /// head dims in multiples of 64 up to 256 (the output and a step's scores stay in registers:
     /// past a value dim of 128, steps of at most 64 keys), its shared memory, and a build that
-    /// can compile it ([`warpgroup_compiles`]).
+    /// can compile it (see [`WARPGROUP_BUILT`]).
     fn unfit(client: &ComputeClient, spec: &VariantSpec, config: &PrefillConfig) -> Option<String> {
         use cubecl::features::{Tma, WgmmaElems};
         use cubecl::ir::types::MatrixShape;

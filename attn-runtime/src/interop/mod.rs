@@ -1,6 +1,6 @@
 //! Tensors that other programs already hold, in and out of attn's kernels.
 //!
-//! - [`cuda`] (feature `cuda`): any CUDA tensor described by its DLPack fields (device pointer,
+//! - `cuda` (feature `cuda`): any CUDA tensor described by its DLPack fields (device pointer,
 //!   shape, strides), for engines with their own allocators.
 //! - `burn` (feature `burn`): burn's cubecl tensors, zero-copy: the same client and buffers.
 //! - `candle` (feature `candle`): candle tensors.

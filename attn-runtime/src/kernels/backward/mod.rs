@@ -2,14 +2,14 @@
 //! K, V, the forward's LSE and the output's gradient, without the N×N matrices and without
 //! atomics (the same bits on every run):
 //!
-//! 1. [`backward_delta`]: `D = rowsum(dO ∘ O)` per query row;
-//! 2. [`backward_dkdv`]: one cube per block of keys of one K/V head; each unit owns one key and
+//! 1. [`backward_delta()`]: `D = rowsum(dO ∘ O)` per query row;
+//! 2. [`backward_dkdv()`]: one cube per block of keys of one K/V head; each unit owns one key and
 //!    walks every query row of the head's query group (GQA and MQA summed inside the kernel, K/V
 //!    never repeated), staged through shared memory a block at a time: `P = exp(s − LSE)`,
 //!    `dV += P dO`, `dS = P (dO·v − D) f′(s)`, `dK += scale · dS q`;
-//! 3. [`backward_dq`]: one cube per query block of one head, the forward's walk over the keys:
+//! 3. [`backward_dq()`]: one cube per query block of one head, the forward's walk over the keys:
 //!    `dQ += scale · dS k`;
-//! 4. with sinks, [`backward_sinks`]: per head, `d sink = −Σ P_sink D` over every query row, a
+//! 4. with sinks, [`backward_sinks()`]: per head, `d sink = −Σ P_sink D` over every query row, a
 //!    tree reduction in a fixed order.
 //!
 //! Tiles the mask rules out are skipped as in the forward ([`crate::kernels::common::mask`]);
@@ -179,13 +179,13 @@ pub struct SinkStats {
     pub sequences: u32,
 }
 
-/// Units per cube of [`backward_sinks`] (a power of two).
+/// Units per cube of [`backward_sinks()`] (a power of two).
 pub const SINK_UNITS: u32 = 256;
 /// Halvings of its reduction: `log2(SINK_UNITS)`.
 const SINK_LEVELS: u32 = 8;
 const _: () = assert!(1 << SINK_LEVELS == SINK_UNITS);
 
-/// The comptime facts [`backward_sinks`] needs to find each sequence.
+/// The comptime facts [`backward_sinks()`] needs to find each sequence.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct SinkConfig {
     /// The variant's mask.
@@ -583,7 +583,7 @@ pub struct QueryGrads<E: Float> {
     pub partials: OwnedTensor<f32>,
 }
 
-/// The grid of the dQ kernel, for [`backward_learned`] to map cubes to input elements.
+/// The grid of the dQ kernel, for [`backward_learned()`] to map cubes to input elements.
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 #[expand(derive(Clone, Copy))]
 pub struct Grid {

@@ -27,7 +27,7 @@ pub fn modify<M: Hooks>(s: f32, ctx: &Ctx, q: i32, k: i32, inputs: &RunInputs) -
 
 /// The built-in modifications alone (softcap, then ALiBi): the value the variant's own score
 /// expression receives (the backward pass's chain rule evaluates its derivative there). The
-/// identity hooks stand in for the expression, so this is [`modify`] itself.
+/// identity hooks stand in for the expression, so this is [`modify()`] itself.
 #[cube]
 pub fn modify_builtin(s: f32, ctx: &Ctx, q: i32, k: i32, inputs: &RunInputs) -> f32 {
     modify::<NoHooks>(s, ctx, q, k, inputs)

@@ -3,7 +3,7 @@
 //!
 //! Masked scores are −∞ ([`Ctx::masked`]). A row that has seen no key keeps −∞ as its running
 //! maximum; its correction subtracts 0 instead ([`RowState::base`]), so no `−∞ − (−∞)` reaches
-//! the state, and probabilities of masked scores are exactly 0 ([`probability`]).
+//! the state, and probabilities of masked scores are exactly 0 ([`probability()`]).
 
 use cubecl::prelude::*;
 
