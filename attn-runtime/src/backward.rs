@@ -7,7 +7,7 @@ use crate::blueprint::prefill_config;
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs};
 use crate::kernels::backward::{
-    backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks,
+    backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks, backward_zero,
     BackwardOperandsLaunch, Grid, GridLaunch, KvGradsLaunch, LearnConfig, QueryGradsLaunch,
     SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
 };
@@ -75,10 +75,20 @@ pub fn backward<V: Variant>(
     let walked = (problem.group * problem.seq_q).max(problem.seq_k);
     check_loop_budget_for(client, 4 * walked + 64, "this backward call")?;
 
-    // Zeros: rows outside every document and keys past a sequence's length get no gradient.
-    let zeros = |shape: [usize; 4]| {
-        let zero = vec![V::Elem::from_f64(0.0); shape.iter().product()];
-        Tensor::from_slice(client, &zero, shape)
+    // Zeros, filled on the device: rows outside every document and keys past a sequence's length
+    // get no gradient.
+    let zeros = |shape: [usize; 4]| -> Result<Tensor<V::Elem>, AttnError> {
+        let t = Tensor::empty(client, shape);
+        const UNITS: u32 = 256;
+        backward_zero::launch::<V::Elem>(
+            client,
+            grid(shape.iter().product(), UNITS),
+            CubeDim::new_1d(UNITS),
+            // SAFETY: created with its shape, contiguous.
+            unsafe { tensor_arg(&t) },
+            UNITS,
+        );
+        Ok(t)
     };
     let learn = learn_config(spec)?;
     let mut grads = Grads {

@@ -70,11 +70,7 @@ pub fn visible<V: Variant>(s: &SeqView, h: usize, i: usize, j: usize, inputs: &I
     if j >= s.seq_k {
         return false;
     }
-    let shift = match m.align {
-        CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
-        CausalAlignment::TopLeft => 0,
-    };
-    let (at, k) = (i as i64 + shift, j as i64);
+    let (at, k) = (i as i64 + shift(&V::SPEC, s), j as i64);
     if m.causal && k > at {
         return false;
     }
@@ -89,6 +85,48 @@ pub fn visible<V: Variant>(s: &SeqView, h: usize, i: usize, j: usize, inputs: &I
     !m.custom || V::host_mask(s.index as i64, h as i64, i as i64, k, inputs)
 }
 
+/// Each query head's ALiBi slope (empty without ALiBi).
+fn slopes_f64(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Vec<f64> {
+    match spec.score.alibi {
+        Some(Alibi::Given) => inputs
+            .alibi_slopes
+            .unwrap_or(&[])
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        Some(Alibi::Geometric) => alibi_slopes(p.heads_q).iter().map(|&x| x as f64).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The aligned position of query 0 among the keys of sequence `s`.
+fn shift(spec: &VariantSpec, s: &SeqView) -> i64 {
+    match spec.mask.align {
+        CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
+        CausalAlignment::TopLeft => 0,
+    }
+}
+
+/// The built-in modifications of a scaled score `x` (softcap, then ALiBi): what the variant's
+/// own score expression receives.
+fn builtin_modified(
+    spec: &VariantSpec,
+    x: f64,
+    s: &SeqView,
+    [h, i, j]: [usize; 3],
+    slopes: &[f64],
+) -> f64 {
+    let sc = &spec.score;
+    let mut x = x;
+    if let Some(cap) = sc.softcap {
+        x = cap * (x / cap).tanh();
+    }
+    if sc.alibi.is_some() {
+        x -= slopes[h] * (i as i64 + shift(spec, s) - j as i64).abs() as f64;
+    }
+    x
+}
+
 /// The modified logit of a scaled score `x`.
 fn modified<V: Variant>(
     x: f64,
@@ -99,22 +137,12 @@ fn modified<V: Variant>(
     slopes: &[f64],
     inputs: &Inputs,
 ) -> f64 {
-    let sc = &V::SPEC.score;
-    let mut x = x;
-    if let Some(cap) = sc.softcap {
-        x = cap * (x / cap).tanh();
+    let x = builtin_modified(&V::SPEC, x, s, [h, i, j], slopes);
+    if V::SPEC.score.custom {
+        V::host_score(x, s.index as i64, h as i64, i as i64, j as i64, inputs)
+    } else {
+        x
     }
-    if sc.alibi.is_some() {
-        let shift = match V::SPEC.mask.align {
-            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
-            CausalAlignment::TopLeft => 0,
-        };
-        x -= slopes[h] * (i as i64 + shift - j as i64).abs() as f64;
-    }
-    if sc.custom {
-        x = V::host_score(x, s.index as i64, h as i64, i as i64, j as i64, inputs);
-    }
-    x
 }
 
 /// Query/key pairs that take part in a call (for FLOP counts). Without a custom mask every
@@ -150,16 +178,7 @@ fn attention_with<V: Variant>(
 ) -> Reference {
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
-    let slopes: Vec<f64> = match spec.score.alibi {
-        Some(Alibi::Given) => inputs
-            .alibi_slopes
-            .unwrap_or(&[])
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        Some(Alibi::Geometric) => alibi_slopes(p.heads_q).iter().map(|&x| x as f64).collect(),
-        None => Vec::new(),
-    };
+    let slopes = slopes_f64(spec, p, inputs);
     let mut o = vec![0.0; p.batch * p.heads_q * nq * dv];
     let mut lse = vec![f64::NEG_INFINITY; p.batch * p.heads_q * nq];
     let mut scores = vec![0.0; nk];
@@ -335,18 +354,7 @@ fn modified_slope<V: Variant>(
         let t = (x / cap).tanh();
         1.0 - t * t
     });
-    // The value the expression receives: the built-in modifications alone.
-    let mut y = x;
-    if let Some(cap) = sc.softcap {
-        y = cap * (y / cap).tanh();
-    }
-    if sc.alibi.is_some() {
-        let shift = match V::SPEC.mask.align {
-            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
-            CausalAlignment::TopLeft => 0,
-        };
-        y -= slopes[h] * (i as i64 + shift - j as i64).abs() as f64;
-    }
+    let y = builtin_modified(&V::SPEC, x, s, [h, i, j], slopes);
     let custom = if sc.custom {
         V::host_score_grad(y, s.index as i64, h as i64, i as i64, j as i64, inputs)
     } else {
@@ -370,16 +378,7 @@ fn backward_with<V: Variant>(
     let spec = &V::SPEC;
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
-    let slopes: Vec<f64> = match spec.score.alibi {
-        Some(Alibi::Given) => inputs
-            .alibi_slopes
-            .unwrap_or(&[])
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        Some(Alibi::Geometric) => alibi_slopes(p.heads_q).iter().map(|&x| x as f64).collect(),
-        None => Vec::new(),
-    };
+    let slopes = slopes_f64(spec, p, inputs);
     let mut dq = vec![0.0; p.batch * p.heads_q * nq * d];
     let mut dk = vec![0.0; p.batch * p.heads_kv * nk * d];
     let mut dvv = vec![0.0; p.batch * p.heads_kv * nk * dv];
@@ -499,11 +498,7 @@ fn backward_with<V: Variant>(
                         d_inputs[n][at] = acc_round(d_inputs[n][at] + d_score * dx);
                     }
                     if given {
-                        let shift = match spec.mask.align {
-                            CausalAlignment::BottomRight => s.seq_k as i64 - s.seq_q as i64,
-                            CausalAlignment::TopLeft => 0,
-                        };
-                        let distance = (i as i64 + shift - j as i64).abs() as f64;
+                        let distance = (i as i64 + shift(spec, &s) - j as i64).abs() as f64;
                         d_alibi_slopes[h] =
                             acc_round(d_alibi_slopes[h] - d_score * custom * distance);
                     }

@@ -95,6 +95,16 @@ pub struct PairGrad {
     pub custom_slope: f32,
 }
 
+/// Zeros every element of `t` (contiguous), one unit per element on a grid of `units`-unit cubes:
+/// the gradients' rows no sequence reads (outside every document, past a key length) stay 0.
+#[cube(launch)]
+pub fn backward_zero<E: Float>(t: &mut Tensor<E>, #[comptime] units: u32) {
+    let i = crate::kernels::flat_index(units);
+    if i < t.len() {
+        t[i] = E::cast_from(0.0f32);
+    }
+}
+
 /// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`, one unit per row on a grid of
 /// `units`-unit cubes (rows past the end idle).
 #[cube(launch)]
