@@ -14,8 +14,9 @@
 //! mask and score modification with random run-time inputs), so one binary carries both jobs to a
 //! GPU machine. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
 //! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
-//! tuner picks beside the fallback. With `--decode`, it runs the decode benchmark instead
-//! (`bench_parts/decode.rs`, compared by `bench/decode.py`).
+//! tuner picks beside the fallback. With `--backward`, each case also runs and times the backward
+//! pass (`bench_parts/backward.rs`, compared by `bench/backward.py`). With `--decode`, it runs
+//! the decode benchmark instead (`bench_parts/decode.rs`, compared by `bench/decode.py`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ use attn::reference::{
 use attn::{ComputeClient, Element, Problem, Tensor, Variant};
 use rand::SeedableRng;
 
+#[path = "bench_parts/backward.rs"]
+mod backward;
 #[path = "bench_parts/decode.rs"]
 mod decode;
 
@@ -444,6 +447,9 @@ fn run<V: Variant>(
         client.name()
     );
     std::fs::write(dir.join("meta.json"), meta).expect("meta.json");
+    if std::env::args().any(|a| a == "--backward") {
+        backward::run_backward::<V>(client, [&q, &k, &v], &result, &inputs, &dir, iters)?;
+    }
     Ok(name)
 }
 

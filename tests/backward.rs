@@ -49,6 +49,14 @@ attn::attention! {
         inputs: { scale: [f32; batch] },
         score: |s, b, h, q, k| s * scale[b],
     }
+    /// Llama-3's attention at head dim 128, f16.
+    Llama3F16 { heads: gqa(group = 4), head_dim: 128, dtype: f16, mask: causal }
+    /// The same in bf16.
+    Llama3Bf16 { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
+    /// A window over packed documents, softcapped.
+    WindowDocsF16 { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & window(left = 40) & documents, softcap: 20.0 }
+    /// V narrower than Q and K, top-left causal.
+    Dv64F16 { heads: mha, head_dim: 128, value_dim: 64, dtype: f16, mask: causal(top_left) }
     /// Given ALiBi slopes, learnable.
     AlibiGivenF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal, alibi: given }
     /// A custom score after softcap and ALiBi (the chain rule through all three), f16.
@@ -87,117 +95,152 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
         upload(&doh, o_shape),
     );
     let out = attn::forward::<V>(client, &q, &k, &v, &inputs).expect("forward");
-    let grads = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
-
     let problem = Problem::new(&spec, &q, &k, &v).expect("valid problem");
     let packed = pack(&spec, &problem, &inputs).expect("valid inputs");
     let host = [widen(&qh), widen(&kh), widen(&vh), widen(&doh)];
     let qkv_do = [&host[0][..], &host[1][..], &host[2][..], &host[3][..]];
     let reference = backward_f64::<V>(&problem, &packed, &inputs, qkv_do);
     let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do);
-    for (name, got, want, low) in [
-        ("dQ", &grads.dq, &reference.dq, &naive.dq),
-        ("dK", &grads.dk, &reference.dk, &naive.dk),
-        ("dV", &grads.dv, &reference.dv, &naive.dv),
-    ] {
-        let got = widen(&got.to_vec(client));
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "{label}: {name} has a non-finite element"
-        );
-        let verdict = Verdict::new(&got, want, low, error_floor::<V::Elem>());
-        println!(
+    // Every plan that runs on this device: the tensor-core kernels at each tile where the device
+    // has them, and the portable kernels.
+    for plan in attn::backward_plans(client, &spec) {
+        let grads =
+            attn::backward_with_plan::<V>(client, [&q, &k, &v], &out, &d_out, &inputs, plan)
+                .expect("backward");
+        let label = format!("{label} {plan}");
+        let reference = &reference;
+        let naive = &naive;
+        for (name, got, want, low) in [
+            ("dQ", &grads.dq, &reference.dq, &naive.dq),
+            ("dK", &grads.dk, &reference.dk, &naive.dk),
+            ("dV", &grads.dv, &reference.dv, &naive.dv),
+        ] {
+            let got = widen(&got.to_vec(client));
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{label}: {name} has a non-finite element"
+            );
+            let verdict = Verdict::new(&got, want, low, error_floor::<V::Elem>());
+            println!(
             "{label}: {name}: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}, max |f64| {:.2e}",
             verdict.kernel_error,
             verdict.naive_error,
             verdict.bound,
             want.iter().fold(0.0f64, |m, x| m.max(x.abs()))
         );
-        assert!(
-            verdict.passed(),
-            "{label}: {name}: max |kernel − f64| = {:.3e} > bound {:.3e} (naive {}: {:.3e})",
-            verdict.kernel_error,
-            verdict.bound,
-            <V::Elem as Element>::DTYPE.name(),
-            verdict.naive_error
-        );
-    }
-    match (&grads.d_sinks, spec.score.sinks) {
-        (Some(d_sinks), true) => {
-            let got: Vec<f64> = d_sinks.to_vec(client).into_iter().map(f64::from).collect();
-            let verdict = Verdict::new(&got, &reference.d_sinks, &naive.d_sinks, 1e-4);
-            println!(
-                "{label}: d_sinks: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}",
-                verdict.kernel_error, verdict.naive_error, verdict.bound
-            );
             assert!(
                 verdict.passed(),
-                "{label}: d_sinks: max |kernel − f64| = {:.3e} > bound {:.3e}",
+                "{label}: {name}: max |kernel − f64| = {:.3e} > bound {:.3e} (naive {}: {:.3e})",
                 verdict.kernel_error,
-                verdict.bound
+                verdict.bound,
+                <V::Elem as Element>::DTYPE.name(),
+                verdict.naive_error
             );
         }
-        (None, false) => {}
-        (d_sinks, _) => panic!(
-            "{label}: sink gradients {:?} for sinks: {}",
-            d_sinks.is_some(),
-            spec.score.sinks
-        ),
-    }
-    let learned = grads
-        .d_inputs
-        .iter()
-        .map(|(name, t)| (*name, t))
-        .chain(grads.d_alibi_slopes.iter().map(|t| ("alibi_slopes", t)));
-    let expected = reference
-        .d_inputs
-        .iter()
-        .zip(&naive.d_inputs)
-        .chain(std::iter::once((
-            &reference.d_alibi_slopes,
-            &naive.d_alibi_slopes,
-        )))
-        .filter(|(r, _)| !r.is_empty());
-    let mut compared = 0;
-    for ((name, got), (want, low)) in learned.zip(expected) {
-        let got: Vec<f64> = got.to_vec(client).into_iter().map(f64::from).collect();
-        let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-        let verdict = Verdict::new(&got, want, low, 1e-4 * scale);
-        println!(
+        match (&grads.d_sinks, spec.score.sinks) {
+            (Some(d_sinks), true) => {
+                let got: Vec<f64> = d_sinks.to_vec(client).into_iter().map(f64::from).collect();
+                let verdict = Verdict::new(&got, &reference.d_sinks, &naive.d_sinks, 1e-4);
+                println!(
+                    "{label}: d_sinks: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}",
+                    verdict.kernel_error, verdict.naive_error, verdict.bound
+                );
+                assert!(
+                    verdict.passed(),
+                    "{label}: d_sinks: max |kernel − f64| = {:.3e} > bound {:.3e}",
+                    verdict.kernel_error,
+                    verdict.bound
+                );
+            }
+            (None, false) => {}
+            (d_sinks, _) => panic!(
+                "{label}: sink gradients {:?} for sinks: {}",
+                d_sinks.is_some(),
+                spec.score.sinks
+            ),
+        }
+        let learned = grads
+            .d_inputs
+            .iter()
+            .map(|(name, t)| (*name, t))
+            .chain(grads.d_alibi_slopes.iter().map(|t| ("alibi_slopes", t)));
+        let expected = reference
+            .d_inputs
+            .iter()
+            .zip(&naive.d_inputs)
+            .chain(std::iter::once((
+                &reference.d_alibi_slopes,
+                &naive.d_alibi_slopes,
+            )))
+            .filter(|(r, _)| !r.is_empty());
+        let mut compared = 0;
+        for ((name, got), (want, low)) in learned.zip(expected) {
+            let got: Vec<f64> = got.to_vec(client).into_iter().map(f64::from).collect();
+            let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+            let verdict = Verdict::new(&got, want, low, 1e-4 * scale);
+            println!(
             "{label}: d {name}: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}, max |f64| {scale:.2e}",
             verdict.kernel_error, verdict.naive_error, verdict.bound
         );
-        assert!(
-            verdict.passed(),
-            "{label}: d {name}: max |kernel − f64| = {:.3e} > bound {:.3e}",
-            verdict.kernel_error,
-            verdict.bound
+            assert!(
+                verdict.passed(),
+                "{label}: d {name}: max |kernel − f64| = {:.3e} > bound {:.3e}",
+                verdict.kernel_error,
+                verdict.bound
+            );
+            compared += 1;
+        }
+        let floats = spec
+            .inputs
+            .iter()
+            .filter(|d| d.ty == attn::InputType::F32)
+            .count();
+        let slopes = usize::from(spec.score.alibi == Some(attn::Alibi::Given));
+        assert_eq!(
+            compared,
+            floats + slopes,
+            "{label}: every learnable input compared"
         );
-        compared += 1;
+        // Deterministic: the same bits again.
+        let again =
+            attn::backward_with_plan::<V>(client, [&q, &k, &v], &out, &d_out, &inputs, plan)
+                .expect("backward");
+        assert_eq!(
+            again.dk.to_vec(client),
+            grads.dk.to_vec(client),
+            "{label}: dK differs between two runs"
+        );
+        assert_eq!(
+            again.dq.to_vec(client),
+            grads.dq.to_vec(client),
+            "{label}: dQ differs between two runs"
+        );
     }
-    let floats = spec
-        .inputs
+    // The default plan is the first.
+    assert_eq!(
+        attn::backward_plan(client, &spec).ok(),
+        attn::backward_plans(client, &spec).first().copied()
+    );
+}
+
+/// The shapes the tensor-core kernels take on GPUs, at lengths that leave partial 16-row blocks:
+/// Llama-3's GQA at head dim 128 (every back end), and where the device has tensor cores also a
+/// window over documents with a softcap, `value_dim < head_dim`, and bf16.
+#[test]
+fn tensor_core_shapes() {
+    let c = client();
+    check::<Llama3F16>(&c, [1, 4, 1, 37, 37]);
+    let tensor_cores = attn::backward_plans(&c, &Llama3F16::SPEC)
         .iter()
-        .filter(|d| d.ty == attn::InputType::F32)
-        .count();
-    let slopes = usize::from(spec.score.alibi == Some(attn::Alibi::Given));
-    assert_eq!(
-        compared,
-        floats + slopes,
-        "{label}: every learnable input compared"
-    );
-    // Deterministic: the same bits again.
-    let again = attn::backward::<V>(client, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
-    assert_eq!(
-        again.dk.to_vec(client),
-        grads.dk.to_vec(client),
-        "{label}: dK differs between two runs"
-    );
-    assert_eq!(
-        again.dq.to_vec(client),
-        grads.dq.to_vec(client),
-        "{label}: dQ differs between two runs"
-    );
+        .any(|p| p.family == attn::Family::TensorCores);
+    if !tensor_cores {
+        println!("no tensor-core backward on this device; the other shapes skipped");
+        return;
+    }
+    check::<Llama3F16>(&c, [1, 8, 2, 100, 100]);
+    check::<WindowDocsF16>(&c, [1, 4, 2, 150, 150]);
+    check::<Dv64F16>(&c, [1, 2, 2, 50, 81]);
+    check::<Llama3Bf16>(&c, [2, 4, 1, 33, 97]);
 }
 
 #[test]

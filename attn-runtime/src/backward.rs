@@ -3,18 +3,25 @@
 
 use cubecl::prelude::*;
 
-use crate::blueprint::prefill_config;
+use crate::blueprint::{
+    cube_limits, family_cap, prefill_config, tensor_cores_unfit, warpgroup_unfit, Family,
+};
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs};
+use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc, TcBackward};
+use crate::kernels::backward::warpgroup::{
+    backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch, WgBackward,
+};
 use crate::kernels::backward::{
     backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks, backward_zero,
     BackwardOperandsLaunch, Grid, GridLaunch, KvGradsLaunch, LearnConfig, QueryGradsLaunch,
     SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
 };
+use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
 use crate::launch::{
-    check_loop_budget_for, check_output, is_cpu_emulated, kernel_args, run_inputs, tensor_arg,
-    unsupported_dtype, upload_inputs, Output,
+    check_loop_budget_for, check_output, copy_engine_can_read, is_cpu_emulated, kernel_args,
+    run_inputs, tensor_arg, tma_map, unsupported_dtype, upload_inputs, Output,
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
@@ -61,6 +68,25 @@ pub fn backward<V: Variant>(
     d_out: &Tensor<V::Elem>,
     inputs: &Inputs,
 ) -> Result<Grads<V::Elem>, AttnError> {
+    // The first plan that runs on these operands: the warpgroup kernels read them through the
+    // copy engine.
+    let readable = [q, k, v, d_out].iter().all(|t| copy_engine_can_read(t));
+    let plan = backward_plans(client, &V::SPEC)
+        .into_iter()
+        .find(|p| p.family != Family::Warpgroup || readable)
+        .map_or_else(|| backward_plan(client, &V::SPEC), Ok)?;
+    backward_with_plan::<V>(client, [q, k, v], out, d_out, inputs, plan)
+}
+
+/// [`backward()`] with a given plan (one of [`backward_plans()`]): for benchmarks and tuning.
+pub fn backward_with_plan<V: Variant>(
+    client: &ComputeClient,
+    [q, k, v]: [&Tensor<V::Elem>; 3],
+    out: &Output<V::Elem>,
+    d_out: &Tensor<V::Elem>,
+    inputs: &Inputs,
+    plan: BackwardPlan,
+) -> Result<Grads<V::Elem>, AttnError> {
     let spec = &V::SPEC;
     let problem = Problem::new(spec, q, k, v)?;
     let packed = pack(spec, &problem, inputs)?;
@@ -69,6 +95,22 @@ pub fn backward<V: Variant>(
     }
     check_output(&problem, out)?;
     check_gradient(&problem, d_out)?;
+    if !backward_plans(client, spec).contains(&plan) {
+        return Err(AttnError::Unsupported(format!(
+            "{}: backward plan {plan} does not run on this device",
+            spec.name
+        )));
+    }
+    if plan.family == Family::Warpgroup && ![q, k, v, d_out].iter().all(|t| copy_engine_can_read(t))
+    {
+        return Err(AttnError::Unsupported(format!(
+            "{}: backward plan {plan} needs operands the copy engine can read (16-byte aligned \
+             strides and start)",
+            spec.name
+        )));
+    }
+    // The portable tile: the whole pass on the portable family, or its dQ kernel where the
+    // learnable inputs' gradients ride on it.
     let tiling = backward_tiling(client, spec)?;
     // The dK/dV kernel's units walk every query row of their group (and stage each block's rows
     // in a few loops), the dQ kernel's every key.
@@ -176,21 +218,99 @@ pub fn backward<V: Variant>(
             tensor_arg(&delta),
         )
     };
-    tracing::debug!(variant = spec.name, tile = %tiling.name(), "backward launch");
-    backward_dkdv::launch::<V::Elem, V::Hooks>(
-        client,
-        CubeCount::Static(
-            max_seq_k.div_ceil(tiling.block_kv as usize) as u32,
-            problem.heads_kv as u32,
-            packed.sequences as u32,
-        ),
-        CubeDim::new_1d(tiling.block_kv),
-        operands(),
-        unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
-        unsafe { run_inputs(&ints, &floats, &packed) },
-        args(),
-        config,
-    );
+    tracing::debug!(variant = spec.name, %plan, "backward launch");
+    let tensor_cores = plan.family == Family::TensorCores;
+    let tc_shape = |keys: bool| TcBackward {
+        config: prefill_config(spec, plan.tile.tiling(keys)),
+        keys,
+    };
+    let tc_cube = CubeDim::new_2d(32, plan.tile.resident / MMA as u32);
+    if plan.family == Family::Warpgroup {
+        let (resident, streamed) = (plan.tile.resident, plan.tile.streamed);
+        // SAFETY: as above; every map describes a checked operand.
+        let maps = |keys: bool| unsafe {
+            let (q_rows, kv_rows) = if keys {
+                (streamed, resident)
+            } else {
+                (resident, streamed)
+            };
+            BackwardMapsLaunch::new(
+                tma_map(q, q_rows),
+                tma_map(k, kv_rows),
+                tma_map(v, kv_rows),
+                tma_map(d_out, q_rows),
+                tensor_arg(&out.lse.tensor),
+                tensor_arg(&delta),
+            )
+        };
+        let wg_cube = CubeDim::new_1d(resident / 64 * WARPGROUP_UNITS as u32);
+        backward_dkdv_wg::launch::<V::Elem, V::Hooks>(
+            client,
+            CubeCount::Static(
+                max_seq_k.div_ceil(resident as usize) as u32,
+                problem.heads_kv as u32,
+                packed.sequences as u32,
+            ),
+            wg_cube,
+            maps(true),
+            unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+            unsafe { run_inputs(&ints, &floats, &packed) },
+            args(),
+            WgBackward {
+                config: prefill_config(spec, plan.tile.tiling(true)),
+                keys: true,
+            },
+        );
+        if learn.slots() == 0 {
+            backward_dq_wg::launch::<V::Elem, V::Hooks>(
+                client,
+                CubeCount::Static(
+                    packed.max_seq_q.div_ceil(resident as usize) as u32,
+                    problem.heads_q as u32,
+                    packed.sequences as u32,
+                ),
+                wg_cube,
+                maps(false),
+                unsafe { tensor_arg(&grads.dq) },
+                unsafe { run_inputs(&ints, &floats, &packed) },
+                args(),
+                WgBackward {
+                    config: prefill_config(spec, plan.tile.tiling(false)),
+                    keys: false,
+                },
+            );
+        }
+    } else if tensor_cores {
+        backward_dkdv_tc::launch::<V::Elem, V::Hooks>(
+            client,
+            CubeCount::Static(
+                max_seq_k.div_ceil(plan.tile.resident as usize) as u32,
+                problem.heads_kv as u32,
+                packed.sequences as u32,
+            ),
+            tc_cube,
+            operands(),
+            unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+            unsafe { run_inputs(&ints, &floats, &packed) },
+            args(),
+            tc_shape(true),
+        );
+    } else {
+        backward_dkdv::launch::<V::Elem, V::Hooks>(
+            client,
+            CubeCount::Static(
+                max_seq_k.div_ceil(tiling.block_kv as usize) as u32,
+                problem.heads_kv as u32,
+                packed.sequences as u32,
+            ),
+            CubeDim::new_1d(tiling.block_kv),
+            operands(),
+            unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+            unsafe { run_inputs(&ints, &floats, &packed) },
+            args(),
+            config,
+        );
+    }
     let grid = Grid {
         x: packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
         y: problem.heads_q as u32,
@@ -202,17 +322,38 @@ pub fn backward<V: Variant>(
         &vec![0.0; (learn.slots() * cubes).max(1)],
         [1, 1, 1, (learn.slots() * cubes).max(1)],
     )?;
-    backward_dq::launch::<V::Elem, V::Hooks>(
-        client,
-        CubeCount::Static(grid.x, grid.y, grid.z),
-        CubeDim::new_1d(tiling.block_q),
-        operands(),
-        unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
-        unsafe { run_inputs(&ints, &floats, &packed) },
-        args(),
-        config,
-        learn,
-    );
+    // Without learnable inputs, the fast families' own dQ kernel (the warpgroup one ran beside
+    // its dK/dV kernel above); with them, the portable one, which sums their gradients.
+    if (plan.family == Family::Warpgroup || tensor_cores) && learn.slots() == 0 {
+        if tensor_cores {
+            backward_dq_tc::launch::<V::Elem, V::Hooks>(
+                client,
+                CubeCount::Static(
+                    packed.max_seq_q.div_ceil(plan.tile.resident as usize) as u32,
+                    problem.heads_q as u32,
+                    packed.sequences as u32,
+                ),
+                tc_cube,
+                operands(),
+                unsafe { tensor_arg(&grads.dq) },
+                unsafe { run_inputs(&ints, &floats, &packed) },
+                args(),
+                tc_shape(false),
+            );
+        }
+    } else {
+        backward_dq::launch::<V::Elem, V::Hooks>(
+            client,
+            CubeCount::Static(grid.x, grid.y, grid.z),
+            CubeDim::new_1d(tiling.block_q),
+            operands(),
+            unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
+            unsafe { run_inputs(&ints, &floats, &packed) },
+            args(),
+            config,
+            learn,
+        );
+    }
     // Each learnable input's gradient from the cubes' partials, element by element.
     for (slot, (&(extent, len), out)) in learned_shapes.iter().zip(&learned).enumerate() {
         const UNITS: u32 = 64;
@@ -251,6 +392,155 @@ pub fn backward<V: Variant>(
     }
     attach(&mut grads, learned);
     Ok(grads)
+}
+
+/// The tile of the tensor-core backward kernels: each cube keeps `resident` rows of one side in
+/// shared memory (keys in the dK/dV kernel, query rows in the dQ kernel; one plane per 16) and
+/// streams the other side past them `streamed` rows at a time.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct BackwardTile {
+    /// Resident rows per cube.
+    pub resident: u32,
+    /// Streamed rows per step.
+    pub streamed: u32,
+}
+
+/// How a backward call runs: the kernel family (portable, or the tensor-core kernels) and its
+/// tile (the portable family's: `resident = streamed =` its block).
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct BackwardPlan {
+    /// The kernel family.
+    pub family: Family,
+    /// The tile.
+    pub tile: BackwardTile,
+}
+
+impl BackwardTile {
+    /// The prefill tiling of one of the two kernels: the dK/dV kernel's (`keys`: `block_kv`
+    /// resident keys, `block_q` streamed query rows) or the dQ kernel's (the other way round).
+    pub const fn tiling(&self, keys: bool) -> Tiling {
+        if keys {
+            Tiling {
+                block_q: self.streamed,
+                block_kv: self.resident,
+            }
+        } else {
+            Tiling {
+                block_q: self.resident,
+                block_kv: self.streamed,
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BackwardPlan {
+    /// `tc_r64_s32`, `portable_r64_s64`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}_r{}_s{}",
+            self.family.short_name(),
+            self.tile.resident,
+            self.tile.streamed
+        )
+    }
+}
+
+/// The warpgroup tiles, the default first: 64 resident rows per warpgroup, one or two
+/// warpgroups, 32 or 64 streamed rows.
+const WG_TILES: [(u32, u32); 4] = [(128, 32), (128, 64), (64, 32), (64, 64)];
+
+/// The tensor-core tiles, the default first: 64 resident rows (four planes) against 32 streamed
+/// keep two cubes' shared memory on one Hopper SM at head dim 128.
+const TC_TILES: [(u32, u32); 4] = [(64, 32), (64, 64), (128, 32), (128, 64)];
+
+/// Every plan that runs `spec`'s backward pass on this device, the default first: on Hopper the
+/// warpgroup kernels (f16 and bf16, head dims 64 and 128, operands the copy engine can read), the
+/// tensor-core kernels where the device has them for the dtype, head dims are multiples of 16
+/// and `head_dim + value_dim <= 256` (the dK and dV accumulators stay in registers), capped by
+/// `ATTN_ENGINE` like the forward; the portable kernels always.
+pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<BackwardPlan> {
+    let mut plans = Vec::new();
+    let mma = MMA as u32;
+    let half_panels = |d: u32| d == 64 || d == 128;
+    let wg_fits = family_cap().rank() >= Family::Warpgroup.rank()
+        && half_panels(spec.head_dim)
+        && half_panels(spec.value_dim);
+    if wg_fits {
+        for (resident, streamed) in WG_TILES {
+            let tile = BackwardTile { resident, streamed };
+            let fits = [true, false].iter().all(|&keys| {
+                let shape = WgBackward {
+                    config: prefill_config(spec, tile.tiling(keys)),
+                    keys,
+                };
+                let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
+                let name = format!("the warpgroup backward at r{resident}_s{streamed}");
+                warpgroup_unfit(client, spec, &[streamed, spec.head_dim, spec.value_dim]).is_none()
+                    && cube_limits(client, &name, units, shape.shared_bytes()).is_none()
+            });
+            if fits {
+                plans.push(BackwardPlan {
+                    family: Family::Warpgroup,
+                    tile,
+                });
+            }
+        }
+    }
+    let tc_fits = family_cap().rank() >= Family::TensorCores.rank()
+        && tensor_cores_unfit(client, spec).is_none()
+        && spec.head_dim.is_multiple_of(mma)
+        && spec.value_dim.is_multiple_of(mma)
+        && spec.head_dim + spec.value_dim <= 256;
+    if tc_fits {
+        for (resident, streamed) in TC_TILES {
+            let tile = BackwardTile { resident, streamed };
+            let fits = [true, false].iter().all(|&keys| {
+                let shape = TcBackward {
+                    config: prefill_config(spec, tile.tiling(keys)),
+                    keys,
+                };
+                let name = format!("the tensor-core backward at r{resident}_s{streamed}");
+                cube_limits(
+                    client,
+                    &name,
+                    32 * shape.planes() as u32,
+                    shape.shared_bytes(),
+                )
+                .is_none()
+            });
+            if fits {
+                plans.push(BackwardPlan {
+                    family: Family::TensorCores,
+                    tile,
+                });
+            }
+        }
+    }
+    if let Ok(tiling) = backward_tiling(client, spec) {
+        plans.push(BackwardPlan {
+            family: Family::Portable,
+            tile: BackwardTile {
+                resident: tiling.block_q,
+                streamed: tiling.block_kv,
+            },
+        });
+    }
+    plans
+}
+
+/// The plan [`backward()`] runs: the first of [`backward_plans()`]; the error says why no
+/// kernel fits.
+pub fn backward_plan(
+    client: &ComputeClient,
+    spec: &VariantSpec,
+) -> Result<BackwardPlan, AttnError> {
+    match backward_plans(client, spec).first() {
+        Some(plan) => Ok(*plan),
+        None => Err(backward_tiling(client, spec).err().unwrap_or_else(|| {
+            AttnError::Unsupported(format!("{}: no backward kernel fits", spec.name))
+        })),
+    }
 }
 
 /// dO must have O's shape and be a view inside its buffer, contiguous in the head dim.

@@ -111,7 +111,12 @@ pub struct TensorCores;
 pub struct Warpgroup;
 
 /// The device's limits on a cube: `None` when a cube of `units` units and `smem` bytes fits.
-fn cube_limits(client: &ComputeClient, name: &str, units: u32, smem: usize) -> Option<String> {
+pub(crate) fn cube_limits(
+    client: &ComputeClient,
+    name: &str,
+    units: u32,
+    smem: usize,
+) -> Option<String> {
     let hw = &client.properties().hardware;
     if smem > hw.max_shared_memory_size {
         return Some(format!(
@@ -160,30 +165,40 @@ impl KernelFamily for Portable {
     }
 }
 
+/// Why `spec`'s dtype cannot run on this device's 16×16×16 tensor cores (f16 and bf16 operands,
+/// f32 accumulators, planes of 32), or `None` when it can.
+pub(crate) fn tensor_cores_unfit(client: &ComputeClient, spec: &VariantSpec) -> Option<String> {
+    use cubecl::ir::{ElemType, FloatKind};
+    let Some(elem) = half_elem(spec.dtype) else {
+        return Some("the tensor-core kernels run f16 and bf16".into());
+    };
+    let mma = MMA as u32;
+    let has_cores = client
+        .features()
+        .matmul
+        .cmma
+        .contains(&cubecl::features::MmaConfig {
+            a_type: elem,
+            b_type: elem,
+            cd_type: ElemType::Float(FloatKind::F32),
+            m: mma,
+            k: mma,
+            n: mma,
+        });
+    if !has_cores || client.properties().hardware.plane_size_max != 32 {
+        return Some("the device has no 16×16×16 tensor cores on planes of 32".into());
+    }
+    None
+}
+
 impl KernelFamily for TensorCores {
     const FAMILY: Family = Family::TensorCores;
 
     fn unfit(client: &ComputeClient, spec: &VariantSpec, config: &PrefillConfig) -> Option<String> {
-        use cubecl::ir::{ElemType, FloatKind};
-        let Some(elem) = half_elem(spec.dtype) else {
-            return Some("the tensor-core kernel runs f16 and bf16".into());
-        };
-        let mma = MMA as u32;
-        let has_cores = client
-            .features()
-            .matmul
-            .cmma
-            .contains(&cubecl::features::MmaConfig {
-                a_type: elem,
-                b_type: elem,
-                cd_type: ElemType::Float(FloatKind::F32),
-                m: mma,
-                k: mma,
-                n: mma,
-            });
-        if !has_cores || client.properties().hardware.plane_size_max != 32 {
-            return Some("the device has no 16×16×16 tensor cores on planes of 32".into());
+        if let Some(why) = tensor_cores_unfit(client, spec) {
+            return Some(why);
         }
+        let mma = MMA as u32;
         let t = config.tiling;
         if ![t.block_q, t.block_kv, spec.head_dim, spec.value_dim]
             .iter()
@@ -211,6 +226,49 @@ impl KernelFamily for TensorCores {
     }
 }
 
+/// Why `spec`'s dtype cannot run warpgroup MMAs of `64 × n × 16` for each `n` of `ns`, fed by
+/// the copy engine, on this device and build, or `None` when it can.
+pub(crate) fn warpgroup_unfit(
+    client: &ComputeClient,
+    spec: &VariantSpec,
+    ns: &[u32],
+) -> Option<String> {
+    use cubecl::features::{Tma, WgmmaElems};
+    use cubecl::ir::types::MatrixShape;
+    use cubecl::ir::{ElemType, FloatKind};
+    let Some(elem) = half_elem(spec.dtype) else {
+        return Some("the warpgroup kernels run f16 and bf16".into());
+    };
+    let features = client.features();
+    let elems = WgmmaElems {
+        a: elem,
+        b: elem,
+        cd: ElemType::Float(FloatKind::F32),
+    };
+    let mma = |n: u32| {
+        features.matmul.wgmma.iter().any(|c| {
+            c.matches(
+                elems,
+                MatrixShape {
+                    m: WARPGROUP_ROWS,
+                    n: n as usize,
+                    k: 16,
+                },
+            )
+        })
+    };
+    if !features.tma.contains(Tma::Base)
+        || !ns.iter().all(|&n| mma(n))
+        || client.properties().hardware.plane_size_max != 32
+    {
+        return Some("the device has no warpgroup MMAs and copy engine".into());
+    }
+    if !warpgroup_compiles() {
+        return Some("this build links cubecl crates without attn's patches".into());
+    }
+    None
+}
+
 impl KernelFamily for Warpgroup {
     const FAMILY: Family = Family::Warpgroup;
 
@@ -220,31 +278,10 @@ impl KernelFamily for Warpgroup {
     /// past a value dim of 128, steps of at most 64 keys), its shared memory, and a build that
     /// can compile it (see [`WARPGROUP_BUILT`]).
     fn unfit(client: &ComputeClient, spec: &VariantSpec, config: &PrefillConfig) -> Option<String> {
-        use cubecl::features::{Tma, WgmmaElems};
-        use cubecl::ir::types::MatrixShape;
-        use cubecl::ir::{ElemType, FloatKind};
-        let Some(elem) = half_elem(spec.dtype) else {
-            return Some("the warpgroup kernel runs f16 and bf16".into());
-        };
-        let features = client.features();
-        let elems = WgmmaElems {
-            a: elem,
-            b: elem,
-            cd: ElemType::Float(FloatKind::F32),
-        };
-        let mma = |n: u32| {
-            features.matmul.wgmma.iter().any(|c| {
-                c.matches(
-                    elems,
-                    MatrixShape {
-                        m: WARPGROUP_ROWS,
-                        n: n as usize,
-                        k: 16,
-                    },
-                )
-            })
-        };
         let t = config.tiling;
+        if let Some(why) = warpgroup_unfit(client, spec, &[t.block_kv, spec.value_dim]) {
+            return Some(why);
+        }
         let dims = |d: u32| d.is_multiple_of(PANEL as u32) && d <= 256;
         let shape_ok = (t.block_q == 64 || t.block_q == 128)
             && t.block_kv.is_multiple_of(16)
@@ -254,13 +291,6 @@ impl KernelFamily for Warpgroup {
             // Past value dim 128 the output takes 128 registers a unit: steps of at most 64 keys
             // keep the scores and probabilities beside it.
             && (spec.value_dim <= 128 || t.block_kv <= 64);
-        if !features.tma.contains(Tma::Base)
-            || !mma(t.block_kv)
-            || !mma(spec.value_dim)
-            || client.properties().hardware.plane_size_max != 32
-        {
-            return Some("the device has no warpgroup MMAs and copy engine".into());
-        }
         if !shape_ok {
             return Some(format!(
                 "the warpgroup kernel does not run tile {} at head dims {}/{}",
@@ -277,9 +307,6 @@ impl KernelFamily for Warpgroup {
             Self::shared_bytes(spec, config),
         ) {
             return Some(why);
-        }
-        if !warpgroup_compiles() {
-            return Some("this build links cubecl crates without attn's patches".into());
         }
         None
     }
@@ -319,7 +346,7 @@ pub const WARPGROUP_BUILT: bool = cfg!(attn_warpgroup_patches);
 
 /// `ATTN_ENGINE=portable` forces the portable kernel, `ATTN_ENGINE=tc` caps at the 16×16×16
 /// tensor-core kernel (for comparisons and diagnosis); read once, here only.
-fn family_cap() -> Family {
+pub(crate) fn family_cap() -> Family {
     static CAP: std::sync::OnceLock<Family> = std::sync::OnceLock::new();
     *CAP.get_or_init(|| match std::env::var("ATTN_ENGINE").as_deref() {
         Ok("portable") => Family::Portable,

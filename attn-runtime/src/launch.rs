@@ -255,6 +255,23 @@ pub(crate) fn unsupported_dtype(spec: &VariantSpec) -> AttnError {
     ))
 }
 
+/// `t` (`[B, H, N, width]`) described to the copy engine in boxes of `rows` rows by one 64-column
+/// panel, 128-byte swizzled: what the warpgroup kernels read their tiles through.
+///
+/// # Safety
+///
+/// `t`'s shape and strides must lie within its buffer (as [`tensor_arg`] requires).
+pub(crate) unsafe fn tma_map<E: Element>(t: &Tensor<E>, rows: u32) -> TensorMapArg<Tiled> {
+    TensorMapArg::new(
+        TiledArgs {
+            tile_size: cubecl::zspace::shape![1, 1, rows as usize, PANEL],
+        },
+        unsafe { tensor_arg(t) },
+        E::cube_type(),
+    )
+    .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128)
+}
+
 /// The launch itself, as `blueprint` says; every input has been checked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch<V: Variant>(
@@ -298,16 +315,7 @@ pub(crate) fn launch<V: Variant>(
                     spec.name
                 )));
             }
-            let map = |t: &Tensor<V::Elem>, rows: u32| {
-                TensorMapArg::new(
-                    TiledArgs {
-                        tile_size: cubecl::zspace::shape![1, 1, rows as usize, PANEL],
-                    },
-                    unsafe { tensor_arg(t) },
-                    V::Elem::cube_type(),
-                )
-                .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128)
-            };
+            let map = |t: &Tensor<V::Elem>, rows: u32| unsafe { tma_map(t, rows) };
             let maps = TmaOperandsLaunch::new(
                 map(q, config.tiling.block_q),
                 map(k, config.tiling.block_kv),

@@ -29,7 +29,10 @@ pub mod reference;
 #[cfg(feature = "codegen")]
 pub mod snapshot;
 
-pub use backward::{backward, Grads};
+pub use backward::{
+    backward, backward_plan, backward_plans, backward_with_plan, BackwardPlan, BackwardTile, Grads,
+};
+pub use blueprint::Family;
 pub use decode::{
     decode, decode_into, decode_with_plan, merge, DecodePlan, DecodeProblem, MAX_DECODE_QUERIES,
 };

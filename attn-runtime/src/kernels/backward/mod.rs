@@ -15,11 +15,16 @@
 //! Tiles the mask rules out are skipped as in the forward ([`crate::kernels::common::mask`]);
 //! `f′` is the score modification's derivative: softcap's `1 − tanh²`, ALiBi's 1, and the
 //! variant's own score expression's as the macro derived it ([`crate::Hooks::score_grad`]).
-//! Portable form: one unit per row, shared memory only, every back end.
+//! Portable form: one unit per row, shared memory only, every back end; on devices with tensor
+//! cores, [`tensor_core`] runs steps 2 and 3 with every product on them, and on Hopper
+//! [`warpgroup`] with warpgroup MMAs fed by the copy engine.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate (the outer branch disappears at expansion, the inner one is kept).
 #![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
+
+pub mod tensor_core;
+pub mod warpgroup;
 
 use cubecl::prelude::*;
 

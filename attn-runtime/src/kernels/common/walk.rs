@@ -129,3 +129,37 @@ pub fn key_range(ctx: &Ctx, q_first: usize, q_last: usize) -> KeyRange {
         end: end as usize,
     }
 }
+
+/// The query rows that can see any of keys `k_first..=k_last` under the closed-form terms
+/// (causal, window, prefix-LM), within the sequence's query length: the backward's dK/dV walk
+/// over the query blocks, the mirror of [`key_range`]. Custom masks are classified per block.
+#[cube]
+pub fn query_range(ctx: &Ctx, k_first: usize, k_last: usize) -> KeyRange {
+    let seq = ctx.site;
+    let args = ctx.args;
+    let first = k_first as i32 - seq.shift;
+    let last = k_last as i32 - seq.shift;
+    let mut lo = 0i32.runtime();
+    let mut hi = seq.seq_q as i32;
+    if comptime!(ctx.mask.causal) {
+        lo = max_i32(lo, first);
+    }
+    if comptime!(ctx.mask.has_left()) {
+        hi = min_i32(hi, last + args.window_left + 1);
+    }
+    if comptime!(ctx.mask.has_right()) {
+        lo = max_i32(lo, first - args.window_right);
+    }
+    if comptime!(ctx.mask.prefix_lm) {
+        // Keys before the prefix are seen by every row; past it, only causally.
+        if k_first as i32 >= seq.prefix {
+            lo = max_i32(lo, first);
+        }
+    }
+    let end = max_i32(hi, 0);
+    let start = min_i32(max_i32(lo, 0), end);
+    KeyRange {
+        start: start as usize,
+        end: end as usize,
+    }
+}

@@ -462,7 +462,7 @@ fn new_accumulator(#[comptime] config: PrefillConfig) -> Fragments {
 /// A 16×16 operand of a tensor-core product, read from shared memory at `at`, `stride` elements
 /// between consecutive rows (row-major) or columns (column-major).
 #[cube]
-fn operand<E: Float>(
+pub(crate) fn operand<E: Float>(
     tile: &Shared<[E]>,
     at: usize,
     #[comptime] stride: usize,
@@ -482,7 +482,7 @@ fn operand<E: Float>(
 
 /// Writes a 16×16 f32 accumulator to shared memory at `at`, rows `stride` floats apart.
 #[cube]
-fn store_accumulator(
+pub(crate) fn store_accumulator(
     floats: &mut Shared<[f32]>,
     acc: &cmma::Matrix<f32>,
     at: usize,

@@ -155,15 +155,29 @@ impl Stages {
         fetch: Fetch,
         #[comptime] stage: usize,
     ) {
-        if fetch.uses > 0 {
-            self.free(stage).wait_parity(((fetch.uses - 1) % 2) as u32);
-        }
-        let rows = comptime!(self.rows);
         let origin = TmaOrigin {
             batch: ctx.site.batch,
             head: ctx.site.kv_head,
             row: fetch.key,
         };
+        self.fill::<E>(map, tile, origin, fetch.uses, stage);
+    }
+
+    /// Unit 0 only: fill stage `stage` with the `rows` rows at `origin` (of any head: the
+    /// backward streams query heads through the same stages), once every plane has released the
+    /// stage's `uses` earlier fills.
+    pub fn fill<E: Float>(
+        &self,
+        map: &TensorMap<E, Tiled>,
+        tile: &mut Shared<[E]>,
+        origin: TmaOrigin,
+        uses: usize,
+        #[comptime] stage: usize,
+    ) {
+        if uses > 0 {
+            self.free(stage).wait_parity(((uses - 1) % 2) as u32);
+        }
+        let rows = comptime!(self.rows);
         let shape = comptime!(RowBox {
             at: stage * rows,
             rows,

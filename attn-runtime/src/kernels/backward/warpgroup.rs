@@ -1,0 +1,662 @@
+//! The backward pass on Hopper's warpgroup tensor cores (wgmma), fed by the copy engine (TMA):
+//! the tensor-core kernels' two-kernel shape ([`super::tensor_core`]) with every product a
+//! warpgroup MMA reading 128-byte-swizzled tiles.
+//!
+//! Each cube keeps one side resident — 64 rows per warpgroup, loaded once — and streams the other
+//! side's blocks through two shared-memory stages, filled by unit 0 one step ahead (the forward's
+//! [`Stages`]):
+//!
+//! - [`backward_dkdv_wg()`]: K and V resident (A of `Sᵀ = K Qᵀ` and `dPᵀ = V dOᵀ`), the query
+//!   group's Q and dO streamed. `Pᵀ` and `dSᵀ` are formed on the accumulators' registers, which
+//!   are also the A operands' layout, and `dV += Pᵀ dO`, `dK += dSᵀ Q` run from those registers
+//!   against the same Q and dO stages read MN-major. dK and dV stay in registers for the whole
+//!   walk; GQA's group is summed there.
+//! - [`backward_dq_wg()`]: Q and dO resident, K and V streamed over the forward's walk; `S`,
+//!   `dP`, then `dQ += dS K` with K's stage read MN-major.
+//!
+//! A tile written by the copy engine is read both ways: a `rows × width` tile in 64-column
+//! panels is, byte for byte, the K-major tile of `rows × width` and the MN-major tile of `width`
+//! rows by `rows` of K. No atomics: the same bits on every run.
+
+// `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
+// stay separate.
+#![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
+
+use cubecl::prelude::barrier::Barrier;
+use cubecl::prelude::*;
+use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
+
+use super::{head_context, recompute, KvGrads, Pair};
+use crate::hooks::{Hooks, TILE_EMPTY};
+use crate::kernels::common::walk::{query_range, KeyRange};
+use crate::kernels::common::{mask, Args, BlockWalk, Ctx, Lengths, RunInputs, Step, StepKeys};
+use crate::kernels::prefill::config::{PrefillConfig, STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
+use crate::kernels::prefill::warpgroup::pipeline::{
+    load_rows, opaque, Fetch, RowBox, Stages, TmaOrigin,
+};
+use crate::kernels::prefill::warpgroup::softmax::{register_col, register_row, MMA_K};
+
+/// Q, K, V and dO described to the copy engine (boxes of the resident or streamed rows by 64
+/// columns, 128-byte swizzled), and the forward's per-row statistics.
+#[derive(CubeType, CubeLaunch)]
+pub struct BackwardMaps<E: Float> {
+    /// Q, `[B, Hq, Nq, D]`.
+    pub q: TensorMap<E, Tiled>,
+    /// K, `[B, Hkv, Nk, D]`.
+    pub k: TensorMap<E, Tiled>,
+    /// V, `[B, Hkv, Nk, Dv]`.
+    pub v: TensorMap<E, Tiled>,
+    /// dO, `[B, Hq, Nq, Dv]`.
+    pub d_out: TensorMap<E, Tiled>,
+    /// The forward's LSE, `[B, Hq, Nq]`.
+    pub lse: OwnedTensor<f32>,
+    /// `D = rowsum(dO ∘ O)`, `[B, Hq, Nq]`.
+    pub delta: OwnedTensor<f32>,
+}
+
+/// The comptime shape of one warpgroup backward kernel: the prefill configuration's tiles
+/// (`block_kv` keys resident and `block_q` query rows streamed in the dK/dV kernel, the other
+/// way round in the dQ kernel) and head dims, and which side is resident.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct WgBackward {
+    /// Tiles, head dims, mask and score flags.
+    pub config: PrefillConfig,
+    /// Whether the keys are resident (dK/dV) or the queries (dQ).
+    pub keys: bool,
+}
+
+impl WgBackward {
+    /// Resident rows: 64 per warpgroup.
+    pub const fn resident(&self) -> usize {
+        if self.keys {
+            self.config.block_kv()
+        } else {
+            self.config.block_q()
+        }
+    }
+
+    /// Rows of each streamed block.
+    pub const fn streamed(&self) -> usize {
+        if self.keys {
+            self.config.block_q()
+        } else {
+            self.config.block_kv()
+        }
+    }
+
+    /// Warpgroups per cube.
+    pub const fn warpgroups(&self) -> usize {
+        self.resident() / WARPGROUP_ROWS
+    }
+
+    /// Planes per cube.
+    pub const fn planes(&self) -> usize {
+        self.warpgroups() * WARPGROUP_UNITS / 32
+    }
+
+    /// The resident tile of `width` columns, K-major (the A operand of both products).
+    pub const fn resident_tile(&self, width: usize) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: self.resident(),
+            k: width,
+        }
+    }
+
+    /// Both stages of a streamed operand of `width` columns read K-major: the B operand of a
+    /// product over `width` (stage `s` is rows `s · streamed..`).
+    pub const fn stage_tile(&self, width: usize) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: STAGES * self.streamed(),
+            k: width,
+        }
+    }
+
+    /// The same stages read MN-major: the B operand of a product over the streamed rows, `width`
+    /// columns wide.
+    pub const fn stage_tile_mn(&self, width: usize) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::MN,
+            swizzle: Swizzle::B128,
+            rows: width,
+            k: STAGES * self.streamed(),
+        }
+    }
+
+    /// Shared memory of one cube, in bytes, for 16-bit elements (barriers and alignment
+    /// included).
+    pub const fn shared_bytes(&self) -> usize {
+        let width = self.config.head_dim() + self.config.value_dim();
+        (self.resident() + STAGES * self.streamed()) * width * 2 + 3 * 1024
+    }
+}
+
+/// One unit's place in its warpgroup's accumulators: each plane holds 16 rows, a unit two of
+/// them (`row0`, `row0 + 8`) and a pair of columns in every 8.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Place {
+    /// The unit's warpgroup.
+    pub warpgroup: usize,
+    /// Its first row in the warpgroup's 64.
+    pub row0: usize,
+    /// Its first column in each group of 8.
+    pub col0: usize,
+}
+
+#[cube]
+impl Place {
+    /// This unit's place.
+    pub fn new() -> Place {
+        let unit = UNIT_POS as usize % WARPGROUP_UNITS;
+        Place {
+            warpgroup: UNIT_POS as usize / WARPGROUP_UNITS,
+            row0: (unit / 32) * 16 + (unit % 32) / 4,
+            col0: (unit % 4) * 2,
+        }
+    }
+
+    /// The resident row (in the cube's block) of accumulator register `nth`.
+    pub fn row(&self, nth: usize) -> usize {
+        self.warpgroup * WARPGROUP_ROWS + self.row0 + register_row(nth) * 8
+    }
+
+    /// The column of accumulator register `nth`.
+    pub fn col(&self, nth: usize) -> usize {
+        self.col0 + register_col(nth)
+    }
+}
+
+/// A streamed block against the resident one: the first query row of the pairs (the streamed
+/// block's in the dK/dV kernel, the resident one's in the dQ kernel) and the step's keys and
+/// mask class.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Meeting {
+    /// First query row.
+    pub q_start: usize,
+    /// The keys (the cube's in the dK/dV kernel) and the class.
+    pub step: Step,
+}
+
+/// The two products of a step, on the accumulators' registers: the scores and the
+/// probabilities' gradients (transposed in the dK/dV kernel).
+#[derive(CubeType)]
+pub struct Products {
+    /// `S` (or `Sᵀ`), raw `q·k`.
+    pub s: Accumulator<f32>,
+    /// `dP` (or `dPᵀ`).
+    pub dp: Accumulator<f32>,
+}
+
+/// A step's pairs as A operands: `P` (the dK/dV kernel's, for `dV`) and `dS`, in `E`.
+#[derive(CubeType)]
+pub struct PairFragments<E: Float> {
+    /// `Pᵀ`, one fragment per 16 streamed rows (empty in the dQ kernel).
+    pub p: Sequence<Fragment<E>>,
+    /// `dS` or `dSᵀ`.
+    pub ds: Sequence<Fragment<E>>,
+}
+
+/// `A B` over `depth`: this warpgroup's 64 resident rows of `a` against `n` rows of `b` from
+/// `b_row`, in f32 registers.
+#[cube]
+fn product<E: Float>(
+    a: &MatrixDescriptor<E>,
+    b: &MatrixDescriptor<E>,
+    b_row: usize,
+    #[comptime] n: usize,
+    #[comptime] depth: usize,
+) -> Accumulator<f32> {
+    let mut acc = Accumulator::<f32>::new(n).start();
+    #[unroll]
+    for kk in 0..depth / MMA_K {
+        acc.execute(&a.at(0usize, kk * MMA_K), &b.at(b_row, kk * MMA_K));
+    }
+    acc.wait()
+}
+
+/// Each pair's probability, recomputed as the forward computed it (0 where masked, past the
+/// step's keys or past the sequence's queries), and its score gradient
+/// `dS = P (dP − D) f′(s)`, rounded to `E` into A-operand fragments.
+#[cube]
+fn pair_fragments<E: Float, M: Hooks>(
+    products: &Products,
+    stats: &BackwardMaps<E>,
+    ctx: &Ctx,
+    meet: Meeting,
+    inputs: &RunInputs,
+    #[comptime] shape: WgBackward,
+) -> PairFragments<E> {
+    let place = Place::new();
+    let seq = ctx.site;
+    let stat_base = (seq.batch * stats.lse.shape(1) + seq.head) * stats.lse.shape(2) + seq.q_off;
+    let mut p_frags = Sequence::<Fragment<E>>::new();
+    let mut ds_frags = Sequence::<Fragment<E>>::new();
+    #[unroll]
+    for t in 0..shape.streamed() / MMA_K {
+        let mut p_frag = Fragment::<E>::new();
+        let mut ds_frag = Fragment::<E>::new();
+        #[unroll]
+        for i in 0..8 {
+            let nth = t * 8 + i;
+            // Resident row against streamed column: which is the query, which the key.
+            let mut q_row = meet.q_start + place.col(nth);
+            let mut key = place.row(nth);
+            if comptime!(!shape.keys) {
+                q_row = meet.q_start + place.row(nth);
+                key = place.col(nth);
+            }
+            let in_rows = q_row < seq.seq_q;
+            let stat = stat_base + select(in_rows, q_row, 0);
+            let lse = select(in_rows, stats.lse[stat], -ctx.masked());
+            let delta = select(in_rows, stats.delta[stat], 0.0f32);
+            let at = Pair {
+                q: q_row as i32,
+                k: (meet.step.keys.start + key) as i32,
+            };
+            let grad = recompute::<M>(products.s.get(nth), lse, at, meet.step, ctx, inputs);
+            let p = select(key < meet.step.keys.len, grad.p, 0.0f32);
+            let ds = p * (products.dp.get(nth) - delta) * grad.slope;
+            if comptime!(shape.keys) {
+                p_frag.set(i, E::cast_from(p));
+            }
+            ds_frag.set(i, E::cast_from(ds));
+        }
+        if comptime!(shape.keys) {
+            p_frags.push(p_frag);
+        }
+        ds_frags.push(ds_frag);
+    }
+    PairFragments::<E> {
+        p: p_frags,
+        ds: ds_frags,
+    }
+}
+
+/// Write one warpgroup's `64 × width` accumulator times `factor` into the contiguous gradient
+/// `dst` (`[B, H, N, width]`), rows `first..` of the head's sequence at `base`; rows from `end`
+/// are another sequence's and stay untouched.
+#[cube]
+fn write_rows<E: Float>(
+    acc: &Accumulator<f32>,
+    dst: &mut Tensor<E>,
+    base: usize,
+    first: usize,
+    end: usize,
+    factor: f32,
+) {
+    let place = Place::new();
+    let width = dst.shape(3);
+    #[unroll]
+    for nth in 0..acc.len() {
+        let row = first + place.row(nth);
+        if row < end {
+            dst[base + row * width + place.col(nth)] = E::cast_from(acc.get(nth) * factor);
+        }
+    }
+}
+
+/// dK and dV on warpgroup tensor cores: one cube per `block_kv` keys (64 per warpgroup) of one
+/// K/V head; the query group's Q and dO streamed `block_q` rows at a time over the query blocks
+/// that can see the keys.
+#[cube(launch)]
+pub fn backward_dkdv_wg<E: Float, M: Hooks>(
+    maps: &BackwardMaps<E>,
+    grads: &mut KvGrads<E>,
+    inputs: &RunInputs,
+    args: Args,
+    #[comptime] shape: WgBackward,
+) {
+    let config = comptime!(shape.config);
+    let (d, dv) = comptime!((config.head_dim(), config.value_dim()));
+    let block_kv = shape.resident();
+    let block_q = shape.streamed();
+    let at = Lengths {
+        sequence: CUBE_POS_Z as usize,
+        head: CUBE_POS_Y as usize * args.group as usize,
+        q_total: maps.lse.shape(2),
+        k_total: maps.k.shape(2),
+    };
+    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    let key_start = CUBE_POS_X as usize * block_kv;
+    if key_start < ctx.site.seq_k {
+        let seq = ctx.site;
+        let remaining = seq.seq_k - key_start;
+        let keys = StepKeys {
+            start: key_start,
+            len: select(remaining < block_kv, remaining, block_kv),
+        };
+        let k_tile = shape.resident_tile(d);
+        let v_tile = shape.resident_tile(dv);
+        let q_tile = shape.stage_tile(d);
+        let o_tile = shape.stage_tile(dv);
+        let mut k_smem =
+            Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment());
+        let mut v_smem =
+            Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
+        let mut q_smem =
+            Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
+        let mut o_smem =
+            Shared::<[E]>::new_aligned_slice(o_tile.rows * o_tile.k, o_tile.alignment());
+        let k_bar = Barrier::shared(1, UNIT_POS == 0);
+        let v_bar = Barrier::shared(1, UNIT_POS == 0);
+        let planes = comptime!(shape.planes() as u32);
+        let q_stages = Stages::new(planes, d, block_q);
+        let o_stages = Stages::new(planes, dv, block_q);
+        sync_async_proxy_shared();
+        sync_cube();
+
+        // The query blocks that can see the cube's keys, in every head of the group.
+        let rows = query_range(&ctx, keys.start, keys.start + keys.len - 1);
+        let first_block = rows.start / block_q;
+        let blocks = select(
+            rows.end > rows.start,
+            (rows.end + block_q - 1) / block_q - first_block,
+            0,
+        );
+        let steps = args.group as usize * blocks;
+        let kv_row = (seq.k_off + key_start) as i32;
+        if UNIT_POS == 0 {
+            let origin = TmaOrigin {
+                batch: seq.batch,
+                head: seq.kv_head,
+                row: kv_row,
+            };
+            let k_box = comptime!(RowBox {
+                at: 0,
+                rows: block_kv,
+                lines: block_kv,
+                width: d,
+            });
+            let v_box = comptime!(RowBox {
+                at: 0,
+                rows: block_kv,
+                lines: block_kv,
+                width: dv,
+            });
+            load_rows::<E>(&maps.k, &k_bar, &mut k_smem, origin, k_box);
+            load_rows::<E>(&maps.v, &v_bar, &mut v_smem, origin, v_box);
+            if steps > 0 {
+                let first = stream_origin(&ctx, 0, first_block, blocks, block_q);
+                q_stages.fill::<E>(&maps.q, &mut q_smem, first.origin, 0, 0usize);
+                o_stages.fill::<E>(&maps.d_out, &mut o_smem, first.origin, 0, 0usize);
+            }
+        }
+        let place = Place::new();
+        let wg_row = place.warpgroup * WARPGROUP_ROWS;
+        let k_desc = MatrixDescriptor::new(&k_smem, k_tile).at(wg_row, 0usize);
+        let v_desc = MatrixDescriptor::new(&v_smem, v_tile).at(wg_row, 0usize);
+        let q_desc = MatrixDescriptor::new(&q_smem, q_tile);
+        let o_desc = MatrixDescriptor::new(&o_smem, o_tile);
+        let q_mn = MatrixDescriptor::new(&q_smem, shape.stage_tile_mn(d));
+        let o_mn = MatrixDescriptor::new(&o_smem, shape.stage_tile_mn(dv));
+        let mut dk = Accumulator::<f32>::new(d).start();
+        let mut dv_acc = Accumulator::<f32>::new(dv).start();
+        k_bar.wait_parity(0);
+        v_bar.wait_parity(0);
+
+        for pair in 0..(steps + STAGES - 1) / STAGES {
+            #[unroll]
+            for stage in 0..STAGES {
+                let index = pair * STAGES + stage;
+                if index < steps {
+                    let parity = (pair % 2) as u32;
+                    let g = index / blocks;
+                    let q_start = (first_block + index % blocks) * block_q;
+                    let head_ctx = head_context(&ctx, seq.head + g, inputs);
+                    let last = select(q_start + block_q < seq.seq_q, q_start + block_q, seq.seq_q);
+                    let walk = BlockWalk {
+                        q_first: q_start,
+                        q_last: last - 1,
+                        range: KeyRange { start: 0, end: 0 },
+                        first_step: 0,
+                        end_step: 0,
+                    };
+                    let step = Step {
+                        keys,
+                        class: mask::classify::<M>(&head_ctx, walk, keys, inputs),
+                    };
+                    let next_stage = comptime!((stage + 1) % STAGES);
+                    let mut next = stream_origin(&ctx, index + 1, first_block, blocks, block_q);
+                    next.uses = (index + 1) / STAGES;
+                    next.has_next = index + 1 < steps;
+                    sync_plane();
+                    q_stages.wait(stage, parity);
+                    o_stages.wait(stage, parity);
+                    if step.class != TILE_EMPTY {
+                        let stage_at = opaque(comptime!((stage * block_q) as u32)) as usize;
+                        let products = Products {
+                            s: product::<E>(&k_desc, &q_desc, stage_at, block_q, d),
+                            dp: product::<E>(&v_desc, &o_desc, stage_at, block_q, dv),
+                        };
+                        let meet = Meeting { q_start, step };
+                        let frags =
+                            pair_fragments::<E, M>(&products, maps, &head_ctx, meet, inputs, shape);
+                        #[unroll]
+                        for t in 0..block_q / MMA_K {
+                            dv_acc.execute_registers(
+                                frags.p.index(t),
+                                &o_mn.at(0usize, stage_at + t * MMA_K),
+                            );
+                            dk.execute_registers(
+                                frags.ds.index(t),
+                                &q_mn.at(0usize, stage_at + t * MMA_K),
+                            );
+                        }
+                        dk.commit().wait();
+                    }
+                    q_stages.release(stage);
+                    o_stages.release(stage);
+                    if UNIT_POS == 0 && next.has_next {
+                        q_stages.fill::<E>(
+                            &maps.q,
+                            &mut q_smem,
+                            next.origin,
+                            next.uses,
+                            next_stage,
+                        );
+                        o_stages.fill::<E>(
+                            &maps.d_out,
+                            &mut o_smem,
+                            next.origin,
+                            next.uses,
+                            next_stage,
+                        );
+                    }
+                }
+            }
+        }
+        let dk = dk.wait();
+        let dv_acc = dv_acc.wait();
+        let end = seq.k_off + key_start + keys.len;
+        let first = seq.k_off + key_start;
+        let k_base = seq.batch * grads.dk.stride(0) + seq.kv_head * grads.dk.stride(1);
+        let v_base = seq.batch * grads.dv.stride(0) + seq.kv_head * grads.dv.stride(1);
+        write_rows::<E>(&dk, &mut grads.dk, k_base, first, end, ctx.args.scale);
+        write_rows::<E>(&dv_acc, &mut grads.dv, v_base, first, end, 1.0f32);
+    }
+}
+
+/// Where the dK/dV kernel's step `index` reads Q and dO: head `index / blocks` of the group,
+/// query block `first_block + index % blocks`.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct StreamFetch {
+    /// The copy's origin.
+    pub origin: TmaOrigin,
+    /// Earlier fills of the stage it goes to.
+    pub uses: usize,
+    /// Whether the step exists.
+    pub has_next: bool,
+}
+
+/// The origin of the dK/dV kernel's step `index` (see [`StreamFetch`]).
+#[cube]
+fn stream_origin(
+    ctx: &Ctx,
+    index: usize,
+    first_block: usize,
+    blocks: usize,
+    #[comptime] block_q: usize,
+) -> StreamFetch {
+    let blocks = select(blocks > 0, blocks, 1);
+    StreamFetch {
+        origin: TmaOrigin {
+            batch: ctx.site.batch,
+            head: ctx.site.head + index / blocks,
+            row: (ctx.site.q_off + (first_block + index % blocks) * block_q) as i32,
+        },
+        uses: 0,
+        has_next: false,
+    }
+}
+
+/// dQ on warpgroup tensor cores: one cube per `block_q` query rows (64 per warpgroup) of one
+/// head; K and V streamed over the forward's walk.
+#[cube(launch)]
+pub fn backward_dq_wg<E: Float, M: Hooks>(
+    maps: &BackwardMaps<E>,
+    dq: &mut Tensor<E>,
+    inputs: &RunInputs,
+    args: Args,
+    #[comptime] shape: WgBackward,
+) {
+    let config = comptime!(shape.config);
+    let (d, dv) = comptime!((config.head_dim(), config.value_dim()));
+    let block_q = shape.resident();
+    let block_kv = shape.streamed();
+    let at = Lengths {
+        sequence: CUBE_POS_Z as usize,
+        head: CUBE_POS_Y as usize,
+        q_total: maps.lse.shape(2),
+        k_total: maps.k.shape(2),
+    };
+    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    // Heaviest blocks first, as in the forward.
+    let mut block = CUBE_POS_X as usize;
+    if comptime!(config.mask.causal) {
+        block = CUBE_COUNT_X as usize - 1 - block;
+    }
+    let q_start = block * block_q;
+    if q_start < ctx.site.seq_q {
+        let seq = ctx.site;
+        let q_tile = shape.resident_tile(d);
+        let o_tile = shape.resident_tile(dv);
+        let k_tile = shape.stage_tile(d);
+        let v_tile = shape.stage_tile(dv);
+        let mut q_smem =
+            Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
+        let mut o_smem =
+            Shared::<[E]>::new_aligned_slice(o_tile.rows * o_tile.k, o_tile.alignment());
+        let mut k_smem =
+            Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment());
+        let mut v_smem =
+            Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
+        let q_bar = Barrier::shared(1, UNIT_POS == 0);
+        let o_bar = Barrier::shared(1, UNIT_POS == 0);
+        let planes = comptime!(shape.planes() as u32);
+        let k_stages = Stages::new(planes, d, block_kv);
+        let v_stages = Stages::new(planes, dv, block_kv);
+        sync_async_proxy_shared();
+        sync_cube();
+
+        let walk = BlockWalk::new(&ctx, q_start, block_q, block_kv);
+        let key_at = seq.k_off as i32;
+        let steps = walk.end_step - walk.first_step;
+        if UNIT_POS == 0 {
+            let origin = TmaOrigin {
+                batch: seq.batch,
+                head: seq.head,
+                row: (seq.q_off + q_start) as i32,
+            };
+            let q_box = comptime!(RowBox {
+                at: 0,
+                rows: block_q,
+                lines: block_q,
+                width: d,
+            });
+            let o_box = comptime!(RowBox {
+                at: 0,
+                rows: block_q,
+                lines: block_q,
+                width: dv,
+            });
+            load_rows::<E>(&maps.q, &q_bar, &mut q_smem, origin, q_box);
+            load_rows::<E>(&maps.d_out, &o_bar, &mut o_smem, origin, o_box);
+            let first = Fetch {
+                key: key_at + (walk.first_step * block_kv) as i32,
+                uses: 0,
+                has_next: steps > 0,
+            };
+            if steps > 0 {
+                k_stages.refill::<E>(&maps.k, &mut k_smem, &ctx, first, 0usize);
+                v_stages.refill::<E>(&maps.v, &mut v_smem, &ctx, first, 0usize);
+            }
+        }
+        let place = Place::new();
+        let wg_row = place.warpgroup * WARPGROUP_ROWS;
+        let q_desc = MatrixDescriptor::new(&q_smem, q_tile).at(wg_row, 0usize);
+        let o_desc = MatrixDescriptor::new(&o_smem, o_tile).at(wg_row, 0usize);
+        let k_desc = MatrixDescriptor::new(&k_smem, k_tile);
+        let v_desc = MatrixDescriptor::new(&v_smem, v_tile);
+        let k_mn = MatrixDescriptor::new(&k_smem, shape.stage_tile_mn(d));
+        let mut acc = Accumulator::<f32>::new(d).start();
+        q_bar.wait_parity(0);
+        o_bar.wait_parity(0);
+
+        for pair in 0..(steps + STAGES - 1) / STAGES {
+            #[unroll]
+            for stage in 0..STAGES {
+                let index = pair * STAGES + stage;
+                if index < steps {
+                    let parity = (pair % 2) as u32;
+                    let keys = walk.keys(walk.first_step + index, block_kv);
+                    let step = Step {
+                        keys,
+                        class: mask::classify::<M>(&ctx, walk, keys, inputs),
+                    };
+                    let next = Fetch {
+                        key: key_at + (keys.start + block_kv) as i32,
+                        uses: (index + 1) / STAGES,
+                        has_next: index + 1 < steps,
+                    };
+                    let next_stage = comptime!((stage + 1) % STAGES);
+                    sync_plane();
+                    k_stages.wait(stage, parity);
+                    v_stages.wait(stage, parity);
+                    if step.class != TILE_EMPTY {
+                        let stage_at = opaque(comptime!((stage * block_kv) as u32)) as usize;
+                        let products = Products {
+                            s: product::<E>(&q_desc, &k_desc, stage_at, block_kv, d),
+                            dp: product::<E>(&o_desc, &v_desc, stage_at, block_kv, dv),
+                        };
+                        let meet = Meeting { q_start, step };
+                        let frags =
+                            pair_fragments::<E, M>(&products, maps, &ctx, meet, inputs, shape);
+                        #[unroll]
+                        for t in 0..block_kv / MMA_K {
+                            acc.execute_registers(
+                                frags.ds.index(t),
+                                &k_mn.at(0usize, stage_at + t * MMA_K),
+                            );
+                        }
+                        acc.commit().wait();
+                    }
+                    k_stages.release(stage);
+                    v_stages.release(stage);
+                    k_stages.prefetch::<E>(&maps.k, &mut k_smem, &ctx, next, next_stage);
+                    v_stages.prefetch::<E>(&maps.v, &mut v_smem, &ctx, next, next_stage);
+                }
+            }
+        }
+        let acc = acc.wait();
+        let base = seq.batch * dq.stride(0) + seq.head * dq.stride(1);
+        let first = seq.q_off + q_start;
+        let end = seq.q_off + seq.seq_q;
+        write_rows::<E>(&acc, dq, base, first, end, ctx.args.scale);
+    }
+}
