@@ -16,6 +16,8 @@ mkdir -p "$packages"
 for crate in attn attn-types attn-dsl attn-macros attn-runtime attn-tune; do
   rm -rf "${packages:?}/$crate-0.1.0"
   tar -xzf "$target/package/$crate-0.1.0.crate" -C "$packages"
+  # Packaged files carry a fixed old date: fresh ones, so a rebuild sees what changed.
+  find "$packages/$crate-0.1.0" -type f -exec touch {} +
 done
 [ "${1:-}" = package ] && exit 0
 # The workspace's versions of every shared dependency, so its compiled ones are reused.

@@ -10,7 +10,8 @@
 //! - a digest of every kernel of every example variant (`digests`): lines, a hash of the
 //!   normalised source and counts of the operations that matter (barriers, exponentials, matrix
 //!   instructions, bulk copies), including the warpgroup kernel Hopper runs, whose cubecl IR is
-//!   tens of thousands of lines of unrolled register code. A change to any kernel moves its
+//!   tens of thousands of lines of unrolled register code, and the backward kernels (dK/dV and
+//!   dQ) of each family that runs the variant. A change to any kernel moves its
 //!   digest; the full sources above show how.
 //!
 //! The example variants are declared in `examples/variants/`, which both the examples and this

@@ -226,14 +226,11 @@ pub fn backward_with_plan<V: Variant>(
     };
     let tc_cube = CubeDim::new_2d(32, plan.tile.resident / MMA as u32);
     if plan.family == Family::Warpgroup {
-        let (resident, streamed) = (plan.tile.resident, plan.tile.streamed);
+        let resident = plan.tile.resident;
         // SAFETY: as above; every map describes a checked operand.
         let maps = |keys: bool| unsafe {
-            let (q_rows, kv_rows) = if keys {
-                (streamed, resident)
-            } else {
-                (resident, streamed)
-            };
+            let tiling = plan.tile.tiling(keys);
+            let (q_rows, kv_rows) = (tiling.block_q, tiling.block_kv);
             BackwardMapsLaunch::new(
                 tma_map(q, q_rows),
                 tma_map(k, kv_rows),
@@ -396,13 +393,16 @@ pub fn backward_with_plan<V: Variant>(
 
 /// The tile of the tensor-core backward kernels: each cube keeps `resident` rows of one side in
 /// shared memory (keys in the dK/dV kernel, query rows in the dQ kernel; one plane per 16) and
-/// streams the other side past them `streamed` rows at a time.
+/// streams the other side past them `streamed` rows at a time (`dq_streamed` keys in the dQ
+/// kernel, whose registers hold one accumulator fewer).
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct BackwardTile {
     /// Resident rows per cube.
     pub resident: u32,
     /// Streamed rows per step.
     pub streamed: u32,
+    /// Keys per step of the dQ kernel.
+    pub dq_streamed: u32,
 }
 
 /// How a backward call runs: the kernel family (portable, or the tensor-core kernels) and its
@@ -427,28 +427,71 @@ impl BackwardTile {
         } else {
             Tiling {
                 block_q: self.resident,
-                block_kv: self.streamed,
+                block_kv: self.dq_streamed,
             }
         }
     }
 }
 
 impl std::fmt::Display for BackwardPlan {
-    /// `tc_r64_s32`, `portable_r64_s64`.
+    /// `wg_r64_s32_q128`, `tc_r64_s32`, `portable_r64_s64` (the dQ kernel's keys per step
+    /// named where they differ).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.tile;
         write!(
             f,
             "{}_r{}_s{}",
             self.family.short_name(),
-            self.tile.resident,
-            self.tile.streamed
-        )
+            t.resident,
+            t.streamed
+        )?;
+        if t.dq_streamed != t.streamed {
+            write!(f, "_q{}", t.dq_streamed)?;
+        }
+        Ok(())
     }
 }
 
-/// The warpgroup tiles, the default first: 64 resident rows per warpgroup, one or two
-/// warpgroups, 32 or 64 streamed rows.
-const WG_TILES: [(u32, u32); 4] = [(128, 32), (128, 64), (64, 32), (64, 64)];
+/// The warpgroup tiles (resident, streamed, the dQ kernel's streamed): 64 resident rows per
+/// warpgroup, one or two warpgroups, 32 or 64 streamed rows, 64 or 128 keys per step of the dQ
+/// kernel. The default comes first: measured on an H100 (`bench --backward`, RESULTS.md), two
+/// warpgroups streaming 32 query rows, with 128 keys per dQ step, at head dim 128; one
+/// warpgroup with 64 at head dim 64.
+const WG_TILES: [(u32, u32, u32); 6] = [
+    (128, 32, 128),
+    (64, 32, 64),
+    (64, 32, 128),
+    (64, 64, 128),
+    (64, 64, 64),
+    (128, 64, 128),
+];
+
+/// `family`'s first plan for `spec` before any device is asked (the tile it would try first):
+/// what the snapshots record. The portable family's is its 64-row block.
+pub fn first_plan(family: Family, spec: &VariantSpec) -> BackwardPlan {
+    let (resident, streamed, dq_streamed) = match family {
+        Family::Warpgroup => wg_tiles(spec.head_dim)[0],
+        Family::TensorCores => (TC_TILES[0].0, TC_TILES[0].1, TC_TILES[0].1),
+        Family::Portable => (BLOCK, BLOCK, BLOCK),
+    };
+    BackwardPlan {
+        family,
+        tile: BackwardTile {
+            resident,
+            streamed,
+            dq_streamed,
+        },
+    }
+}
+
+/// [`WG_TILES`] in the order tried for head dim `head_dim`: at 64, the one-warpgroup tile first.
+fn wg_tiles(head_dim: u32) -> Vec<(u32, u32, u32)> {
+    let mut tiles = WG_TILES.to_vec();
+    if head_dim <= 64 {
+        tiles.swap(0, 1);
+    }
+    tiles
+}
 
 /// The tensor-core tiles, the default first: 64 resident rows (four planes) against 32 streamed
 /// keep two cubes' shared memory on one Hopper SM at head dim 128.
@@ -467,8 +510,12 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
         && half_panels(spec.head_dim)
         && half_panels(spec.value_dim);
     if wg_fits {
-        for (resident, streamed) in WG_TILES {
-            let tile = BackwardTile { resident, streamed };
+        for (resident, streamed, dq_streamed) in wg_tiles(spec.head_dim) {
+            let tile = BackwardTile {
+                resident,
+                streamed,
+                dq_streamed,
+            };
             let fits = [true, false].iter().all(|&keys| {
                 let shape = WgBackward {
                     config: prefill_config(spec, tile.tiling(keys)),
@@ -476,7 +523,8 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 };
                 let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
                 let name = format!("the warpgroup backward at r{resident}_s{streamed}");
-                warpgroup_unfit(client, spec, &[streamed, spec.head_dim, spec.value_dim]).is_none()
+                let ns = [streamed, dq_streamed, spec.head_dim, spec.value_dim];
+                warpgroup_unfit(client, spec, &ns).is_none()
                     && cube_limits(client, &name, units, shape.shared_bytes()).is_none()
             });
             if fits {
@@ -494,7 +542,11 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
         && spec.head_dim + spec.value_dim <= 256;
     if tc_fits {
         for (resident, streamed) in TC_TILES {
-            let tile = BackwardTile { resident, streamed };
+            let tile = BackwardTile {
+                resident,
+                streamed,
+                dq_streamed: streamed,
+            };
             let fits = [true, false].iter().all(|&keys| {
                 let shape = TcBackward {
                     config: prefill_config(spec, tile.tiling(keys)),
@@ -523,6 +575,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
             tile: BackwardTile {
                 resident: tiling.block_q,
                 streamed: tiling.block_kv,
+                dq_streamed: tiling.block_kv,
             },
         });
     }

@@ -12,7 +12,16 @@ use cubecl::prelude::*;
 use cubecl::Compiler;
 use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompiler};
 
+use crate::backward::BackwardPlan;
 use crate::blueprint::{prefill_config, Family};
+use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc, TcBackward};
+use crate::kernels::backward::warpgroup::{
+    backward_dkdv_wg, backward_dq_wg, BackwardMapsCompilationArg, WgBackward,
+};
+use crate::kernels::backward::{
+    backward_dkdv, backward_dq, BackwardOperandsCompilationArg, KvGradsCompilationArg, LearnConfig,
+    QueryGradsCompilationArg,
+};
 use crate::kernels::common::context::{
     ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
 };
@@ -370,4 +379,150 @@ pub fn warpgroup_ptx<V: Variant>(tiling: Tiling) -> Result<String, String> {
         Ok(CudaRepresentation::Cpp(kernel)) => Ok(kernel.to_string()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The definitions of `V`'s two backward kernels (dK/dV, then dQ) of `plan` (sm_90 model); the
+/// portable dQ kernel without learnable inputs.
+fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2] {
+    let spec = &V::SPEC;
+    let props = || Arc::new(sm90_device_model());
+    let target = || Arc::new(TargetProperties::default());
+    let tile = plan.tile;
+    let operands = || BackwardOperandsCompilationArg {
+        q: tensor_compilation_arg(),
+        k: tensor_compilation_arg(),
+        v: tensor_compilation_arg(),
+        d_out: tensor_compilation_arg(),
+        lse: tensor_compilation_arg(),
+        delta: tensor_compilation_arg(),
+    };
+    let kv_grads = || KvGradsCompilationArg {
+        dk: tensor_compilation_arg(),
+        dv: tensor_compilation_arg(),
+    };
+    match plan.family {
+        Family::Portable => {
+            let config = prefill_config(spec, tile.tiling(true));
+            let cube = CubeDim::new_1d(tile.resident);
+            [
+                backward_dkdv::BackwardDkdv::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    operands(),
+                    kv_grads(),
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    config,
+                )
+                .define(),
+                backward_dq::BackwardDq::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    operands(),
+                    QueryGradsCompilationArg {
+                        dq: tensor_compilation_arg(),
+                        partials: tensor_compilation_arg(),
+                    },
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    config,
+                    LearnConfig::default(),
+                )
+                .define(),
+            ]
+        }
+        Family::TensorCores => {
+            let shape = |keys: bool| TcBackward {
+                config: prefill_config(spec, tile.tiling(keys)),
+                keys,
+            };
+            let cube = CubeDim::new_2d(32, tile.resident / 16);
+            [
+                backward_dkdv_tc::BackwardDkdvTc::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    operands(),
+                    kv_grads(),
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    shape(true),
+                )
+                .define(),
+                backward_dq_tc::BackwardDqTc::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    operands(),
+                    tensor_compilation_arg(),
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    shape(false),
+                )
+                .define(),
+            ]
+        }
+        Family::Warpgroup => {
+            let shape = |keys: bool| WgBackward {
+                config: prefill_config(spec, tile.tiling(keys)),
+                keys,
+            };
+            // Tensor maps carry no compilation argument.
+            let maps = || BackwardMapsCompilationArg {
+                q: (),
+                k: (),
+                v: (),
+                d_out: (),
+                lse: tensor_compilation_arg(),
+                delta: tensor_compilation_arg(),
+            };
+            let cube = CubeDim::new_1d(tile.resident / 64 * 128);
+            [
+                backward_dkdv_wg::BackwardDkdvWg::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    maps(),
+                    kv_grads(),
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    shape(true),
+                )
+                .define(),
+                backward_dq_wg::BackwardDqWg::<V::Elem, V::Hooks>::new(
+                    settings(cube),
+                    props(),
+                    target(),
+                    maps(),
+                    tensor_compilation_arg(),
+                    inputs_compilation_arg(),
+                    args_compilation_arg(),
+                    shape(false),
+                )
+                .define(),
+            ]
+        }
+    }
+}
+
+/// `V`'s two backward kernels (dK/dV, then dQ) of `plan`: CUDA C++ (sm_90 model) for the portable
+/// and tensor-core families, cubecl's IR for the warpgroup family (no CUDA C++ form).
+pub fn backward_sources<V: Variant>(plan: BackwardPlan) -> [String; 2] {
+    backward_definitions::<V>(plan).map(|def| {
+        if plan.family == Family::Warpgroup {
+            let errors = def.body.pop_errors();
+            assert!(
+                errors.is_empty(),
+                "the warpgroup backward kernels expand cleanly: {errors:?}"
+            );
+            def.body.to_string()
+        } else {
+            CppCompiler::<cubecl_cpp::target::Cuda>::default()
+                .compile(def, &CompilationOptions::default())
+                .expect("the backward kernels compile to CUDA C++")
+                .to_string()
+        }
+    })
 }

@@ -13,11 +13,14 @@
 //! }
 //! ```
 
+use crate::blueprint::Family;
 use crate::kernels::decode::DecodeTiling;
 use crate::variant::{DType, Tiling, Variant, VariantSpec};
 
 /// One generated kernel: its name (`portable_cuda`, `portable_wgsl`, `tensor_core_cuda`,
-/// `warpgroup_ir`, `decode_cuda`) and its normalised source.
+/// `warpgroup_ir`, the backward's `backward_dkdv_cuda`, `backward_dq_cuda`,
+/// `backward_dkdv_tc_cuda`, `backward_dq_tc_cuda`, `backward_dkdv_wg_ir`, `backward_dq_wg_ir`,
+/// `decode_cuda`) and its normalised source.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     /// Which kernel and form.
@@ -48,7 +51,8 @@ impl Kernels {
 /// The kernels `V` compiles to, at its first declared tile shape: the portable prefill kernel
 /// (CUDA C++, and WGSL for f16/f32 with the `wgpu` feature), for 16-bit elements the tensor-core
 /// kernel (CUDA C++) and the warpgroup kernel (cubecl IR, at the first declared tile it runs),
-/// and the decode kernel (CUDA C++, paged, split). Produced without a device; normalised.
+/// the backward kernels of each family that runs the variant (at each family's first tile), and
+/// the decode kernel (CUDA C++, paged, split). Produced without a device; normalised.
 pub fn kernels<V: Variant>() -> Kernels {
     let spec = V::SPEC;
     let tiling = spec.tilings[0];
@@ -75,6 +79,39 @@ pub fn kernels<V: Variant>() -> Kernels {
                 source: normalise(&without_ir_types(&ir)),
             });
         }
+    }
+    // The backward kernels (dK/dV, dQ) of each family that runs the variant.
+    let mut families = vec![(Family::Portable, "portable")];
+    if spec.dtype != DType::F32 {
+        families.push((Family::TensorCores, "tc"));
+        let half_panels = |d: u32| d == 64 || d == 128;
+        if half_panels(spec.head_dim) && half_panels(spec.value_dim) {
+            families.push((Family::Warpgroup, "wg"));
+        }
+    }
+    for (family, short) in families {
+        let plan = crate::backward::first_plan(family, &spec);
+        let [dkdv, dq] = crate::codegen::backward_sources::<V>(plan);
+        let form = |source: &str| {
+            if family == Family::Warpgroup {
+                normalise(&without_ir_types(source))
+            } else {
+                normalise(source)
+            }
+        };
+        let (dkdv_name, dq_name) = match short {
+            "portable" => ("backward_dkdv_cuda", "backward_dq_cuda"),
+            "tc" => ("backward_dkdv_tc_cuda", "backward_dq_tc_cuda"),
+            _ => ("backward_dkdv_wg_ir", "backward_dq_wg_ir"),
+        };
+        kernels.push(Kernel {
+            name: dkdv_name,
+            source: form(&dkdv),
+        });
+        kernels.push(Kernel {
+            name: dq_name,
+            source: form(&dq),
+        });
     }
     let decode = DecodeTiling {
         rows: 4,
@@ -127,7 +164,9 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
     }
     let markers: &[&str] = match kernel {
-        "warpgroup_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
+        "warpgroup_ir" | "backward_dkdv_wg_ir" | "backward_dq_wg_ir" => {
+            &["wgmma", "tma", "barrier.", "cube.asm", "plane."]
+        }
         "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],
         _ => &["__syncthreads", "exp", "mma"],
     };
@@ -136,7 +175,7 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         .map(|m| format!("{m}×{}", source.matches(m).count()))
         .collect();
     format!(
-        "{kernel:<17} {variant:<36} {:>6} lines  {hash:016x}  {}",
+        "{kernel:<21} {variant:<36} {:>6} lines  {hash:016x}  {}",
         source.lines().count(),
         counts.join(" ")
     )
@@ -197,10 +236,16 @@ fn canonical_names(source: &str) -> String {
 fn without_kernel_hashes(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
-    while let Some(at) = ["prefill_forward", "decode_forward", "combine_splits"]
-        .iter()
-        .filter_map(|stem| rest.find(stem))
-        .min()
+    while let Some(at) = [
+        "prefill_forward",
+        "decode_forward",
+        "combine_splits",
+        "backward_dkdv",
+        "backward_dq",
+    ]
+    .iter()
+    .filter_map(|stem| rest.find(stem))
+    .min()
     {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];

@@ -9,8 +9,8 @@ attn::attention! {
 #[test]
 fn llama_kernels() {
     let kernels = attn::snapshot::kernels::<Llama>();
-    // One line per kernel (portable CUDA and WGSL, tensor cores, warpgroup IR, decode): any
-    // change to any of them moves its line.
+    // One line per kernel (portable CUDA and WGSL, tensor cores, warpgroup IR, the backward
+    // kernels of each family, decode): any change to any of them moves its line.
     insta::assert_snapshot!("llama_digests", attn::snapshot::digests(&kernels));
     // The kernel NVIDIA GPUs before Hopper run, in full.
     insta::assert_snapshot!(

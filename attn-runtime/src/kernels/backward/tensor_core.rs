@@ -55,7 +55,7 @@ pub const STREAMED_VALUES: usize = 3;
 impl TcBackward {
     /// Width of operand `slot`: `head_dim`, or `value_dim` for the second of a pair.
     pub const fn width(&self, slot: usize) -> usize {
-        if slot % 2 == 0 {
+        if slot.is_multiple_of(2) {
             self.config.head_dim()
         } else {
             self.config.value_dim()

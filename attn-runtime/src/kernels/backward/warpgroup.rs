@@ -34,7 +34,12 @@ use crate::kernels::prefill::config::{PrefillConfig, STAGES, WARPGROUP_ROWS, WAR
 use crate::kernels::prefill::warpgroup::pipeline::{
     load_rows, opaque, Fetch, RowBox, Stages, TmaOrigin,
 };
-use crate::kernels::prefill::warpgroup::softmax::{register_col, register_row, MMA_K};
+use crate::kernels::prefill::warpgroup::softmax::{exp2_approx, register_col, register_row, MMA_K};
+
+/// `log2(e)`: probabilities are recomputed in base 2.
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+/// `ln(2)`: back from base 2.
+const LN_2: f32 = core::f32::consts::LN_2;
 
 /// Q, K, V and dO described to the copy engine (boxes of the resident or streamed rows by 64
 /// columns, 128-byte swizzled), and the forward's per-row statistics.
@@ -150,7 +155,7 @@ pub struct Place {
 #[cube]
 impl Place {
     /// This unit's place.
-    pub fn new() -> Place {
+    pub fn of_unit() -> Place {
         let unit = UNIT_POS as usize % WARPGROUP_UNITS;
         Place {
             warpgroup: UNIT_POS as usize / WARPGROUP_UNITS,
@@ -201,39 +206,107 @@ pub struct PairFragments<E: Float> {
     pub ds: Sequence<Fragment<E>>,
 }
 
-/// `A B` over `depth`: this warpgroup's 64 resident rows of `a` against `n` rows of `b` from
-/// `b_row`, in f32 registers.
+/// The step's two products, issued together and waited on once: `S = A Bᵀ` over `head_dim`
+/// and `dP = A₂ B₂ᵀ` over `value_dim`, this warpgroup's 64 resident rows against the streamed
+/// stage's rows from `b_row`, in f32 registers.
 #[cube]
-fn product<E: Float>(
+fn products<E: Float>(
     a: &MatrixDescriptor<E>,
     b: &MatrixDescriptor<E>,
+    a2: &MatrixDescriptor<E>,
+    b2: &MatrixDescriptor<E>,
     b_row: usize,
-    #[comptime] n: usize,
-    #[comptime] depth: usize,
-) -> Accumulator<f32> {
-    let mut acc = Accumulator::<f32>::new(n).start();
+    #[comptime] shape: WgBackward,
+) -> Products {
+    let n = shape.streamed();
+    let mut s = Accumulator::<f32>::new(n).start();
     #[unroll]
-    for kk in 0..depth / MMA_K {
-        acc.execute(&a.at(0usize, kk * MMA_K), &b.at(b_row, kk * MMA_K));
+    for kk in 0..shape.config.head_dim() / MMA_K {
+        s.execute(&a.at(0usize, kk * MMA_K), &b.at(b_row, kk * MMA_K));
     }
-    acc.wait()
+    let mut dp = Accumulator::<f32>::new(n).start();
+    #[unroll]
+    for kk in 0..shape.config.value_dim() / MMA_K {
+        dp.execute(&a2.at(0usize, kk * MMA_K), &b2.at(b_row, kk * MMA_K));
+    }
+    // The first wait commits and waits for both products.
+    Products {
+        s: s.wait(),
+        dp: dp.wait(),
+    }
+}
+
+/// The forward's statistics of the query rows a unit's registers meet — its two rows in the dQ
+/// kernel, its `streamed / 4` columns in the dK/dV kernel — loaded once per step: the LSE in
+/// base 2 (+∞ past the sequence, so those rows' probabilities are 0) and `D`.
+#[derive(CubeType)]
+pub struct UnitStats {
+    /// LSE · log2(e).
+    lse2: Array<f32>,
+    /// `D`.
+    delta: Array<f32>,
+}
+
+#[cube]
+impl UnitStats {
+    /// The statistics of the query rows from `q_start` that this unit meets, of the context's
+    /// head.
+    pub fn load<E: Float>(
+        maps: &BackwardMaps<E>,
+        ctx: &Ctx,
+        q_start: usize,
+        #[comptime] shape: WgBackward,
+    ) -> UnitStats {
+        let place = Place::of_unit();
+        let seq = ctx.site;
+        let base = (seq.batch * maps.lse.shape(1) + seq.head) * maps.lse.shape(2) + seq.q_off;
+        let count = comptime!(if shape.keys { shape.streamed() / 4 } else { 2 });
+        let mut lse2 = Array::<f32>::new(count);
+        let mut delta = Array::<f32>::new(count);
+        #[unroll]
+        for j in 0..count {
+            let mut row = q_start + place.warpgroup * WARPGROUP_ROWS + place.row0 + j * 8;
+            if comptime!(shape.keys) {
+                row = q_start + place.col0 + (j / 2) * 8 + j % 2;
+            }
+            let in_rows = row < seq.seq_q;
+            let at = base + select(in_rows, row, 0);
+            lse2[j] = select(in_rows, maps.lse[at] * LOG2_E, -ctx.masked());
+            delta[j] = select(in_rows, maps.delta[at], 0.0f32);
+        }
+        UnitStats { lse2, delta }
+    }
+}
+
+/// Which of [`UnitStats`]' entries accumulator register `nth` meets: its column's in the dK/dV
+/// kernel, its row's in the dQ kernel. `nth` is an unrolled constant.
+#[cube]
+fn stat_index(nth: usize, #[comptime] keys: bool) -> usize {
+    if comptime!(keys) {
+        (nth / 4) * 2 + nth % 2
+    } else {
+        register_row(nth)
+    }
 }
 
 /// Each pair's probability, recomputed as the forward computed it (0 where masked, past the
 /// step's keys or past the sequence's queries), and its score gradient
-/// `dS = P (dP − D) f′(s)`, rounded to `E` into A-operand fragments.
+/// `dS = P (dP − D) f′(s)`, rounded to `E` into A-operand fragments. Without a score
+/// modification, one fused multiply-add and one `ex2` per probability, the mask in a pass taken
+/// only on the steps that need it (as in the forward's softmax).
 #[cube]
 fn pair_fragments<E: Float, M: Hooks>(
     products: &Products,
-    stats: &BackwardMaps<E>,
+    stats: &UnitStats,
     ctx: &Ctx,
     meet: Meeting,
     inputs: &RunInputs,
     #[comptime] shape: WgBackward,
 ) -> PairFragments<E> {
-    let place = Place::new();
-    let seq = ctx.site;
-    let stat_base = (seq.batch * stats.lse.shape(1) + seq.head) * stats.lse.shape(2) + seq.q_off;
+    let place = Place::of_unit();
+    let keys = meet.step.keys;
+    let scale2 = ctx.args.scale * LOG2_E;
+    let ragged = meet.step.partial() || keys.len < shape.config.block_kv();
     let mut p_frags = Sequence::<Fragment<E>>::new();
     let mut ds_frags = Sequence::<Fragment<E>>::new();
     #[unroll]
@@ -250,17 +323,36 @@ fn pair_fragments<E: Float, M: Hooks>(
                 q_row = meet.q_start + place.row(nth);
                 key = place.col(nth);
             }
-            let in_rows = q_row < seq.seq_q;
-            let stat = stat_base + select(in_rows, q_row, 0);
-            let lse = select(in_rows, stats.lse[stat], -ctx.masked());
-            let delta = select(in_rows, stats.delta[stat], 0.0f32);
-            let at = Pair {
-                q: q_row as i32,
-                k: (meet.step.keys.start + key) as i32,
-            };
-            let grad = recompute::<M>(products.s.get(nth), lse, at, meet.step, ctx, inputs);
-            let p = select(key < meet.step.keys.len, grad.p, 0.0f32);
-            let ds = p * (products.dp.get(nth) - delta) * grad.slope;
+            let j = stat_index(nth, shape.keys);
+            // The raw `q·k`, then the probability.
+            let mut p = products.s.get(nth);
+            let mut slope = 1.0f32.runtime();
+            if comptime!(shape.config.score.modifies_scores()) {
+                let at = Pair {
+                    q: q_row as i32,
+                    k: (keys.start + key) as i32,
+                };
+                let lse = stats.lse2[j] * LN_2;
+                let grad = recompute::<M>(p, lse, at, meet.step, ctx, inputs);
+                p = select(key < keys.len, grad.p, 0.0f32);
+                slope = grad.slope;
+            } else {
+                p = exp2_approx(p * scale2 - stats.lse2[j]);
+                if ragged {
+                    let mut visible = key < keys.len;
+                    if comptime!(!shape.config.mask.is_none()) {
+                        visible = visible
+                            && mask::visible::<M>(
+                                ctx,
+                                q_row as i32,
+                                (keys.start + key) as i32,
+                                inputs,
+                            );
+                    }
+                    p = select(visible, p, 0.0f32);
+                }
+            }
+            let ds = p * (products.dp.get(nth) - stats.delta[j]) * slope;
             if comptime!(shape.keys) {
                 p_frag.set(i, E::cast_from(p));
             }
@@ -289,7 +381,7 @@ fn write_rows<E: Float>(
     end: usize,
     factor: f32,
 ) {
-    let place = Place::new();
+    let place = Place::of_unit();
     let width = dst.shape(3);
     #[unroll]
     for nth in 0..acc.len() {
@@ -386,7 +478,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                 o_stages.fill::<E>(&maps.d_out, &mut o_smem, first.origin, 0, 0usize);
             }
         }
-        let place = Place::new();
+        let place = Place::of_unit();
         let wg_row = place.warpgroup * WARPGROUP_ROWS;
         let k_desc = MatrixDescriptor::new(&k_smem, k_tile).at(wg_row, 0usize);
         let v_desc = MatrixDescriptor::new(&v_smem, v_tile).at(wg_row, 0usize);
@@ -428,14 +520,14 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                     q_stages.wait(stage, parity);
                     o_stages.wait(stage, parity);
                     if step.class != TILE_EMPTY {
+                        let stats = UnitStats::load(maps, &head_ctx, q_start, shape);
                         let stage_at = opaque(comptime!((stage * block_q) as u32)) as usize;
-                        let products = Products {
-                            s: product::<E>(&k_desc, &q_desc, stage_at, block_q, d),
-                            dp: product::<E>(&v_desc, &o_desc, stage_at, block_q, dv),
-                        };
+                        let products =
+                            products::<E>(&k_desc, &q_desc, &v_desc, &o_desc, stage_at, shape);
                         let meet = Meeting { q_start, step };
-                        let frags =
-                            pair_fragments::<E, M>(&products, maps, &head_ctx, meet, inputs, shape);
+                        let frags = pair_fragments::<E, M>(
+                            &products, &stats, &head_ctx, meet, inputs, shape,
+                        );
                         #[unroll]
                         for t in 0..block_q / MMA_K {
                             dv_acc.execute_registers(
@@ -597,7 +689,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                 v_stages.refill::<E>(&maps.v, &mut v_smem, &ctx, first, 0usize);
             }
         }
-        let place = Place::new();
+        let place = Place::of_unit();
         let wg_row = place.warpgroup * WARPGROUP_ROWS;
         let q_desc = MatrixDescriptor::new(&q_smem, q_tile).at(wg_row, 0usize);
         let o_desc = MatrixDescriptor::new(&o_smem, o_tile).at(wg_row, 0usize);
@@ -605,6 +697,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         let v_desc = MatrixDescriptor::new(&v_smem, v_tile);
         let k_mn = MatrixDescriptor::new(&k_smem, shape.stage_tile_mn(d));
         let mut acc = Accumulator::<f32>::new(d).start();
+        let stats = UnitStats::load(maps, &ctx, q_start, shape);
         q_bar.wait_parity(0);
         o_bar.wait_parity(0);
 
@@ -630,13 +723,11 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                     v_stages.wait(stage, parity);
                     if step.class != TILE_EMPTY {
                         let stage_at = opaque(comptime!((stage * block_kv) as u32)) as usize;
-                        let products = Products {
-                            s: product::<E>(&q_desc, &k_desc, stage_at, block_kv, d),
-                            dp: product::<E>(&o_desc, &v_desc, stage_at, block_kv, dv),
-                        };
+                        let products =
+                            products::<E>(&q_desc, &k_desc, &o_desc, &v_desc, stage_at, shape);
                         let meet = Meeting { q_start, step };
                         let frags =
-                            pair_fragments::<E, M>(&products, maps, &ctx, meet, inputs, shape);
+                            pair_fragments::<E, M>(&products, &stats, &ctx, meet, inputs, shape);
                         #[unroll]
                         for t in 0..block_kv / MMA_K {
                             acc.execute_registers(
