@@ -269,7 +269,8 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     run = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": args.commit,
-           "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+           "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "kind": "backward",
+           "iters": args.iters, "warmup": args.warmup}
     records = []
     for name in C.read_case_list(args.dir):
         try:
