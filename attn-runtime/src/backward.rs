@@ -8,14 +8,12 @@ use crate::blueprint::{
 };
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs};
-use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc, TcBackward};
-use crate::kernels::backward::warpgroup::{
-    backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch, WgBackward,
-};
+use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
+use crate::kernels::backward::warpgroup::{backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch};
 use crate::kernels::backward::{
     backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks, backward_zero,
-    BackwardOperandsLaunch, Grid, GridLaunch, KvGradsLaunch, LearnConfig, QueryGradsLaunch,
-    SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
+    BackwardOperandsLaunch, BackwardShape, Grid, GridLaunch, KvGradsLaunch, LearnConfig,
+    QueryGradsLaunch, SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
 };
 use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
@@ -220,7 +218,7 @@ pub fn backward_with_plan<V: Variant>(
     };
     tracing::debug!(variant = spec.name, %plan, "backward launch");
     let tensor_cores = plan.family == Family::TensorCores;
-    let tc_shape = |keys: bool| TcBackward {
+    let tc_shape = |keys: bool| BackwardShape {
         config: prefill_config(spec, plan.tile.tiling(keys)),
         keys,
     };
@@ -253,7 +251,7 @@ pub fn backward_with_plan<V: Variant>(
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
             unsafe { run_inputs(&ints, &floats, &packed) },
             args(),
-            WgBackward {
+            BackwardShape {
                 config: prefill_config(spec, plan.tile.tiling(true)),
                 keys: true,
             },
@@ -271,7 +269,7 @@ pub fn backward_with_plan<V: Variant>(
                 unsafe { tensor_arg(&grads.dq) },
                 unsafe { run_inputs(&ints, &floats, &packed) },
                 args(),
-                WgBackward {
+                BackwardShape {
                     config: prefill_config(spec, plan.tile.tiling(false)),
                     keys: false,
                 },
@@ -517,7 +515,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 dq_streamed,
             };
             let fits = [true, false].iter().all(|&keys| {
-                let shape = WgBackward {
+                let shape = BackwardShape {
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
                 };
@@ -525,7 +523,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 let name = format!("the warpgroup backward at r{resident}_s{streamed}");
                 let ns = [streamed, dq_streamed, spec.head_dim, spec.value_dim];
                 warpgroup_unfit(client, spec, &ns).is_none()
-                    && cube_limits(client, &name, units, shape.shared_bytes()).is_none()
+                    && cube_limits(client, &name, units, shape.warpgroup_bytes()).is_none()
             });
             if fits {
                 plans.push(BackwardPlan {
@@ -548,7 +546,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 dq_streamed: streamed,
             };
             let fits = [true, false].iter().all(|&keys| {
-                let shape = TcBackward {
+                let shape = BackwardShape {
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
                 };
@@ -557,7 +555,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     client,
                     &name,
                     32 * shape.planes() as u32,
-                    shape.shared_bytes(),
+                    shape.tensor_core_bytes(),
                 )
                 .is_none()
             });

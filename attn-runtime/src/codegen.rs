@@ -14,13 +14,13 @@ use cubecl_cpp::shared::{register_supported_types, CompilationOptions, CppCompil
 
 use crate::backward::BackwardPlan;
 use crate::blueprint::{prefill_config, Family};
-use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc, TcBackward};
+use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
 use crate::kernels::backward::warpgroup::{
-    backward_dkdv_wg, backward_dq_wg, BackwardMapsCompilationArg, WgBackward,
+    backward_dkdv_wg, backward_dq_wg, BackwardMapsCompilationArg,
 };
 use crate::kernels::backward::{
-    backward_dkdv, backward_dq, BackwardOperandsCompilationArg, KvGradsCompilationArg, LearnConfig,
-    QueryGradsCompilationArg,
+    backward_dkdv, backward_dq, BackwardOperandsCompilationArg, BackwardShape,
+    KvGradsCompilationArg, LearnConfig, QueryGradsCompilationArg,
 };
 use crate::kernels::common::context::{
     ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
@@ -434,7 +434,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
             ]
         }
         Family::TensorCores => {
-            let shape = |keys: bool| TcBackward {
+            let shape = |keys: bool| BackwardShape {
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
             };
@@ -465,7 +465,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
             ]
         }
         Family::Warpgroup => {
-            let shape = |keys: bool| WgBackward {
+            let shape = |keys: bool| BackwardShape {
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
             };

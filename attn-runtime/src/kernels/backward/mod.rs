@@ -86,6 +86,55 @@ pub struct QueryBlock {
     pub len: usize,
 }
 
+/// The comptime shape of one tensor-core or warpgroup backward kernel: the prefill
+/// configuration's tiles (`block_kv` keys resident and `block_q` query rows streamed in the dK/dV
+/// kernel, the other way round in the dQ kernel), head dims, mask and score flags, and which
+/// side is resident.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct BackwardShape {
+    /// Tiles, head dims, mask and score flags.
+    pub config: PrefillConfig,
+    /// Whether the keys are resident (dK/dV) or the queries (dQ).
+    pub keys: bool,
+}
+
+impl BackwardShape {
+    /// Rows of the resident block (a multiple of 16; 64 per warpgroup in the warpgroup kernels).
+    pub const fn resident(&self) -> usize {
+        if self.keys {
+            self.config.block_kv()
+        } else {
+            self.config.block_q()
+        }
+    }
+
+    /// Rows of each streamed block.
+    pub const fn streamed(&self) -> usize {
+        if self.keys {
+            self.config.block_q()
+        } else {
+            self.config.block_kv()
+        }
+    }
+
+    /// Planes per cube: one per 16 resident rows.
+    pub const fn planes(&self) -> usize {
+        self.resident() / 16
+    }
+}
+
+/// A streamed block against a resident one in the tensor-core and warpgroup kernels: the first
+/// query row of the pairs (the streamed block's in the dK/dV kernels, the resident one's in the
+/// dQ kernels) and the step's keys (the cube's own in the dK/dV kernels) and mask class.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct Meeting {
+    /// First query row.
+    pub q_start: usize,
+    /// The keys and the class.
+    pub step: Step,
+}
+
 /// A pair's probability and the derivative of its score modification.
 #[derive(CubeType, Clone, Copy)]
 #[expand(derive(Clone, Copy))]

@@ -22,26 +22,15 @@
 
 use cubecl::prelude::*;
 
-use super::{head_context, recompute, BackwardOperands, KvGrads, Pair};
+use super::{head_context, recompute, BackwardOperands, BackwardShape, KvGrads, Meeting, Pair};
 use crate::hooks::{Hooks, TILE_EMPTY};
 use crate::kernels::common::walk::{BlockWalk, KeyRange};
 use crate::kernels::common::{mask, Args, Ctx, Lengths, RunInputs, Step, StepKeys};
 use crate::kernels::prefill::config::MMA;
 use crate::kernels::prefill::tensor_core::{operand, store_accumulator};
-use crate::kernels::prefill::PrefillConfig;
 
 /// A plane's gradient accumulator: one 16 × 16 f32 fragment per 16 columns.
 type Fragments = Sequence<cmma::Matrix<f32>>;
-
-/// The comptime shape of one tensor-core backward kernel: the prefill configuration's tiles and
-/// head dims, and which side stays resident (`keys`: K and V, the dK/dV kernel; else Q and dO).
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub struct TcBackward {
-    /// Tiles, head dims, mask and score flags.
-    pub config: PrefillConfig,
-    /// Whether the keys are resident (dK/dV) or the queries (dQ).
-    pub keys: bool,
-}
 
 /// The resident block's first operand (K in the dK/dV kernel, Q in the dQ kernel).
 pub const RESIDENT: usize = 0;
@@ -52,7 +41,8 @@ pub const STREAMED: usize = 2;
 /// The streamed blocks' second operand (dO, or V).
 pub const STREAMED_VALUES: usize = 3;
 
-impl TcBackward {
+/// The tensor-core kernels' shared memory.
+impl BackwardShape {
     /// Width of operand `slot`: `head_dim`, or `value_dim` for the second of a pair.
     pub const fn width(&self, slot: usize) -> usize {
         if slot.is_multiple_of(2) {
@@ -60,29 +50,6 @@ impl TcBackward {
         } else {
             self.config.value_dim()
         }
-    }
-
-    /// Rows of the resident block (a multiple of 16: one plane per 16).
-    pub const fn resident(&self) -> usize {
-        if self.keys {
-            self.config.block_kv()
-        } else {
-            self.config.block_q()
-        }
-    }
-
-    /// Rows of each streamed block.
-    pub const fn streamed(&self) -> usize {
-        if self.keys {
-            self.config.block_q()
-        } else {
-            self.config.block_kv()
-        }
-    }
-
-    /// Planes per cube.
-    pub const fn planes(&self) -> usize {
-        self.resident() / MMA
     }
 
     /// Row stride of the f32 product tiles (`S`, `dP`): padded by 4 floats against bank
@@ -124,8 +91,8 @@ impl TcBackward {
         [s, dp, lse, delta, delta + self.config.block_q()]
     }
 
-    /// Shared memory of one cube, in bytes, for 16-bit elements.
-    pub const fn shared_bytes(&self) -> usize {
+    /// Shared memory of one tensor-core cube, in bytes, for 16-bit elements.
+    pub const fn tensor_core_bytes(&self) -> usize {
         self.elem_layout()[6] * 2 + self.f32_layout()[4] * 4
     }
 }
@@ -147,9 +114,9 @@ pub struct Rows {
 /// `16 · plane..`, and its product, probability and gradient tiles.
 #[derive(CubeType)]
 pub struct BackTiles<E: Float> {
-    /// The `E` tiles ([`TcBackward::elem_layout`]).
+    /// The `E` tiles ([`BackwardShape::elem_layout`]).
     elems: Shared<[E]>,
-    /// The f32 tiles ([`TcBackward::f32_layout`]).
+    /// The f32 tiles ([`BackwardShape::f32_layout`]).
     f32s: Shared<[f32]>,
     /// Plane in the cube.
     plane: usize,
@@ -157,21 +124,10 @@ pub struct BackTiles<E: Float> {
     lane: usize,
 }
 
-/// A streamed block against the resident one: its rows' first sequence position, the step's
-/// keys and mask class (for the dK/dV kernel, the cube's keys against the query block).
-#[derive(CubeType, Clone, Copy)]
-#[expand(derive(Clone, Copy))]
-pub struct Meeting {
-    /// First query row of the pairs (the streamed block's or the resident one's).
-    pub q_start: usize,
-    /// The keys and the class.
-    pub step: Step,
-}
-
 #[cube]
 impl<E: Float> BackTiles<E> {
     /// The cube's tiles.
-    pub fn new(#[comptime] shape: TcBackward) -> BackTiles<E> {
+    pub fn new(#[comptime] shape: BackwardShape) -> BackTiles<E> {
         let [_, _, _, _, _, _, elem_len] = shape.elem_layout();
         let [_, _, _, _, f32_len] = shape.f32_layout();
         BackTiles::<E> {
@@ -190,7 +146,7 @@ impl<E: Float> BackTiles<E> {
         src: &Tensor<E>,
         rows: Rows,
         #[comptime] slot: usize,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let at = comptime!(shape.elem_layout()[slot]);
         let width = comptime!(shape.width(slot));
@@ -217,7 +173,7 @@ impl<E: Float> BackTiles<E> {
         ops: &BackwardOperands<E>,
         ctx: &Ctx,
         q_start: usize,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let [_, _, lse_at, delta_at, _] = shape.f32_layout();
         let seq = ctx.site;
@@ -242,7 +198,7 @@ impl<E: Float> BackTiles<E> {
     /// This plane's two products against the streamed block, into its f32 tiles: the scores
     /// (resident rows · streamed rows over `head_dim`) and the probabilities' gradients (over
     /// `value_dim`): `Sᵀ`, `dPᵀ` in the dK/dV kernel, `S`, `dP` in the dQ kernel.
-    pub fn products(&mut self, #[comptime] shape: TcBackward) {
+    pub fn products(&mut self, #[comptime] shape: BackwardShape) {
         let [x_at, x2_at, y_at, y2_at, _, _, _] = shape.elem_layout();
         let [s_at, dp_at, _, _, _] = shape.f32_layout();
         self.product(x_at, y_at, s_at, shape.config.head_dim(), shape);
@@ -257,7 +213,7 @@ impl<E: Float> BackTiles<E> {
         #[comptime] y_at: usize,
         #[comptime] to: usize,
         #[comptime] width: usize,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let stride = shape.f32_stride();
         let x_rows = x_at + self.plane * MMA * width;
@@ -302,7 +258,7 @@ impl<E: Float> BackTiles<E> {
         ctx: &Ctx,
         meet: Meeting,
         inputs: &RunInputs,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let [_, _, _, _, p_at, ds_at, _] = shape.elem_layout();
         let [s_at, dp_at, lse_at, delta_at, _] = shape.f32_layout();
@@ -346,7 +302,7 @@ impl<E: Float> BackTiles<E> {
         #[comptime] t_at: usize,
         #[comptime] y_at: usize,
         #[comptime] width: usize,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let stride = shape.elem_stride();
         let t_rows = t_at + self.plane * MMA * stride;
@@ -381,7 +337,7 @@ impl<E: Float> BackTiles<E> {
         dst: &mut Tensor<E>,
         rows: Rows,
         factor: f32,
-        #[comptime] shape: TcBackward,
+        #[comptime] shape: BackwardShape,
     ) {
         let width = dst.shape(3);
         let stride = shape.f32_stride();
@@ -439,7 +395,7 @@ pub fn backward_dkdv_tc<E: Float, M: Hooks>(
     grads: &mut KvGrads<E>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] shape: TcBackward,
+    #[comptime] shape: BackwardShape,
 ) {
     let config = comptime!(shape.config);
     let block_kv = config.block_kv();
@@ -522,7 +478,7 @@ pub fn backward_dq_tc<E: Float, M: Hooks>(
     dq: &mut Tensor<E>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] shape: TcBackward,
+    #[comptime] shape: BackwardShape,
 ) {
     let config = comptime!(shape.config);
     let block_q = config.block_q();

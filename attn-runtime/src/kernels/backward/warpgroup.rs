@@ -26,11 +26,11 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
 
-use super::{head_context, recompute, KvGrads, Pair};
+use super::{head_context, recompute, BackwardShape, KvGrads, Meeting, Pair};
 use crate::hooks::{Hooks, TILE_EMPTY};
 use crate::kernels::common::walk::{query_range, KeyRange};
 use crate::kernels::common::{mask, Args, BlockWalk, Ctx, Lengths, RunInputs, Step, StepKeys};
-use crate::kernels::prefill::config::{PrefillConfig, STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
+use crate::kernels::prefill::config::{STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kernels::prefill::warpgroup::pipeline::{
     load_rows, opaque, Fetch, RowBox, Stages, TmaOrigin,
 };
@@ -59,44 +59,11 @@ pub struct BackwardMaps<E: Float> {
     pub delta: OwnedTensor<f32>,
 }
 
-/// The comptime shape of one warpgroup backward kernel: the prefill configuration's tiles
-/// (`block_kv` keys resident and `block_q` query rows streamed in the dK/dV kernel, the other
-/// way round in the dQ kernel) and head dims, and which side is resident.
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub struct WgBackward {
-    /// Tiles, head dims, mask and score flags.
-    pub config: PrefillConfig,
-    /// Whether the keys are resident (dK/dV) or the queries (dQ).
-    pub keys: bool,
-}
-
-impl WgBackward {
-    /// Resident rows: 64 per warpgroup.
-    pub const fn resident(&self) -> usize {
-        if self.keys {
-            self.config.block_kv()
-        } else {
-            self.config.block_q()
-        }
-    }
-
-    /// Rows of each streamed block.
-    pub const fn streamed(&self) -> usize {
-        if self.keys {
-            self.config.block_q()
-        } else {
-            self.config.block_kv()
-        }
-    }
-
+/// The warpgroup kernels' tiles.
+impl BackwardShape {
     /// Warpgroups per cube.
     pub const fn warpgroups(&self) -> usize {
         self.resident() / WARPGROUP_ROWS
-    }
-
-    /// Planes per cube.
-    pub const fn planes(&self) -> usize {
-        self.warpgroups() * WARPGROUP_UNITS / 32
     }
 
     /// The resident tile of `width` columns, K-major (the A operand of both products).
@@ -133,7 +100,7 @@ impl WgBackward {
 
     /// Shared memory of one cube, in bytes, for 16-bit elements (barriers and alignment
     /// included).
-    pub const fn shared_bytes(&self) -> usize {
+    pub const fn warpgroup_bytes(&self) -> usize {
         let width = self.config.head_dim() + self.config.value_dim();
         (self.resident() + STAGES * self.streamed()) * width * 2 + 3 * 1024
     }
@@ -175,18 +142,6 @@ impl Place {
     }
 }
 
-/// A streamed block against the resident one: the first query row of the pairs (the streamed
-/// block's in the dK/dV kernel, the resident one's in the dQ kernel) and the step's keys and
-/// mask class.
-#[derive(CubeType, Clone, Copy)]
-#[expand(derive(Clone, Copy))]
-pub struct Meeting {
-    /// First query row.
-    pub q_start: usize,
-    /// The keys (the cube's in the dK/dV kernel) and the class.
-    pub step: Step,
-}
-
 /// The two products of a step, on the accumulators' registers: the scores and the
 /// probabilities' gradients (transposed in the dK/dV kernel).
 #[derive(CubeType)]
@@ -216,7 +171,7 @@ fn products<E: Float>(
     a2: &MatrixDescriptor<E>,
     b2: &MatrixDescriptor<E>,
     b_row: usize,
-    #[comptime] shape: WgBackward,
+    #[comptime] shape: BackwardShape,
 ) -> Products {
     let n = shape.streamed();
     let mut s = Accumulator::<f32>::new(n).start();
@@ -255,7 +210,7 @@ impl UnitStats {
         maps: &BackwardMaps<E>,
         ctx: &Ctx,
         q_start: usize,
-        #[comptime] shape: WgBackward,
+        #[comptime] shape: BackwardShape,
     ) -> UnitStats {
         let place = Place::of_unit();
         let seq = ctx.site;
@@ -301,7 +256,7 @@ fn pair_fragments<E: Float, M: Hooks>(
     ctx: &Ctx,
     meet: Meeting,
     inputs: &RunInputs,
-    #[comptime] shape: WgBackward,
+    #[comptime] shape: BackwardShape,
 ) -> PairFragments<E> {
     let place = Place::of_unit();
     let keys = meet.step.keys;
@@ -401,7 +356,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
     grads: &mut KvGrads<E>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] shape: WgBackward,
+    #[comptime] shape: BackwardShape,
 ) {
     let config = comptime!(shape.config);
     let (d, dv) = comptime!((config.head_dim(), config.value_dim()));
@@ -615,7 +570,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
     dq: &mut Tensor<E>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] shape: WgBackward,
+    #[comptime] shape: BackwardShape,
 ) {
     let config = comptime!(shape.config);
     let (d, dv) = comptime!((config.head_dim(), config.value_dim()));
