@@ -132,7 +132,7 @@ pub fn key_range(ctx: &Ctx, q_first: usize, q_last: usize) -> KeyRange {
 
 /// The query rows that can see any of keys `k_first..=k_last` under the closed-form terms
 /// (causal, window, prefix-LM), within the sequence's query length: the backward's dK/dV walk
-/// over the query blocks, the mirror of [`key_range`]. Custom masks are classified per block.
+/// over the query blocks, the mirror of [`key_range()`]. Custom masks are classified per block.
 #[cube]
 pub fn query_range(ctx: &Ctx, k_first: usize, k_last: usize) -> KeyRange {
     let seq = ctx.site;
