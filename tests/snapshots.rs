@@ -170,6 +170,8 @@ fn other_kernels(names: &mut Vec<String>) -> Vec<String> {
     let combine = normalise(&attn::codegen::combine_cuda_source::<attn::bf16>(
         128, false,
     ));
+    // Only the `wgpu` build adds to it.
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]
     let mut digests = vec![digest("combine_cuda", "bf16_d128", &combine)];
     #[cfg(feature = "wgpu")]
     {
