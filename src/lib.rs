@@ -41,6 +41,20 @@
 //! never NaN.
 
 //!
+//! ## Training
+//!
+//! Every variant also gets `backward(&client, &q, &k, &v, &out, &d_out)` (plus its inputs, if it
+//! declares any): dQ, dK and dV from the forward's output and the loss's gradient with respect to
+//! O, with the gradients of sink logits, given ALiBi slopes and declared `f32` inputs (the macro
+//! differentiates score expressions symbolically). Deterministic: the same bits on every run.
+//! [`backward_plans`] lists the kernels that run it on the device, the fastest family first (on
+//! Hopper, warpgroup MMAs fed by the copy engine); [`backward_with_plan`] pins one.
+//!
+//! ```ignore
+//! let out = Llama3::forward(&client, &q, &k, &v)?;
+//! let grads = Llama3::backward(&client, &q, &k, &v, &out, &d_out)?; // grads.dq, .dk, .dv
+//! ```
+//!
 //! ## Decoding
 //!
 //! Every variant also gets `decode(&client, &q, &cache)`: new query tokens against a
