@@ -57,6 +57,10 @@ attn::attention! {
     WindowDocsF16 { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & window(left = 40) & documents, softcap: 20.0 }
     /// V narrower than Q and K, top-left causal.
     Dv64F16 { heads: mha, head_dim: 128, value_dim: 64, dtype: f16, mask: causal(top_left) }
+    /// Prefix-LM over key lengths, f16.
+    PrefixLengthsF16 { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: prefix_lm & key_lengths }
+    /// A two-sided window, f16.
+    BandWindowF16 { heads: mha, head_dim: 64, dtype: f16, mask: window(left = 20, right = 7) }
     /// Given ALiBi slopes, learnable.
     AlibiGivenF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal, alibi: given }
     /// A custom score after softcap and ALiBi (the chain rule through all three), f16.
@@ -225,7 +229,8 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
 
 /// The shapes the tensor-core kernels take on GPUs, at lengths that leave partial 16-row blocks:
 /// Llama-3's GQA at head dim 128 (every back end), and where the device has tensor cores also a
-/// window over documents with a softcap, `value_dim < head_dim`, and bf16.
+/// window over documents with a softcap, `value_dim < head_dim`, bf16, prefix-LM over key
+/// lengths and a two-sided window (the warpgroup dK/dV kernel's walk over the query blocks).
 #[test]
 fn tensor_core_shapes() {
     let c = client();
@@ -241,6 +246,8 @@ fn tensor_core_shapes() {
     check::<WindowDocsF16>(&c, [1, 4, 2, 150, 150]);
     check::<Dv64F16>(&c, [1, 2, 2, 50, 81]);
     check::<Llama3Bf16>(&c, [2, 4, 1, 33, 97]);
+    check::<PrefixLengthsF16>(&c, [2, 4, 2, 90, 90]);
+    check::<BandWindowF16>(&c, [1, 2, 2, 130, 130]);
 }
 
 #[test]
