@@ -3,7 +3,8 @@
 //! framework's tensors giving the same bits as on uploaded slices.
 
 use attn::interop::burn::{
-    burn_tensor, client as burn_client, from_attn as burn_out, to_attn, to_cube,
+    attention as burn_attention, burn_tensor, client as burn_client, from_attn as burn_out,
+    to_attn, to_cube,
 };
 use attn::interop::candle::{candle_core, from_attn as candle_out, to_attn as candle_in};
 use attn::interop::Layout;
@@ -14,6 +15,16 @@ use burn_tensor::{DType, Device, Distribution, TensorData};
 attn::attention! {
     /// GQA 2, causal, head dim 64, f32 (every back end runs it).
     pub Gqa2 { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal }
+}
+
+/// `[B, H, N, D]` values in `[B, N, H, D]` order.
+fn bnhd(values: &[f32], [_, h, n, d]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for (i, x) in values.iter().enumerate() {
+        let (bi, hi, ni, di) = (i / (h * n * d), i / (n * d) % h, i / d % n, i % d);
+        out[((bi * n + ni) * h + hi) * d + di] = *x;
+    }
+    out
 }
 
 fn burn_values(t: burn_tensor::Tensor<4>) -> Vec<f32> {
@@ -81,6 +92,62 @@ fn burn_refusals_are_typed() {
     let e = to_attn::<f32>(&x.swap_dims(2, 3), Layout::Bnhd).unwrap_err();
     assert!(matches!(e, AttnError::Input { .. }), "{e}");
     assert!(e.to_string().contains("stride"), "{e}");
+}
+
+/// `interop::burn::attention` in burn's autodiff: a loss through it, `backward()`, and dQ, dK, dV
+/// as burn's gradients of the leaves, in their `[B, N, H, D]` layout, the same bits as
+/// `backward` called directly on the same values; without autodiff, the forward's bits.
+#[test]
+fn attention_is_differentiable_in_burn() {
+    let device = Device::default();
+    let client = burn_client(&device).unwrap();
+    let (mut rng, _) = seeded_rng("interop-burn-autodiff");
+    let (b, n, hq, hkv, d) = (1, 45, 4, 2, 64);
+    let qh: Vec<f32> = random_vec(&mut rng, b * n * hq * d);
+    let kh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let vh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let wh: Vec<f32> = random_vec(&mut rng, b * hq * n * d);
+    let burn = |data: &Vec<f32>, shape: [usize; 4]| {
+        burn_tensor::Tensor::<4>::from_data(
+            TensorData::new(data.clone(), shape),
+            (&device, DType::F32),
+        )
+    };
+    let leaf = |data: &Vec<f32>, h: usize| burn(data, [b, n, h, d]).autodiff().require_grad();
+    let (q, k, v) = (leaf(&qh, hq), leaf(&kh, hkv), leaf(&vh, hkv));
+    let inputs = attn::Inputs::default();
+    let out = burn_attention::<Gqa2>([&q, &k, &v], Layout::Bnhd, &inputs).unwrap();
+    assert_eq!(out.dims(), [b, hq, n, d]);
+    // loss = Σ O ∘ W: the output's gradient is W.
+    let loss = (out.clone() * burn(&wh, [b, hq, n, d])).sum();
+    let grads = loss.backward();
+    let grad = |t: &burn_tensor::Tensor<4>| burn_values(t.grad(&grads).expect("a gradient"));
+    let (dq, dk, dv) = (grad(&q), grad(&k), grad(&v));
+
+    let upload =
+        |data: &Vec<f32>, h: usize| Tensor::from_slice_bnhd(&client, data, [b, n, h, d]).unwrap();
+    let (qa, ka, va) = (upload(&qh, hq), upload(&kh, hkv), upload(&vh, hkv));
+    let direct = Gqa2::forward(&client, &qa, &ka, &va).unwrap();
+    let d_out = Tensor::from_slice(&client, &wh, [b, hq, n, d]).unwrap();
+    let g = Gqa2::backward(&client, &qa, &ka, &va, &direct, &d_out).unwrap();
+    assert_same_bits(
+        &burn_values(out.without_autodiff()),
+        &direct.o.to_vec(&client),
+        "O",
+    );
+    assert_same_bits(&dq, &bnhd(&g.dq.to_vec(&client), [b, hq, n, d]), "dQ");
+    assert_same_bits(&dk, &bnhd(&g.dk.to_vec(&client), [b, hkv, n, d]), "dK");
+    assert_same_bits(&dv, &bnhd(&g.dv.to_vec(&client), [b, hkv, n, d]), "dV");
+    // Without autodiff: the forward alone.
+    let plain = |data: &Vec<f32>, h: usize| burn(data, [b, n, h, d]);
+    let (q, k, v) = (plain(&qh, hq), plain(&kh, hkv), plain(&vh, hkv));
+    let out = burn_attention::<Gqa2>([&q, &k, &v], Layout::Bnhd, &inputs).unwrap();
+    assert!(!out.is_autodiff());
+    assert_same_bits(
+        &burn_values(out),
+        &direct.o.to_vec(&client),
+        "O without autodiff",
+    );
 }
 
 #[test]

@@ -427,3 +427,55 @@ fn check_offsets(
     }
     Ok(())
 }
+
+/// Run-time inputs owned rather than borrowed: what a call keeps for later (the burn adapter's
+/// backward), or what a test builds (`reference::OwnedInputs::random`).
+#[derive(Clone, Debug, Default)]
+pub struct OwnedInputs {
+    /// Key length per sequence.
+    pub key_lengths: Option<Vec<i32>>,
+    /// Query offsets of packed documents.
+    pub q_offsets: Option<Vec<i32>>,
+    /// Key offsets of packed documents.
+    pub k_offsets: Option<Vec<i32>>,
+    /// Prefix length per sequence.
+    pub prefix_lengths: Option<Vec<i32>>,
+    /// Sink logit per head.
+    pub sinks: Option<Vec<f32>>,
+    /// ALiBi slope per head.
+    pub alibi_slopes: Option<Vec<f32>>,
+    /// The variant's own i32 inputs.
+    pub ints: Vec<Vec<i32>>,
+    /// The variant's own f32 inputs.
+    pub floats: Vec<Vec<f32>>,
+}
+
+impl OwnedInputs {
+    /// Borrowed as the launcher takes them.
+    pub fn view(&self) -> Inputs<'_> {
+        Inputs {
+            key_lengths: self.key_lengths.as_deref(),
+            q_offsets: self.q_offsets.as_deref(),
+            k_offsets: self.k_offsets.as_deref(),
+            prefix_lengths: self.prefix_lengths.as_deref(),
+            sinks: self.sinks.as_deref(),
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            ints: self.ints.iter().map(Vec::as_slice).collect(),
+            floats: self.floats.iter().map(Vec::as_slice).collect(),
+        }
+    }
+
+    /// An owned copy of `inputs`.
+    pub fn of(inputs: &Inputs) -> OwnedInputs {
+        OwnedInputs {
+            key_lengths: inputs.key_lengths.map(<[i32]>::to_vec),
+            q_offsets: inputs.q_offsets.map(<[i32]>::to_vec),
+            k_offsets: inputs.k_offsets.map(<[i32]>::to_vec),
+            prefix_lengths: inputs.prefix_lengths.map(<[i32]>::to_vec),
+            sinks: inputs.sinks.map(<[f32]>::to_vec),
+            alibi_slopes: inputs.alibi_slopes.map(<[f32]>::to_vec),
+            ints: inputs.ints.iter().map(|v| v.to_vec()).collect(),
+            floats: inputs.floats.iter().map(|v| v.to_vec()).collect(),
+        }
+    }
+}

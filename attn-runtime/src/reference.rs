@@ -8,6 +8,7 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+pub use crate::inputs::OwnedInputs;
 use crate::inputs::{alibi_slopes, Inputs, Packed};
 use crate::problem::Problem;
 use crate::tensor::Element;
@@ -652,27 +653,6 @@ pub fn error_floor<E: Element>() -> f64 {
     }
 }
 
-/// Run-time inputs owned by a test or benchmark: random values that fit a variant and a shape.
-#[derive(Clone, Debug, Default)]
-pub struct OwnedInputs {
-    /// Key length per sequence.
-    pub key_lengths: Option<Vec<i32>>,
-    /// Query offsets of packed documents.
-    pub q_offsets: Option<Vec<i32>>,
-    /// Key offsets of packed documents.
-    pub k_offsets: Option<Vec<i32>>,
-    /// Prefix length per sequence.
-    pub prefix_lengths: Option<Vec<i32>>,
-    /// Sink logit per head.
-    pub sinks: Option<Vec<f32>>,
-    /// ALiBi slope per head.
-    pub alibi_slopes: Option<Vec<f32>>,
-    /// The variant's own i32 inputs.
-    pub ints: Vec<Vec<i32>>,
-    /// The variant's own f32 inputs.
-    pub floats: Vec<Vec<f32>>,
-}
-
 impl OwnedInputs {
     /// Random inputs for `spec` on a `[batch, heads_q, seq_q]` × `seq_k` problem: key lengths
     /// anywhere in `0..=seq_k`, document boundaries anywhere (empty and 1-token documents
@@ -738,20 +718,6 @@ impl OwnedInputs {
             }
         }
         inputs
-    }
-
-    /// Borrowed as the launcher takes them.
-    pub fn view(&self) -> Inputs<'_> {
-        Inputs {
-            key_lengths: self.key_lengths.as_deref(),
-            q_offsets: self.q_offsets.as_deref(),
-            k_offsets: self.k_offsets.as_deref(),
-            prefix_lengths: self.prefix_lengths.as_deref(),
-            sinks: self.sinks.as_deref(),
-            alibi_slopes: self.alibi_slopes.as_deref(),
-            ints: self.ints.iter().map(Vec::as_slice).collect(),
-            floats: self.floats.iter().map(Vec::as_slice).collect(),
-        }
     }
 }
 

@@ -10,6 +10,9 @@
 //! - [`from_attn`]: wraps an attn tensor's handle as a burn tensor (contiguous or strided, as the
 //!   attn view says). Under fusion it is registered with the fusion server through a zero-input
 //!   custom operation, the mechanism `burn-backend-extension` uses for custom ops.
+//! - [`attention`]: a declared variant on burn tensors, differentiable in burn's autodiff: on
+//!   tensors that take part in a graph, the forward registers an operation whose backward runs
+//!   attn's backward kernels ([`crate::backward()`]) and hands dQ, dK and dV to burn's gradients.
 //!
 //! Fusion on or off: the `burn` facade's default features turn burn-cubecl's `fusion` on
 //! (`burn/default` -> `burn-tensor/default` -> `burn-dispatch/default` -> `burn-cubecl?/default`),
@@ -24,8 +27,17 @@
 
 use super::Layout;
 use crate::cubecl::zspace::metadata::Metadata;
+use crate::inputs::{Inputs, OwnedInputs};
+use crate::launch::Output;
 use crate::tensor::contiguous_strides;
+use crate::variant::Variant;
 use crate::{AttnError, ComputeClient, Element, Tensor};
+
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::Autodiff;
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{Cube, CubeBackend, CubeDevice};
@@ -270,5 +282,133 @@ fn dtype_error<E: Element>(found: DType) -> AttnError {
             burn_dtype::<E>(),
             burn_dtype::<E>()
         ),
+    }
+}
+
+/// Variant `V`'s attention of burn tensors `q`, `k`, `v` (dims as `layout` says), with run-time
+/// `inputs`: O as a burn tensor `[B, Hq, Nq, Dv]`, no copy in or out.
+///
+/// Differentiable in burn's autodiff: when any of `q`, `k`, `v` takes part in a graph
+/// ([`burn_tensor::Tensor::is_autodiff`]), the call is recorded as one operation whose backward
+/// runs [`crate::backward()`] on the same buffers (the forward's O and LSE kept for it) and hands
+/// dQ, dK and dV to burn's gradients in the inputs' own layout. Gradients of the run-time inputs
+/// (sink logits, declared `f32` inputs) are not part of burn's graph: call
+/// [`crate::backward()`] directly for them.
+///
+/// Errors: those of [`to_attn`] and of the forward, before anything is launched. The backward
+/// runs inside burn's `backward()`, which has no error channel: an error there (none is expected
+/// once the forward accepted the inputs) panics with its message.
+pub fn attention<V: Variant>(
+    [q, k, v]: [&burn_tensor::Tensor<4>; 3],
+    layout: Layout,
+    inputs: &Inputs,
+) -> Result<burn_tensor::Tensor<4>, AttnError> {
+    let device = q.device();
+    let cube = cube_device(&device)?;
+    let client = cube.client();
+    if ![q, k, v].iter().any(|t| t.is_autodiff()) {
+        let views = [
+            to_attn::<V::Elem>(q, layout)?,
+            to_attn::<V::Elem>(k, layout)?,
+            to_attn::<V::Elem>(v, layout)?,
+        ];
+        let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], inputs)?;
+        return Ok(from_cube(attn_to_cube(&out.o, cube)));
+    }
+    let primitive = |t: &burn_tensor::Tensor<4>| {
+        t.clone()
+            .autodiff()
+            .try_into_primitive::<Autodiff<Cube>>()
+            .map_err(|e| {
+                AttnError::Unsupported(format!("burn tensor is not on a cubecl device: {e:?}"))
+            })
+    };
+    let tracked = [primitive(q)?, primitive(k)?, primitive(v)?];
+    let mut views = Vec::with_capacity(3);
+    for t in &tracked {
+        let cube_tensor = <Cube as CubeKind>::into_cube(t.primitive().clone())?;
+        views.push(cube_to_attn::<V::Elem>(&cube_tensor, layout)?);
+    }
+    let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], inputs)?;
+    let o = <Cube as CubeKind>::from_cube(attn_to_cube(&out.o, cube.clone()));
+    let state = AttentionState {
+        qkv: [views[0].clone(), views[1].clone(), views[2].clone()],
+        out,
+        inputs: OwnedInputs::of(inputs),
+        layout,
+        device: cube,
+    };
+    let nodes = [tracked[0].node(), tracked[1].node(), tracked[2].node()];
+    let result = match AttentionOp::<V>(core::marker::PhantomData)
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, o),
+        OpsKind::UnTracked(prep) => prep.finish(o),
+    };
+    Ok(burn_tensor::Tensor::<4>::from_primitive::<Autodiff<Cube>>(
+        result,
+    ))
+}
+
+/// What [`attention`]'s backward keeps from its forward: the views of Q, K and V, O and the LSE,
+/// the run-time inputs, the inputs' layout and the device.
+#[derive(Clone, Debug)]
+pub struct AttentionState<E> {
+    qkv: [Tensor<E>; 3],
+    out: Output<E>,
+    inputs: OwnedInputs,
+    layout: Layout,
+    device: CubeDevice,
+}
+
+/// [`attention`] as an operation of burn's autodiff graph.
+struct AttentionOp<V>(core::marker::PhantomData<fn() -> V>);
+
+impl<V> core::fmt::Debug for AttentionOp<V> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "attn::attention")
+    }
+}
+
+impl<V: Variant> Backward<Cube, 3> for AttentionOp<V> {
+    type State = AttentionState<V::Elem>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let state = ops.state;
+        let d_out = <Cube as CubeKind>::into_cube(grads.consume::<Cube>(&ops.node))
+            .and_then(|t| cube_to_attn::<V::Elem>(&t, Layout::Bhnd))
+            .unwrap_or_else(|e| panic!("attn::attention backward: the output's gradient: {e}"));
+        let client = state.device.client();
+        let [q, k, v] = &state.qkv;
+        let inputs = state.inputs.view();
+        let g = crate::backward::<V>(&client, q, k, v, &state.out, &d_out, &inputs)
+            .unwrap_or_else(|e| panic!("attn::attention backward: {e}"));
+        for (parent, grad) in ops.parents.iter().zip([g.dq, g.dk, g.dv]) {
+            if let Some(node) = parent {
+                let cube = in_layout(&grad, state.layout, state.device.clone());
+                grads.register::<Cube>(node.id, <Cube as CubeKind>::from_cube(cube));
+            }
+        }
+    }
+}
+
+/// A contiguous `[B, H, N, D]` attn tensor as a `CubeTensor` of the given layout: for
+/// `Layout::Bnhd`, the `[B, N, H, D]` view of the same buffer (strides swapped, no copy).
+fn in_layout<E: Element>(t: &Tensor<E>, layout: Layout, device: CubeDevice) -> CubeTensor {
+    match layout {
+        Layout::Bhnd => attn_to_cube(t, device),
+        Layout::Bnhd => {
+            let [b, h, n, d] = t.shape();
+            let s = t.strides();
+            CubeTensor::new(
+                device.client(),
+                t.handle().clone(),
+                Metadata::new(Shape::from([b, n, h, d]), [s[0], s[2], s[1], s[3]]),
+                device,
+                burn_dtype::<E>(),
+            )
+        }
     }
 }
