@@ -73,11 +73,29 @@ pub fn backward<V: Variant>(
         .into_iter()
         .find(|p| p.family != Family::Warpgroup || readable)
         .map_or_else(|| backward_plan(client, &V::SPEC), Ok)?;
-    backward_with_plan::<V>(client, [q, k, v], out, d_out, inputs, plan)
+    run::<V>(client, [q, k, v], out, d_out, inputs, plan)
 }
 
 /// [`backward()`] with a given plan (one of [`backward_plans()`]): for benchmarks and tuning.
 pub fn backward_with_plan<V: Variant>(
+    client: &ComputeClient,
+    qkv: [&Tensor<V::Elem>; 3],
+    out: &Output<V::Elem>,
+    d_out: &Tensor<V::Elem>,
+    inputs: &Inputs,
+    plan: BackwardPlan,
+) -> Result<Grads<V::Elem>, AttnError> {
+    if !backward_plans(client, &V::SPEC).contains(&plan) {
+        return Err(AttnError::Unsupported(format!(
+            "{}: backward plan {plan} does not run on this device",
+            V::SPEC.name
+        )));
+    }
+    run::<V>(client, qkv, out, d_out, inputs, plan)
+}
+
+/// The backward pass with `plan`, one of [`backward_plans()`]: every input checked, then launched.
+fn run<V: Variant>(
     client: &ComputeClient,
     [q, k, v]: [&Tensor<V::Elem>; 3],
     out: &Output<V::Elem>,
@@ -93,12 +111,6 @@ pub fn backward_with_plan<V: Variant>(
     }
     check_output(&problem, out)?;
     check_gradient(&problem, d_out)?;
-    if !backward_plans(client, spec).contains(&plan) {
-        return Err(AttnError::Unsupported(format!(
-            "{}: backward plan {plan} does not run on this device",
-            spec.name
-        )));
-    }
     if plan.family == Family::Warpgroup && ![q, k, v, d_out].iter().all(|t| copy_engine_can_read(t))
     {
         return Err(AttnError::Unsupported(format!(
@@ -520,10 +532,10 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     keys,
                 };
                 let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
-                let name = format!("the warpgroup backward at r{resident}_s{streamed}");
+                // Only whether it fits matters here: no message is built.
                 let ns = [streamed, dq_streamed, spec.head_dim, spec.value_dim];
                 warpgroup_unfit(client, spec, &ns).is_none()
-                    && cube_limits(client, &name, units, shape.warpgroup_bytes()).is_none()
+                    && cube_limits(client, "", units, shape.warpgroup_bytes()).is_none()
             });
             if fits {
                 plans.push(BackwardPlan {
@@ -550,10 +562,9 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
                 };
-                let name = format!("the tensor-core backward at r{resident}_s{streamed}");
                 cube_limits(
                     client,
-                    &name,
+                    "",
                     32 * shape.planes() as u32,
                     shape.tensor_core_bytes(),
                 )

@@ -302,6 +302,32 @@ fn recompute<M: Hooks>(
     }
 }
 
+/// The dK/dV kernels' step: the cube's `keys` against the query block of `block_q` rows from
+/// `q_start` (clipped to the sequence), classified by the mask as the forward classifies its
+/// tiles.
+#[cube]
+fn query_block_step<M: Hooks>(
+    ctx: &Ctx,
+    keys: StepKeys,
+    q_start: usize,
+    #[comptime] block_q: usize,
+    inputs: &RunInputs,
+) -> Step {
+    let seq_q = ctx.site.seq_q;
+    let q_end = select(q_start + block_q < seq_q, q_start + block_q, seq_q);
+    let walk = BlockWalk {
+        q_first: q_start,
+        q_last: q_end - 1,
+        range: KeyRange { start: 0, end: 0 },
+        first_step: 0,
+        end_step: 0,
+    };
+    Step {
+        keys,
+        class: mask::classify::<M>(ctx, walk, keys, inputs),
+    }
+}
+
 /// The context of query head `head`: its ALiBi slope read from the input slots.
 #[cube]
 fn head_context(ctx: &Ctx, head: usize, inputs: &RunInputs) -> Ctx {
@@ -351,17 +377,8 @@ pub fn backward_dkdv<E: Float, M: Hooks>(
                     q_start + config.block_q(),
                     ctx.site.seq_q,
                 );
-                let walk = BlockWalk {
-                    q_first: q_start,
-                    q_last: q_end - 1,
-                    range: KeyRange { start: 0, end: 0 },
-                    first_step: 0,
-                    end_step: 0,
-                };
-                let step = Step {
-                    keys,
-                    class: mask::classify::<M>(&head_ctx, walk, keys, inputs),
-                };
+                let step =
+                    query_block_step::<M>(&head_ctx, keys, q_start, config.block_q(), inputs);
                 if step.class != TILE_EMPTY {
                     sync_cube();
                     load_query_rows::<E>(ops, &mut tiles, &head_ctx, q_start, config);

@@ -22,9 +22,12 @@
 
 use cubecl::prelude::*;
 
-use super::{head_context, recompute, BackwardOperands, BackwardShape, KvGrads, Meeting, Pair};
+use super::{
+    head_context, query_block_step, recompute, BackwardOperands, BackwardShape, KvGrads, Meeting,
+    Pair,
+};
 use crate::hooks::{Hooks, TILE_EMPTY};
-use crate::kernels::common::walk::{BlockWalk, KeyRange};
+use crate::kernels::common::walk::BlockWalk;
 use crate::kernels::common::{mask, Args, Ctx, Lengths, RunInputs, Step, StepKeys};
 use crate::kernels::prefill::config::MMA;
 use crate::kernels::prefill::tensor_core::{operand, store_accumulator};
@@ -431,18 +434,7 @@ pub fn backward_dkdv_tc<E: Float, M: Hooks>(
             let blocks = (seq.seq_q + block_q - 1) / block_q;
             for qb in 0..blocks {
                 let q_start = qb * block_q;
-                let last = select(q_start + block_q < seq.seq_q, q_start + block_q, seq.seq_q);
-                let walk = BlockWalk {
-                    q_first: q_start,
-                    q_last: last - 1,
-                    range: KeyRange { start: 0, end: 0 },
-                    first_step: 0,
-                    end_step: 0,
-                };
-                let step = Step {
-                    keys,
-                    class: mask::classify::<M>(&head_ctx, walk, keys, inputs),
-                };
+                let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
                 if step.class != TILE_EMPTY {
                     sync_cube();
                     let head = seq.head + g;

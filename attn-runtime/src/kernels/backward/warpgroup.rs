@@ -26,9 +26,9 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
 
-use super::{head_context, recompute, BackwardShape, KvGrads, Meeting, Pair};
+use super::{head_context, query_block_step, recompute, BackwardShape, KvGrads, Meeting, Pair};
 use crate::hooks::{Hooks, TILE_EMPTY};
-use crate::kernels::common::walk::{query_range, KeyRange};
+use crate::kernels::common::walk::query_range;
 use crate::kernels::common::{mask, Args, BlockWalk, Ctx, Lengths, RunInputs, Step, StepKeys};
 use crate::kernels::prefill::config::{STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kernels::prefill::warpgroup::pipeline::{
@@ -324,6 +324,12 @@ fn pair_fragments<E: Float, M: Hooks>(
     }
 }
 
+/// A shared-memory tile laid out as `layout` (aligned as its swizzle requires).
+#[cube]
+fn swizzled_tile<E: Float>(#[comptime] layout: WgmmaTileLayout) -> Shared<[E]> {
+    Shared::<[E]>::new_aligned_slice(layout.rows * layout.k, layout.alignment())
+}
+
 /// Write one warpgroup's `64 × width` accumulator times `factor` into the contiguous gradient
 /// `dst` (`[B, H, N, width]`), rows `first..` of the head's sequence at `base`; rows from `end`
 /// are another sequence's and stay untouched.
@@ -381,14 +387,10 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         let v_tile = shape.resident_tile(dv);
         let q_tile = shape.stage_tile(d);
         let o_tile = shape.stage_tile(dv);
-        let mut k_smem =
-            Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment());
-        let mut v_smem =
-            Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
-        let mut q_smem =
-            Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
-        let mut o_smem =
-            Shared::<[E]>::new_aligned_slice(o_tile.rows * o_tile.k, o_tile.alignment());
+        let mut k_smem = swizzled_tile::<E>(k_tile);
+        let mut v_smem = swizzled_tile::<E>(v_tile);
+        let mut q_smem = swizzled_tile::<E>(q_tile);
+        let mut o_smem = swizzled_tile::<E>(o_tile);
         let k_bar = Barrier::shared(1, UNIT_POS == 0);
         let v_bar = Barrier::shared(1, UNIT_POS == 0);
         let planes = comptime!(shape.planes() as u32);
@@ -455,18 +457,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                     let g = index / blocks;
                     let q_start = (first_block + index % blocks) * block_q;
                     let head_ctx = head_context(&ctx, seq.head + g, inputs);
-                    let last = select(q_start + block_q < seq.seq_q, q_start + block_q, seq.seq_q);
-                    let walk = BlockWalk {
-                        q_first: q_start,
-                        q_last: last - 1,
-                        range: KeyRange { start: 0, end: 0 },
-                        first_step: 0,
-                        end_step: 0,
-                    };
-                    let step = Step {
-                        keys,
-                        class: mask::classify::<M>(&head_ctx, walk, keys, inputs),
-                    };
+                    let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
                     let next_stage = comptime!((stage + 1) % STAGES);
                     let mut next = stream_origin(&ctx, index + 1, first_block, blocks, block_q);
                     next.uses = (index + 1) / STAGES;
@@ -595,14 +586,10 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         let o_tile = shape.resident_tile(dv);
         let k_tile = shape.stage_tile(d);
         let v_tile = shape.stage_tile(dv);
-        let mut q_smem =
-            Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
-        let mut o_smem =
-            Shared::<[E]>::new_aligned_slice(o_tile.rows * o_tile.k, o_tile.alignment());
-        let mut k_smem =
-            Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment());
-        let mut v_smem =
-            Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
+        let mut q_smem = swizzled_tile::<E>(q_tile);
+        let mut o_smem = swizzled_tile::<E>(o_tile);
+        let mut k_smem = swizzled_tile::<E>(k_tile);
+        let mut v_smem = swizzled_tile::<E>(v_tile);
         let q_bar = Barrier::shared(1, UNIT_POS == 0);
         let o_bar = Barrier::shared(1, UNIT_POS == 0);
         let planes = comptime!(shape.planes() as u32);
