@@ -64,8 +64,11 @@ pub mod __private {
 pub use cubecl;
 pub use half::{bf16, f16};
 
-/// The client of the default device of the best back end compiled in (CUDA before wgpu).
+/// The client of the default device of the best back end compiled in (CUDA before wgpu), with
+/// compiled kernels kept between processes ([`tune::cache::configure`]) and the tuning cache's
+/// folder applied.
 pub fn default_client() -> ComputeClient {
+    tune::cache::configure();
     cubecl::Device::default().client()
 }
 

@@ -5,6 +5,10 @@
 //! The root is `ATTN_CACHE_DIR` when set, else cubecl's default (`target/environment` of the
 //! enclosing Cargo project, else the user cache folder, `~/.cache/cubecl` on Linux).
 //! `ATTN_CACHE_FILE` mounts one database file instead (a shipped bundle, used in place).
+//!
+//! The same database keeps compiled kernels ([`configure`]): on CUDA the PTX and the machine
+//! code the driver assembled, keyed by kernel and by the binary's build id, so a new process of
+//! the same program loads its kernels instead of compiling them again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Once, OnceLock};
@@ -36,17 +40,50 @@ pub fn use_dir(dir: impl Into<PathBuf>) -> bool {
 
 static INIT: Once = Once::new();
 
-/// Points cubecl at the cache and repairs it, once per process (every tuned call does this first).
-pub fn init() {
-    INIT.call_once(|| {
+/// Turns on cubecl's store of compiled kernels for this process, unless `ATTN_KERNEL_CACHE` is
+/// `off` (or `0`) or cubecl's configuration was already loaded (a client made before this call,
+/// or an application that set its own); returns whether the store is on.
+///
+/// cubecl reads its configuration once, when the first client is made: [`default_client`]
+/// (crate::default_client) calls this first; an application making its own client (burn,
+/// candle, a cubecl device) calls it before that, or sets `[compilation] cache = true` in its
+/// `cubecl.toml`. What the store keeps is keyed by the binary's build id, the device's
+/// architecture and the PTX version: a rebuilt program compiles again, and a driver that
+/// refuses stored machine code gets the stored PTX instead.
+pub fn configure() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let wanted = !matches!(
+            std::env::var("ATTN_KERNEL_CACHE").as_deref(),
+            Ok("off" | "0")
+        );
+        if wanted {
+            let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+            config.compilation.cache = true;
+            if CubeClRuntimeConfig::try_set(config) {
+                tracing::debug!("attn: compiled kernels kept in the cache database");
+            }
+        }
         // cubecl applies its configuration's root when it first loads it: load it before ours.
-        let _ = CubeClRuntimeConfig::get();
+        let on = CubeClRuntimeConfig::get().compilation.cache;
         if let Some(dir) = DIR.get() {
             environment::set_root(dir.clone());
         } else if let Some(file) = std::env::var_os("ATTN_CACHE_FILE") {
             environment::load(PathBuf::from(file));
         } else if let Some(dir) = std::env::var_os("ATTN_CACHE_DIR") {
             environment::set_root(PathBuf::from(dir));
+        }
+        on
+    })
+}
+
+/// Points cubecl at the cache and repairs it, once per process (every tuned call does this first).
+pub fn init() {
+    INIT.call_once(|| {
+        configure();
+        // A folder given after the configuration was applied.
+        if let Some(dir) = DIR.get() {
+            environment::set_root(dir.clone());
         }
         if let Some(moved) = repair(&environment::path()) {
             tracing::warn!(

@@ -10,7 +10,9 @@
 //!   (cubecl would fall back to memory on every later run), a warning when the cache holds
 //!   results for other devices or cubecl versions only ([`cache`]);
 //! - scratch outputs while candidates are timed, so a caller's buffers only ever receive the
-//!   winner's result.
+//!   winner's result;
+//! - a pick kept only when it beats the fallback by more than the measurement's spread
+//!   ([`verdict`]).
 
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ mod key;
 mod prepared;
 mod registry;
 mod tuner;
+pub mod verdict;
 
 pub use candidates::{candidates, Candidate};
 pub(crate) use decode::decode_tuned;

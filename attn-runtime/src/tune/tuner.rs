@@ -10,6 +10,7 @@ use super::cache;
 use super::candidates::{candidates, Candidate};
 use super::key::{fingerprint, kind, TuneKey};
 use super::prepared::PerVariant;
+use super::verdict::{timed, PREFILL};
 use crate::blueprint::Blueprint;
 use crate::inputs::Packed;
 use crate::launch::{
@@ -108,8 +109,24 @@ impl<E: Element> Call<E> {
     }
 }
 
+/// Runs `candidate` on `call`.
+fn run<V: Variant>(call: &Call<V::Elem>, candidate: Candidate) -> Result<(), AttnError> {
+    let blueprint = Blueprint::new(&V::SPEC, candidate, &call.problem, &call.packed);
+    launch::<V>(
+        &call.client,
+        &blueprint,
+        &call.problem,
+        &call.packed,
+        &call.q,
+        &call.k,
+        &call.v,
+        &call.out,
+    )
+}
+
 /// The tunable set of `V` on the device behind `client`: one tunable per candidate, identified
-/// by it.
+/// by it. A candidate a verdict rejected for the call's key runs the fallback instead
+/// ([`verdict`](super::verdict)), so a fresh process whose cache holds that pick never compiles it.
 fn tunable_set<V: Variant>(
     candidates: &[Candidate],
 ) -> TunableSet<TuneKey, Call<V::Elem>, (), Candidate> {
@@ -117,26 +134,33 @@ fn tunable_set<V: Variant>(
         |call: &Call<V::Elem>| call.key.clone(),
         |_key: &TuneKey, call: &Call<V::Elem>| call.with_scratch_output(),
     );
+    let Some(&fallback) = candidates.first() else {
+        return set;
+    };
     for &candidate in candidates {
         set = set.with(Tunable::identified(
             candidate,
             move |call: Call<V::Elem>| {
-                let blueprint = Blueprint::new(&V::SPEC, candidate, &call.problem, &call.packed);
-                launch::<V>(
-                    &call.client,
-                    &blueprint,
-                    &call.problem,
-                    &call.packed,
-                    &call.q,
-                    &call.k,
-                    &call.v,
-                    &call.out,
-                )
-                .map_err(|e| e.to_string())
+                let runs = PREFILL.choose(&call.client, &call.key, candidate, fallback);
+                run::<V>(&call, runs).map_err(|e| e.to_string())
             },
         ));
     }
     set
+}
+
+/// Judges the tuner's pick for `call`'s key against the fallback (timed into scratch outputs)
+/// unless a verdict exists; returns what runs for the key from now on.
+fn settle_verdict<V: Variant>(
+    call: &Call<V::Elem>,
+    pick: Candidate,
+    fallback: Candidate,
+) -> Result<Candidate, AttnError> {
+    let scratch = call.with_scratch_output();
+    let keep = PREFILL.settle(&call.client, &call.key, pick, fallback, |c| {
+        timed(&call.client, || run::<V>(&scratch, c))
+    })?;
+    Ok(if keep { pick } else { fallback })
 }
 
 /// Runs `V` with the tuned shape for this call's key (see [`Policy`]) into `out`; returns the
@@ -208,7 +232,7 @@ pub(crate) fn forward_tuned<V: Variant>(
         );
         let blueprint = Blueprint::new(&V::SPEC, fallback, problem, &call.packed);
         launch::<V>(client, &blueprint, problem, &call.packed, q, k, v, out)?;
-        settle_in_background::<V>(id, set, call.with_scratch_output());
+        settle_in_background::<V>(id, set, call.with_scratch_output(), fallback);
         return Ok(fallback);
     }
     if known.is_none() {
@@ -218,14 +242,15 @@ pub(crate) fn forward_tuned<V: Variant>(
             "attn: no tuned tile shape in this process for this key: read from the tuning cache, or timed now"
         );
     }
-    TUNER.execute(&id, client, set.clone(), call);
-    let ran = known
-        .or_else(|| TUNER.fastest_identity(&id, &set, &key))
-        .unwrap_or(fallback);
-    if known.is_none() {
-        tracing::info!(variant = V::SPEC.name, tile = %ran.tiling.name(), "attn: tuned tile shape");
+    if let Some(pick) = known {
+        TUNER.execute(&id, client, set, call);
+        return Ok(PREFILL.choose(client, &key, pick, fallback));
     }
-    Ok(ran)
+    TUNER.execute(&id, client, set.clone(), call.clone());
+    let pick = TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback);
+    let runs = settle_verdict::<V>(&call, pick, fallback)?;
+    tracing::info!(variant = V::SPEC.name, tile = %runs.tiling.name(), "attn: tuned tile shape");
+    Ok(runs)
 }
 
 /// Keys being settled in the background (their debug form), so a burst of calls of one key
@@ -237,13 +262,25 @@ static THREADS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
 
 /// Settles `call`'s key on a thread of its own (the tuner reads the persistent cache or times the
 /// candidates, into scratch outputs), unless a thread already does.
-fn settle_in_background<V: Variant>(id: ServiceId, set: SetOf<V>, call: Call<V::Elem>) {
+fn settle_in_background<V: Variant>(
+    id: ServiceId,
+    set: SetOf<V>,
+    call: Call<V::Elem>,
+    fallback: Candidate,
+) {
     let key = call.key.clone();
     spawn_settling(format!("{key:?}"), move || {
         let client = call.client.clone();
-        TUNER.execute(&id, &client, set.clone(), call);
-        let ran = TUNER.fastest_identity(&id, &set, &key);
-        tracing::info!(variant = V::SPEC.name, candidate = ?ran, "attn: key settled in the background");
+        TUNER.execute(&id, &client, set.clone(), call.clone());
+        let pick = TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback);
+        match settle_verdict::<V>(&call, pick, fallback) {
+            Ok(runs) => {
+                tracing::info!(variant = V::SPEC.name, candidate = %runs, "attn: key settled in the background")
+            }
+            Err(e) => {
+                tracing::warn!(variant = V::SPEC.name, error = %e, "attn: the pick could not be judged; it runs until it is")
+            }
+        }
     });
 }
 
@@ -283,10 +320,13 @@ pub fn wait_for_background_tuning() {
     }
 }
 
-/// The candidate the tuner settled on for `key` in this process, if any.
+/// The candidate that runs for `key` in this process, if the tuner settled the key here: its
+/// pick, or the fallback where the pick did not beat it beyond the spread.
 pub fn chosen<V: Variant>(client: &ComputeClient, key: &TuneKey) -> Option<Candidate> {
     let (id, set) = set_for::<V>(client);
-    TUNER.fastest_identity(&id, &set, key)
+    let pick = TUNER.fastest_identity(&id, &set, key)?;
+    let fallback = prepared::<V>(client).ok()?.candidates[0];
+    Some(PREFILL.choose(client, key, pick, fallback))
 }
 
 /// `V`'s tunable set on `client`'s device, built once per device and process.

@@ -1,0 +1,253 @@
+//! The tuner's pick against the fallback: a pick stays only when it beats the fallback by more
+//! than the measurement's spread.
+//!
+//! cubecl's tuner keeps whichever candidate scored best in its own samples, however small the
+//! lead; on a busy or noisy device that can be a shape slower than the fallback it replaced. So
+//! once a key is tuned, the pick and the fallback are timed again, in turns, on the same inputs
+//! ([`ROUNDS`] each, wall time of one call and a sync, the order swapped every round so that
+//! neither profits from a warm cache). The pick is kept only when its upper quartile is under
+//! the fallback's lower quartile: when three quarters of its samples beat three quarters of the
+//! fallback's. Otherwise the fallback runs for that key, in this process and later ones: each
+//! verdict is kept in the cache database beside the tuned shapes (namespace
+//! `attn/<cubecl>/verdicts/<device>`), so a fresh process reads it and never compiles a rejected
+//! pick.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
+
+use cubecl_common::device::ServiceId;
+use cubecl_environment::persistence::{Namespace, Store, StoreOptions};
+use serde::{Deserialize, Serialize};
+
+use super::cache;
+use super::key::TuneKey;
+use crate::blueprint::Candidate;
+use crate::tensor::ComputeClient;
+use crate::AttnError;
+
+/// Timed calls of each of the two, interleaved. Nine puts the quartiles on the 3rd and 7th
+/// samples, so that two outliers on either side change nothing; the two together cost 18 calls
+/// of the key, a few milliseconds at the sizes tuning is worth doing for.
+pub const ROUNDS: usize = 9;
+
+/// What a key's timing said: the two medians and the quartiles the rule compares, in
+/// nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Whether the pick runs (else the fallback does).
+    pub keep: bool,
+    /// Median of the pick's samples.
+    pub pick_ns: u64,
+    /// Median of the fallback's samples.
+    pub fallback_ns: u64,
+    /// Upper quartile of the pick's samples.
+    pub pick_upper_ns: u64,
+    /// Lower quartile of the fallback's samples.
+    pub fallback_lower_ns: u64,
+}
+
+impl Verdict {
+    /// The verdict on two sets of samples (seconds or any unit, the same for both).
+    pub fn judge(pick: &[f64], fallback: &[f64]) -> Self {
+        let sorted = |s: &[f64]| {
+            let mut s = s.to_vec();
+            s.sort_by(f64::total_cmp);
+            s
+        };
+        let (p, f) = (sorted(pick), sorted(fallback));
+        let at = |s: &[f64], q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        let ns = |x: f64| (x * 1e9).max(0.0) as u64;
+        let (pick_upper, fallback_lower) = (at(&p, 0.75), at(&f, 0.25));
+        Verdict {
+            keep: pick_upper < fallback_lower,
+            pick_ns: ns(at(&p, 0.5)),
+            fallback_ns: ns(at(&f, 0.5)),
+            pick_upper_ns: ns(pick_upper),
+            fallback_lower_ns: ns(fallback_lower),
+        }
+    }
+}
+
+/// A verdict's place in the store: the key, and the two it compared by name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+struct Judged {
+    key: String,
+    pick: String,
+    fallback: String,
+}
+
+/// Verdicts on prefill picks, by device: the process's memory over the cache database.
+pub(super) struct Verdicts<K, P> {
+    /// By device (cubecl's service id: cheap to get on every call), key and the two compared.
+    memory: Mutex<HashMap<(ServiceId, K, P, P), bool>>,
+    /// By device kind (the hardware identity the tuned shapes are kept under).
+    stores: Mutex<HashMap<String, Store<Judged, Verdict>>>,
+}
+
+/// The verdicts of the prefill tuner.
+pub(super) static PREFILL: LazyLock<Verdicts<TuneKey, Candidate>> = LazyLock::new(Verdicts::new);
+
+impl<K, P> Verdicts<K, P>
+where
+    K: Clone + Eq + Hash + std::fmt::Debug,
+    P: Copy + Eq + Hash + std::fmt::Display,
+{
+    fn new() -> Self {
+        Verdicts {
+            memory: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Which of `pick` and `fallback` runs for `key` on `client`'s device: the pick when no
+    /// verdict says otherwise (none yet: the key is being tuned, or was tuned before verdicts
+    /// existed and is judged on its next tuning), the fallback when one rejected the pick.
+    pub(super) fn choose(&self, client: &ComputeClient, key: &K, pick: P, fallback: P) -> P {
+        if pick == fallback {
+            return pick;
+        }
+        match self.read(client, key, pick, fallback) {
+            Some(false) => fallback,
+            _ => pick,
+        }
+    }
+
+    /// The verdict on `pick` for `key`, if one was reached here or kept in the cache.
+    fn read(&self, client: &ComputeClient, key: &K, pick: P, fallback: P) -> Option<bool> {
+        let memo = (client.service_id(), key.clone(), pick, fallback);
+        if let Some(&keep) = lock(&self.memory).get(&memo) {
+            return Some(keep);
+        }
+        let judged = judged(key, pick, fallback);
+        let keep = self
+            .with_store(client, |store| store.get(&judged).copied())
+            .map(|v| v.keep)?;
+        lock(&self.memory).insert(memo, keep);
+        Some(keep)
+    }
+
+    /// Judges `pick` against `fallback` for `key` unless a verdict exists: `time` runs one of them
+    /// and waits for it, returning the seconds it took. Returns whether the pick stays.
+    pub(super) fn settle(
+        &self,
+        client: &ComputeClient,
+        key: &K,
+        pick: P,
+        fallback: P,
+        mut time: impl FnMut(P) -> Result<f64, AttnError>,
+    ) -> Result<bool, AttnError> {
+        if pick == fallback {
+            return Ok(true);
+        }
+        if let Some(keep) = self.read(client, key, pick, fallback) {
+            return Ok(keep);
+        }
+        // One untimed call each: compiled, loaded and warm before the samples.
+        time(pick)?;
+        time(fallback)?;
+        let (mut picks, mut fallbacks) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            if round % 2 == 0 {
+                picks.push(time(pick)?);
+                fallbacks.push(time(fallback)?);
+            } else {
+                fallbacks.push(time(fallback)?);
+                picks.push(time(pick)?);
+            }
+        }
+        let verdict = Verdict::judge(&picks, &fallbacks);
+        tracing::info!(
+            key = ?key,
+            pick = %pick,
+            fallback = %fallback,
+            pick_ms = verdict.pick_ns as f64 * 1e-6,
+            fallback_ms = verdict.fallback_ns as f64 * 1e-6,
+            keep = verdict.keep,
+            "attn: the tuned pick against the fallback"
+        );
+        self.with_store(client, |store| {
+            if let Err(e) = store.insert(judged(key, pick, fallback), verdict) {
+                tracing::debug!(reason = e.reason(), "attn: verdict not kept");
+            }
+        });
+        lock(&self.memory).insert(
+            (client.service_id(), key.clone(), pick, fallback),
+            verdict.keep,
+        );
+        Ok(verdict.keep)
+    }
+
+    fn with_store<T>(
+        &self,
+        client: &ComputeClient,
+        f: impl FnOnce(&mut Store<Judged, Verdict>) -> T,
+    ) -> T {
+        cache::init();
+        let hardware = client.hardware_identity().to_string();
+        let mut stores = lock(&self.stores);
+        let store = stores.entry(hardware.clone()).or_insert_with(|| {
+            Store::new(
+                StoreOptions::new()
+                    .storage(Namespace::scoped("attn", format!("verdicts/{hardware}"))),
+            )
+        });
+        f(store)
+    }
+}
+
+fn judged<K: std::fmt::Debug, P: std::fmt::Display>(key: &K, pick: P, fallback: P) -> Judged {
+    Judged {
+        key: format!("{key:?}"),
+        pick: pick.to_string(),
+        fallback: fallback.to_string(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Seconds one call of `run` takes, to its end on the device.
+pub(super) fn timed(
+    client: &ComputeClient,
+    run: impl FnOnce() -> Result<(), AttnError>,
+) -> Result<f64, AttnError> {
+    let start = Instant::now();
+    run()?;
+    crate::sync(client)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pick_stays_only_beyond_the_spread() {
+        // Clearly faster: every sample of the pick beats every sample of the fallback.
+        let pick = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02, 0.98];
+        let fallback = [1.5, 1.6, 1.4, 1.5, 1.55, 1.45, 1.5, 1.52, 1.48];
+        assert!(Verdict::judge(&pick, &fallback).keep);
+        // Swapped: never.
+        assert!(!Verdict::judge(&fallback, &pick).keep);
+        // A faster median inside the spread: the fallback stays.
+        let noisy_pick = [0.8, 1.3, 0.9, 1.2, 0.95, 1.25, 0.97, 1.1, 1.0];
+        let noisy_fallback = [1.0, 1.2, 0.9, 1.3, 1.05, 1.1, 0.95, 1.25, 1.02];
+        let v = Verdict::judge(&noisy_pick, &noisy_fallback);
+        assert!(v.pick_ns < v.fallback_ns, "the pick's median is lower");
+        assert!(!v.keep, "but not by more than the spread: {v:?}");
+        // Equal: the fallback stays.
+        assert!(!Verdict::judge(&pick, &pick).keep);
+    }
+
+    #[test]
+    fn quartiles_are_the_third_and_seventh_of_nine() {
+        let pick: Vec<f64> = (1..=9).map(f64::from).collect();
+        let v = Verdict::judge(&pick, &pick);
+        assert_eq!(v.pick_upper_ns, 7_000_000_000);
+        assert_eq!(v.fallback_lower_ns, 3_000_000_000);
+        assert_eq!(v.pick_ns, 5_000_000_000);
+    }
+}
