@@ -242,12 +242,15 @@ fn tensor_core_shapes() {
         println!("no tensor-core backward on this device; the other shapes skipped");
         return;
     }
-    check::<Llama3F16>(&c, [1, 8, 2, 100, 100]);
-    check::<WindowDocsF16>(&c, [1, 4, 2, 150, 150]);
-    check::<Dv64F16>(&c, [1, 2, 2, 50, 81]);
-    check::<Llama3Bf16>(&c, [2, 4, 1, 33, 97]);
-    check::<PrefixLengthsF16>(&c, [2, 4, 2, 90, 90]);
-    check::<BandWindowF16>(&c, [1, 2, 2, 130, 130]);
+    // Every plan of every shape compiles its own kernels: side by side, on the host's cores.
+    std::thread::scope(|s| {
+        s.spawn(|| check::<Llama3F16>(&c, [1, 8, 2, 100, 100]));
+        s.spawn(|| check::<WindowDocsF16>(&c, [1, 4, 2, 150, 150]));
+        s.spawn(|| check::<Dv64F16>(&c, [1, 2, 2, 50, 81]));
+        s.spawn(|| check::<Llama3Bf16>(&c, [2, 4, 1, 33, 97]));
+        s.spawn(|| check::<PrefixLengthsF16>(&c, [2, 4, 2, 90, 90]));
+        s.spawn(|| check::<BandWindowF16>(&c, [1, 2, 2, 130, 130]));
+    });
 }
 
 #[test]

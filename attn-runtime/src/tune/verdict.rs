@@ -242,6 +242,61 @@ mod tests {
         assert!(!Verdict::judge(&pick, &pick).keep);
     }
 
+    /// Verdicts reach the cache database: a fresh set of verdicts (a new process's) reads them,
+    /// and a key nobody judged runs the tuner's pick.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn verdicts_are_kept_in_the_cache_and_read_back() {
+        use crate::blueprint::Family;
+        use attn_types::Tiling;
+        let dir = std::env::temp_dir().join(format!("attn-verdicts-{}", std::process::id()));
+        assert!(cache::use_dir(&dir), "nothing used the cache before");
+        let client = crate::default_client();
+        let key = |seq| TuneKey {
+            variant: "Test#0".into(),
+            dtype: "f16".into(),
+            head_dim: 64,
+            value_dim: 64,
+            group: 1,
+            kind: "causal".into(),
+            seq_q: seq,
+            seq_k: seq,
+            batch_heads: 64,
+        };
+        let tile = |block_q, block_kv| Candidate {
+            tiling: Tiling { block_q, block_kv },
+            family: Family::Portable,
+        };
+        let (fallback, pick) = (tile(64, 32), tile(32, 32));
+        let verdicts = Verdicts::new();
+        // The pick takes twice the fallback's time on one key and half of it on another.
+        let slower = |c: Candidate| Ok(if c == pick { 2e-3 } else { 1e-3 });
+        let faster = |c: Candidate| Ok(if c == pick { 1e-3 } else { 2e-3 });
+        assert!(!verdicts
+            .settle(&client, &key(1024), pick, fallback, slower)
+            .unwrap());
+        assert!(verdicts
+            .settle(&client, &key(4096), pick, fallback, faster)
+            .unwrap());
+        let mut calls = 0;
+        let counted = |_: Candidate| {
+            calls += 1;
+            Ok(1.0)
+        };
+        assert!(
+            !verdicts
+                .settle(&client, &key(1024), pick, fallback, counted)
+                .unwrap(),
+            "a settled key keeps its verdict"
+        );
+        assert_eq!(calls, 0, "and is not timed again");
+        let fresh = Verdicts::new();
+        assert_eq!(fresh.choose(&client, &key(1024), pick, fallback), fallback);
+        assert_eq!(fresh.choose(&client, &key(4096), pick, fallback), pick);
+        assert_eq!(fresh.choose(&client, &key(256), pick, fallback), pick);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn quartiles_are_the_third_and_seventh_of_nine() {
         let pick: Vec<f64> = (1..=9).map(f64::from).collect();
