@@ -227,6 +227,59 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
     );
 }
 
+/// `backward` itself runs the plan the tuner reports: on a device with several plans its first
+/// call of a key times them and judges the pick against the default; the gradients are that
+/// plan's, bit for bit, on the first call and on a later one.
+#[test]
+fn backward_runs_the_plan_the_tuner_reports() {
+    let c = client();
+    let spec = Llama3F16::SPEC;
+    let (mut rng, _) = seeded_rng("tuned backward");
+    let (q_shape, kv_shape) = ([1, 4, 100, 128], [1, 1, 100, 128]);
+    let upload = |shape: [usize; 4], rng: &mut _| {
+        let host: Vec<attn::f16> = random_vec(rng, shape.iter().product());
+        Tensor::from_slice(&c, &host, shape).expect("fills its shape")
+    };
+    let (q, k, v, d_out) = (
+        upload(q_shape, &mut rng),
+        upload(kv_shape, &mut rng),
+        upload(kv_shape, &mut rng),
+        upload(q_shape, &mut rng),
+    );
+    let inputs = attn::Inputs::default();
+    let out = attn::forward::<Llama3F16>(&c, &q, &k, &v, &inputs).expect("forward");
+    let problem = Problem::new(&spec, &q, &k, &v).expect("valid problem");
+    let packed = pack(&spec, &problem, &inputs).expect("valid inputs");
+    let key = attn::tune::TuneKey::of(&spec, &problem, &packed);
+    let plans = attn::backward_plans(&c, &spec);
+    let default = attn::backward_plan(&c, &spec).expect("a plan runs");
+    for call in ["first", "later"] {
+        let grads =
+            attn::backward::<Llama3F16>(&c, &q, &k, &v, &out, &d_out, &inputs).expect("backward");
+        let plan = attn::tune::chosen_backward::<Llama3F16>(&c, &key).unwrap_or(default);
+        assert!(plans.contains(&plan), "{plan} runs on this device");
+        assert_eq!(
+            plan.family, default.family,
+            "the tuner keeps to the fastest family"
+        );
+        let pinned =
+            attn::backward_with_plan::<Llama3F16>(&c, [&q, &k, &v], &out, &d_out, &inputs, plan)
+                .expect("backward");
+        for (name, got, want) in [
+            ("dQ", &grads.dq, &pinned.dq),
+            ("dK", &grads.dk, &pinned.dk),
+            ("dV", &grads.dv, &pinned.dv),
+        ] {
+            assert_eq!(
+                got.to_vec(&c),
+                want.to_vec(&c),
+                "{call} call: {name} is not {plan}'s"
+            );
+        }
+        println!("{call} call ran {plan} ({} plans here)", plans.len());
+    }
+}
+
 /// The shapes the tensor-core kernels take on GPUs, at lengths that leave partial 16-row blocks:
 /// Llama-3's GQA at head dim 128 (every back end), and where the device has tensor cores also a
 /// window over documents with a softcap, `value_dim < head_dim`, bf16, prefix-LM over key

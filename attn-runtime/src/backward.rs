@@ -7,7 +7,7 @@ use crate::blueprint::{
     cube_limits, family_cap, prefill_config, tensor_cores_unfit, warpgroup_unfit, Family,
 };
 use crate::error::{AttnError, Dim, Operand};
-use crate::inputs::{pack, Inputs};
+use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
 use crate::kernels::backward::warpgroup::{backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch};
 use crate::kernels::backward::{
@@ -57,6 +57,10 @@ const BLOCK: u32 = 64;
 /// [`crate::Hooks::score_input_grad`]); the run-time inputs get their gradients too: sink
 /// logits ([`Grads::d_sinks`]), given ALiBi slopes ([`Grads::d_alibi_slopes`]) and every declared
 /// `f32` input ([`Grads::d_inputs`]), each summed over the pairs in a fixed order.
+///
+/// The plan (kernel family and tile) is tuned per device like the forward's tile shape
+/// ([`crate::tune::Policy`]; the first call of a key times [`backward_plans()`] unless the policy
+/// says otherwise; a pick stays only when it beats the default plan beyond the spread).
 pub fn backward<V: Variant>(
     client: &ComputeClient,
     q: &Tensor<V::Elem>,
@@ -66,14 +70,28 @@ pub fn backward<V: Variant>(
     d_out: &Tensor<V::Elem>,
     inputs: &Inputs,
 ) -> Result<Grads<V::Elem>, AttnError> {
-    // The first plan that runs on these operands: the warpgroup kernels read them through the
-    // copy engine.
+    let (problem, packed) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
+    // The plans that run on these operands: the warpgroup kernels read them through the copy
+    // engine.
     let readable = [q, k, v, d_out].iter().all(|t| copy_engine_can_read(t));
-    let plan = backward_plans(client, &V::SPEC)
-        .into_iter()
-        .find(|p| p.family != Family::Warpgroup || readable)
-        .map_or_else(|| backward_plan(client, &V::SPEC), Ok)?;
-    run::<V>(client, [q, k, v], out, d_out, inputs, plan)
+    let plans = tuned_plans(client, &V::SPEC, readable);
+    if plans.is_empty() {
+        let plan = backward_plan(client, &V::SPEC)?;
+        return run::<V>(client, [q, k, v], out, d_out, inputs, plan);
+    }
+    crate::tune::backward_tuned::<V>(
+        client,
+        crate::tune::BackwardCall {
+            qkv: [q, k, v],
+            out,
+            d_out,
+            inputs,
+            problem: &problem,
+            packed: &packed,
+        },
+        &plans,
+        readable,
+    )
 }
 
 /// [`backward()`] with a given plan (one of [`backward_plans()`]): for benchmarks and tuning.
@@ -94,15 +112,33 @@ pub fn backward_with_plan<V: Variant>(
     run::<V>(client, qkv, out, d_out, inputs, plan)
 }
 
-/// The backward pass with `plan`, one of [`backward_plans()`]: every input checked, then launched.
-fn run<V: Variant>(
+/// The plans `backward` chooses among for operands the copy engine reads (`readable`) or not: the
+/// tiles of the fastest family that runs them, its default first (the slower families are
+/// several times slower each: timing them only lengthens tuning).
+pub(crate) fn tuned_plans(
+    client: &ComputeClient,
+    spec: &VariantSpec,
+    readable: bool,
+) -> Vec<BackwardPlan> {
+    let mut plans: Vec<BackwardPlan> = backward_plans(client, spec)
+        .into_iter()
+        .filter(|p| p.family != Family::Warpgroup || readable)
+        .collect();
+    if let Some(first) = plans.first().map(|p| p.family) {
+        plans.retain(|p| p.family == first);
+    }
+    plans
+}
+
+/// A backward call's problem and packed inputs, every input checked against the variant and the
+/// device (nothing launched): what every plan needs.
+fn checked<V: Variant>(
     client: &ComputeClient,
     [q, k, v]: [&Tensor<V::Elem>; 3],
     out: &Output<V::Elem>,
     d_out: &Tensor<V::Elem>,
     inputs: &Inputs,
-    plan: BackwardPlan,
-) -> Result<Grads<V::Elem>, AttnError> {
+) -> Result<(Problem, Packed), AttnError> {
     let spec = &V::SPEC;
     let problem = Problem::new(spec, q, k, v)?;
     let packed = pack(spec, &problem, inputs)?;
@@ -111,6 +147,26 @@ fn run<V: Variant>(
     }
     check_output(&problem, out)?;
     check_gradient(&problem, d_out)?;
+    backward_tiling(client, spec)?;
+    learn_config(spec)?;
+    // The dK/dV kernel's units walk every query row of their group (and stage each block's rows
+    // in a few loops), the dQ kernel's every key.
+    let walked = (problem.group * problem.seq_q).max(problem.seq_k);
+    check_loop_budget_for(client, 4 * walked + 64, "this backward call")?;
+    Ok((problem, packed))
+}
+
+/// The backward pass with `plan`, one of [`backward_plans()`]: every input checked, then launched.
+pub(crate) fn run<V: Variant>(
+    client: &ComputeClient,
+    [q, k, v]: [&Tensor<V::Elem>; 3],
+    out: &Output<V::Elem>,
+    d_out: &Tensor<V::Elem>,
+    inputs: &Inputs,
+    plan: BackwardPlan,
+) -> Result<Grads<V::Elem>, AttnError> {
+    let spec = &V::SPEC;
+    let (problem, packed) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
     if plan.family == Family::Warpgroup && ![q, k, v, d_out].iter().all(|t| copy_engine_can_read(t))
     {
         return Err(AttnError::Unsupported(format!(
@@ -122,10 +178,6 @@ fn run<V: Variant>(
     // The portable tile: the whole pass on the portable family, or its dQ kernel where the
     // learnable inputs' gradients ride on it.
     let tiling = backward_tiling(client, spec)?;
-    // The dK/dV kernel's units walk every query row of their group (and stage each block's rows
-    // in a few loops), the dQ kernel's every key.
-    let walked = (problem.group * problem.seq_q).max(problem.seq_k);
-    check_loop_budget_for(client, 4 * walked + 64, "this backward call")?;
 
     // Zeros, filled on the device: rows outside every document and keys past a sequence's length
     // get no gradient.

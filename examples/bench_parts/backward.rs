@@ -5,7 +5,7 @@
 //! gradients are written beside the forward's files (`do.bin`, `dq.bin`, `dk.bin`, `dv.bin`,
 //! same dtype and layouts as Q, K, V) with the timings in `backward.json`, for
 //! `bench/backward.py` to check against float64 and time PyTorch's backward passes on the same
-//! data.
+//! data. Last, `backward` itself runs and is timed: the plan the tuner settles on.
 
 use std::path::Path;
 
@@ -62,6 +62,25 @@ pub fn run_backward<V: Variant>(
     let (plan, times) = best.ok_or_else(|| {
         AttnError::Unsupported(format!("{}: no backward plan runs", V::SPEC.name))
     })?;
+    // What `backward` itself runs: the tuned plan (its first call tunes the key, unless the
+    // policy says otherwise).
+    let [q, k, v] = qkv;
+    let tuned_call = || attn::backward::<V>(client, q, k, v, out, &d_out, inputs);
+    let start = std::time::Instant::now();
+    tuned_call()?;
+    attn::sync(client)?;
+    let tuned_first_ms = start.elapsed().as_secs_f64() * 1e3;
+    let tuned_times = device_times(client, iters, || tuned_call().map(|_| ()))?;
+    let problem = attn::problem::Problem::new(&V::SPEC, q, k, v)?;
+    let packed = attn::inputs::pack(&V::SPEC, &problem, inputs)?;
+    let key = attn::tune::TuneKey::of(&V::SPEC, &problem, &packed);
+    let tuned_plan = attn::tune::chosen_backward::<V>(client, &key)
+        .map_or_else(|| plans[0].to_string(), |p| p.to_string());
+    let tuned_ms = sorted_median(&tuned_times);
+    println!(
+        "  backward tuned ({:?}): {tuned_plan} median {tuned_ms:.3} ms (first call, tuning included, {tuned_first_ms:.0} ms)",
+        attn::tune::policy(client)
+    );
     let grads = attn::backward_with_plan::<V>(client, qkv, out, &d_out, inputs, plan)?;
     write_raw(&dir.join("do.bin"), &d_out_host);
     write_raw(&dir.join("dq.bin"), &grads.dq.to_vec(client));
@@ -74,7 +93,7 @@ pub fn run_backward<V: Variant>(
     let median = sorted_median(&times);
     println!("  backward: {plan} median {median:.3} ms");
     let meta = format!(
-        "{{\"plan\": \"{plan}\", \"default_plan\": \"{}\", \"median_ms\": {median}, \"times_ms\": [{}], \"plans_ms\": {{{}}}}}\n",
+        "{{\"plan\": \"{plan}\", \"default_plan\": \"{}\", \"tuned_plan\": \"{tuned_plan}\", \"tuned_ms\": {tuned_ms}, \"median_ms\": {median}, \"times_ms\": [{}], \"plans_ms\": {{{}}}}}\n",
         plans[0],
         times_json.join(", "),
         per_plan.join(", ")

@@ -24,6 +24,8 @@ use crate::AttnError;
 pub const TUNER_NAME: &str = "attn-prefill";
 /// The cache namespace of the decode plans' tuner.
 pub const DECODE_TUNER_NAME: &str = "attn-decode";
+/// The cache namespace of the backward plans' tuner.
+pub const BACKWARD_TUNER_NAME: &str = "attn-backward";
 /// The cubecl version the namespaces of this build carry.
 pub const CUBECL_VERSION: &str = "0.12.0-pre.1";
 /// What every SQLite database file starts with.
@@ -205,9 +207,9 @@ pub fn classify(rows: &[(String, u64)], version: &str, hardware: &str) -> Summar
     for (namespace, entries) in rows {
         let segments: Vec<String> = namespace.split('/').map(simple).collect();
         let tuner = segments.first().is_some_and(|s| s == "autotune")
-            && segments
-                .last()
-                .is_some_and(|s| s == TUNER_NAME || s == DECODE_TUNER_NAME);
+            && segments.last().is_some_and(|s| {
+                [TUNER_NAME, DECODE_TUNER_NAME, BACKWARD_TUNER_NAME].contains(&s.as_str())
+            });
         if segments.first().is_some_and(|s| s == "records") {
             summary.records += entries;
         } else if !tuner {

@@ -1,4 +1,4 @@
-//! Tile shapes (and decode plans) per device: candidates, the autotune key, cubecl's tuner with its persistent
+//! Tile shapes (and decode and backward plans) per device: candidates, the autotune key, cubecl's tuner with its persistent
 //! cache, the install-time shape grid and the registry of declared variants.
 //!
 //! Built on cubecl's autotune (`LocalTuner`, `TunableSet`, `AutotuneKey`, its on-disk store and
@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+mod backward;
 pub mod cache;
 mod candidates;
 mod decode;
@@ -26,6 +27,8 @@ mod registry;
 mod tuner;
 pub mod verdict;
 
+pub use backward::chosen_backward;
+pub(crate) use backward::{backward_tuned, BackwardCall};
 pub use candidates::{candidates, Candidate};
 pub(crate) use decode::decode_tuned;
 pub use decode::{plan_choices, DecodeKey, PlanChoice};

@@ -250,6 +250,11 @@ pub(crate) fn forward_tuned<V: Variant>(
     let pick = TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback);
     let runs = settle_verdict::<V>(&call, pick, fallback)?;
     tracing::info!(variant = V::SPEC.name, tile = %runs.tiling.name(), "attn: tuned tile shape");
+    if runs != pick {
+        // The tuner ran its pick into the output; the verdict sent it back: the answer is the
+        // candidate that runs from now on.
+        run::<V>(&call, runs)?;
+    }
     Ok(runs)
 }
 

@@ -9,8 +9,8 @@
 //! the fallback's lower quartile: when three quarters of its samples beat three quarters of the
 //! fallback's. Otherwise the fallback runs for that key, in this process and later ones: each
 //! verdict is kept in the cache database beside the tuned shapes (namespace
-//! `attn/<cubecl>/verdicts/<device>`), so a fresh process reads it and never compiles a rejected
-//! pick.
+//! `attn/<cubecl>/verdicts/<prefill|backward>/<device>`), so a fresh process reads it and never
+//! compiles a rejected pick.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache;
 use super::key::TuneKey;
+use crate::backward::BackwardPlan;
 use crate::blueprint::Candidate;
 use crate::tensor::ComputeClient;
 use crate::AttnError;
@@ -78,8 +79,10 @@ struct Judged {
     fallback: String,
 }
 
-/// Verdicts on prefill picks, by device: the process's memory over the cache database.
+/// Verdicts on one tuner's picks, by device: the process's memory over the cache database.
 pub(super) struct Verdicts<K, P> {
+    /// What is judged (`prefill`, `backward`): a namespace of its own in the cache.
+    name: &'static str,
     /// By device (cubecl's service id: cheap to get on every call), key and the two compared.
     memory: Mutex<HashMap<(ServiceId, K, P, P), bool>>,
     /// By device kind (the hardware identity the tuned shapes are kept under).
@@ -87,15 +90,20 @@ pub(super) struct Verdicts<K, P> {
 }
 
 /// The verdicts of the prefill tuner.
-pub(super) static PREFILL: LazyLock<Verdicts<TuneKey, Candidate>> = LazyLock::new(Verdicts::new);
+pub(super) static PREFILL: LazyLock<Verdicts<TuneKey, Candidate>> =
+    LazyLock::new(|| Verdicts::new("prefill"));
+/// The verdicts of the backward tuner.
+pub(super) static BACKWARD: LazyLock<Verdicts<TuneKey, BackwardPlan>> =
+    LazyLock::new(|| Verdicts::new("backward"));
 
 impl<K, P> Verdicts<K, P>
 where
     K: Clone + Eq + Hash + std::fmt::Debug,
     P: Copy + Eq + Hash + std::fmt::Display,
 {
-    fn new() -> Self {
+    fn new(name: &'static str) -> Self {
         Verdicts {
+            name,
             memory: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
         }
@@ -188,10 +196,10 @@ where
         let hardware = client.hardware_identity().to_string();
         let mut stores = lock(&self.stores);
         let store = stores.entry(hardware.clone()).or_insert_with(|| {
-            Store::new(
-                StoreOptions::new()
-                    .storage(Namespace::scoped("attn", format!("verdicts/{hardware}"))),
-            )
+            Store::new(StoreOptions::new().storage(Namespace::scoped(
+                "attn",
+                format!("verdicts/{}/{hardware}", self.name),
+            )))
         });
         f(store)
     }
@@ -268,7 +276,7 @@ mod tests {
             family: Family::Portable,
         };
         let (fallback, pick) = (tile(64, 32), tile(32, 32));
-        let verdicts = Verdicts::new();
+        let verdicts = Verdicts::new("test");
         // The pick takes twice the fallback's time on one key and half of it on another.
         let slower = |c: Candidate| Ok(if c == pick { 2e-3 } else { 1e-3 });
         let faster = |c: Candidate| Ok(if c == pick { 1e-3 } else { 2e-3 });
@@ -290,7 +298,7 @@ mod tests {
             "a settled key keeps its verdict"
         );
         assert_eq!(calls, 0, "and is not timed again");
-        let fresh = Verdicts::new();
+        let fresh = Verdicts::new("test");
         assert_eq!(fresh.choose(&client, &key(1024), pick, fallback), fallback);
         assert_eq!(fresh.choose(&client, &key(4096), pick, fallback), pick);
         assert_eq!(fresh.choose(&client, &key(256), pick, fallback), pick);
