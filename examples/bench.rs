@@ -200,7 +200,7 @@ fn main() {
         case::<SinkWindow>(2, 64, 8, 8192),
         case::<StreamMask>(2, 32, 8, 8192),
         // f16 (case 17): Llama-3's shape of case 5 in the other 16-bit type.
-        case::<Llama3F16>(4, 32, 8, 4096),
+        case::<Llama3<attn::f16>>(4, 32, 8, 4096),
         // Head dim 256 (cases 18, 19): Gemma-2's shape of case 12 without the softcap, so the SDPA
         // back ends run it too.
         case::<Gqa2x256>(2, 16, 8, 8192),
@@ -730,7 +730,7 @@ fn first_call() {
     if attn::supports::<attn::bf16>(&client) {
         first_call_of::<Llama3>(&client, started, client_ms);
     } else {
-        first_call_of::<Llama3F16>(&client, started, client_ms);
+        first_call_of::<Llama3<attn::f16>>(&client, started, client_ms);
     }
 }
 

@@ -30,7 +30,7 @@ fn main() {
         generate::<Llama3>(&client)
     } else {
         println!("bf16 is not supported on this back end; running the f16 variant");
-        generate::<Llama3F16>(&client)
+        generate::<Llama3<attn::f16>>(&client)
     };
     match result {
         Ok(true) => {}

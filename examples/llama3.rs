@@ -25,7 +25,7 @@ fn main() {
         run_and_check::<Llama3>(&client, shape, &attn::Inputs::default())
     } else {
         println!("bf16 is not supported on this back end; running the f16 variant");
-        run_and_check::<Llama3F16>(&client, shape, &attn::Inputs::default())
+        run_and_check::<Llama3<attn::f16>>(&client, shape, &attn::Inputs::default())
     };
     finish(result);
 }

@@ -12,7 +12,7 @@ use attn::interop::cuda::{cudarc::driver::result as cu, export, import, CudaView
 use attn::reference::{
     attention_f64, attention_naive, error_floor, random_vec, seeded_rng, widen, Verdict,
 };
-use attn::{bf16, AttnError, ComputeClient, Operand, Output, Problem, Tensor, Variant};
+use attn::{bf16, AttnError, ComputeClient, Operand, Output, Problem, Tensor};
 use variants::Llama3;
 
 #[allow(dead_code)]

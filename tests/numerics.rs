@@ -43,6 +43,9 @@ attn::attention! {
     MqaF16 { heads: mqa, head_dim: 64, dtype: f16 }
     /// MHA in bf16 (checked where the back end supports bf16).
     MhaBf16 { heads: mha, head_dim: 64, dtype: bf16, mask: causal }
+    /// One declaration in three element types (bf16 by default), with a score expression their
+    /// hooks share.
+    Paired { heads: gqa(group = 2), head_dim: 64, dtype: bf16 | f16 | f32, mask: causal, score: |s, b, h, q, k| s * 0.75 }
     /// Several tile candidates, to check each gives the same answer.
     Tiled { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal, tiles: [64 x 32, 32 x 16, 16 x 8, 128 x 32, 1 x 1] }
 }
@@ -275,6 +278,54 @@ fn bnhd_layout_through_strides() {
     check_with::<Gqa4F16>(&client, [2, 8, 2, 33, 90], Layout::Bnhd, tiling);
     let tiling = attn::select_tiling(&client, &MhaCausalF32::SPEC).unwrap();
     check_with::<MhaCausalF32>(&client, [1, 3, 3, 50, 61], Layout::Bnhd, tiling);
+}
+
+/// A declaration with several element types: each is its own variant (its own spec, tuning key
+/// and registration) over the same expressions, and the inherent launchers pick the element type
+/// from the tensors.
+#[test]
+fn one_declaration_runs_in_each_declared_dtype() {
+    use attn::DType;
+    assert_eq!(
+        <Paired as Variant>::SPEC.dtype,
+        DType::BF16,
+        "the first is the default"
+    );
+    assert_eq!(<Paired<attn::f16> as Variant>::SPEC.dtype, DType::F16);
+    assert_eq!(<Paired<f32> as Variant>::SPEC.dtype, DType::F32);
+    let registered = attn::tune::registered()
+        .iter()
+        .filter(|r| r.spec.name == "Paired")
+        .count();
+    assert_eq!(registered, 3, "one registration per element type");
+
+    let client = client();
+    check::<Paired<f32>>(&client, [1, 4, 2, 33, 70]);
+    check::<Paired<attn::f16>>(&client, [2, 4, 2, 17, 17]);
+    if attn::supports::<attn::bf16>(&client) {
+        check::<Paired>(&client, [1, 4, 2, 40, 40]);
+    }
+    // `Paired::forward` on f16 tensors is `Paired<f16>`'s.
+    let (mut rng, _seed) = seeded_rng("paired");
+    let shape = [1, 2, 19, 64];
+    let kv = [1, 1, 19, 64];
+    let [q, k, v] = [shape, kv, kv].map(|s| {
+        let data: Vec<attn::f16> = random_vec(&mut rng, s.iter().product());
+        Tensor::from_slice(&client, &data, s).expect("fills its shape")
+    });
+    let by_method = Paired::forward(&client, &q, &k, &v).expect("runs");
+    let by_type =
+        attn::forward::<Paired<attn::f16>>(&client, &q, &k, &v, &Default::default()).expect("runs");
+    assert_eq!(by_method.o.to_vec(&client), by_type.o.to_vec(&client));
+    // Code generic over the element type, as a model written once for both back ends is.
+    fn attend<E: Element>(c: &ComputeClient, qkv: [&Tensor<E>; 3]) -> Output<E>
+    where
+        Paired<E>: Variant<Elem = E>,
+    {
+        Paired::<E>::forward(c, qkv[0], qkv[1], qkv[2]).expect("runs")
+    }
+    let generic = attend(&client, [&q, &k, &v]);
+    assert_eq!(generic.o.to_vec(&client), by_type.o.to_vec(&client));
 }
 
 /// Bottom-right causal with Nq > Nk: the first Nq − Nk rows see no key.

@@ -57,16 +57,24 @@ mod variants {
 /// The kernels of the variant a registry entry names.
 type Make = fn() -> attn::snapshot::Kernels;
 
-/// `(file stem, variant name, kernels written out in full, its kernels)` per example variant.
-type Entry = (&'static str, &'static str, &'static [&'static str], Make);
+/// `(file stem, variant name, element type, kernels written out in full, its kernels)` per
+/// example variant and declared element type.
+type Entry = (
+    &'static str,
+    &'static str,
+    attn::DType,
+    &'static [&'static str],
+    Make,
+);
 
 macro_rules! registry {
-    ($($file:ident :: $variant:ident : $full:expr),* $(,)?) => {
+    ($($file:ident :: $variant:ident $(<$elem:ty>)? : $full:expr),* $(,)?) => {
         vec![$((
             stringify!($file),
             stringify!($variant),
+            <variants::$file::$variant $(<$elem>)? as attn::Variant>::SPEC.dtype,
             $full,
-            attn::snapshot::kernels::<variants::$file::$variant> as Make,
+            attn::snapshot::kernels::<variants::$file::$variant $(<$elem>)?> as Make,
         )),*] as Vec<Entry>
     };
 }
@@ -103,7 +111,7 @@ fn example_variants() {
         gemma2::Gemma2Local: TC,
         gemma2::Gemma2Global: NONE,
         llama3::Llama3: &["tensor_core_cuda", "decode_cuda"],
-        llama3::Llama3F16: NONE,
+        llama3::Llama3<attn::f16>: NONE,
         mha::Mha64: NONE,
         mistral::Mistral: NONE,
         mistral::MistralSmallWindow: NONE,
@@ -126,7 +134,6 @@ fn example_variants() {
         for body in declarations(&file) {
             let plans = attn_dsl::analyse(body).unwrap_or_else(|(e, _)| panic!("{stem}: {e}"));
             for plan in &plans {
-                declared += 1;
                 let variant = plan.spec.name.to_string();
                 let name = format!("{stem}__{variant}");
                 let expansion = format!("expansion__{name}");
@@ -135,19 +142,35 @@ fn example_variants() {
                     attn_dsl::pretty(&attn_dsl::codegen::variant(plan))
                 );
                 names.push(expansion);
-                let Some((_, _, full, make)) = registry
-                    .iter()
-                    .find(|(f, v, _, _)| *f == stem && *v == variant)
-                else {
-                    panic!("{stem}::{variant} is not in this test's registry: add it");
-                };
-                let kernels = make();
-                digests.push(attn::snapshot::digests(&kernels));
-                for &kernel in *full {
-                    let snapshot = format!("{kernel}__{name}");
-                    let source = kernels.source(kernel).expect("the kernel is generated");
-                    insta::assert_snapshot!(snapshot.clone(), source);
-                    names.push(snapshot);
+                // One set of kernels per declared element type; the first is the plain name's.
+                let dtypes = std::iter::once(plan.spec.dtype.value)
+                    .chain(plan.spec.also.iter().map(|d| d.value));
+                for (i, dtype) in dtypes.enumerate() {
+                    declared += 1;
+                    let (label, name) = if i == 0 {
+                        (variant.clone(), name.clone())
+                    } else {
+                        (
+                            format!("{variant}<{}>", dtype.name()),
+                            format!("{name}_{}", dtype.name()),
+                        )
+                    };
+                    let Some((_, _, _, full, make)) = registry
+                        .iter()
+                        .find(|(f, v, d, _, _)| *f == stem && *v == variant && *d == dtype)
+                    else {
+                        panic!("{stem}::{label} is not in this test's registry: add it");
+                    };
+                    let kernels = make();
+                    for kernel in &kernels.kernels {
+                        digests.push(attn::snapshot::digest(kernel.name, &label, &kernel.source));
+                    }
+                    for &kernel in *full {
+                        let snapshot = format!("{kernel}__{name}");
+                        let source = kernels.source(kernel).expect("the kernel is generated");
+                        insta::assert_snapshot!(snapshot.clone(), source);
+                        names.push(snapshot);
+                    }
                 }
             }
         }
@@ -181,9 +204,9 @@ fn other_kernels(names: &mut Vec<String>) -> Vec<String> {
             chunk: 8,
         };
         let wgsl = normalise(&attn::codegen::decode_wgsl_source::<
-            variants::llama3::Llama3F16,
+            variants::llama3::Llama3<attn::f16>,
         >(tile));
-        digests.push(digest("decode_wgsl", "Llama3F16", &wgsl));
+        digests.push(digest("decode_wgsl", "Llama3<f16>", &wgsl));
     }
     insta::assert_snapshot!("combine_cuda__bf16_d128", combine);
     names.push("combine_cuda__bf16_d128".to_string());

@@ -88,7 +88,8 @@ pub fn lower(cx: &Ctxt, raw: &RawVariant) -> Option<Spec> {
         heads: heads?,
         head_dim: head_dim?,
         value_dim,
-        dtype: dtype?,
+        dtype: dtype.as_ref()?.first().copied()?,
+        also: dtype?.into_iter().skip(1).collect(),
         mask: mask.unwrap_or_default(),
         score,
         softcap,
@@ -214,26 +215,43 @@ fn dimension(input: ParseStream, cx: &Ctxt, key: &str) -> syn::Result<Option<Spa
     }))
 }
 
-fn parse_dtype(input: ParseStream, _cx: &Ctxt) -> syn::Result<Option<Spanned<DType>>> {
-    let name: Ident = input.parse()?;
-    let value = match name.to_string().as_str() {
-        kw::DTYPE_F16 => DType::F16,
-        kw::DTYPE_BF16 => DType::BF16,
-        kw::DTYPE_F32 => DType::F32,
-        other => {
-            return Err(syn::Error::new(
+/// `f16`, `bf16` or `f32`, or several joined by `|` (the first is the default); a type named twice
+/// is an error at its second mention.
+fn parse_dtype(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<Spanned<DType>>>> {
+    let mut all: Vec<Spanned<DType>> = Vec::new();
+    loop {
+        let name: Ident = input.parse()?;
+        let value = match name.to_string().as_str() {
+            kw::DTYPE_F16 => DType::F16,
+            kw::DTYPE_BF16 => DType::BF16,
+            kw::DTYPE_F32 => DType::F32,
+            other => {
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!(
+                        "unknown dtype `{other}`; write {}, or several joined by `|` (accumulation is always f32)",
+                        alternatives(kw::DTYPES)
+                    ),
+                ))
+            }
+        };
+        if all.iter().any(|d| d.value == value) {
+            cx.error_at(
                 name.span(),
-                format!(
-                    "unknown dtype `{other}`; write {} (accumulation is always f32)",
-                    alternatives(kw::DTYPES)
-                ),
-            ))
+                format!("dtype `{name}` is named twice; each element type once"),
+            );
+        } else {
+            all.push(Spanned {
+                value,
+                span: name.span(),
+            });
         }
-    };
-    Ok(Some(Spanned {
-        value,
-        span: name.span(),
-    }))
+        if !input.peek(syn::Token![|]) {
+            break;
+        }
+        input.parse::<syn::Token![|]>()?;
+    }
+    Ok(Some(all))
 }
 
 /// `none`, or terms joined by `&`; a closure term comes last (its body runs to the end).

@@ -77,8 +77,11 @@ pub struct Spec {
     pub head_dim: Spanned<u32>,
     /// Head dimension of V and O, when it differs.
     pub value_dim: Option<Spanned<u32>>,
-    /// Element type.
+    /// Element type: the first declared, which the variant's plain name stands for.
     pub dtype: Spanned<DType>,
+    /// Further element types declared with `|` (`dtype: bf16 | f16`): the variant's type takes
+    /// its element type as a parameter, the first one its default.
+    pub also: Vec<Spanned<DType>>,
     /// Mask.
     pub mask: MaskDecl,
     /// The variant's own score expression.

@@ -4,7 +4,9 @@
 //!
 //! Use it from your own crate: add `attn-tune` as a dependency and a binary
 //! (`src/bin/attn-tune.rs`) containing `fn main() -> std::process::ExitCode { attn_tune::main() }`;
-//! run it once per machine (`cargo run --release --bin attn-tune`), e.g. in the install step.
+//! run it once per machine (`cargo run --release --bin attn-tune`), e.g. in the install step. Or
+//! carry it as a subcommand of the program itself ([`main_from`]): compiled kernels are kept per
+//! binary, so tuning from the binary that serves leaves its first process nothing to compile.
 
 #![warn(missing_docs)]
 
@@ -13,7 +15,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use attn::tune::{self, cache, Grid, KeyReport, Registration};
+use attn::tune::{
+    self, cache, BackwardReport, DecodePoint, DecodeReport, Grid, KeyReport, Registration, Shape,
+};
 use attn::ComputeClient;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -71,6 +75,25 @@ pub struct TuneArgs {
     /// Timed runs of the winner and the fallback for the report.
     #[arg(long)]
     pub samples: Option<usize>,
+    /// Also tune the backward pass's plan at every point (for programs that train).
+    #[arg(long)]
+    pub backward: bool,
+    /// Decode: sequences per batch, replacing the grid's (comma-separated).
+    #[arg(long = "decode-batch", value_delimiter = ',')]
+    pub decode_batch: Vec<usize>,
+    /// Decode: cached tokens per sequence, replacing the grid's (comma-separated).
+    #[arg(long = "decode-len", value_delimiter = ',')]
+    pub decode_len: Vec<usize>,
+    /// Decode: paged caches of this many tokens per page (default: contiguous caches).
+    #[arg(long = "page-size")]
+    pub page_size: Option<usize>,
+    /// No decode points.
+    #[arg(long = "no-decode")]
+    pub no_decode: bool,
+    /// The shapes a deployment sees, one per line, replacing the grid's: `prefill B Hq N` or
+    /// `decode B Hq N [query tokens]` (`#` starts a comment).
+    #[arg(long)]
+    pub shapes: Option<PathBuf>,
     /// Also write the report as tab-separated values.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -81,14 +104,37 @@ pub struct TuneArgs {
 
 /// Runs the command line of this process; the exit code says whether everything succeeded.
 pub fn main() -> ExitCode {
+    main_from(std::env::args_os())
+}
+
+/// Runs the command line `args` (the program's name first), as [`main`] does with the process's:
+/// for a program that carries the tuner as a subcommand of its own binary, so that the kernels
+/// tuning compiles are kept under that binary's build id and its later processes load them
+/// (`myserver attn-tune tune` at install: `attn_tune::main_from(std::env::args_os().skip(1))`).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     // What the library decides goes through `tracing`; the command shows its warnings (a cache
-    // moved aside, a cache of other devices only, a missing fast path) on stderr.
-    tracing_subscriber::fmt()
+    // moved aside, a cache of other devices only, a missing fast path) on stderr, unless the
+    // program that carries it has its own subscriber.
+    let _ = tracing_subscriber::fmt()
         .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
         .with_writer(std::io::stderr)
         .without_time()
-        .init();
-    let cli = Cli::parse();
+        .try_init();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -190,10 +236,106 @@ fn grid(client: &ComputeClient, args: &TuneArgs) -> Result<Grid, String> {
     if let Some(samples) = args.samples {
         grid.samples = samples;
     }
+    grid.backward = args.backward;
     if grid.seqs.contains(&0) || grid.batch_heads.contains(&0) {
         return Err("sequence lengths and batch×heads must be at least 1".into());
     }
+    if !args.decode_batch.is_empty() || !args.decode_len.is_empty() {
+        let (mut batches, mut lens) = (Vec::new(), Vec::new());
+        for p in &grid.decode {
+            if !batches.contains(&p.sequences) {
+                batches.push(p.sequences);
+            }
+            if !lens.contains(&p.keys) {
+                lens.push(p.keys);
+            }
+        }
+        let batches = pick(&args.decode_batch, batches, &[1]);
+        let lens = pick(&args.decode_len, lens, &[256]);
+        if batches.contains(&0) || lens.contains(&0) {
+            return Err("decode batches and lengths must be at least 1".into());
+        }
+        grid.decode = DecodePoint::cross(&batches, &lens);
+    }
+    if let Some(page) = args.page_size {
+        if !(16..=attn::MAX_PAGE_SIZE).contains(&page) {
+            return Err(format!(
+                "--page-size {page}: pages hold 16 to {} tokens",
+                attn::MAX_PAGE_SIZE
+            ));
+        }
+        grid.page_size = Some(page);
+    }
+    if let Some(path) = &args.shapes {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let (prefill, decode) =
+            parse_shapes(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        grid.shapes = prefill;
+        grid.decode = decode;
+        if grid.shapes.is_empty() {
+            // Only decode shapes: no prefill points.
+            grid.seqs.clear();
+        }
+    }
+    if args.no_decode {
+        grid.decode.clear();
+    }
     Ok(grid)
+}
+
+/// The values given on the command line, else the grid's, else `default`.
+fn pick(given: &[usize], grid: Vec<usize>, default: &[usize]) -> Vec<usize> {
+    if !given.is_empty() {
+        given.to_vec()
+    } else if !grid.is_empty() {
+        grid
+    } else {
+        default.to_vec()
+    }
+}
+
+/// Reads a shapes file: `prefill B Hq N` and `decode B Hq N [query tokens]` lines, blank lines
+/// and `#` comments; an error names the line.
+pub fn parse_shapes(text: &str) -> Result<(Vec<Shape>, Vec<DecodePoint>), String> {
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = |e: String| format!("line {}: {e} (`{}`)", i + 1, raw.trim());
+        let mut words = line.split_whitespace();
+        let kind = words.next().unwrap_or("");
+        let numbers: Vec<usize> = words
+            .map(|w| {
+                w.parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| at(format!("`{w}` is not a positive whole number")))
+            })
+            .collect::<Result<_, _>>()?;
+        match (kind, numbers.as_slice()) {
+            ("prefill", &[batch, heads_q, seq]) => prefill.push(Shape {
+                batch,
+                heads_q,
+                seq,
+            }),
+            ("decode", &[sequences, heads_q, keys])
+            | ("decode", &[sequences, heads_q, keys, _]) => decode.push(DecodePoint {
+                sequences,
+                heads_q: Some(heads_q),
+                keys,
+                tokens: numbers.get(3).copied().unwrap_or(1),
+            }),
+            ("prefill", _) => return Err(at("expected `prefill B Hq N`".into())),
+            ("decode", _) => return Err(at("expected `decode B Hq N [query tokens]`".into())),
+            (other, _) => return Err(at(format!("unknown kind `{other}` (prefill or decode)"))),
+        }
+    }
+    if prefill.is_empty() && decode.is_empty() {
+        return Err("no shapes".into());
+    }
+    Ok((prefill, decode))
 }
 
 fn tune_all(args: &TuneArgs) -> Result<(), String> {
@@ -223,15 +365,29 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
     }
     cache::init();
     cache::warn_if_foreign(&client);
+    let decode_note = match (grid.decode.len(), grid.page_size) {
+        (0, _) => "no decode".to_string(),
+        (n, None) => format!("{n} decode shapes"),
+        (n, Some(page)) => format!("{n} decode shapes (pages of {page})"),
+    };
+    let prefill_note = if grid.shapes.is_empty() {
+        format!("N {:?} × B·H {:?}", grid.seqs, grid.batch_heads)
+    } else {
+        format!("{} prefill shapes", grid.shapes.len())
+    };
     println!(
-        "attn-tune: {} variants on {} · grid: N {:?} × B·H {:?} · cache {}",
+        "attn-tune: {} variants on {} · grid: {prefill_note}, {decode_note} · cache {}",
         chosen.len(),
         client.properties().identity.name,
-        grid.seqs,
-        grid.batch_heads,
         cache::path().display()
     );
-    let points: usize = chosen.iter().map(|r| grid.points(&r.spec).len()).sum();
+    let mut points = 0;
+    for r in &chosen {
+        points += grid.points(&r.spec).map_or(0, |p| p.len());
+        if !r.spec.mask.documents {
+            points += grid.decode.len();
+        }
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -242,31 +398,60 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut reports: Vec<KeyReport> = Vec::new();
+    let mut decodes: Vec<DecodeReport> = Vec::new();
     let mut failures = Vec::new();
     for r in &chosen {
-        bar.set_message(r.spec.name);
+        // A declaration in several element types registers one variant per type, all under its
+        // name: the lines tell them apart by the type.
+        let shared = chosen.iter().filter(|o| o.spec.name == r.spec.name).count() > 1;
+        let label = if shared {
+            format!("{}<{}>", r.spec.name, r.spec.dtype.name())
+        } else {
+            r.spec.name.to_string()
+        };
+        bar.set_message(label.clone());
         let mut on_point = |report: &KeyReport| {
             // `suspend` prints above a visible bar, and prints at all under a hidden one.
-            bar.suspend(|| println!("{}", line(report)));
+            bar.suspend(|| {
+                println!("{}", line(report, &label));
+                if let Some(b) = &report.backward {
+                    println!("{}", backward_line(b));
+                }
+            });
             bar.inc(1);
         };
-        match (r.tune)(&client, &grid, &mut on_point) {
-            Ok(mut done) => reports.append(&mut done),
+        let prefill = if grid.seqs.is_empty() && grid.shapes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            (r.tune)(&client, &grid, &mut on_point)
+        };
+        let mut on_decode = |report: &DecodeReport| {
+            bar.suspend(|| println!("{}", decode_line(report, &label)));
+            bar.inc(1);
+        };
+        let decode = prefill.and_then(|mut done| {
+            reports.append(&mut done);
+            (r.tune_decode)(&client, &grid, &mut on_decode)
+        });
+        match decode {
+            Ok(mut done) => decodes.append(&mut done),
             Err(e) => {
-                bar.suspend(|| println!("{:<20} failed: {e}", r.spec.name));
-                failures.push(format!("{}: {e}", r.spec.name));
+                bar.suspend(|| println!("{label:<20} failed: {e}"));
+                failures.push(format!("{label}: {e}"));
             }
         }
     }
     bar.finish_and_clear();
     if let Some(path) = &args.report {
-        write_report(path, &reports).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_report(path, &reports, &decodes).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let total = started.elapsed().as_secs_f64();
-    let settle: f64 = reports.iter().map(|r| r.settle_s).sum();
+    let settle: f64 = reports.iter().map(|r| r.settle_s).sum::<f64>()
+        + decodes.iter().map(|r| r.settle_s).sum::<f64>();
     println!(
-        "attn-tune: {} keys in {total:.1} s ({settle:.1} s settling keys); cache {}",
+        "attn-tune: {} prefill and {} decode keys in {total:.1} s ({settle:.1} s settling keys); cache {}",
         reports.len(),
+        decodes.len(),
         cache::path().display()
     );
     if failures.is_empty() {
@@ -281,10 +466,10 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
 }
 
 /// One report line: variant, shape, winner and its time per key, fallback, settle time.
-fn line(r: &KeyReport) -> String {
+fn line(r: &KeyReport, label: &str) -> String {
     format!(
         "{:<20} {:<22} {:<20} {:>9.3} ms {:>8.2} µs/key | fallback {:<20} {:>9.3} ms ×{:.2} | {} candidates, settled in {:.2} s",
-        r.variant,
+        label,
         r.point.describe(),
         r.chosen.to_string(),
         r.chosen_ms,
@@ -297,20 +482,80 @@ fn line(r: &KeyReport) -> String {
     )
 }
 
-fn write_report(path: &PathBuf, reports: &[KeyReport]) -> std::io::Result<()> {
+/// The backward plan's line under its point's: chosen plan, its time, the default's.
+fn backward_line(b: &BackwardReport) -> String {
+    format!(
+        "{:<20} {:<22} {:<20} {:>9.3} ms {:>12} | default  {:<20} {:>9.3} ms ×{:.2} | {} plans, settled in {:.2} s",
+        "",
+        "  backward",
+        b.chosen.to_string(),
+        b.chosen_ms,
+        "",
+        b.fallback.to_string(),
+        b.fallback_ms,
+        b.fallback_ms / b.chosen_ms.max(1e-9),
+        b.plans,
+        b.settle_s
+    )
+}
+
+/// A decode point's line: variant, shape, the plan that runs and its time, the heuristic's.
+fn decode_line(r: &DecodeReport, label: &str) -> String {
+    let shape = format!(
+        "decode {}×{}/{}, {} keys{}",
+        r.point.batch,
+        r.point.heads_q,
+        r.point.heads_kv,
+        r.point.seq,
+        if r.tokens > 1 {
+            format!(", {} tokens", r.tokens)
+        } else {
+            String::new()
+        }
+    );
+    format!(
+        "{:<20} {:<22} {:<20} {:>9.3} ms {:>12} | default  {:<20} {:>9.3} ms ×{:.2} | settled in {:.2} s",
+        label,
+        shape,
+        r.chosen.name(),
+        r.chosen_ms,
+        "",
+        r.fallback.name(),
+        r.fallback_ms,
+        r.fallback_ms / r.chosen_ms.max(1e-9),
+        r.settle_s
+    )
+}
+
+fn write_report(
+    path: &PathBuf,
+    reports: &[KeyReport],
+    decodes: &[DecodeReport],
+) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
     writeln!(
         f,
-        "variant\tbatch\theads_q\theads_kv\tseq\tchosen\tchosen_ms\tfallback\tfallback_ms\tcandidates\tsettle_s"
+        "variant\tdtype\tkind\tbatch\theads_q\theads_kv\tseq\ttokens\tchosen\tchosen_ms\tfallback\tfallback_ms\tcandidates\tsettle_s\tbackward_chosen\tbackward_chosen_ms\tbackward_fallback\tbackward_fallback_ms"
     )?;
     for r in reports {
+        let backward = r.backward.as_ref().map_or_else(
+            || "\t\t\t".to_string(),
+            |b| {
+                format!(
+                    "{}\t{:.4}\t{}\t{:.4}",
+                    b.chosen, b.chosen_ms, b.fallback, b.fallback_ms
+                )
+            },
+        );
         writeln!(
             f,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{:.4}\t{}\t{:.4}\t{}\t{:.3}",
+            "{}\t{}\tprefill\t{}\t{}\t{}\t{}\t{}\t{}\t{:.4}\t{}\t{:.4}\t{}\t{:.3}\t{backward}",
             r.variant,
+            r.dtype.name(),
             r.point.batch,
             r.point.heads_q,
             r.point.heads_kv,
+            r.point.seq,
             r.point.seq,
             r.chosen,
             r.chosen_ms,
@@ -320,5 +565,88 @@ fn write_report(path: &PathBuf, reports: &[KeyReport]) -> std::io::Result<()> {
             r.settle_s
         )?;
     }
+    let choices = tune::plan_choices().len();
+    for r in decodes {
+        let kind = match r.page_size {
+            Some(page) => format!("decode_paged{page}"),
+            None => "decode".to_string(),
+        };
+        writeln!(
+            f,
+            "{}\t{}\t{kind}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.4}\t{}\t{:.4}\t{choices}\t{:.3}\t\t\t\t",
+            r.variant,
+            r.dtype.name(),
+            r.point.batch,
+            r.point.heads_q,
+            r.point.heads_kv,
+            r.point.seq,
+            r.tokens,
+            r.chosen.name(),
+            r.chosen_ms,
+            r.fallback.name(),
+            r.fallback_ms,
+            r.settle_s
+        )?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shapes_file_reads_both_kinds_with_comments() {
+        let (prefill, decode) = parse_shapes(
+            "# model server\nprefill 2 32 4096\n\ndecode 64 32 8192 # steady\ndecode 8 32 1024 4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            prefill,
+            [Shape {
+                batch: 2,
+                heads_q: 32,
+                seq: 4096
+            }]
+        );
+        assert_eq!(decode.len(), 2);
+        assert_eq!(
+            (
+                decode[0].sequences,
+                decode[0].heads_q,
+                decode[0].keys,
+                decode[0].tokens
+            ),
+            (64, Some(32), 8192, 1)
+        );
+        assert_eq!(decode[1].tokens, 4);
+    }
+
+    #[test]
+    fn a_program_carrying_the_tuner_passes_its_own_arguments() {
+        // `myserver attn-tune tune --grid nope`: an error, returned as the exit code.
+        let code = main_from(["attn-tune", "tune", "--grid", "nope"]);
+        assert_eq!(code, ExitCode::FAILURE);
+        // A mistake in the arguments is clap's usage error, not a panic.
+        assert_eq!(
+            main_from(["attn-tune", "--no-such-flag"]),
+            ExitCode::from(2)
+        );
+    }
+
+    #[test]
+    fn a_bad_shapes_line_is_named() {
+        for (text, expect) in [
+            ("prefill 2 32\n", "line 1: expected `prefill B Hq N`"),
+            (
+                "\ndecode 1 32 0\n",
+                "line 2: `0` is not a positive whole number",
+            ),
+            ("encode 1 2 3\n", "line 1: unknown kind `encode`"),
+            ("# nothing\n", "no shapes"),
+        ] {
+            let err = parse_shapes(text).unwrap_err();
+            assert!(err.starts_with(expect), "{text:?}: {err}");
+        }
+    }
 }

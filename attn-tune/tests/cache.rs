@@ -234,3 +234,141 @@ fn an_unknown_variant_is_an_error_that_names_the_known_ones() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn backward_plans_are_tuned_and_reported_when_asked() {
+    let dir = cache_dir("backward");
+    let report = dir.join("report.tsv");
+    let report_arg = report.to_string_lossy().to_string();
+    let out = run(
+        &dir,
+        &[
+            "tune",
+            "--variant",
+            VARIANT,
+            "--grid",
+            "quick",
+            "--quiet",
+            "--backward",
+            "--report",
+            &report_arg,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("backward")),
+        "a backward line under the point:\n{stdout}"
+    );
+    let tsv = std::fs::read_to_string(&report).unwrap();
+    let mut lines = tsv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    assert!(!rows.is_empty());
+    for row in rows {
+        let (chosen, fallback) = (
+            row[column("backward_chosen")],
+            row[column("backward_fallback")],
+        );
+        for plan in [chosen, fallback] {
+            assert!(
+                plan.contains("_r") && plan.contains("_s"),
+                "a plan name: {plan:?}"
+            );
+        }
+        let ms: f64 = row[column("backward_chosen_ms")].parse().unwrap();
+        assert!(ms > 0.0, "timed");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_deployments_shapes_file_tunes_its_prefill_and_decode_shapes() {
+    let dir = cache_dir("shapes");
+    let shapes = dir.join("shapes.txt");
+    std::fs::write(
+        &shapes,
+        "# the shapes this server sees\nprefill 1 4 160   # a prompt\ndecode 3 4 300\n",
+    )
+    .unwrap();
+    let report = dir.join("report.tsv");
+    let (shapes_arg, report_arg) = (
+        shapes.to_string_lossy().to_string(),
+        report.to_string_lossy().to_string(),
+    );
+    let out = run(
+        &dir,
+        &[
+            "tune",
+            "--variant",
+            VARIANT,
+            "--quiet",
+            "--samples",
+            "2",
+            "--shapes",
+            &shapes_arg,
+            "--report",
+            &report_arg,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("1 prefill and 1 decode keys"),
+        "one key of each kind:\n{stdout}"
+    );
+    let tsv = std::fs::read_to_string(&report).unwrap();
+    let mut lines = tsv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    let row = |kind: &str| {
+        rows.iter()
+            .find(|r| r[column("kind")] == kind)
+            .unwrap_or_else(|| panic!("a {kind} row in\n{tsv}"))
+    };
+    let prefill = row("prefill");
+    assert_eq!(
+        [
+            prefill[column("batch")],
+            prefill[column("heads_q")],
+            prefill[column("seq")]
+        ],
+        ["1", "4", "160"]
+    );
+    let decode = row("decode");
+    assert_eq!(
+        [
+            decode[column("batch")],
+            decode[column("heads_q")],
+            decode[column("seq")],
+            decode[column("tokens")]
+        ],
+        ["3", "4", "300", "1"]
+    );
+    for plan in [decode[column("chosen")], decode[column("fallback")]] {
+        assert!(
+            plan.starts_with('r') && plan.contains("_u") && plan.contains("_s"),
+            "a decode plan name: {plan:?}"
+        );
+    }
+    let ms: f64 = decode[column("chosen_ms")].parse().unwrap();
+    assert!(ms > 0.0, "timed");
+
+    // A line the file cannot mean is refused before anything runs, naming the line.
+    std::fs::write(&shapes, "prefill 1 4 160\ndecode 3 four 300\n").unwrap();
+    let out = attn_tune(
+        &dir,
+        &["tune", "--variant", VARIANT, "--shapes", &shapes_arg],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("`four`"),
+        "the error names the line and the word:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,22 +19,140 @@ use crate::spec::{Alibi, CausalAlignment, DType, HeadGrouping, Spec};
 /// The items of one planned variant.
 pub fn variant(plan: &KernelPlan) -> TokenStream {
     let attn = paths::attn();
-    let result = paths::result();
     let spec = &plan.spec;
     let Spec {
         attrs, vis, name, ..
     } = spec;
-    let name_str = name.to_string();
-    let elem = elem_type(spec.dtype.value);
-    let spec_tokens = variant_spec(plan);
     let has_hooks = spec.mask.custom.is_some() || spec.score.is_some();
-    let hooks_type = if has_hooks {
-        quote!(Self)
-    } else {
-        quote!(#attn::NoHooks)
-    };
     let host_fns = host_fns(plan);
-    let hooks_impl = if has_hooks { hooks(plan) } else { quote!() };
+    let inputs_items = if spec.has_inputs() {
+        inputs_struct(spec, &format_ident!("{}Inputs", name))
+    } else {
+        quote!()
+    };
+    if spec.also.is_empty() {
+        let elem = elem_type(spec.dtype.value);
+        let methods = launchers(plan, &elem);
+        let spec_tokens = variant_spec(plan, spec.dtype.value);
+        let hooks_type = if has_hooks {
+            quote!(Self)
+        } else {
+            quote!(#attn::NoHooks)
+        };
+        let hooks_impl = if has_hooks {
+            hooks(plan, &quote!(#name))
+        } else {
+            quote!()
+        };
+        return quote! {
+            #(#attrs)*
+            #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+            #vis struct #name;
+
+            impl #attn::Variant for #name {
+                type Elem = #elem;
+                type Hooks = #hooks_type;
+                const SPEC: #attn::VariantSpec = #spec_tokens;
+                #host_fns
+            }
+
+            #hooks_impl
+
+            // Found by `attn-tune` (tuning at install) through the program-wide registry.
+            #attn::__private::inventory::submit! { #attn::tune::Registration::of::<#name>() }
+
+            #inputs_items
+
+            impl #name {
+                #methods
+            }
+        };
+    }
+    // Several element types: one type taking its element type as a parameter (the first declared
+    // by default), one `Variant` per element type over shared hooks.
+    let dtypes: Vec<DType> = std::iter::once(spec.dtype.value)
+        .chain(spec.also.iter().map(|d| d.value))
+        .collect();
+    let first = elem_type(spec.dtype.value);
+    let methods = launchers(plan, &quote!(E));
+    let hooks_name = format_ident!("{}Hooks", name);
+    let (hooks_type, hooks_items) = if has_hooks {
+        let hooks_impl = hooks(plan, &quote!(#hooks_name));
+        let doc = format!(
+            "The `#[cube]` mask and score expressions of `{name}`, shared by its element types."
+        );
+        (
+            quote!(#hooks_name),
+            quote! {
+                #[doc = #doc]
+                #[derive(Clone, Copy, Debug, Default)]
+                #vis struct #hooks_name;
+
+                #hooks_impl
+            },
+        )
+    } else {
+        (quote!(#attn::NoHooks), quote!())
+    };
+    let names: Vec<String> = dtypes
+        .iter()
+        .map(|d| format!("`{}`", dtype_name(*d)))
+        .collect();
+    let type_doc = format!(
+        " Declared for {}: `{name}` alone is `{name}<{}>`; `{name}<E>` names the others.",
+        names.join(", "),
+        dtype_name(spec.dtype.value)
+    );
+    let impls = dtypes.iter().map(|&dtype| {
+        let elem = elem_type(dtype);
+        let spec_tokens = variant_spec(plan, dtype);
+        quote! {
+            impl #attn::Variant for #name<#elem> {
+                type Elem = #elem;
+                type Hooks = #hooks_type;
+                const SPEC: #attn::VariantSpec = #spec_tokens;
+                #host_fns
+            }
+
+            #attn::__private::inventory::submit! { #attn::tune::Registration::of::<#name<#elem>>() }
+        }
+    });
+    quote! {
+        #(#attrs)*
+        #[doc = ""]
+        #[doc = #type_doc]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #vis struct #name<E = #first>(::core::marker::PhantomData<fn() -> E>);
+
+        #(#impls)*
+
+        impl #name<#first> {
+            /// The spec of the first declared element type, which the plain name stands for
+            /// (`Name::SPEC`; `<Name<E> as Variant>::SPEC` for the others).
+            #vis const SPEC: #attn::VariantSpec = <Self as #attn::Variant>::SPEC;
+        }
+
+        #hooks_items
+
+        #inputs_items
+
+        impl<E: #attn::Element> #name<E>
+        where
+            Self: #attn::Variant<Elem = E>,
+        {
+            #methods
+        }
+    }
+}
+
+/// The inherent launchers (`forward`, `forward_into`, `decode`, `backward`, …), their tensors of
+/// element type `elem`.
+fn launchers(plan: &KernelPlan, elem: &TokenStream) -> TokenStream {
+    let attn = paths::attn();
+    let result = paths::result();
+    let spec = &plan.spec;
+    let Spec { vis, name, .. } = spec;
+    let name_str = name.to_string();
     let phases = plan
         .phases
         .iter()
@@ -61,111 +179,90 @@ pub fn variant(plan: &KernelPlan) -> TokenStream {
     let backward_doc = format!(
         "The gradients of `{name_str}`'s attention of `q`, `k`, `v` given its forward output `out` and the loss's gradient `d_out` `[B, Hq, Nq, {value_dim}]`: dQ, and dK, dV summed over each K/V head's query group; deterministic."
     );
-    let (inputs_items, inputs_param, inputs_value) = if spec.has_inputs() {
+    let (inputs_param, inputs_value) = if spec.has_inputs() {
         let inputs_name = format_ident!("{}Inputs", name);
         (
-            inputs_struct(spec, &inputs_name),
             quote!(inputs: &#inputs_name<'_>,),
             quote!(&inputs.to_inputs()),
         )
     } else {
-        (quote!(), quote!(), quote!(&#attn::Inputs::default()))
+        (quote!(), quote!(&#attn::Inputs::default()))
     };
     quote! {
-        #(#attrs)*
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-        #vis struct #name;
-
-        impl #attn::Variant for #name {
-            type Elem = #elem;
-            type Hooks = #hooks_type;
-            const SPEC: #attn::VariantSpec = #spec_tokens;
-            #host_fns
+        #[doc = #kernel_doc]
+        #vis fn forward(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            k: &#attn::Tensor<#elem>,
+            v: &#attn::Tensor<#elem>,
+            #inputs_param
+        ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
+            #attn::forward::<Self>(client, q, k, v, #inputs_value)
         }
 
-        #hooks_impl
+        #[doc = #into_doc]
+        #vis fn forward_into(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            k: &#attn::Tensor<#elem>,
+            v: &#attn::Tensor<#elem>,
+            #inputs_param
+            out: &#attn::Output<#elem>,
+        ) -> #result<(), #attn::AttnError> {
+            #attn::forward_into::<Self>(client, q, k, v, #inputs_value, out)
+        }
 
-        // Found by `attn-tune` (tuning at install) through the program-wide registry.
-        #attn::__private::inventory::submit! { #attn::tune::Registration::of::<#name>() }
+        #[doc = #tiling_doc]
+        #vis fn forward_with_tiling(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            k: &#attn::Tensor<#elem>,
+            v: &#attn::Tensor<#elem>,
+            #inputs_param
+            tiling: #attn::Tiling,
+            out: &#attn::Output<#elem>,
+        ) -> #result<(), #attn::AttnError> {
+            #attn::forward_with_tiling::<Self>(client, q, k, v, #inputs_value, tiling, out)
+        }
 
-        #inputs_items
+        #[doc = #decode_doc]
+        #vis fn decode(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            cache: &#attn::KvCache<#elem>,
+            #inputs_param
+        ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
+            #attn::decode::<Self>(client, q, cache, #inputs_value)
+        }
 
-        impl #name {
-            #[doc = #kernel_doc]
-            #vis fn forward(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-                #inputs_param
-            ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
-                #attn::forward::<Self>(client, q, k, v, #inputs_value)
-            }
+        #[doc = #decode_into_doc]
+        #vis fn decode_into(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            cache: &#attn::KvCache<#elem>,
+            #inputs_param
+            out: &#attn::Output<#elem>,
+        ) -> #result<(), #attn::AttnError> {
+            #attn::decode_into::<Self>(client, q, cache, #inputs_value, out)
+        }
 
-            #[doc = #into_doc]
-            #vis fn forward_into(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-                #inputs_param
-                out: &#attn::Output<#elem>,
-            ) -> #result<(), #attn::AttnError> {
-                #attn::forward_into::<Self>(client, q, k, v, #inputs_value, out)
-            }
-
-            #[doc = #tiling_doc]
-            #vis fn forward_with_tiling(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-                #inputs_param
-                tiling: #attn::Tiling,
-                out: &#attn::Output<#elem>,
-            ) -> #result<(), #attn::AttnError> {
-                #attn::forward_with_tiling::<Self>(client, q, k, v, #inputs_value, tiling, out)
-            }
-
-            #[doc = #decode_doc]
-            #vis fn decode(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                cache: &#attn::KvCache<#elem>,
-                #inputs_param
-            ) -> #result<#attn::Output<#elem>, #attn::AttnError> {
-                #attn::decode::<Self>(client, q, cache, #inputs_value)
-            }
-
-            #[doc = #decode_into_doc]
-            #vis fn decode_into(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                cache: &#attn::KvCache<#elem>,
-                #inputs_param
-                out: &#attn::Output<#elem>,
-            ) -> #result<(), #attn::AttnError> {
-                #attn::decode_into::<Self>(client, q, cache, #inputs_value, out)
-            }
-
-            #[doc = #backward_doc]
-            #vis fn backward(
-                client: &#attn::ComputeClient,
-                q: &#attn::Tensor<#elem>,
-                k: &#attn::Tensor<#elem>,
-                v: &#attn::Tensor<#elem>,
-                out: &#attn::Output<#elem>,
-                d_out: &#attn::Tensor<#elem>,
-                #inputs_param
-            ) -> #result<#attn::Grads<#elem>, #attn::AttnError> {
-                #attn::backward::<Self>(client, q, k, v, out, d_out, #inputs_value)
-            }
+        #[doc = #backward_doc]
+        #vis fn backward(
+            client: &#attn::ComputeClient,
+            q: &#attn::Tensor<#elem>,
+            k: &#attn::Tensor<#elem>,
+            v: &#attn::Tensor<#elem>,
+            out: &#attn::Output<#elem>,
+            d_out: &#attn::Tensor<#elem>,
+            #inputs_param
+        ) -> #result<#attn::Grads<#elem>, #attn::AttnError> {
+            #attn::backward::<Self>(client, q, k, v, out, d_out, #inputs_value)
         }
     }
 }
 
-/// The `VariantSpec` constant.
-fn variant_spec(plan: &KernelPlan) -> TokenStream {
+/// The `VariantSpec` constant of the variant at element type `dtype`.
+fn variant_spec(plan: &KernelPlan, dtype: DType) -> TokenStream {
     let attn = paths::attn();
     let option = paths::option();
     let spec = &plan.spec;
@@ -177,7 +274,7 @@ fn variant_spec(plan: &KernelPlan) -> TokenStream {
     };
     let dtype = format_ident!(
         "{}",
-        match spec.dtype.value {
+        match dtype {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::F32 => "F32",
@@ -451,12 +548,11 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
 }
 
 /// The variant's `#[cube]` hooks: its mask, its score modification and the mask's tile
-/// classification, compiled into the kernels through `attn::Hooks`.
-fn hooks(plan: &KernelPlan) -> TokenStream {
+/// classification, compiled into the kernels through `attn::Hooks`, implemented for `target`.
+fn hooks(plan: &KernelPlan, target: &TokenStream) -> TokenStream {
     let attn = paths::attn();
     let cubecl = paths::cubecl();
     let spec = &plan.spec;
-    let name = &spec.name;
     let inputs = &spec.inputs;
     let run_inputs = quote!(#attn::RunInputs);
     let buffers = |e: Option<&Typed>| {
@@ -546,7 +642,7 @@ fn hooks(plan: &KernelPlan) -> TokenStream {
             use #cubecl::prelude::*;
 
             #[cubecl::cube]
-            impl #attn::Hooks for #name {
+            impl #attn::Hooks for #target {
                 #mask
                 #score
                 #classify
@@ -673,6 +769,15 @@ pub fn stub(vis: &syn::Visibility, name: &syn::Ident) -> TokenStream {
     quote! {
         #[allow(dead_code)]
         #vis struct #name;
+    }
+}
+
+/// The declaration's word for `dtype`.
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
     }
 }
 

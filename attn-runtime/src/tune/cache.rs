@@ -46,7 +46,7 @@ static INIT: Once = Once::new();
 /// `off` (or `0`) or cubecl's configuration was already loaded (a client made before this call,
 /// or an application that set its own); returns whether the store is on.
 ///
-/// cubecl reads its configuration once, when the first client is made: [`default_client`]
+/// cubecl reads its configuration once, when the first client is made: [`default_client`](crate::default_client)
 /// (crate::default_client) calls this first; an application making its own client (burn,
 /// candle, a cubecl device) calls it before that, or sets `[compilation] cache = true` in its
 /// `cubecl.toml`. What the store keeps is keyed by the binary's build id, the device's

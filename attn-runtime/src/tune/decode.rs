@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::cache;
 use super::key::fingerprint;
 use super::prepared::PerVariant;
-use super::tuner::policy_for;
+use super::tuner::{policy_for, spawn_settling};
+use super::verdict::{timed, DECODE};
 use crate::decode::{check_plan, default_plan, launch_decode, DecodePlan, DecodeProblem};
 use crate::kernels::decode::DecodeTiling;
 use crate::kv_cache::KvCache;
@@ -58,8 +59,18 @@ impl std::fmt::Display for PlanChoice {
 }
 
 impl PlanChoice {
-    /// The plan this choice makes of the heuristic's `base`.
+    /// The heuristic's own plan (64 units, its split count): the fallback.
+    pub const HEURISTIC: PlanChoice = PlanChoice {
+        num: 1,
+        den: 1,
+        units: 64,
+    };
+
+    /// The plan this choice makes of the heuristic's `base` ([`Self::HEURISTIC`]: `base` itself).
     pub fn apply(&self, base: DecodePlan) -> DecodePlan {
+        if *self == Self::HEURISTIC {
+            return base;
+        }
         DecodePlan {
             tiling: DecodeTiling {
                 units: self.units,
@@ -108,22 +119,42 @@ fn tunable_set<V: Variant>() -> TunableSet<DecodeKey, Call<V::Elem>, (), PlanCho
             call
         },
     );
+    let fallback = PlanChoice::HEURISTIC;
     for choice in plan_choices() {
         set = set.with(Tunable::identified(choice, move |call: Call<V::Elem>| {
-            let plan = choice.apply(call.base);
-            check_plan(&call.client, &call.problem, plan).map_err(|e| e.to_string())?;
-            launch_decode::<V>(
-                &call.client,
-                &call.problem,
-                plan,
-                &call.q,
-                &call.cache,
-                &call.out,
-            )
-            .map_err(|e| e.to_string())
+            let runs = DECODE.choose(&call.client, &call.key, choice, fallback);
+            call.run::<V>(runs).map_err(|e| e.to_string())
         }));
     }
     set
+}
+
+impl<E: Element> Call<E> {
+    fn run<V: Variant<Elem = E>>(&self, choice: PlanChoice) -> Result<(), AttnError> {
+        let plan = choice.apply(self.base);
+        check_plan(&self.client, &self.problem, plan)?;
+        launch_decode::<V>(
+            &self.client,
+            &self.problem,
+            plan,
+            &self.q,
+            &self.cache,
+            &self.out,
+        )
+    }
+}
+
+/// Judges the tuner's pick for `call`'s key against the heuristic's plan unless a verdict exists;
+/// returns the choice that runs for the key from now on.
+fn settle_verdict<V: Variant>(
+    call: &Call<V::Elem>,
+    pick: PlanChoice,
+) -> Result<PlanChoice, AttnError> {
+    let fallback = PlanChoice::HEURISTIC;
+    let keep = DECODE.settle(&call.client, &call.key, pick, fallback, |choice| {
+        timed(&call.client, || call.run::<V>(choice))
+    })?;
+    Ok(if keep { pick } else { fallback })
 }
 
 /// What decode calls of a variant on a device need besides the tuner, worked out on the first call
@@ -149,6 +180,21 @@ fn prepared<V: Variant>(client: &ComputeClient) -> Arc<Prepared> {
     }
 }
 
+/// The key of a checked decode call.
+pub(crate) fn decode_key<V: Variant>(
+    client: &ComputeClient,
+    call: &DecodeProblem,
+    cache: &KvCache<V::Elem>,
+) -> DecodeKey {
+    DecodeKey::new(
+        prepared::<V>(client).variant.clone(),
+        call.group_rows(),
+        call.problem.batch * call.problem.heads_kv,
+        call.max_len,
+        cache.is_paged(),
+    )
+}
+
 /// Runs a checked decode call with the tuned plan for its key (the heuristic's plan when the
 /// policy says so, on CPU-emulated devices by default); returns the plan that ran.
 pub(crate) fn decode_tuned<V: Variant>(
@@ -165,18 +211,14 @@ pub(crate) fn decode_tuned<V: Variant>(
         return Ok(base);
     }
     cache::init();
-    let key = DecodeKey::new(
-        facts.variant.clone(),
-        call.group_rows(),
-        call.problem.batch * call.problem.heads_kv,
-        call.max_len,
-        cache.is_paged(),
-    );
+    let key = decode_key::<V>(client, &call, cache);
     let id = client.service_id();
     let set = TUNER.init(&id, tunable_set::<V>);
     // A key this process has settled runs its plan directly: no copy of the cache for the tuner.
-    if let Some(choice) = TUNER.fastest_identity(&id, &set, &key) {
-        let plan = choice.apply(base);
+    if let Some(pick) = TUNER.fastest_identity(&id, &set, &key) {
+        let plan = DECODE
+            .choose(client, &key, pick, PlanChoice::HEURISTIC)
+            .apply(base);
         launch_decode::<V>(client, &call, plan, q, cache, out)?;
         return Ok(plan);
     }
@@ -195,22 +237,37 @@ pub(crate) fn decode_tuned<V: Variant>(
         out: out.clone(),
         key: key.clone(),
     };
+    let scratch = || Call {
+        out: Output {
+            o: Tensor::empty(client, tuned.problem.problem.out_shape()),
+            lse: Lse::empty(client, tuned.problem.problem.lse_shape()),
+        },
+        ..tuned.clone()
+    };
     if background {
-        let scratch = Call {
-            out: Output {
-                o: Tensor::empty(client, tuned.problem.problem.out_shape()),
-                lse: Lse::empty(client, tuned.problem.problem.lse_shape()),
-            },
-            ..tuned
-        };
-        super::tuner::spawn_settling(format!("{key:?}"), move || {
-            let client = scratch.client.clone();
-            TUNER.execute(&id, &client, set, scratch);
+        let settling = scratch();
+        spawn_settling(format!("decode {key:?}"), move || {
+            let client = settling.client.clone();
+            TUNER.execute(&id, &client, set.clone(), settling.clone());
+            let pick = TUNER
+                .fastest_identity(&id, &set, &settling.key)
+                .unwrap_or(PlanChoice::HEURISTIC);
+            if let Err(e) = settle_verdict::<V>(&settling, pick) {
+                tracing::warn!(variant = V::SPEC.name, error = %e, "attn: the decode pick could not be judged; it runs until it is");
+            }
         });
         return Ok(base);
     }
-    TUNER.execute(&id, client, set.clone(), tuned);
-    Ok(TUNER
+    TUNER.execute(&id, client, set.clone(), tuned.clone());
+    let pick = TUNER
         .fastest_identity(&id, &set, &key)
-        .map_or(base, |choice| choice.apply(base)))
+        .unwrap_or(PlanChoice::HEURISTIC);
+    // Judged on scratch buffers: the caller's output already holds the pick's answer.
+    let choice = settle_verdict::<V>(&scratch(), pick)?;
+    if choice != pick {
+        // The verdict sent the pick back: the answer is the plan that runs from now on.
+        tuned.run::<V>(choice)?;
+    }
+    tracing::info!(variant = V::SPEC.name, plan = %choice, "attn: tuned decode plan");
+    Ok(choice.apply(base))
 }

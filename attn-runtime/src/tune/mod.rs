@@ -32,7 +32,10 @@ pub(crate) use backward::{backward_tuned, BackwardCall};
 pub use candidates::{candidates, Candidate};
 pub(crate) use decode::decode_tuned;
 pub use decode::{plan_choices, DecodeKey, PlanChoice};
-pub use grid::{tune_variant, Grid, KeyReport, ShapePoint};
+pub use grid::{
+    tune_decode_variant, tune_variant, BackwardReport, DecodePoint, DecodeReport, Grid, KeyReport,
+    Shape, ShapePoint,
+};
 pub use key::{fingerprint, TuneKey};
 pub use registry::{registered, Registration};
 pub(crate) use tuner::forward_tuned;

@@ -1,6 +1,6 @@
 //! Every variant declared with `attention!` in the program, for `attn-tune` to find.
 
-use super::grid::{tune_variant, Grid, KeyReport};
+use super::grid::{tune_decode_variant, tune_variant, DecodeReport, Grid, KeyReport};
 use super::key::fingerprint;
 use crate::tensor::ComputeClient;
 use crate::variant::{Variant, VariantSpec};
@@ -10,12 +10,21 @@ use crate::AttnError;
 pub type TuneFn =
     fn(&ComputeClient, &Grid, &mut dyn FnMut(&KeyReport)) -> Result<Vec<KeyReport>, AttnError>;
 
+/// Tunes one variant's decode plan over a grid's decode points on a device.
+pub type TuneDecodeFn = fn(
+    &ComputeClient,
+    &Grid,
+    &mut dyn FnMut(&DecodeReport),
+) -> Result<Vec<DecodeReport>, AttnError>;
+
 /// A declared variant as the tuner sees it (the macro submits one per declaration).
 pub struct Registration {
     /// The variant's compile-time facts.
     pub spec: VariantSpec,
     /// Tunes the variant over a grid on a device.
     pub tune: TuneFn,
+    /// Tunes the variant's decode plan over the grid's decode points.
+    pub tune_decode: TuneDecodeFn,
 }
 
 impl Registration {
@@ -24,6 +33,7 @@ impl Registration {
         Registration {
             spec: V::SPEC,
             tune: tune_variant::<V>,
+            tune_decode: tune_decode_variant::<V>,
         }
     }
 }

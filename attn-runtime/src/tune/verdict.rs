@@ -9,7 +9,7 @@
 //! the fallback's lower quartile: when three quarters of its samples beat three quarters of the
 //! fallback's. Otherwise the fallback runs for that key, in this process and later ones: each
 //! verdict is kept in the cache database beside the tuned shapes (namespace
-//! `attn/<cubecl>/verdicts/<prefill|backward>/<device>`), so a fresh process reads it and never
+//! `attn/<cubecl>/verdicts/<prefill|backward|decode>/<device>`), so a fresh process reads it and never
 //! compiles a rejected pick.
 
 use std::collections::HashMap;
@@ -22,6 +22,7 @@ use cubecl_environment::persistence::{Namespace, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use super::cache;
+use super::decode::{DecodeKey, PlanChoice};
 use super::key::TuneKey;
 use crate::backward::BackwardPlan;
 use crate::blueprint::Candidate;
@@ -95,6 +96,9 @@ pub(super) static PREFILL: LazyLock<Verdicts<TuneKey, Candidate>> =
 /// The verdicts of the backward tuner.
 pub(super) static BACKWARD: LazyLock<Verdicts<TuneKey, BackwardPlan>> =
     LazyLock::new(|| Verdicts::new("backward"));
+/// The verdicts of the decode tuner.
+pub(super) static DECODE: LazyLock<Verdicts<DecodeKey, PlanChoice>> =
+    LazyLock::new(|| Verdicts::new("decode"));
 
 impl<K, P> Verdicts<K, P>
 where
