@@ -24,10 +24,12 @@ done
 cp Cargo.lock downstream/Cargo.lock
 cd downstream
 export CARGO_TARGET_DIR=$target
-echo "== downstream: run on the default back end"
-cargo run --quiet
+# The test build makes the program too, with the test's features (the snapshot feature of its
+# dev-dependency): running that binary saves a second build of the attn crates.
 echo "== downstream: its kernels' snapshot test"
 cargo test --quiet
+echo "== downstream: run on the default back end"
+"$target/debug/attn-downstream"
 echo "== downstream: cargo check --features cuda (crates.io cubecl, no patches)"
 bash "$root/scripts/setup.sh" --cuda >/dev/null
 CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000} cargo check --quiet --features cuda
