@@ -485,15 +485,15 @@ fn line(r: &KeyReport, label: &str) -> String {
 /// The backward plan's line under its point's: chosen plan, its time, the default's.
 fn backward_line(b: &BackwardReport) -> String {
     format!(
-        "{:<20} {:<22} {:<20} {:>9.3} ms {:>12} | default  {:<20} {:>9.3} ms ×{:.2} | {} plans, settled in {:.2} s",
+        "{:<20} {:<22} {} | {} plans, settled in {:.2} s",
         "",
         "  backward",
-        b.chosen.to_string(),
-        b.chosen_ms,
-        "",
-        b.fallback.to_string(),
-        b.fallback_ms,
-        b.fallback_ms / b.chosen_ms.max(1e-9),
+        against_default(
+            &b.chosen.to_string(),
+            b.chosen_ms,
+            &b.fallback.to_string(),
+            b.fallback_ms
+        ),
         b.plans,
         b.settle_s
     )
@@ -501,29 +501,33 @@ fn backward_line(b: &BackwardReport) -> String {
 
 /// A decode point's line: variant, shape, the plan that runs and its time, the heuristic's.
 fn decode_line(r: &DecodeReport, label: &str) -> String {
+    let tokens = if r.tokens > 1 {
+        format!(", {} tokens", r.tokens)
+    } else {
+        String::new()
+    };
     let shape = format!(
-        "decode {}×{}/{}, {} keys{}",
-        r.point.batch,
-        r.point.heads_q,
-        r.point.heads_kv,
-        r.point.seq,
-        if r.tokens > 1 {
-            format!(", {} tokens", r.tokens)
-        } else {
-            String::new()
-        }
+        "decode {}×{}/{}, {} keys{tokens}",
+        r.point.batch, r.point.heads_q, r.point.heads_kv, r.point.seq
     );
     format!(
-        "{:<20} {:<22} {:<20} {:>9.3} ms {:>12} | default  {:<20} {:>9.3} ms ×{:.2} | settled in {:.2} s",
-        label,
-        shape,
-        r.chosen.name(),
-        r.chosen_ms,
-        "",
-        r.fallback.name(),
-        r.fallback_ms,
-        r.fallback_ms / r.chosen_ms.max(1e-9),
+        "{label:<20} {shape:<22} {} | settled in {:.2} s",
+        against_default(
+            &r.chosen.name(),
+            r.chosen_ms,
+            &r.fallback.name(),
+            r.fallback_ms
+        ),
         r.settle_s
+    )
+}
+
+/// `chosen  ms | default  ms ×speed-up`, the middle of the backward and decode lines.
+fn against_default(chosen: &str, chosen_ms: f64, default: &str, default_ms: f64) -> String {
+    format!(
+        "{chosen:<20} {chosen_ms:>9.3} ms {:>12} | default  {default:<20} {default_ms:>9.3} ms ×{:.2}",
+        "",
+        default_ms / chosen_ms.max(1e-9)
     )
 }
 

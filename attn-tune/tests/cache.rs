@@ -123,6 +123,22 @@ fn choices(out: &Output) -> Vec<String> {
         .collect()
 }
 
+/// The rows of a `--report` file, each by column name.
+fn report_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let tsv = std::fs::read_to_string(path).unwrap();
+    let mut lines = tsv.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split('\t').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split('\t'))
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
 fn is_database(path: &Path) -> bool {
     std::fs::read(path).is_ok_and(|b| b.starts_with(b"SQLite format 3\0"))
 }
@@ -261,24 +277,17 @@ fn backward_plans_are_tuned_and_reported_when_asked() {
             .any(|l| l.trim_start().starts_with("backward")),
         "a backward line under the point:\n{stdout}"
     );
-    let tsv = std::fs::read_to_string(&report).unwrap();
-    let mut lines = tsv.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    let rows = report_rows(&report);
     assert!(!rows.is_empty());
-    for row in rows {
-        let (chosen, fallback) = (
-            row[column("backward_chosen")],
-            row[column("backward_fallback")],
-        );
+    for row in &rows {
+        let (chosen, fallback) = (&row["backward_chosen"], &row["backward_fallback"]);
         for plan in [chosen, fallback] {
             assert!(
                 plan.contains("_r") && plan.contains("_s"),
                 "a plan name: {plan:?}"
             );
         }
-        let ms: f64 = row[column("backward_chosen_ms")].parse().unwrap();
+        let ms: f64 = row["backward_chosen_ms"].parse().unwrap();
         assert!(ms > 0.0, "timed");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -318,42 +327,34 @@ fn a_deployments_shapes_file_tunes_its_prefill_and_decode_shapes() {
         stdout.contains("1 prefill and 1 decode keys"),
         "one key of each kind:\n{stdout}"
     );
-    let tsv = std::fs::read_to_string(&report).unwrap();
-    let mut lines = tsv.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    let rows = report_rows(&report);
     let row = |kind: &str| {
         rows.iter()
-            .find(|r| r[column("kind")] == kind)
-            .unwrap_or_else(|| panic!("a {kind} row in\n{tsv}"))
+            .find(|r| r["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind} row in {rows:?}"))
     };
     let prefill = row("prefill");
     assert_eq!(
-        [
-            prefill[column("batch")],
-            prefill[column("heads_q")],
-            prefill[column("seq")]
-        ],
+        [&prefill["batch"], &prefill["heads_q"], &prefill["seq"]],
         ["1", "4", "160"]
     );
     let decode = row("decode");
     assert_eq!(
         [
-            decode[column("batch")],
-            decode[column("heads_q")],
-            decode[column("seq")],
-            decode[column("tokens")]
+            &decode["batch"],
+            &decode["heads_q"],
+            &decode["seq"],
+            &decode["tokens"]
         ],
         ["3", "4", "300", "1"]
     );
-    for plan in [decode[column("chosen")], decode[column("fallback")]] {
+    for plan in [&decode["chosen"], &decode["fallback"]] {
         assert!(
             plan.starts_with('r') && plan.contains("_u") && plan.contains("_s"),
             "a decode plan name: {plan:?}"
         );
     }
-    let ms: f64 = decode[column("chosen_ms")].parse().unwrap();
+    let ms: f64 = decode["chosen_ms"].parse().unwrap();
     assert!(ms > 0.0, "timed");
 
     // A line the file cannot mean is refused before anything runs, naming the line.

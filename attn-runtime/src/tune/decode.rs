@@ -180,14 +180,19 @@ fn prepared<V: Variant>(client: &ComputeClient) -> Arc<Prepared> {
     }
 }
 
-/// The key of a checked decode call.
+/// The key of a checked decode call of `V`.
 pub(crate) fn decode_key<V: Variant>(
     client: &ComputeClient,
     call: &DecodeProblem,
     cache: &KvCache<V::Elem>,
 ) -> DecodeKey {
+    key_of(prepared::<V>(client).variant.clone(), call, cache)
+}
+
+/// The key of a checked decode call, given the variant's key field.
+fn key_of<E: Element>(variant: String, call: &DecodeProblem, cache: &KvCache<E>) -> DecodeKey {
     DecodeKey::new(
-        prepared::<V>(client).variant.clone(),
+        variant,
         call.group_rows(),
         call.problem.batch * call.problem.heads_kv,
         call.max_len,
@@ -211,7 +216,7 @@ pub(crate) fn decode_tuned<V: Variant>(
         return Ok(base);
     }
     cache::init();
-    let key = decode_key::<V>(client, &call, cache);
+    let key = key_of(facts.variant.clone(), &call, cache);
     let id = client.service_id();
     let set = TUNER.init(&id, tunable_set::<V>);
     // A key this process has settled runs its plan directly: no copy of the cache for the tuner.

@@ -330,26 +330,12 @@ fn tune_point<V: Variant>(
     let settle_s = start.elapsed().as_secs_f64();
     let fallback = list[0];
     let chosen = chosen::<V>(client, &key).unwrap_or(fallback);
-    let time = |c: Candidate| -> Result<f64, AttnError> {
+    let (chosen_ms, fallback_ms) = time_both(chosen, fallback, |c| {
         let blueprint = Blueprint::new(spec, c, &problem, &packed);
-        launch::<V>(client, &blueprint, &problem, &packed, &q, &k, &v, &out)?;
-        crate::sync(client)?;
-        let mut ms = Vec::with_capacity(grid.samples.max(1));
-        for _ in 0..grid.samples.max(1) {
-            let t = Instant::now();
-            launch::<V>(client, &blueprint, &problem, &packed, &q, &k, &v, &out)?;
-            crate::sync(client)?;
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[ms.len() / 2])
-    };
-    let chosen_ms = time(chosen)?;
-    let fallback_ms = if chosen == fallback {
-        chosen_ms
-    } else {
-        time(fallback)?
-    };
+        median_ms(client, grid.samples, || {
+            launch::<V>(client, &blueprint, &problem, &packed, &q, &k, &v, &out)
+        })
+    })?;
     let backward = if grid.backward {
         let d_out = filled::<V::Elem>(client, problem.out_shape(), 4)?;
         let forwarded = Forwarded {
@@ -405,27 +391,12 @@ fn tune_backward<V: Variant>(
     crate::sync(client)?;
     let settle_s = start.elapsed().as_secs_f64();
     let chosen = chosen_backward::<V>(client, key).unwrap_or(fallback);
-    let time = |plan: BackwardPlan| -> Result<f64, AttnError> {
-        let run =
-            || crate::backward::backward_with_plan::<V>(client, qkv, out, d_out, inputs, plan);
-        run()?;
-        crate::sync(client)?;
-        let mut ms = Vec::with_capacity(grid.samples.max(1));
-        for _ in 0..grid.samples.max(1) {
-            let t = Instant::now();
-            run()?;
-            crate::sync(client)?;
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[ms.len() / 2])
-    };
-    let chosen_ms = time(chosen)?;
-    let fallback_ms = if chosen == fallback {
-        chosen_ms
-    } else {
-        time(fallback)?
-    };
+    let (chosen_ms, fallback_ms) = time_both(chosen, fallback, |plan| {
+        median_ms(client, grid.samples, || {
+            crate::backward::backward_with_plan::<V>(client, qkv, out, d_out, inputs, plan)
+                .map(drop)
+        })
+    })?;
     Ok(BackwardReport {
         chosen,
         fallback,
@@ -531,26 +502,11 @@ fn tune_decode_point<V: Variant>(
     let chosen = decode_tuned::<V>(client, call, &q, &cache, &out)?;
     crate::sync(client)?;
     let settle_s = start.elapsed().as_secs_f64();
-    let time = |plan: DecodePlan| -> Result<f64, AttnError> {
-        let run = || crate::decode::decode_with_plan::<V>(client, &q, &cache, &inputs, plan, &out);
-        run()?;
-        crate::sync(client)?;
-        let mut ms = Vec::with_capacity(grid.samples.max(1));
-        for _ in 0..grid.samples.max(1) {
-            let t = Instant::now();
-            run()?;
-            crate::sync(client)?;
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        ms.sort_by(f64::total_cmp);
-        Ok(ms[ms.len() / 2])
-    };
-    let chosen_ms = time(chosen)?;
-    let fallback_ms = if chosen == fallback {
-        chosen_ms
-    } else {
-        time(fallback)?
-    };
+    let (chosen_ms, fallback_ms) = time_both(chosen, fallback, |plan| {
+        median_ms(client, grid.samples, || {
+            crate::decode::decode_with_plan::<V>(client, &q, &cache, &inputs, plan, &out)
+        })
+    })?;
     Ok(Some(DecodeReport {
         variant: spec.name,
         dtype: spec.dtype,
@@ -590,6 +546,41 @@ fn filled_cache<E: Element>(
         .flat_map(|b| (0..max_pages).map(move |j| (j * point.batch + b) as i32))
         .collect();
     KvCache::from_paged_parts(k, v, page, table, max_pages, lengths)
+}
+
+/// The medians of the chosen and the fallback (the fallback not timed again when it is the
+/// chosen one), for the report.
+fn time_both<P: Copy + PartialEq>(
+    chosen: P,
+    fallback: P,
+    mut time: impl FnMut(P) -> Result<f64, AttnError>,
+) -> Result<(f64, f64), AttnError> {
+    let chosen_ms = time(chosen)?;
+    let fallback_ms = if chosen == fallback {
+        chosen_ms
+    } else {
+        time(fallback)?
+    };
+    Ok((chosen_ms, fallback_ms))
+}
+
+/// Median milliseconds of `samples` calls of `run`, each waited for, after one untimed call.
+fn median_ms(
+    client: &ComputeClient,
+    samples: usize,
+    mut run: impl FnMut() -> Result<(), AttnError>,
+) -> Result<f64, AttnError> {
+    run()?;
+    crate::sync(client)?;
+    let mut ms = Vec::with_capacity(samples.max(1));
+    for _ in 0..samples.max(1) {
+        let t = Instant::now();
+        run()?;
+        crate::sync(client)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
 }
 
 /// A device tensor of `shape` holding a fixed pseudo-random pattern in [-1, 1] (timing does not
