@@ -5,16 +5,30 @@
 #
 # Expects .bin/bench.xz and .bin/attn-tune.xz (`bash bench/build_gpu_binary.sh`). Results land in
 # $OUT (or bench/out): first_call.log, tune.log, tune1.tsv and tune2.tsv (two tunings from
-# empty caches).
+# empty caches), installed.log (the tuner run as a subcommand of the program's own binary).
+#
+# INSTALLED_ONLY=1 runs only that last part (needs only .bin/bench.xz): `bench attn-tune tune`
+# at install, as a program that carries the tuner runs it, then the program's first calls in
+# fresh processes.
 set -euo pipefail
 out=${OUT:-bench/out}
 work=$(mktemp -d)
 mkdir -p "$out"
 source bench/unpack.sh
 unpack .bin/bench.xz "$work/bench"
-unpack .bin/attn-tune.xz "$work/attn-tune"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 seq=${SEQ:-4096}
+{
+  echo "== install: the tuner inside the program's binary (bench attn-tune tune --variant Llama3)"
+  start=$(date +%s%N)
+  ATTN_CACHE_DIR="$work/own" "$work/bench" attn-tune tune --quiet --no-decode --variant Llama3 \
+    --report "$out/installed.tsv"
+  echo "install wall: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+  echo "== after install: first calls of the program in fresh processes"
+  for i in 1 2 3 4 5; do ATTN_CACHE_DIR="$work/own" "$work/bench" --first-call --seq "$seq"; done
+} 2>&1 | tee "$out/installed.log"
+[ "${INSTALLED_ONLY:-0}" = 1 ] && exit 0
+unpack .bin/attn-tune.xz "$work/attn-tune"
 {
   echo "== cold process, empty cache, tuning off (fallback shape: client + compile + run)"
   ATTN_CACHE_DIR="$work/cold-off" ATTN_TUNE=off "$work/bench" --first-call --seq "$seq"

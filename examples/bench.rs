@@ -109,6 +109,12 @@ const fn case<V: Variant>(batch: usize, heads_q: usize, heads_kv: usize, seq: us
 }
 
 fn main() {
+    // The tuner as a subcommand of this binary, as a program carries it: the kernels it compiles
+    // are kept under this binary's build id, so the benchmark's later processes load them.
+    if std::env::args().nth(1).as_deref() == Some("attn-tune") {
+        let code = attn_tune::main_from(std::env::args_os().skip(1));
+        std::process::exit(i32::from(code != std::process::ExitCode::SUCCESS));
+    }
     if std::env::args().any(|a| a == "--first-call") {
         // Before anything else starts the device: the client's start is part of what it times.
         return first_call();

@@ -29,6 +29,9 @@ attn::attention! {
     PrefixDvF32 { heads: gqa(group = 3), head_dim: 128, value_dim: 64, dtype: f32, mask: prefix_lm }
     /// MHA, a custom mask expression, f32.
     BandF32 { heads: mha, head_dim: 64, dtype: f32, mask: |b, h, q, k| (q - k) % 3 != 1 && k <= q + 2 }
+    /// A custom mask with gaps inside the causal range (a band, the first keys, every key for the
+    /// last rows): the warpgroup walks skip from one live step to the next; f16.
+    SparseBandF16 { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: |b, h, q, k| q >= k && ((q - k) < 40 || k < 3 || q >= 300) }
     /// A linear custom score (its derivative the constant 0.5).
     CustomLinF32 { heads: mha, head_dim: 64, dtype: f32, mask: causal, score: |s, b, h, q, k| s * 0.5 + (q - k) as f32 * 0.01 }
     /// A piecewise, nonlinear custom score reading a per-head input.
@@ -316,6 +319,7 @@ fn masks_and_groups() {
     check::<Gqa4WindowF16>(&c, [1, 8, 2, 65, 65]);
     check::<DocsF32>(&c, [1, 4, 2, 90, 90]);
     check::<BandF32>(&c, [1, 2, 2, 33, 41]);
+    check::<SparseBandF16>(&c, [1, 4, 2, 330, 330]);
     check::<PrefixDvF32>(&c, [2, 3, 1, 29, 29]);
 }
 

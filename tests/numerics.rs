@@ -387,6 +387,10 @@ attn::attention! {
     PrefixLm { heads: mha, head_dim: 64, dtype: f32, mask: prefix_lm }
     /// The custom mask: a causal band of 32 keys plus the first 4 keys; f32.
     CustomBand { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: |b, h, q, k| q >= k && (q - k) < 32 || k < 4 }
+    /// A custom mask whose live steps have gaps inside the causal range: a band of 40 keys, the
+    /// first 3 keys, and every key for the rows from 300 on; f16, so the warpgroup kernels run it
+    /// where the device has them (their walk fetches only the live steps).
+    SparseBand { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: |b, h, q, k| q >= k && ((q - k) < 40 || k < 3 || q >= 300) }
     /// A custom mask reading a per-batch input and a scalar, with `%` (not boundable: every tile
     /// is partial); f16.
     CustomInputs {
@@ -701,12 +705,28 @@ fn interval_classification_is_sound_and_skips() {
     }
     check::<CustomBand>(3000, true);
     check::<Everything>(3000, true);
+    check::<SparseBand>(3000, true);
     // `%` is not bounded: every tile stays partial (sound, never skips).
     check::<CustomInputs>(200, false);
     assert_eq!(
         CustomInputs::host_classify(0, 0, 0, 0, 0, 0, &attn::Inputs::default()),
         attn::TILE_PARTIAL
     );
+}
+
+/// A custom mask that empties steps in the middle of a query block's walk (and query blocks in the
+/// middle of a key block's): every tile shape gives the reference answer, the walks that skip
+/// from one live step to the next included.
+#[test]
+fn steps_a_custom_mask_empties_inside_the_walk() {
+    let client = client();
+    if !attn::supports::<attn::f16>(&client) {
+        println!("f16 unsupported here, skipped");
+        return;
+    }
+    for tiling in attn::runnable_tilings(&client, &SparseBand::SPEC) {
+        check_with::<SparseBand>(&client, [1, 4, 2, 330, 330], Layout::Bhnd, tiling);
+    }
 }
 
 /// Every runnable tile shape of a variant composing every mask and score modification gives the

@@ -29,7 +29,10 @@ use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, Wgm
 use super::{head_context, query_block_step, recompute, BackwardShape, KvGrads, Meeting, Pair};
 use crate::hooks::{Hooks, TILE_EMPTY};
 use crate::kernels::common::walk::query_range;
-use crate::kernels::common::{mask, Args, BlockWalk, Ctx, Lengths, RunInputs, Step, StepKeys};
+use crate::kernels::common::{
+    live_steps, mask, next_live, Args, BlockWalk, ClassifiedWalk, ClassifiedWalkExpand, Ctx,
+    KeySteps, Lengths, RunInputs, Step, StepKeys,
+};
 use crate::kernels::prefill::config::{STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kernels::prefill::warpgroup::pipeline::{
     load_rows, opaque, Fetch, RowBox, Stages, TmaOrigin,
@@ -407,7 +410,16 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
             (rows.end + block_q - 1) / block_q - first_block,
             0,
         );
-        let steps = args.group as usize * blocks;
+        let query_steps = QuerySteps {
+            keys,
+            first_block,
+            blocks,
+            group: args.group as usize,
+            block_q,
+        };
+        // Only the (head, query block) steps the mask leaves are fetched.
+        let steps = live_steps::<QuerySteps, M>(&query_steps, &ctx, inputs);
+        let mut at = next_live::<QuerySteps, M>(&query_steps, &ctx, 0usize, inputs);
         let kv_row = (seq.k_off + key_start) as i32;
         if UNIT_POS == 0 {
             let origin = TmaOrigin {
@@ -430,7 +442,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
             load_rows::<E>(&maps.k, &k_bar, &mut k_smem, origin, k_box);
             load_rows::<E>(&maps.v, &v_bar, &mut v_smem, origin, v_box);
             if steps > 0 {
-                let first = stream_origin(&ctx, 0, first_block, blocks, block_q);
+                let first = stream_origin(&ctx, at, first_block, blocks, block_q);
                 q_stages.fill::<E>(&maps.q, &mut q_smem, first.origin, 0, 0usize);
                 o_stages.fill::<E>(&maps.d_out, &mut o_smem, first.origin, 0, 0usize);
             }
@@ -454,12 +466,13 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                 let index = pair * STAGES + stage;
                 if index < steps {
                     let parity = (pair % 2) as u32;
-                    let g = index / blocks;
-                    let q_start = (first_block + index % blocks) * block_q;
+                    let g = at / blocks;
+                    let q_start = (first_block + at % blocks) * block_q;
                     let head_ctx = head_context(&ctx, seq.head + g, inputs);
                     let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
                     let next_stage = comptime!((stage + 1) % STAGES);
-                    let mut next = stream_origin(&ctx, index + 1, first_block, blocks, block_q);
+                    let after = next_live::<QuerySteps, M>(&query_steps, &ctx, at + 1, inputs);
+                    let mut next = stream_origin(&ctx, after, first_block, blocks, block_q);
                     next.uses = (index + 1) / STAGES;
                     next.has_next = index + 1 < steps;
                     sync_plane();
@@ -505,6 +518,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                             next_stage,
                         );
                     }
+                    at = after;
                 }
             }
         }
@@ -516,6 +530,37 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         let v_base = seq.batch * grads.dv.stride(0) + seq.kv_head * grads.dv.stride(1);
         write_rows::<E>(&dk, &mut grads.dk, k_base, first, end, ctx.args.scale);
         write_rows::<E>(&dv_acc, &mut grads.dv, v_base, first, end, 1.0f32);
+    }
+}
+
+/// The dK/dV kernel's walk, as [`ClassifiedWalk`]: step `index` is query block
+/// `first_block + index % blocks` of head `index / blocks` of the group, against the cube's keys.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct QuerySteps {
+    /// The cube's keys.
+    pub keys: StepKeys,
+    /// The first query block that can see them.
+    pub first_block: usize,
+    /// Query blocks per head.
+    pub blocks: usize,
+    /// Query heads of the group.
+    pub group: usize,
+    /// Query rows per block.
+    #[cube(comptime)]
+    pub block_q: usize,
+}
+
+#[cube]
+impl<M: Hooks> ClassifiedWalk<M> for QuerySteps {
+    fn steps(&self) -> usize {
+        self.group * self.blocks
+    }
+
+    fn class_at(&self, ctx: &Ctx, index: usize, inputs: &RunInputs) -> u32 {
+        let q_start = (self.first_block + index % self.blocks) * self.block_q;
+        let head_ctx = head_context(ctx, ctx.site.head + index / self.blocks, inputs);
+        query_block_step::<M>(&head_ctx, self.keys, q_start, self.block_q, inputs).class
     }
 }
 
@@ -599,8 +644,11 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         sync_cube();
 
         let walk = BlockWalk::new(&ctx, q_start, block_q, block_kv);
+        let key_steps = KeySteps { walk, block_kv };
         let key_at = seq.k_off as i32;
-        let steps = walk.end_step - walk.first_step;
+        // The forward's walk: only the steps the mask leaves are fetched.
+        let steps = live_steps::<KeySteps, M>(&key_steps, &ctx, inputs);
+        let mut at = next_live::<KeySteps, M>(&key_steps, &ctx, 0usize, inputs);
         if UNIT_POS == 0 {
             let origin = TmaOrigin {
                 batch: seq.batch,
@@ -622,7 +670,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
             load_rows::<E>(&maps.q, &q_bar, &mut q_smem, origin, q_box);
             load_rows::<E>(&maps.d_out, &o_bar, &mut o_smem, origin, o_box);
             let first = Fetch {
-                key: key_at + (walk.first_step * block_kv) as i32,
+                key: key_at + ((walk.first_step + at) * block_kv) as i32,
                 uses: 0,
                 has_next: steps > 0,
             };
@@ -649,13 +697,14 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                 let index = pair * STAGES + stage;
                 if index < steps {
                     let parity = (pair % 2) as u32;
-                    let keys = walk.keys(walk.first_step + index, block_kv);
+                    let keys = walk.keys(walk.first_step + at, block_kv);
                     let step = Step {
                         keys,
                         class: mask::classify::<M>(&ctx, walk, keys, inputs),
                     };
+                    let after = next_live::<KeySteps, M>(&key_steps, &ctx, at + 1, inputs);
                     let next = Fetch {
-                        key: key_at + (keys.start + block_kv) as i32,
+                        key: key_at + ((walk.first_step + after) * block_kv) as i32,
                         uses: (index + 1) / STAGES,
                         has_next: index + 1 < steps,
                     };
@@ -683,6 +732,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                     v_stages.release(stage);
                     k_stages.prefetch::<E>(&maps.k, &mut k_smem, &ctx, next, next_stage);
                     v_stages.prefetch::<E>(&maps.v, &mut v_smem, &ctx, next, next_stage);
+                    at = after;
                 }
             }
         }

@@ -17,4 +17,7 @@ pub use context::{
     RunInputsLaunch, Site,
 };
 pub use softmax::RowState;
-pub use walk::{BlockWalk, KeyRange, Step, StepKeys};
+pub use walk::{
+    live_steps, next_live, BlockWalk, ClassifiedWalk, ClassifiedWalkExpand, KeyRange, KeySteps,
+    Step, StepKeys,
+};

@@ -6,9 +6,10 @@
 
 use cubecl::prelude::*;
 
-use super::context::Ctx;
+use super::context::{Ctx, RunInputs};
+use super::mask;
 use crate::hooks::ops::{max_i32, min_i32};
-use crate::hooks::TILE_PARTIAL;
+use crate::hooks::{Hooks, TILE_EMPTY, TILE_PARTIAL};
 
 /// Half-open key range `[start, end)` a query block can see; steps outside it are never loaded.
 #[derive(CubeType, Clone, Copy)]
@@ -162,4 +163,110 @@ pub fn query_range(ctx: &Ctx, k_first: usize, k_last: usize) -> KeyRange {
         start: start as usize,
         end: end as usize,
     }
+}
+
+/// A walk whose next step is fetched ahead (the warpgroup kernels): how many steps it has and
+/// the mask's class of each. The closed-form terms cut a walk to the steps they can see, but a
+/// custom mask the interval reasoning bounds can rule out steps anywhere inside it (the band and
+/// the first keys of `q >= k && (q - k) < 256 || k < 4` leave every step between them empty):
+/// such a walk goes from one live step to the next ([`live_steps()`], [`next_live()`]), and the
+/// steps between are neither fetched nor waited on.
+#[cube]
+pub trait ClassifiedWalk<M: Hooks> {
+    /// Steps of the walk, empty ones included.
+    fn steps(&self) -> usize;
+
+    /// The mask's class of step `index < steps()`.
+    fn class_at(&self, ctx: &Ctx, index: usize, inputs: &RunInputs) -> u32;
+}
+
+/// A query block's walk over its K/V steps of `block_kv` keys, as [`ClassifiedWalk`].
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct KeySteps {
+    /// The walk.
+    pub walk: BlockWalk,
+    /// Keys per step.
+    #[cube(comptime)]
+    pub block_kv: usize,
+}
+
+#[cube]
+impl<M: Hooks> ClassifiedWalk<M> for KeySteps {
+    fn steps(&self) -> usize {
+        self.walk.end_step - self.walk.first_step
+    }
+
+    fn class_at(&self, ctx: &Ctx, index: usize, inputs: &RunInputs) -> u32 {
+        let keys = self.walk.keys(self.walk.first_step + index, self.block_kv);
+        mask::classify::<M>(ctx, self.walk, keys, inputs)
+    }
+}
+
+/// How many steps of `walk` the mask leaves: all of them, unless a bounded custom mask can rule
+/// some out, when a plane classifies 32 steps at once and counts the live ones. Uniform across the
+/// cube (every plane computes the same count).
+#[cube]
+pub fn live_steps<W: ClassifiedWalk<M>, M: Hooks>(
+    walk: &W,
+    ctx: &Ctx,
+    inputs: &RunInputs,
+) -> usize {
+    let steps = W::steps(walk);
+    let mut live = steps;
+    if comptime!(ctx.mask.custom && ctx.mask.custom_bounds) {
+        live = 0;
+        let mut at = 0usize.runtime();
+        while at < steps {
+            let index = at + UNIT_POS_PLANE as usize;
+            let counted = select(is_live::<W, M>(walk, ctx, index, inputs), 1u32, 0u32);
+            live += plane_sum(counted) as usize;
+            at += PLANE_DIM as usize;
+        }
+    }
+    live
+}
+
+/// The first step at or after `from` the mask leaves (`walk.steps()` when none does): `from`
+/// itself unless a bounded custom mask can rule steps out, when a plane classifies 32 steps at
+/// once and takes the first live one. Uniform across the cube.
+#[cube]
+pub fn next_live<W: ClassifiedWalk<M>, M: Hooks>(
+    walk: &W,
+    ctx: &Ctx,
+    from: usize,
+    inputs: &RunInputs,
+) -> usize {
+    let mut next = from;
+    if comptime!(ctx.mask.custom && ctx.mask.custom_bounds) {
+        let steps = W::steps(walk);
+        next = steps;
+        let mut at = from;
+        while at < steps {
+            let index = at + UNIT_POS_PLANE as usize;
+            let candidate = select(
+                is_live::<W, M>(walk, ctx, index, inputs),
+                index as u32,
+                steps as u32,
+            );
+            next = plane_min(candidate) as usize;
+            at = select(next < steps, steps, at + PLANE_DIM as usize);
+        }
+    }
+    next
+}
+
+/// Whether step `index` exists and the mask leaves it (one unit's share of a plane's scan).
+#[cube]
+fn is_live<W: ClassifiedWalk<M>, M: Hooks>(
+    walk: &W,
+    ctx: &Ctx,
+    index: usize,
+    inputs: &RunInputs,
+) -> bool {
+    let steps = W::steps(walk);
+    let inside = index < steps;
+    // Units past the end classify the last step, and discard it.
+    let class = walk.class_at(ctx, select(inside, index, steps - 1), inputs);
+    inside && class != TILE_EMPTY
 }

@@ -42,8 +42,10 @@
 //!
 //! The N×N score matrix never exists; K and V are read once per query block, from the K/V head
 //! the query head's group shares. Mask tiles are classified as in the other kernels: keys outside
-//! the block's visible range are never loaded, empty steps skip the math, full steps skip the
-//! mask arithmetic. Heavy causal blocks are scheduled first.
+//! the block's visible range are never loaded, full steps skip the mask arithmetic, and the steps
+//! a custom mask rules out inside that range are skipped whole: the walk goes from one live step
+//! to the next ([`crate::kernels::common::walk::next_live`]), so their tiles are never fetched.
+//! Heavy causal blocks are scheduled first.
 
 // `%` stays in `#[cube]` code: cubecl's frontend expands operators, not `is_multiple_of`.
 #![allow(clippy::manual_is_multiple_of)]
@@ -62,7 +64,9 @@ use cubecl::wgmma::MatrixDescriptor;
 use super::config::PrefillConfig;
 pub use super::config::{PANEL, STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::hooks::{Hooks, TILE_EMPTY};
-use crate::kernels::common::{mask, Args, BlockWalk, Ctx, Lengths, RunInputs, Step};
+use crate::kernels::common::{
+    live_steps, mask, next_live, Args, BlockWalk, Ctx, KeySteps, Lengths, RunInputs, Step,
+};
 use mainloop::compute_scores;
 use pipeline::{load_rows, opaque, Fetch, Pipeline, RowBox, TmaOrigin};
 use softmax::UnitRows;
@@ -136,8 +140,11 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
         sync_cube();
 
         let walk = BlockWalk::new(&ctx, q_start, block_q, block_kv);
+        let key_steps = KeySteps { walk, block_kv };
         let key_at = seq.k_off as i32;
-        let steps = walk.end_step - walk.first_step;
+        // The steps that compute: all of the walk's, unless a custom mask rules some out.
+        let steps = live_steps::<KeySteps, M>(&key_steps, &ctx, inputs);
+        let mut at = next_live::<KeySteps, M>(&key_steps, &ctx, 0usize, inputs);
         if UNIT_POS == 0 {
             let origin = TmaOrigin {
                 batch: seq.batch,
@@ -152,7 +159,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             });
             load_rows::<E>(&maps.q, &q_bar, &mut q_smem, origin, shape);
             let first = Fetch {
-                key: key_at + (walk.first_step * block_kv) as i32,
+                key: key_at + ((walk.first_step + at) * block_kv) as i32,
                 uses: 0,
                 has_next: steps > 0,
             };
@@ -184,14 +191,15 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                 let index = pair * STAGES + stage;
                 if index < steps {
                     let parity = (pair % 2) as u32;
-                    let keys = walk.keys(walk.first_step + index, block_kv);
+                    let keys = walk.keys(walk.first_step + at, block_kv);
                     let step = Step {
                         keys,
                         class: mask::classify::<M>(&ctx, walk, keys, inputs),
                     };
-                    // The next step goes into the other stage.
+                    // The next live step goes into the other stage.
+                    let after = next_live::<KeySteps, M>(&key_steps, &ctx, at + 1, inputs);
                     let next = Fetch {
-                        key: key_at + (keys.start + block_kv) as i32,
+                        key: key_at + ((walk.first_step + after) * block_kv) as i32,
                         uses: (index + 1) / STAGES,
                         has_next: index + 1 < steps,
                     };
@@ -225,6 +233,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                         pipe.before_pv(stage, parity);
                         pipe.pv_done(stage);
                     }
+                    at = after;
                 }
             }
         }
