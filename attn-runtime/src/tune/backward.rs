@@ -105,8 +105,8 @@ fn settle_verdict<V: Variant>(
     pick: BackwardPlan,
     fallback: BackwardPlan,
 ) -> Result<BackwardPlan, AttnError> {
-    let keep = BACKWARD.settle(&call.client, &call.key, pick, fallback, |plan| {
-        timed(&call.client, || call.run::<V>(plan).map(drop))
+    let keep = BACKWARD.settle(&call.client, &call.key, pick, fallback, |plan, calls| {
+        timed(&call.client, calls, || call.run::<V>(plan).map(drop))
     })?;
     Ok(if keep { pick } else { fallback })
 }

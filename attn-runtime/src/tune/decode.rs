@@ -151,8 +151,8 @@ fn settle_verdict<V: Variant>(
     pick: PlanChoice,
 ) -> Result<PlanChoice, AttnError> {
     let fallback = PlanChoice::HEURISTIC;
-    let keep = DECODE.settle(&call.client, &call.key, pick, fallback, |choice| {
-        timed(&call.client, || call.run::<V>(choice))
+    let keep = DECODE.settle(&call.client, &call.key, pick, fallback, |choice, calls| {
+        timed(&call.client, calls, || call.run::<V>(choice))
     })?;
     Ok(if keep { pick } else { fallback })
 }

@@ -7,6 +7,7 @@ use super::candidates::{candidates, Candidate};
 use super::decode::{decode_key, decode_tuned, DecodeKey};
 use super::key::TuneKey;
 use super::tuner::{chosen, forward_tuned};
+use super::verdict::{calls_per_sample, timed};
 use crate::backward::{tuned_plans, BackwardPlan};
 use crate::blueprint::Blueprint;
 use crate::decode::{default_plan, DecodePlan, DecodeProblem};
@@ -564,20 +565,18 @@ fn time_both<P: Copy + PartialEq>(
     Ok((chosen_ms, fallback_ms))
 }
 
-/// Median milliseconds of `samples` calls of `run`, each waited for, after one untimed call.
+/// Median milliseconds per call of `run` over `samples` samples, each as the verdicts take them
+/// (back-to-back calls spanning [`super::verdict::SAMPLE_SPAN_S`], then a sync), after one untimed
+/// call that sizes them: the report's re-timing measures what the verdict measured.
 fn median_ms(
     client: &ComputeClient,
     samples: usize,
     mut run: impl FnMut() -> Result<(), AttnError>,
 ) -> Result<f64, AttnError> {
-    run()?;
-    crate::sync(client)?;
+    let calls = calls_per_sample(timed(client, 1, &mut run)?);
     let mut ms = Vec::with_capacity(samples.max(1));
     for _ in 0..samples.max(1) {
-        let t = Instant::now();
-        run()?;
-        crate::sync(client)?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        ms.push(timed(client, calls, &mut run)? * 1e3);
     }
     ms.sort_by(f64::total_cmp);
     Ok(ms[ms.len() / 2])

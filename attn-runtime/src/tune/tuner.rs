@@ -157,8 +157,8 @@ fn settle_verdict<V: Variant>(
     fallback: Candidate,
 ) -> Result<Candidate, AttnError> {
     let scratch = call.with_scratch_output();
-    let keep = PREFILL.settle(&call.client, &call.key, pick, fallback, |c| {
-        timed(&call.client, || run::<V>(&scratch, c))
+    let keep = PREFILL.settle(&call.client, &call.key, pick, fallback, |c, calls| {
+        timed(&call.client, calls, || run::<V>(&scratch, c))
     })?;
     Ok(if keep { pick } else { fallback })
 }

@@ -4,8 +4,8 @@
 //! cubecl's tuner keeps whichever candidate scored best in its own samples, however small the
 //! lead; on a busy or noisy device that can be a shape slower than the fallback it replaced. So
 //! once a key is tuned, the pick and the fallback are timed again, in turns, on the same inputs
-//! ([`ROUNDS`] each, wall time of one call and a sync, the order swapped every round so that
-//! neither profits from a warm cache). The pick is kept only when its upper quartile is under
+//! ([`ROUNDS`] samples each, the order swapped every round so that neither profits from a warm
+//! cache; a sample is the wall time of back-to-back calls and one sync, [`calls_per_sample`]). The pick is kept only when its upper quartile is under
 //! the fallback's lower quartile: when three quarters of its samples beat three quarters of the
 //! fallback's. Otherwise the fallback runs for that key, in this process and later ones: each
 //! verdict is kept in the cache database beside the tuned shapes (namespace
@@ -33,6 +33,25 @@ use crate::AttnError;
 /// samples, so that two outliers on either side change nothing; the two together cost 18 calls
 /// of the key, a few milliseconds at the sizes tuning is worth doing for.
 pub const ROUNDS: usize = 9;
+
+/// The least wall time one sample spans: back-to-back calls fill it, so that the sync that ends
+/// a sample (tens of microseconds, and about as noisy) is a small part of it. Timed one call per
+/// sample, a decode key of a 128-key window (under 0.1 ms a call) kept a pick by its verdict that
+/// the report then re-timed at ×0.89 against the fallback: the samples measured the sync.
+pub const SAMPLE_SPAN_S: f64 = 1e-3;
+
+/// The most calls one sample takes (a sample of calls under 16 µs spans less than
+/// [`SAMPLE_SPAN_S`]).
+pub const MAX_CALLS_PER_SAMPLE: usize = 64;
+
+/// Calls per sample for a call that took `once_s` seconds alone: enough to span
+/// [`SAMPLE_SPAN_S`], at least one, at most [`MAX_CALLS_PER_SAMPLE`].
+pub fn calls_per_sample(once_s: f64) -> usize {
+    if once_s.is_nan() || once_s <= 0.0 {
+        return MAX_CALLS_PER_SAMPLE;
+    }
+    ((SAMPLE_SPAN_S / once_s).ceil() as usize).clamp(1, MAX_CALLS_PER_SAMPLE)
+}
 
 /// What a key's timing said: the two medians and the quartiles the rule compares, in
 /// nanoseconds.
@@ -140,15 +159,16 @@ where
         Some(keep)
     }
 
-    /// Judges `pick` against `fallback` for `key` unless a verdict exists: `time` runs one of them
-    /// and waits for it, returning the seconds it took. Returns whether the pick stays.
+    /// Judges `pick` against `fallback` for `key` unless a verdict exists: `time(p, calls)` runs
+    /// `calls` calls of `p` back to back and waits for them, returning the seconds per call.
+    /// Returns whether the pick stays.
     pub(super) fn settle(
         &self,
         client: &ComputeClient,
         key: &K,
         pick: P,
         fallback: P,
-        mut time: impl FnMut(P) -> Result<f64, AttnError>,
+        mut time: impl FnMut(P, usize) -> Result<f64, AttnError>,
     ) -> Result<bool, AttnError> {
         if pick == fallback {
             return Ok(true);
@@ -156,17 +176,18 @@ where
         if let Some(keep) = self.read(client, key, pick, fallback) {
             return Ok(keep);
         }
-        // One untimed call each: compiled, loaded and warm before the samples.
-        time(pick)?;
-        time(fallback)?;
+        // One untimed call each: compiled, loaded and warm before the samples. Their times (a
+        // call that compiled is slow, which only makes the samples smaller) size the samples.
+        let once = time(pick, 1)?.min(time(fallback, 1)?);
+        let calls = calls_per_sample(once);
         let (mut picks, mut fallbacks) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             if round % 2 == 0 {
-                picks.push(time(pick)?);
-                fallbacks.push(time(fallback)?);
+                picks.push(time(pick, calls)?);
+                fallbacks.push(time(fallback, calls)?);
             } else {
-                fallbacks.push(time(fallback)?);
-                picks.push(time(pick)?);
+                fallbacks.push(time(fallback, calls)?);
+                picks.push(time(pick, calls)?);
             }
         }
         let verdict = Verdict::judge(&picks, &fallbacks);
@@ -221,15 +242,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Seconds one call of `run` takes, to its end on the device.
+/// Seconds per call of `calls` calls of `run` issued back to back, to the end of the last on the
+/// device.
 pub(super) fn timed(
     client: &ComputeClient,
-    run: impl FnOnce() -> Result<(), AttnError>,
+    calls: usize,
+    mut run: impl FnMut() -> Result<(), AttnError>,
 ) -> Result<f64, AttnError> {
+    let calls = calls.max(1);
     let start = Instant::now();
-    run()?;
+    for _ in 0..calls {
+        run()?;
+    }
     crate::sync(client)?;
-    Ok(start.elapsed().as_secs_f64())
+    Ok(start.elapsed().as_secs_f64() / calls as f64)
 }
 
 #[cfg(test)]
@@ -252,6 +278,18 @@ mod tests {
         assert!(!v.keep, "but not by more than the spread: {v:?}");
         // Equal: the fallback stays.
         assert!(!Verdict::judge(&pick, &pick).keep);
+    }
+
+    /// A sample spans a millisecond of back-to-back calls, one call when a call is longer.
+    #[test]
+    fn samples_span_a_millisecond() {
+        assert_eq!(calls_per_sample(2e-3), 1);
+        assert_eq!(calls_per_sample(1e-3), 1);
+        assert_eq!(calls_per_sample(0.3e-3), 4);
+        assert_eq!(calls_per_sample(80e-6), 13);
+        assert_eq!(calls_per_sample(1e-7), MAX_CALLS_PER_SAMPLE);
+        assert_eq!(calls_per_sample(0.0), MAX_CALLS_PER_SAMPLE);
+        assert_eq!(calls_per_sample(f64::NAN), MAX_CALLS_PER_SAMPLE);
     }
 
     /// Verdicts reach the cache database: a fresh set of verdicts (a new process's) reads them,
