@@ -34,6 +34,10 @@ attn::attention! {
         mask: causal & window(left = 300) & key_lengths & |b, h, q, k| (k % 7) != 3 || h == 1,
         alibi: geometric, sinks: per_head,
     }
+    /// Mistral's sliding window in small: GQA 2, causal, the last 101 keys, f32.
+    SlidingWindow { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal & window(left = 100) }
+    /// A two-sided window without causal (keys after a token are visible too), f32.
+    TwoSided { heads: mha, head_dim: 64, dtype: f32, mask: window(left = 50, right = 20) }
     /// No mask, for merging results over disjoint keys.
     Plain { heads: gqa(group = 4), head_dim: 64, dtype: f32 }
     /// bf16 (checked where the back end has it).
@@ -307,6 +311,62 @@ fn splits_from_one_to_many_agree() {
         checked += 1;
     }
     assert!(checked >= 5, "only {checked} split counts ran");
+}
+
+/// Under a sliding window the splits divide the window's keys, from the step of each sequence's
+/// first visible key: every split count gives the reference answer over ragged lengths (some
+/// shorter than the window), one and several query tokens, paged and contiguous caches.
+#[test]
+fn a_window_spreads_over_every_split() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("a_window_spreads_over_every_split");
+    let mut lengths = ragged(&mut rng, 3, 1800);
+    lengths[0] = rng.random_range(8..60);
+    lengths[2] = 1800;
+    let none = OwnedInputs::default();
+    for (storage, nq) in [(Storage::Paged(32), 1), (Storage::Contiguous, 5)] {
+        let filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        let q = Tensor::<f32>::empty(&client, [3, 4, nq, 64]);
+        let call = DecodeProblem::new::<SlidingWindow>(&q, &filled.cache, &none.view()).unwrap();
+        assert_eq!(
+            call.keys_seen(),
+            100 + nq,
+            "the window's span and the tokens"
+        );
+        assert_eq!(
+            call.split_span(64),
+            100 + nq + 63,
+            "plus a step's alignment"
+        );
+        let base = default_plan(&client, &call).unwrap();
+        for splits in [1, 2, 4, 8] {
+            let plan = DecodePlan { splits, ..base };
+            check_decode::<SlidingWindow>(
+                &client,
+                &mut rng,
+                &filled,
+                4,
+                nq,
+                Some(plan),
+                &none,
+                "window",
+            );
+        }
+    }
+    let filled = fill::<f32>(&client, &mut rng, Storage::Paged(16), 3, 64, 64, &lengths);
+    let q = Tensor::<f32>::empty(&client, [3, 3, 2, 64]);
+    let call = DecodeProblem::new::<TwoSided>(&q, &filled.cache, &none.view()).unwrap();
+    assert_eq!(call.keys_seen(), 50 + 20 + 2);
+    let base = default_plan(&client, &call).unwrap();
+    for splits in [1, 3, 4] {
+        let plan = DecodePlan { splits, ..base };
+        check_decode::<TwoSided>(&client, &mut rng, &filled, 3, 2, Some(plan), &none, "band");
+    }
+    // Without a window the splits still divide the longest length.
+    let q = Tensor::<f32>::empty(&client, [3, 12, 1, 64]);
+    let call = DecodeProblem::new::<Gqa4Causal>(&q, &filled.cache, &none.view()).unwrap();
+    assert_eq!(call.keys_seen(), 1800);
+    assert_eq!(call.split_span(64), 1800);
 }
 
 #[test]

@@ -154,6 +154,34 @@ impl DecodeProblem {
         })
     }
 
+    /// The most keys the query tokens of one sequence can see together: the longest length, or,
+    /// under a sliding window that bounds both sides (its left side with causal, or both sides
+    /// given), the window's span plus the query tokens, when that is shorter. The splits divide
+    /// this span from where a sequence's visible keys start ([`Self::split_span`]), so a window's
+    /// keys are spread over every split instead of landing on the few that cover the cache's
+    /// last keys.
+    pub fn keys_seen(&self) -> usize {
+        let mask = &self.spec.mask;
+        let span = mask.window.and_then(|w| {
+            let left = w.left? as usize;
+            let right = if mask.causal { 0 } else { w.right? as usize };
+            Some(left + right + self.problem.seq_q)
+        });
+        span.map_or(self.max_len, |s| s.min(self.max_len))
+    }
+
+    /// The keys `splits` splits of `block_kv`-key steps must cover together: [`Self::keys_seen`],
+    /// plus the steps' alignment (a split starts at the step holding the first visible key), at
+    /// most the longest length.
+    pub fn split_span(&self, block_kv: usize) -> usize {
+        let seen = self.keys_seen();
+        if seen >= self.max_len {
+            self.max_len
+        } else {
+            (seen + block_kv - 1).min(self.max_len)
+        }
+    }
+
     /// Rows of one K/V head: group × query tokens.
     pub fn group_rows(&self) -> usize {
         self.problem.group * self.problem.seq_q
@@ -276,7 +304,8 @@ pub fn default_tiling(
 
 /// The plan used without tuning: [`default_tiling`], and key splits that bring the launch to at
 /// most about eight cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), in
-/// a power of two, never below 256 keys per split. On a CPU-emulated device, splits also keep
+/// a power of two, never below 256 of the keys a sequence's queries see
+/// ([`DecodeProblem::keys_seen`]) per split. On a CPU-emulated device, splits also keep
 /// each invocation under llvmpipe's loop limit.
 pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
     let tiling = default_tiling(client, &call.spec, call.group_rows())?;
@@ -296,12 +325,13 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     } else {
         target.div_ceil(cubes)
     };
-    let most = call.max_len.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+    let span = call.split_span(tiling.units as usize);
+    let most = span.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
     let mut splits = power_of_two_at_most(wanted.min(most));
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, tiling, false, true);
         let budget = keys_within_loop_budget(config);
-        splits = splits.max(call.max_len.div_ceil(budget));
+        splits = splits.max(span.div_ceil(budget));
     }
     Ok(DecodePlan {
         tiling,
@@ -362,7 +392,8 @@ pub fn check_plan(
     }
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, t, plan.splits > 1, true);
-        let per_split = keys_per_split(call.max_len, plan.splits, t.units as usize);
+        let block_kv = t.units as usize;
+        let per_split = keys_per_split(call.split_span(block_kv), plan.splits, block_kv);
         let budget = keys_within_loop_budget(config);
         if per_split > budget {
             return bad(format!(
@@ -429,8 +460,9 @@ pub(crate) fn launch_decode<V: Variant>(
     }
     let p = &call.problem;
     let tiling = plan.tiling;
-    let kps = keys_per_split(call.max_len, plan.splits, tiling.units as usize);
-    let splits = call.max_len.div_ceil(kps).max(1);
+    let span = call.split_span(tiling.units as usize);
+    let kps = keys_per_split(span, plan.splits, tiling.units as usize);
+    let splits = span.div_ceil(kps).max(1);
     let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
     let chunks = call.group_rows().div_ceil(tiling.rows as usize);
     tracing::debug!(

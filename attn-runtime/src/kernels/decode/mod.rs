@@ -310,7 +310,8 @@ fn locate_row(r: usize, kv_head: usize, chunk: Chunk, args: Args) -> DecodeRow {
 }
 
 /// The walk of this cube's split: the keys its rows can see (mask terms in closed form, the key
-/// length), cut to the split's `keys_per_split` keys, in steps of `block_kv`.
+/// length), cut to the split's `keys_per_split` keys counted from the step of the first of them,
+/// in steps of `block_kv`.
 #[cube]
 fn split_walk(
     ctx: &Ctx,
@@ -327,13 +328,15 @@ fn split_walk(
         q_last = chunk.last % queries;
     }
     let range = key_range(ctx, q_first, q_last);
-    let split_start = CUBE_POS_X as usize * dargs.keys_per_split as usize;
+    let block_kv = config.block_kv();
+    // The splits divide the visible keys from the step holding the first of them (a window's
+    // keys are spread over every split): split starts are multiples of `block_kv`, so a split's
+    // steps never reach into another's; a split past the row's keys walks no step at all.
+    let origin = range.start / block_kv * block_kv;
+    let split_start = origin + CUBE_POS_X as usize * dargs.keys_per_split as usize;
     let split_end = split_start + dargs.keys_per_split as usize;
     let end = select(range.end < split_end, range.end, split_end);
     let start = select(range.start > split_start, range.start, split_start);
-    let block_kv = config.block_kv();
-    // Split starts are multiples of `block_kv`, so a split's steps never reach into another's;
-    // a split past the row's keys walks no step at all.
     let first_step = start / block_kv;
     let end_step = select(start < end, (end + block_kv - 1) / block_kv, first_step);
     BlockWalk {
