@@ -135,6 +135,12 @@ fn main() {
     if let Some(dir) = arg("--ptx") {
         std::process::exit(i32::from(!write_ptx(Path::new(&dir))));
     }
+    if args.iter().any(|a| a == "--check-decode") {
+        let results = decode::check_decode_grid(&attn::default_client());
+        let failed = results.iter().filter(|p| !**p).count();
+        println!("{} passed, {failed} failed", results.len() - failed);
+        std::process::exit(i32::from(failed > 0));
+    }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));
     }
@@ -634,6 +640,7 @@ fn check_grid(client: &ComputeClient) -> bool {
         results.push(check_one::<Dv128Dk192>(client, [1, 4, 2, nq, nk]));
         results.push(check_one::<CustomEverything>(client, [1, 6, 2, nq, nk]));
     }
+    results.extend(decode::check_decode_grid(client));
     let failed = results.iter().filter(|p| !**p).count();
     println!("{} passed, {failed} failed", results.len() - failed);
     failed == 0

@@ -442,6 +442,14 @@ fn composed_variant_with_inputs() {
 fn bf16_where_supported() {
     let client = client();
     if !attn::supports::<attn::bf16>(&client) {
+        // A cache of a type the device lacks refuses appends before anything launches.
+        let mut cache = KvCache::<attn::bf16>::contiguous(&client, 1, 1, 8, 64, 64).unwrap();
+        let new = Tensor::<attn::bf16>::empty(&client, [1, 1, 2, 64]);
+        let refused = cache.append(&client, &new, &new, None);
+        assert!(
+            matches!(refused, Err(AttnError::Unsupported(_))),
+            "expected unsupported, got {refused:?}"
+        );
         println!("bf16 is not supported on this device; skipped");
         return;
     }

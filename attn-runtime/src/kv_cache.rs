@@ -339,6 +339,12 @@ impl<E: Element> KvCache<E> {
         v_new: &Tensor<E>,
         counts: Option<&[usize]>,
     ) -> Result<(), AttnError> {
+        if !crate::tensor::supports::<E>(client) {
+            return Err(AttnError::Unsupported(format!(
+                "a K/V cache of {} elements: this device does not support {0}",
+                E::DTYPE.name()
+            )));
+        }
         for (operand, new, pool) in [(Operand::K, k_new, &self.k), (Operand::V, v_new, &self.v)] {
             check_view(operand, new.shape(), new.strides(), new.buffer_len())?;
             let [b, h, _, d] = new.shape();

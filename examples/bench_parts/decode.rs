@@ -18,6 +18,111 @@ use rand::seq::SliceRandom;
 attn::attention! {
     /// Llama-3 8B/70B attention: GQA 4, d 128, causal (bottom-right: the new tokens see the cache).
     pub Llama3Decode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
+    /// A sliding window of 501 keys at Llama-3's heads, for the device grid's decode checks.
+    pub WindowDecode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 500) }
+}
+
+/// The device grid's decode checks: a sliding window and plain causal decoding over ragged
+/// contiguous caches (one longer than the window's span many times, one shorter than it), one and
+/// four query tokens, the default split count and 1, 2, 4 and 8 splits, against float64. Returns
+/// one verdict per run.
+pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
+    let mut results = Vec::new();
+    if !attn::supports::<bf16>(client) {
+        println!("decode checks: bf16 unsupported here, skipped");
+        return results;
+    }
+    for nq in [1, 4] {
+        results.extend(check_decode::<WindowDecode>(client, nq));
+        results.extend(check_decode::<Llama3Decode>(client, nq));
+    }
+    results
+}
+
+fn check_decode<V: attn::Variant<Elem = bf16>>(client: &ComputeClient, nq: usize) -> Vec<bool> {
+    use attn::reference::{decode_f64, decode_naive, error_floor, widen, Verdict};
+    let lengths = [3001usize, 777, 40];
+    let (batch, heads_kv, d) = (lengths.len(), HEADS_KV, D);
+    let capacity = lengths[0] + 3;
+    let label = format!("decode {} Nq{nq} lengths {lengths:?}", V::SPEC.name);
+    let (mut rng, _) = seeded_rng(&label);
+    let mut cache =
+        KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d).expect("a cache");
+    let n = lengths[0];
+    let kn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
+    let vn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
+    let upload =
+        |h: &[bf16]| Tensor::from_slice(client, h, [batch, heads_kv, n, d]).expect("shape");
+    cache
+        .append(client, &upload(&kn), &upload(&vn), Some(&lengths))
+        .expect("room");
+    // The same tokens on the host, `[B, Hkv, capacity, D]`.
+    let host = |new: &[bf16]| {
+        let mut h = vec![0.0; batch * heads_kv * capacity * d];
+        for b in 0..batch {
+            for kv in 0..heads_kv {
+                for t in 0..lengths[b] {
+                    let src = ((b * heads_kv + kv) * n + t) * d;
+                    let dst = ((b * heads_kv + kv) * capacity + t) * d;
+                    for c in 0..d {
+                        h[dst + c] = f64::from(new[src + c].to_f32());
+                    }
+                }
+            }
+        }
+        h
+    };
+    let (kh, vh) = (host(&kn), host(&vn));
+    let qh: Vec<bf16> = random_vec(&mut rng, batch * HEADS_Q * nq * d);
+    let q = Tensor::from_slice(client, &qh, [batch, HEADS_Q, nq, d]).expect("shape");
+    let inputs = Inputs::default();
+    let call = DecodeProblem::new::<V>(&q, &cache, &inputs).expect("a valid call");
+    let qf = widen(&qh);
+    let reference = decode_f64::<V>(&call, &inputs, &qf, &kh, &vh);
+    let naive = decode_naive::<V>(&call, &inputs, &qf, &kh, &vh);
+    let base = default_plan(client, &call).expect("a plan");
+    let mut results = Vec::new();
+    for splits in [base.splits, 1, 2, 4, 8] {
+        let plan = DecodePlan { splits, ..base };
+        if check_plan(client, &call, plan).is_err() {
+            continue;
+        }
+        // Poisoned with NaN: an element the kernels do not write fails the check.
+        let shape = call.problem.out_shape();
+        let out = Output {
+            o: Tensor::from_slice(client, &vec![bf16::NAN; shape.iter().product()], shape)
+                .expect("shape"),
+            lse: attn::Lse {
+                tensor: Tensor::from_slice(
+                    client,
+                    &vec![f32::NAN; shape[0] * shape[1] * shape[2]],
+                    [shape[0], shape[1], shape[2], 1],
+                )
+                .expect("shape"),
+            },
+        };
+        let ran = attn::decode_with_plan::<V>(client, &q, &cache, &inputs, plan, &out);
+        let passed = ran.is_ok() && {
+            let o = widen(&out.o.to_vec(client));
+            let written = o.iter().all(|x| !x.is_nan());
+            let v = Verdict::new(&o, &reference.o, &naive, error_floor::<bf16>());
+            println!(
+                "{label} {}: max|O-f64| {:.2e} (naive {:.2e}, bound {:.2e}): {}",
+                plan.name(),
+                v.kernel_error,
+                v.naive_error,
+                v.bound,
+                if v.passed() && written {
+                    "ok"
+                } else {
+                    "FAILED"
+                }
+            );
+            v.passed() && written
+        };
+        results.push(passed);
+    }
+    results
 }
 
 /// One decode shape.
