@@ -11,8 +11,10 @@
 //!
 //! With `--check`, it instead runs a correctness grid on the device against the float64 reference
 //! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones, and every
-//! mask and score modification with random run-time inputs), so one binary carries both jobs to a
-//! GPU machine. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
+//! mask and score modification with random run-time inputs, then decoding with and without a
+//! sliding window; `--check-decode` runs the decode part alone), so one binary carries both jobs
+//! to a GPU machine. `bench attn-tune …` runs the tuner (`attn_tune::main_from`) inside this
+//! binary, as a program carries it. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
 //! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
 //! tuner picks beside the fallback. With `--backward`, each case also runs and times the backward
 //! pass (`bench_parts/backward.rs`, compared by `bench/backward.py`). With `--decode`, it runs
