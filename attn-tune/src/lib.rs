@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Tune every registered variant (or those named) over the grid; write the cache.
-    Tune(TuneArgs),
+    Tune(Box<TuneArgs>),
     /// List the registered variants and their candidates on this device.
     List,
     /// Where the cache is and what it holds for this device.
@@ -146,7 +146,7 @@ where
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), String> {
-    let command = cli.command.unwrap_or(Command::Tune(TuneArgs::default()));
+    let command = cli.command.unwrap_or(Command::Tune(Box::default()));
     match command {
         Command::Tune(args) => tune_all(&args),
         Command::List => {

@@ -59,9 +59,9 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(client: &ComputeClient, nq: usize
     // The same tokens on the host, `[B, Hkv, capacity, D]`.
     let host = |new: &[bf16]| {
         let mut h = vec![0.0; batch * heads_kv * capacity * d];
-        for b in 0..batch {
+        for (b, &len) in lengths.iter().enumerate() {
             for kv in 0..heads_kv {
-                for t in 0..lengths[b] {
+                for t in 0..len {
                     let src = ((b * heads_kv + kv) * n + t) * d;
                     let dst = ((b * heads_kv + kv) * capacity + t) * d;
                     for c in 0..d {
