@@ -319,17 +319,25 @@ mod tests {
         };
         let (fallback, pick) = (tile(64, 32), tile(32, 32));
         let verdicts = Verdicts::new("test");
-        // The pick takes twice the fallback's time on one key and half of it on another.
-        let slower = |c: Candidate| Ok(if c == pick { 2e-3 } else { 1e-3 });
-        let faster = |c: Candidate| Ok(if c == pick { 1e-3 } else { 2e-3 });
+        // The pick takes twice the fallback's time on one key and half of it on another; calls
+        // of 20 µs and 10 µs are sampled 64 at a time (after one each alone).
+        let mut sizes = Vec::new();
+        let slower = |c: Candidate, calls: usize| {
+            sizes.push(calls);
+            Ok(if c == pick { 20e-6 } else { 10e-6 })
+        };
         assert!(!verdicts
             .settle(&client, &key(1024), pick, fallback, slower)
             .unwrap());
+        assert_eq!(sizes[..2], [1, 1]);
+        assert!(sizes[2..].iter().all(|&n| n == MAX_CALLS_PER_SAMPLE));
+        assert_eq!(sizes.len(), 2 + 2 * ROUNDS);
+        let faster = |c: Candidate, _: usize| Ok(if c == pick { 1e-3 } else { 2e-3 });
         assert!(verdicts
             .settle(&client, &key(4096), pick, fallback, faster)
             .unwrap());
         let mut calls = 0;
-        let counted = |_: Candidate| {
+        let counted = |_: Candidate, _: usize| {
             calls += 1;
             Ok(1.0)
         };
