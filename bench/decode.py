@@ -18,7 +18,8 @@ paged cases ours reads the shuffled pages.
 For each case the script checks our O and LSE against float64 (computed on the GPU), measures the
 flash back end's error against the same reference (the error budget: ours <= 2 x flash + 1e-2),
 times each anchor with CUDA events (median of --iters after --warmup calls) and reports time and
-the achieved bandwidth of reading K and V (B x Hkv x N x 2 x D x 2 bytes / time) against the copy
+the achieved bandwidth of reading K and V (B x Hkv x N x 2 x D x 2 bytes / time, N the keys a
+sequence's queries see: the window's under a sliding window) against the copy
 bandwidth (read + write bytes of a 4 GiB device-to-device copy / time).
 
     python3 bench/decode.py --dir DIR [--iters 20] [--commit SHA] [--json FILE] [--md FILE]
@@ -102,8 +103,10 @@ def copy_bandwidth(iters: int) -> float:
 
 
 @torch.no_grad()
-def reference(q, k, v, scale, queries):
-    """Float64 O [B, Hq, nq, D] and LSE [B, Hq, nq]; the queries are the last positions."""
+def reference(q, k, v, scale, queries, window=None):
+    """Float64 O [B, Hq, nq, D] and LSE [B, Hq, nq]; the queries are the last positions, each
+    seeing the keys up to its own and, under a sliding window of `window` (left) keys, no further
+    back than that."""
     b, hq, nq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -116,7 +119,10 @@ def reference(q, k, v, scale, queries):
         s = torch.matmul(q64, k64.transpose(1, 2)) * scale  # [Hkv, g*nq, N]
         t = torch.arange(g * nq, device=q.device) % nq
         pos = n - nq + t
-        mask = torch.arange(n, device=q.device).view(1, -1) > pos.view(-1, 1)
+        keys = torch.arange(n, device=q.device).view(1, -1)
+        mask = keys > pos.view(-1, 1)
+        if window is not None:
+            mask |= keys < (pos - window).view(-1, 1)
         s.masked_fill_(mask.unsqueeze(0), float("-inf"))
         m = s.amax(-1, keepdim=True)
         p = (s - m).exp()
@@ -151,25 +157,34 @@ def main() -> int:
         meta = json.loads((args.dir / name / "meta.json").read_text())
         b, hq, hkv, n, nq, d = (meta[x] for x in ("batch", "heads_q", "heads_kv", "keys", "queries", "head_dim"))
         scale = meta["scale"]
+        window = meta.get("window_left")
+        keys_read = meta.get("keys_read", n)
         k = pattern(b * hkv * n * d, 1, "cuda").view(b, hkv, n, d)
         v = pattern(b * hkv * n * d, 2, "cuda").view(b, hkv, n, d)
         q = load(args.dir / name / "q.bin", "<i2", (b, hq, nq, d))
         o = load(args.dir / name / "o.bin", "<i2", (b, hq, nq, d))
         lse = load(args.dir / name / "lse.bin", "<f4", (b, hq, nq))
-        ref_o, ref_lse = reference(q, k, v, scale, nq)
+        ref_o, ref_lse = reference(q, k, v, scale, nq, window)
         err_o = (o.double() - ref_o).abs().max().item()
         err_lse = (lse.double() - ref_lse).abs().max().item()
         nan = bool(torch.isnan(o).any().item())
-        bytes_kv = b * hkv * n * 2 * d * 2
+        # What the call must read: each sequence's visible keys (the window's, under one).
+        bytes_kv = b * hkv * keys_read * 2 * d * 2
         row = {"case": name, "batch": b, "keys": n, "queries": nq, "page_size": meta["page_size"],
+               "window_left": window, "keys_read": keys_read,
                "ours_ms": meta["default_ms"], "ours_plan": meta["default_plan"],
                "best_ms": meta["best_ms"], "best_plan": meta["best_plan"],
                "tuned_ms": meta.get("tuned_ms"), "tuning_s": meta.get("tuning_s"),
                "err_o": err_o, "err_lse": err_lse}
-        # Bottom-right causal for several query tokens; one token sees every key (no mask).
+        # Bottom-right causal for several query tokens (one token sees every key: no mask), and
+        # the sliding window where the case has one.
         causal_mask = None
-        if nq > 1:
-            causal_mask = torch.arange(n, device="cuda").view(1, -1) <= (n - nq + torch.arange(nq, device="cuda")).view(-1, 1)
+        if nq > 1 or window is not None:
+            keys = torch.arange(n, device="cuda").view(1, -1)
+            pos = (n - nq + torch.arange(nq, device="cuda")).view(-1, 1)
+            causal_mask = keys <= pos
+            if window is not None:
+                causal_mask &= keys >= pos - window
         anchors = {}
 
         def sdpa(backend):
@@ -185,9 +200,11 @@ def main() -> int:
                 anchors[label] = {"ms": None, "error": str(e).splitlines()[0][:160]}
         try:
             block_mask = None
-            if nq > 1:
+            if nq > 1 or window is not None:
+                left = n if window is None else window
+
                 def mask_mod(bb, h, qi, ki):
-                    return ki <= qi + (n - nq)
+                    return (ki <= qi + (n - nq)) & (ki >= qi + (n - nq) - left)
                 block_mask = create_block_mask(mask_mod, None, None, nq, n, device="cuda")
             run_flex = lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
             out = run_flex()
@@ -225,6 +242,8 @@ def main() -> int:
         mine_tbs = r["tuned_tbs"] or r["ours_tbs"]
         ratio = lambda x: "—" if not an[x].get("ms") else f"{an[x]['ms'] / mine:.2f}"
         tuned = "—" if not r["tuned_ms"] else f"{r['tuned_ms']:.3f} ms · {r['tuned_tbs']:.2f}"
+        if r.get("window_left") is not None:
+            cache += f", window {r['window_left'] + 1}"
         lines.append(
             f"| {r['batch']} × {r['keys']}, {r['queries']}, {cache} | {r['ours_ms']:.3f} ms · {r['ours_tbs']:.2f} ({r['ours_plan']}) "
             f"| {tuned} | {100 * mine_tbs / copy_tbs:.0f} % | {r['best_ms']:.3f} ms · {r['best_tbs']:.2f} ({r['best_plan']}) "

@@ -1,5 +1,6 @@
 //! `bench --decode`: the decode benchmark. Llama-3 shaped decoding (bf16, 32 query heads over 8
-//! K/V heads, d 128, one new token) against long caches, contiguous and paged, timed with the
+//! K/V heads, d 128, one new token; and Mistral's, the same heads under a sliding window of 4096
+//! keys) against long caches, contiguous and paged, timed with the
 //! default plan and a small sweep of split counts and step sizes. Writes, per case, the query,
 //! our O and LSE, the page table and the timings; K and V are a pattern both sides compute from
 //! the element index (`pattern`), so `bench/decode.py` rebuilds them on the GPU without multi-GB
@@ -18,6 +19,8 @@ use rand::seq::SliceRandom;
 attn::attention! {
     /// Llama-3 8B/70B attention: GQA 4, d 128, causal (bottom-right: the new tokens see the cache).
     pub Llama3Decode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal }
+    /// Mistral 7B's attention: Llama-3's heads under a sliding window of 4096 keys.
+    pub MistralDecode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 4095) }
     /// A sliding window of 501 keys at Llama-3's heads, for the device grid's decode checks.
     pub WindowDecode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 500) }
 }
@@ -133,6 +136,8 @@ struct DecodeCase {
     queries: usize,
     /// `None`: contiguous cache; `Some(p)`: pages of `p` tokens in a shuffled order.
     page_size: Option<usize>,
+    /// Mistral's sliding window (4096 keys) instead of plain causal.
+    window: bool,
 }
 
 const HEADS_Q: usize = 32;
@@ -160,36 +165,57 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             keys: 8192,
             queries: 1,
             page_size: None,
+            window: false,
         },
         DecodeCase {
             batch: 8,
             keys: 32768,
             queries: 1,
             page_size: None,
+            window: false,
         },
         DecodeCase {
             batch: 1,
             keys: 131072,
             queries: 1,
             page_size: None,
+            window: false,
         },
         DecodeCase {
             batch: 64,
             keys: 8192,
             queries: 1,
             page_size: Some(16),
+            window: false,
         },
         DecodeCase {
             batch: 8,
             keys: 32768,
             queries: 1,
             page_size: Some(128),
+            window: false,
         },
         DecodeCase {
             batch: 64,
             keys: 8192,
             queries: 4,
             page_size: Some(64),
+            window: false,
+        },
+        // Mistral: the window reads 4096 of each sequence's keys, wherever the cache ends.
+        DecodeCase {
+            batch: 16,
+            keys: 16384,
+            queries: 1,
+            page_size: None,
+            window: true,
+        },
+        DecodeCase {
+            batch: 4,
+            keys: 65536,
+            queries: 1,
+            page_size: Some(64),
+            window: true,
         },
     ];
     std::fs::create_dir_all(out).expect("output folder");
@@ -212,7 +238,12 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
         } else {
             case
         };
-        match run_case(client, case, out, iters) {
+        let ran = if case.window {
+            run_case::<MistralDecode>(client, case, out, iters)
+        } else {
+            run_case::<Llama3Decode>(client, case, out, iters)
+        };
+        match ran {
             Ok(name) => writeln!(list, "{name}").expect("cases.txt"),
             Err(e) => {
                 eprintln!("decode case {i}: {e}");
@@ -223,7 +254,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
     ok
 }
 
-fn run_case(
+fn run_case<V: attn::Variant<Elem = bf16>>(
     client: &ComputeClient,
     case: &DecodeCase,
     out: &Path,
@@ -233,7 +264,9 @@ fn run_case(
     let storage = case
         .page_size
         .map_or("contig".to_string(), |p| format!("page{p}"));
-    let name = format!("decode_b{b}_h{HEADS_Q}-{HEADS_KV}_n{n}_q{nq}_{storage}");
+    let window = V::SPEC.mask.window.and_then(|w| w.left);
+    let masking = window.map_or(String::new(), |w| format!("_w{}", w + 1));
+    let name = format!("decode_b{b}_h{HEADS_Q}-{HEADS_KV}_n{n}_q{nq}_{storage}{masking}");
     let (mut rng, seed) = seeded_rng(&name);
     let started = Instant::now();
     // K and V in [B, Hkv, N, D] order from the pattern.
@@ -291,7 +324,7 @@ fn run_case(
     let qh: Vec<bf16> = random_vec(&mut rng, q_shape.iter().product());
     let q = Tensor::from_slice(client, &qh, q_shape)?;
     let none = Inputs::default();
-    let call = DecodeProblem::new::<Llama3Decode>(&q, &cache, &none)?;
+    let call = DecodeProblem::new::<V>(&q, &cache, &none)?;
     println!(
         "{name}: data ready in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -327,14 +360,7 @@ fn run_case(
         // Timed as the anchors are: calls queued back to back, each between device events.
         let time = |count: usize| {
             super::device_times(client, count, || {
-                attn::decode_with_plan::<Llama3Decode>(
-                    client,
-                    &q,
-                    &cache,
-                    &none,
-                    plan,
-                    &out_buffers,
-                )
+                attn::decode_with_plan::<V>(client, &q, &cache, &none, plan, &out_buffers)
             })
         };
         time(3)?; // warm-up: compiles
@@ -347,19 +373,21 @@ fn run_case(
     // The tuned call: the first one tunes this key (timing the tuner's choices) and stores the
     // winner; then it is timed like the plans above (it allocates its output on every call).
     let start = Instant::now();
-    let tuned_out = Llama3Decode::decode(client, &q, &cache)?;
+    let tuned_out = attn::decode::<V>(client, &q, &cache, &none)?;
     attn::sync(client)?;
     let tuning_s = start.elapsed().as_secs_f64();
     drop(tuned_out);
     let mut tuned_times = super::device_times(client, iters, || {
-        Llama3Decode::decode(client, &q, &cache).map(drop)
+        attn::decode::<V>(client, &q, &cache, &none).map(drop)
     })?;
     tuned_times.sort_by(f64::total_cmp);
     let tuned_ms = tuned_times[tuned_times.len() / 2];
     println!(
         "  tuned decode: first call (tunes the key) {tuning_s:.2} s, then median {tuned_ms:.4} ms"
     );
-    let bytes = (b * HEADS_KV * n * 2 * D * 2) as f64;
+    // The bytes of K and V the call must read: each sequence's visible keys.
+    let keys_read = call.keys_seen();
+    let bytes = (b * HEADS_KV * keys_read * 2 * D * 2) as f64;
     let best = timed
         .iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
@@ -375,7 +403,7 @@ fn run_case(
         bytes / best.1 / 1e9
     );
     // The outputs written out come from the default plan.
-    attn::decode_with_plan::<Llama3Decode>(client, &q, &cache, &none, default, &out_buffers)?;
+    attn::decode_with_plan::<V>(client, &q, &cache, &none, default, &out_buffers)?;
     attn::sync(client)?;
     let dir = out.join(&name);
     std::fs::create_dir_all(&dir).expect("case folder");
@@ -388,10 +416,11 @@ fn run_case(
         .collect();
     let times_json: Vec<String> = timed[0].2.iter().map(|t| format!("{t:.5}")).collect();
     let meta = format!(
-        "{{\"case\": \"{name}\", \"batch\": {b}, \"heads_q\": {HEADS_Q}, \"heads_kv\": {HEADS_KV}, \"keys\": {n}, \"queries\": {nq}, \"head_dim\": {D}, \"page_size\": {}, \"table\": {:?}, \"scale\": {}, \"default_plan\": \"{}\", \"default_ms\": {default_ms}, \"times_ms\": [{}],  \"best_plan\": \"{}\", \"best_ms\": {}, \"tuned_ms\": {tuned_ms}, \"tuning_s\": {tuning_s}, \"plans_ms\": {{{}}}, \"iters\": {iters}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"batch\": {b}, \"heads_q\": {HEADS_Q}, \"heads_kv\": {HEADS_KV}, \"keys\": {n}, \"keys_read\": {keys_read}, \"window_left\": {}, \"queries\": {nq}, \"head_dim\": {D}, \"page_size\": {}, \"table\": {:?}, \"scale\": {}, \"default_plan\": \"{}\", \"default_ms\": {default_ms}, \"times_ms\": [{}],  \"best_plan\": \"{}\", \"best_ms\": {}, \"tuned_ms\": {tuned_ms}, \"tuning_s\": {tuning_s}, \"plans_ms\": {{{}}}, \"iters\": {iters}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        window.map_or("null".to_string(), |w| w.to_string()),
         case.page_size.map_or("null".to_string(), |p| p.to_string()),
         table,
-        <Llama3Decode as attn::Variant>::SPEC.softmax_scale(),
+        V::SPEC.softmax_scale(),
         default.name(),
         times_json.join(", "),
         best.0.name(),
