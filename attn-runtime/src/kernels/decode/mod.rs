@@ -329,11 +329,15 @@ fn split_walk(
     }
     let range = key_range(ctx, q_first, q_last);
     let block_kv = config.block_kv();
-    // The splits divide the visible keys from the step holding the first of them (a window's
-    // keys are spread over every split): split starts are multiples of `block_kv`, so a split's
-    // steps never reach into another's; a split past the row's keys walks no step at all.
-    let origin = range.start / block_kv * block_kv;
-    let split_start = origin + CUBE_POS_X as usize * dargs.keys_per_split as usize;
+    // Under a window the splits divide the visible keys from the step holding the first of them
+    // (the window's keys are spread over every split); without one the keys start at 0 and the
+    // kernel is the same as before windows were split. Split starts are multiples of
+    // `block_kv`, so a split's steps never reach into another's; a split past the row's keys
+    // walks no step at all.
+    let mut split_start = CUBE_POS_X as usize * dargs.keys_per_split as usize;
+    if comptime!(ctx.mask.has_left()) {
+        split_start += range.start / block_kv * block_kv;
+    }
     let split_end = split_start + dargs.keys_per_split as usize;
     let end = select(range.end < split_end, range.end, split_end);
     let start = select(range.start > split_start, range.start, split_start);

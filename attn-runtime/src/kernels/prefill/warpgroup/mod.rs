@@ -44,8 +44,8 @@
 //! the query head's group shares. Mask tiles are classified as in the other kernels: keys outside
 //! the block's visible range are never loaded, full steps skip the mask arithmetic, and the steps
 //! a custom mask rules out inside that range are skipped whole: the walk goes from one live step
-//! to the next ([`crate::kernels::common::walk::next_live`]), so their tiles are never fetched.
-//! Heavy causal blocks are scheduled first.
+//! to the next ([`next_live()`](crate::kernels::common::walk::next_live())), so their tiles are
+//! never fetched. Heavy causal blocks are scheduled first.
 
 // `%` stays in `#[cube]` code: cubecl's frontend expands operators, not `is_multiple_of`.
 #![allow(clippy::manual_is_multiple_of)]
