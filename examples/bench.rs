@@ -18,7 +18,9 @@
 //! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
 //! tuner picks beside the fallback. With `--backward`, each case also runs and times the backward
 //! pass (`bench_parts/backward.rs`, compared by `bench/backward.py`). With `--decode`, it runs
-//! the decode benchmark instead (`bench_parts/decode.rs`, compared by `bench/decode.py`).
+//! the decode benchmark instead (`bench_parts/decode.rs`, compared by `bench/decode.py`); with
+//! `--decode-step`, the host side of a steady-state decode step: per call, per planned run, per
+//! graph replay (`bench_parts/decode_step.rs`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ use rand::SeedableRng;
 mod backward;
 #[path = "bench_parts/decode.rs"]
 mod decode;
+#[path = "bench_parts/decode_step.rs"]
+mod decode_step;
 
 attn::attention! {
     /// MHA, d 128.
@@ -128,6 +132,21 @@ fn main() {
     let only = arg("--only");
     if args.iter().any(|a| a == "--info") {
         describe_device(&attn::default_client());
+    }
+    if args.iter().any(|a| a == "--decode-step") {
+        let client = attn::default_client();
+        let mut ok = true;
+        // `--batch B --len N` measures one shape instead.
+        let shapes = match (arg("--batch"), arg("--len")) {
+            (Some(b), Some(n)) => {
+                vec![(b.parse().expect("--batch B"), n.parse().expect("--len N"))]
+            }
+            _ => vec![(64, 8192), (1, 4096)],
+        };
+        for (batch, len) in shapes {
+            ok &= decode_step::run_decode_step(&client, batch, len);
+        }
+        std::process::exit(i32::from(!ok));
     }
     if args.iter().any(|a| a == "--decode") {
         let ok = decode::run_decode(&attn::default_client(), &out, iters, only.as_deref());

@@ -80,7 +80,7 @@ fn fill<E: Element>(
 ) -> Filled<E> {
     let batch = lengths.len();
     let longest = lengths.iter().copied().max().unwrap_or(0);
-    let mut cache = match storage {
+    let cache = match storage {
         Storage::Paged(page_size) => {
             let per_seq: Vec<usize> = lengths.iter().map(|l| l.div_ceil(page_size)).collect();
             let pages = per_seq.iter().sum::<usize>() + 3;
@@ -111,13 +111,16 @@ fn fill<E: Element>(
         }
     };
     let capacity = cache.capacity();
-    let mut kh = vec![0.0; batch * heads_kv * capacity * d];
-    let mut vh = vec![0.0; batch * heads_kv * capacity * dv];
+    let mut filled = Filled {
+        cache,
+        k: vec![0.0; batch * heads_kv * capacity * d],
+        v: vec![0.0; batch * heads_kv * capacity * dv],
+    };
     let chunks = rng.random_range(1..=3usize);
     for chunk in 0..chunks {
         let remaining: Vec<usize> = lengths
             .iter()
-            .zip(cache.lengths())
+            .zip(filled.cache.lengths())
             .map(|(want, have)| want - have)
             .collect();
         let most = remaining.iter().copied().max().unwrap_or(0);
@@ -130,35 +133,46 @@ fn fill<E: Element>(
             continue;
         }
         let counts: Vec<usize> = remaining.iter().map(|&r| r.min(n)).collect();
-        let knew: Vec<E> = random_vec(rng, batch * heads_kv * n * d);
-        let vnew: Vec<E> = random_vec(rng, batch * heads_kv * n * dv);
-        let starts = cache.lengths().to_vec();
-        let k_t = Tensor::from_slice(client, &knew, [batch, heads_kv, n, d]).expect("shape");
-        let v_t = Tensor::from_slice(client, &vnew, [batch, heads_kv, n, dv]).expect("shape");
-        let all = counts.iter().all(|&c| c == n);
-        cache
-            .append(client, &k_t, &v_t, (!all).then_some(&counts[..]))
-            .expect("room in the cache");
-        for b in 0..batch {
-            for h in 0..heads_kv {
-                for t in 0..counts[b] {
-                    let pos = starts[b] + t;
-                    for (host, new, w) in [(&mut kh, &knew, d), (&mut vh, &vnew, dv)] {
-                        let src = ((b * heads_kv + h) * n + t) * w;
-                        let dst = ((b * heads_kv + h) * capacity + pos) * w;
-                        for c in 0..w {
-                            host[dst + c] = new[src + c].to_f64();
-                        }
+        append_random(client, rng, &mut filled, n, &counts);
+    }
+    assert_eq!(filled.cache.lengths(), lengths);
+    filled
+}
+
+/// Appends `n` random tokens' K and V, sequence `b` taking its first `counts[b]` (one `append`
+/// call), to the cache and to its host copy.
+fn append_random<E: Element>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    filled: &mut Filled<E>,
+    n: usize,
+    counts: &[usize],
+) {
+    let cache = &mut filled.cache;
+    let (batch, heads_kv, capacity) = (cache.batch(), cache.heads_kv(), cache.capacity());
+    let (d, dv) = (cache.k().shape()[3], cache.v().shape()[3]);
+    let knew: Vec<E> = random_vec(rng, batch * heads_kv * n * d);
+    let vnew: Vec<E> = random_vec(rng, batch * heads_kv * n * dv);
+    let starts = cache.lengths().to_vec();
+    let k_t = Tensor::from_slice(client, &knew, [batch, heads_kv, n, d]).expect("shape");
+    let v_t = Tensor::from_slice(client, &vnew, [batch, heads_kv, n, dv]).expect("shape");
+    let all = counts.iter().all(|&c| c == n);
+    cache
+        .append(client, &k_t, &v_t, (!all).then_some(counts))
+        .expect("room in the cache");
+    for b in 0..batch {
+        for h in 0..heads_kv {
+            for t in 0..counts[b] {
+                let pos = starts[b] + t;
+                for (host, new, w) in [(&mut filled.k, &knew, d), (&mut filled.v, &vnew, dv)] {
+                    let src = ((b * heads_kv + h) * n + t) * w;
+                    let dst = ((b * heads_kv + h) * capacity + pos) * w;
+                    for c in 0..w {
+                        host[dst + c] = new[src + c].to_f64();
                     }
                 }
             }
         }
-    }
-    assert_eq!(cache.lengths(), lengths);
-    Filled {
-        cache,
-        k: kh,
-        v: vh,
     }
 }
 
@@ -176,7 +190,7 @@ fn check_decode<V: Variant>(
     label: &str,
 ) -> Output<V::Elem> {
     let spec = V::SPEC;
-    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let d = spec.head_dim as usize;
     let batch = filled.cache.batch();
     let q_shape = [batch, heads_q, nq, d];
     let qh: Vec<V::Elem> = random_vec(rng, q_shape.iter().product());
@@ -189,9 +203,24 @@ fn check_decode<V: Variant>(
     attn::decode_with_plan::<V>(client, &q, &filled.cache, &run_inputs, plan, &out)
         .expect("launch");
 
-    let qf = widen(&qh);
-    let reference = decode_f64::<V>(&call, &run_inputs, &qf, &filled.k, &filled.v);
-    let naive = decode_naive::<V>(&call, &run_inputs, &qf, &filled.k, &filled.v);
+    verify::<V>(client, &call, &run_inputs, &qh, filled, &out, &label);
+    out
+}
+
+/// Checks a decode call's output (O and the LSE) against float64.
+fn verify<V: Variant>(
+    client: &ComputeClient,
+    call: &DecodeProblem,
+    run_inputs: &Inputs,
+    qh: &[V::Elem],
+    filled: &Filled<V::Elem>,
+    out: &Output<V::Elem>,
+    label: &str,
+) {
+    let dv = V::SPEC.value_dim as usize;
+    let qf = widen(qh);
+    let reference = decode_f64::<V>(call, run_inputs, &qf, &filled.k, &filled.v);
+    let naive = decode_naive::<V>(call, run_inputs, &qf, &filled.k, &filled.v);
     let o = widen(&out.o.to_vec(client));
     assert!(
         o.iter().all(|x| !x.is_nan()),
@@ -234,7 +263,6 @@ fn check_decode<V: Variant>(
         "{label}: max |O − f64| {:.2e} (bound {:.2e}), max |LSE − f64| {lse_error:.2e}",
         verdict.kernel_error, verdict.bound
     );
-    out
 }
 
 /// Output buffers full of NaN.
@@ -733,4 +761,148 @@ fn bad_input_is_a_typed_error() {
         &out
     )
     .is_err());
+}
+
+/// One decode step planned once serves the cache as it grows: appends of one count and ragged
+/// ones, a truncated sequence and a released one (host-side changes the step picks up from the
+/// cache's device copies), each run checked against float64; a query or a cache of another shape
+/// is a typed error. (That a run allocates nothing is shown on the GPU, where a CUDA graph capture
+/// of it would fail otherwise: `bench --decode-step`.)
+fn a_planned_step_follows<V: Variant>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    storage: Storage,
+    (heads_q, heads_kv): (usize, usize),
+    inputs: &OwnedInputs,
+) {
+    let spec = V::SPEC;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let lengths = [rng.random_range(300..700), 9, rng.random_range(40..200)];
+    let mut filled = fill::<V::Elem>(client, rng, storage, heads_kv, d, dv, &lengths);
+    let nq = 1;
+    let q_shape = [lengths.len(), heads_q, nq, d];
+    let run_inputs = inputs.view();
+    let empty = Tensor::<V::Elem>::empty(client, q_shape);
+    let call = DecodeProblem::new::<V>(&empty, &filled.cache, &run_inputs).expect("a call");
+    let plan = DecodePlan {
+        splits: 4,
+        ..default_plan(client, &call).expect("a plan")
+    };
+    let step = attn::DecodeStep::<V>::with_plan(client, &empty, &filled.cache, &run_inputs, plan)
+        .expect("a step");
+    let out = poisoned::<V::Elem>(client, call.problem.out_shape());
+    for round in 0..5 {
+        match round {
+            0 => {}
+            // One token each.
+            1 | 3 => append_random(client, rng, &mut filled, 1, &[1, 1, 1]),
+            // Ragged: two, none, one.
+            2 => append_random(client, rng, &mut filled, 2, &[2, 0, 1]),
+            // A rejected draft: the longest sequence cut back; the shortest one released.
+            _ => {
+                let len = filled.cache.lengths()[0];
+                filled.cache.truncate(0, len - 3).expect("a shorter length");
+                filled.cache.release(1).expect("a sequence");
+            }
+        }
+        let qh: Vec<V::Elem> = random_vec(rng, q_shape.iter().product());
+        let q = Tensor::from_slice(client, &qh, q_shape).expect("shape");
+        step.run(client, &q, &filled.cache, &out).expect("a run");
+        // The reference: the variant's own key lengths cut to the cache's, as the kernel does.
+        let mut now = inputs.clone();
+        if let Some(own) = &mut now.key_lengths {
+            for (own, &len) in own.iter_mut().zip(filled.cache.lengths()) {
+                *own = (*own).min(len as i32);
+            }
+        }
+        let now = now.view();
+        let call = DecodeProblem::new::<V>(&q, &filled.cache, &now).expect("a call");
+        let label = format!(
+            "planned step, round {round}, {storage:?}, lengths {:?}, {}",
+            filled.cache.lengths(),
+            spec.name
+        );
+        verify::<V>(client, &call, &now, &qh, &filled, &out, &label);
+    }
+
+    // Another shape of queries, or another cache: refused before anything launches.
+    let wrong_q = Tensor::<V::Elem>::empty(client, [3, heads_q, 2, d]);
+    let err = step.run(client, &wrong_q, &filled.cache, &out).unwrap_err();
+    assert!(
+        matches!(err, AttnError::Unsupported(ref m) if m.contains("planned for")),
+        "{err}"
+    );
+    let other = fill::<V::Elem>(client, rng, Storage::Paged(64), heads_kv, d, dv, &[5, 5, 5]);
+    let q = Tensor::<V::Elem>::empty(client, q_shape);
+    let err = step.run(client, &q, &other.cache, &out).unwrap_err();
+    assert!(
+        matches!(err, AttnError::Unsupported(ref m) if m.contains("planned for")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_planned_step_follows_the_cache_as_it_grows() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("a_planned_step_follows_the_cache_as_it_grows");
+    a_planned_step_follows::<Gqa4Causal>(
+        &client,
+        &mut rng,
+        Storage::Paged(16),
+        (8, 2),
+        &OwnedInputs::default(),
+    );
+    // The variant's own key lengths (given once, when planned) cut the cache's: the smaller wins.
+    let composed = OwnedInputs {
+        key_lengths: Some(vec![250, 9, 30]),
+        sinks: Some(vec![0.5, -1.0, 2.0, 0.0]),
+        ..Default::default()
+    };
+    a_planned_step_follows::<Composed>(&client, &mut rng, Storage::Contiguous, (4, 2), &composed);
+}
+
+/// A planned step recorded into a graph replays against the cache as it grows: appends between
+/// replays (one token each, then ragged), a truncated sequence picked up through the next append,
+/// new queries written into the recorded query buffer; every replay checked against float64.
+#[test]
+fn a_captured_step_replays_as_the_cache_grows() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("a_captured_step_replays_as_the_cache_grows");
+    let rng = &mut rng;
+    let lengths = [rng.random_range(200..600), 17, rng.random_range(30..120)];
+    let mut filled = fill::<f32>(&client, rng, Storage::Paged(16), 2, 64, 64, &lengths);
+    let q_shape = [3, 8, 1, 64];
+    let none = OwnedInputs::default();
+    let q = Tensor::<f32>::from_slice(&client, &random_vec(rng, 3 * 8 * 64), q_shape).unwrap();
+    let call = DecodeProblem::new::<Gqa4Causal>(&q, &filled.cache, &none.view()).unwrap();
+    let plan = DecodePlan {
+        splits: 4,
+        ..default_plan(&client, &call).unwrap()
+    };
+    let step =
+        attn::DecodeStep::<Gqa4Causal>::with_plan(&client, &q, &filled.cache, &none.view(), plan)
+            .unwrap();
+    let out = poisoned::<f32>(&client, call.problem.out_shape());
+    let graph = step
+        .capture(&client, &q, &filled.cache, &out)
+        .expect("the GPU-less back end records graphs");
+    for round in 0..4 {
+        match round {
+            0 | 1 => append_random(&client, rng, &mut filled, 1, &[1, 1, 1]),
+            2 => append_random(&client, rng, &mut filled, 3, &[3, 1, 0]),
+            _ => {
+                let len = filled.cache.lengths()[0];
+                filled.cache.truncate(0, len - 2).unwrap();
+                append_random(&client, rng, &mut filled, 1, &[1, 0, 1]);
+            }
+        }
+        let qh: Vec<f32> = random_vec(rng, 3 * 8 * 64);
+        q.write(&client, &qh).unwrap();
+        // Poisoned again, so a replay that writes nothing fails.
+        out.o.write(&client, &vec![f32::NAN; 3 * 8 * 64]).unwrap();
+        unsafe { graph.replay() }.expect("a replay");
+        let call = DecodeProblem::new::<Gqa4Causal>(&q, &filled.cache, &none.view()).unwrap();
+        let label = format!("replay {round}, lengths {:?}", filled.cache.lengths());
+        verify::<Gqa4Causal>(&client, &call, &none.view(), &qh, &filled, &out, &label);
+    }
 }

@@ -274,6 +274,7 @@ fn decode_definition<V: Variant>(
             k: tensor_compilation_arg(),
             v: tensor_compilation_arg(),
             table: tensor_compilation_arg(),
+            lengths: tensor_compilation_arg(),
         },
         DecodeOutputsCompilationArg {
             o: tensor_compilation_arg(),
@@ -287,7 +288,7 @@ fn decode_definition<V: Variant>(
             group_rows: (),
             page_size: (),
             max_pages: (),
-            keys_per_split: (),
+            capacity: (),
         },
         config,
     )

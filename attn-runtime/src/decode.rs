@@ -9,11 +9,14 @@
 //! (speculative decoding included); more is chunked prefill against the cache, which the same
 //! kernel runs by packing rows into more cubes.
 
+use std::marker::PhantomData;
+
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
-use crate::kernels::common::OutputsLaunch;
+use crate::kernels::common::{OutputsLaunch, RunInputsLaunch};
 use crate::kernels::decode::combine::{
     combine_splits, merge_states, CombineConfig, MergeConfig, PartsLaunch,
 };
@@ -23,8 +26,8 @@ use crate::kernels::decode::{
 };
 use crate::kv_cache::{grid, KvCache};
 use crate::launch::{
-    flat_arg, is_cpu_emulated, kernel_args, run_inputs, tensor_arg, unsupported_dtype,
-    upload_inputs, Lse, Output,
+    flat_arg, is_cpu_emulated, kernel_args, tensor_arg, unsupported_dtype, upload_inputs, Lse,
+    Output,
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
@@ -96,20 +99,7 @@ impl DecodeProblem {
                 base.name
             )));
         }
-        // The kernel reads K and V in vectors of 4 elements.
-        for (operand, t) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
-            let s = t.strides();
-            if s[..3]
-                .iter()
-                .chain(&[t.shape()[3]])
-                .any(|x| x % KV_VECTOR != 0)
-            {
-                return Err(AttnError::Unsupported(format!(
-                    "decoding reads the cache in vectors of {KV_VECTOR} elements; {operand} has strides {s:?} and head dim {}, which must be multiples of {KV_VECTOR}",
-                    t.shape()[3]
-                )));
-            }
-        }
+        check_cache_vectors(cache)?;
         // The shapes are those of an ordinary call with the cache as K and V.
         let k_view = cache_view(cache.k(), cache);
         let v_view = cache_view(cache.v(), cache);
@@ -445,7 +435,58 @@ fn decode_config(
     }
 }
 
-/// The launches: the decode kernel, and with several splits the combine step.
+/// How a cache stores its tokens, as a decode step is planned for it.
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+struct CacheLayout {
+    paged: bool,
+    /// Tokens per page (1: contiguous).
+    page_size: usize,
+    /// Entries per sequence in the block table (1: contiguous).
+    max_pages: usize,
+}
+
+impl CacheLayout {
+    fn name(&self) -> String {
+        if self.paged {
+            format!(
+                "paged, {} pages of {} tokens per sequence",
+                self.max_pages, self.page_size
+            )
+        } else {
+            "contiguous".into()
+        }
+    }
+}
+
+fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
+    let (page_size, max_pages, _) = cache.table_parts();
+    CacheLayout {
+        paged: cache.is_paged(),
+        page_size,
+        max_pages,
+    }
+}
+
+/// The decode kernel reads K and V in vectors of [`KV_VECTOR`] elements: their strides and head
+/// dims must be multiples of it.
+fn check_cache_vectors<E: Element>(cache: &KvCache<E>) -> Result<(), AttnError> {
+    for (operand, t) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
+        let s = t.strides();
+        if s[..3]
+            .iter()
+            .chain(&[t.shape()[3]])
+            .any(|x| x % KV_VECTOR != 0)
+        {
+            return Err(AttnError::Unsupported(format!(
+                "decoding reads the cache in vectors of {KV_VECTOR} elements; {operand} has strides {s:?} and head dim {}, which must be multiples of {KV_VECTOR}",
+                t.shape()[3]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The launches of [`decode`] and the tuner: a step planned for this one call.
 pub(crate) fn launch_decode<V: Variant>(
     client: &ComputeClient,
     call: &DecodeProblem,
@@ -454,93 +495,329 @@ pub(crate) fn launch_decode<V: Variant>(
     cache: &KvCache<V::Elem>,
     out: &Output<V::Elem>,
 ) -> Result<(), AttnError> {
-    let spec = &call.spec;
-    if !supports::<V::Elem>(client) {
-        return Err(unsupported_dtype(spec));
-    }
-    let p = &call.problem;
-    let tiling = plan.tiling;
-    let span = call.split_span(tiling.units as usize);
-    let kps = keys_per_split(span, plan.splits, tiling.units as usize);
-    let splits = span.div_ceil(kps).max(1);
-    let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
-    let chunks = call.group_rows().div_ceil(tiling.rows as usize);
-    tracing::debug!(
-        variant = spec.name,
-        plan = %plan.name(),
-        splits,
-        keys_per_split = kps,
-        paged = cache.is_paged(),
-        "decode launch"
-    );
-    let (page_size, max_pages, table) = cache.table_parts();
-    let args = kernel_args(spec, p);
-    let dargs = DecodeArgsLaunch::new(
-        p.seq_q as u32,
-        call.group_rows() as u32,
-        page_size as u32,
-        max_pages as u32,
-        kps as u32,
-    );
-    let (ints, floats) = upload_inputs(client, &call.packed);
-    let table_handle = client.create_from_slice(i32::as_bytes(table));
-    let rows = p.batch * p.heads_q * p.seq_q;
-    let (part_o, part_lse) = if splits > 1 {
-        (
-            Tensor::<f32>::empty(client, [1, 1, rows * splits, p.value_dim]),
-            Tensor::<f32>::empty(client, [1, 1, rows * splits, 1]),
-        )
-    } else {
-        (
-            Tensor::<f32>::empty(client, [1, 1, 1, 1]),
-            out.lse.tensor.clone(),
-        )
-    };
-    let cube_count = CubeCount::Static(splits as u32, (p.heads_kv * chunks) as u32, p.batch as u32);
-    unsafe {
-        decode_forward::launch::<V::Elem, V::Hooks>(
-            client,
-            cube_count,
-            CubeDim::new_1d(tiling.units),
-            DecodeOperandsLaunch::new(
-                tensor_arg(q),
-                tensor_arg(cache.k()),
-                tensor_arg(cache.v()),
-                flat_arg(&table_handle, table.len()),
-            ),
-            DecodeOutputsLaunch::new(
-                tensor_arg(&out.o),
-                tensor_arg(&part_lse),
-                tensor_arg(&part_o),
-            ),
-            run_inputs(&ints, &floats, &call.packed),
-            args,
-            dargs,
-            config,
-        );
-    }
-    if splits > 1 {
-        const UNITS: u32 = 64;
-        let combine = CombineConfig {
-            value_dim: spec.value_dim,
-            units: UNITS,
-            sinks: spec.score.sinks,
+    DecodeStep::<V>::for_call(client, call, plan, cache)?.launch(client, q, cache, out);
+    Ok(())
+}
+
+/// A decode step planned once for a batch's shape and run at every step: the plan (tile shape and
+/// key splits), the variant's run-time inputs already on the device, and the splits' workspace.
+///
+/// [`DecodeStep::run`] allocates no device memory and uploads nothing: the cache's lengths and
+/// block table are read from its device-resident copies (an append advances them on the device),
+/// and each sequence's splits divide its own keys, computed by the kernel from its length. A step
+/// can therefore be captured in a CUDA graph and replayed while the cache grows:
+///
+/// ```ignore
+/// let step = DecodeStep::<Llama3>::new(&client, &q, &cache, &Inputs::default())?;
+/// step.run(&client, &q, &cache, &out)?; // compiles the kernels; the cache's tables reach the device
+/// client.start_capture()?;
+/// step.run(&client, &q, &cache, &out)?;
+/// let graph = client.stop_capture()?;
+/// loop {
+///     cache.append(&client, &k_new, &v_new, None)?; // outside the graph
+///     // … write this step's queries into `q` …
+///     unsafe { graph.replay()? };
+/// }
+/// ```
+///
+/// The plan is fixed when the step is made: its split count was chosen for the lengths of that
+/// moment (or given); plan again when the lengths have grown far past them. Host-side changes of
+/// the cache (pages handed out, [`KvCache::release`], [`KvCache::truncate`]) reach the device at
+/// its next append or run, never inside a graph replay.
+#[derive(Debug)]
+pub struct DecodeStep<V: Variant> {
+    plan: DecodePlan,
+    /// The call's shapes (`seq_k`: the cache's capacity).
+    problem: Problem,
+    /// The variant's facts as the kernel runs them (key lengths as declared).
+    spec: VariantSpec,
+    /// The cache the step was planned for.
+    layout: CacheLayout,
+    /// The variant's inputs on the device, and their slot length.
+    ints: (Handle, usize),
+    floats: (Handle, usize),
+    slot_len: u32,
+    /// Partial outputs and LSEs of the splits (unused with one split).
+    part_o: Tensor<f32>,
+    part_lse: Tensor<f32>,
+    _variant: PhantomData<V>,
+}
+
+impl<V: Variant> DecodeStep<V> {
+    /// Plans a step for query tokens shaped like `q` against `cache`, with the plan [`decode`]
+    /// would pick (tuned on a miss as [`crate::tune::Policy`] says; this runs one decode into
+    /// scratch buffers).
+    pub fn new(
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        inputs: &Inputs,
+    ) -> Result<Self, AttnError> {
+        let call = DecodeProblem::new::<V>(q, cache, inputs)?;
+        if !supports::<V::Elem>(client) {
+            return Err(unsupported_dtype(&call.spec));
+        }
+        let scratch = Output {
+            o: Tensor::empty(client, call.problem.out_shape()),
+            lse: Lse::empty(client, call.problem.lse_shape()),
         };
-        unsafe {
-            combine_splits::launch::<V::Elem>(
-                client,
-                CubeCount::Static(p.seq_q as u32, p.heads_q as u32, p.batch as u32),
-                CubeDim::new_1d(UNITS),
-                PartsLaunch::new(tensor_arg(&part_o), tensor_arg(&part_lse)),
-                OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
-                run_inputs(&ints, &floats, &call.packed),
-                splits as u32,
-                f32::NEG_INFINITY,
-                combine,
-            );
+        let plan = crate::tune::decode_tuned::<V>(client, call.clone(), q, cache, &scratch)?;
+        Self::planned(client, &call, plan, inputs, cache)
+    }
+
+    /// Plans a step with a given plan.
+    pub fn with_plan(
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        inputs: &Inputs,
+        plan: DecodePlan,
+    ) -> Result<Self, AttnError> {
+        let call = DecodeProblem::new::<V>(q, cache, inputs)?;
+        check_plan(client, &call, plan)?;
+        Self::planned(client, &call, plan, inputs, cache)
+    }
+
+    /// A step for a checked call, its inputs packed as the kernel reads them.
+    fn planned(
+        client: &ComputeClient,
+        call: &DecodeProblem,
+        plan: DecodePlan,
+        inputs: &Inputs,
+        cache: &KvCache<V::Elem>,
+    ) -> Result<Self, AttnError> {
+        let packed = pack(&V::SPEC, &call.problem, inputs)?;
+        Ok(Self::from_packed(
+            client,
+            call,
+            plan,
+            &packed,
+            cache_layout(cache),
+        ))
+    }
+
+    /// A step for a call whose plan was checked, with the call's packing (the kernel reads the
+    /// cache's lengths from the device and only the variant's own key lengths from the slots).
+    fn for_call(
+        client: &ComputeClient,
+        call: &DecodeProblem,
+        plan: DecodePlan,
+        cache: &KvCache<V::Elem>,
+    ) -> Result<Self, AttnError> {
+        if !supports::<V::Elem>(client) {
+            return Err(unsupported_dtype(&call.spec));
+        }
+        Ok(Self::from_packed(
+            client,
+            call,
+            plan,
+            &call.packed,
+            cache_layout(cache),
+        ))
+    }
+
+    fn from_packed(
+        client: &ComputeClient,
+        call: &DecodeProblem,
+        plan: DecodePlan,
+        packed: &Packed,
+        layout: CacheLayout,
+    ) -> Self {
+        let p = &call.problem;
+        let rows = p.batch * p.heads_q * p.seq_q;
+        let splits = plan.splits;
+        let (part_o, part_lse) = if splits > 1 {
+            (
+                Tensor::<f32>::empty(client, [1, 1, rows * splits, p.value_dim]),
+                Tensor::<f32>::empty(client, [1, 1, rows * splits, 1]),
+            )
+        } else {
+            (
+                Tensor::<f32>::empty(client, [1, 1, 1, 1]),
+                Tensor::<f32>::empty(client, [1, 1, 1, 1]),
+            )
+        };
+        let (ints, floats) = upload_inputs(client, packed);
+        let mut spec = call.spec;
+        spec.mask.key_lengths = V::SPEC.mask.key_lengths;
+        Self {
+            plan,
+            problem: *p,
+            spec,
+            layout,
+            ints: (ints, packed.ints.len()),
+            floats: (floats, packed.floats.len()),
+            slot_len: packed.slot_len as u32,
+            part_o,
+            part_lse,
+            _variant: PhantomData,
         }
     }
-    Ok(())
+
+    /// The plan the step runs.
+    pub fn plan(&self) -> DecodePlan {
+        self.plan
+    }
+
+    /// Runs the step: query tokens `q` (the planned shape) against `cache` (the planned layout,
+    /// any lengths up to its capacity), into `out`. Checked before anything launches; allocates
+    /// no device memory and uploads nothing unless the host changed the cache's table or lengths
+    /// since its last append or run.
+    pub fn run(
+        &self,
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        out: &Output<V::Elem>,
+    ) -> Result<(), AttnError> {
+        let p = &self.problem;
+        check_view(Operand::Q, q.shape(), q.strides(), q.buffer_len())?;
+        let planned_q = [p.batch, p.heads_q, p.seq_q, p.head_dim];
+        let cache_at = cache_layout(cache);
+        if q.shape() != planned_q
+            || [cache.batch(), cache.heads_kv(), cache.capacity()] != [p.batch, p.heads_kv, p.seq_k]
+            || cache_at != self.layout
+        {
+            return Err(AttnError::Unsupported(format!(
+                "the decode step was planned for q {planned_q:?} against a cache of {} sequences × {} K/V heads × {} tokens ({}); got q {:?} and a cache of {} × {} × {} ({}): plan a step for these",
+                p.batch,
+                p.heads_kv,
+                p.seq_k,
+                self.layout.name(),
+                q.shape(),
+                cache.batch(),
+                cache.heads_kv(),
+                cache.capacity(),
+                cache_at.name(),
+            )));
+        }
+        check_cache_vectors(cache)?;
+        crate::launch::check_output(p, out)?;
+        self.launch(client, q, cache, out);
+        Ok(())
+    }
+
+    /// Records the step into a graph (a CUDA graph on CUDA; a recorded dispatch list on wgpu) for
+    /// `q`, `cache` and `out`: checked, run once outside the recording (it compiles the kernels
+    /// and brings the cache's device copies up to date), then recorded. Replaying the graph
+    /// re-runs the step against these very buffers with whatever they hold then: the cache's
+    /// lengths after appends, queries written into `q` in place ([`Tensor::write`]). A host-side
+    /// change of the cache's table or lengths (pages handed out, release, truncate) reaches the
+    /// device only through an append or a [`DecodeStep::run`] outside the graph, so make one
+    /// after such changes and before the next replay.
+    ///
+    /// Replay with `unsafe { graph.replay() }`: the buffers must outlive the graph's use, and
+    /// nothing else may use them while it runs (cubecl's `Graph::replay`).
+    pub fn capture(
+        &self,
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        out: &Output<V::Elem>,
+    ) -> Result<cubecl::client::Graph, AttnError> {
+        let failed = |what: &str, e: cubecl::server::ServerError| {
+            AttnError::Launch(format!("graph capture: {what}: {e:?}"))
+        };
+        client.graph_prepare().map_err(|e| failed("prepare", e))?;
+        self.run(client, q, cache, out)?;
+        client.start_capture().map_err(|e| failed("start", e))?;
+        // Checked by the run above: the same buffers, nothing to allocate or write.
+        self.launch(client, q, cache, out);
+        let graph = client.stop_capture().map_err(|e| failed("stop", e))?;
+        tracing::debug!(variant = V::SPEC.name, plan = %self.plan.name(), "decode step captured");
+        Ok(graph)
+    }
+
+    /// The launches: the decode kernel, and with several splits the combine step.
+    fn launch(
+        &self,
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        out: &Output<V::Elem>,
+    ) {
+        let (p, spec, tiling) = (&self.problem, &self.spec, self.plan.tiling);
+        let splits = self.plan.splits;
+        let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
+        let chunks = (p.group * p.seq_q).div_ceil(tiling.rows as usize);
+        tracing::debug!(
+            variant = spec.name,
+            plan = %self.plan.name(),
+            paged = cache.is_paged(),
+            "decode launch"
+        );
+        let tables = cache.device_tables(client);
+        let CacheLayout {
+            page_size,
+            max_pages,
+            ..
+        } = self.layout;
+        let dargs = DecodeArgsLaunch::new(
+            p.seq_q as u32,
+            (p.group * p.seq_q) as u32,
+            page_size as u32,
+            max_pages as u32,
+            p.seq_k as u32,
+        );
+        let inputs = || unsafe {
+            RunInputsLaunch::new(
+                flat_arg(&self.ints.0, self.ints.1),
+                flat_arg(&self.floats.0, self.floats.1),
+                self.slot_len,
+            )
+        };
+        let lse = if splits > 1 {
+            &self.part_lse
+        } else {
+            &out.lse.tensor
+        };
+        let cube_count =
+            CubeCount::Static(splits as u32, (p.heads_kv * chunks) as u32, p.batch as u32);
+        unsafe {
+            decode_forward::launch::<V::Elem, V::Hooks>(
+                client,
+                cube_count,
+                CubeDim::new_1d(tiling.units),
+                DecodeOperandsLaunch::new(
+                    tensor_arg(q),
+                    tensor_arg(cache.k()),
+                    tensor_arg(cache.v()),
+                    flat_arg(&tables.table, tables.table_len),
+                    flat_arg(&tables.lengths, p.batch),
+                ),
+                DecodeOutputsLaunch::new(
+                    tensor_arg(&out.o),
+                    tensor_arg(lse),
+                    tensor_arg(&self.part_o),
+                ),
+                inputs(),
+                kernel_args(spec, p),
+                dargs,
+                config,
+            );
+        }
+        if splits > 1 {
+            const UNITS: u32 = 64;
+            let combine = CombineConfig {
+                value_dim: spec.value_dim,
+                units: UNITS,
+                sinks: spec.score.sinks,
+            };
+            unsafe {
+                combine_splits::launch::<V::Elem>(
+                    client,
+                    CubeCount::Static(p.seq_q as u32, p.heads_q as u32, p.batch as u32),
+                    CubeDim::new_1d(UNITS),
+                    PartsLaunch::new(tensor_arg(&self.part_o), tensor_arg(&self.part_lse)),
+                    OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
+                    inputs(),
+                    splits as u32,
+                    f32::NEG_INFINITY,
+                    combine,
+                );
+            }
+        }
+    }
 }
 
 /// Merges two results of the same queries over disjoint key sets (say a shared prefix and each

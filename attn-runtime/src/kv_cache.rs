@@ -2,15 +2,24 @@
 //! in vLLM) or contiguous (one `[B, Hkv, capacity, D]` tensor, the special case without a table),
 //! and appending new tokens' K and V to them.
 //!
-//! The block table and the lengths live on the host, where every change is checked: a page past
-//! the pool, a page two sequences share, lengths the table cannot hold and unsupported page sizes
-//! are [`AttnError::KvCache`] errors before anything is launched. They are uploaded with each call
-//! (a few kilobytes).
+//! The block table and the lengths are kept on the host, where every change is checked: a page
+//! past the pool, a page two sequences share, lengths the table cannot hold and unsupported page
+//! sizes are [`AttnError::KvCache`] errors before anything is launched. The kernels read them from
+//! device buffers the cache keeps beside them: an append advances the lengths there by a kernel,
+//! and the host writes a buffer in place only after a host-side change (a page handed out, a
+//! sequence released or cut), so a steady-state decode step (append, then
+//! [`crate::decode::DecodeStep::run`]) uploads nothing.
+
+use std::sync::Mutex;
 
 use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cubecl_common::bytes::Bytes;
 
 use crate::error::{AttnError, Operand};
-use crate::kernels::append::{append_tokens, AppendConfig, CacheSlotsLaunch};
+use crate::kernels::append::{
+    advance_lengths, append_tokens, AppendConfig, CacheSlotsLaunch, NewTokensLaunch,
+};
 use crate::launch::{flat_arg, tensor_arg};
 use crate::problem::check_view;
 use crate::tensor::{ComputeClient, Element, Tensor};
@@ -55,13 +64,60 @@ enum Storage {
 }
 
 /// A K/V cache: the K and V pools (or tensors), the block table and the per-sequence lengths.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct KvCache<E> {
     k: Tensor<E>,
     v: Tensor<E>,
     batch: usize,
     lengths: Vec<usize>,
     storage: Storage,
+    /// Bumped by every host-side change of the lengths / of the block table.
+    versions: Versions,
+    /// The device-resident lengths and table (created on first use).
+    device: Mutex<Option<Mirror>>,
+}
+
+impl<E: Element> Clone for KvCache<E> {
+    /// A cache over the same K and V buffers, with its own lengths and table (its device copies
+    /// are made on its first use).
+    fn clone(&self) -> Self {
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            batch: self.batch,
+            lengths: self.lengths.clone(),
+            storage: self.storage.clone(),
+            versions: self.versions,
+            device: Mutex::new(None),
+        }
+    }
+}
+
+/// Versions of the host's lengths and block table.
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+struct Versions {
+    lengths: u64,
+    table: u64,
+}
+
+/// The device buffers the kernels read, and the host versions they hold.
+#[derive(Debug)]
+struct Mirror {
+    lengths: Handle,
+    table: Handle,
+    holds: Versions,
+}
+
+/// The cache's device-resident lengths `[B]` and block table `[B × max_pages]` (a contiguous
+/// cache: one unused entry), as the kernels read them.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceTables {
+    /// Each sequence's length.
+    pub lengths: Handle,
+    /// The block table.
+    pub table: Handle,
+    /// Entries in the table.
+    pub table_len: usize,
 }
 
 impl<E: Element> KvCache<E> {
@@ -174,6 +230,8 @@ impl<E: Element> KvCache<E> {
                 table: block_table,
                 free,
             },
+            versions: Versions::default(),
+            device: Mutex::new(None),
         };
         cache.with_lengths(lengths)
     }
@@ -192,6 +250,8 @@ impl<E: Element> KvCache<E> {
             v,
             lengths: Vec::new(),
             storage: Storage::Contiguous,
+            versions: Versions::default(),
+            device: Mutex::new(None),
         };
         cache.with_lengths(lengths)
     }
@@ -305,6 +365,7 @@ impl<E: Element> KvCache<E> {
         row[..pages.len()].copy_from_slice(pages);
         available.sort_unstable_by(|a, b| b.cmp(a));
         *free = available;
+        self.versions.table += 1;
         Ok(())
     }
 
@@ -312,6 +373,7 @@ impl<E: Element> KvCache<E> {
     pub fn release(&mut self, seq: usize) -> Result<(), AttnError> {
         self.check_sequence(seq)?;
         self.lengths[seq] = 0;
+        self.versions.lengths += 1;
         if let Storage::Paged {
             max_pages,
             table,
@@ -325,8 +387,60 @@ impl<E: Element> KvCache<E> {
                 }
                 *entry = -1;
             }
+            self.versions.table += 1;
         }
         Ok(())
+    }
+
+    /// Cuts sequence `seq` back to its first `len` tokens (say, the draft tokens a speculative
+    /// step rejected); it keeps its pages. A length can only shrink here: tokens come in through
+    /// [`Self::append`].
+    pub fn truncate(&mut self, seq: usize, len: usize) -> Result<(), AttnError> {
+        self.check_sequence(seq)?;
+        if len > self.lengths[seq] {
+            return Err(kv_error(
+                "lengths",
+                format!(
+                    "sequence {seq} holds {} tokens; truncate cannot grow it to {len}",
+                    self.lengths[seq]
+                ),
+            ));
+        }
+        if len != self.lengths[seq] {
+            self.lengths[seq] = len;
+            self.versions.lengths += 1;
+        }
+        Ok(())
+    }
+
+    /// The device-resident lengths and table, brought up to date with the host's first: created
+    /// on first use, then written in place only where the host changed them since.
+    pub(crate) fn device_tables(&self, client: &ComputeClient) -> DeviceTables {
+        let lengths = || {
+            let host: Vec<i32> = self.lengths.iter().map(|&l| l as i32).collect();
+            Bytes::from_elems(host)
+        };
+        let (_, _, table) = self.table_parts();
+        let mut device = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let mirror = device.get_or_insert_with(|| Mirror {
+            lengths: client.create(lengths()),
+            table: client.create_from_slice(i32::as_bytes(table)),
+            holds: self.versions,
+        });
+        if mirror.holds.lengths != self.versions.lengths {
+            tracing::trace!("attn: the cache's lengths written to the device");
+            client.write(&mirror.lengths, lengths());
+        }
+        if mirror.holds.table != self.versions.table {
+            tracing::trace!("attn: the cache's block table written to the device");
+            client.write(&mirror.table, Bytes::from_elems(table.to_vec()));
+        }
+        mirror.holds = self.versions;
+        DeviceTables {
+            lengths: mirror.lengths.clone(),
+            table: mirror.table.clone(),
+            table_len: table.len(),
+        }
     }
 
     /// Appends new tokens' K `[B, Hkv, n, D]` and V `[B, Hkv, n, Dv]` after each sequence's
@@ -387,13 +501,25 @@ impl<E: Element> KvCache<E> {
         }
         self.reserve_pages(&counts)?;
 
-        let starts: Vec<i32> = self.lengths.iter().map(|&l| l as i32).collect();
-        let counts_i32: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
-        let (page_size, max_pages, table) = self.table_parts();
-        let table_handle = client.create_from_slice(i32::as_bytes(table));
-        let starts_handle = client.create_from_slice(i32::as_bytes(&starts));
-        let counts_handle = client.create_from_slice(i32::as_bytes(&counts_i32));
-        const UNITS: u32 = 256;
+        let tables = self.device_tables(client);
+        let (page_size, max_pages, _) = self.table_parts();
+        let uniform = counts.iter().all(|&c| c == n);
+        // Ragged appends upload their counts (`B` values); appends of one count upload nothing.
+        // (Without counts the kernels never read the buffer: the table stands in, read-only, so
+        // no buffer is bound twice with one binding written.)
+        let (counts_handle, counts_len) = if uniform {
+            (tables.table.clone(), tables.table_len)
+        } else {
+            let counts_i32: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+            (client.create(Bytes::from_elems(counts_i32)), self.batch)
+        };
+        let config = AppendConfig {
+            units: 256,
+            paged: self.is_paged(),
+            ragged: !uniform,
+        };
+        let new_tokens =
+            || unsafe { NewTokensLaunch::new(flat_arg(&counts_handle, counts_len), n as u32) };
         for (src, dst) in [(k_new, &self.k), (v_new, &self.v)] {
             let elements = src.shape().iter().product::<usize>();
             if elements == 0 {
@@ -402,26 +528,42 @@ impl<E: Element> KvCache<E> {
             unsafe {
                 append_tokens::launch::<E>(
                     client,
-                    grid(elements, UNITS),
-                    CubeDim::new_1d(UNITS),
+                    grid(elements, config.units),
+                    CubeDim::new_1d(config.units),
                     tensor_arg(src),
                     tensor_arg(dst),
                     CacheSlotsLaunch::new(
-                        flat_arg(&table_handle, table.len()),
-                        flat_arg(&starts_handle, starts.len()),
-                        flat_arg(&counts_handle, counts_i32.len()),
+                        flat_arg(&tables.table, tables.table_len),
+                        flat_arg(&tables.lengths, self.batch),
                         page_size as u32,
                         max_pages as u32,
                     ),
-                    AppendConfig {
-                        units: UNITS,
-                        paged: self.is_paged(),
-                    },
+                    new_tokens(),
+                    config,
+                );
+            }
+        }
+        if n > 0 {
+            // Behind the two appends on the stream: they read the old lengths.
+            unsafe {
+                advance_lengths::launch(
+                    client,
+                    grid(self.batch, config.units),
+                    CubeDim::new_1d(config.units),
+                    flat_arg(&tables.lengths, self.batch),
+                    new_tokens(),
+                    config,
                 );
             }
         }
         for (len, count) in self.lengths.iter_mut().zip(&counts) {
             *len += count;
+        }
+        // The device's lengths advanced with the host's.
+        self.versions.lengths += 1;
+        let mirror = self.device.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(mirror) = mirror {
+            mirror.holds.lengths = self.versions.lengths;
         }
         Ok(())
     }
@@ -462,6 +604,9 @@ impl<E: Element> KvCache<E> {
                     *entry = free.pop().expect("counted above");
                 }
             }
+        }
+        if needed > 0 {
+            self.versions.table += 1;
         }
         Ok(())
     }

@@ -124,6 +124,24 @@ impl<E: Element> Tensor<E> {
         }
     }
 
+    /// Overwrites the whole buffer with `data` in place (same device memory, enqueued on the
+    /// client's stream): how a replayed graph's inputs are refreshed. Refuses data whose length
+    /// is not the buffer's.
+    pub fn write(&self, client: &ComputeClient, data: &[E]) -> Result<(), AttnError> {
+        if data.len() != self.len {
+            return Err(AttnError::DataLength {
+                shape: self.shape,
+                expected: self.len,
+                found: data.len(),
+            });
+        }
+        client.write(
+            &self.handle,
+            cubecl::bytes::Bytes::from_bytes_vec(E::as_bytes(data).to_vec()),
+        );
+        Ok(())
+    }
+
     /// A new, uninitialised contiguous tensor.
     pub fn empty(client: &ComputeClient, shape: [usize; 4]) -> Self {
         let len = shape.iter().product::<usize>();

@@ -140,9 +140,9 @@ struct DecodeCase {
     window: bool,
 }
 
-const HEADS_Q: usize = 32;
-const HEADS_KV: usize = 8;
-const D: usize = 128;
+pub const HEADS_Q: usize = 32;
+pub const HEADS_KV: usize = 8;
+pub const D: usize = 128;
 
 /// Element `i` of the K (`salt` 1) or V (`salt` 2) pattern: a hash of the index, uniform in
 /// [−1, 1) with 24 bits, rounded to bf16. `bench/decode.py` computes the same.

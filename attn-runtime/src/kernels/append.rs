@@ -5,33 +5,53 @@
 
 use cubecl::prelude::*;
 
-/// Where each sequence's new tokens go: the block table (paged caches), each sequence's next free
-/// position and its count of new tokens.
+/// Where each sequence's new tokens go: the block table (paged caches) and each sequence's
+/// length before the append (the cache's device-resident lengths).
 #[derive(CubeType, CubeLaunch)]
 pub struct CacheSlots {
     /// `[B, max_pages]` page numbers (paged caches).
     pub table: OwnedTensor<i32>,
-    /// `[B]` first position written.
-    pub starts: OwnedTensor<i32>,
-    /// `[B]` tokens written.
-    pub counts: OwnedTensor<i32>,
+    /// `[B]` each sequence's length: its first position written.
+    pub lengths: OwnedTensor<i32>,
     /// Tokens per page.
     pub page_size: u32,
     /// Entries per sequence in the block table.
     pub max_pages: u32,
 }
 
-/// The comptime shape of an append: units per cube, paged or contiguous.
+/// How many new tokens each sequence takes.
+#[derive(CubeType, CubeLaunch)]
+pub struct NewTokens {
+    /// `[B]` tokens per sequence (ragged appends).
+    pub counts: OwnedTensor<i32>,
+    /// Tokens every sequence takes (appends of the same count).
+    pub count: u32,
+}
+
+/// The comptime shape of an append: units per cube, paged or contiguous, one count or one per
+/// sequence.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct AppendConfig {
     /// Units per cube.
     pub units: u32,
     /// Whether the cache is paged.
     pub paged: bool,
+    /// Whether each sequence has its own count (`counts`), else all take `count`.
+    pub ragged: bool,
 }
 
-/// Write `src` `[B, Hkv, n_new, D]` into the cache `dst` at positions `starts[b] + t` for the
-/// first `counts[b]` tokens of each sequence. Paged: `dst` is `[pages, Hkv, page_size, D]` and
+/// Tokens sequence `b` takes.
+#[cube]
+fn count_of(new: &NewTokens, b: usize, #[comptime] config: AppendConfig) -> usize {
+    let mut count = new.count as usize;
+    if comptime!(config.ragged) {
+        count = new.counts[b] as usize;
+    }
+    count
+}
+
+/// Write `src` `[B, Hkv, n_new, D]` into the cache `dst` at positions `lengths[b] + t` for the
+/// first `count` tokens of each sequence. Paged: `dst` is `[pages, Hkv, page_size, D]` and
 /// position `p` of sequence `b` lives in page `table[b·max_pages + p / page_size]`, slot
 /// `p % page_size`; contiguous: `dst` is `[B, Hkv, capacity, D]`.
 #[cube(launch)]
@@ -39,6 +59,7 @@ pub fn append_tokens<E: Float>(
     src: &Tensor<E>,
     dst: &mut Tensor<E>,
     slots: &CacheSlots,
+    new: &NewTokens,
     #[comptime] config: AppendConfig,
 ) {
     let paged = config.paged;
@@ -54,9 +75,9 @@ pub fn append_tokens<E: Float>(
         let t = (i / width) % tokens;
         let h = (i / (width * tokens)) % heads;
         let b = i / (width * tokens * heads);
-        if t < slots.counts[b] as usize {
+        if t < count_of(new, b, config) {
             let value = src[b * src.stride(0) + h * src.stride(1) + t * src.stride(2) + c];
-            let position = slots.starts[b] as usize + t;
+            let position = slots.lengths[b] as usize + t;
             let mut at = b * dst.stride(0) + h * dst.stride(1) + position * dst.stride(2) + c;
             if comptime!(paged) {
                 let page =
@@ -66,5 +87,19 @@ pub fn append_tokens<E: Float>(
             }
             dst[at] = value;
         }
+    }
+}
+
+/// After an append (launched behind it on the same stream): each sequence's device-resident
+/// length grows by its count.
+#[cube(launch)]
+pub fn advance_lengths(
+    lengths: &mut Tensor<i32>,
+    new: &NewTokens,
+    #[comptime] config: AppendConfig,
+) {
+    let b = crate::kernels::flat_index(config.units);
+    if b < lengths.len() {
+        lengths[b] += count_of(new, b, config) as i32;
     }
 }

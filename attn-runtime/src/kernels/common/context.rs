@@ -180,6 +180,35 @@ impl Ctx {
         }
     }
 
+    /// The same context with at most `keys` keys (decoding: the variant's own key length cut to
+    /// the cache's), realigned when queries align bottom-right.
+    pub fn keys_at_most(&self, keys: usize) -> Ctx {
+        let site = self.site;
+        let seq_k = select(keys < site.seq_k, keys, site.seq_k);
+        let mut shift = site.shift;
+        if comptime!(self.mask.align == CausalAlignment::BottomRight) {
+            shift = seq_k as i32 - site.seq_q as i32;
+        }
+        Ctx {
+            site: Site {
+                batch: site.batch,
+                index: site.index,
+                q_off: site.q_off,
+                seq_q: site.seq_q,
+                k_off: site.k_off,
+                seq_k,
+                shift,
+                prefix: site.prefix,
+                slope: site.slope,
+                head: site.head,
+                kv_head: site.kv_head,
+            },
+            args: self.args,
+            mask: self.mask,
+            score: self.score,
+        }
+    }
+
     /// The score of a pair that does not take part: −∞.
     pub fn masked(&self) -> f32 {
         self.args.neg_inf

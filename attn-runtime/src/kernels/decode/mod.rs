@@ -184,6 +184,8 @@ pub struct DecodeOperands<E: Float> {
     pub v: OwnedTensor<KvVector<E>>,
     /// The block table (paged caches).
     pub table: OwnedTensor<i32>,
+    /// The cache's length per sequence, `[B]` (device-resident: appends advance it on the device).
+    pub lengths: OwnedTensor<i32>,
 }
 
 /// What the decode kernel writes: O and the LSE with one split; the partial LSE (in `lse`) and
@@ -210,8 +212,8 @@ pub struct DecodeArgs {
     pub page_size: u32,
     /// Entries per sequence in the block table.
     pub max_pages: u32,
-    /// Keys per split (a multiple of `units`).
-    pub keys_per_split: u32,
+    /// Keys each sequence can hold: lengths past it are cut to it.
+    pub capacity: u32,
 }
 
 /// The cube's chunk of packed rows: rows `first..=last` of its K/V head's `group_rows`.
@@ -262,18 +264,13 @@ pub fn decode_forward<E: Float, M: Hooks>(
         queries: dargs.queries as usize,
         group_rows,
     };
-    let at = Lengths {
-        sequence: CUBE_POS_Z as usize,
-        head: locate_row(first_row, kv_head, chunk, args).head,
-        q_total: ops.q.shape(2),
-        k_total: 0,
-    };
-    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    let head = locate_row(first_row, kv_head, chunk, args).head;
+    let ctx = locate_sequence(ops, inputs, args, dargs, head, config);
 
     let mut unit = DecodeUnit::new(&ctx, chunk, inputs, config);
     unit.load_q_rows::<E>(&ops.q, &ctx, chunk, config);
 
-    let walk = split_walk(&ctx, chunk, dargs, config);
+    let walk = split_walk(&ctx, chunk, config);
     for index in walk.first_step..walk.end_step {
         let keys = walk.keys(index, units);
         let step = Step {
@@ -296,6 +293,35 @@ pub fn decode_forward<E: Float, M: Hooks>(
     unit.finish::<E>(outputs, &ctx, chunk, inputs, config);
 }
 
+/// The cube's sequence as the mask sees it: its keys are the cache's length from the device
+/// (cut to the capacity), and further cut by the variant's own key lengths where it declares them.
+#[cube]
+fn locate_sequence<E: Float>(
+    ops: &DecodeOperands<E>,
+    inputs: &RunInputs,
+    args: Args,
+    dargs: DecodeArgs,
+    head: usize,
+    #[comptime] config: DecodeConfig,
+) -> Ctx {
+    let sequence = CUBE_POS_Z as usize;
+    let stored = ops.lengths[sequence];
+    let capacity = dargs.capacity as usize;
+    let mut cached = 0usize.runtime();
+    if stored > 0 {
+        cached = select((stored as usize) < capacity, stored as usize, capacity);
+    }
+    let at = Lengths {
+        sequence,
+        head,
+        q_total: ops.q.shape(2),
+        k_total: cached,
+    };
+    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    // The variant's own key length (where it declares one) replaced the cache's: the smaller wins.
+    ctx.keys_at_most(cached)
+}
+
 /// Locate the row: packed row `r` of K/V head `kv_head` is query head `kv_head·group + r / Nq`,
 /// token `r % Nq`. A row past the group clamps to the last one (it computes, but writes nothing).
 #[cube]
@@ -310,15 +336,11 @@ fn locate_row(r: usize, kv_head: usize, chunk: Chunk, args: Args) -> DecodeRow {
 }
 
 /// The walk of this cube's split: the keys its rows can see (mask terms in closed form, the key
-/// length), cut to the split's `keys_per_split` keys counted from the step of the first of them,
-/// in steps of `block_kv`.
+/// length), cut to the split's share of them: the launch's splits (the grid's x) divide the
+/// sequence's own visible keys, counted from the step of the first of them, in whole steps of
+/// `block_kv`.
 #[cube]
-fn split_walk(
-    ctx: &Ctx,
-    chunk: Chunk,
-    dargs: DecodeArgs,
-    #[comptime] config: DecodeConfig,
-) -> BlockWalk {
+fn split_walk(ctx: &Ctx, chunk: Chunk, #[comptime] config: DecodeConfig) -> BlockWalk {
     let queries = chunk.queries;
     // The chunk's tokens: a contiguous run inside one head, else every token.
     let mut q_first = 0usize.runtime();
@@ -334,11 +356,19 @@ fn split_walk(
     // kernel is the same as before windows were split. Split starts are multiples of
     // `block_kv`, so a split's steps never reach into another's; a split past the row's keys
     // walks no step at all.
-    let mut split_start = CUBE_POS_X as usize * dargs.keys_per_split as usize;
+    // Each sequence's splits divide its own keys (a ragged batch's short sequences are spread
+    // over every split too), in whole steps.
+    let mut origin = 0usize.runtime();
     if comptime!(ctx.mask.has_left()) {
-        split_start += range.start / block_kv * block_kv;
+        origin = range.start / block_kv * block_kv;
     }
-    let split_end = split_start + dargs.keys_per_split as usize;
+    let span = select(range.end > origin, range.end - origin, 0);
+    let splits = CUBE_COUNT_X as usize;
+    let steps = (span + block_kv - 1) / block_kv;
+    let steps_per_split = select(steps > splits, (steps + splits - 1) / splits, 1);
+    let keys_per_split = steps_per_split * block_kv;
+    let split_start = origin + CUBE_POS_X as usize * keys_per_split;
+    let split_end = split_start + keys_per_split;
     let end = select(range.end < split_end, range.end, split_end);
     let start = select(range.start > split_start, range.start, split_start);
     let first_step = start / block_kv;
