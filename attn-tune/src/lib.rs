@@ -58,7 +58,7 @@ pub enum Command {
 }
 
 /// Options of `tune`.
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct TuneArgs {
     /// Only these variants (by name; repeatable).
     #[arg(long = "variant")]
@@ -94,6 +94,11 @@ pub struct TuneArgs {
     /// `decode B Hq N [query tokens]` (`#` starts a comment).
     #[arg(long)]
     pub shapes: Option<PathBuf>,
+    /// Tune the shapes that calls under `ATTN_TUNE=deferred` found untuned and recorded (the
+    /// cache folder's `misses.txt`), for the variants they name unless `--variant` is given, then
+    /// empty the file.
+    #[arg(long, conflicts_with = "shapes")]
+    pub misses: bool,
     /// Also write the report as tab-separated values.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -266,8 +271,11 @@ fn grid(client: &ComputeClient, args: &TuneArgs) -> Result<Grid, String> {
         }
         grid.page_size = Some(page);
     }
-    if let Some(path) = &args.shapes {
+    let misses = args.misses.then(cache::misses_path);
+    if let Some(path) = args.shapes.as_ref().or(misses.as_ref()) {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Deferred backward calls record their shape with a note that asks for the backward pass.
+        grid.backward |= args.misses && text.contains("(backward");
         let (prefill, decode) =
             parse_shapes(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         grid.shapes = prefill;
@@ -292,6 +300,22 @@ fn pick(given: &[usize], grid: Vec<usize>, default: &[usize]) -> Vec<usize> {
     } else {
         default.to_vec()
     }
+}
+
+/// The variants a misses file names (the first word of each line's comment), each once.
+pub fn missed_variants(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let name = line
+            .split_once('#')
+            .and_then(|(_, comment)| comment.split_whitespace().next());
+        if let Some(name) = name {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names
 }
 
 /// Reads a shapes file: `prefill B Hq N` and `decode B Hq N [query tokens]` lines, blank lines
@@ -343,6 +367,24 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
     // Tuning is the point here, on every device (calls on CPU-emulated ones skip it by default).
     tune::set_policy(tune::Policy::Tune);
     let client = attn::default_client();
+    let mut args = std::borrow::Cow::Borrowed(args);
+    if args.misses {
+        let path = cache::misses_path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let named = missed_variants(&text);
+        if named.is_empty() {
+            println!("attn-tune: no recorded misses ({})", path.display());
+            return Ok(());
+        }
+        if args.variants.is_empty() {
+            let known: Vec<&str> = tune::registered().iter().map(|r| r.spec.name).collect();
+            args.to_mut().variants = named
+                .into_iter()
+                .filter(|n| known.contains(&n.as_str()))
+                .collect();
+        }
+    }
+    let args = args.as_ref();
     let grid = grid(&client, args)?;
     let all = tune::registered();
     for name in &args.variants {
@@ -455,6 +497,10 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
         cache::path().display()
     );
     if failures.is_empty() {
+        if args.misses {
+            let path = cache::misses_path();
+            std::fs::write(&path, "").map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(())
     } else {
         Err(format!(

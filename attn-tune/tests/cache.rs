@@ -373,3 +373,27 @@ fn a_deployments_shapes_file_tunes_its_prefill_and_decode_shapes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The shapes calls under `ATTN_TUNE=deferred` recorded (`misses.txt` beside the database) are
+/// tuned by `attn-tune tune --misses`, for the variant they name, and the file is emptied; with
+/// nothing recorded there is nothing to do.
+#[test]
+fn recorded_misses_are_tuned_and_cleared() {
+    let dir = cache_dir("misses");
+    let misses = dir.join("misses.txt");
+    std::fs::write(
+        &misses,
+        format!("prefill 1 4 160   # {VARIANT}\ndecode 3 4 300 1   # {VARIANT}\n"),
+    )
+    .unwrap();
+    let out = run(&dir, &["tune", "--misses", "--quiet", "--samples", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("attn-tune: 1 variants") && stdout.contains("1 prefill and 1 decode keys"),
+        "the recorded variant's two shapes:\n{stdout}"
+    );
+    assert_eq!(std::fs::read_to_string(&misses).unwrap(), "", "emptied");
+    let out = run(&dir, &["tune", "--misses", "--quiet"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("no recorded misses"), "{stdout}");
+}

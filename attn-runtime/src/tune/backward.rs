@@ -133,6 +133,22 @@ pub(crate) fn backward_tuned<V: Variant>(
     if let Some(pick) = known {
         return direct(BACKWARD.choose(client, &key, pick, fallback));
     }
+    if policy == Policy::Deferred {
+        let plan = BACKWARD
+            .remembered(client, &key, plans.iter().copied())
+            .unwrap_or_else(|| {
+                let p = call.problem;
+                cache::record_miss(format!(
+                    "prefill {} {} {}   # {} (backward: attn-tune tune --backward)",
+                    p.batch,
+                    p.heads_q,
+                    p.seq_q,
+                    V::SPEC.name
+                ));
+                fallback
+            });
+        return direct(plan);
+    }
     let [q, k, v] = call.qkv;
     let tuned = Call {
         client: client.clone(),

@@ -103,6 +103,41 @@ pub fn path() -> PathBuf {
     environment::path()
 }
 
+/// The file where [`super::Policy::Deferred`] records the shapes it found no tuned pick for,
+/// beside the database: one line per shape in the grammar of `attn-tune tune --shapes`
+/// (`prefill B Hq N` or `decode B Hq N tokens`), the variant in a comment. `attn-tune tune
+/// --misses` tunes them and empties the file.
+pub fn misses_path() -> PathBuf {
+    path().with_file_name("misses.txt")
+}
+
+/// Appends `line` to [`misses_path`], once per process.
+pub(crate) fn record_miss(line: String) {
+    use std::io::Write;
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&line) {
+            return;
+        }
+        seen.push(line.clone());
+    }
+    let file = misses_path();
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    match written {
+        Ok(()) => {
+            tracing::info!(shape = %line, file = %file.display(), "attn: no tuned pick for this shape: the fallback runs, the shape is recorded for attn-tune")
+        }
+        Err(e) => {
+            tracing::warn!(shape = %line, file = %file.display(), error = %e, "attn: no tuned pick for this shape, and it could not be recorded")
+        }
+    }
+}
+
 /// Moves a database that cannot be one (wrong header, or a write-ahead log with a wrong header)
 /// aside, with its side files, so cubecl starts a new one; returns where it went. cubecl itself
 /// would fall back to memory on every run while the bad file stays. An empty or missing file is

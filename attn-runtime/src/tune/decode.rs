@@ -227,6 +227,26 @@ pub(crate) fn decode_tuned<V: Variant>(
         launch_decode::<V>(client, &call, plan, q, cache, out)?;
         return Ok(plan);
     }
+    if policy_for(facts.cpu_emulated) == super::Policy::Deferred {
+        let remembered = DECODE
+            .remembered(client, &key, plan_choices())
+            .map(|choice| choice.apply(base))
+            .filter(|plan| check_plan(client, &call, *plan).is_ok());
+        let plan = remembered.unwrap_or_else(|| {
+            let p = &call.problem;
+            cache::record_miss(format!(
+                "decode {} {} {} {}   # {}",
+                p.batch,
+                p.heads_q,
+                call.max_len.max(1),
+                p.seq_q,
+                V::SPEC.name
+            ));
+            base
+        });
+        launch_decode::<V>(client, &call, plan, q, cache, out)?;
+        return Ok(plan);
+    }
     let background = policy_for(facts.cpu_emulated) == super::Policy::Background;
     if background {
         // The heuristic's plan now; the key is settled on a thread of its own, into scratch

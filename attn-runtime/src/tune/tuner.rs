@@ -33,15 +33,22 @@ pub enum Policy {
     /// Use the cached winner; on a miss, run the fallback at once and settle the key (read the
     /// persistent cache, or time the candidates) on a thread of its own, off the request path:
     /// later calls of the key run the winner. For servers, where a first call must not wait for
-    /// tuning. [`wait_for_background_tuning`] waits for the threads.
+    /// tuning. [`wait_for_background_tuning`] waits for the threads. The thread's compilations
+    /// and timing runs share the device with the calls, so a call made meanwhile waits for them
+    /// (measured: `bench/RESULTS.md`).
     Background,
+    /// Use what a tuning settled, here or at install (`attn-tune`); never tune in this process:
+    /// on a miss the fallback runs and the call's shape is recorded in
+    /// [`super::cache::misses_path`] for the next `attn-tune tune --misses`. For servers: no call
+    /// ever waits for tuning.
+    Deferred,
 }
 
-/// Set by [`set_policy`]: 0 unset, 1 tune, 2 fallback, 3 background.
+/// Set by [`set_policy`]: 0 unset, 1 tune, 2 fallback, 3 background, 4 deferred.
 static POLICY: AtomicU8 = AtomicU8::new(0);
 
-/// The policy for calls on `client`'s device: [`set_policy`]'s, else `ATTN_TUNE` (`on`, `off`
-/// or `background`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
+/// The policy for calls on `client`'s device: [`set_policy`]'s, else `ATTN_TUNE` (`on`, `off`,
+/// `background` or `deferred`), else tune on GPUs and the fallback on CPU-emulated devices (llvmpipe), where timing
 /// candidates costs minutes and the fallback is what the portable kernel wants anyway.
 pub fn policy(client: &ComputeClient) -> Policy {
     policy_for(is_cpu_emulated(client))
@@ -54,12 +61,14 @@ pub(super) fn policy_for(cpu_emulated: bool) -> Policy {
         1 => return Policy::Tune,
         2 => return Policy::Fallback,
         3 => return Policy::Background,
+        4 => return Policy::Deferred,
         _ => {}
     }
     let from_env = FROM_ENV.get_or_init(|| match std::env::var("ATTN_TUNE").as_deref() {
         Ok("off" | "0") => Some(Policy::Fallback),
         Ok("on" | "1") => Some(Policy::Tune),
         Ok("background") => Some(Policy::Background),
+        Ok("deferred") => Some(Policy::Deferred),
         _ => None,
     });
     match from_env {
@@ -75,6 +84,7 @@ pub fn set_policy(policy: Policy) {
         Policy::Tune => 1,
         Policy::Fallback => 2,
         Policy::Background => 3,
+        Policy::Deferred => 4,
     };
     POLICY.store(code, Ordering::Relaxed);
 }
@@ -223,6 +233,24 @@ pub(crate) fn forward_tuned<V: Variant>(
         key: key.clone(),
     };
     let known = TUNER.fastest_identity(&id, &set, &key);
+    if known.is_none() && policy_for(prepared.cpu_emulated) == Policy::Deferred {
+        let runs = PREFILL
+            .remembered(client, &key, list.iter().copied())
+            .unwrap_or_else(|| {
+                cache::record_miss(format!(
+                    "prefill {} {} {}   # {}",
+                    problem.batch,
+                    problem.heads_q,
+                    problem.seq_q,
+                    V::SPEC.name
+                ));
+                fallback
+            });
+        tracing::trace!(variant = V::SPEC.name, candidate = %runs, "deferred-tuning call");
+        let blueprint = Blueprint::new(&V::SPEC, runs, problem, &call.packed);
+        launch::<V>(client, &blueprint, problem, &call.packed, q, k, v, out)?;
+        return Ok(runs);
+    }
     if known.is_none() && policy_for(prepared.cpu_emulated) == Policy::Background {
         tracing::info!(
             variant = V::SPEC.name,

@@ -10,7 +10,9 @@
 //! fallback's. Otherwise the fallback runs for that key, in this process and later ones: each
 //! verdict is kept in the cache database beside the tuned shapes (namespace
 //! `attn/<cubecl>/verdicts/<prefill|backward|decode>/<device>`), so a fresh process reads it and never
-//! compiles a rejected pick.
+//! compiles a rejected pick. Beside them, each settled key's outcome — the candidate that runs —
+//! is kept by name (`attn/<cubecl>/picks/<prefill|backward|decode>/<device>`): what
+//! [`super::Policy::Deferred`] reads, never tuning itself.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -107,6 +109,8 @@ pub(super) struct Verdicts<K, P> {
     memory: Mutex<HashMap<(ServiceId, K, P, P), bool>>,
     /// By device kind (the hardware identity the tuned shapes are kept under).
     stores: Mutex<HashMap<String, Store<Judged, Verdict>>>,
+    /// What runs for each settled key (its debug form), by name, per device kind.
+    picks: Mutex<HashMap<String, Store<String, String>>>,
 }
 
 /// The verdicts of the prefill tuner.
@@ -129,7 +133,54 @@ where
             name,
             memory: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
+            picks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What runs for `key` on `client`'s device as a tuning here or at install settled it, found
+    /// among `among` by name; `None` where no tuning settled the key (or settled it on a candidate
+    /// `among` lacks).
+    pub(super) fn remembered(
+        &self,
+        client: &ComputeClient,
+        key: &K,
+        among: impl IntoIterator<Item = P>,
+    ) -> Option<P> {
+        let name = self.with_picks(client, |store| store.get(&format!("{key:?}")).cloned())?;
+        among.into_iter().find(|p| p.to_string() == name)
+    }
+
+    /// Keeps `runs` as what runs for `key` (see [`Self::remembered`]).
+    fn remember(&self, client: &ComputeClient, key: &K, runs: P) {
+        self.with_picks(client, |store| {
+            let key = format!("{key:?}");
+            match store.get(&key) {
+                Some(kept) if *kept == runs.to_string() => return,
+                // Settled again on another outcome: the newer one stands.
+                Some(_) => drop(store.remove(&key)),
+                None => {}
+            }
+            if let Err(e) = store.insert(key, runs.to_string()) {
+                tracing::debug!(reason = e.reason(), "attn: pick not kept");
+            }
+        });
+    }
+
+    fn with_picks<T>(
+        &self,
+        client: &ComputeClient,
+        f: impl FnOnce(&mut Store<String, String>) -> T,
+    ) -> T {
+        cache::init();
+        let hardware = client.hardware_identity().to_string();
+        let mut stores = lock(&self.picks);
+        let store = stores.entry(hardware.clone()).or_insert_with(|| {
+            Store::new(StoreOptions::new().storage(Namespace::scoped(
+                "attn",
+                format!("picks/{}/{hardware}", self.name),
+            )))
+        });
+        f(store)
     }
 
     /// Which of `pick` and `fallback` runs for `key` on `client`'s device: the pick when no
@@ -171,9 +222,11 @@ where
         mut time: impl FnMut(P, usize) -> Result<f64, AttnError>,
     ) -> Result<bool, AttnError> {
         if pick == fallback {
+            self.remember(client, key, pick);
             return Ok(true);
         }
         if let Some(keep) = self.read(client, key, pick, fallback) {
+            self.remember(client, key, if keep { pick } else { fallback });
             return Ok(keep);
         }
         // One untimed call each: compiled, loaded and warm before the samples. Their times (a
@@ -209,6 +262,7 @@ where
             (client.service_id(), key.clone(), pick, fallback),
             verdict.keep,
         );
+        self.remember(client, key, if verdict.keep { pick } else { fallback });
         Ok(verdict.keep)
     }
 
