@@ -1,6 +1,8 @@
 //! Llama-3 generation against a paged K/V cache: a prompt per sequence (ragged lengths) appended
 //! to the cache and attended by chunked prefill, then decoding steps that each append one token's
-//! K/V and attend the whole cache; the last step is checked against float64.
+//! K/V and attend the whole cache; the last step is checked against float64. The decoding step is
+//! planned once (`DecodeStep`) and recorded as a graph (a CUDA graph on CUDA) that every step
+//! replays after its append, its queries written into the recorded buffer.
 //!
 //! `cargo run --release --example decode [-- --batch 4 --prompt 700 --steps 8 --page 16]`
 //!
@@ -12,7 +14,10 @@ use attn::decode::DecodeProblem;
 use attn::reference::{
     decode_f64, decode_naive, error_floor, random_vec, seeded_rng, widen, Verdict,
 };
-use attn::{AttnError, ComputeClient, Element, Inputs, KvCache, PagedLayout, Tensor, Variant};
+use attn::{
+    AttnError, ComputeClient, DecodeStep, Element, Inputs, KvCache, Lse, Output, PagedLayout,
+    Tensor, Variant,
+};
 use rand::Rng;
 
 include!("variants/llama3.rs");
@@ -113,27 +118,50 @@ fn generate<V: Variant>(client: &ComputeClient) -> Result<bool, AttnError> {
     attn::sync(client)?;
     println!("prefill: prompts {prompts:?}, {chunk} queries each against the paged cache (page {page}): {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
 
-    // Decoding: one token per sequence per step.
-    let mut last = None;
-    for step in 0..steps {
+    // Decoding: one token per sequence per step, through one planned step replayed as a graph.
+    let shape = [batch, heads_q, 1, d];
+    let mut q_host: Vec<V::Elem> = random_vec(&mut rng, batch * heads_q * d);
+    let q = Tensor::from_slice(client, &q_host, shape)?;
+    let out = Output {
+        o: Tensor::empty(client, [batch, heads_q, 1, d]),
+        lse: Lse::empty(client, [batch, heads_q, 1]),
+    };
+    let step = DecodeStep::<V>::new(client, &q, &cache, &Inputs::default())?;
+    let graph = match step.capture(client, &q, &cache, &out) {
+        Ok(graph) => Some(graph),
+        Err(e) => {
+            println!("no graph on this back end ({e}); running the step instead");
+            None
+        }
+    };
+    for s in 0..steps {
         append(&mut cache, &mut rng, 1, &vec![1; batch])?;
-        let q_host: Vec<V::Elem> = random_vec(&mut rng, batch * heads_q * d);
-        let q = Tensor::from_slice(client, &q_host, [batch, heads_q, 1, d])?;
+        q_host = random_vec(&mut rng, batch * heads_q * d);
+        q.write(client, &q_host)?;
         let start = Instant::now();
-        let out = attn::decode::<V>(client, &q, &cache, &Inputs::default())?;
+        match &graph {
+            Some(graph) => unsafe { graph.replay() }
+                .map_err(|e| AttnError::Launch(format!("graph replay: {e:?}")))?,
+            None => step.run(client, &q, &cache, &out)?,
+        }
         attn::sync(client)?;
-        if step + 1 == steps {
+        if s + 1 == steps {
             println!(
-                "step {step}: lengths {:?}: {:.2} ms",
+                "step {s} ({}, plan {}): lengths {:?}: {:.2} ms",
+                if graph.is_some() {
+                    "graph replay"
+                } else {
+                    "run"
+                },
+                step.plan().name(),
                 cache.lengths(),
                 start.elapsed().as_secs_f64() * 1e3
             );
         }
-        last = Some((q, q_host, out));
     }
-    let Some((q, q_host, out)) = last else {
+    if steps == 0 {
         return Ok(true);
-    };
+    }
     let call = DecodeProblem::new::<V>(&q, &cache, &Inputs::default())?;
     let qf = widen(&q_host);
     let reference = decode_f64::<V>(&call, &Inputs::default(), &qf, &k_host, &v_host);
