@@ -906,3 +906,101 @@ fn a_captured_step_replays_as_the_cache_grows() {
         verify::<Gqa4Causal>(&client, &call, &none.view(), &qh, &filled, &out, &label);
     }
 }
+
+/// A prompt's pages shared by several sequences (parallel samples of one prompt): each decodes
+/// its shared prefix and its own suffix (float64), the pool hands out pages only for the
+/// suffixes, a shared page is read-only, and it returns to the pool with its last holder.
+#[test]
+fn a_shared_prefix_is_read_by_every_sequence_that_shares_it() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("a_shared_prefix_is_read_by_every_sequence_that_shares_it");
+    let rng = &mut rng;
+    let (heads_kv, d, page) = (2, 64, 16);
+    let mut filled = fill::<f32>(
+        &client,
+        rng,
+        Storage::Paged(page),
+        heads_kv,
+        d,
+        d,
+        &[70, 0, 0],
+    );
+    let free_before = filled.cache.free_pages();
+    filled.cache.share_prefix(0, 1, 64).unwrap();
+    filled.cache.share_prefix(0, 2, 32).unwrap();
+    assert_eq!(filled.cache.lengths(), [70, 64, 32]);
+    assert_eq!(filled.cache.free_pages(), free_before, "shared, not copied");
+    // The host copy: sequences 1 and 2 see sequence 0's first tokens.
+    let capacity = filled.cache.capacity();
+    for (b, tokens) in [(1, 64), (2, 32)] {
+        for (host, w) in [(&mut filled.k, d), (&mut filled.v, d)] {
+            for h in 0..heads_kv {
+                let src = h * capacity * w;
+                let dst = ((b * heads_kv + h) * capacity) * w;
+                for i in 0..tokens * w {
+                    host[dst + i] = host[src + i];
+                }
+            }
+        }
+    }
+    // Refusals: part of a page, a sequence that holds tokens, itself; an append into a shared
+    // page (after cutting a sequence back inside its shared prefix).
+    let err = |r: Result<(), AttnError>| match r {
+        Err(AttnError::KvCache { field, reason }) => format!("{field}: {reason}"),
+        other => panic!("expected a KvCache error, got {other:?}"),
+    };
+    assert!(err(filled.cache.share_prefix(0, 2, 40)).contains("whole pages"));
+    assert!(err(filled.cache.share_prefix(0, 1, 16)).contains("release it first"));
+    assert!(err(filled.cache.share_prefix(1, 1, 16)).contains("itself"));
+    filled.cache.truncate(2, 20).unwrap();
+    let one = Tensor::<f32>::empty(&client, [3, heads_kv, 1, d]);
+    let refused = err(filled.cache.append(&client, &one, &one, Some(&[0, 0, 1])));
+    assert!(refused.contains("read-only"), "{refused}");
+    assert_eq!(
+        filled.cache.lengths(),
+        [70, 64, 20],
+        "a refused append changes nothing"
+    );
+    filled.cache.release(2).unwrap();
+    filled.cache.share_prefix(0, 2, 32).unwrap();
+
+    // Each sequence's own tokens: into pages of its own.
+    append_random(&client, rng, &mut filled, 9, &[5, 9, 3]);
+    assert_eq!(filled.cache.lengths(), [75, 73, 35]);
+    check_shared(
+        &client,
+        rng,
+        &filled,
+        "three sequences, two prefixes shared",
+    );
+    // The prefix outlives the sequence it came from: of sequence 0's five pages only its last
+    // (its own) returns to the pool; the shared ones go with their last holder.
+    let free = filled.cache.free_pages();
+    filled.cache.release(0).unwrap();
+    assert_eq!(filled.cache.free_pages(), free + 1);
+    check_shared(&client, rng, &filled, "after the first holder's release");
+    filled.cache.release(1).unwrap();
+    assert_eq!(
+        filled.cache.free_pages(),
+        free + 1 + 3,
+        "pages 2, 3 and its own"
+    );
+    filled.cache.release(2).unwrap();
+    assert_eq!(
+        filled.cache.free_pages(),
+        filled.cache.k().shape()[0],
+        "all"
+    );
+    // A table that shares a page at the same entry of two rows (a common prefix) is accepted.
+    let pool = |pages| Tensor::<f32>::empty(&client, [pages, heads_kv, page, d]);
+    let shared =
+        KvCache::from_paged_parts(pool(4), pool(4), page, vec![0, 1, 0, 2], 2, vec![20, 30])
+            .unwrap();
+    assert_eq!(shared.free_pages(), 1);
+}
+
+/// Decodes one token per sequence of `filled` and checks it against float64.
+fn check_shared(client: &ComputeClient, rng: &mut StdRng, filled: &Filled<f32>, label: &str) {
+    let none = OwnedInputs::default();
+    check_decode::<Gqa4Causal>(client, rng, filled, 8, 1, None, &none, label);
+}

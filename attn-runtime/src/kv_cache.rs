@@ -60,6 +60,8 @@ enum Storage {
         table: Vec<i32>,
         /// Pages no sequence holds, handed out from the end.
         free: Vec<i32>,
+        /// Sequences holding each page (more than one: a shared prefix, read-only).
+        refs: Vec<u32>,
     },
 }
 
@@ -196,7 +198,10 @@ impl<E: Element> KvCache<E> {
             ));
         }
         let batch = block_table.len() / max_pages;
-        let mut held = vec![None; pages];
+        // Where each page is held: (first sequence, its entry). Sequences may share a page only
+        // at the same entry (a common prefix).
+        let mut held: Vec<Option<(usize, usize)>> = vec![None; pages];
+        let mut refs = vec![0u32; pages];
         for (i, &page) in block_table.iter().enumerate() {
             let (seq, slot) = (i / max_pages, i % max_pages);
             if page == -1 {
@@ -208,16 +213,21 @@ impl<E: Element> KvCache<E> {
                     format!("sequence {seq}, entry {slot}: page {page} is outside the pool of {pages} pages"),
                 ));
             }
-            if let Some(other) = held[page as usize].replace(seq) {
-                return Err(kv_error(
-                    "block_table",
-                    format!("page {page} is held by sequence {other} and again by sequence {seq}"),
-                ));
+            match held[page as usize] {
+                Some((other, at)) if other == seq || at != slot => {
+                    return Err(kv_error(
+                        "block_table",
+                        format!("page {page} is entry {at} of sequence {other} and entry {slot} of sequence {seq}; sequences share a page only at the same entry (a common prefix)"),
+                    ));
+                }
+                Some(_) => {}
+                None => held[page as usize] = Some((seq, slot)),
             }
+            refs[page as usize] += 1;
         }
         let free = (0..pages as i32)
             .rev()
-            .filter(|&p| held[p as usize].is_none())
+            .filter(|&p| refs[p as usize] == 0)
             .collect();
         let cache = Self {
             k,
@@ -229,6 +239,7 @@ impl<E: Element> KvCache<E> {
                 max_pages,
                 table: block_table,
                 free,
+                refs,
             },
             versions: Versions::default(),
             device: Mutex::new(None),
@@ -302,7 +313,8 @@ impl<E: Element> KvCache<E> {
     }
 
     /// Hands sequence `seq` the given pages, in order, replacing its row of the block table from
-    /// the start (paged caches). Each page must be free or already the sequence's own.
+    /// the start (paged caches). Each page must be free or already the sequence's own (a prefix
+    /// it shares stays shared where it keeps the page at the same entry).
     pub fn set_pages(&mut self, seq: usize, pages: &[i32]) -> Result<(), AttnError> {
         self.check_sequence(seq)?;
         let pool = self.k.shape()[0];
@@ -312,6 +324,7 @@ impl<E: Element> KvCache<E> {
             max_pages,
             table,
             free,
+            refs,
         } = &mut self.storage
         else {
             return Err(kv_error(
@@ -326,11 +339,6 @@ impl<E: Element> KvCache<E> {
             ));
         }
         let row = &mut table[seq * *max_pages..(seq + 1) * *max_pages];
-        let mut available: Vec<i32> = free
-            .iter()
-            .copied()
-            .chain(row.iter().copied().filter(|&p| p >= 0))
-            .collect();
         for (slot, &page) in pages.iter().enumerate() {
             if page < 0 || page as usize >= pool {
                 return Err(kv_error(
@@ -338,18 +346,18 @@ impl<E: Element> KvCache<E> {
                     format!("entry {slot}: page {page} is outside the pool of {pool} pages"),
                 ));
             }
-            match available.iter().position(|&p| p == page) {
-                Some(i) => {
-                    available.swap_remove(i);
-                }
-                None => {
-                    return Err(kv_error(
-                        "block_table",
-                        format!(
+            let own = row.iter().position(|&p| p == page);
+            let shared_elsewhere = refs[page as usize] > 1 && own != Some(slot);
+            if pages[..slot].contains(&page)
+                || (own.is_none() && refs[page as usize] > 0)
+                || shared_elsewhere
+            {
+                return Err(kv_error(
+                    "block_table",
+                    format!(
                         "entry {slot}: page {page} is held by another sequence (or given twice)"
                     ),
-                    ))
-                }
+                ));
             }
         }
         if pages.len() * *page_size < len {
@@ -361,11 +369,76 @@ impl<E: Element> KvCache<E> {
                 ),
             ));
         }
+        for &page in row.iter().filter(|&&p| p >= 0) {
+            refs[page as usize] -= 1;
+        }
+        for &page in pages {
+            refs[page as usize] += 1;
+        }
         row.fill(-1);
         row[..pages.len()].copy_from_slice(pages);
-        available.sort_unstable_by(|a, b| b.cmp(a));
-        *free = available;
+        *free = (0..pool as i32)
+            .rev()
+            .filter(|&p| refs[p as usize] == 0)
+            .collect();
         self.versions.table += 1;
+        Ok(())
+    }
+
+    /// Gives sequence `to` (empty, holding no page) the first `tokens` tokens of sequence `from`
+    /// by sharing their pages, not copying them: a common prompt prefix, parallel samples of one
+    /// prompt. `tokens` is a whole number of pages, so each sequence's own tokens go to pages of
+    /// its own; a shared page is read-only (an append that would write into one is refused) and
+    /// returns to the pool when the last sequence holding it is released.
+    pub fn share_prefix(&mut self, from: usize, to: usize, tokens: usize) -> Result<(), AttnError> {
+        self.check_sequence(from)?;
+        self.check_sequence(to)?;
+        let from_len = self.lengths[from];
+        let to_len = self.lengths[to];
+        let Storage::Paged {
+            page_size,
+            max_pages,
+            table,
+            refs,
+            ..
+        } = &mut self.storage
+        else {
+            return Err(kv_error(
+                "block_table",
+                "a contiguous cache has no pages to share".into(),
+            ));
+        };
+        let (page_size, max_pages) = (*page_size, *max_pages);
+        let fail = |reason: String| Err(kv_error("share_prefix", reason));
+        if from == to {
+            return fail(format!("sequence {from} with itself"));
+        }
+        if tokens > from_len {
+            return fail(format!(
+                "{tokens} tokens of sequence {from}, which holds {from_len}"
+            ));
+        }
+        if !tokens.is_multiple_of(page_size) {
+            return fail(format!(
+                "{tokens} tokens are not whole pages of {page_size}: share {} and append the rest",
+                tokens / page_size * page_size
+            ));
+        }
+        let to_row = to * max_pages..(to + 1) * max_pages;
+        if to_len > 0 || table[to_row.clone()].iter().any(|&p| p >= 0) {
+            return fail(format!(
+                "sequence {to} holds {to_len} tokens or pages: release it first"
+            ));
+        }
+        let n = tokens / page_size;
+        for i in 0..n {
+            let page = table[from * max_pages + i];
+            table[to * max_pages + i] = page;
+            refs[page as usize] += 1;
+        }
+        self.lengths[to] = tokens;
+        self.versions.table += 1;
+        self.versions.lengths += 1;
         Ok(())
     }
 
@@ -378,12 +451,16 @@ impl<E: Element> KvCache<E> {
             max_pages,
             table,
             free,
+            refs,
             ..
         } = &mut self.storage
         {
             for entry in &mut table[seq * *max_pages..(seq + 1) * *max_pages] {
                 if *entry >= 0 {
-                    free.push(*entry);
+                    refs[*entry as usize] -= 1;
+                    if refs[*entry as usize] == 0 {
+                        free.push(*entry);
+                    }
                 }
                 *entry = -1;
             }
@@ -575,10 +652,26 @@ impl<E: Element> KvCache<E> {
             max_pages,
             table,
             free,
+            refs,
         } = &mut self.storage
         else {
             return Ok(());
         };
+        // A shared page is read-only: no sequence writes into one.
+        for (seq, &c) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+            let len = self.lengths[seq];
+            let row = &table[seq * *max_pages..(seq + 1) * *max_pages];
+            let pages = len / *page_size..(len + c).div_ceil(*page_size);
+            if let Some(&page) = row[pages].iter().find(|&&p| p >= 0 && refs[p as usize] > 1) {
+                return Err(kv_error(
+                    "append",
+                    format!(
+                        "sequence {seq} would write into page {page}, which {} sequences share; a shared prefix is read-only",
+                        refs[page as usize]
+                    ),
+                ));
+            }
+        }
         let needed: usize = counts
             .iter()
             .enumerate()
@@ -602,6 +695,7 @@ impl<E: Element> KvCache<E> {
             for entry in &mut table[seq * *max_pages..seq * *max_pages + want] {
                 if *entry < 0 {
                     *entry = free.pop().expect("counted above");
+                    refs[*entry as usize] = 1;
                 }
             }
         }
