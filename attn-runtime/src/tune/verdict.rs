@@ -20,7 +20,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
 use cubecl_common::device::ServiceId;
-use cubecl_environment::persistence::{Namespace, Store, StoreOptions};
+use cubecl_environment::persistence::{Namespace, Store, StoreKey, StoreOptions, StoreValue};
 use serde::{Deserialize, Serialize};
 
 use super::cache;
@@ -171,16 +171,7 @@ where
         client: &ComputeClient,
         f: impl FnOnce(&mut Store<String, String>) -> T,
     ) -> T {
-        cache::init();
-        let hardware = client.hardware_identity().to_string();
-        let mut stores = lock(&self.picks);
-        let store = stores.entry(hardware.clone()).or_insert_with(|| {
-            Store::new(StoreOptions::new().storage(Namespace::scoped(
-                "attn",
-                format!("picks/{}/{hardware}", self.name),
-            )))
-        });
-        f(store)
+        with_device_store(&self.picks, "picks", self.name, client, f)
     }
 
     /// Which of `pick` and `fallback` runs for `key` on `client`'s device: the pick when no
@@ -271,17 +262,33 @@ where
         client: &ComputeClient,
         f: impl FnOnce(&mut Store<Judged, Verdict>) -> T,
     ) -> T {
-        cache::init();
-        let hardware = client.hardware_identity().to_string();
-        let mut stores = lock(&self.stores);
-        let store = stores.entry(hardware.clone()).or_insert_with(|| {
-            Store::new(StoreOptions::new().storage(Namespace::scoped(
-                "attn",
-                format!("verdicts/{}/{hardware}", self.name),
-            )))
-        });
-        f(store)
+        with_device_store(&self.stores, "verdicts", self.name, client, f)
     }
+}
+
+/// Runs `f` on the store of `client`'s device kind in `stores` (namespace
+/// `attn/<cubecl>/<kind>/<name>/<device>`), opened on first use.
+fn with_device_store<K, V, T>(
+    stores: &Mutex<HashMap<String, Store<K, V>>>,
+    kind: &str,
+    name: &str,
+    client: &ComputeClient,
+    f: impl FnOnce(&mut Store<K, V>) -> T,
+) -> T
+where
+    K: StoreKey,
+    V: StoreValue,
+{
+    cache::init();
+    let hardware = client.hardware_identity().to_string();
+    let mut stores = lock(stores);
+    let store = stores.entry(hardware.clone()).or_insert_with(|| {
+        Store::new(StoreOptions::new().storage(Namespace::scoped(
+            "attn",
+            format!("{kind}/{name}/{hardware}"),
+        )))
+    });
+    f(store)
 }
 
 fn judged<K: std::fmt::Debug, P: std::fmt::Display>(key: &K, pick: P, fallback: P) -> Judged {
