@@ -111,18 +111,25 @@ pub fn misses_path() -> PathBuf {
     path().with_file_name("misses.txt")
 }
 
-/// Appends `line` to [`misses_path`], once per process.
+/// Appends `line` to [`misses_path`] unless the file has it already (read once per process).
 pub(crate) fn record_miss(line: String) {
     use std::io::Write;
-    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static SEEN: std::sync::Mutex<Option<Vec<String>>> = std::sync::Mutex::new(None);
+    let file = misses_path();
     {
         let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.get_or_insert_with(|| {
+            std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        });
         if seen.contains(&line) {
             return;
         }
         seen.push(line.clone());
     }
-    let file = misses_path();
     let written = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
