@@ -505,18 +505,16 @@ pub(crate) fn launch_decode<V: Variant>(
 /// [`DecodeStep::run`] allocates no device memory and uploads nothing: the cache's lengths and
 /// block table are read from its device-resident copies (an append advances them on the device),
 /// and each sequence's splits divide its own keys, computed by the kernel from its length. A step
-/// can therefore be captured in a CUDA graph and replayed while the cache grows:
+/// can therefore be recorded as a graph ([`DecodeStep::capture`]; a CUDA graph on CUDA) and
+/// replayed while the cache grows:
 ///
 /// ```ignore
 /// let step = DecodeStep::<Llama3>::new(&client, &q, &cache, &Inputs::default())?;
-/// step.run(&client, &q, &cache, &out)?; // compiles the kernels; the cache's tables reach the device
-/// client.start_capture()?;
-/// step.run(&client, &q, &cache, &out)?;
-/// let graph = client.stop_capture()?;
+/// let graph = step.capture(&client, &q, &cache, &out)?;
 /// loop {
 ///     cache.append(&client, &k_new, &v_new, None)?; // outside the graph
-///     // … write this step's queries into `q` …
-///     unsafe { graph.replay()? };
+///     q.write(&client, &next_queries)?;             // the recorded buffer, in place
+///     unsafe { graph.replay() }?;                   // `out` holds this step's O and LSE
 /// }
 /// ```
 ///
