@@ -12,7 +12,10 @@ FlexAttention on the same data, with the device's copy bandwidth measured in the
 
 K and V are not written: both sides compute them from the element index of the logical
 [batch, heads_kv, keys, head_dim] cache (`pattern`, the same integer hash as the Rust side), so
-multi-gigabyte caches never cross the disk. The anchors read that logical cache contiguously; for
+multi-gigabyte caches never cross the disk. For an fp8 case (`fp8_scale` in meta.json) the
+script rounds them to e4m3 as the cache stores them (`x / scale` in PyTorch's float8_e4m3fn, the
+scale a power of two), and the reference and the anchors (16-bit, on the same values) read
+those; its bandwidth counts one byte per element. The anchors read that logical cache contiguously; for
 paged cases ours reads the shuffled pages.
 
 For each case the script checks our O and LSE against float64 (computed on the GPU), measures the
@@ -161,6 +164,11 @@ def main() -> int:
         keys_read = meta.get("keys_read", n)
         k = pattern(b * hkv * n * d, 1, "cuda").view(b, hkv, n, d)
         v = pattern(b * hkv * n * d, 2, "cuda").view(b, hkv, n, d)
+        fp8_scale = meta.get("fp8_scale")
+        if fp8_scale is not None:
+            def stored(x):
+                return ((x.float() / fp8_scale).to(torch.float8_e4m3fn).float() * fp8_scale).to(torch.bfloat16)
+            k, v = stored(k), stored(v)
         q = load(args.dir / name / "q.bin", "<i2", (b, hq, nq, d))
         o = load(args.dir / name / "o.bin", "<i2", (b, hq, nq, d))
         lse = load(args.dir / name / "lse.bin", "<f4", (b, hq, nq))
@@ -169,8 +177,9 @@ def main() -> int:
         err_lse = (lse.double() - ref_lse).abs().max().item()
         nan = bool(torch.isnan(o).any().item())
         # What the call must read: each sequence's visible keys (the window's, under one).
-        bytes_kv = b * hkv * keys_read * 2 * d * 2
+        bytes_kv = b * hkv * keys_read * 2 * d * (1 if fp8_scale is not None else 2)
         row = {"case": name, "batch": b, "keys": n, "queries": nq, "page_size": meta["page_size"],
+               "fp8": fp8_scale is not None,
                "window_left": window, "keys_read": keys_read,
                "ours_ms": meta["default_ms"], "ours_plan": meta["default_plan"],
                "best_ms": meta["best_ms"], "best_plan": meta["best_plan"],
@@ -244,6 +253,8 @@ def main() -> int:
         tuned = "—" if not r["tuned_ms"] else f"{r['tuned_ms']:.3f} ms · {r['tuned_tbs']:.2f}"
         if r.get("window_left") is not None:
             cache += f", window {r['window_left'] + 1}"
+        if r.get("fp8"):
+            cache += ", fp8 (anchors: bf16 on its values)"
         lines.append(
             f"| {r['batch']} × {r['keys']}, {r['queries']}, {cache} | {r['ours_ms']:.3f} ms · {r['ours_tbs']:.2f} ({r['ours_plan']}) "
             f"| {tuned} | {100 * mine_tbs / copy_tbs:.0f} % | {r['best_ms']:.3f} ms · {r['best_tbs']:.2f} ({r['best_plan']}) "

@@ -7,6 +7,7 @@
 //! NaN first, so an element the kernels failed to write fails the check.
 
 use attn::decode::{check_plan, default_plan, DecodePlan, DecodeProblem};
+use attn::fp8::KvScales;
 use attn::reference::{
     decode_f64, decode_naive, error_floor, max_abs_error, random_vec, seeded_rng, widen,
     OwnedInputs, Verdict,
@@ -57,14 +58,37 @@ enum Storage {
     Paged(usize),
     /// One `[B, Hkv, capacity, D]` tensor.
     Contiguous,
+    /// Pages of e4m3 values ([`test_scales`]).
+    PagedFp8(usize),
+    /// One e4m3 tensor.
+    ContiguousFp8,
+}
+
+/// fp8 scales for random normal values: head 0's K and V map 1 to 448, so about a third of
+/// their values saturate; the others' map 4 to 8 to 448, so few or none do.
+fn test_scales(rng: &mut StdRng, heads_kv: usize) -> KvScales {
+    let mut pick = |h: usize| {
+        if h == 0 {
+            1.0 / 448.0
+        } else {
+            rng.random_range(4.0..8.0f32) / 448.0
+        }
+    };
+    KvScales {
+        k: (0..heads_kv).map(&mut pick).collect(),
+        v: (0..heads_kv).map(&mut pick).collect(),
+    }
 }
 
 /// A cache filled through `append` in ragged chunks, and the same tokens on the host in
-/// `[B, Hkv, capacity, D]` order (f64) for the reference.
+/// `[B, Hkv, capacity, D]` order (f64) for the reference: as the cache holds them (an fp8
+/// cache's through the host's encoder) and as they were appended.
 struct Filled<E> {
     cache: KvCache<E>,
     k: Vec<f64>,
     v: Vec<f64>,
+    appended_k: Vec<f64>,
+    appended_v: Vec<f64>,
 }
 
 /// Builds a cache holding `lengths[b]` random tokens per sequence, appended in 1–3 ragged chunks.
@@ -81,21 +105,24 @@ fn fill<E: Element>(
     let batch = lengths.len();
     let longest = lengths.iter().copied().max().unwrap_or(0);
     let cache = match storage {
-        Storage::Paged(page_size) => {
+        Storage::Paged(page_size) | Storage::PagedFp8(page_size) => {
             let per_seq: Vec<usize> = lengths.iter().map(|l| l.div_ceil(page_size)).collect();
             let pages = per_seq.iter().sum::<usize>() + 3;
-            let mut cache = KvCache::<E>::paged(
-                client,
-                PagedLayout {
-                    batch,
-                    heads_kv,
-                    head_dim: d,
-                    value_dim: dv,
-                    page_size,
-                    pages,
-                    max_pages: longest.div_ceil(page_size) + 1,
-                },
-            )
+            let layout = PagedLayout {
+                batch,
+                heads_kv,
+                head_dim: d,
+                value_dim: dv,
+                page_size,
+                pages,
+                max_pages: longest.div_ceil(page_size) + 1,
+            };
+            let mut cache = match storage {
+                Storage::PagedFp8(_) => {
+                    KvCache::<E>::paged_fp8(client, layout, &test_scales(rng, heads_kv))
+                }
+                _ => KvCache::<E>::paged(client, layout),
+            }
             .expect("a valid layout");
             let mut order: Vec<i32> = (0..pages as i32).collect();
             order.shuffle(rng);
@@ -109,12 +136,22 @@ fn fill<E: Element>(
         Storage::Contiguous => {
             KvCache::<E>::contiguous(client, batch, heads_kv, longest + 5, d, dv).expect("a cache")
         }
+        Storage::ContiguousFp8 => KvCache::<E>::contiguous_fp8(
+            client,
+            [batch, heads_kv, longest + 5],
+            d,
+            dv,
+            &test_scales(rng, heads_kv),
+        )
+        .expect("a cache"),
     };
     let capacity = cache.capacity();
     let mut filled = Filled {
         cache,
         k: vec![0.0; batch * heads_kv * capacity * d],
         v: vec![0.0; batch * heads_kv * capacity * dv],
+        appended_k: vec![0.0; batch * heads_kv * capacity * d],
+        appended_v: vec![0.0; batch * heads_kv * capacity * dv],
     };
     let chunks = rng.random_range(1..=3usize);
     for chunk in 0..chunks {
@@ -160,15 +197,29 @@ fn append_random<E: Element>(
     cache
         .append(client, &k_t, &v_t, (!all).then_some(counts))
         .expect("room in the cache");
+    // What the cache holds of value `x` of head `h`: itself, or its e4m3 code read back.
+    let stored = |pool: &attn::KvPool<E>, h: usize, x: f64| match pool.fp8() {
+        Some(p) => {
+            let scale = p.scales()[h];
+            let code = attn::fp8::encode(x as f32 * (1.0 / scale));
+            (attn::fp8::decode(code) * scale) as f64
+        }
+        None => x,
+    };
     for b in 0..batch {
         for h in 0..heads_kv {
             for t in 0..counts[b] {
                 let pos = starts[b] + t;
-                for (host, new, w) in [(&mut filled.k, &knew, d), (&mut filled.v, &vnew, dv)] {
+                for (host, appended, new, w, pool) in [
+                    (&mut filled.k, &mut filled.appended_k, &knew, d, cache.k()),
+                    (&mut filled.v, &mut filled.appended_v, &vnew, dv, cache.v()),
+                ] {
                     let src = ((b * heads_kv + h) * n + t) * w;
                     let dst = ((b * heads_kv + h) * capacity + pos) * w;
                     for c in 0..w {
-                        host[dst + c] = new[src + c].to_f64();
+                        let x = new[src + c].to_f64();
+                        appended[dst + c] = x;
+                        host[dst + c] = stored(pool, h, x);
                     }
                 }
             }
@@ -466,6 +517,233 @@ fn composed_variant_with_inputs() {
     }
 }
 
+/// Every stored position of an fp8 cache holds the host encoder's value of what was appended
+/// (bit for bit, through the block table where paged).
+fn check_stored<E: Element>(client: &ComputeClient, filled: &Filled<E>, label: &str) {
+    let cache = &filled.cache;
+    let (heads_kv, capacity) = (cache.heads_kv(), cache.capacity());
+    for (name, pool, host) in [("K", cache.k(), &filled.k), ("V", cache.v(), &filled.v)] {
+        let fp8 = pool.fp8().expect("an fp8 cache");
+        let values = fp8.to_values(client);
+        let [_, _, rows, w] = fp8.shape();
+        let mut compared = 0;
+        for (b, &len) in cache.lengths().iter().enumerate() {
+            for pos in 0..len {
+                let (row, slot) = match (cache.block_table(), cache.page_size()) {
+                    (Some(table), Some(page_size)) => {
+                        let max_pages = table.len() / cache.batch();
+                        (
+                            table[b * max_pages + pos / page_size] as usize,
+                            pos % page_size,
+                        )
+                    }
+                    _ => (b, pos),
+                };
+                for h in 0..heads_kv {
+                    let at = ((row * heads_kv + h) * rows + slot) * w;
+                    let want = ((b * heads_kv + h) * capacity + pos) * w;
+                    for c in 0..w {
+                        assert_eq!(
+                            values[at + c] as f64,
+                            host[want + c],
+                            "{label}: {name} of sequence {b}, position {pos}, head {h}, column {c}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared > 0, "{label}: nothing stored");
+    }
+}
+
+/// Runs `V` for `nq` random query tokens per sequence against an fp8 cache: O and the LSE
+/// against float64 over the values the cache holds (the kernel's own error), and the error
+/// against float64 over the values appended (the format's), printed.
+fn check_fp8<V: Variant>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    filled: &Filled<V::Elem>,
+    [heads_q, nq]: [usize; 2],
+    plan: Option<DecodePlan>,
+    label: &str,
+) {
+    check_stored(client, filled, label);
+    let d = V::SPEC.head_dim as usize;
+    let q_shape = [filled.cache.batch(), heads_q, nq, d];
+    let qh: Vec<V::Elem> = random_vec(rng, q_shape.iter().product());
+    let q = Tensor::from_slice(client, &qh, q_shape).expect("shape");
+    let inputs = Inputs::default();
+    let call = DecodeProblem::new::<V>(&q, &filled.cache, &inputs).expect("a valid call");
+    let plan = plan.unwrap_or_else(|| default_plan(client, &call).expect("a plan"));
+    let label = format!(
+        "{label} {} Hq{heads_q} Nq{nq} {}",
+        V::SPEC.name,
+        plan.name()
+    );
+    let out = poisoned::<V::Elem>(client, call.problem.out_shape());
+    attn::decode_with_plan::<V>(client, &q, &filled.cache, &inputs, plan, &out).expect("launch");
+    verify::<V>(client, &call, &inputs, &qh, filled, &out, &label);
+    let appended = decode_f64::<V>(
+        &call,
+        &inputs,
+        &widen(&qh),
+        &filled.appended_k,
+        &filled.appended_v,
+    );
+    let o = widen(&out.o.to_vec(client));
+    let dv = V::SPEC.value_dim as usize;
+    // Head 0's scales saturate a third of its values: its rows apart from the others'.
+    let heads_kv = filled.cache.heads_kv();
+    let group = heads_q / heads_kv;
+    let (mut saturated, mut others) = (0.0f64, 0.0f64);
+    for (r, (got, want)) in o.chunks(dv).zip(appended.o.chunks(dv)).enumerate() {
+        let head = (r / nq) % heads_q;
+        let err = max_abs_error(got, want);
+        if head / group == 0 {
+            saturated = saturated.max(err);
+        } else {
+            others = others.max(err);
+        }
+    }
+    println!(
+        "{label}: against the values appended: max |O − f64| {others:.2e} (K/V heads 1..), {saturated:.2e} (head 0, saturating)"
+    );
+}
+
+/// fp8 (e4m3) caches, contiguous and paged at several page sizes, f32 and f16, 1 and 4 query
+/// tokens, one split and several: the stored bytes are the host encoder's, including values
+/// that saturate, and decoding reads them as float64 does.
+#[test]
+fn fp8_caches() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("fp8_caches");
+    let lengths = ragged(&mut rng, 3, 900);
+    let mut storages = vec![Storage::ContiguousFp8, Storage::PagedFp8(16)];
+    storages.push(Storage::PagedFp8(rng.random_range(17..=256)));
+    for storage in storages {
+        let filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        for plan in [
+            None,
+            Some(plan_with_splits::<Gqa4Causal>(&client, &filled, 8, 5)),
+        ] {
+            check_fp8::<Gqa4Causal>(
+                &client,
+                &mut rng,
+                &filled,
+                [8, 1],
+                plan,
+                &format!("{storage:?}"),
+            );
+        }
+    }
+    let filled = fill::<attn::f16>(
+        &client,
+        &mut rng,
+        Storage::PagedFp8(64),
+        2,
+        128,
+        128,
+        &lengths,
+    );
+    check_fp8::<Gqa8F16>(&client, &mut rng, &filled, [16, 4], None, "PagedFp8(64)");
+}
+
+/// The kernels' e4m3 arithmetic at every code, with scales of 1: appended K holds each tie
+/// between neighbouring codes (to the even one), values past 448, infinities and −0, and its
+/// bytes must be the host encoder's; appended V holds every code's value, and sequences of one
+/// token return their V row as O, so the decode kernel must read every code (subnormals and
+/// ±448 included) exactly as the host decoder does.
+#[test]
+fn fp8_codes_through_append_and_decode() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("fp8_codes_through_append_and_decode");
+    let (batch, d) = (4, 64);
+    let decode_byte = attn::fp8::decode;
+    let mut v_values: Vec<f32> = (0..=255u8)
+        .filter(|b| b & 0x7F != 0x7F)
+        .map(decode_byte)
+        .collect();
+    v_values.extend([1000.0, -1e-9]);
+    let mut k_values: Vec<f32> = (0..0x7Eu8)
+        .flat_map(|b| {
+            let tie = (decode_byte(b) + decode_byte(b + 1)) / 2.0;
+            [tie, -tie]
+        })
+        .collect();
+    k_values.extend([f32::INFINITY, f32::NEG_INFINITY, 1e-30, -0.0]);
+    assert_eq!((v_values.len(), k_values.len()), (batch * d, batch * d));
+    // Shuffled, so no code sits at a fixed column.
+    v_values.shuffle(&mut rng);
+    k_values.shuffle(&mut rng);
+    let mut cache = KvCache::<f32>::contiguous_fp8(
+        &client,
+        [batch, 1, 3],
+        d,
+        d,
+        &KvScales::uniform(1, 1.0, 1.0),
+    )
+    .expect("a cache");
+    let upload = |values: &[f32]| Tensor::from_slice(&client, values, [batch, 1, 1, d]).unwrap();
+    cache
+        .append(&client, &upload(&k_values), &upload(&v_values), None)
+        .expect("room");
+    let stored = |pool: &attn::KvPool<f32>| pool.fp8().unwrap().to_bytes(&client);
+    for (name, bytes, values) in [
+        ("K", stored(cache.k()), &k_values),
+        ("V", stored(cache.v()), &v_values),
+    ] {
+        for b in 0..batch {
+            for c in 0..d {
+                let x = values[b * d + c];
+                assert_eq!(
+                    bytes[b * 3 * d + c],
+                    attn::fp8::encode(x),
+                    "{name}: {x} (sequence {b}, column {c})"
+                );
+            }
+        }
+    }
+    let q_host: Vec<f32> = random_vec(&mut rng, batch * 4 * d);
+    let q = Tensor::from_slice(&client, &q_host, [batch, 4, 1, d]).unwrap();
+    let out = poisoned::<f32>(&client, [batch, 4, 1, d]);
+    let call = DecodeProblem::new::<Gqa4Causal>(&q, &cache, &Inputs::default()).unwrap();
+    let plan = default_plan(&client, &call).unwrap();
+    attn::decode_with_plan::<Gqa4Causal>(&client, &q, &cache, &Inputs::default(), plan, &out)
+        .expect("launch");
+    let o = out.o.to_vec(&client);
+    for b in 0..batch {
+        for h in 0..4 {
+            for c in 0..d {
+                let want = decode_byte(attn::fp8::encode(v_values[b * d + c]));
+                let got = o[(b * 4 + h) * d + c];
+                // Equal as values: the sum that forms O starts at +0, so −0 comes out as +0.
+                assert!(
+                    got == want,
+                    "O of sequence {b}, head {h}, column {c}: {got}, but V holds {want}"
+                );
+            }
+        }
+    }
+}
+
+/// The default plan for one query token of `heads_q` heads against `filled`, with `splits` key
+/// splits.
+fn plan_with_splits<V: Variant>(
+    client: &ComputeClient,
+    filled: &Filled<V::Elem>,
+    heads_q: usize,
+    splits: usize,
+) -> DecodePlan {
+    let d = V::SPEC.head_dim as usize;
+    let q = Tensor::<V::Elem>::empty(client, [filled.cache.batch(), heads_q, 1, d]);
+    let call = DecodeProblem::new::<V>(&q, &filled.cache, &Inputs::default()).expect("a call");
+    DecodePlan {
+        splits,
+        ..default_plan(client, &call).expect("a plan")
+    }
+}
+
 #[test]
 fn bf16_where_supported() {
     let client = client();
@@ -597,7 +875,12 @@ fn appends_land_where_the_block_table_says() {
         d,
         &lengths,
     );
-    let pool = filled.cache.k().to_vec(&client);
+    let pool = filled
+        .cache
+        .k()
+        .native()
+        .expect("a native cache")
+        .to_vec(&client);
     let table = filled.cache.block_table().unwrap();
     let max_pages = table.len() / lengths.len();
     let cap = filled.cache.capacity();
@@ -761,6 +1044,49 @@ fn bad_input_is_a_typed_error() {
         &out
     )
     .is_err());
+    // fp8 caches: head dims packed in fours, one positive finite scale per head for K and V; a
+    // step planned for a 16-bit cache refuses an fp8 one of the same shape.
+    let scales = KvScales::uniform(2, 0.01, 0.02);
+    expect_field(
+        KvCache::<f32>::contiguous_fp8(&client, [2, 2, 8], 62, 64, &scales),
+        "head_dim",
+    );
+    expect_field(
+        KvCache::<f32>::contiguous_fp8(&client, [2, 3, 8], 64, 64, &scales),
+        "scales",
+    );
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let mut wrong = scales.clone();
+        wrong.v[1] = bad;
+        expect_field(
+            KvCache::<f32>::contiguous_fp8(&client, [2, 2, 8], 64, 64, &wrong),
+            "scales",
+        );
+    }
+    let fp8_layout = PagedLayout {
+        batch: 2,
+        heads_kv: 2,
+        head_dim: 64,
+        value_dim: 64,
+        page_size: 8,
+        pages: 4,
+        max_pages: 2,
+    };
+    expect_field(
+        KvCache::<f32>::paged_fp8(&client, fp8_layout, &scales),
+        "page_size",
+    );
+    let native = KvCache::<f32>::contiguous(&client, 2, 2, 40, 64, 64).unwrap();
+    let mut fp8 = KvCache::<f32>::contiguous_fp8(&client, [2, 2, 40], 64, 64, &scales).unwrap();
+    let new_tokens = Tensor::from_slice(&client, &[0.5f32; 2 * 2 * 3 * 64], [2, 2, 3, 64]).unwrap();
+    fp8.append(&client, &new_tokens, &new_tokens, None).unwrap();
+    let step =
+        attn::DecodeStep::<Gqa4Causal>::new(&client, &q([2, 8, 1, 64]), &native, &none).unwrap();
+    let out = poisoned::<f32>(&client, [2, 8, 1, 64]);
+    match step.run(&client, &q([2, 8, 1, 64]), &fp8, &out) {
+        Err(AttnError::Unsupported(m)) => assert!(m.contains("fp8"), "{m}"),
+        other => panic!("expected the step to refuse an fp8 cache, got {other:?}"),
+    }
 }
 
 /// One decode step planned once serves the cache as it grows: appends of one count and ragged

@@ -186,8 +186,9 @@ fn example_variants() {
     reject_unreferenced(&names);
 }
 
-/// Kernels no variant's set covers: the combine step of split decoding in full, and the decode
-/// kernel's WGSL form (f16) as a digest. Returns the digests.
+/// Kernels no variant's set covers: the combine step of split decoding and the decode kernel
+/// against an fp8 cache in full, and the decode kernel's WGSL form (f16) as a digest. Returns
+/// the digests.
 fn other_kernels(names: &mut Vec<String>) -> Vec<String> {
     use attn::snapshot::{digest, normalise};
     let combine = normalise(&attn::codegen::combine_cuda_source::<attn::bf16>(
@@ -210,6 +211,18 @@ fn other_kernels(names: &mut Vec<String>) -> Vec<String> {
     }
     insta::assert_snapshot!("combine_cuda__bf16_d128", combine);
     names.push("combine_cuda__bf16_d128".to_string());
+    // The decode kernel against an fp8 cache, in full: its e4m3 words decoded in registers.
+    let tile = attn::DecodeTiling {
+        rows: 4,
+        units: 128,
+        chunk: 8,
+    };
+    let fp8 = normalise(&attn::codegen::decode_fp8_cuda_source::<
+        variants::llama3::Llama3<attn::bf16>,
+    >(tile));
+    digests.push(digest("decode_fp8_cuda", "Llama3<bf16>", &fp8));
+    insta::assert_snapshot!("decode_fp8_cuda__llama3_bf16", fp8);
+    names.push("decode_fp8_cuda__llama3_bf16".to_string());
     digests
 }
 

@@ -248,10 +248,12 @@ pub fn wgsl_source<V: Variant>(tiling: Tiling) -> String {
         .to_string()
 }
 
-/// The decode kernel's definition for `V` with `tiling` (paged, split over the keys).
+/// The decode kernel's definition for `V` with `tiling` (paged, split over the keys; an fp8
+/// cache's where `fp8`).
 fn decode_definition<V: Variant>(
     tiling: DecodeTiling,
     props: DeviceProperties,
+    fp8: bool,
 ) -> KernelDefinition {
     let spec = V::SPEC;
     let mut mask = spec.mask;
@@ -264,6 +266,7 @@ fn decode_definition<V: Variant>(
         score: spec.score.flags(),
         paged: true,
         split: true,
+        fp8,
     };
     decode_forward::DecodeForward::<V::Elem, V::Hooks>::new(
         settings(CubeDim::new_1d(tiling.units)),
@@ -273,6 +276,9 @@ fn decode_definition<V: Variant>(
             q: tensor_compilation_arg(),
             k: tensor_compilation_arg(),
             v: tensor_compilation_arg(),
+            k8: tensor_compilation_arg(),
+            v8: tensor_compilation_arg(),
+            scales: tensor_compilation_arg(),
             table: tensor_compilation_arg(),
             lengths: tensor_compilation_arg(),
         },
@@ -298,9 +304,18 @@ fn decode_definition<V: Variant>(
 /// The CUDA C++ of `V`'s decode kernel with `tiling`, over a paged cache, split over the keys
 /// (sm_90 model).
 pub fn decode_cuda_source<V: Variant>(tiling: DecodeTiling) -> String {
+    decode_cuda::<V>(tiling, false)
+}
+
+/// [`decode_cuda_source`] against an fp8 (e4m3) cache.
+pub fn decode_fp8_cuda_source<V: Variant>(tiling: DecodeTiling) -> String {
+    decode_cuda::<V>(tiling, true)
+}
+
+fn decode_cuda<V: Variant>(tiling: DecodeTiling, fp8: bool) -> String {
     CppCompiler::<cubecl_cpp::target::Cuda>::default()
         .compile(
-            decode_definition::<V>(tiling, sm90_device_model()),
+            decode_definition::<V>(tiling, sm90_device_model(), fp8),
             &CompilationOptions::default(),
         )
         .expect("the decode kernel compiles to CUDA C++")
@@ -315,7 +330,10 @@ pub fn decode_wgsl_source<V: Variant>(tiling: DecodeTiling) -> String {
     props.hardware.plane_size_max = 8;
     props.hardware.max_shared_memory_size = 32 * 1024;
     cubecl::wgpu::WgslCompiler
-        .compile(decode_definition::<V>(tiling, props), &Default::default())
+        .compile(
+            decode_definition::<V>(tiling, props, false),
+            &Default::default(),
+        )
         .expect("the decode kernel compiles to WGSL")
         .to_string()
 }

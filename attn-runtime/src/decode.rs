@@ -24,7 +24,7 @@ use crate::kernels::decode::{
     decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeOperandsLaunch, DecodeOutputsLaunch,
     DecodeTiling, KV_VECTOR,
 };
-use crate::kv_cache::{grid, KvCache};
+use crate::kv_cache::{grid, DeviceTables, KvCache, KvPool};
 use crate::launch::{
     flat_arg, is_cpu_emulated, kernel_args, tensor_arg, unsupported_dtype, upload_inputs, Lse,
     Output,
@@ -101,8 +101,8 @@ impl DecodeProblem {
         }
         check_cache_vectors(cache)?;
         // The shapes are those of an ordinary call with the cache as K and V.
-        let k_view = cache_view(cache.k(), cache);
-        let v_view = cache_view(cache.v(), cache);
+        let k_view = cache_view(cache.k(), cache, q);
+        let v_view = cache_view(cache.v(), cache, q);
         let problem = Problem::new(base, q, &k_view, &v_view)?;
         let mut spec = *base;
         spec.mask.key_lengths = true;
@@ -180,19 +180,18 @@ impl DecodeProblem {
 
 /// The cache as the shape checks see it: `[B, Hkv, capacity, D]` (a paged pool's own shape is
 /// checked when the cache is built).
-fn cache_view<E: Element>(pool: &Tensor<E>, cache: &KvCache<E>) -> Tensor<E> {
+fn cache_view<E: Element>(pool: &KvPool<E>, cache: &KvCache<E>, q: &Tensor<E>) -> Tensor<E> {
     let [_, heads, _, d] = pool.shape();
     let shape = [cache.batch(), heads, cache.capacity(), d];
-    if cache.is_paged() {
-        // Only the shape matters; the view is never launched.
-        Tensor::from_raw_parts(
-            pool.handle().clone(),
+    match pool.native() {
+        Some(t) if !cache.is_paged() => t.clone(),
+        // Only the shape matters; the view is never launched (Q's handle stands in).
+        _ => Tensor::from_raw_parts(
+            q.handle().clone(),
             shape.iter().product(),
             shape,
             crate::tensor::contiguous_strides(shape),
-        )
-    } else {
-        pool.clone()
+        ),
     }
 }
 
@@ -319,7 +318,7 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
     let most = span.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
     let mut splits = power_of_two_at_most(wanted.min(most));
     if is_cpu_emulated(client) {
-        let config = decode_config(&call.spec, tiling, false, true);
+        let config = decode_config(&call.spec, tiling, false, LOOP_BUDGET_LAYOUT);
         let budget = keys_within_loop_budget(config);
         splits = splits.max(span.div_ceil(budget));
     }
@@ -381,7 +380,7 @@ pub fn check_plan(
         return bad("splits lie between 1 and 65 535".into());
     }
     if is_cpu_emulated(client) {
-        let config = decode_config(&call.spec, t, plan.splits > 1, true);
+        let config = decode_config(&call.spec, t, plan.splits > 1, LOOP_BUDGET_LAYOUT);
         let block_kv = t.units as usize;
         let per_split = keys_per_split(call.split_span(block_kv), plan.splits, block_kv);
         let budget = keys_within_loop_budget(config);
@@ -422,7 +421,7 @@ fn decode_config(
     spec: &VariantSpec,
     tiling: DecodeTiling,
     split: bool,
-    paged: bool,
+    layout: CacheLayout,
 ) -> DecodeConfig {
     DecodeConfig {
         tiling,
@@ -430,15 +429,26 @@ fn decode_config(
         value_dim: spec.value_dim,
         mask: spec.mask,
         score: spec.score.flags(),
-        paged,
+        paged: layout.paged,
         split,
+        fp8: layout.fp8,
     }
 }
+
+/// The layout the loop budget is counted for: paged (the layout's loops do not depend on it).
+const LOOP_BUDGET_LAYOUT: CacheLayout = CacheLayout {
+    paged: true,
+    fp8: false,
+    page_size: 16,
+    max_pages: 1,
+};
 
 /// How a cache stores its tokens, as a decode step is planned for it.
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
 struct CacheLayout {
     paged: bool,
+    /// K and V in e4m3.
+    fp8: bool,
     /// Tokens per page (1: contiguous).
     page_size: usize,
     /// Entries per sequence in the block table (1: contiguous).
@@ -447,13 +457,14 @@ struct CacheLayout {
 
 impl CacheLayout {
     fn name(&self) -> String {
+        let stored = if self.fp8 { ", fp8" } else { "" };
         if self.paged {
             format!(
-                "paged, {} pages of {} tokens per sequence",
+                "paged, {} pages of {} tokens per sequence{stored}",
                 self.max_pages, self.page_size
             )
         } else {
-            "contiguous".into()
+            format!("contiguous{stored}")
         }
     }
 }
@@ -462,6 +473,7 @@ fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
     let (page_size, max_pages, _) = cache.table_parts();
     CacheLayout {
         paged: cache.is_paged(),
+        fp8: cache.is_fp8(),
         page_size,
         max_pages,
     }
@@ -470,7 +482,9 @@ fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
 /// The decode kernel reads K and V in vectors of [`KV_VECTOR`] elements: their strides and head
 /// dims must be multiples of it.
 fn check_cache_vectors<E: Element>(cache: &KvCache<E>) -> Result<(), AttnError> {
-    for (operand, t) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
+    for (operand, pool) in [(Operand::K, cache.k()), (Operand::V, cache.v())] {
+        // An fp8 pool is contiguous, its head dim a multiple of 4 (checked when it was made).
+        let Some(t) = pool.native() else { continue };
         let s = t.strides();
         if s[..3]
             .iter()
@@ -736,7 +750,7 @@ impl<V: Variant> DecodeStep<V> {
     ) {
         let (p, spec, tiling) = (&self.problem, &self.spec, self.plan.tiling);
         let splits = self.plan.splits;
-        let config = decode_config(spec, tiling, splits > 1, cache.is_paged());
+        let config = decode_config(spec, tiling, splits > 1, self.layout);
         let chunks = (p.group * p.seq_q).div_ceil(tiling.rows as usize);
         tracing::debug!(
             variant = spec.name,
@@ -778,8 +792,11 @@ impl<V: Variant> DecodeStep<V> {
                 CubeDim::new_1d(tiling.units),
                 DecodeOperandsLaunch::new(
                     tensor_arg(q),
-                    tensor_arg(cache.k()),
-                    tensor_arg(cache.v()),
+                    pool_arg(cache.k(), q),
+                    pool_arg(cache.v(), q),
+                    fp8_words(cache.k(), &tables),
+                    fp8_words(cache.v(), &tables),
+                    fp8_scales(cache, &tables),
                     flat_arg(&tables.table, tables.table_len),
                     flat_arg(&tables.lengths, p.batch),
                 ),
@@ -815,6 +832,37 @@ impl<V: Variant> DecodeStep<V> {
                 );
             }
         }
+    }
+}
+
+/// A native pool as the kernel's K or V; for an fp8 pool, Q stands in (never read: the kernel
+/// reads the words).
+///
+/// # Safety
+/// `q` was checked against its buffer, a native pool when the cache was made.
+unsafe fn pool_arg<E: Element>(pool: &KvPool<E>, q: &Tensor<E>) -> TensorArg {
+    unsafe { tensor_arg(pool.native().unwrap_or(q)) }
+}
+
+/// An fp8 pool's words; for a native pool the block table stands in (never read).
+///
+/// # Safety
+/// The tables' buffers hold their lengths.
+unsafe fn fp8_words<E: Element>(pool: &KvPool<E>, tables: &DeviceTables) -> TensorArg {
+    match pool.fp8() {
+        Some(p) => p.words_arg(),
+        None => unsafe { flat_arg(&tables.table, tables.table_len) },
+    }
+}
+
+/// An fp8 cache's scales; for a native cache the lengths stand in (never read).
+///
+/// # Safety
+/// As [`fp8_words`].
+unsafe fn fp8_scales<E: Element>(cache: &KvCache<E>, tables: &DeviceTables) -> TensorArg {
+    match cache.fp8_scales() {
+        Some((h, n)) => unsafe { flat_arg(h, n) },
+        None => unsafe { flat_arg(&tables.lengths, cache.batch()) },
     }
 }
 

@@ -1,6 +1,7 @@
 //! K/V caches for decoding: paged (pools of fixed-size pages addressed through a block table, as
 //! in vLLM) or contiguous (one `[B, Hkv, capacity, D]` tensor, the special case without a table),
-//! and appending new tokens' K and V to them.
+//! in the variant's element type or in e4m3 with a scale per K/V head ([`crate::fp8`]), and
+//! appending new tokens' K and V to them (encoded on the device for an fp8 cache).
 //!
 //! The block table and the lengths are kept on the host, where every change is checked: a page
 //! past the pool, a page two sequences share, lengths the table cannot hold and unsupported page
@@ -17,8 +18,10 @@ use cubecl::server::Handle;
 use cubecl_common::bytes::Bytes;
 
 use crate::error::{AttnError, Operand};
+use crate::fp8::KvScales;
 use crate::kernels::append::{
-    advance_lengths, append_tokens, AppendConfig, CacheSlotsLaunch, NewTokensLaunch,
+    advance_lengths, append_tokens, append_tokens_fp8, AppendConfig, CacheSlotsLaunch,
+    NewTokensLaunch,
 };
 use crate::launch::{flat_arg, tensor_arg};
 use crate::problem::check_view;
@@ -65,11 +68,120 @@ enum Storage {
     },
 }
 
+/// A K or V pool (or contiguous tensor) as a cache stores it.
+#[derive(Clone, Debug)]
+pub enum KvPool<E> {
+    /// In the variant's element type.
+    Native(Tensor<E>),
+    /// In e4m3 with a scale per K/V head ([`crate::fp8`]).
+    Fp8(Fp8Pool),
+}
+
+impl<E: Element> KvPool<E> {
+    /// `[pages, Hkv, page_size, D]` (paged) or `[B, Hkv, capacity, D]`, in elements.
+    pub fn shape(&self) -> [usize; 4] {
+        match self {
+            Self::Native(t) => t.shape(),
+            Self::Fp8(p) => p.shape,
+        }
+    }
+
+    /// The pool in the element type, if it is stored so.
+    pub fn native(&self) -> Option<&Tensor<E>> {
+        match self {
+            Self::Native(t) => Some(t),
+            Self::Fp8(_) => None,
+        }
+    }
+
+    /// The pool in e4m3, if it is stored so.
+    pub fn fp8(&self) -> Option<&Fp8Pool> {
+        match self {
+            Self::Native(_) => None,
+            Self::Fp8(p) => Some(p),
+        }
+    }
+}
+
+/// An e4m3 pool: contiguous, four values per `u32` word (the first in the low byte), so the
+/// head dim is a multiple of 4; one scale per K/V head.
+#[derive(Clone, Debug)]
+pub struct Fp8Pool {
+    words: Handle,
+    shape: [usize; 4],
+    scales: Vec<f32>,
+    /// `1 / scale` per head, on the device: the appends' factors.
+    inverse: Handle,
+}
+
+impl Fp8Pool {
+    fn new(client: &ComputeClient, shape: [usize; 4], scales: &[f32]) -> Self {
+        let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+        Self {
+            words: client.empty((shape.iter().product::<usize>() / 4).max(1) * 4),
+            shape,
+            scales: scales.to_vec(),
+            inverse: client.create(Bytes::from_elems(inverse)),
+        }
+    }
+
+    /// Elements: `[pages, Hkv, page_size, D]` or `[B, Hkv, capacity, D]`.
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// The scale of each K/V head: an element reads `stored · scale`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// The stored e4m3 bytes in the order of [`Self::shape`] (read from the device; positions
+    /// never written hold whatever the buffer held).
+    pub fn to_bytes(&self, client: &ComputeClient) -> Vec<u8> {
+        let bytes = client.read_one_unchecked(self.words.clone());
+        bytes[..self.shape.iter().product::<usize>()].to_vec()
+    }
+
+    /// The values the kernels read: each byte decoded, times its head's scale.
+    pub fn to_values(&self, client: &ComputeClient) -> Vec<f32> {
+        let per_head = self.shape[2] * self.shape[3];
+        let heads = self.shape[1];
+        self.to_bytes(client)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| crate::fp8::decode(b) * self.scales[(i / per_head) % heads])
+            .collect()
+    }
+
+    /// The words as a kernel argument: `[.., D / 4]` `u32`s.
+    pub(crate) fn words_arg(&self) -> TensorArg {
+        let [a, b, c, d] = self.shape;
+        let shape = [a, b, c, d / 4];
+        let strides = crate::tensor::contiguous_strides(shape);
+        // SAFETY: the buffer was created with one word per four of the shape's elements.
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.words.clone(),
+                strides.to_vec().into(),
+                shape.to_vec().into(),
+            )
+        }
+    }
+
+    /// The inverse scales as a kernel argument, `[Hkv]`.
+    pub(crate) fn inverse_arg(&self) -> TensorArg {
+        // SAFETY: created from one value per head.
+        unsafe { flat_arg(&self.inverse, self.scales.len()) }
+    }
+}
+
 /// A K/V cache: the K and V pools (or tensors), the block table and the per-sequence lengths.
 #[derive(Debug)]
 pub struct KvCache<E> {
-    k: Tensor<E>,
-    v: Tensor<E>,
+    k: KvPool<E>,
+    v: KvPool<E>,
+    /// An fp8 cache's scales on the device, `[2 · Hkv]`: K's per head, then V's.
+    fp8_scales: Option<Handle>,
     batch: usize,
     lengths: Vec<usize>,
     storage: Storage,
@@ -86,6 +198,7 @@ impl<E: Element> Clone for KvCache<E> {
         Self {
             k: self.k.clone(),
             v: self.v.clone(),
+            fp8_scales: self.fp8_scales.clone(),
             batch: self.batch,
             lengths: self.lengths.clone(),
             storage: self.storage.clone(),
@@ -125,17 +238,7 @@ pub(crate) struct DeviceTables {
 impl<E: Element> KvCache<E> {
     /// An empty paged cache with a new pool; pages are handed to sequences as they grow.
     pub fn paged(client: &ComputeClient, layout: PagedLayout) -> Result<Self, AttnError> {
-        check_page_size(layout.page_size)?;
-        for (field, n) in [
-            ("batch", layout.batch),
-            ("heads_kv", layout.heads_kv),
-            ("pages", layout.pages),
-            ("max_pages", layout.max_pages),
-        ] {
-            if n == 0 {
-                return Err(kv_error(field, "must be at least 1".into()));
-            }
-        }
+        check_layout(&layout)?;
         let pool = |d| [layout.pages, layout.heads_kv, layout.page_size, d];
         let k = new_pool(client, pool(layout.head_dim));
         let v = new_pool(client, pool(layout.value_dim));
@@ -161,6 +264,71 @@ impl<E: Element> KvCache<E> {
         let k = new_pool(client, [batch, heads_kv, capacity, head_dim]);
         let v = new_pool(client, [batch, heads_kv, capacity, value_dim]);
         Self::from_contiguous_parts(k, v, vec![0; batch])
+    }
+
+    /// An empty paged cache storing K and V in e4m3 with `scales` ([`crate::fp8`]): half the
+    /// bytes of a 16-bit cache for [`crate::decode()`] to read. Appends take `E` tokens and
+    /// encode them; head dims must be multiples of 4.
+    pub fn paged_fp8(
+        client: &ComputeClient,
+        layout: PagedLayout,
+        scales: &KvScales,
+    ) -> Result<Self, AttnError> {
+        check_layout(&layout)?;
+        let pool = |d| [layout.pages, layout.heads_kv, layout.page_size, d];
+        let storage = Storage::Paged {
+            page_size: layout.page_size,
+            max_pages: layout.max_pages,
+            table: vec![-1; layout.batch * layout.max_pages],
+            free: (0..layout.pages as i32).rev().collect(),
+            refs: vec![0; layout.pages],
+        };
+        let [k, v] = fp8_pools(
+            client,
+            [pool(layout.head_dim), pool(layout.value_dim)],
+            scales,
+        )?;
+        Ok(Self::empty(k, v, layout.batch, storage).with_scales(client, scales))
+    }
+
+    /// An empty contiguous e4m3 cache `[batch, heads_kv, capacity, D]` with `scales`, as
+    /// [`Self::paged_fp8`].
+    pub fn contiguous_fp8(
+        client: &ComputeClient,
+        [batch, heads_kv, capacity]: [usize; 3],
+        head_dim: usize,
+        value_dim: usize,
+        scales: &KvScales,
+    ) -> Result<Self, AttnError> {
+        for (field, n) in [("batch", batch), ("heads_kv", heads_kv)] {
+            if n == 0 {
+                return Err(kv_error(field, "must be at least 1".into()));
+            }
+        }
+        let pool = |d| [batch, heads_kv, capacity, d];
+        let [k, v] = fp8_pools(client, [pool(head_dim), pool(value_dim)], scales)?;
+        Ok(Self::empty(k, v, batch, Storage::Contiguous).with_scales(client, scales))
+    }
+
+    /// A cache of empty sequences over `k` and `v`.
+    fn empty(k: KvPool<E>, v: KvPool<E>, batch: usize, storage: Storage) -> Self {
+        Self {
+            k,
+            v,
+            fp8_scales: None,
+            batch,
+            lengths: vec![0; batch],
+            storage,
+            versions: Versions::default(),
+            device: Mutex::new(None),
+        }
+    }
+
+    /// The fp8 scales on the device, as the decode kernel reads them.
+    fn with_scales(mut self, client: &ComputeClient, scales: &KvScales) -> Self {
+        let both: Vec<f32> = scales.k.iter().chain(&scales.v).copied().collect();
+        self.fp8_scales = Some(client.create(Bytes::from_elems(both)));
+        self
     }
 
     /// A paged cache over pools the caller filled: K `[pages, Hkv, page_size, D]`, V
@@ -230,8 +398,9 @@ impl<E: Element> KvCache<E> {
             .filter(|&p| refs[p as usize] == 0)
             .collect();
         let cache = Self {
-            k,
-            v,
+            k: KvPool::Native(k),
+            v: KvPool::Native(v),
+            fp8_scales: None,
             batch,
             lengths: Vec::new(),
             storage: Storage::Paged {
@@ -257,8 +426,9 @@ impl<E: Element> KvCache<E> {
         check_pools(&k, &v)?;
         let cache = Self {
             batch: k.shape()[0],
-            k,
-            v,
+            k: KvPool::Native(k),
+            v: KvPool::Native(v),
+            fp8_scales: None,
             lengths: Vec::new(),
             storage: Storage::Contiguous,
             versions: Versions::default(),
@@ -537,6 +707,7 @@ impl<E: Element> KvCache<E> {
             )));
         }
         for (operand, new, pool) in [(Operand::K, k_new, &self.k), (Operand::V, v_new, &self.v)] {
+            // (A contiguous head dim too: an fp8 append reads each token's row in fours.)
             check_view(operand, new.shape(), new.strides(), new.buffer_len())?;
             let [b, h, _, d] = new.shape();
             let expected = [self.batch, pool.shape()[1], new.shape()[2], pool.shape()[3]];
@@ -597,27 +768,45 @@ impl<E: Element> KvCache<E> {
         };
         let new_tokens =
             || unsafe { NewTokensLaunch::new(flat_arg(&counts_handle, counts_len), n as u32) };
+        let slots = || unsafe {
+            CacheSlotsLaunch::new(
+                flat_arg(&tables.table, tables.table_len),
+                flat_arg(&tables.lengths, self.batch),
+                page_size as u32,
+                max_pages as u32,
+            )
+        };
         for (src, dst) in [(k_new, &self.k), (v_new, &self.v)] {
             let elements = src.shape().iter().product::<usize>();
             if elements == 0 {
                 continue;
             }
+            // SAFETY: `src` was checked against its buffer above; the pools were created with
+            // their shapes and the tables with their lengths.
             unsafe {
-                append_tokens::launch::<E>(
-                    client,
-                    grid(elements, config.units),
-                    CubeDim::new_1d(config.units),
-                    tensor_arg(src),
-                    tensor_arg(dst),
-                    CacheSlotsLaunch::new(
-                        flat_arg(&tables.table, tables.table_len),
-                        flat_arg(&tables.lengths, self.batch),
-                        page_size as u32,
-                        max_pages as u32,
+                match dst {
+                    KvPool::Native(dst) => append_tokens::launch::<E>(
+                        client,
+                        grid(elements, config.units),
+                        CubeDim::new_1d(config.units),
+                        tensor_arg(src),
+                        tensor_arg(dst),
+                        slots(),
+                        new_tokens(),
+                        config,
                     ),
-                    new_tokens(),
-                    config,
-                );
+                    KvPool::Fp8(dst) => append_tokens_fp8::launch::<E>(
+                        client,
+                        grid(elements / 4, config.units),
+                        CubeDim::new_1d(config.units),
+                        tensor_arg(src),
+                        dst.words_arg(),
+                        dst.inverse_arg(),
+                        slots(),
+                        new_tokens(),
+                        config,
+                    ),
+                }
             }
         }
         if n > 0 {
@@ -733,13 +922,23 @@ impl<E: Element> KvCache<E> {
     }
 
     /// The K pool (paged: `[pages, Hkv, page_size, D]`) or tensor (`[B, Hkv, capacity, D]`).
-    pub fn k(&self) -> &Tensor<E> {
+    pub fn k(&self) -> &KvPool<E> {
         &self.k
     }
 
     /// The V pool or tensor.
-    pub fn v(&self) -> &Tensor<E> {
+    pub fn v(&self) -> &KvPool<E> {
         &self.v
+    }
+
+    /// Whether K and V are stored in e4m3 ([`Self::paged_fp8`], [`Self::contiguous_fp8`]).
+    pub fn is_fp8(&self) -> bool {
+        self.k.fp8().is_some()
+    }
+
+    /// An fp8 cache's scales on the device, `[2 · Hkv]` (K's, then V's), and their count.
+    pub(crate) fn fp8_scales(&self) -> Option<(&Handle, usize)> {
+        self.fp8_scales.as_ref().map(|h| (h, 2 * self.heads_kv()))
     }
 
     /// Tokens held per sequence.
@@ -814,6 +1013,43 @@ fn check_pools<E: Element>(k: &Tensor<E>, v: &Tensor<E>) -> Result<(), AttnError
         ));
     }
     Ok(())
+}
+
+/// A layout's page size, and at least one of everything.
+fn check_layout(layout: &PagedLayout) -> Result<(), AttnError> {
+    check_page_size(layout.page_size)?;
+    for (field, n) in [
+        ("batch", layout.batch),
+        ("heads_kv", layout.heads_kv),
+        ("pages", layout.pages),
+        ("max_pages", layout.max_pages),
+    ] {
+        if n == 0 {
+            return Err(kv_error(field, "must be at least 1".into()));
+        }
+    }
+    Ok(())
+}
+
+/// New e4m3 pools of K's and V's shapes: one scale per head each, head dims multiples of 4.
+fn fp8_pools<E: Element>(
+    client: &ComputeClient,
+    shapes: [[usize; 4]; 2],
+    scales: &KvScales,
+) -> Result<[KvPool<E>; 2], AttnError> {
+    scales.check(shapes[0][1])?;
+    for (operand, d) in [(Operand::K, shapes[0][3]), (Operand::V, shapes[1][3])] {
+        if d % 4 != 0 || d == 0 {
+            return Err(kv_error(
+                "head_dim",
+                format!("an fp8 cache packs four values per word; {operand}'s head dim {d} is not a multiple of 4"),
+            ));
+        }
+    }
+    Ok([
+        KvPool::Fp8(Fp8Pool::new(client, shapes[0], &scales.k)),
+        KvPool::Fp8(Fp8Pool::new(client, shapes[1], &scales.v)),
+    ])
 }
 
 fn check_page_size(page_size: usize) -> Result<(), AttnError> {

@@ -11,6 +11,7 @@ pub mod backward;
 pub mod blueprint;
 pub mod decode;
 pub mod error;
+pub mod fp8;
 pub mod hooks;
 pub mod inputs;
 pub mod interop;
@@ -42,7 +43,7 @@ pub use hooks::{Hooks, NoHooks, TileBounds, TILE_EMPTY, TILE_FULL, TILE_PARTIAL}
 pub use inputs::{alibi_slopes, slots, Inputs};
 pub use kernels::common::RunInputs;
 pub use kernels::decode::DecodeTiling;
-pub use kv_cache::{KvCache, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
+pub use kv_cache::{Fp8Pool, KvCache, KvPool, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
 pub use launch::{
     forward, forward_into, forward_with_tiling, runnable_tilings, select_candidate, select_tiling,
     Lse, Output,

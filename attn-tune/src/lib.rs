@@ -87,6 +87,9 @@ pub struct TuneArgs {
     /// Decode: paged caches of this many tokens per page (default: contiguous caches).
     #[arg(long = "page-size")]
     pub page_size: Option<usize>,
+    /// Decode: caches storing K and V in e4m3 (`KvCache::paged_fp8` / `contiguous_fp8`).
+    #[arg(long)]
+    pub fp8: bool,
     /// No decode points.
     #[arg(long = "no-decode")]
     pub no_decode: bool,
@@ -271,6 +274,7 @@ fn grid(client: &ComputeClient, args: &TuneArgs) -> Result<Grid, String> {
         }
         grid.page_size = Some(page);
     }
+    grid.fp8 = args.fp8;
     let misses = args.misses.then(cache::misses_path);
     if let Some(path) = args.shapes.as_ref().or(misses.as_ref()) {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -407,10 +411,11 @@ fn tune_all(args: &TuneArgs) -> Result<(), String> {
     }
     cache::init();
     cache::warn_if_foreign(&client);
+    let stored = if grid.fp8 { ", fp8" } else { "" };
     let decode_note = match (grid.decode.len(), grid.page_size) {
         (0, _) => "no decode".to_string(),
-        (n, None) => format!("{n} decode shapes"),
-        (n, Some(page)) => format!("{n} decode shapes (pages of {page})"),
+        (n, None) => format!("{n} decode shapes{stored}"),
+        (n, Some(page)) => format!("{n} decode shapes (pages of {page}{stored})"),
     };
     let prefill_note = if grid.shapes.is_empty() {
         format!("N {:?} × B·H {:?}", grid.seqs, grid.batch_heads)
@@ -620,7 +625,7 @@ fn write_report(
         let kind = match r.page_size {
             Some(page) => format!("decode_paged{page}"),
             None => "decode".to_string(),
-        };
+        } + if r.fp8 { "_fp8" } else { "" };
         writeln!(
             f,
             "{}\t{}\t{kind}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.4}\t{}\t{:.4}\t{choices}\t{:.3}\t\t\t\t",

@@ -357,6 +357,40 @@ fn a_deployments_shapes_file_tunes_its_prefill_and_decode_shapes() {
     let ms: f64 = decode["chosen_ms"].parse().unwrap();
     assert!(ms > 0.0, "timed");
 
+    // The same decode shape against a paged fp8 cache: a key of its own, tuned and reported.
+    std::fs::write(&shapes, "decode 3 4 300\n").unwrap();
+    let out = run(
+        &dir,
+        &[
+            "tune",
+            "--variant",
+            VARIANT,
+            "--quiet",
+            "--samples",
+            "2",
+            "--shapes",
+            &shapes_arg,
+            "--page-size",
+            "16",
+            "--fp8",
+            "--report",
+            &report_arg,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("pages of 16, fp8"),
+        "the run names the cache it tunes:\n{stdout}"
+    );
+    let rows = report_rows(&report);
+    let fp8 = rows
+        .iter()
+        .find(|r| r["kind"] == "decode_paged16_fp8")
+        .unwrap_or_else(|| panic!("an fp8 decode row in {rows:?}"));
+    assert_eq!([&fp8["batch"], &fp8["seq"]], ["3", "300"]);
+    let ms: f64 = fp8["chosen_ms"].parse().unwrap();
+    assert!(ms > 0.0, "timed");
+
     // A line the file cannot mean is refused before anything runs, naming the line.
     std::fs::write(&shapes, "prefill 1 4 160\ndecode 3 four 300\n").unwrap();
     let out = attn_tune(

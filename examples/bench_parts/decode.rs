@@ -1,6 +1,6 @@
 //! `bench --decode`: the decode benchmark. Llama-3 shaped decoding (bf16, 32 query heads over 8
 //! K/V heads, d 128, one new token; and Mistral's, the same heads under a sliding window of 4096
-//! keys) against long caches, contiguous and paged, timed with the
+//! keys) against long caches, contiguous and paged, 16-bit and fp8 (e4m3), timed with the
 //! default plan and a small sweep of split counts and step sizes. Writes, per case, the query,
 //! our O and LSE, the page table and the timings; K and V are a pattern both sides compute from
 //! the element index (`pattern`), so `bench/decode.py` rebuilds them on the GPU without multi-GB
@@ -138,7 +138,14 @@ struct DecodeCase {
     page_size: Option<usize>,
     /// Mistral's sliding window (4096 keys) instead of plain causal.
     window: bool,
+    /// K and V in e4m3 ([`FP8_SCALE`]), appended through the cache's encoder.
+    fp8: bool,
 }
+
+/// The fp8 cases' scale for K and V: a power of two, so `1 / scale` is exact and the pattern's
+/// values (below 1 in magnitude) map below 256 without saturating; `bench/decode.py` quantizes
+/// with PyTorch's e4m3 to rebuild the same values.
+pub const FP8_SCALE: f32 = 1.0 / 256.0;
 
 pub const HEADS_Q: usize = 32;
 pub const HEADS_KV: usize = 8;
@@ -166,6 +173,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: None,
             window: false,
+            fp8: false,
         },
         DecodeCase {
             batch: 8,
@@ -173,6 +181,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: None,
             window: false,
+            fp8: false,
         },
         DecodeCase {
             batch: 1,
@@ -180,6 +189,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: None,
             window: false,
+            fp8: false,
         },
         DecodeCase {
             batch: 64,
@@ -187,6 +197,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: Some(16),
             window: false,
+            fp8: false,
         },
         DecodeCase {
             batch: 8,
@@ -194,6 +205,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: Some(128),
             window: false,
+            fp8: false,
         },
         DecodeCase {
             batch: 64,
@@ -201,6 +213,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 4,
             page_size: Some(64),
             window: false,
+            fp8: false,
         },
         // Mistral: the window reads 4096 of each sequence's keys, wherever the cache ends.
         DecodeCase {
@@ -209,6 +222,7 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: None,
             window: true,
+            fp8: false,
         },
         DecodeCase {
             batch: 4,
@@ -216,6 +230,24 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             queries: 1,
             page_size: Some(64),
             window: true,
+            fp8: false,
+        },
+        // Llama-3 against an fp8 cache: half the bytes of the first and fourth cases.
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 1,
+            page_size: None,
+            window: false,
+            fp8: true,
+        },
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 1,
+            page_size: Some(16),
+            window: false,
+            fp8: true,
         },
     ];
     std::fs::create_dir_all(out).expect("output folder");
@@ -266,7 +298,8 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
         .map_or("contig".to_string(), |p| format!("page{p}"));
     let window = V::SPEC.mask.window.and_then(|w| w.left);
     let masking = window.map_or(String::new(), |w| format!("_w{}", w + 1));
-    let name = format!("decode_b{b}_h{HEADS_Q}-{HEADS_KV}_n{n}_q{nq}_{storage}{masking}");
+    let stored = if case.fp8 { "_fp8" } else { "" };
+    let name = format!("decode_b{b}_h{HEADS_Q}-{HEADS_KV}_n{n}_q{nq}_{storage}{masking}{stored}");
     let (mut rng, seed) = seeded_rng(&name);
     let started = Instant::now();
     // K and V in [B, Hkv, N, D] order from the pattern.
@@ -278,6 +311,11 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
     let (kh, vh) = (logical(1), logical(2));
     let mut table: Vec<i32> = Vec::new();
     let cache = match case.page_size {
+        _ if case.fp8 => {
+            let (cache, order) = fp8_cache(client, case, [&kh, &vh], &mut rng)?;
+            table = order;
+            cache
+        }
         None => {
             let shape = [b, HEADS_KV, n, D];
             KvCache::from_contiguous_parts(
@@ -387,7 +425,8 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
     );
     // The bytes of K and V the call must read: each sequence's visible keys.
     let keys_read = call.keys_seen();
-    let bytes = (b * HEADS_KV * keys_read * 2 * D * 2) as f64;
+    let element_bytes = if case.fp8 { 1 } else { 2 };
+    let bytes = (b * HEADS_KV * keys_read * 2 * D * element_bytes) as f64;
     let best = timed
         .iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
@@ -416,9 +455,14 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
         .collect();
     let times_json: Vec<String> = timed[0].2.iter().map(|t| format!("{t:.5}")).collect();
     let meta = format!(
-        "{{\"case\": \"{name}\", \"batch\": {b}, \"heads_q\": {HEADS_Q}, \"heads_kv\": {HEADS_KV}, \"keys\": {n}, \"keys_read\": {keys_read}, \"window_left\": {}, \"queries\": {nq}, \"head_dim\": {D}, \"page_size\": {}, \"table\": {:?}, \"scale\": {}, \"default_plan\": \"{}\", \"default_ms\": {default_ms}, \"times_ms\": [{}],  \"best_plan\": \"{}\", \"best_ms\": {}, \"tuned_ms\": {tuned_ms}, \"tuning_s\": {tuning_s}, \"plans_ms\": {{{}}}, \"iters\": {iters}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
+        "{{\"case\": \"{name}\", \"batch\": {b}, \"heads_q\": {HEADS_Q}, \"heads_kv\": {HEADS_KV}, \"keys\": {n}, \"keys_read\": {keys_read}, \"window_left\": {}, \"queries\": {nq}, \"head_dim\": {D}, \"page_size\": {}, \"fp8_scale\": {}, \"table\": {:?}, \"scale\": {}, \"default_plan\": \"{}\", \"default_ms\": {default_ms}, \"times_ms\": [{}],  \"best_plan\": \"{}\", \"best_ms\": {}, \"tuned_ms\": {tuned_ms}, \"tuning_s\": {tuning_s}, \"plans_ms\": {{{}}}, \"iters\": {iters}, \"seed\": {seed}, \"device\": \"{}\"}}\n",
         window.map_or("null".to_string(), |w| w.to_string()),
         case.page_size.map_or("null".to_string(), |p| p.to_string()),
+        if case.fp8 {
+            FP8_SCALE.to_string()
+        } else {
+            "null".to_string()
+        },
         table,
         V::SPEC.softmax_scale(),
         default.name(),
@@ -430,4 +474,47 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
     );
     std::fs::write(dir.join("meta.json"), meta).expect("meta.json");
     Ok(name)
+}
+
+/// An fp8 cache holding the case's K and V, appended through the cache's encoder (pages handed
+/// out in a shuffled order first, where paged), and its block table (empty when contiguous).
+fn fp8_cache(
+    client: &ComputeClient,
+    case: &DecodeCase,
+    [kh, vh]: [&[bf16]; 2],
+    rng: &mut rand::rngs::StdRng,
+) -> Result<(KvCache<bf16>, Vec<i32>), attn::AttnError> {
+    let (b, n) = (case.batch, case.keys);
+    let scales = attn::fp8::KvScales::uniform(HEADS_KV, FP8_SCALE, FP8_SCALE);
+    let mut table = Vec::new();
+    let mut cache = match case.page_size {
+        None => KvCache::contiguous_fp8(client, [b, HEADS_KV, n], D, D, &scales)?,
+        Some(p) => {
+            let per_seq = n.div_ceil(p);
+            let layout = attn::PagedLayout {
+                batch: b,
+                heads_kv: HEADS_KV,
+                head_dim: D,
+                value_dim: D,
+                page_size: p,
+                pages: b * per_seq,
+                max_pages: per_seq,
+            };
+            let mut cache = KvCache::paged_fp8(client, layout, &scales)?;
+            table = (0..(b * per_seq) as i32).collect();
+            table.shuffle(rng);
+            for s in 0..b {
+                cache.set_pages(s, &table[s * per_seq..(s + 1) * per_seq])?;
+            }
+            cache
+        }
+    };
+    let shape = [b, HEADS_KV, n, D];
+    cache.append(
+        client,
+        &Tensor::from_slice(client, kh, shape)?,
+        &Tensor::from_slice(client, vh, shape)?,
+        None,
+    )?;
+    Ok((cache, table))
 }

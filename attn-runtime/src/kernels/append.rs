@@ -5,6 +5,9 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::common::fp8::pack;
+use crate::kernels::common::F32x4;
+
 /// Where each sequence's new tokens go: the block table (paged caches) and each sequence's
 /// length before the append (the cache's device-resident lengths).
 #[derive(CubeType, CubeLaunch)]
@@ -86,6 +89,49 @@ pub fn append_tokens<E: Float>(
                 at = page * dst.stride(0) + h * dst.stride(1) + slot * dst.stride(2) + c;
             }
             dst[at] = value;
+        }
+    }
+}
+
+/// [`append_tokens()`] into an fp8 cache ([`crate::fp8`]): one unit per four elements of a new
+/// token's row, encoded with the head's inverse scale into one word of `dst` (`[pages, Hkv,
+/// page_size, D / 4]` or `[B, Hkv, capacity, D / 4]` words).
+#[cube(launch)]
+pub fn append_tokens_fp8<E: Float>(
+    src: &Tensor<E>,
+    dst: &mut Tensor<u32>,
+    inverse_scales: &Tensor<f32>,
+    slots: &CacheSlots,
+    new: &NewTokens,
+    #[comptime] config: AppendConfig,
+) {
+    let i = crate::kernels::flat_index(config.units);
+    let batch = src.shape(0);
+    let heads = src.shape(1);
+    let tokens = src.shape(2);
+    let words = src.shape(3) / 4;
+    if i < batch * heads * tokens * words {
+        let w = i % words;
+        let t = (i / words) % tokens;
+        let h = (i / (words * tokens)) % heads;
+        let b = i / (words * tokens * heads);
+        if t < count_of(new, b, config) {
+            let from = b * src.stride(0) + h * src.stride(1) + t * src.stride(2) + w * 4;
+            let mut values = F32x4::new(0.0);
+            #[unroll]
+            for e in 0..4usize {
+                values.insert(e, f32::cast_from(src[from + e]));
+            }
+            let position = slots.lengths[b] as usize + t;
+            let mut row = b;
+            let mut slot = position;
+            if comptime!(config.paged) {
+                let page_size = slots.page_size as usize;
+                row = slots.table[b * slots.max_pages as usize + position / page_size] as usize;
+                slot = position % page_size;
+            }
+            let at = row * dst.stride(0) + h * dst.stride(1) + slot * dst.stride(2) + w;
+            dst[at] = pack(values, inverse_scales[h]);
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct DecodeKey {
     pub keys: usize,
     /// Whether the cache is paged.
     pub paged: bool,
+    /// Whether the cache stores K and V in e4m3.
+    pub fp8: bool,
 }
 
 /// A plan relative to the heuristic's: its split count times `num / den`, at `units` keys per
@@ -197,6 +199,7 @@ fn key_of<E: Element>(variant: String, call: &DecodeProblem, cache: &KvCache<E>)
         call.problem.batch * call.problem.heads_kv,
         call.max_len,
         cache.is_paged(),
+        cache.is_fp8(),
     )
 }
 

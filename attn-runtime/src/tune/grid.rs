@@ -40,6 +40,8 @@ pub struct Grid {
     /// Tokens per page of the decode points' caches (`None`: contiguous caches). A paged and a
     /// contiguous cache are tuned under different keys: tune the kind the program serves from.
     pub page_size: Option<usize>,
+    /// The decode points' caches store K and V in e4m3 (tuned under their own keys, like pages).
+    pub fp8: bool,
 }
 
 /// A prefill shape as a deployment states it: sequences, query heads (the K/V heads follow from
@@ -105,6 +107,7 @@ impl Grid {
                 backward: false,
                 decode: DecodePoint::cross(&[1, 16, 64], &[4096, 16384]),
                 page_size: None,
+                fp8: false,
             }
         }
     }
@@ -119,6 +122,7 @@ impl Grid {
             backward: false,
             decode: Vec::new(),
             page_size: None,
+            fp8: false,
         }
     }
 
@@ -421,6 +425,8 @@ pub struct DecodeReport {
     pub tokens: usize,
     /// Tokens per page, for a paged cache.
     pub page_size: Option<usize>,
+    /// Whether the cache stores K and V in e4m3.
+    pub fp8: bool,
     /// The key the shape falls in.
     pub key: DecodeKey,
     /// The plan that runs for the key.
@@ -488,7 +494,7 @@ fn tune_decode_point<V: Variant>(
         );
         return Ok(None);
     }
-    let cache = filled_cache::<V::Elem>(client, point, [d, dv], grid.page_size)?;
+    let cache = filled_cache::<V::Elem>(client, point, [d, dv], grid)?;
     let q = filled::<V::Elem>(client, [point.batch, point.heads_q, at.tokens, d], 1)?;
     let owned = TypicalInputs::new(spec, point);
     let inputs = owned.view();
@@ -514,6 +520,7 @@ fn tune_decode_point<V: Variant>(
         point,
         tokens: at.tokens,
         page_size: grid.page_size,
+        fp8: grid.fp8,
         key,
         chosen,
         fallback,
@@ -524,16 +531,19 @@ fn tune_decode_point<V: Variant>(
 }
 
 /// A cache of `point.batch` sequences, each holding `point.seq` tokens of a fixed pattern:
-/// contiguous, or paged with `page_size` tokens per page (sequences' pages interleaved in the
-/// pool, as a server's allocator leaves them).
+/// contiguous, or paged with the grid's page size (sequences' pages interleaved in the pool, as
+/// a server's allocator leaves them); in e4m3 where the grid says so.
 fn filled_cache<E: Element>(
     client: &ComputeClient,
     point: ShapePoint,
     [d, dv]: [usize; 2],
-    page_size: Option<usize>,
+    grid: &Grid,
 ) -> Result<KvCache<E>, AttnError> {
     let lengths = vec![point.seq; point.batch];
-    let Some(page) = page_size else {
+    if grid.fp8 {
+        return filled_fp8_cache(client, point, [d, dv], grid.page_size);
+    }
+    let Some(page) = grid.page_size else {
         let k = filled::<E>(client, [point.batch, point.heads_kv, point.seq, d], 2)?;
         let v = filled::<E>(client, [point.batch, point.heads_kv, point.seq, dv], 3)?;
         return KvCache::from_contiguous_parts(k, v, lengths);
@@ -547,6 +557,38 @@ fn filled_cache<E: Element>(
         .flat_map(|b| (0..max_pages).map(move |j| (j * point.batch + b) as i32))
         .collect();
     KvCache::from_paged_parts(k, v, page, table, max_pages, lengths)
+}
+
+/// [`filled_cache`] in e4m3: the pattern appended through the cache's encoder (scales mapping
+/// its values, below 1 in magnitude, onto e4m3's range).
+fn filled_fp8_cache<E: Element>(
+    client: &ComputeClient,
+    point: ShapePoint,
+    [d, dv]: [usize; 2],
+    page_size: Option<usize>,
+) -> Result<KvCache<E>, AttnError> {
+    let scales = crate::fp8::KvScales::for_range(point.heads_kv, 1.0, 1.0);
+    let shape = [point.batch, point.heads_kv, point.seq];
+    let mut cache = match page_size {
+        None => KvCache::contiguous_fp8(client, shape, d, dv, &scales)?,
+        Some(page) => {
+            let max_pages = point.seq.div_ceil(page.max(1));
+            let layout = crate::kv_cache::PagedLayout {
+                batch: point.batch,
+                heads_kv: point.heads_kv,
+                head_dim: d,
+                value_dim: dv,
+                page_size: page,
+                pages: point.batch * max_pages,
+                max_pages,
+            };
+            KvCache::paged_fp8(client, layout, &scales)?
+        }
+    };
+    let k = filled::<E>(client, [point.batch, point.heads_kv, point.seq, d], 2)?;
+    let v = filled::<E>(client, [point.batch, point.heads_kv, point.seq, dv], 3)?;
+    cache.append(client, &k, &v, None)?;
+    Ok(cache)
 }
 
 /// The medians of the chosen and the fallback (the fallback not timed again when it is the

@@ -7,6 +7,7 @@
 //! A masked score is −∞ in every kernel ([`Ctx::masked`]).
 
 pub mod context;
+pub mod fp8;
 pub mod mask;
 pub mod score;
 pub mod softmax;
@@ -17,6 +18,9 @@ pub use context::{
     RunInputsLaunch, Site,
 };
 pub use softmax::RowState;
+
+/// Four f32 values: a vector of K, V or Q widened for arithmetic.
+pub type F32x4 = cubecl::prelude::Vector<f32, cubecl::prelude::Const<4>>;
 pub use walk::{
     live_steps, next_live, BlockWalk, ClassifiedWalk, ClassifiedWalkExpand, KeyRange, KeySteps,
     Step, StepKeys,

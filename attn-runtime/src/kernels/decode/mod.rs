@@ -8,7 +8,8 @@
 //! group, not once per query head.
 //!
 //! Each step covers `units` keys and reads K and V straight from memory into registers, never
-//! through shared memory:
+//! through shared memory (an fp8 cache's as words of four e4m3 codes, decoded in registers; K's
+//! scale is folded into the query rows, V's into the normaliser):
 //! - **scores**: unit `u` owns key `u` of the step. It reads the key's row of K in vectors of 4
 //!   and dots it with every row's Q (shared memory, f32, pre-scaled, read by all units at once, so
 //!   a broadcast); the `rows` scores stay in its registers. Score modification and, on partial
@@ -35,10 +36,12 @@ pub mod combine;
 use cubecl::prelude::*;
 
 use crate::hooks::{Hooks, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};
+use crate::kernels::common::fp8::unpack;
 use crate::kernels::common::softmax::{larger, probability};
 use crate::kernels::common::walk::key_range;
 use crate::kernels::common::{
-    mask, score, Args, BlockWalk, Ctx, KeyRange, Lengths, RowState, RunInputs, Step, StepKeys,
+    mask, score, Args, BlockWalk, Ctx, F32x4, KeyRange, Lengths, RowState, RunInputs, Step,
+    StepKeys,
 };
 use crate::variant::{MaskSpec, ScoreFlags};
 
@@ -49,9 +52,6 @@ pub const KV_VECTOR: usize = 4;
 
 /// One global load of K or V.
 pub type KvVector<E> = Vector<E, Const<4>>;
-
-/// Four f32 values: a piece of a Q row in shared memory.
-type F32x4 = Vector<f32, Const<4>>;
 
 /// A tile shape of the decode kernel: `units` keys per step, `rows` packed query rows per cube.
 ///
@@ -100,6 +100,8 @@ pub struct DecodeConfig {
     pub paged: bool,
     /// Several key splits: write partial results for [`combine`].
     pub split: bool,
+    /// K and V are e4m3 (four per `u32` word) with a scale per K/V head ([`crate::fp8`]).
+    pub fp8: bool,
 }
 
 impl DecodeConfig {
@@ -182,6 +184,12 @@ pub struct DecodeOperands<E: Float> {
     pub k: OwnedTensor<KvVector<E>>,
     /// The V cache, in vectors of 4.
     pub v: OwnedTensor<KvVector<E>>,
+    /// An fp8 cache's K, in words of four e4m3 values (else never read).
+    pub k8: OwnedTensor<u32>,
+    /// An fp8 cache's V, in words.
+    pub v8: OwnedTensor<u32>,
+    /// An fp8 cache's scales, `[2 · Hkv]`: K's per head, then V's.
+    pub scales: OwnedTensor<f32>,
     /// The block table (paged caches).
     pub table: OwnedTensor<i32>,
     /// The cache's length per sequence, `[B]` (device-resident: appends advance it on the device).
@@ -242,6 +250,59 @@ pub struct DecodeRow {
     pub valid: bool,
 }
 
+/// Where a cache row starts, in elements: strides of its pool's page (or sequence), head and
+/// token. An fp8 pool's strides count words of four elements.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct PoolStrides {
+    /// Per page (paged) or sequence (contiguous).
+    pub page: usize,
+    /// Per K/V head.
+    pub head: usize,
+    /// Per token.
+    pub token: usize,
+}
+
+#[cube]
+impl PoolStrides {
+    /// K's.
+    pub fn of_k<E: Float>(
+        ops: &DecodeOperands<E>,
+        #[comptime] config: DecodeConfig,
+    ) -> PoolStrides {
+        let mut page = ops.k.stride(0);
+        let mut head = ops.k.stride(1);
+        let mut token = ops.k.stride(2);
+        if comptime!(config.fp8) {
+            page = ops.k8.stride(0) * KV_VECTOR;
+            head = ops.k8.stride(1) * KV_VECTOR;
+            token = ops.k8.stride(2) * KV_VECTOR;
+        }
+        PoolStrides { page, head, token }
+    }
+
+    /// V's.
+    pub fn of_v<E: Float>(
+        ops: &DecodeOperands<E>,
+        #[comptime] config: DecodeConfig,
+    ) -> PoolStrides {
+        let mut page = ops.v.stride(0);
+        let mut head = ops.v.stride(1);
+        let mut token = ops.v.stride(2);
+        if comptime!(config.fp8) {
+            page = ops.v8.stride(0) * KV_VECTOR;
+            head = ops.v8.stride(1) * KV_VECTOR;
+            token = ops.v8.stride(2) * KV_VECTOR;
+        }
+        PoolStrides { page, head, token }
+    }
+
+    /// Where token `slot` of head `head` in page (or sequence) `page` starts.
+    pub fn at(&self, page: usize, head: usize, slot: usize) -> usize {
+        page * self.page + head * self.head + slot * self.token
+    }
+}
+
 /// Partial (or, with one split, final) attention of a chunk of packed rows over one key split.
 #[cube(launch)]
 pub fn decode_forward<E: Float, M: Hooks>(
@@ -268,7 +329,13 @@ pub fn decode_forward<E: Float, M: Hooks>(
     let ctx = locate_sequence(ops, inputs, args, dargs, head, config);
 
     let mut unit = DecodeUnit::new(&ctx, chunk, inputs, config);
-    unit.load_q_rows::<E>(&ops.q, &ctx, chunk, config);
+    // An fp8 cache's K scale goes into Q, its V scale into the normaliser.
+    let mut k_scale = 1.0f32.runtime();
+    if comptime!(config.fp8) {
+        k_scale = ops.scales[kv_head];
+        unit.v_scale = ops.scales[ops.scales.len() / 2 + kv_head];
+    }
+    unit.load_q_rows::<E>(&ops.q, &ctx, chunk, k_scale, config);
 
     let walk = split_walk(&ctx, chunk, config);
     for index in walk.first_step..walk.end_step {
@@ -282,11 +349,11 @@ pub fn decode_forward<E: Float, M: Hooks>(
             sync_cube();
             let k_base = unit.key_address::<E>(ops, &ctx, keys, dargs, config);
             let at = UnitKey { step, k_base };
-            unit.key_scores::<E, M>(&ops.k, at, &ctx, inputs, config);
+            unit.key_scores::<E, M>(ops, at, &ctx, inputs, config);
             unit.row_maxima(&ctx, config);
             unit.probabilities(&ctx, config);
             sync_cube();
-            unit.accumulate_pv::<E>(&ops.v, keys.len, config);
+            unit.accumulate_pv::<E>(ops, keys.len, config);
         }
     }
 
@@ -452,6 +519,8 @@ pub struct DecodeUnit {
     corrections: Array<f32>,
     /// P·V accumulators.
     acc: Array<f32>,
+    /// An fp8 cache's V scale for the cube's K/V head (1 otherwise).
+    v_scale: f32,
 }
 
 /// This unit's key of a step: the step, and where the key starts in K.
@@ -527,19 +596,22 @@ impl DecodeUnit {
             row_sums,
             corrections,
             acc,
+            v_scale: 1.0f32.runtime(),
         }
     }
 
     /// Load Q: the chunk's rows into shared memory as f32 vectors, pre-multiplied by the softmax
-    /// scale; rows past the group are 0.
+    /// scale and `k_scale` (an fp8 cache's K scale, else 1); rows past the group are 0.
     pub fn load_q_rows<E: Float>(
         &mut self,
         q: &Tensor<E>,
         ctx: &Ctx,
         chunk: Chunk,
+        k_scale: f32,
         #[comptime] config: DecodeConfig,
     ) {
         let seq = ctx.site;
+        let factor = ctx.args.scale * k_scale;
         let per_row = config.head_dim() / KV_VECTOR;
         for i in range_stepped(UNIT_POS as usize, config.rows() * per_row, config.units()) {
             let row = locate_row(chunk.first + i / per_row, seq.kv_head, chunk, ctx.args);
@@ -551,7 +623,7 @@ impl DecodeUnit {
                     + (i % per_row) * KV_VECTOR;
                 #[unroll]
                 for e in 0..KV_VECTOR {
-                    value.insert(e, f32::cast_from(q[at + e]) * ctx.args.scale);
+                    value.insert(e, f32::cast_from(q[at + e]) * factor);
                 }
             }
             self.q_rows[i] = value;
@@ -576,16 +648,17 @@ impl DecodeUnit {
         let mut v_at = 0usize.runtime();
         if j < keys.len {
             let key = keys.start + j;
-            k_at = seq.batch * ops.k.stride(0) + kv_head * ops.k.stride(1) + key * ops.k.stride(2);
-            v_at = seq.batch * ops.v.stride(0) + kv_head * ops.v.stride(1) + key * ops.v.stride(2);
+            let ks = PoolStrides::of_k(ops, config);
+            let vs = PoolStrides::of_v(ops, config);
+            let mut row = seq.batch;
+            let mut slot = key;
             if comptime!(config.paged) {
                 let page_size = dargs.page_size as usize;
-                let page =
-                    ops.table[seq.batch * dargs.max_pages as usize + key / page_size] as usize;
-                let slot = key % page_size;
-                k_at = page * ops.k.stride(0) + kv_head * ops.k.stride(1) + slot * ops.k.stride(2);
-                v_at = page * ops.v.stride(0) + kv_head * ops.v.stride(1) + slot * ops.v.stride(2);
+                row = ops.table[seq.batch * dargs.max_pages as usize + key / page_size] as usize;
+                slot = key % page_size;
             }
+            k_at = ks.at(row, kv_head, slot);
+            v_at = vs.at(row, kv_head, slot);
         }
         self.v_bases[j] = v_at as u32;
         k_at
@@ -597,7 +670,7 @@ impl DecodeUnit {
     /// partial steps, the mask apply; keys past the step and rows past the group score −∞.
     pub fn key_scores<E: Float, M: Hooks>(
         &mut self,
-        k: &Tensor<KvVector<E>>,
+        ops: &DecodeOperands<E>,
         at: UnitKey,
         ctx: &Ctx,
         inputs: &RunInputs,
@@ -614,22 +687,44 @@ impl DecodeUnit {
             self.scores[r] = 0.0;
         }
         let chunk = config.chunk();
-        let mut k_vectors = Array::<KvVector<E>>::new(chunk);
-        for block in 0..(per_row + chunk - 1) / chunk {
-            #[unroll]
-            for i in 0..chunk {
-                let c = block * chunk + i;
-                let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                if present && c < per_row {
-                    x = k[at.k_base / KV_VECTOR + c];
+        if comptime!(config.fp8) {
+            let mut words = Array::<u32>::new(chunk);
+            for block in 0..(per_row + chunk - 1) / chunk {
+                #[unroll]
+                for i in 0..chunk {
+                    let c = block * chunk + i;
+                    let mut x = 0u32.runtime();
+                    if present && c < per_row {
+                        x = ops.k8[at.k_base / KV_VECTOR + c];
+                    }
+                    words[i] = x;
                 }
-                k_vectors[i] = x;
+                #[unroll]
+                for i in 0..chunk {
+                    let c = block * chunk + i;
+                    if c < per_row {
+                        self.add_products(unpack(words[i]), c, config);
+                    }
+                }
             }
-            #[unroll]
-            for i in 0..chunk {
-                let c = block * chunk + i;
-                if c < per_row {
-                    self.add_products(F32x4::cast_from(k_vectors[i]), c, config);
+        } else {
+            let mut k_vectors = Array::<KvVector<E>>::new(chunk);
+            for block in 0..(per_row + chunk - 1) / chunk {
+                #[unroll]
+                for i in 0..chunk {
+                    let c = block * chunk + i;
+                    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                    if present && c < per_row {
+                        x = ops.k[at.k_base / KV_VECTOR + c];
+                    }
+                    k_vectors[i] = x;
+                }
+                #[unroll]
+                for i in 0..chunk {
+                    let c = block * chunk + i;
+                    if c < per_row {
+                        self.add_products(F32x4::cast_from(k_vectors[i]), c, config);
+                    }
                 }
             }
         }
@@ -730,7 +825,7 @@ impl DecodeUnit {
     /// `chunk` keys whose loads are issued together.
     pub fn accumulate_pv<E: Float>(
         &mut self,
-        v: &Tensor<KvVector<E>>,
+        ops: &DecodeOperands<E>,
         kv_len: usize,
         #[comptime] config: DecodeConfig,
     ) {
@@ -749,22 +844,44 @@ impl DecodeUnit {
         // Units past the last whole key group (value dims that do not divide the units) idle here.
         if group < config.key_groups() {
             let chunk = config.chunk();
-            let mut v_vectors = Array::<KvVector<E>>::new(chunk);
-            for block in 0..(per_group + chunk - 1) / chunk {
-                #[unroll]
-                for i in 0..chunk {
-                    let j = group * per_group + block * chunk + i;
-                    let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
-                    if j < kv_len && block * chunk + i < per_group {
-                        x = v[self.v_bases[j] as usize / KV_VECTOR + lane];
+            if comptime!(config.fp8) {
+                let mut words = Array::<u32>::new(chunk);
+                for block in 0..(per_group + chunk - 1) / chunk {
+                    #[unroll]
+                    for i in 0..chunk {
+                        let j = group * per_group + block * chunk + i;
+                        let mut x = 0u32.runtime();
+                        if j < kv_len && block * chunk + i < per_group {
+                            x = ops.v8[self.v_bases[j] as usize / KV_VECTOR + lane];
+                        }
+                        words[i] = x;
                     }
-                    v_vectors[i] = x;
+                    #[unroll]
+                    for i in 0..chunk {
+                        let j = group * per_group + block * chunk + i;
+                        if j < kv_len && block * chunk + i < per_group {
+                            self.add_pv(unpack(words[i]), j, config);
+                        }
+                    }
                 }
-                #[unroll]
-                for i in 0..chunk {
-                    let j = group * per_group + block * chunk + i;
-                    if j < kv_len && block * chunk + i < per_group {
-                        self.add_pv(F32x4::cast_from(v_vectors[i]), j, config);
+            } else {
+                let mut v_vectors = Array::<KvVector<E>>::new(chunk);
+                for block in 0..(per_group + chunk - 1) / chunk {
+                    #[unroll]
+                    for i in 0..chunk {
+                        let j = group * per_group + block * chunk + i;
+                        let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
+                        if j < kv_len && block * chunk + i < per_group {
+                            x = ops.v[self.v_bases[j] as usize / KV_VECTOR + lane];
+                        }
+                        v_vectors[i] = x;
+                    }
+                    #[unroll]
+                    for i in 0..chunk {
+                        let j = group * per_group + block * chunk + i;
+                        if j < kv_len && block * chunk + i < per_group {
+                            self.add_pv(F32x4::cast_from(v_vectors[i]), j, config);
+                        }
                     }
                 }
             }
@@ -845,8 +962,13 @@ impl DecodeUnit {
                 let row_ctx = ctx.with_head(row.head, ctx.site.slope);
                 factor = state.fold_sink(&row_ctx, inputs);
             }
-            // The normaliser goes where the row sums were; the LSE is written right away.
-            self.smem[scores_at + unit * units] = state.normaliser(factor);
+            // The normaliser (times an fp8 cache's V scale) goes where the row sums were; the LSE
+            // is written right away.
+            let mut normaliser = state.normaliser(factor);
+            if comptime!(config.fp8) {
+                normaliser *= self.v_scale;
+            }
+            self.smem[scores_at + unit * units] = normaliser;
             let value = state.lse(ctx);
             if row.valid {
                 if comptime!(config.split) {
