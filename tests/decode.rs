@@ -649,6 +649,143 @@ fn fp8_caches() {
     check_fp8::<Gqa8F16>(&client, &mut rng, &filled, [16, 4], None, "PagedFp8(64)");
 }
 
+/// A ragged batch in one call: each sequence its own count of query tokens (none, one, a
+/// speculative draft, a prompt chunk past 16), rows cut from one `[1, Hq, total, D]` Q by
+/// offsets, against paged and contiguous caches, one split and several, causal and a sliding
+/// window; every sequence's rows against float64 of a call of its own count.
+#[test]
+fn ragged_query_counts_in_one_call() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("ragged_query_counts_in_one_call");
+    let lengths = [300, 1, 500, 77, rng.random_range(40..200)];
+    let counts = [1, 0, 40, 16, rng.random_range(2..8)];
+    for storage in [Storage::Paged(32), Storage::Contiguous] {
+        let filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        let label = format!("{storage:?}");
+        check_ragged::<Gqa4Causal>(&client, &mut rng, &filled, &counts, &label);
+        if matches!(storage, Storage::Paged(_)) {
+            check_ragged::<SlidingWindow>(&client, &mut rng, &filled, &counts, &label);
+        }
+    }
+}
+
+/// Runs `V` on random ragged queries (`counts[b]` tokens of sequence `b`) with the tuned call
+/// and with 3 splits, and checks each sequence's rows.
+fn check_ragged<V: Variant<Elem = f32>>(
+    client: &ComputeClient,
+    rng: &mut StdRng,
+    filled: &Filled<f32>,
+    counts: &[usize],
+    label: &str,
+) {
+    let cache = &filled.cache;
+    let group = match V::SPEC.heads {
+        attn::HeadGrouping::Gqa { group } => group as usize,
+        _ => 1,
+    };
+    let (heads_q, d) = (group * cache.heads_kv(), V::SPEC.head_dim as usize);
+    let mut offsets = vec![0];
+    for c in counts {
+        offsets.push(offsets.last().unwrap() + c);
+    }
+    let total = offsets[counts.len()];
+    let qh: Vec<f32> = random_vec(rng, heads_q * total * d);
+    let q = Tensor::from_slice(client, &qh, [1, heads_q, total, d]).unwrap();
+    let none = Inputs::default();
+    let call = DecodeProblem::ragged::<V>(&q, &offsets, cache, &none).expect("a valid call");
+    let tuned = attn::decode_ragged::<V>(client, &q, &offsets, cache, &none).expect("launch");
+    let default = default_plan(client, &call).unwrap();
+    let split = DecodePlan {
+        splits: 3,
+        ..default
+    };
+    let pinned = poisoned::<f32>(client, [1, heads_q, total, d]);
+    attn::decode::decode_call_with_plan::<V>(client, &call, &q, cache, split, &pinned)
+        .expect("launch");
+    for (how, out) in [("tuned", &tuned), ("3 splits", &pinned)] {
+        let o = widen(&out.o.to_vec(client));
+        let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
+        assert!(
+            o.iter().all(|x| !x.is_nan()),
+            "{label} {how}: O not written"
+        );
+        let (mut got, mut want, mut naive) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut got_lse, mut want_lse) = (Vec::new(), Vec::new());
+        for (b, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+            // Sequence b's rows as a call of n tokens per sequence would take them.
+            let shape = [cache.batch(), heads_q, n, d];
+            let q_rect = Tensor::<f32>::empty(client, shape);
+            let rect = DecodeProblem::new::<V>(&q_rect, cache, &none).expect("a call");
+            let mut qf = vec![0.0; shape.iter().product()];
+            for h in 0..heads_q {
+                for t in 0..n {
+                    let from = (h * total + offsets[b] + t) * d;
+                    let to = ((b * heads_q + h) * n + t) * d;
+                    for c in 0..d {
+                        qf[to + c] = qh[from + c] as f64;
+                    }
+                }
+            }
+            let reference = decode_f64::<V>(&rect, &none, &qf, &filled.k, &filled.v);
+            let low = decode_naive::<V>(&rect, &none, &qf, &filled.k, &filled.v);
+            for h in 0..heads_q {
+                for t in 0..n {
+                    let at = (h * total + offsets[b] + t) * d;
+                    let row = (b * heads_q + h) * n + t;
+                    got.extend_from_slice(&o[at..at + d]);
+                    want.extend_from_slice(&reference.o[row * d..(row + 1) * d]);
+                    naive.extend_from_slice(&low[row * d..(row + 1) * d]);
+                    got_lse.push(lse[h * total + offsets[b] + t]);
+                    want_lse.push(reference.lse[row]);
+                }
+            }
+        }
+        let verdict = Verdict::new(&got, &want, &naive, error_floor::<f32>());
+        let lse_error = max_abs_error(&got_lse, &want_lse);
+        println!(
+            "{label} {} {how}: max |O − f64| {:.2e} (bound {:.2e}), max |LSE − f64| {lse_error:.2e}",
+            V::SPEC.name,
+            verdict.kernel_error,
+            verdict.bound
+        );
+        assert!(
+            verdict.passed(),
+            "{label} {} {how}: max |O − f64| = {:.3e} > bound {:.3e}",
+            V::SPEC.name,
+            verdict.kernel_error,
+            verdict.bound
+        );
+        assert!(
+            lse_error <= 2e-3,
+            "{label} {how}: max |LSE − f64| = {lse_error:.3e}"
+        );
+    }
+    // Offsets that cannot cut Q are refused before anything runs.
+    let n = counts.len();
+    let mut short = offsets.clone();
+    short.pop();
+    let mut late = offsets.clone();
+    late[0] = 1;
+    let mut falling = offsets.clone();
+    falling[2] = falling[1] + 1;
+    falling[1] = falling[2] + 1;
+    let mut past = offsets.clone();
+    past[n] += 1;
+    for bad in [short, late, falling, past] {
+        match DecodeProblem::ragged::<V>(&q, &bad, cache, &none) {
+            Err(AttnError::Input {
+                input: "q_offsets", ..
+            }) => {}
+            other => panic!("{label}: offsets {bad:?} gave {other:?}"),
+        }
+    }
+    let two = Tensor::<f32>::empty(client, [2, heads_q, total, d]);
+    assert!(matches!(
+        DecodeProblem::ragged::<V>(&two, &offsets, cache, &none),
+        Err(AttnError::DimMismatch { .. })
+    ));
+}
+
 /// The kernels' e4m3 arithmetic at every code, with scales of 1: appended K holds each tie
 /// between neighbouring codes (to the even one), values past 448, infinities and −0, and its
 /// bytes must be the host encoder's; appended V holds every code's value, and sequences of one

@@ -267,6 +267,7 @@ fn decode_definition<V: Variant>(
         paged: true,
         split: true,
         fp8,
+        ragged: false,
     };
     decode_forward::DecodeForward::<V::Elem, V::Hooks>::new(
         settings(CubeDim::new_1d(tiling.units)),
@@ -281,6 +282,7 @@ fn decode_definition<V: Variant>(
             scales: tensor_compilation_arg(),
             table: tensor_compilation_arg(),
             lengths: tensor_compilation_arg(),
+            q_offsets: tensor_compilation_arg(),
         },
         DecodeOutputsCompilationArg {
             o: tensor_compilation_arg(),

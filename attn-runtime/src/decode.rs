@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use cubecl_common::bytes::Bytes;
 
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
@@ -83,6 +84,9 @@ pub struct DecodeProblem {
     pub max_len: usize,
     /// The variant's facts as the decode kernel runs them (key lengths on).
     pub spec: VariantSpec,
+    /// Ragged queries: each sequence's first row of Q `[1, Hq, total, D]`, `B + 1` offsets
+    /// (`problem.seq_q` is then the most tokens of any sequence).
+    pub q_offsets: Option<Vec<usize>>,
 }
 
 impl DecodeProblem {
@@ -141,7 +145,90 @@ impl DecodeProblem {
             packed,
             max_len,
             spec,
+            q_offsets: None,
         })
+    }
+
+    /// Checks a ragged call: sequence `b`'s query tokens are rows `q_offsets[b]..q_offsets[b + 1]`
+    /// of Q `[1, Hq, total, D]` (cu_seqlens; a sequence may have none), the last tokens of its
+    /// sequence as in [`Self::new`]; O and the LSE are laid out as Q.
+    pub fn ragged<V: Variant>(
+        q: &Tensor<V::Elem>,
+        q_offsets: &[usize],
+        cache: &KvCache<V::Elem>,
+        inputs: &Inputs,
+    ) -> Result<Self, AttnError> {
+        let bad = |reason: String| AttnError::Input {
+            input: "q_offsets",
+            reason,
+        };
+        let [one, heads_q, total, d] = q.shape();
+        if one != 1 {
+            return Err(AttnError::DimMismatch {
+                operand: Operand::Q,
+                dim: Dim::Batch,
+                expected: 1,
+                found: one,
+                why: "ragged queries are rows of one batch entry, cut by q_offsets",
+            });
+        }
+        if q_offsets.len() != cache.batch() + 1 {
+            return Err(bad(format!(
+                "{} offsets for {} sequences; give one more than the sequences",
+                q_offsets.len(),
+                cache.batch()
+            )));
+        }
+        if q_offsets[0] != 0 || q_offsets[cache.batch()] != total {
+            return Err(bad(format!(
+                "the offsets run from {} to {}; they run from 0 to q's {total} rows",
+                q_offsets[0],
+                q_offsets[cache.batch()]
+            )));
+        }
+        if let Some(b) = q_offsets.windows(2).position(|w| w[1] < w[0]) {
+            return Err(bad(format!(
+                "offset {} is {} and offset {b} is {}; offsets never decrease",
+                b + 1,
+                q_offsets[b + 1],
+                q_offsets[b]
+            )));
+        }
+        let most = q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        // The shapes as a call of `most` tokens per sequence would have them (Q's buffer is
+        // checked as Q itself; this view is never launched).
+        check_view(Operand::Q, q.shape(), q.strides(), q.buffer_len())?;
+        let shape = [cache.batch(), heads_q, most.max(1), d];
+        let view = Tensor::from_raw_parts(
+            q.handle().clone(),
+            shape.iter().product(),
+            shape,
+            crate::tensor::contiguous_strides(shape),
+        );
+        let mut call = Self::new::<V>(&view, cache, inputs)?;
+        call.q_offsets = Some(q_offsets.to_vec());
+        Ok(call)
+    }
+
+    /// The output's shapes as a [`Problem`]: the call's, or for ragged queries one batch entry of
+    /// every sequence's tokens.
+    pub fn output_problem(&self) -> Problem {
+        let mut p = self.problem;
+        if let Some(offsets) = &self.q_offsets {
+            p.batch = 1;
+            p.seq_q = offsets[offsets.len() - 1];
+        }
+        p
+    }
+
+    /// O's shape, `[B, Hq, Nq, Dv]` (ragged: `[1, Hq, total, Dv]`).
+    pub fn out_shape(&self) -> [usize; 4] {
+        self.output_problem().out_shape()
+    }
+
+    /// The LSE's shape.
+    pub fn lse_shape(&self) -> [usize; 3] {
+        self.output_problem().lse_shape()
     }
 
     /// The most keys the query tokens of one sequence can see together: the longest length, or,
@@ -209,8 +296,8 @@ pub fn decode<V: Variant>(
         return Err(unsupported_dtype(&call.spec));
     }
     let out = Output {
-        o: Tensor::empty(client, call.problem.out_shape()),
-        lse: Lse::empty(client, call.problem.lse_shape()),
+        o: Tensor::empty(client, call.out_shape()),
+        lse: Lse::empty(client, call.lse_shape()),
     };
     crate::tune::decode_tuned::<V>(client, call, q, cache, &out)?;
     Ok(out)
@@ -229,9 +316,35 @@ pub fn decode_into<V: Variant>(
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(&call.spec));
     }
-    crate::launch::check_output(&call.problem, out)?;
+    crate::launch::check_output(&call.output_problem(), out)?;
     crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
     Ok(())
+}
+
+/// [`decode`] for a batch whose sequences have their own counts of query tokens (a mixed batch:
+/// single tokens, speculative drafts, chunks of a prompt): sequence `b`'s tokens are rows
+/// `q_offsets[b]..q_offsets[b + 1]` of Q `[1, Hq, total, D]` (cu_seqlens; a sequence may have
+/// none this step), each the last tokens of its sequence in the cache. Returns O
+/// `[1, Hq, total, Dv]` and the LSE `[1, Hq, total]`, rows as Q's. One launch for the whole
+/// batch, on the decode kernel (CUDA cores): long prompt chunks are better served by
+/// [`crate::forward`] against the cache's tokens.
+pub fn decode_ragged<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    q_offsets: &[usize],
+    cache: &KvCache<V::Elem>,
+    inputs: &Inputs,
+) -> Result<Output<V::Elem>, AttnError> {
+    let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&call.spec));
+    }
+    let out = Output {
+        o: Tensor::empty(client, call.out_shape()),
+        lse: Lse::empty(client, call.lse_shape()),
+    };
+    crate::tune::decode_tuned::<V>(client, call, q, cache, &out)?;
+    Ok(out)
 }
 
 /// Runs variant `V` against `cache` with a given plan, into caller-owned output buffers (for the
@@ -246,8 +359,24 @@ pub fn decode_with_plan<V: Variant>(
 ) -> Result<(), AttnError> {
     let call = DecodeProblem::new::<V>(q, cache, inputs)?;
     check_plan(client, &call, plan)?;
-    crate::launch::check_output(&call.problem, out)?;
+    crate::launch::check_output(&call.output_problem(), out)?;
     launch_decode::<V>(client, &call, plan, q, cache, out)
+}
+
+/// A checked call (rectangular or ragged, [`DecodeProblem`]) with a given plan, into
+/// caller-owned output buffers (for the tests and the benchmarks). `q` is the Q the call was
+/// checked with.
+pub fn decode_call_with_plan<V: Variant>(
+    client: &ComputeClient,
+    call: &DecodeProblem,
+    q: &Tensor<V::Elem>,
+    cache: &KvCache<V::Elem>,
+    plan: DecodePlan,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    check_plan(client, call, plan)?;
+    crate::launch::check_output(&call.output_problem(), out)?;
+    launch_decode::<V>(client, call, plan, q, cache, out)
 }
 
 /// The tile shape for a call: rows cover the group's packed rows (at most 16 per cube, fewer where
@@ -432,6 +561,7 @@ fn decode_config(
         paged: layout.paged,
         split,
         fp8: layout.fp8,
+        ragged: false,
     }
 }
 
@@ -552,6 +682,10 @@ pub struct DecodeStep<V: Variant> {
     /// Partial outputs and LSEs of the splits (unused with one split).
     part_o: Tensor<f32>,
     part_lse: Tensor<f32>,
+    /// A ragged call's query offsets on the device, and their count.
+    q_offsets: Option<(Handle, usize)>,
+    /// O's shapes (a ragged call's: one batch entry of every sequence's tokens).
+    out_problem: Problem,
     _variant: PhantomData<V>,
 }
 
@@ -570,8 +704,8 @@ impl<V: Variant> DecodeStep<V> {
             return Err(unsupported_dtype(&call.spec));
         }
         let scratch = Output {
-            o: Tensor::empty(client, call.problem.out_shape()),
-            lse: Lse::empty(client, call.problem.lse_shape()),
+            o: Tensor::empty(client, call.out_shape()),
+            lse: Lse::empty(client, call.lse_shape()),
         };
         let plan = crate::tune::decode_tuned::<V>(client, call.clone(), q, cache, &scratch)?;
         Self::planned(client, &call, plan, inputs, cache)
@@ -636,7 +770,8 @@ impl<V: Variant> DecodeStep<V> {
         layout: CacheLayout,
     ) -> Self {
         let p = &call.problem;
-        let rows = p.batch * p.heads_q * p.seq_q;
+        let out_problem = call.output_problem();
+        let rows = out_problem.batch * out_problem.heads_q * out_problem.seq_q;
         let splits = plan.splits;
         let (part_o, part_lse) = if splits > 1 {
             (
@@ -662,6 +797,12 @@ impl<V: Variant> DecodeStep<V> {
             slot_len: packed.slot_len as u32,
             part_o,
             part_lse,
+            q_offsets: call.q_offsets.as_ref().map(|offsets| {
+                let offsets: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+                let len = offsets.len();
+                (client.create(Bytes::from_elems(offsets)), len)
+            }),
+            out_problem,
             _variant: PhantomData,
         }
     }
@@ -750,7 +891,8 @@ impl<V: Variant> DecodeStep<V> {
     ) {
         let (p, spec, tiling) = (&self.problem, &self.spec, self.plan.tiling);
         let splits = self.plan.splits;
-        let config = decode_config(spec, tiling, splits > 1, self.layout);
+        let mut config = decode_config(spec, tiling, splits > 1, self.layout);
+        config.ragged = self.q_offsets.is_some();
         let chunks = (p.group * p.seq_q).div_ceil(tiling.rows as usize);
         tracing::debug!(
             variant = spec.name,
@@ -799,6 +941,11 @@ impl<V: Variant> DecodeStep<V> {
                     fp8_scales(cache, &tables),
                     flat_arg(&tables.table, tables.table_len),
                     flat_arg(&tables.lengths, p.batch),
+                    // Without ragged queries the lengths stand in (never read).
+                    match &self.q_offsets {
+                        Some((h, len)) => flat_arg(h, *len),
+                        None => flat_arg(&tables.lengths, p.batch),
+                    },
                 ),
                 DecodeOutputsLaunch::new(
                     tensor_arg(&out.o),
@@ -821,7 +968,11 @@ impl<V: Variant> DecodeStep<V> {
             unsafe {
                 combine_splits::launch::<V::Elem>(
                     client,
-                    CubeCount::Static(p.seq_q as u32, p.heads_q as u32, p.batch as u32),
+                    CubeCount::Static(
+                        self.out_problem.seq_q as u32,
+                        self.out_problem.heads_q as u32,
+                        self.out_problem.batch as u32,
+                    ),
                     CubeDim::new_1d(UNITS),
                     PartsLaunch::new(tensor_arg(&self.part_o), tensor_arg(&self.part_lse)),
                     OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),

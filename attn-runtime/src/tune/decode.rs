@@ -115,8 +115,8 @@ fn tunable_set<V: Variant>() -> TunableSet<DecodeKey, Call<V::Elem>, (), PlanCho
             // Candidates are timed into scratch buffers, never the caller's.
             let mut call = call.clone();
             call.out = Output {
-                o: Tensor::empty(&call.client, call.problem.problem.out_shape()),
-                lse: Lse::empty(&call.client, call.problem.problem.lse_shape()),
+                o: Tensor::empty(&call.client, call.problem.out_shape()),
+                lse: Lse::empty(&call.client, call.problem.lse_shape()),
             };
             call
         },
@@ -267,8 +267,8 @@ pub(crate) fn decode_tuned<V: Variant>(
     };
     let scratch = || Call {
         out: Output {
-            o: Tensor::empty(client, tuned.problem.problem.out_shape()),
-            lse: Lse::empty(client, tuned.problem.problem.lse_shape()),
+            o: Tensor::empty(client, tuned.problem.out_shape()),
+            lse: Lse::empty(client, tuned.problem.lse_shape()),
         },
         ..tuned.clone()
     };

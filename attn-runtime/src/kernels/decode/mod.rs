@@ -102,6 +102,9 @@ pub struct DecodeConfig {
     pub split: bool,
     /// K and V are e4m3 (four per `u32` word) with a scale per K/V head ([`crate::fp8`]).
     pub fp8: bool,
+    /// Each sequence has its own count of query tokens: rows `q_offsets[b]..q_offsets[b + 1]` of
+    /// a `[1, Hq, total, D]` Q (and O).
+    pub ragged: bool,
 }
 
 impl DecodeConfig {
@@ -194,6 +197,8 @@ pub struct DecodeOperands<E: Float> {
     pub table: OwnedTensor<i32>,
     /// The cache's length per sequence, `[B]` (device-resident: appends advance it on the device).
     pub lengths: OwnedTensor<i32>,
+    /// Ragged queries: each sequence's first row of Q, `[B + 1]` (else never read).
+    pub q_offsets: OwnedTensor<i32>,
 }
 
 /// What the decode kernel writes: O and the LSE with one split; the partial LSE (in `lse`) and
@@ -212,9 +217,9 @@ pub struct DecodeOutputs<E: Float> {
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 #[expand(derive(Clone, Copy))]
 pub struct DecodeArgs {
-    /// Query tokens per sequence.
+    /// Query tokens per sequence (ragged: the most of any sequence).
     pub queries: u32,
-    /// Rows of one K/V head: group × query tokens.
+    /// Rows of one K/V head: group × query tokens (ragged: the most of any sequence).
     pub group_rows: u32,
     /// Tokens per page (paged caches).
     pub page_size: u32,
@@ -315,18 +320,23 @@ pub fn decode_forward<E: Float, M: Hooks>(
 ) {
     let rows = config.rows();
     let units = config.units();
-    let group_rows = dargs.group_rows as usize;
-    let chunks = (group_rows + rows - 1) / rows;
+    // The grid covers the most rows of any sequence; a ragged sequence's own may be fewer.
+    let chunks = (dargs.group_rows as usize + rows - 1) / rows;
     let kv_head = CUBE_POS_Y as usize / chunks;
     let first_row = (CUBE_POS_Y as usize % chunks) * rows;
+    let queries = SequenceQueries::of(ops, dargs, config);
+    let group_rows = queries.count * args.group as usize;
+    if first_row >= group_rows {
+        terminate!();
+    }
     let chunk = Chunk {
         first: first_row,
         last: select(first_row + rows < group_rows, first_row + rows, group_rows) - 1,
-        queries: dargs.queries as usize,
+        queries: queries.count,
         group_rows,
     };
     let head = locate_row(first_row, kv_head, chunk, args).head;
-    let ctx = locate_sequence(ops, inputs, args, dargs, head, config);
+    let ctx = locate_sequence(ops, inputs, args, dargs, head, queries, config);
 
     let mut unit = DecodeUnit::new(&ctx, chunk, inputs, config);
     // An fp8 cache's K scale goes into Q, its V scale into the normaliser.
@@ -360,8 +370,58 @@ pub fn decode_forward<E: Float, M: Hooks>(
     unit.finish::<E>(outputs, &ctx, chunk, inputs, config);
 }
 
+/// Row `row`'s index among O's `[B, Hq, Nq]` rows (ragged: `[1, Hq, total]`; `o_rows` is `[Hq,
+/// Nq]`), as the LSE and the splits' partials are laid out and the combine step reads them.
+#[cube]
+fn output_row(o_rows: OutputRows, ctx: &Ctx, row: DecodeRow) -> usize {
+    let seq = ctx.site;
+    (seq.batch * o_rows.heads + row.head) * o_rows.tokens + seq.q_off + row.token
+}
+
+/// O's heads and query tokens per batch entry.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct OutputRows {
+    /// Query heads.
+    pub heads: usize,
+    /// Query tokens (ragged: of every sequence).
+    pub tokens: usize,
+}
+
+/// The cube's sequence's query tokens: where its first one is among Q's rows, and how many.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct SequenceQueries {
+    /// Its first row of Q (0 unless ragged: Q's batch entry is the sequence then).
+    pub first: usize,
+    /// Its query tokens.
+    pub count: usize,
+}
+
+#[cube]
+impl SequenceQueries {
+    /// The cube's sequence's: the launch's count, or its own from the offsets when ragged.
+    pub fn of<E: Float>(
+        ops: &DecodeOperands<E>,
+        dargs: DecodeArgs,
+        #[comptime] config: DecodeConfig,
+    ) -> SequenceQueries {
+        let mut first = 0usize.runtime();
+        let mut count = dargs.queries as usize;
+        if comptime!(config.ragged) {
+            let b = CUBE_POS_Z as usize;
+            first = ops.q_offsets[b] as usize;
+            count = ops.q_offsets[b + 1] as usize - first;
+        }
+        SequenceQueries { first, count }
+    }
+}
+
 /// The cube's sequence as the mask sees it: its keys are the cache's length from the device
-/// (cut to the capacity), and further cut by the variant's own key lengths where it declares them.
+/// (cut to the capacity), and further cut by the variant's own key lengths where it declares them;
+/// its queries are its own count, the last tokens of the sequence. Ragged, its rows of Q and O
+/// start at `queries.first` of batch entry 0 (`site.q_off`, `site.batch`); the cache is read at
+/// `site.index`, the sequence, either way.
 #[cube]
 fn locate_sequence<E: Float>(
     ops: &DecodeOperands<E>,
@@ -369,6 +429,7 @@ fn locate_sequence<E: Float>(
     args: Args,
     dargs: DecodeArgs,
     head: usize,
+    queries: SequenceQueries,
     #[comptime] config: DecodeConfig,
 ) -> Ctx {
     let sequence = CUBE_POS_Z as usize;
@@ -381,10 +442,14 @@ fn locate_sequence<E: Float>(
     let at = Lengths {
         sequence,
         head,
-        q_total: ops.q.shape(2),
+        q_total: queries.count,
         k_total: cached,
     };
-    let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    let mut ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
+    if comptime!(config.ragged) {
+        ctx.site.batch = 0;
+        ctx.site.q_off = queries.first;
+    }
     // The variant's own key length (where it declares one) replaced the cache's: the smaller wins.
     ctx.keys_at_most(cached)
 }
@@ -619,7 +684,7 @@ impl DecodeUnit {
             if row.valid {
                 let at = seq.batch * q.stride(0)
                     + row.head * q.stride(1)
-                    + row.token * q.stride(2)
+                    + (seq.q_off + row.token) * q.stride(2)
                     + (i % per_row) * KV_VECTOR;
                 #[unroll]
                 for e in 0..KV_VECTOR {
@@ -650,11 +715,13 @@ impl DecodeUnit {
             let key = keys.start + j;
             let ks = PoolStrides::of_k(ops, config);
             let vs = PoolStrides::of_v(ops, config);
-            let mut row = seq.batch;
+            // The cache's row is the sequence's (Q's batch entry is 0 when ragged).
+            let sequence = seq.index as usize;
+            let mut row = sequence;
             let mut slot = key;
             if comptime!(config.paged) {
                 let page_size = dargs.page_size as usize;
-                row = ops.table[seq.batch * dargs.max_pages as usize + key / page_size] as usize;
+                row = ops.table[sequence * dargs.max_pages as usize + key / page_size] as usize;
                 slot = key % page_size;
             }
             k_at = ks.at(row, kv_head, slot);
@@ -914,7 +981,10 @@ impl DecodeUnit {
         #[comptime] config: DecodeConfig,
     ) {
         let seq = ctx.site;
-        let heads_q = outputs.o.shape(1);
+        let o_rows = OutputRows {
+            heads: outputs.o.shape(1),
+            tokens: outputs.o.shape(2),
+        };
         let rows = config.rows();
         let units = config.units();
         let value_dim = config.value_dim();
@@ -956,7 +1026,7 @@ impl DecodeUnit {
                 sum,
             };
             let row = locate_row(chunk.first + unit, seq.kv_head, chunk, ctx.args);
-            let row_index = (seq.batch * heads_q + row.head) * chunk.queries + row.token;
+            let row_index = output_row(o_rows, ctx, row);
             let mut factor = 1.0f32.runtime();
             if comptime!(!config.split) {
                 let row_ctx = ctx.with_head(row.head, ctx.site.slope);
@@ -986,14 +1056,14 @@ impl DecodeUnit {
             let row = locate_row(chunk.first + r, seq.kv_head, chunk, ctx.args);
             if row.valid {
                 let o = self.smem[out_at + i] * self.smem[scores_at + r * units];
-                let row_index = (seq.batch * heads_q + row.head) * chunk.queries + row.token;
+                let row_index = output_row(o_rows, ctx, row);
                 if comptime!(config.split) {
                     let part = row_index * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
                     outputs.part_o[part * value_dim + c] = o;
                 } else {
                     let at = seq.batch * outputs.o.stride(0)
                         + row.head * outputs.o.stride(1)
-                        + row.token * outputs.o.stride(2);
+                        + (seq.q_off + row.token) * outputs.o.stride(2);
                     outputs.o[at + c] = E::cast_from(o);
                 }
             }
