@@ -1322,18 +1322,33 @@ fn a_planned_step_follows_the_cache_as_it_grows() {
         ..Default::default()
     };
     a_planned_step_follows::<Composed>(&client, &mut rng, Storage::Contiguous, (4, 2), &composed);
+    // An fp8 cache: the step reads the codes its appends encode.
+    a_planned_step_follows::<Gqa4Causal>(
+        &client,
+        &mut rng,
+        Storage::ContiguousFp8,
+        (8, 2),
+        &OwnedInputs::default(),
+    );
 }
 
 /// A planned step recorded into a graph replays against the cache as it grows: appends between
 /// replays (one token each, then ragged), a truncated sequence picked up through the next append,
-/// new queries written into the recorded query buffer; every replay checked against float64.
+/// new queries written into the recorded query buffer; every replay checked against float64. A
+/// 16-bit cache and an fp8 one (its appends encoded outside the graph, read inside it).
 #[test]
 fn a_captured_step_replays_as_the_cache_grows() {
     let client = client();
     let (mut rng, _) = seeded_rng("a_captured_step_replays_as_the_cache_grows");
-    let rng = &mut rng;
+    for storage in [Storage::Paged(16), Storage::PagedFp8(16)] {
+        captured_step_replays(&client, &mut rng, storage);
+    }
+}
+
+fn captured_step_replays(client: &ComputeClient, rng: &mut StdRng, storage: Storage) {
+    let client = client.clone();
     let lengths = [rng.random_range(200..600), 17, rng.random_range(30..120)];
-    let mut filled = fill::<f32>(&client, rng, Storage::Paged(16), 2, 64, 64, &lengths);
+    let mut filled = fill::<f32>(&client, rng, storage, 2, 64, 64, &lengths);
     let q_shape = [3, 8, 1, 64];
     let none = OwnedInputs::default();
     let q = Tensor::<f32>::from_slice(&client, &random_vec(rng, 3 * 8 * 64), q_shape).unwrap();
@@ -1365,7 +1380,10 @@ fn a_captured_step_replays_as_the_cache_grows() {
         out.o.write(&client, &vec![f32::NAN; 3 * 8 * 64]).unwrap();
         unsafe { graph.replay() }.expect("a replay");
         let call = DecodeProblem::new::<Gqa4Causal>(&q, &filled.cache, &none.view()).unwrap();
-        let label = format!("replay {round}, lengths {:?}", filled.cache.lengths());
+        let label = format!(
+            "{storage:?} replay {round}, lengths {:?}",
+            filled.cache.lengths()
+        );
         verify::<Gqa4Causal>(&client, &call, &none.view(), &qh, &filled, &out, &label);
     }
 }
