@@ -703,61 +703,13 @@ fn check_ragged<V: Variant<Elem = f32>>(
     attn::decode::decode_call_with_plan::<V>(client, &call, &q, cache, split, &pinned)
         .expect("launch");
     for (how, out) in [("tuned", &tuned), ("3 splits", &pinned)] {
-        let o = widen(&out.o.to_vec(client));
-        let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
-        assert!(
-            o.iter().all(|x| !x.is_nan()),
-            "{label} {how}: O not written"
-        );
-        let (mut got, mut want, mut naive) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut got_lse, mut want_lse) = (Vec::new(), Vec::new());
-        for (b, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
-            // Sequence b's rows as a call of n tokens per sequence would take them.
-            let shape = [cache.batch(), heads_q, n, d];
-            let q_rect = Tensor::<f32>::empty(client, shape);
-            let rect = DecodeProblem::new::<V>(&q_rect, cache, &none).expect("a call");
-            let mut qf = vec![0.0; shape.iter().product()];
-            for h in 0..heads_q {
-                for t in 0..n {
-                    let from = (h * total + offsets[b] + t) * d;
-                    let to = ((b * heads_q + h) * n + t) * d;
-                    for c in 0..d {
-                        qf[to + c] = qh[from + c] as f64;
-                    }
-                }
-            }
-            let reference = decode_f64::<V>(&rect, &none, &qf, &filled.k, &filled.v);
-            let low = decode_naive::<V>(&rect, &none, &qf, &filled.k, &filled.v);
-            for h in 0..heads_q {
-                for t in 0..n {
-                    let at = (h * total + offsets[b] + t) * d;
-                    let row = (b * heads_q + h) * n + t;
-                    got.extend_from_slice(&o[at..at + d]);
-                    want.extend_from_slice(&reference.o[row * d..(row + 1) * d]);
-                    naive.extend_from_slice(&low[row * d..(row + 1) * d]);
-                    got_lse.push(lse[h * total + offsets[b] + t]);
-                    want_lse.push(reference.lse[row]);
-                }
-            }
-        }
-        let verdict = Verdict::new(&got, &want, &naive, error_floor::<f32>());
-        let lse_error = max_abs_error(&got_lse, &want_lse);
-        println!(
-            "{label} {} {how}: max |O − f64| {:.2e} (bound {:.2e}), max |LSE − f64| {lse_error:.2e}",
-            V::SPEC.name,
-            verdict.kernel_error,
-            verdict.bound
-        );
-        assert!(
-            verdict.passed(),
-            "{label} {} {how}: max |O − f64| = {:.3e} > bound {:.3e}",
-            V::SPEC.name,
-            verdict.kernel_error,
-            verdict.bound
-        );
-        assert!(
-            lse_error <= 2e-3,
-            "{label} {how}: max |LSE − f64| = {lse_error:.3e}"
+        verify_ragged::<V>(
+            client,
+            filled,
+            &qh,
+            &offsets,
+            out,
+            &format!("{label} {how}"),
         );
     }
     // Offsets that cannot cut Q are refused before anything runs.
@@ -783,6 +735,150 @@ fn check_ragged<V: Variant<Elem = f32>>(
     assert!(matches!(
         DecodeProblem::ragged::<V>(&two, &offsets, cache, &none),
         Err(AttnError::DimMismatch { .. })
+    ));
+}
+
+/// Checks a ragged call's output: each sequence's rows of O and the LSE (cut by `offsets` from
+/// `[1, Hq, total, ·]`) against float64 of a call of its own count of tokens, `qh` its queries.
+fn verify_ragged<V: Variant<Elem = f32>>(
+    client: &ComputeClient,
+    filled: &Filled<f32>,
+    qh: &[f32],
+    offsets: &[usize],
+    out: &Output<f32>,
+    label: &str,
+) {
+    let cache = &filled.cache;
+    let none = Inputs::default();
+    let [_, heads_q, total, d] = out.o.shape();
+    let o = widen(&out.o.to_vec(client));
+    let lse: Vec<f64> = out.lse.to_vec(client).into_iter().map(f64::from).collect();
+    let (mut got, mut want, mut naive) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut got_lse, mut want_lse) = (Vec::new(), Vec::new());
+    for b in 0..cache.batch() {
+        let n = offsets[b + 1] - offsets[b];
+        if n == 0 {
+            continue;
+        }
+        // Sequence b's rows as a call of n tokens per sequence would take them.
+        let shape = [cache.batch(), heads_q, n, d];
+        let q_rect = Tensor::<f32>::empty(client, shape);
+        let rect = DecodeProblem::new::<V>(&q_rect, cache, &none).expect("a call");
+        let mut qf = vec![0.0; shape.iter().product()];
+        for h in 0..heads_q {
+            for t in 0..n {
+                let from = (h * total + offsets[b] + t) * d;
+                let to = ((b * heads_q + h) * n + t) * d;
+                for c in 0..d {
+                    qf[to + c] = qh[from + c] as f64;
+                }
+            }
+        }
+        let reference = decode_f64::<V>(&rect, &none, &qf, &filled.k, &filled.v);
+        let low = decode_naive::<V>(&rect, &none, &qf, &filled.k, &filled.v);
+        for h in 0..heads_q {
+            for t in 0..n {
+                let at = (h * total + offsets[b] + t) * d;
+                let row = (b * heads_q + h) * n + t;
+                assert!(
+                    o[at..at + d].iter().all(|x| !x.is_nan()),
+                    "{label}: O of sequence {b}, head {h}, token {t} not written"
+                );
+                got.extend_from_slice(&o[at..at + d]);
+                want.extend_from_slice(&reference.o[row * d..(row + 1) * d]);
+                naive.extend_from_slice(&low[row * d..(row + 1) * d]);
+                got_lse.push(lse[h * total + offsets[b] + t]);
+                want_lse.push(reference.lse[row]);
+            }
+        }
+    }
+    let verdict = Verdict::new(&got, &want, &naive, error_floor::<f32>());
+    let lse_error = max_abs_error(&got_lse, &want_lse);
+    println!(
+        "{label} {}: max |O − f64| {:.2e} (bound {:.2e}), max |LSE − f64| {lse_error:.2e}",
+        V::SPEC.name,
+        verdict.kernel_error,
+        verdict.bound
+    );
+    assert!(
+        verdict.passed(),
+        "{label} {}: max |O − f64| = {:.3e} > bound {:.3e}",
+        V::SPEC.name,
+        verdict.kernel_error,
+        verdict.bound
+    );
+    assert!(
+        lse_error <= 2e-3,
+        "{label}: max |LSE − f64| = {lse_error:.3e}"
+    );
+}
+
+/// A ragged step planned once (`DecodeStep::ragged`) runs each round's offsets over the same rows
+/// — set on the device in place — as the cache grows, run directly and replayed from a graph,
+/// each round against float64; offsets it was not planned for are refused.
+#[test]
+fn a_ragged_step_takes_new_offsets_each_round() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("a_ragged_step_takes_new_offsets_each_round");
+    let rng = &mut rng;
+    let lengths = [rng.random_range(100..300), 40, 90];
+    let mut filled = fill::<f32>(&client, rng, Storage::Paged(16), 2, 64, 64, &lengths);
+    let (heads_q, total, d) = (8, 24, 64);
+    let q = Tensor::<f32>::from_slice(
+        &client,
+        &random_vec(rng, heads_q * total * d),
+        [1, heads_q, total, d],
+    )
+    .unwrap();
+    let none = Inputs::default();
+    let first = [0, 1, 17, 24];
+    let step = attn::DecodeStep::<Gqa4Causal>::ragged(&client, &q, &first, &filled.cache, &none)
+        .expect("a ragged step");
+    let out = poisoned::<f32>(&client, [1, heads_q, total, d]);
+    let rounds: [[usize; 4]; 4] = [
+        [0, 8, 16, 24],
+        [0, 0, 12, 24],
+        [0, 16, 16, 24],
+        [0, 3, 10, 24],
+    ];
+    let graph = step
+        .capture(&client, &q, &filled.cache, &out)
+        .expect("the GPU-less back end records graphs");
+    for (round, offsets) in rounds.iter().enumerate() {
+        append_random(&client, rng, &mut filled, 2, &[2, 1, 0]);
+        let qh: Vec<f32> = random_vec(rng, heads_q * total * d);
+        q.write(&client, &qh).unwrap();
+        step.set_offsets(&client, offsets)
+            .expect("offsets within the plan");
+        out.o
+            .write(&client, &vec![f32::NAN; heads_q * total * d])
+            .unwrap();
+        if round % 2 == 0 {
+            step.run(&client, &q, &filled.cache, &out).expect("a run");
+        } else {
+            unsafe { graph.replay() }.expect("a replay");
+        }
+        let label = format!(
+            "round {round}, offsets {offsets:?}, lengths {:?}",
+            filled.cache.lengths()
+        );
+        verify_ragged::<Gqa4Causal>(&client, &filled, &qh, offsets, &out, &label);
+    }
+    // More tokens for one sequence than planned, other rows, another step's kind: refused.
+    for bad in [[0, 0, 0, 24], [0, 1, 2, 20]] {
+        assert!(matches!(
+            step.set_offsets(&client, &bad),
+            Err(AttnError::Input {
+                input: "q_offsets",
+                ..
+            })
+        ));
+    }
+    let rect_q = Tensor::<f32>::empty(&client, [3, heads_q, 1, d]);
+    let rect = attn::DecodeStep::<Gqa4Causal>::new(&client, &rect_q, &filled.cache, &none).unwrap();
+    assert!(matches!(
+        rect.set_offsets(&client, &first),
+        Err(AttnError::Unsupported(_))
     ));
 }
 

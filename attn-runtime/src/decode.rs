@@ -158,10 +158,6 @@ impl DecodeProblem {
         cache: &KvCache<V::Elem>,
         inputs: &Inputs,
     ) -> Result<Self, AttnError> {
-        let bad = |reason: String| AttnError::Input {
-            input: "q_offsets",
-            reason,
-        };
         let [one, heads_q, total, d] = q.shape();
         if one != 1 {
             return Err(AttnError::DimMismatch {
@@ -172,29 +168,7 @@ impl DecodeProblem {
                 why: "ragged queries are rows of one batch entry, cut by q_offsets",
             });
         }
-        if q_offsets.len() != cache.batch() + 1 {
-            return Err(bad(format!(
-                "{} offsets for {} sequences; give one more than the sequences",
-                q_offsets.len(),
-                cache.batch()
-            )));
-        }
-        if q_offsets[0] != 0 || q_offsets[cache.batch()] != total {
-            return Err(bad(format!(
-                "the offsets run from {} to {}; they run from 0 to q's {total} rows",
-                q_offsets[0],
-                q_offsets[cache.batch()]
-            )));
-        }
-        if let Some(b) = q_offsets.windows(2).position(|w| w[1] < w[0]) {
-            return Err(bad(format!(
-                "offset {} is {} and offset {b} is {}; offsets never decrease",
-                b + 1,
-                q_offsets[b + 1],
-                q_offsets[b]
-            )));
-        }
-        let most = q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let most = check_offsets(q_offsets, cache.batch(), total)?;
         // The shapes as a call of `most` tokens per sequence would have them (Q's buffer is
         // checked as Q itself; this view is never launched).
         check_view(Operand::Q, q.shape(), q.strides(), q.buffer_len())?;
@@ -807,15 +781,66 @@ impl<V: Variant> DecodeStep<V> {
         }
     }
 
+    /// Plans a step for ragged batches ([`decode_ragged`]): Q `[1, Hq, total, D]` cut by
+    /// `q_offsets`, with the plan `decode_ragged` would pick. Later runs take any offsets over the
+    /// same `total` rows whose sequences have at most as many tokens as the most of these
+    /// ([`Self::set_offsets`]); they live on the device with the step.
+    pub fn ragged(
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        q_offsets: &[usize],
+        cache: &KvCache<V::Elem>,
+        inputs: &Inputs,
+    ) -> Result<Self, AttnError> {
+        let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
+        if !supports::<V::Elem>(client) {
+            return Err(unsupported_dtype(&call.spec));
+        }
+        let scratch = Output {
+            o: Tensor::empty(client, call.out_shape()),
+            lse: Lse::empty(client, call.lse_shape()),
+        };
+        let plan = crate::tune::decode_tuned::<V>(client, call.clone(), q, cache, &scratch)?;
+        Self::planned(client, &call, plan, inputs, cache)
+    }
+
+    /// A ragged step's next query offsets (checked as when planned, each sequence within the
+    /// planned most), written into the step's device copy in place: call it before a
+    /// [`Self::run`] or a graph replay, outside the recording.
+    pub fn set_offsets(
+        &self,
+        client: &ComputeClient,
+        q_offsets: &[usize],
+    ) -> Result<(), AttnError> {
+        let Some((handle, _)) = &self.q_offsets else {
+            return Err(AttnError::Unsupported(
+                "the decode step was planned for a fixed count of query tokens; plan one with DecodeStep::ragged".into(),
+            ));
+        };
+        let most = check_offsets(q_offsets, self.problem.batch, self.out_problem.seq_q)?;
+        if most > self.problem.seq_q {
+            return Err(AttnError::Input {
+                input: "q_offsets",
+                reason: format!(
+                    "a sequence has {most} query tokens; the step was planned for at most {}",
+                    self.problem.seq_q
+                ),
+            });
+        }
+        let offsets: Vec<i32> = q_offsets.iter().map(|&o| o as i32).collect();
+        client.write(handle, Bytes::from_elems(offsets));
+        Ok(())
+    }
+
     /// The plan the step runs.
     pub fn plan(&self) -> DecodePlan {
         self.plan
     }
 
-    /// Runs the step: query tokens `q` (the planned shape) against `cache` (the planned layout,
-    /// any lengths up to its capacity), into `out`. Checked before anything launches; allocates
-    /// no device memory and uploads nothing unless the host changed the cache's table or lengths
-    /// since its last append or run.
+    /// Runs the step: query tokens `q` (the planned shape; a ragged step's `[1, Hq, total, D]`
+    /// cut by its offsets) against `cache` (the planned layout, any lengths up to its capacity),
+    /// into `out`. Checked before anything launches; allocates no device memory and uploads
+    /// nothing unless the host changed the cache's table or lengths since its last append or run.
     pub fn run(
         &self,
         client: &ComputeClient,
@@ -824,8 +849,9 @@ impl<V: Variant> DecodeStep<V> {
         out: &Output<V::Elem>,
     ) -> Result<(), AttnError> {
         let p = &self.problem;
+        let rows = &self.out_problem;
         check_view(Operand::Q, q.shape(), q.strides(), q.buffer_len())?;
-        let planned_q = [p.batch, p.heads_q, p.seq_q, p.head_dim];
+        let planned_q = [rows.batch, rows.heads_q, rows.seq_q, p.head_dim];
         let cache_at = cache_layout(cache);
         if q.shape() != planned_q
             || [cache.batch(), cache.heads_kv(), cache.capacity()] != [p.batch, p.heads_kv, p.seq_k]
@@ -845,7 +871,7 @@ impl<V: Variant> DecodeStep<V> {
             )));
         }
         check_cache_vectors(cache)?;
-        crate::launch::check_output(p, out)?;
+        crate::launch::check_output(rows, out)?;
         self.launch(client, q, cache, out);
         Ok(())
     }
@@ -984,6 +1010,36 @@ impl<V: Variant> DecodeStep<V> {
             }
         }
     }
+}
+
+/// Query offsets that cut `total` rows into `batch` sequences' tokens (cu_seqlens): `batch + 1`
+/// of them, from 0 to `total`, never decreasing. Returns the most tokens of one sequence.
+fn check_offsets(q_offsets: &[usize], batch: usize, total: usize) -> Result<usize, AttnError> {
+    let bad = |reason: String| AttnError::Input {
+        input: "q_offsets",
+        reason,
+    };
+    if q_offsets.len() != batch + 1 {
+        return Err(bad(format!(
+            "{} offsets for {batch} sequences; give one more than the sequences",
+            q_offsets.len()
+        )));
+    }
+    if q_offsets[0] != 0 || q_offsets[batch] != total {
+        return Err(bad(format!(
+            "the offsets run from {} to {}; they run from 0 to q's {total} rows",
+            q_offsets[0], q_offsets[batch]
+        )));
+    }
+    if let Some(b) = q_offsets.windows(2).position(|w| w[1] < w[0]) {
+        return Err(bad(format!(
+            "offset {} is {} and offset {b} is {}; offsets never decrease",
+            b + 1,
+            q_offsets[b + 1],
+            q_offsets[b]
+        )));
+    }
+    Ok(q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
 }
 
 /// A native pool as the kernel's K or V; for an fp8 pool, Q stands in (never read: the kernel
