@@ -26,9 +26,9 @@ attn::attention! {
 }
 
 /// The device grid's decode checks: a sliding window and plain causal decoding over ragged
-/// contiguous caches (one longer than the window's span many times, one shorter than it), one and
-/// four query tokens, the default split count and 1, 2, 4 and 8 splits, against float64. Returns
-/// one verdict per run.
+/// contiguous caches (one longer than the window's span many times, one shorter than it), 16-bit
+/// and fp8, one and four query tokens, the default split count and 1, 2, 4 and 8 splits, against
+/// float64 (an fp8 cache's on the values it stores). Returns one verdict per run.
 pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
     let mut results = Vec::new();
     if !attn::supports::<bf16>(client) {
@@ -36,21 +36,33 @@ pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
         return results;
     }
     for nq in [1, 4] {
-        results.extend(check_decode::<WindowDecode>(client, nq));
-        results.extend(check_decode::<Llama3Decode>(client, nq));
+        results.extend(check_decode::<WindowDecode>(client, nq, false));
+        results.extend(check_decode::<Llama3Decode>(client, nq, false));
+        results.extend(check_decode::<Llama3Decode>(client, nq, true));
     }
     results
 }
 
-fn check_decode<V: attn::Variant<Elem = bf16>>(client: &ComputeClient, nq: usize) -> Vec<bool> {
+fn check_decode<V: attn::Variant<Elem = bf16>>(
+    client: &ComputeClient,
+    nq: usize,
+    fp8: bool,
+) -> Vec<bool> {
     use attn::reference::{decode_f64, decode_naive, error_floor, widen, Verdict};
     let lengths = [3001usize, 777, 40];
     let (batch, heads_kv, d) = (lengths.len(), HEADS_KV, D);
     let capacity = lengths[0] + 3;
-    let label = format!("decode {} Nq{nq} lengths {lengths:?}", V::SPEC.name);
+    let stored = if fp8 { " fp8" } else { "" };
+    let label = format!("decode {} Nq{nq} lengths {lengths:?}{stored}", V::SPEC.name);
     let (mut rng, _) = seeded_rng(&label);
-    let mut cache =
-        KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d).expect("a cache");
+    // Normal random values: scales mapping 4.5 to 448 saturate almost none.
+    let scales = attn::fp8::KvScales::for_range(heads_kv, 4.5, 4.5);
+    let mut cache = if fp8 {
+        KvCache::<bf16>::contiguous_fp8(client, [batch, heads_kv, capacity], d, d, &scales)
+    } else {
+        KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d)
+    }
+    .expect("a cache");
     let n = lengths[0];
     let kn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
     let vn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
@@ -59,23 +71,30 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(client: &ComputeClient, nq: usize
     cache
         .append(client, &upload(&kn), &upload(&vn), Some(&lengths))
         .expect("room");
-    // The same tokens on the host, `[B, Hkv, capacity, D]`.
-    let host = |new: &[bf16]| {
+    // The same tokens on the host, `[B, Hkv, capacity, D]`, as the cache stores them.
+    let held = |x: bf16, scale: f32| {
+        if fp8 {
+            attn::fp8::decode(attn::fp8::encode(x.to_f32() * (1.0 / scale))) * scale
+        } else {
+            x.to_f32()
+        }
+    };
+    let host = |new: &[bf16], scales: &[f32]| {
         let mut h = vec![0.0; batch * heads_kv * capacity * d];
         for (b, &len) in lengths.iter().enumerate() {
-            for kv in 0..heads_kv {
+            for (kv, &scale) in scales.iter().enumerate() {
                 for t in 0..len {
                     let src = ((b * heads_kv + kv) * n + t) * d;
                     let dst = ((b * heads_kv + kv) * capacity + t) * d;
                     for c in 0..d {
-                        h[dst + c] = f64::from(new[src + c].to_f32());
+                        h[dst + c] = f64::from(held(new[src + c], scale));
                     }
                 }
             }
         }
         h
     };
-    let (kh, vh) = (host(&kn), host(&vn));
+    let (kh, vh) = (host(&kn, &scales.k), host(&vn, &scales.v));
     let qh: Vec<bf16> = random_vec(&mut rng, batch * HEADS_Q * nq * d);
     let q = Tensor::from_slice(client, &qh, [batch, HEADS_Q, nq, d]).expect("shape");
     let inputs = Inputs::default();
