@@ -210,7 +210,8 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             floats + slopes,
             "{label}: every learnable input compared"
         );
-        // Deterministic: the same bits again.
+        // The same bits again: dK and dV always, dQ unless the plan sums it with atomics (then
+        // it was checked against float64 above, like every run's).
         let again =
             attn::backward_with_plan::<V>(client, [&q, &k, &v], &out, &d_out, &inputs, plan)
                 .expect("backward");
@@ -220,10 +221,17 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             "{label}: dK differs between two runs"
         );
         assert_eq!(
-            again.dq.to_vec(client),
-            grads.dq.to_vec(client),
-            "{label}: dQ differs between two runs"
+            again.dv.to_vec(client),
+            grads.dv.to_vec(client),
+            "{label}: dV differs between two runs"
         );
+        if plan.dq == attn::DqSum::Kernel {
+            assert_eq!(
+                again.dq.to_vec(client),
+                grads.dq.to_vec(client),
+                "{label}: dQ differs between two runs"
+            );
+        }
     }
     // The default plan is the first.
     assert_eq!(
@@ -270,15 +278,27 @@ fn backward_runs_the_plan_the_tuner_reports() {
         let pinned =
             attn::backward_with_plan::<Llama3F16>(&c, [&q, &k, &v], &out, &d_out, &inputs, plan)
                 .expect("backward");
+        // Bit for bit, but for dQ of a plan that sums it with atomics: there the order of the
+        // additions moves the last bits (f16 rounding of f32 sums), and only that.
         for (name, got, want) in [
             ("dQ", &grads.dq, &pinned.dq),
             ("dK", &grads.dk, &pinned.dk),
             ("dV", &grads.dv, &pinned.dv),
         ] {
-            assert_eq!(
-                got.to_vec(&c),
-                want.to_vec(&c),
-                "{call} call: {name} is not {plan}'s"
+            let (got, want) = (widen(&got.to_vec(&c)), widen(&want.to_vec(&c)));
+            let largest = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let tolerance = if name == "dQ" && plan.dq == attn::DqSum::Atomic {
+                1e-3 * largest
+            } else {
+                0.0
+            };
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= tolerance,
+                "{call} call: {name} is not {plan}'s (off by {worst:.3e})"
             );
         }
         println!("{call} call ran {plan} ({} plans here)", plans.len());

@@ -41,6 +41,20 @@ pub fn run_backward<V: Variant>(
             plans.push(*plan);
         }
     }
+    // `--plans a,b`: only the named plans (to profile one kernel).
+    let args: Vec<String> = std::env::args().collect();
+    let named = args
+        .iter()
+        .position(|a| a == "--plans")
+        .and_then(|i| args.get(i + 1));
+    if let Some(named) = named {
+        let keep: Vec<&str> = named.split(',').collect();
+        plans = all
+            .iter()
+            .filter(|p| keep.contains(&p.to_string().as_str()))
+            .copied()
+            .collect();
+    }
     let mut best: Option<(attn::BackwardPlan, Vec<f64>)> = None;
     let mut per_plan = Vec::new();
     for &plan in &plans {
