@@ -205,8 +205,15 @@ pub(crate) fn run<V: Variant>(
         Ok(t)
     };
     let learn = learn_config(spec)?;
+    // Where the dK/dV kernel sums dQ, the last pass writes every element of it (zero where no
+    // key was added).
+    let dq = if plan.dq == DqSum::Atomic {
+        Tensor::empty(client, q.shape())
+    } else {
+        zeros(q.shape())?
+    };
     let mut grads = Grads {
-        dq: zeros(q.shape())?,
+        dq,
         dk: zeros(k.shape())?,
         dv: zeros(v.shape())?,
         d_sinks: spec
