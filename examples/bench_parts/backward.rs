@@ -1,8 +1,8 @@
 //! `bench --backward`: each prefill case also runs the backward pass. After the forward, a random
 //! dO (seeded by the case) goes through the backward plans that run on the device (every tile of
 //! the fastest family, the default of the next, the portable kernels only where nothing else
-//! runs), each timed; the fastest plan's
-//! gradients are written beside the forward's files (`do.bin`, `dq.bin`, `dk.bin`, `dv.bin`,
+//! runs; `--plans a,b` keeps to the named ones), each timed; the fastest plan's gradients
+//! are written beside the forward's files (`do.bin`, `dq.bin`, `dk.bin`, `dv.bin`,
 //! same dtype and layouts as Q, K, V) with the timings in `backward.json`, for
 //! `bench/backward.py` to check against float64 and time PyTorch's backward passes on the same
 //! data. Last, `backward` itself runs and is timed: the plan the tuner settles on.
@@ -41,13 +41,17 @@ pub fn run_backward<V: Variant>(
             plans.push(*plan);
         }
     }
-    // `--plans a,b`: only the named plans (to profile one kernel).
+    // `--plans a,b`: only the named plans, each of which must run here (to profile one kernel).
     let args: Vec<String> = std::env::args().collect();
-    let named = args
-        .iter()
-        .position(|a| a == "--plans")
-        .and_then(|i| args.get(i + 1));
-    if let Some(named) = named {
+    if let Some(named) = args.windows(2).find(|w| w[0] == "--plans").map(|w| &w[1]) {
+        let names: Vec<String> = all.iter().map(|p| p.to_string()).collect();
+        if let Some(unknown) = named.split(',').find(|n| !names.iter().any(|m| m == n)) {
+            return Err(AttnError::Unsupported(format!(
+                "{}: --plans names {unknown}, which does not run here (these do: {})",
+                V::SPEC.name,
+                names.join(", ")
+            )));
+        }
         let keep: Vec<&str> = named.split(',').collect();
         plans = all
             .iter()
