@@ -1,5 +1,9 @@
 //! The backward pass of a variant: validate, pick the tiles, launch the three kernels of
-//! [`crate::kernels::backward`] (`D`, then dK and dV, then dQ).
+//! [`crate::kernels::backward`] (`D`, then dK and dV, then dQ; on Hopper's `…_atomic` plans dQ
+//! is summed by the dK/dV kernel and a last pass rounds it).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use cubecl::prelude::*;
 
@@ -11,9 +15,10 @@ use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
 use crate::kernels::backward::warpgroup::{backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch};
 use crate::kernels::backward::{
-    backward_delta, backward_dkdv, backward_dq, backward_learned, backward_sinks, backward_zero,
-    BackwardOperandsLaunch, BackwardShape, Grid, GridLaunch, KvGradsLaunch, LearnConfig,
-    QueryGradsLaunch, SinkConfig, SinkStatsLaunch, MAX_LEARNED, SINK_UNITS,
+    backward_delta, backward_dkdv, backward_dq, backward_dq_from_sums, backward_learned,
+    backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape, Grid, GridLaunch,
+    KvGradsLaunch, LearnConfig, QueryGradsLaunch, SinkConfig, SinkStatsLaunch, MAX_LEARNED,
+    SINK_UNITS,
 };
 use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
@@ -50,8 +55,12 @@ const BLOCK: u32 = 64;
 /// The gradients of variant `V`'s attention of Q, K and V with run-time `inputs`, given the
 /// forward's output `out` (O and its LSE, as [`crate::forward`] returned them) and the gradient
 /// of the loss with respect to O, `d_out` (`[B, Hq, Nq, Dv]`, any strides contiguous in the head
-/// dim). Deterministic: the same bits on every run. Every input is checked before anything is
-/// launched.
+/// dim). Every input is checked before anything is launched.
+///
+/// **Determinism.** On Hopper the tuner may pick a plan that sums dQ with atomics
+/// ([`DqSum::Atomic`]): dK and dV keep the same bits on every run, dQ's low bits vary with the
+/// order of the additions. With [`set_deterministic`]`(true)` (or `ATTN_DETERMINISTIC=1`) only
+/// the plans whose every gradient has the same bits on every run are used, tuned on their own.
 ///
 /// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`],
 /// [`crate::Hooks::score_input_grad`]); the run-time inputs get their gradients too: sink
@@ -123,6 +132,7 @@ pub(crate) fn tuned_plans(
     let mut plans: Vec<BackwardPlan> = backward_plans(client, spec)
         .into_iter()
         .filter(|p| p.family != Family::Warpgroup || readable)
+        .filter(|p| p.dq == DqSum::Kernel || !deterministic())
         .collect();
     if let Some(first) = plans.first().map(|p| p.family) {
         plans.retain(|p| p.family == first);
@@ -195,8 +205,15 @@ pub(crate) fn run<V: Variant>(
         Ok(t)
     };
     let learn = learn_config(spec)?;
+    // Where the dK/dV kernel sums dQ, the last pass writes every element of it (zero where no
+    // key was added).
+    let dq = if plan.dq == DqSum::Atomic {
+        Tensor::empty(client, q.shape())
+    } else {
+        zeros(q.shape())?
+    };
     let mut grads = Grads {
-        dq: zeros(q.shape())?,
+        dq,
         dk: zeros(k.shape())?,
         dv: zeros(v.shape())?,
         d_sinks: spec
@@ -285,6 +302,7 @@ pub(crate) fn run<V: Variant>(
     let tc_shape = |keys: bool| BackwardShape {
         config: prefill_config(spec, plan.tile.tiling(keys)),
         keys,
+        atomic_dq: false,
     };
     let tc_cube = CubeDim::new_2d(32, plan.tile.resident / MMA as u32);
     if plan.family == Family::Warpgroup {
@@ -303,6 +321,21 @@ pub(crate) fn run<V: Variant>(
             )
         };
         let wg_cube = CubeDim::new_1d(resident / 64 * WARPGROUP_UNITS as u32);
+        // dQ summed by the dK/dV kernel: f32 sums of Q's shape, zeroed (a one-element stand-in
+        // otherwise, never written).
+        let atomic = plan.dq == DqSum::Atomic;
+        let sums_shape = if atomic { q.shape() } else { [1, 1, 1, 1] };
+        let dq_sums = Tensor::<f32>::empty(client, sums_shape);
+        if atomic {
+            backward_zero::launch::<f32>(
+                client,
+                grid(sums_shape.iter().product(), UNITS),
+                CubeDim::new_1d(UNITS),
+                // SAFETY: created with its shape, contiguous.
+                unsafe { tensor_arg(&dq_sums) },
+                UNITS,
+            );
+        }
         backward_dkdv_wg::launch::<V::Elem, V::Hooks>(
             client,
             CubeCount::Static(
@@ -313,14 +346,27 @@ pub(crate) fn run<V: Variant>(
             wg_cube,
             maps(true),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+            unsafe { tensor_arg(&dq_sums) },
             unsafe { run_inputs(&ints, &floats, &packed) },
             args(),
             BackwardShape {
                 config: prefill_config(spec, plan.tile.tiling(true)),
                 keys: true,
+                atomic_dq: atomic,
             },
         );
-        if learn.slots() == 0 {
+        if atomic {
+            backward_dq_from_sums::launch::<V::Elem>(
+                client,
+                grid(sums_shape.iter().product(), UNITS),
+                CubeDim::new_1d(UNITS),
+                // SAFETY: both created with Q's shape, contiguous.
+                unsafe { tensor_arg(&dq_sums) },
+                unsafe { tensor_arg(&grads.dq) },
+                spec.softmax_scale() as f32,
+                UNITS,
+            );
+        } else if learn.slots() == 0 {
             backward_dq_wg::launch::<V::Elem, V::Hooks>(
                 client,
                 CubeCount::Static(
@@ -336,6 +382,7 @@ pub(crate) fn run<V: Variant>(
                 BackwardShape {
                     config: prefill_config(spec, plan.tile.tiling(false)),
                     keys: false,
+                    atomic_dq: false,
                 },
             );
         }
@@ -467,14 +514,27 @@ pub struct BackwardTile {
     pub dq_streamed: u32,
 }
 
-/// How a backward call runs: the kernel family (portable, or the tensor-core kernels) and its
-/// tile (the portable family's: `resident = streamed =` its block).
+/// How a backward plan sums dQ over the keys.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum DqSum {
+    /// A kernel of its own walks the keys of each query block: the same bits on every run, at
+    /// the cost of computing `S` and `dP` a second time.
+    Kernel,
+    /// The warpgroup dK/dV kernel adds each block's dQ into f32 sums with atomics (Hopper): `S`
+    /// and `dP` once, but the order of the additions, so dQ's low bits, vary from run to run.
+    Atomic,
+}
+
+/// How a backward call runs: the kernel family (portable, or the tensor-core kernels), its tile
+/// (the portable family's: `resident = streamed =` its block) and how dQ is summed.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct BackwardPlan {
     /// The kernel family.
     pub family: Family,
     /// The tile.
     pub tile: BackwardTile,
+    /// How dQ is summed.
+    pub dq: DqSum,
 }
 
 impl BackwardTile {
@@ -497,7 +557,7 @@ impl BackwardTile {
 
 impl std::fmt::Display for BackwardPlan {
     /// `wg_r64_s32_q128`, `tc_r64_s32`, `portable_r64_s64` (the dQ kernel's keys per step
-    /// named where they differ).
+    /// named where they differ), `wg_r128_s32_atomic` (dQ summed with atomics).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = self.tile;
         write!(
@@ -507,7 +567,9 @@ impl std::fmt::Display for BackwardPlan {
             t.resident,
             t.streamed
         )?;
-        if t.dq_streamed != t.streamed {
+        if self.dq == DqSum::Atomic {
+            write!(f, "_atomic")?;
+        } else if t.dq_streamed != t.streamed {
             write!(f, "_q{}", t.dq_streamed)?;
         }
         Ok(())
@@ -543,6 +605,7 @@ pub fn first_plan(family: Family, spec: &VariantSpec) -> BackwardPlan {
             streamed,
             dq_streamed,
         },
+        dq: DqSum::Kernel,
     }
 }
 
@@ -572,20 +635,46 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
         && half_panels(spec.head_dim)
         && half_panels(spec.value_dim);
     if wg_fits {
+        // The two-kernel plans, then each (resident, streamed) tile once more with dQ summed by
+        // the dK/dV kernel (not where learnable inputs' gradients ride on the dQ kernel).
+        let sums_here = learn_config(spec).is_ok_and(|l| l.slots() == 0);
+        let mut tiles: Vec<(BackwardTile, DqSum)> = Vec::new();
         for (resident, streamed, dq_streamed) in wg_tiles(spec.head_dim) {
             let tile = BackwardTile {
                 resident,
                 streamed,
                 dq_streamed,
             };
-            let fits = [true, false].iter().all(|&keys| {
+            tiles.push((tile, DqSum::Kernel));
+        }
+        for (resident, streamed, _) in wg_tiles(spec.head_dim) {
+            let tile = BackwardTile {
+                resident,
+                streamed,
+                dq_streamed: streamed,
+            };
+            if sums_here && !tiles.contains(&(tile, DqSum::Atomic)) {
+                tiles.push((tile, DqSum::Atomic));
+            }
+        }
+        for (tile, dq) in tiles {
+            let atomic = dq == DqSum::Atomic;
+            // The dK/dV kernel, and the dQ kernel where it runs.
+            let kernels: &[bool] = if atomic { &[true] } else { &[true, false] };
+            let fits = kernels.iter().all(|&keys| {
                 let shape = BackwardShape {
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
+                    atomic_dq: atomic,
                 };
                 let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
                 // Only whether it fits matters here: no message is built.
-                let ns = [streamed, dq_streamed, spec.head_dim, spec.value_dim];
+                let ns = [
+                    tile.streamed,
+                    tile.dq_streamed,
+                    spec.head_dim,
+                    spec.value_dim,
+                ];
                 warpgroup_unfit(client, spec, &ns).is_none()
                     && cube_limits(client, "", units, shape.warpgroup_bytes()).is_none()
             });
@@ -593,6 +682,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 plans.push(BackwardPlan {
                     family: Family::Warpgroup,
                     tile,
+                    dq,
                 });
             }
         }
@@ -613,6 +703,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 let shape = BackwardShape {
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
+                    atomic_dq: false,
                 };
                 cube_limits(
                     client,
@@ -626,6 +717,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 plans.push(BackwardPlan {
                     family: Family::TensorCores,
                     tile,
+                    dq: DqSum::Kernel,
                 });
             }
         }
@@ -638,6 +730,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 streamed: tiling.block_kv,
                 dq_streamed: tiling.block_kv,
             },
+            dq: DqSum::Kernel,
         });
     }
     plans
@@ -734,3 +827,29 @@ fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError> {
     }
     Ok(learn)
 }
+
+/// Whether [`backward()`] keeps to the plans whose gradients have the same bits on every run:
+/// [`set_deterministic`]'s choice, else `ATTN_DETERMINISTIC` (`1` or `on`), else no.
+pub fn deterministic() -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
+    match DETERMINISTIC.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *FROM_ENV.get_or_init(|| {
+            matches!(
+                std::env::var("ATTN_DETERMINISTIC").as_deref(),
+                Ok("1" | "on")
+            )
+        }),
+    }
+}
+
+/// Keeps [`backward()`] to the plans whose gradients have the same bits on every run (`true`), or
+/// lets it use the plans that sum dQ with atomics when they are faster (`false`, the default).
+/// For the whole process, over `ATTN_DETERMINISTIC`; the two kinds of call are tuned apart.
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// [`set_deterministic`]'s choice: 0 none, 1 on, 2 off.
+static DETERMINISTIC: AtomicU8 = AtomicU8::new(0);

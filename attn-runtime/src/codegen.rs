@@ -458,6 +458,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
             let shape = |keys: bool| BackwardShape {
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
+                atomic_dq: false,
             };
             let cube = CubeDim::new_2d(32, tile.resident / 16);
             [
@@ -489,6 +490,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
             let shape = |keys: bool| BackwardShape {
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
+                atomic_dq: keys && plan.dq == crate::backward::DqSum::Atomic,
             };
             // Tensor maps carry no compilation argument.
             let maps = || BackwardMapsCompilationArg {
@@ -507,6 +509,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                     target(),
                     maps(),
                     kv_grads(),
+                    tensor_compilation_arg(),
                     inputs_compilation_arg(),
                     args_compilation_arg(),
                     shape(true),

@@ -31,7 +31,8 @@ pub mod reference;
 pub mod snapshot;
 
 pub use backward::{
-    backward, backward_plan, backward_plans, backward_with_plan, BackwardPlan, BackwardTile, Grads,
+    backward, backward_plan, backward_plans, backward_with_plan, deterministic, set_deterministic,
+    BackwardPlan, BackwardTile, DqSum, Grads,
 };
 pub use blueprint::Family;
 pub use decode::{

@@ -20,7 +20,7 @@ use crate::variant::{DType, Tiling, Variant, VariantSpec};
 /// One generated kernel: its name (`portable_cuda`, `portable_wgsl`, `tensor_core_cuda`,
 /// `warpgroup_ir`, the backward's `backward_dkdv_cuda`, `backward_dq_cuda`,
 /// `backward_dkdv_tc_cuda`, `backward_dq_tc_cuda`, `backward_dkdv_wg_ir`, `backward_dq_wg_ir`,
-/// `decode_cuda`) and its normalised source.
+/// `backward_atomic_wg_ir`, `decode_cuda`) and its normalised source.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     /// Which kernel and form.
@@ -112,6 +112,17 @@ pub fn kernels<V: Variant>() -> Kernels {
             name: dq_name,
             source: form(&dq),
         });
+        // On Hopper also the dK/dV kernel that sums dQ with atomics (no dQ kernel runs then).
+        if family == Family::Warpgroup {
+            let mut atomic = plan;
+            atomic.dq = crate::backward::DqSum::Atomic;
+            atomic.tile.dq_streamed = atomic.tile.streamed;
+            let [dkdv, _] = crate::codegen::backward_sources::<V>(atomic);
+            kernels.push(Kernel {
+                name: "backward_atomic_wg_ir",
+                source: form(&dkdv),
+            });
+        }
     }
     let decode = DecodeTiling {
         rows: 4,
@@ -164,7 +175,7 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
     }
     let markers: &[&str] = match kernel {
-        "warpgroup_ir" | "backward_dkdv_wg_ir" | "backward_dq_wg_ir" => {
+        "warpgroup_ir" | "backward_dkdv_wg_ir" | "backward_dq_wg_ir" | "backward_atomic_wg_ir" => {
             &["wgmma", "tma", "barrier.", "cube.asm", "plane."]
         }
         "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use cubecl::tune::{LocalTuner, Tunable, TunableSet};
 use cubecl_common::device::ServiceId;
 
-use super::cache::{self, BACKWARD_TUNER_NAME};
+use super::cache::{self, BACKWARD_TUNER_NAME, DETERMINISTIC_BACKWARD_TUNER_NAME};
 use super::key::TuneKey;
 use super::tuner::{policy_for, spawn_settling};
 use super::verdict::{timed, BACKWARD};
@@ -21,6 +21,18 @@ use crate::AttnError;
 
 /// One tuner for every variant's backward plans, apart from the forward's in the cache.
 static TUNER: LocalTuner<TuneKey, ServiceId> = LocalTuner::new(BACKWARD_TUNER_NAME);
+/// The tuner of deterministic mode: its own plans (none summing dQ with atomics) and cache.
+static DETERMINISTIC_TUNER: LocalTuner<TuneKey, ServiceId> =
+    LocalTuner::new(DETERMINISTIC_BACKWARD_TUNER_NAME);
+
+/// The tuner of the current mode ([`crate::backward::deterministic`]).
+fn tuner() -> &'static LocalTuner<TuneKey, ServiceId> {
+    if crate::backward::deterministic() {
+        &DETERMINISTIC_TUNER
+    } else {
+        &TUNER
+    }
+}
 
 /// A checked backward call, borrowed: what [`backward_tuned`] needs to run a plan and key it.
 pub(crate) struct BackwardCall<'a, E: Element> {
@@ -129,7 +141,7 @@ pub(crate) fn backward_tuned<V: Variant>(
     cache::init();
     let (id, set) = set_for::<V>(client);
     let key = TuneKey::of(&V::SPEC, call.problem, call.packed);
-    let known = TUNER.fastest_identity(&id, &set, &key);
+    let known = tuner().fastest_identity(&id, &set, &key);
     if let Some(pick) = known {
         return direct(BACKWARD.choose(client, &key, pick, fallback));
     }
@@ -172,8 +184,10 @@ pub(crate) fn backward_tuned<V: Variant>(
         let settling = tuned.with_own_slot();
         spawn_settling(format!("backward {key:?}"), move || {
             let client = settling.client.clone();
-            TUNER.execute(&id, &client, set.clone(), settling.clone());
-            let pick = TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback);
+            tuner().execute(&id, &client, set.clone(), settling.clone());
+            let pick = tuner()
+                .fastest_identity(&id, &set, &key)
+                .unwrap_or(fallback);
             match settle_verdict::<V>(&settling, pick, fallback) {
                 Ok(plan) => {
                     tracing::info!(variant = V::SPEC.name, %plan, "attn: backward key settled in the background")
@@ -190,8 +204,10 @@ pub(crate) fn backward_tuned<V: Variant>(
         key = ?key,
         "attn: no tuned backward plan in this process for this key: read from the tuning cache, or timed now"
     );
-    TUNER.execute(&id, client, set.clone(), tuned.clone());
-    let pick = TUNER.fastest_identity(&id, &set, &key).unwrap_or(fallback);
+    tuner().execute(&id, client, set.clone(), tuned.clone());
+    let pick = tuner()
+        .fastest_identity(&id, &set, &key)
+        .unwrap_or(fallback);
     let plan = settle_verdict::<V>(&tuned, pick, fallback)?;
     tracing::info!(variant = V::SPEC.name, %plan, "attn: tuned backward plan");
     let ran = tuned.grads.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -207,7 +223,7 @@ pub(crate) fn backward_tuned<V: Variant>(
 pub fn chosen_backward<V: Variant>(client: &ComputeClient, key: &TuneKey) -> Option<BackwardPlan> {
     let fallback = *tuned_plans(client, &V::SPEC, true).first()?;
     let (id, set) = set_for::<V>(client);
-    let pick = TUNER.fastest_identity(&id, &set, key)?;
+    let pick = tuner().fastest_identity(&id, &set, key)?;
     Some(BACKWARD.choose(client, key, pick, fallback))
 }
 
@@ -215,7 +231,7 @@ pub fn chosen_backward<V: Variant>(client: &ComputeClient, key: &TuneKey) -> Opt
 /// engine reads: the only calls tuned), built once per device and process.
 fn set_for<V: Variant>(client: &ComputeClient) -> (ServiceId, Arc<SetOf<V::Elem>>) {
     let id = client.service_id();
-    let set = TUNER.init(&id, {
+    let set = tuner().init(&id, {
         let client = client.clone();
         move || tunable_set::<V>(&tuned_plans(&client, &V::SPEC, true))
     });

@@ -26,6 +26,9 @@ pub const TUNER_NAME: &str = "attn-prefill";
 pub const DECODE_TUNER_NAME: &str = "attn-decode";
 /// The cache namespace of the backward plans' tuner.
 pub const BACKWARD_TUNER_NAME: &str = "attn-backward";
+/// The cache namespace of the backward plans' tuner in deterministic mode
+/// ([`crate::set_deterministic`]): the plans that sum dQ with atomics left out.
+pub const DETERMINISTIC_BACKWARD_TUNER_NAME: &str = "attn-backward-deterministic";
 /// The cubecl version the namespaces of this build carry.
 pub const CUBECL_VERSION: &str = "0.12.0-pre.1";
 /// What every SQLite database file starts with.
@@ -250,7 +253,13 @@ pub fn classify(rows: &[(String, u64)], version: &str, hardware: &str) -> Summar
         let segments: Vec<String> = namespace.split('/').map(simple).collect();
         let tuner = segments.first().is_some_and(|s| s == "autotune")
             && segments.last().is_some_and(|s| {
-                [TUNER_NAME, DECODE_TUNER_NAME, BACKWARD_TUNER_NAME].contains(&s.as_str())
+                [
+                    TUNER_NAME,
+                    DECODE_TUNER_NAME,
+                    BACKWARD_TUNER_NAME,
+                    DETERMINISTIC_BACKWARD_TUNER_NAME,
+                ]
+                .contains(&s.as_str())
             });
         if segments.first().is_some_and(|s| s == "records") {
             summary.records += entries;

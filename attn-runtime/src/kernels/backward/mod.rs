@@ -96,6 +96,8 @@ pub struct BackwardShape {
     pub config: PrefillConfig,
     /// Whether the keys are resident (dK/dV) or the queries (dQ).
     pub keys: bool,
+    /// The warpgroup dK/dV kernel also sums dQ, into an f32 buffer with atomics (no dQ kernel).
+    pub atomic_dq: bool,
 }
 
 impl BackwardShape {
@@ -156,6 +158,22 @@ pub fn backward_zero<E: Float>(t: &mut Tensor<E>, #[comptime] units: u32) {
     let i = crate::kernels::flat_index(units);
     if i < t.len() {
         t[i] = E::cast_from(0.0f32);
+    }
+}
+
+/// dQ from the f32 sums the warpgroup dK/dV kernel added up with atomics: `dq = scale · acc`,
+/// element by element (both contiguous, one shape), one unit per element on a grid of
+/// `units`-unit cubes.
+#[cube(launch)]
+pub fn backward_dq_from_sums<E: Float>(
+    acc: &Tensor<f32>,
+    dq: &mut Tensor<E>,
+    scale: f32,
+    #[comptime] units: u32,
+) {
+    let i = crate::kernels::flat_index(units);
+    if i < dq.len() {
+        dq[i] = E::cast_from(acc[i] * scale);
     }
 }
 

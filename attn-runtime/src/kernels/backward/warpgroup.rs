@@ -3,8 +3,10 @@
 //! warpgroup MMA reading 128-byte-swizzled tiles.
 //!
 //! Each cube keeps one side resident — 64 rows per warpgroup, loaded once — and streams the other
-//! side's blocks through two shared-memory stages, filled by unit 0 one step ahead (the forward's
-//! [`Stages`]):
+//! side's blocks through two shared-memory stages (the forward's [`Stages`]). Each stage is filled
+//! two steps ahead of its use: the first two steps before the walk, then each stage again by
+//! whichever plane is the last to release it ([`Refills`]), so no unit waits for the others to
+//! free a stage and the copy of a step overlaps the whole step before it.
 //!
 //! - [`backward_dkdv_wg()`]: K and V resident (A of `Sᵀ = K Qᵀ` and `dPᵀ = V dOᵀ`), the query
 //!   group's Q and dO streamed. `Pᵀ` and `dSᵀ` are formed on the accumulators' registers, which
@@ -16,7 +18,14 @@
 //!
 //! A tile written by the copy engine is read both ways: a `rows × width` tile in 64-column
 //! panels is, byte for byte, the K-major tile of `rows × width` and the MN-major tile of `width`
-//! rows by `rows` of K. No atomics: the same bits on every run.
+//! rows by `rows` of K. Two kernels, no atomics: the same bits on every run.
+//!
+//! **dQ summed with atomics** (plans `…_atomic`, [`crate::backward::DqSum::Atomic`]): the dK/dV
+//! kernel also forms dQ, so `S` and `dP` are computed once (five products per pair of blocks
+//! instead of seven) and the dQ kernel does not run. Each warpgroup stages its `dSᵀ` in shared
+//! memory and computes `dQᵀ = Kᵀ dSᵀ` over its own 64 keys (K read MN-major as the A operand),
+//! then adds the tile into f32 sums in global memory with atomics; a last pass scales and rounds
+//! them into dQ. The order of the additions varies from run to run, so the low bits of dQ do.
 
 // `#[cube]` code: `div_ceil` has no GPU expansion, and a comptime `if` around a run-time one must
 // stay separate.
@@ -35,7 +44,7 @@ use crate::kernels::common::{
 };
 use crate::kernels::prefill::config::{STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kernels::prefill::warpgroup::pipeline::{
-    load_rows, opaque, Fetch, RowBox, Stages, TmaOrigin,
+    load_rows, opaque, sync_warpgroup, RowBox, Stages, TmaOrigin,
 };
 use crate::kernels::prefill::warpgroup::softmax::{exp2_approx, register_col, register_row, MMA_K};
 
@@ -101,11 +110,28 @@ impl BackwardShape {
         }
     }
 
+    /// The dK/dV kernel's staged `dSᵀ` when it also sums dQ: per warpgroup, the step's query
+    /// rows by its 64 keys, K-major (the B operand of `dQᵀ = Kᵀ dSᵀ`); 8 rows, unused, when it
+    /// does not.
+    pub const fn ds_tile(&self) -> WgmmaTileLayout {
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: if self.atomic_dq {
+                self.warpgroups() * self.streamed()
+            } else {
+                8
+            },
+            k: WARPGROUP_ROWS,
+        }
+    }
+
     /// Shared memory of one cube, in bytes, for 16-bit elements (barriers and alignment
     /// included).
     pub const fn warpgroup_bytes(&self) -> usize {
         let width = self.config.head_dim() + self.config.value_dim();
-        (self.resident() + STAGES * self.streamed()) * width * 2 + 3 * 1024
+        let ds = self.ds_tile().rows * WARPGROUP_ROWS * 2;
+        (self.resident() + STAGES * self.streamed()) * width * 2 + ds + 3 * 1024
     }
 }
 
@@ -363,6 +389,7 @@ fn write_rows<E: Float>(
 pub fn backward_dkdv_wg<E: Float, M: Hooks>(
     maps: &BackwardMaps<E>,
     grads: &mut KvGrads<E>,
+    dq_sums: &mut Tensor<Atomic<f32>>,
     inputs: &RunInputs,
     args: Args,
     #[comptime] shape: BackwardShape,
@@ -399,6 +426,7 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         let planes = comptime!(shape.planes() as u32);
         let q_stages = Stages::new(planes, d, block_q);
         let o_stages = Stages::new(planes, dv, block_q);
+        let refills = Refills::new(planes);
         sync_async_proxy_shared();
         sync_cube();
 
@@ -420,6 +448,8 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         // Only the (head, query block) steps the mask leaves are fetched.
         let steps = live_steps::<QuerySteps, M>(&query_steps, &ctx, inputs);
         let mut at = next_live::<QuerySteps, M>(&query_steps, &ctx, 0usize, inputs);
+        // The step after the current one: the walk fills each stage two steps ahead.
+        let mut ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, at + 1, inputs);
         let kv_row = (seq.k_off + key_start) as i32;
         if UNIT_POS == 0 {
             let origin = TmaOrigin {
@@ -441,10 +471,16 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
             });
             load_rows::<E>(&maps.k, &k_bar, &mut k_smem, origin, k_box);
             load_rows::<E>(&maps.v, &v_bar, &mut v_smem, origin, v_box);
+            // The first two steps, one per stage.
             if steps > 0 {
                 let first = stream_origin(&ctx, at, first_block, blocks, block_q);
-                q_stages.fill::<E>(&maps.q, &mut q_smem, first.origin, 0, 0usize);
-                o_stages.fill::<E>(&maps.d_out, &mut o_smem, first.origin, 0, 0usize);
+                q_stages.fill_now::<E>(&maps.q, &mut q_smem, first, 0usize);
+                o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, first, 0usize);
+            }
+            if steps > 1 {
+                let second = stream_origin(&ctx, ahead, first_block, blocks, block_q);
+                q_stages.fill_now::<E>(&maps.q, &mut q_smem, second, 1usize);
+                o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, second, 1usize);
             }
         }
         let place = Place::of_unit();
@@ -455,6 +491,21 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         let o_desc = MatrixDescriptor::new(&o_smem, o_tile);
         let q_mn = MatrixDescriptor::new(&q_smem, shape.stage_tile_mn(d));
         let o_mn = MatrixDescriptor::new(&o_smem, shape.stage_tile_mn(dv));
+        // Summing dQ here: each warpgroup's dSᵀ staged as the B operand of dQᵀ = Kᵀ dSᵀ, with K
+        // read MN-major as A (a 64-byte tile when unused).
+        let ds_layout = comptime!(shape.ds_tile());
+        let mut ds_smem = swizzled_tile::<E>(ds_layout);
+        let ds_desc =
+            MatrixDescriptor::new(&ds_smem, ds_layout).at(place.warpgroup * block_q, 0usize);
+        let k_as_a = MatrixDescriptor::new(
+            &k_smem,
+            comptime!(WgmmaTileLayout {
+                major: Major::MN,
+                swizzle: Swizzle::B128,
+                rows: d,
+                k: block_kv,
+            }),
+        );
         let mut dk = Accumulator::<f32>::new(d).start();
         let mut dv_acc = Accumulator::<f32>::new(dv).start();
         k_bar.wait_parity(0);
@@ -470,11 +521,8 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                     let q_start = (first_block + at % blocks) * block_q;
                     let head_ctx = head_context(&ctx, seq.head + g, inputs);
                     let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
-                    let next_stage = comptime!((stage + 1) % STAGES);
-                    let after = next_live::<QuerySteps, M>(&query_steps, &ctx, at + 1, inputs);
-                    let mut next = stream_origin(&ctx, after, first_block, blocks, block_q);
-                    next.uses = (index + 1) / STAGES;
-                    next.has_next = index + 1 < steps;
+                    let after = ahead;
+                    ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, after + 1, inputs);
                     sync_plane();
                     q_stages.wait(stage, parity);
                     o_stages.wait(stage, parity);
@@ -498,25 +546,38 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                                 &q_mn.at(0usize, stage_at + t * MMA_K),
                             );
                         }
+                        if comptime!(shape.atomic_dq) {
+                            stage_ds::<E>(&frags, &mut ds_smem, place, shape);
+                            sync_async_proxy_shared();
+                            sync_warpgroup(place.warpgroup as u32);
+                            #[unroll]
+                            for mt in 0..d / WARPGROUP_ROWS {
+                                let mut dq_t = Accumulator::<f32>::new(block_q).start();
+                                #[unroll]
+                                for kk in 0..WARPGROUP_ROWS / MMA_K {
+                                    dq_t.execute(
+                                        &k_as_a.at(mt * WARPGROUP_ROWS, wg_row + kk * MMA_K),
+                                        &ds_desc.at(0usize, kk * MMA_K),
+                                    );
+                                }
+                                let dq_t = dq_t.wait();
+                                let q_head = seq.head + g;
+                                let rows = SumRows {
+                                    base: seq.batch * dq_sums.stride(0)
+                                        + q_head * dq_sums.stride(1)
+                                        + (seq.q_off + q_start) * dq_sums.stride(2),
+                                    rows: select(q_start < seq.seq_q, seq.seq_q - q_start, 0),
+                                };
+                                add_dq(&dq_t, dq_sums, &rows, mt);
+                            }
+                        }
                         dk.commit().wait();
                     }
-                    q_stages.release(stage);
-                    o_stages.release(stage);
-                    if UNIT_POS == 0 && next.has_next {
-                        q_stages.fill::<E>(
-                            &maps.q,
-                            &mut q_smem,
-                            next.origin,
-                            next.uses,
-                            next_stage,
-                        );
-                        o_stages.fill::<E>(
-                            &maps.d_out,
-                            &mut o_smem,
-                            next.origin,
-                            next.uses,
-                            next_stage,
-                        );
+                    // The last plane done with the stage refills it with the step after next.
+                    if refills.last_release(stage, pair as u32) && index + 2 < steps {
+                        let two = stream_origin(&ctx, ahead, first_block, blocks, block_q);
+                        q_stages.fill_now::<E>(&maps.q, &mut q_smem, two, stage);
+                        o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, two, stage);
                     }
                     at = after;
                 }
@@ -566,18 +627,6 @@ impl<M: Hooks> ClassifiedWalk<M> for QuerySteps {
 
 /// Where the dK/dV kernel's step `index` reads Q and dO: head `index / blocks` of the group,
 /// query block `first_block + index % blocks`.
-#[derive(CubeType, Clone, Copy)]
-#[expand(derive(Clone, Copy))]
-pub struct StreamFetch {
-    /// The copy's origin.
-    pub origin: TmaOrigin,
-    /// Earlier fills of the stage it goes to.
-    pub uses: usize,
-    /// Whether the step exists.
-    pub has_next: bool,
-}
-
-/// The origin of the dK/dV kernel's step `index` (see [`StreamFetch`]).
 #[cube]
 fn stream_origin(
     ctx: &Ctx,
@@ -585,16 +634,22 @@ fn stream_origin(
     first_block: usize,
     blocks: usize,
     #[comptime] block_q: usize,
-) -> StreamFetch {
+) -> TmaOrigin {
     let blocks = select(blocks > 0, blocks, 1);
-    StreamFetch {
-        origin: TmaOrigin {
-            batch: ctx.site.batch,
-            head: ctx.site.head + index / blocks,
-            row: (ctx.site.q_off + (first_block + index % blocks) * block_q) as i32,
-        },
-        uses: 0,
-        has_next: false,
+    TmaOrigin {
+        batch: ctx.site.batch,
+        head: ctx.site.head + index / blocks,
+        row: (ctx.site.q_off + (first_block + index % blocks) * block_q) as i32,
+    }
+}
+
+/// Where the dQ kernel's step `index` of `walk` reads K and V.
+#[cube]
+fn key_origin(ctx: &Ctx, walk: BlockWalk, index: usize, #[comptime] block_kv: usize) -> TmaOrigin {
+    TmaOrigin {
+        batch: ctx.site.batch,
+        head: ctx.site.kv_head,
+        row: (ctx.site.k_off + (walk.first_step + index) * block_kv) as i32,
     }
 }
 
@@ -640,15 +695,17 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         let planes = comptime!(shape.planes() as u32);
         let k_stages = Stages::new(planes, d, block_kv);
         let v_stages = Stages::new(planes, dv, block_kv);
+        let refills = Refills::new(planes);
         sync_async_proxy_shared();
         sync_cube();
 
         let walk = BlockWalk::new(&ctx, q_start, block_q, block_kv);
         let key_steps = KeySteps { walk, block_kv };
-        let key_at = seq.k_off as i32;
         // The forward's walk: only the steps the mask leaves are fetched.
         let steps = live_steps::<KeySteps, M>(&key_steps, &ctx, inputs);
         let mut at = next_live::<KeySteps, M>(&key_steps, &ctx, 0usize, inputs);
+        // The step after the current one: the walk fills each stage two steps ahead.
+        let mut ahead = next_live::<KeySteps, M>(&key_steps, &ctx, at + 1, inputs);
         if UNIT_POS == 0 {
             let origin = TmaOrigin {
                 batch: seq.batch,
@@ -669,14 +726,16 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
             });
             load_rows::<E>(&maps.q, &q_bar, &mut q_smem, origin, q_box);
             load_rows::<E>(&maps.d_out, &o_bar, &mut o_smem, origin, o_box);
-            let first = Fetch {
-                key: key_at + ((walk.first_step + at) * block_kv) as i32,
-                uses: 0,
-                has_next: steps > 0,
-            };
+            // The first two steps, one per stage.
             if steps > 0 {
-                k_stages.refill::<E>(&maps.k, &mut k_smem, &ctx, first, 0usize);
-                v_stages.refill::<E>(&maps.v, &mut v_smem, &ctx, first, 0usize);
+                let first = key_origin(&ctx, walk, at, block_kv);
+                k_stages.fill_now::<E>(&maps.k, &mut k_smem, first, 0usize);
+                v_stages.fill_now::<E>(&maps.v, &mut v_smem, first, 0usize);
+            }
+            if steps > 1 {
+                let second = key_origin(&ctx, walk, ahead, block_kv);
+                k_stages.fill_now::<E>(&maps.k, &mut k_smem, second, 1usize);
+                v_stages.fill_now::<E>(&maps.v, &mut v_smem, second, 1usize);
             }
         }
         let place = Place::of_unit();
@@ -702,13 +761,8 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                         keys,
                         class: mask::classify::<M>(&ctx, walk, keys, inputs),
                     };
-                    let after = next_live::<KeySteps, M>(&key_steps, &ctx, at + 1, inputs);
-                    let next = Fetch {
-                        key: key_at + ((walk.first_step + after) * block_kv) as i32,
-                        uses: (index + 1) / STAGES,
-                        has_next: index + 1 < steps,
-                    };
-                    let next_stage = comptime!((stage + 1) % STAGES);
+                    let after = ahead;
+                    ahead = next_live::<KeySteps, M>(&key_steps, &ctx, after + 1, inputs);
                     sync_plane();
                     k_stages.wait(stage, parity);
                     v_stages.wait(stage, parity);
@@ -728,10 +782,12 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                         }
                         acc.commit().wait();
                     }
-                    k_stages.release(stage);
-                    v_stages.release(stage);
-                    k_stages.prefetch::<E>(&maps.k, &mut k_smem, &ctx, next, next_stage);
-                    v_stages.prefetch::<E>(&maps.v, &mut v_smem, &ctx, next, next_stage);
+                    // The last plane done with the stage refills it with the step after next.
+                    if refills.last_release(stage, pair as u32) && index + 2 < steps {
+                        let two = key_origin(&ctx, walk, ahead, block_kv);
+                        k_stages.fill_now::<E>(&maps.k, &mut k_smem, two, stage);
+                        v_stages.fill_now::<E>(&maps.v, &mut v_smem, two, stage);
+                    }
                     at = after;
                 }
             }
@@ -741,5 +797,92 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         let first = seq.q_off + q_start;
         let end = seq.q_off + seq.seq_q;
         write_rows::<E>(&acc, dq, base, first, end, ctx.args.scale);
+    }
+}
+
+/// Counts of the planes done with each stage's current fill, in shared memory: the plane that
+/// completes a count refills the stage two steps ahead, so no unit waits for the others to
+/// free a stage (a lagging plane delays only the fill it is the last to release).
+#[derive(CubeType)]
+pub struct Refills {
+    /// Releases per stage, over the whole walk.
+    released: Shared<[Atomic<u32>]>,
+    /// Planes per cube.
+    #[cube(comptime)]
+    planes: u32,
+}
+
+#[cube]
+impl Refills {
+    /// Zeroed counts (unit 0; the cube syncs before the walk).
+    pub fn new(#[comptime] planes: u32) -> Refills {
+        let released = Shared::<[Atomic<u32>]>::new_slice(STAGES);
+        if UNIT_POS == 0 {
+            #[unroll]
+            for s in 0..STAGES {
+                released[s].store(0u32);
+            }
+        }
+        Refills { released, planes }
+    }
+
+    /// This plane is done with fill `uses` of `stage` (its MMAs reading it have completed):
+    /// true on the first unit of the plane that released it last.
+    pub fn last_release(&self, #[comptime] stage: usize, uses: u32) -> bool {
+        let mut last = false;
+        if UNIT_POS_PLANE == 0 {
+            let done = self.released[stage].fetch_add(1u32) + 1;
+            last = done == comptime!(self.planes) * (uses + 1);
+        }
+        last
+    }
+}
+
+/// This warpgroup's `dSᵀ` fragments (its 64 keys by the step's query rows) written to its rows
+/// of the staged tile as `(query row, key)`: the B operand of `dQᵀ = Kᵀ dSᵀ`.
+#[cube]
+fn stage_ds<E: Float>(
+    frags: &PairFragments<E>,
+    ds_smem: &mut Shared<[E]>,
+    place: Place,
+    #[comptime] shape: BackwardShape,
+) {
+    let block_q = shape.streamed();
+    let layout = comptime!(shape.ds_tile());
+    #[unroll]
+    for t in 0..block_q / MMA_K {
+        let frag = frags.ds.index(t);
+        #[unroll]
+        for i in 0..8 {
+            let nth = t * 8 + i;
+            let key = place.row0 + register_row(nth) * 8;
+            let q = place.warpgroup * block_q + place.col(nth);
+            ds_smem[layout.offset(q, key, 2usize)] = frag.get(i);
+        }
+    }
+}
+
+/// Where a step's query rows of one head land in the f32 dQ sums.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct SumRows {
+    /// Element index of the step's first row, column 0.
+    pub base: usize,
+    /// Rows of the step that exist.
+    pub rows: usize,
+}
+
+/// Adds a warpgroup's `dQᵀ` tile (64 head-dim columns from `64 · mt`, by the step's query rows)
+/// into the f32 sums.
+#[cube]
+fn add_dq(acc: &Accumulator<f32>, sums: &mut Tensor<Atomic<f32>>, rows: &SumRows, mt: usize) {
+    let place = Place::of_unit();
+    #[unroll]
+    for nth in 0..acc.len() {
+        let col = mt * WARPGROUP_ROWS + place.row0 + register_row(nth) * 8;
+        let q = place.col(nth);
+        if q < rows.rows {
+            sums[rows.base + q * sums.stride(2) + col].fetch_add(acc.get(nth));
+        }
     }
 }

@@ -177,6 +177,18 @@ impl Stages {
         if uses > 0 {
             self.free(stage).wait_parity(((uses - 1) % 2) as u32);
         }
+        self.fill_now::<E>(map, tile, origin, stage);
+    }
+
+    /// One unit only: fill stage `stage` with the `rows` rows at `origin` now, its readers known
+    /// to be done with it.
+    pub fn fill_now<E: Float>(
+        &self,
+        map: &TensorMap<E, Tiled>,
+        tile: &mut Shared<[E]>,
+        origin: TmaOrigin,
+        #[comptime] stage: usize,
+    ) {
         let rows = comptime!(self.rows);
         let shape = comptime!(RowBox {
             at: stage * rows,
