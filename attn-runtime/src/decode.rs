@@ -674,15 +674,7 @@ impl<V: Variant> DecodeStep<V> {
         inputs: &Inputs,
     ) -> Result<Self, AttnError> {
         let call = DecodeProblem::new::<V>(q, cache, inputs)?;
-        if !supports::<V::Elem>(client) {
-            return Err(unsupported_dtype(&call.spec));
-        }
-        let scratch = Output {
-            o: Tensor::empty(client, call.out_shape()),
-            lse: Lse::empty(client, call.lse_shape()),
-        };
-        let plan = crate::tune::decode_tuned::<V>(client, call.clone(), q, cache, &scratch)?;
-        Self::planned(client, &call, plan, inputs, cache)
+        Self::tuned(client, call, q, cache, inputs)
     }
 
     /// Plans a step with a given plan.
@@ -793,6 +785,18 @@ impl<V: Variant> DecodeStep<V> {
         inputs: &Inputs,
     ) -> Result<Self, AttnError> {
         let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
+        Self::tuned(client, call, q, cache, inputs)
+    }
+
+    /// A step for a checked call with the plan [`decode`] would pick for it (tuned on a miss:
+    /// one decode into scratch buffers).
+    fn tuned(
+        client: &ComputeClient,
+        call: DecodeProblem,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        inputs: &Inputs,
+    ) -> Result<Self, AttnError> {
         if !supports::<V::Elem>(client) {
             return Err(unsupported_dtype(&call.spec));
         }

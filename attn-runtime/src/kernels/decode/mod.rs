@@ -270,34 +270,19 @@ pub struct PoolStrides {
 
 #[cube]
 impl PoolStrides {
-    /// K's.
-    pub fn of_k<E: Float>(
-        ops: &DecodeOperands<E>,
-        #[comptime] config: DecodeConfig,
+    /// A pool's: `native`'s (elements), or `words`' (four elements each) for an fp8 cache.
+    pub fn of<E: Float>(
+        native: &Tensor<KvVector<E>>,
+        words: &Tensor<u32>,
+        #[comptime] fp8: bool,
     ) -> PoolStrides {
-        let mut page = ops.k.stride(0);
-        let mut head = ops.k.stride(1);
-        let mut token = ops.k.stride(2);
-        if comptime!(config.fp8) {
-            page = ops.k8.stride(0) * KV_VECTOR;
-            head = ops.k8.stride(1) * KV_VECTOR;
-            token = ops.k8.stride(2) * KV_VECTOR;
-        }
-        PoolStrides { page, head, token }
-    }
-
-    /// V's.
-    pub fn of_v<E: Float>(
-        ops: &DecodeOperands<E>,
-        #[comptime] config: DecodeConfig,
-    ) -> PoolStrides {
-        let mut page = ops.v.stride(0);
-        let mut head = ops.v.stride(1);
-        let mut token = ops.v.stride(2);
-        if comptime!(config.fp8) {
-            page = ops.v8.stride(0) * KV_VECTOR;
-            head = ops.v8.stride(1) * KV_VECTOR;
-            token = ops.v8.stride(2) * KV_VECTOR;
+        let mut page = native.stride(0);
+        let mut head = native.stride(1);
+        let mut token = native.stride(2);
+        if comptime!(fp8) {
+            page = words.stride(0) * KV_VECTOR;
+            head = words.stride(1) * KV_VECTOR;
+            token = words.stride(2) * KV_VECTOR;
         }
         PoolStrides { page, head, token }
     }
@@ -713,8 +698,8 @@ impl DecodeUnit {
         let mut v_at = 0usize.runtime();
         if j < keys.len {
             let key = keys.start + j;
-            let ks = PoolStrides::of_k(ops, config);
-            let vs = PoolStrides::of_v(ops, config);
+            let ks = PoolStrides::of(&ops.k, &ops.k8, config.fp8);
+            let vs = PoolStrides::of(&ops.v, &ops.v8, config.fp8);
             // The cache's row is the sequence's (Q's batch entry is 0 when ragged).
             let sequence = seq.index as usize;
             let mut row = sequence;
