@@ -712,6 +712,25 @@ fn check_ragged<V: Variant<Elem = f32>>(
             &format!("{label} {how}"),
         );
     }
+    // Packed tokens as a framework holds them, `[total, Hq, D]` (a `[1, N, H, D]` view): the same
+    // rows, so the same bits.
+    let mut token_major = vec![0.0f32; qh.len()];
+    for h in 0..heads_q {
+        for t in 0..total {
+            let (from, to) = ((h * total + t) * d, (t * heads_q + h) * d);
+            token_major[to..to + d].copy_from_slice(&qh[from..from + d]);
+        }
+    }
+    let q_nhd = Tensor::from_slice_bnhd(client, &token_major, [1, total, heads_q, d]).unwrap();
+    let strided = poisoned::<f32>(client, [1, heads_q, total, d]);
+    let call_nhd = DecodeProblem::ragged::<V>(&q_nhd, &offsets, cache, &none).expect("a call");
+    attn::decode::decode_call_with_plan::<V>(client, &call_nhd, &q_nhd, cache, split, &strided)
+        .expect("launch");
+    assert_eq!(
+        strided.o.to_vec(client),
+        pinned.o.to_vec(client),
+        "{label}: Q as [total, Hq, D] gives other bits than [Hq, total, D]"
+    );
     // Offsets that cannot cut Q are refused before anything runs.
     let n = counts.len();
     let mut short = offsets.clone();

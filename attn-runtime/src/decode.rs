@@ -266,15 +266,7 @@ pub fn decode<V: Variant>(
     inputs: &Inputs,
 ) -> Result<Output<V::Elem>, AttnError> {
     let call = DecodeProblem::new::<V>(q, cache, inputs)?;
-    if !supports::<V::Elem>(client) {
-        return Err(unsupported_dtype(&call.spec));
-    }
-    let out = Output {
-        o: Tensor::empty(client, call.out_shape()),
-        lse: Lse::empty(client, call.lse_shape()),
-    };
-    crate::tune::decode_tuned::<V>(client, call, q, cache, &out)?;
-    Ok(out)
+    decode_call::<V>(client, call, q, cache)
 }
 
 /// [`decode`] into caller-owned output buffers (checked before anything launches), with the
@@ -310,6 +302,16 @@ pub fn decode_ragged<V: Variant>(
     inputs: &Inputs,
 ) -> Result<Output<V::Elem>, AttnError> {
     let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
+    decode_call::<V>(client, call, q, cache)
+}
+
+/// A checked call (rectangular or ragged) with the tuned plan, into new output buffers.
+fn decode_call<V: Variant>(
+    client: &ComputeClient,
+    call: DecodeProblem,
+    q: &Tensor<V::Elem>,
+    cache: &KvCache<V::Elem>,
+) -> Result<Output<V::Elem>, AttnError> {
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(&call.spec));
     }
