@@ -7,6 +7,7 @@ FlexAttention) on the same data, and against float64.
     do.bin        dO, the output's gradient (same dtype and layout as O)
     dq.bin        our dQ, dk.bin our dK, dv.bin our dV (layouts of Q, K, V)
     dsinks.bin    with sinks: our gradient of each head's sink logit, f32 [heads_q]
+    dtable.bin    with a learnable table in the score: our gradient of it, f32
     backward.json the plan that ran (fastest of those timed), its timings, every plan's median
 
 For every case this script
@@ -68,13 +69,18 @@ def load_case(case_dir: Path, case: C.Case, dev) -> dict[str, torch.Tensor]:
     sinks = case_dir / "dsinks.bin"
     if sinks.is_file():
         t["dsinks"] = torch.from_numpy(C.load_raw(sinks, "<f4", (hq,))).to(dev)
+    table = case_dir / "dtable.bin"
+    if table.is_file() and case.table is not None:
+        t["dtable"] = torch.from_numpy(C.load_raw(table, "<f4", (len(case.table),))).to(dev)
+        t["dtable"] = t["dtable"].view(hq, -1)
     return t
 
 
-def mods_of(case: C.Case, dev):
-    """(mask_mod, score_mod, sinks) of the case: the variant's, or plain causal / none."""
+def mods_of(case: C.Case, dev, table=None):
+    """(mask_mod, score_mod, sinks) of the case: the variant's (its score reading `table`), or
+    plain causal / none."""
     if case.variant:
-        return C.variant_mods(case, dev)
+        return C.variant_mods(case, dev, table)
     if case.causal:
         offset = case.offset
         return (lambda b, h, q, k: k <= q + offset), None, None
@@ -107,8 +113,13 @@ def reference_out(q64, k64, v64, i0: int, h0: int, case: C.Case, mods, sinks64):
     return torch.matmul(p, v64) / l
 
 
-def reference_grads(case: C.Case, t: dict[str, torch.Tensor], mods) -> dict[str, torch.Tensor]:
+def reference_grads(case: C.Case, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dev = t["q"].device
+    table64 = None
+    if case.table is not None:
+        table64 = C.case_table(case, dev).double().requires_grad_()
+    mods = mods_of(case, dev, table64)
+    dtable = torch.zeros_like(table64) if table64 is not None else None
     dq = torch.zeros(t["q"].shape, dtype=torch.float64, device=dev)
     dk = torch.zeros(t["k"].shape, dtype=torch.float64, device=dev)
     dv = torch.zeros(t["v"].shape, dtype=torch.float64, device=dev)
@@ -132,17 +143,23 @@ def reference_grads(case: C.Case, t: dict[str, torch.Tensor], mods) -> dict[str,
                 i1 = min(case.sq, i0 + qc)
                 q64 = t["q"][b, h0:h1, i0:i1].double().requires_grad_()
                 o = reference_out(q64, k64, v64, i0, h0, case, mods, sinks64)
-                leaves = [q64, k64, v64] + ([sinks64] if sinks64 is not None else [])
-                grads = torch.autograd.grad(o, leaves, t["do"][b, h0:h1, i0:i1].double())
+                leaves = [q64, k64, v64] + ([sinks64] if sinks64 is not None else []) \
+                    + ([table64] if table64 is not None else [])
+                grads = torch.autograd.grad(o, leaves, t["do"][b, h0:h1, i0:i1].double(),
+                                            allow_unused=True)
                 dq[b, h0:h1, i0:i1] = grads[0]
                 dk[b].index_add_(0, kv_idx, grads[1])
                 dv[b].index_add_(0, kv_idx, grads[2])
                 if sinks64 is not None:
                     dsinks += grads[3]
+                if table64 is not None and grads[-1] is not None:
+                    dtable += grads[-1]
                 del o, grads, q64
     out = {"dq": dq, "dk": dk, "dv": dv}
     if sinks64 is not None:
         out["dsinks"] = dsinks
+    if dtable is not None:
+        out["dtable"] = dtable
     return out
 
 
@@ -150,8 +167,11 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref).abs().amax().item()
 
 
-def anchor_backward(name: str, case: C.Case, t: dict[str, torch.Tensor], args, keep: bool):
-    """Time one anchor's backward; returns (result, its grads or None)."""
+def anchor_backward(name: str, case: C.Case, t: dict[str, torch.Tensor], args, keep: bool,
+                    table_grad: bool = True):
+    """Time one anchor's backward; returns (result, its grads or None). Flex computes a learnable
+    table's gradient too, as attn does; where it cannot, it is timed with the table constant and
+    the result says so (``table_grad``: false)."""
     from torch.nn.attention import SDPBackend
     result: dict[str, Any] = {"ms": None, "tflops": None, "error": None, "gqa_expanded": False}
     if name in ("fa2", "cudnn") and case.variant:
@@ -159,7 +179,15 @@ def anchor_backward(name: str, case: C.Case, t: dict[str, torch.Tensor], args, k
         return result, None
     leaves = [t[x].detach().clone().requires_grad_() for x in ("q", "k", "v")]
     if name == "flex":
-        maker, ctx = C.flex_maker(case, *leaves), contextlib.nullcontext
+        # A learnable table is a leaf too: Flex computes its gradient, as attn does.
+        table = C.case_table(case, t["q"].device)
+        if table is not None and table_grad:
+            table = table.requires_grad_()
+        maker, ctx = C.flex_maker(case, *leaves, table=table), contextlib.nullcontext
+        if table is not None and table_grad:
+            leaves = leaves + [table]
+        if table is not None:
+            result["table_grad"] = table_grad
     else:
         backend = SDPBackend.FLASH_ATTENTION if name == "fa2" else SDPBackend.CUDNN_ATTENTION
         maker, ctx = C.sdpa_maker(case, *leaves), C.sdpa_ctx(backend)
@@ -185,6 +213,10 @@ def anchor_backward(name: str, case: C.Case, t: dict[str, torch.Tensor], args, k
         result["tflops"] = backward_tflops(case, result["ms"])
         del out
         return result, (grads if keep else None)
+    if name == "flex" and table_grad and case.table is not None:
+        retry, grads = anchor_backward(name, case, t, args, keep, table_grad=False)
+        retry["error_with_table_grad"] = " | ".join(errors)
+        return retry, grads
     result["error"] = " | ".join(errors)
     return result, None
 
@@ -202,7 +234,6 @@ def process(out_dir: Path, name: str, args, dev) -> Optional[dict[str, Any]]:
     ours = json.loads((case_dir / "backward.json").read_text())
     case = C.Case(name, meta)
     t = load_case(case_dir, case, dev)
-    mods = mods_of(case, dev)
     rec: dict[str, Any] = {"case": name, "_label": case.shape_label, "plan": ours["plan"],
                            "default_plan": ours["default_plan"], "plans_ms": ours["plans_ms"],
                            "median_ms": ours["median_ms"],
@@ -214,7 +245,7 @@ def process(out_dir: Path, name: str, args, dev) -> Optional[dict[str, Any]]:
         if grads is not None:
             base_grads = grads
         rec.setdefault("speed_ratio", {})[key] = C.speed_ratio(rec[key]["ms"], ours["median_ms"])
-    ref = reference_grads(case, t, mods)
+    ref = reference_grads(case, t)
     errs = {}
     ok = True
     for i, g in enumerate(("dq", "dk", "dv")):
@@ -227,6 +258,14 @@ def process(out_dir: Path, name: str, args, dev) -> Optional[dict[str, Any]]:
         scale = ref["dsinks"].abs().amax().item()
         errs["dsinks"] = {"ours": max_err(t["dsinks"], ref["dsinks"]), "ref_max": scale}
         ok = ok and errs["dsinks"]["ours"] <= 1e-2 * max(scale, 1.0)
+    if "dtable" in ref:
+        scale = ref["dtable"].abs().amax().item()
+        base = None
+        if base_grads is not None and len(base_grads) == 4:
+            base = max_err(base_grads[3], ref["dtable"])
+        mine = max_err(t["dtable"], ref["dtable"]) if "dtable" in t else float("inf")
+        errs["dtable"] = {"ours": mine, baseline: base, "ref_max": scale}
+        ok = ok and mine <= max(2.0 * (base or 0.0), 1e-2 * max(scale, 1.0))
     rec["errors"] = errs
     rec["baseline"] = baseline if base_grads is not None else None
     rec["ok"] = bool(ok)

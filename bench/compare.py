@@ -14,6 +14,7 @@ The Rust benchmark writes one folder per case under an output directory:
 Variant cases (meta "mask": "variant") also carry what FlexAttention needs to build the same
 computation: "causal", "window_left", "window_right", "documents" (packed offsets), "custom_mask"
 (a variant name with a known expression), "softcap", "alibi" ("geometric"), "sinks" (per head),
+"custom_score" (a variant name with a known score expression) with its "table" (f32 values),
 "value_dim" and "pairs" (visible pairs over all heads and sequences). SDPA cannot express them,
 so they are compared with FlexAttention only, and Flex's own output is the error baseline.
 
@@ -158,6 +159,8 @@ class Case:
         self.softcap = meta.get("softcap")
         self.alibi = meta.get("alibi")
         self.sinks = meta.get("sinks")
+        self.custom_score = meta.get("custom_score")
+        self.table = meta.get("table")
         self.pairs = meta.get("pairs")
         self.mask_terms = meta.get("mask_terms", "causal" if self.causal else "none")
 
@@ -253,8 +256,29 @@ CUSTOM_MASKS = {
 }
 
 
-def variant_mods(case: Case, device: torch.device):
-    """(mask_mod or None, score_mod or None, sinks tensor or None) with attn's semantics."""
+def t5_bucket(distance: torch.Tensor) -> torch.Tensor:
+    """T5's bucket of a distance as the bench's `T5Bias` computes it (f32 logarithm, truncated):
+    exact below 16, log-spaced up to 128, the table's last bucket beyond."""
+    far = 16 + (torch.log(distance.to(torch.float32) / 16.0) * 7.69).to(torch.int64)
+    return torch.where(distance < 16, distance, far).clamp(0, 31)
+
+
+CUSTOM_SCORES = {
+    # |s, b, h, q, k| s + rel[h][bucket(q - k)], rel: [f32; heads, 32]
+    "T5Bias": lambda score, h, q, k, table: score + table[h, t5_bucket(q - k)],
+}
+
+
+def case_table(case: Case, device: torch.device) -> Optional[torch.Tensor]:
+    """The case's learnable table (f32, one row per query head), or None."""
+    if case.table is None:
+        return None
+    return torch.tensor(case.table, device=device, dtype=torch.float32).view(case.hq, -1)
+
+
+def variant_mods(case: Case, device: torch.device, table: Optional[torch.Tensor] = None):
+    """(mask_mod or None, score_mod or None, sinks tensor or None) with attn's semantics; a
+    custom score reads `table` (default: the case's, as a constant)."""
     offset = case.offset
     doc = None
     if case.documents is not None:
@@ -281,16 +305,22 @@ def variant_mods(case: Case, device: torch.device):
                 m = m & t(q_idx, kv_idx)
             return m
     score_mod = None
-    if case.softcap is not None or case.alibi:
+    custom = CUSTOM_SCORES[case.custom_score] if case.custom_score is not None else None
+    if table is None:
+        table = case_table(case, device)
+    if case.softcap is not None or case.alibi or custom is not None:
         cap = float(case.softcap) if case.softcap is not None else None
         slopes = torch.tensor(alibi_slopes(case.hq), device=device, dtype=torch.float32) \
             if case.alibi else None
 
+        # attn's order: softcap, ALiBi, then the variant's own expression.
         def score_mod(score, b, h, q_idx, kv_idx):
             if cap is not None:
                 score = cap * torch.tanh(score / cap)
             if slopes is not None:
                 score = score - slopes.to(score.dtype)[h] * (q_idx + offset - kv_idx).abs()
+            if custom is not None:
+                score = custom(score, h, q_idx, kv_idx, table.to(score.dtype))
             return score
     sinks = None
     if case.sinks is not None:
@@ -553,7 +583,8 @@ def compiled_flex():
     return _FLEX_COMPILED
 
 
-def flex_maker(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+def flex_maker(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               table: Optional[torch.Tensor] = None
                ) -> Callable[[bool], Callable[[], torch.Tensor]]:
     def make(expanded: bool) -> Callable[[], torch.Tensor]:
         import torch._dynamo
@@ -564,7 +595,7 @@ def flex_maker(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         gqa = case.gqa and not expanded
         block_mask = None
         if case.variant:
-            mask_mod, score_mod, sinks = variant_mods(case, q.device)
+            mask_mod, score_mod, sinks = variant_mods(case, q.device, table)
             if mask_mod is not None:
                 block_mask = create_block_mask(mask_mod, B=None, H=None,
                                                Q_LEN=case.sq, KV_LEN=case.sk, device=q.device)

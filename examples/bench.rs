@@ -80,6 +80,13 @@ attn::attention! {
     /// A custom mask: a local causal band of 256 keys plus the first 4 keys ("attention sinks" as
     /// positions, StreamingLLM).
     StreamMask { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: |b, h, q, k| q >= k && (q - k) < 256 || k < 4 }
+    /// T5's relative position bias, learnable: per head a table of 32 buckets of the distance
+    /// (exact below 16, log-spaced to 128), as `train_bias` declares it; Llama-3's heads.
+    T5Bias {
+        heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal,
+        inputs: { rel: [f32; heads, 32] },
+        score: |s, b, h, q, k| s + rel[h][if q - k < 16 { q - k } else { 16 + (((q - k) as f32 / 16.0).ln() * 7.69) as i32 }],
+    }
 
     /// Correctness grid only: prefix-LM with key lengths, f16, d 64.
     PrefixKeyLengths { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: prefix_lm & key_lengths }
@@ -91,6 +98,14 @@ attn::attention! {
         heads: gqa(group = 3), head_dim: 96, dtype: f16, mask: documents & |b, h, q, k| (q - k).abs() <= limit[b] || k < keep,
         alibi: given, inputs: { limit: [i32; batch], keep: i32, tilt: [f32; heads] },
         score: |s, b, h, q, k| s * 0.5 + tilt[h] * (q as f32 / 100.0).tanh(),
+    }
+    /// Correctness grid only: tables by position, a document id per token read by the mask and
+    /// a bias per key read by the score; GQA 2, d 128.
+    DocTable {
+        heads: gqa(group = 2), head_dim: 128, dtype: bf16,
+        inputs: { doc: [i32; batch, seq], kb: [f32; seq] },
+        mask: |b, h, q, k| doc[b][q] == doc[b][k] || k < 2,
+        score: |s, b, h, q, k| s + kb[k],
     }
 }
 
@@ -238,6 +253,8 @@ fn main() {
         // back ends run it too.
         case::<Gqa2x256>(2, 16, 8, 8192),
         case::<Gqa2x256Causal>(2, 16, 8, 8192),
+        // A learnable table in the score (case 20): T5's relative bias on Llama-3's heads.
+        case::<T5Bias>(2, 32, 8, 8192),
     ];
     std::fs::create_dir_all(&out).expect("output folder");
     let client = attn::default_client();
@@ -287,6 +304,17 @@ fn case_inputs(spec: &attn::VariantSpec, case: &Case, seed: u64) -> OwnedInputs 
     if spec.score.sinks {
         inputs.sinks = Some((0..case.heads_q).map(|h| (h % 7) as f32 - 3.0).collect());
     }
+    // The variant's own f32 inputs (a table of relative biases): values of either sign.
+    let sequences = inputs
+        .q_offsets
+        .as_ref()
+        .map_or(case.batch, |o| o.len() - 1);
+    for decl in spec.inputs {
+        let len = decl.shape.len(sequences, case.heads_q, case.seq);
+        inputs
+            .floats
+            .push((0..len).map(|i| (i % 13) as f32 * 0.25 - 1.5).collect());
+    }
     inputs
 }
 
@@ -311,7 +339,7 @@ fn flex_meta(spec: &attn::VariantSpec, inputs: &OwnedInputs) -> String {
     let opt = |v: Option<u32>| v.map_or("null".to_string(), |v| v.to_string());
     let window = spec.mask.window;
     format!(
-        "\"causal\": {}, \"window_left\": {}, \"window_right\": {}, \"documents\": {}, \"custom_mask\": {}, \"softcap\": {}, \"alibi\": {}, \"sinks\": {}",
+        "\"causal\": {}, \"window_left\": {}, \"window_right\": {}, \"documents\": {}, \"custom_mask\": {}, \"softcap\": {}, \"alibi\": {}, \"sinks\": {}, \"custom_score\": {}, \"table\": {}",
         spec.mask.causal,
         opt(window.and_then(|w| w.left)),
         opt(window.and_then(|w| w.right)),
@@ -320,6 +348,8 @@ fn flex_meta(spec: &attn::VariantSpec, inputs: &OwnedInputs) -> String {
         spec.score.softcap.map_or("null".to_string(), |c| c.to_string()),
         if spec.score.alibi.is_some() { "\"geometric\"" } else { "null" },
         list_f(&inputs.sinks),
+        if spec.score.custom { format!("\"{}\"", spec.name) } else { "null".into() },
+        list_f(&inputs.floats.first().cloned()),
     )
 }
 
@@ -660,6 +690,8 @@ fn check_grid(client: &ComputeClient) -> bool {
         results.push(check_one::<PrefixKeyLengths>(client, [3, 4, 2, nq, nk]));
         results.push(check_one::<Dv128Dk192>(client, [1, 4, 2, nq, nk]));
         results.push(check_one::<CustomEverything>(client, [1, 6, 2, nq, nk]));
+        results.push(check_one::<T5Bias>(client, [2, 8, 2, nq, nk]));
+        results.push(check_one::<DocTable>(client, [2, 4, 2, nq, nk]));
     }
     results.extend(decode::check_decode_grid(client));
     let failed = results.iter().filter(|p| !**p).count();

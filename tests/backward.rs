@@ -46,6 +46,22 @@ attn::attention! {
         inputs: { temp: f32, bias: [f32; heads] },
         score: |s, b, h, q, k| s * temp + bias[h] * ((q - k) as f32 / 16.0).tanh(),
     }
+    /// T5's relative bias: a learnable table of 32 buckets per head, read at the bucket of
+    /// `q − k` (exact below 8, log-spaced above).
+    RelTableF32 {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal,
+        inputs: { rel: [f32; heads, 32] },
+        score: |s, b, h, q, k| s + rel[h][if q - k < 8 { q - k } else { 8 + (((q - k) as f32 / 8.0).ln() * 6.0) as i32 }],
+    }
+    /// Tables of every shape: document ids per position (the mask; no gradient), a bias per key
+    /// (forward only: a `seq` table has no gradient), and a learnable table of 4 per sequence
+    /// and head read twice, at two indices, inside a nonlinear expression.
+    TablesF32 {
+        heads: mha, head_dim: 64, dtype: f32,
+        inputs: { doc: [i32; batch, seq], kb: [f32; seq], w: [f32; batch, heads, 4] },
+        mask: |b, h, q, k| doc[b][q] == doc[b][k] || k < 3,
+        score: |s, b, h, q, k| s * w[b][h][0].tanh() + w[b][h][(q + k) % 4] * 0.5 + kb[k],
+    }
     /// A learnable per-document scale of the logits.
     DocScaleF32 {
         heads: mha, head_dim: 64, dtype: f32, mask: causal & documents,
@@ -199,11 +215,7 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             );
             compared += 1;
         }
-        let floats = spec
-            .inputs
-            .iter()
-            .filter(|d| d.ty == attn::InputType::F32)
-            .count();
+        let floats = spec.inputs.iter().filter(|d| d.learnable()).count();
         let slopes = usize::from(spec.score.alibi == Some(attn::Alibi::Given));
         assert_eq!(
             compared,
@@ -429,6 +441,13 @@ fn learnable_inputs() {
 }
 
 #[test]
+fn learnable_tables() {
+    let c = client();
+    check::<RelTableF32>(&c, [2, 4, 2, 37, 37]);
+    check::<TablesF32>(&c, [2, 2, 2, 29, 35]);
+}
+
+#[test]
 fn custom_score_expressions() {
     let c = client();
     check::<CustomLinF32>(&c, [1, 2, 2, 45, 45]);
@@ -494,6 +513,69 @@ fn derived_score_gradients_match_finite_differences() {
             }
         }
     }
+    // With respect to the element each table read reads: perturb it, difference the expression.
+    fn reads<V: Variant>(rng: &mut rand::rngs::StdRng, learnable: usize) {
+        let dims = [2, 4, 16, 16];
+        let mut owned = OwnedInputs::random(&V::SPEC, dims, 1, rng);
+        // Only the query heads and the positions matter to a table's layout.
+        let problem = attn::Problem {
+            batch: dims[0],
+            heads_q: dims[1],
+            heads_kv: dims[1],
+            group: 1,
+            seq_q: dims[2],
+            seq_k: dims[3],
+            head_dim: 64,
+            value_dim: 64,
+        };
+        for _ in 0..500 {
+            let s: f64 = rng.random_range(-6.0..6.0);
+            let (b, h, q, k) = (
+                rng.random_range(0..2),
+                rng.random_range(0..4),
+                rng.random_range(0..16),
+                rng.random_range(0..16),
+            );
+            // Reads of one element add up: the expression's derivative with respect to it.
+            let mut derived = std::collections::HashMap::new();
+            for read in 0..V::SPEC.score_reads.len() {
+                if V::SPEC.score_reads[read] as usize != learnable {
+                    continue;
+                }
+                let view = owned.view().with_dims(&problem);
+                let at = V::host_read_index(b, h, q, k, &view, read);
+                *derived.entry(at).or_insert(0.0) +=
+                    V::host_score_read_grad(s, b, h, q, k, &view, read);
+            }
+            assert!(
+                !derived.is_empty(),
+                "{}: no read of input {learnable}",
+                V::SPEC.name
+            );
+            let slot = V::SPEC.inputs[..learnable]
+                .iter()
+                .filter(|d| d.ty == attn::InputType::F32)
+                .count();
+            for (at, derived) in derived {
+                let base = owned.floats[slot][at];
+                let eps = 1e-3f32;
+                let mut score = |x: f32| {
+                    owned.floats[slot][at] = x;
+                    let v = V::host_score(s, b, h, q, k, &owned.view().with_dims(&problem));
+                    owned.floats[slot][at] = base;
+                    v
+                };
+                let numeric = (score(base + eps) - score(base - eps)) / (2.0 * eps as f64);
+                assert!(
+                    (numeric - derived).abs() <= 1e-3 * (1.0 + derived.abs()),
+                    "{}: d score / d element {at} at s = {s}, b {b}, h {h}, q {q}, k {k}: derived {derived}, finite differences {numeric}",
+                    V::SPEC.name
+                );
+            }
+        }
+    }
+    reads::<RelTableF32>(&mut rng, 0);
+    reads::<TablesF32>(&mut rng, 2);
     one::<CustomLinF32>(&mut rng);
     one::<CustomNonlinF32>(&mut rng);
     one::<CustomChainF16>(&mut rng);

@@ -410,6 +410,21 @@ attn::attention! {
         inputs: { bias: [f32; heads] },
         score: |s, b, h, q, k| s + bias[h] * ((q - k).min(16) as f32) / 16.0 - if k == 0 { 1.0 } else { 0.0 },
     }
+    /// T5's relative bias: a table of 32 buckets per head, read at the bucket of `q − k`
+    /// (exact below 8, log-spaced above); f16.
+    T5Bias {
+        heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal,
+        inputs: { rel: [f32; heads, 32] },
+        score: |s, b, h, q, k| s + rel[h][if q - k < 8 { q - k } else { 8 + (((q - k) as f32 / 8.0).ln() * 6.0) as i32 }],
+    }
+    /// Tables by position: a document id per token of each sequence (the mask), a bias per
+    /// key, and a table of 4 per sequence and head read at a computed index; f32.
+    Tables {
+        heads: mha, head_dim: 64, dtype: f32,
+        inputs: { doc: [i32; batch, seq], kb: [f32; seq], w: [f32; batch, heads, 4] },
+        mask: |b, h, q, k| doc[b][q] == doc[b][k] || k == 0,
+        score: |s, b, h, q, k| s + kb[k] + w[b][h][(q + k) % 4],
+    }
     /// Sinks with a window, f16.
     Sinks { heads: gqa(group = 2), head_dim: 64, dtype: f16, mask: causal & window(left = 15), sinks: per_head }
     /// Sinks without any mask, f32.
@@ -520,6 +535,12 @@ fn score_modifications() {
     property::<AlibiGeometric>(4, 300, 3);
     property::<AlibiGiven>(4, 300, 2);
     property::<RelativeBias>(4, 300, 2);
+}
+
+#[test]
+fn tables() {
+    property::<T5Bias>(4, 300, 2);
+    property::<Tables>(4, 200, 2);
 }
 
 #[test]

@@ -52,6 +52,9 @@ mod variants {
     pub mod sinks {
         include!("../examples/variants/sinks.rs");
     }
+    pub mod train_bias {
+        include!("../examples/variants/train_bias.rs");
+    }
 }
 
 /// The kernels of the variant a registry entry names.
@@ -118,6 +121,7 @@ fn example_variants() {
         mqa::Mqa64: &["portable_wgsl"],
         packed_documents::PackedCausal: TC,
         sinks::SinkWindow: TC,
+        train_bias::RelBias: NONE,
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/variants");
     let mut files: Vec<_> = std::fs::read_dir(&dir)

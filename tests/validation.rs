@@ -21,6 +21,13 @@ attn::attention! {
         sinks: per_head, alibi: given, inputs: { n: i32, w: [f32; heads] },
         score: |s, b, h, q, k| s * w[h],
     }
+    /// Tables: a document id per position, a learnable table of 8 per head.
+    Tables {
+        heads: mha, head_dim: 64, dtype: f32,
+        inputs: { doc: [i32; batch, seq], rel: [f32; heads, 8] },
+        mask: |b, h, q, k| doc[b][q] == doc[b][k],
+        score: |s, b, h, q, k| s + rel[h][q - k],
+    }
     /// Prefix-LM.
     Prefix { heads: mha, head_dim: 64, dtype: f32, mask: prefix_lm }
     /// V head dim 128 under QK head dim 64.
@@ -427,11 +434,61 @@ fn run_time_inputs_are_checked() {
         reason.contains("one per query head (2) expected"),
         "{reason}"
     );
-    let (input, _) = input_error(Inputs4Inputs {
+    let (input, reason) = input_error(Inputs4Inputs {
         w: &[1.0, 2.0, 3.0],
         ..good
     });
     assert_eq!(input, "w");
+    assert!(
+        reason.contains("holds 3 values; one per query head (2) expected"),
+        "{reason}"
+    );
+
+    // Tables: one value per position (the longer of Q's and K's sequences) of each sequence,
+    // and per head the declared count; finite floats.
+    let (q3, k3, v3) = (
+        t(&c, [2, 2, 10, 64]),
+        t(&c, [2, 2, 12, 64]),
+        t(&c, [2, 2, 12, 64]),
+    );
+    let doc = vec![1; 2 * 12];
+    let rel = vec![0.5; 2 * 8];
+    let tables = TablesInputs {
+        doc: &doc,
+        rel: &rel,
+    };
+    Tables::forward(&c, &q3, &k3, &v3, &tables).expect("valid tables run");
+    let table_error = |inputs: TablesInputs| match Tables::forward(&c, &q3, &k3, &v3, &inputs) {
+        Err(AttnError::Input { input, reason }) => (input, reason),
+        other => panic!("expected an input error, got {other:?}"),
+    };
+    let (input, reason) = table_error(TablesInputs {
+        doc: &doc[..20],
+        ..tables
+    });
+    assert_eq!(input, "doc");
+    assert!(
+        reason.contains(
+            "holds 20 values; `[i32; batch, seq]`: 2 sequences × 12 positions = 24 values expected"
+        ),
+        "{reason}"
+    );
+    let (input, reason) = table_error(TablesInputs {
+        rel: &rel[..8],
+        ..tables
+    });
+    assert_eq!(input, "rel");
+    assert!(
+        reason.contains("`[f32; heads, 8]`: 2 query heads × 8 = 16 values expected"),
+        "{reason}"
+    );
+    let bad = [0.5, f32::INFINITY].repeat(8);
+    let (input, reason) = table_error(TablesInputs {
+        rel: &bad,
+        ..tables
+    });
+    assert_eq!(input, "rel");
+    assert!(reason.contains("must be finite"), "{reason}");
 
     // One grid row per document: at most 65 535 of them.
     let many: Vec<i32> = (0..=70_000).map(|i| i.min(10)).collect();

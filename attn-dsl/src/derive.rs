@@ -14,8 +14,10 @@ use crate::expr::{Func, Node, Op, Param, Ty, Typed};
 pub enum Var {
     /// The logit `s`.
     S,
-    /// Declared input number `i` (an `f32` one; every element read alike).
+    /// Declared input number `i` (an `f32` one that is not a table; every element read alike).
     Input(usize),
+    /// Table read number `n` of the closure: the one element it reads.
+    Read(usize),
 }
 
 /// `∂ e / ∂ s` of a float expression (0 for any other).
@@ -24,7 +26,9 @@ pub fn d_ds(e: &Typed) -> Typed {
 }
 
 /// `∂ e / ∂ var` of a float expression (0 for any other). For a declared input indexed by `b`
-/// or `h`, the derivative with respect to the element the expression reads.
+/// or `h`, the derivative with respect to the element the expression reads; for a table, with
+/// respect to the element one read reads (a table's index is an integer: it does not depend on
+/// any float).
 pub fn derivative(e: &Typed, var: Var) -> Typed {
     let d = |x: &Typed| derivative(x, var);
     if e.ty != Ty::Float {
@@ -33,9 +37,13 @@ pub fn derivative(e: &Typed, var: Var) -> Typed {
     match &e.node {
         Node::Param(Param::S) if var == Var::S => float(1.0),
         Node::Input(i) if var == Var::Input(*i) => float(1.0),
-        Node::Param(_) | Node::Int(_) | Node::Float(_) | Node::Bool(_) | Node::Input(_) => {
-            float(0.0)
-        }
+        Node::Table(t) if var == Var::Read(t.read) => float(1.0),
+        Node::Param(_)
+        | Node::Int(_)
+        | Node::Float(_)
+        | Node::Bool(_)
+        | Node::Input(_)
+        | Node::Table(_) => float(0.0),
         Node::Cast(..) => float(0.0),
         Node::Neg(x) => neg(d(x)),
         Node::Not(_) => float(0.0),

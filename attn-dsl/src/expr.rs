@@ -60,16 +60,7 @@ impl Param {
     }
 }
 
-/// How many values a declared input holds.
-#[derive(Copy, Clone, Eq, PartialEq, Debug)]
-pub enum Extent {
-    /// One.
-    Scalar,
-    /// One per sequence: indexed by `b`.
-    Batch,
-    /// One per query head: indexed by `h`.
-    Heads,
-}
+pub use attn_types::{Inner, InputShape};
 
 /// A run-time input declared in `inputs: { … }`.
 #[derive(Clone, Debug)]
@@ -78,10 +69,22 @@ pub struct InputDecl {
     pub name: syn::Ident,
     /// Element type (`Int` or `Float`).
     pub ty: Ty,
-    /// Extent.
-    pub extent: Extent,
+    /// Shape: which of `b`, `h` and an inner index select a value.
+    pub shape: InputShape,
     /// Position among the inputs of its element type (its slot, after the built-in ones).
     pub index: usize,
+}
+
+/// A read of a table input (`rel[h][(q - k).min(31)]`): the batch and head dimensions are
+/// indexed by `b` and `h`, the inner one by `index` (clamped to its ends; 0 without one).
+#[derive(Clone, Debug)]
+pub struct TableRead {
+    /// The input's declaration index.
+    pub input: usize,
+    /// The inner index, an `i32` expression.
+    pub index: Typed,
+    /// This read's number within its closure (the backward differentiates each read alone).
+    pub read: usize,
 }
 
 /// An arithmetic or logical operator.
@@ -147,6 +150,8 @@ pub enum Node {
     Bool(bool),
     /// A declared input, indexed by `b` or `h` when it is not a scalar.
     Input(usize),
+    /// A read of a table input.
+    Table(Box<TableRead>),
     /// `-x`.
     Neg(Box<Typed>),
     /// `!x`.
@@ -177,6 +182,8 @@ pub struct Closure {
     pub body: Typed,
     /// Whether each of [`Param`]'s parameters is used (by `Param as usize`).
     pub used: [bool; 5],
+    /// The input each table read reads, by read number.
+    pub reads: Vec<usize>,
     /// Where the user wrote it.
     pub span: Span,
 }
@@ -279,6 +286,7 @@ pub fn check_closure(
         params: names,
         inputs,
         used: [false; 5],
+        reads: Vec::new(),
     };
     let body = checker.expr(&closure.body)?;
     if body.ty != kind.result() {
@@ -296,6 +304,7 @@ pub fn check_closure(
     Some(Closure {
         body,
         used: checker.used,
+        reads: checker.reads,
         span: closure.span(),
     })
 }
@@ -306,6 +315,7 @@ struct Checker<'a> {
     params: Vec<(syn::Ident, Param)>,
     inputs: &'a [InputDecl],
     used: [bool; 5],
+    reads: Vec<usize>,
 }
 
 impl Checker<'_> {
@@ -403,15 +413,13 @@ impl Checker<'_> {
         }
         if let Some(input) = self.inputs.iter().position(|i| i.name == *ident) {
             let decl = &self.inputs[input];
-            if decl.extent != Extent::Scalar {
-                let (by, param) = match decl.extent {
-                    Extent::Batch => ("batch", "b"),
-                    _ => ("head", "h"),
-                };
+            if decl.shape != InputShape::SCALAR {
                 self.cx.error_at(
                     ident.span(),
                     format!(
-                        "`{ident}` holds one value per {by}: index it, as in `{ident}[{param}]`"
+                        "`{ident}` is declared `{}`: index it, as in `{ident}{}`",
+                        decl.shape.declared(decl.ty.name()),
+                        index_example(decl.shape)
                     ),
                 );
                 return None;
@@ -437,8 +445,16 @@ impl Checker<'_> {
     }
 
     fn index(&mut self, ix: &syn::ExprIndex) -> Option<Typed> {
-        let Expr::Path(base) = &*ix.expr else {
-            return self.unsupported(&ix.expr, "indexing anything but a declared input");
+        // `x[i][j]` nests as `(x[i])[j]`: collect the indices, outermost first.
+        let mut indices = vec![&*ix.index];
+        let mut base = &*ix.expr;
+        while let Expr::Index(inner) = base {
+            indices.push(&*inner.index);
+            base = &*inner.expr;
+        }
+        indices.reverse();
+        let Expr::Path(base) = base else {
+            return self.unsupported(base, "indexing anything but a declared input");
         };
         let Some(ident) = base.path.get_ident() else {
             return self.unsupported(base, "a path");
@@ -446,52 +462,100 @@ impl Checker<'_> {
         let Some(input) = self.inputs.iter().position(|i| i.name == *ident) else {
             self.cx.error_at(
                 ident.span(),
-                format!("`{ident}` is not a declared input; only inputs declared `[T; batch]` or `[T; heads]` can be indexed"),
+                format!("`{ident}` is not a declared input; only inputs declared with dimensions (`[f32; heads]`, `[i32; seq]`, `[f32; heads, 32]`) can be indexed"),
             );
             return None;
         };
         let decl = &self.inputs[input];
-        let wanted = match decl.extent {
-            Extent::Scalar => {
-                self.cx.error_at(
-                    ix.index.span(),
-                    format!("`{ident}` is a single value: write `{ident}` without an index"),
-                );
-                return None;
-            }
-            Extent::Batch => Param::B,
-            Extent::Heads => Param::H,
-        };
-        let index_ok = match &*ix.index {
-            Expr::Path(p) => p
-                .path
-                .get_ident()
-                .and_then(|i| self.params.iter().find(|(n, _)| n == i))
-                .is_some_and(|(_, param)| *param == wanted),
-            _ => false,
-        };
-        if !index_ok {
-            let position = self
-                .params
-                .iter()
-                .find(|(_, p)| *p == wanted)
-                .map_or(wanted.ident().to_string(), |(n, _)| n.to_string());
-            self.cx.error_spanned_by(
-                &ix.index,
+        let shape = decl.shape;
+        let mut wanted = Vec::new();
+        if shape.per_batch {
+            wanted.push(Some(Param::B));
+        }
+        if shape.per_head {
+            wanted.push(Some(Param::H));
+        }
+        if shape.inner != Inner::None {
+            wanted.push(None);
+        }
+        if indices.len() != wanted.len() {
+            let declared = shape.declared(decl.ty.name());
+            let at = indices.get(wanted.len()).copied().unwrap_or(&ix.index);
+            let message = if wanted.is_empty() {
+                format!("`{ident}` is a single value: write `{ident}` without an index")
+            } else {
                 format!(
-                    "`{ident}` holds one value per {}: index it with the {} parameter `{position}`",
-                    if wanted == Param::B {
-                        "batch entry"
-                    } else {
-                        "query head"
-                    },
-                    if wanted == Param::B { "batch" } else { "head" },
-                ),
-            );
+                    "`{ident}` is declared `{declared}`: it takes {}, as in `{ident}{}`; found {}",
+                    count(wanted.len()),
+                    index_example(shape),
+                    indices.len()
+                )
+            };
+            self.cx.error_spanned_by(at, message);
             return None;
         }
-        self.used[wanted as usize] = true;
-        Self::typed(Node::Input(input), decl.ty)
+        let mut inner = None;
+        for (index, want) in indices.iter().zip(&wanted) {
+            match want {
+                Some(param) => {
+                    let ok = match index {
+                        Expr::Path(p) => p
+                            .path
+                            .get_ident()
+                            .and_then(|i| self.params.iter().find(|(n, _)| n == i))
+                            .is_some_and(|(_, found)| found == param),
+                        _ => false,
+                    };
+                    if !ok {
+                        let position = self
+                            .params
+                            .iter()
+                            .find(|(_, p)| p == param)
+                            .map_or(param.ident().to_string(), |(n, _)| n.to_string());
+                        let (per, what) = if *param == Param::B {
+                            ("batch entry", "batch")
+                        } else {
+                            ("query head", "head")
+                        };
+                        self.cx.error_spanned_by(
+                            index,
+                            format!(
+                                "`{ident}` holds one value per {per} along this dimension: index it with the {what} parameter `{position}`"
+                            ),
+                        );
+                        return None;
+                    }
+                    self.used[*param as usize] = true;
+                }
+                None => {
+                    let e = self.expr(index)?;
+                    if e.ty != Ty::Int {
+                        self.cx.error_spanned_by(
+                            index,
+                            format!(
+                                "an index is an i32; this is a {} (convert with `as i32`)",
+                                e.ty.name()
+                            ),
+                        );
+                        return None;
+                    }
+                    inner = Some(e);
+                }
+            }
+        }
+        if !shape.is_table() {
+            return Self::typed(Node::Input(input), decl.ty);
+        }
+        let read = self.reads.len();
+        self.reads.push(input);
+        let index = inner.unwrap_or(Typed {
+            node: Node::Int(0),
+            ty: Ty::Int,
+        });
+        Self::typed(
+            Node::Table(Box::new(TableRead { input, index, read })),
+            decl.ty,
+        )
     }
 
     fn unary(&mut self, u: &syn::ExprUnary) -> Option<Typed> {
@@ -736,6 +800,32 @@ impl Checker<'_> {
     }
 }
 
+/// "one index", "2 indices".
+fn count(n: usize) -> String {
+    if n == 1 {
+        "one index".to_string()
+    } else {
+        format!("{n} indices")
+    }
+}
+
+/// How an input of `shape` is indexed, for messages: `[b][h][i]`.
+fn index_example(shape: InputShape) -> String {
+    let mut out = String::new();
+    if shape.per_batch {
+        out.push_str("[b]");
+    }
+    if shape.per_head {
+        out.push_str("[h]");
+    }
+    match shape.inner {
+        Inner::None => {}
+        Inner::Seq => out.push_str("[k]"),
+        Inner::Fixed(_) => out.push_str("[(q - k).min(31)]"),
+    }
+    out
+}
+
 /// Whether interval reasoning can bound `e` over a tile: integer and boolean operations only,
 /// with division by positive literals; `%` and floats make the tile's class unknown.
 pub fn boundable(e: &Typed) -> bool {
@@ -744,6 +834,8 @@ pub fn boundable(e: &Typed) -> bool {
         Node::Int(_) | Node::Bool(_) => true,
         Node::Float(_) | Node::Cast(..) => false,
         Node::Input(_) => e.ty != Ty::Float,
+        // A table's values are not known when tiles are classified.
+        Node::Table(_) => false,
         Node::Neg(x) | Node::Not(x) => boundable(x),
         Node::Binary(Op::Rem, ..) => false,
         Node::Binary(Op::Div, a, b) => boundable(a) && matches!(b.node, Node::Int(v) if v > 0),
@@ -763,11 +855,14 @@ pub fn mentions(e: &Typed, p: Param, inputs: &[InputDecl]) -> bool {
     let m = |x: &Typed| mentions(x, p, inputs);
     match &e.node {
         Node::Param(q) => *q == p,
-        Node::Input(i) => match inputs[*i].extent {
-            Extent::Batch => p == Param::B,
-            Extent::Heads => p == Param::H,
-            Extent::Scalar => false,
-        },
+        Node::Input(i) => {
+            let shape = inputs[*i].shape;
+            (shape.per_batch && p == Param::B) || (shape.per_head && p == Param::H)
+        }
+        Node::Table(t) => {
+            let shape = inputs[t.input].shape;
+            (shape.per_batch && p == Param::B) || (shape.per_head && p == Param::H) || m(&t.index)
+        }
         Node::Int(_) | Node::Float(_) | Node::Bool(_) => false,
         Node::Neg(x) | Node::Not(x) | Node::Cast(_, x) => m(x),
         Node::Binary(_, a, b) => m(a) || m(b),

@@ -113,9 +113,15 @@ pub const INPUT_F32: &str = "f32";
 pub const EXTENT_BATCH: &str = "batch";
 /// `[T; heads]`: one value per query head.
 pub const EXTENT_HEADS: &str = "heads";
+/// `[T; seq]`: one value per position.
+pub const EXTENT_SEQ: &str = "seq";
+/// The dimensions of an input, in their order.
+pub const INPUT_DIMS: &str = "`batch`, `heads`, then `seq` or a count such as `32`";
+/// The most values a table's counted dimension holds.
+pub const MAX_TABLE_LEN: u32 = 4096;
 /// The forms of an input's type.
 pub const INPUT_FORMS: &str =
-    "`i32`, `f32`, `[i32; batch]`, `[f32; batch]`, `[i32; heads]` or `[f32; heads]`";
+    "`i32`, `f32`, or `[i32; …]` / `[f32; …]` with dimensions `batch`, `heads`, then `seq` or a count (`[f32; heads]`, `[i32; seq]`, `[f32; heads, 32]`)";
 
 /// Methods expressions may call, on `f32` unless noted.
 pub const EXPR_METHODS: &[&str] = &["abs", "min", "max", "tanh", "exp", "ln", "sqrt"];

@@ -2,11 +2,12 @@
 //! recorded with the span of the offending token.
 
 use proc_macro2::TokenStream;
+use syn::ext::IdentExt;
 use syn::parse::{ParseStream, Parser};
 use syn::{Ident, LitInt, Token};
 
 use crate::ctxt::Ctxt;
-use crate::expr::{check_closure, ClosureKind, Extent, InputDecl, Ty};
+use crate::expr::{check_closure, ClosureKind, Inner, InputDecl, InputShape, Ty};
 use crate::keywords as kw;
 use crate::spec::{
     Alibi, CausalAlignment, DType, HeadGrouping, MaskDecl, Spanned, Spec, Tiling, WindowDecl,
@@ -472,29 +473,14 @@ fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDe
     while !content.is_empty() {
         let name: Ident = content.parse()?;
         content.parse::<Token![:]>()?;
-        let (ty_name, extent) = if content.peek(syn::token::Bracket) {
+        let (ty_name, shape) = if content.peek(syn::token::Bracket) {
             let inner;
             syn::bracketed!(inner in content);
             let ty: Ident = inner.parse()?;
             inner.parse::<Token![;]>()?;
-            let extent: Ident = inner.call(syn::ext::IdentExt::parse_any)?;
-            let extent = match extent.to_string().as_str() {
-                kw::EXTENT_BATCH => Extent::Batch,
-                kw::EXTENT_HEADS => Extent::Heads,
-                other => {
-                    return Err(syn::Error::new(
-                        extent.span(),
-                        format!(
-                            "unknown extent `{other}`; an input holds one value per `{}` entry or per query head (`{}`)",
-                            kw::EXTENT_BATCH,
-                            kw::EXTENT_HEADS
-                        ),
-                    ))
-                }
-            };
-            (ty, extent)
+            (ty, parse_shape(&inner)?)
         } else {
-            (content.parse::<Ident>()?, Extent::Scalar)
+            (content.parse::<Ident>()?, InputShape::SCALAR)
         };
         let ty = match ty_name.to_string().as_str() {
             kw::INPUT_I32 => Ty::Int,
@@ -520,7 +506,7 @@ fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDe
         decls.push(InputDecl {
             name,
             ty,
-            extent,
+            shape,
             index,
         });
         if content.is_empty() {
@@ -529,6 +515,71 @@ fn parse_inputs(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Vec<InputDe
         content.parse::<Token![,]>()?;
     }
     Ok(ok.then_some(decls))
+}
+
+/// The dimensions of `[T; …]`: `batch`, then `heads`, then `seq` or a count, at least one.
+fn parse_shape(input: ParseStream) -> syn::Result<InputShape> {
+    let mut shape = InputShape::SCALAR;
+    // 0: before batch, 1: after batch, 2: after heads, 3: after the inner dimension.
+    let mut stage = 0;
+    loop {
+        let lookahead = input.lookahead1();
+        if lookahead.peek(LitInt) {
+            let lit: LitInt = input.parse()?;
+            if stage == 3 {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    "an input has one inner dimension at most",
+                ));
+            }
+            let n = lit.base10_parse::<u32>()?;
+            if !(1..=kw::MAX_TABLE_LEN).contains(&n) {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    format!(
+                        "a table's count lies between 1 and {}; found {n}",
+                        kw::MAX_TABLE_LEN
+                    ),
+                ));
+            }
+            shape.inner = Inner::Fixed(n);
+            stage = 3;
+        } else if lookahead.peek(Ident::peek_any) {
+            let dim: Ident = input.call(syn::ext::IdentExt::parse_any)?;
+            let (at, next) = match dim.to_string().as_str() {
+                kw::EXTENT_BATCH => (0, 1),
+                kw::EXTENT_HEADS => (1, 2),
+                kw::EXTENT_SEQ => (2, 3),
+                other => {
+                    return Err(syn::Error::new(
+                        dim.span(),
+                        format!("unknown dimension `{other}`; write {}", kw::INPUT_DIMS),
+                    ))
+                }
+            };
+            if stage > at {
+                return Err(syn::Error::new(
+                    dim.span(),
+                    format!(
+                        "`{dim}` comes too late: dimensions go in the order {}",
+                        kw::INPUT_DIMS
+                    ),
+                ));
+            }
+            match next {
+                1 => shape.per_batch = true,
+                2 => shape.per_head = true,
+                _ => shape.inner = Inner::Seq,
+            }
+            stage = next;
+        } else {
+            return Err(lookahead.error());
+        }
+        if input.is_empty() {
+            return Ok(shape);
+        }
+        input.parse::<Token![,]>()?;
+    }
 }
 
 fn parse_scale(input: ParseStream, cx: &Ctxt) -> syn::Result<Option<Spanned<f64>>> {

@@ -17,8 +17,8 @@ use crate::kernels::backward::warpgroup::{backward_dkdv_wg, backward_dq_wg, Back
 use crate::kernels::backward::{
     backward_delta, backward_dkdv, backward_dq, backward_dq_from_sums, backward_learned,
     backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape, Grid, GridLaunch,
-    KvGradsLaunch, LearnConfig, QueryGradsLaunch, SinkConfig, SinkStatsLaunch, MAX_LEARNED,
-    SINK_UNITS,
+    KvGradsLaunch, LearnConfig, Learned, QueryGradsLaunch, SinkConfig, SinkStatsLaunch,
+    MAX_LEARNED, MAX_LEARNED_SLOTS, MAX_READS, SINK_UNITS,
 };
 use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
@@ -28,7 +28,7 @@ use crate::launch::{
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
-use crate::variant::{Alibi, InputExtent, InputType, Tiling, Variant, VariantSpec};
+use crate::variant::{Alibi, Inner, Tiling, Variant, VariantSpec};
 
 /// The gradients of a forward pass's inputs.
 #[derive(Clone, Debug)]
@@ -230,22 +230,30 @@ pub(crate) fn run<V: Variant>(
         d_alibi_slopes: None,
         d_inputs: Vec::new(),
     };
-    // The learnable inputs' gradients, zero until the kernels sum them: (extent, length) each.
-    let learned_shapes: Vec<(u32, usize)> = (0..learn.slots())
-        .map(|slot| {
-            match learn
-                .extent
-                .get(slot)
-                .filter(|_| slot < learn.count as usize)
-            {
-                Some(0) => (0, 1),
-                Some(1) => (1, packed.sequences),
-                _ => (2, problem.heads_q),
-            }
-        })
-        .collect();
+    // The learnable inputs' gradients, zero until the kernels sum them: which slots each sums,
+    // and how many values it holds (the slopes last).
+    let mut learned_slots: Vec<Learned> = learn.inputs[..learn.count as usize].to_vec();
+    if learn.alibi {
+        learned_slots.push(Learned {
+            decl: u32::MAX,
+            table: false,
+            outer: 2,
+            width: 1,
+            first: learn.slots() as u32 - 1,
+        });
+    }
+    let learned_len = |l: &Learned| {
+        let rows = match l.outer {
+            0 => 1,
+            1 => packed.sequences,
+            2 => problem.heads_q,
+            _ => packed.sequences * problem.heads_q,
+        };
+        rows * l.width as usize
+    };
     let mut learned = Vec::new();
-    for &(_, len) in &learned_shapes {
+    for l in &learned_slots {
+        let len = learned_len(l);
         learned.push(Tensor::<f32>::from_slice(
             client,
             &vec![0.0; len],
@@ -256,7 +264,7 @@ pub(crate) fn run<V: Variant>(
         if learn.alibi {
             grads.d_alibi_slopes = learned.pop();
         }
-        let names = spec.inputs.iter().filter(|d| d.ty == InputType::F32);
+        let names = spec.inputs.iter().filter(|d| d.learnable());
         grads.d_inputs = names.map(|d| d.name).zip(learned).collect();
     };
     if packed.max_seq_q == 0 {
@@ -461,17 +469,16 @@ pub(crate) fn run<V: Variant>(
         );
     }
     // Each learnable input's gradient from the cubes' partials, element by element.
-    for (slot, (&(extent, len), out)) in learned_shapes.iter().zip(&learned).enumerate() {
+    for (l, out) in learned_slots.iter().zip(&learned) {
         const UNITS: u32 = 64;
         backward_learned::launch(
             client,
-            CubeCount::Static((len as u32).div_ceil(UNITS), 1, 1),
+            CubeCount::Static((learned_len(l) as u32).div_ceil(UNITS), 1, 1),
             CubeDim::new_1d(UNITS),
             unsafe { tensor_arg(&partials) },
             unsafe { tensor_arg(out) },
             GridLaunch::new(grid.x, grid.y, grid.z),
-            slot as u32,
-            extent,
+            *l,
         );
     }
     if let Some(d_sinks) = &grads.d_sinks {
@@ -799,31 +806,64 @@ pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Til
     })
 }
 
-/// Which run-time inputs get gradients: the declared `f32` inputs (at most [`MAX_LEARNED`]) and
-/// given ALiBi slopes.
-fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError> {
+/// Which run-time inputs get gradients: the learnable declared inputs (at most
+/// [`MAX_LEARNED`], [`MAX_LEARNED_SLOTS`] values per cube in all) and given ALiBi slopes.
+pub(crate) fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError> {
     let mut learn = LearnConfig {
         alibi: spec.score.alibi == Some(Alibi::Given),
+        read_of: [MAX_LEARNED as u32; MAX_READS],
         ..LearnConfig::default()
     };
+    let too_many = |what: String| {
+        AttnError::Unsupported(format!(
+            "{}: the backward pass computes the gradients of {what}",
+            spec.name
+        ))
+    };
+    let mut first = 0u32;
     for (i, decl) in spec.inputs.iter().enumerate() {
-        if decl.ty != InputType::F32 {
+        if !decl.learnable() {
             continue;
         }
-        let slot = learn.count as usize;
-        if slot == MAX_LEARNED {
-            return Err(AttnError::Unsupported(format!(
-                "{}: the backward pass computes the gradients of at most {MAX_LEARNED} f32 inputs",
-                spec.name
-            )));
+        let g = learn.count as usize;
+        if g == MAX_LEARNED {
+            return Err(too_many(format!("at most {MAX_LEARNED} f32 inputs")));
         }
-        learn.decl[slot] = i as u32;
-        learn.extent[slot] = match decl.extent {
-            InputExtent::Scalar => 0,
-            InputExtent::PerBatch => 1,
-            InputExtent::PerHead => 2,
+        let shape = decl.shape;
+        let width = match shape.inner {
+            Inner::Fixed(n) => n,
+            _ => 1,
         };
+        learn.inputs[g] = Learned {
+            decl: i as u32,
+            table: shape.is_table(),
+            outer: u32::from(shape.per_batch) | (u32::from(shape.per_head) << 1),
+            width,
+            first,
+        };
+        first += width;
         learn.count += 1;
+    }
+    if learn.slots() > MAX_LEARNED_SLOTS {
+        return Err(too_many(format!(
+            "at most {MAX_LEARNED_SLOTS} values per batch entry and head in all (the tables' counts); {} here",
+            learn.slots()
+        )));
+    }
+    if spec.score_reads.len() > MAX_READS {
+        return Err(too_many(format!(
+            "score expressions of at most {MAX_READS} table reads; {} here",
+            spec.score_reads.len()
+        )));
+    }
+    learn.reads = spec.score_reads.len() as u32;
+    for (r, &decl) in spec.score_reads.iter().enumerate() {
+        if let Some(g) = learn.inputs[..learn.count as usize]
+            .iter()
+            .position(|l| l.decl == decl)
+        {
+            learn.read_of[r] = g as u32;
+        }
     }
     Ok(learn)
 }

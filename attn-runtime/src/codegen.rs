@@ -20,7 +20,7 @@ use crate::kernels::backward::warpgroup::{
 };
 use crate::kernels::backward::{
     backward_dkdv, backward_dq, BackwardOperandsCompilationArg, BackwardShape,
-    KvGradsCompilationArg, LearnConfig, QueryGradsCompilationArg,
+    KvGradsCompilationArg, QueryGradsCompilationArg,
 };
 use crate::kernels::common::context::{
     ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
@@ -449,7 +449,8 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                     inputs_compilation_arg(),
                     args_compilation_arg(),
                     config,
-                    LearnConfig::default(),
+                    // The learnable inputs' sums, as `backward` launches it.
+                    crate::backward::learn_config(spec).unwrap_or_default(),
                 )
                 .define(),
             ]

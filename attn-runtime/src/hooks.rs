@@ -61,6 +61,24 @@ pub trait Hooks: Send + Sync + 'static {
         input: u32,
     ) -> f32;
 
+    /// `∂ score / ∂ x` for the element `x` that table read number `read` of the score
+    /// expression reads at this pair, derived by the macro: what a learnable table's gradient
+    /// sums, element by element.
+    #[allow(clippy::too_many_arguments)]
+    fn score_read_grad(
+        s: f32,
+        b: i32,
+        h: i32,
+        q: i32,
+        k: i32,
+        inputs: &RunInputs,
+        read: u32,
+    ) -> f32;
+
+    /// Where along its table's inner dimension table read number `read` of the score expression
+    /// reads at this pair (clamped to the dimension; 0 without one).
+    fn read_position(b: i32, h: i32, q: i32, k: i32, inputs: &RunInputs, read: u32) -> u32;
+
     /// The class ([`TILE_EMPTY`], [`TILE_PARTIAL`], [`TILE_FULL`]) of the mask over `tile`;
     /// [`TILE_PARTIAL`] whenever unsure.
     fn classify(b: i32, h: i32, tile: TileBounds, inputs: &RunInputs) -> u32;
@@ -96,15 +114,67 @@ impl Hooks for NoHooks {
         0.0
     }
 
+    fn score_read_grad(
+        _s: f32,
+        _b: i32,
+        _h: i32,
+        _q: i32,
+        _k: i32,
+        _inputs: &RunInputs,
+        _read: u32,
+    ) -> f32 {
+        0.0
+    }
+
+    fn read_position(_b: i32, _h: i32, _q: i32, _k: i32, _inputs: &RunInputs, _read: u32) -> u32 {
+        0
+    }
+
     fn classify(_b: i32, _h: i32, _tile: TileBounds, _inputs: &RunInputs) -> u32 {
         TILE_FULL
     }
 }
 
 /// Helpers the generated expression code calls: `min`, `max` and `abs` on `i32` and `f32`,
-/// written with `select` so every back end has them.
+/// written with `select` so every back end has them, and the reads of tables.
 pub mod ops {
     use cubecl::prelude::*;
+
+    use super::RunInputs;
+    use crate::inputs::slots;
+
+    /// The positions a table's `seq` dimension holds.
+    #[cube]
+    pub fn table_positions(inputs: &RunInputs) -> i32 {
+        inputs.ints[slots::TABLES as usize * inputs.slot_len as usize]
+    }
+
+    /// The query heads (the rows per batch entry of a table with both dimensions).
+    #[cube]
+    pub fn table_heads(inputs: &RunInputs) -> i32 {
+        inputs.ints[slots::TABLES as usize * inputs.slot_len as usize + 1]
+    }
+
+    /// `i` clamped to `0..len`.
+    #[cube]
+    pub fn table_clamp(i: i32, len: i32) -> i32 {
+        max_i32(min_i32(i, len - 1), 0)
+    }
+
+    /// Where, in its buffer, declared input number `table` holds the value of row `outer` (its
+    /// batch entry, head, or both flattened) at inner position `i` (clamped to `0..len`).
+    #[cube]
+    pub fn table_at(
+        inputs: &RunInputs,
+        outer: i32,
+        i: i32,
+        len: i32,
+        #[comptime] table: u32,
+    ) -> usize {
+        let info = slots::TABLES as usize * inputs.slot_len as usize;
+        let base = inputs.ints[info + 2 + table as usize];
+        (base + outer * len + table_clamp(i, len)) as usize
+    }
 
     /// `a.min(b)` on `i32`.
     #[cube]

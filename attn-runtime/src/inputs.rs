@@ -5,7 +5,7 @@
 
 use crate::error::AttnError;
 use crate::problem::Problem;
-use crate::variant::{Alibi, InputExtent, InputType, VariantSpec};
+use crate::variant::{Alibi, InputShape, InputType, VariantSpec};
 
 /// Slot numbers in the packed input buffers. Built-in inputs have fixed slots; a variant's own
 /// inputs follow, in declaration order, per element type.
@@ -18,8 +18,13 @@ pub mod slots {
     pub const K_OFFSETS: u32 = 2;
     /// `i32` slot: prefix length per sequence (prefix-LM).
     pub const PREFIX_LENGTHS: u32 = 3;
+    /// `i32` slot: where the tables lie (inputs with an inner dimension, or with both a batch
+    /// and a head one): the positions a `seq` dimension holds, the query heads, then each
+    /// declared input's first value in its buffer, by declaration index. Tables follow the
+    /// slots in their buffer, row-major.
+    pub const TABLES: u32 = 4;
     /// First `i32` slot of the variant's own inputs.
-    pub const FIRST_CUSTOM_INT: u32 = 4;
+    pub const FIRST_CUSTOM_INT: u32 = 5;
     /// `f32` slot: sink logit per query head.
     pub const SINKS: u32 = 0;
     /// `f32` slot: ALiBi slope per query head.
@@ -49,6 +54,42 @@ pub struct Inputs<'a> {
     pub ints: Vec<&'a [i32]>,
     /// The variant's own `f32` inputs, in declaration order.
     pub floats: Vec<&'a [f32]>,
+    /// The query heads and the positions a `seq` dimension holds, by which the host forms of
+    /// the expressions index tables; the runtime fills them in ([`Inputs::with_dims`]), callers
+    /// leave the default.
+    #[doc(hidden)]
+    pub dims: (usize, usize),
+}
+
+impl<'a> Inputs<'a> {
+    /// The same inputs, with the extents tables are indexed by for problem `p`.
+    pub fn with_dims(&self, p: &Problem) -> Inputs<'a> {
+        Inputs {
+            dims: (p.heads_q, positions(p)),
+            ..self.clone()
+        }
+    }
+}
+
+/// The values a `seq` dimension holds: the longer of Q's and K's sequence dimension (the
+/// packed totals for documents).
+pub fn positions(p: &Problem) -> usize {
+    p.seq_q.max(p.seq_k)
+}
+
+/// The element a table read takes on the host: `at` is `[b, h, inner index]`, the inner index
+/// clamped to the dimension's ends as the kernels do.
+pub fn table_entry(shape: InputShape, inputs: &Inputs, at: [i64; 3]) -> usize {
+    let (heads, positions) = inputs.dims;
+    let len = shape.inner_len(positions).max(1) as i64;
+    let mut outer = 0;
+    if shape.per_batch {
+        outer = at[0];
+    }
+    if shape.per_head {
+        outer = outer * if shape.per_batch { heads as i64 } else { 1 } + at[1];
+    }
+    (outer * len + at[2].clamp(0, len - 1)) as usize
 }
 
 /// The checked, packed form of a call's inputs, and the sequence geometry they imply.
@@ -139,7 +180,10 @@ pub fn pack(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Result<Packed, 
         unexpected("q_offsets", inputs.q_offsets, "documents")?;
         unexpected("k_offsets", inputs.k_offsets, "documents")?;
     }
-    let slot_len = (sequences + 1).max(p.heads_q).max(1);
+    let slot_len = (sequences + 1)
+        .max(p.heads_q)
+        .max(2 + spec.inputs.len())
+        .max(1);
     let (int_slots, float_slots) = used_slots(spec);
     // At least one value each: a device buffer cannot be empty. A variant without run-time inputs
     // uploads two values per call.
@@ -213,47 +257,80 @@ pub fn pack(spec: &VariantSpec, p: &Problem, inputs: &Inputs) -> Result<Packed, 
         }
         None => unexpected("alibi_slopes", inputs.alibi_slopes, "alibi")?,
     }
-    pack_custom(spec, p, inputs, sequences, slot_len, &mut ints, &mut floats)?;
-    Ok(Packed {
+    let mut packed = Packed {
         sequences,
         max_seq_q,
         slot_len,
         ints,
         floats,
-    })
+    };
+    pack_custom(spec, p, inputs, &mut packed)?;
+    Ok(packed)
 }
 
-/// The variant's own inputs into their slots, each checked for its declared extent.
+/// The variant's own inputs into their slots (or, for tables, after the slots, their places
+/// noted in [`slots::TABLES`]), each checked for its declared shape.
 fn pack_custom(
     spec: &VariantSpec,
     p: &Problem,
     inputs: &Inputs,
-    sequences: usize,
-    slot_len: usize,
-    ints: &mut [i32],
-    floats: &mut [f32],
+    packed: &mut Packed,
 ) -> Result<(), AttnError> {
+    let (sequences, slot_len) = (packed.sequences, packed.slot_len);
+    let (ints, floats) = (&mut packed.ints, &mut packed.floats);
     let (mut next_int, mut next_float) = (0, 0);
-    for decl in spec.inputs {
-        let (expected, what) = match decl.extent {
-            InputExtent::Scalar => (1, "a single value"),
-            InputExtent::PerBatch => (sequences, "one per sequence"),
-            InputExtent::PerHead => (p.heads_q, "one per query head"),
+    let positions = positions(p);
+    let tables = slots::TABLES as usize * slot_len;
+    if spec.inputs.iter().any(|d| d.shape.is_table()) {
+        ints[tables] = positions as i32;
+        ints[tables + 1] = p.heads_q as i32;
+    }
+    for (n, decl) in spec.inputs.iter().enumerate() {
+        let shape = decl.shape;
+        let expected = shape.len(sequences, p.heads_q, positions);
+        let what = describe(shape, decl.ty, [sequences, p.heads_q, positions]);
+        let data = match decl.ty {
+            InputType::I32 => inputs.ints.get(next_int).copied().map(Either::Int),
+            InputType::F32 => inputs.floats.get(next_float).copied().map(Either::Float),
         };
-        match decl.ty {
-            InputType::I32 => {
-                let at = (slots::FIRST_CUSTOM_INT as usize + next_int) * slot_len;
-                let data = inputs.ints.get(next_int).copied();
-                place(decl.name, data, expected, what, &mut ints[at..])?;
+        let data = data.ok_or(AttnError::Input {
+            input: decl.name,
+            reason: "the variant declares it, but none was given".into(),
+        })?;
+        if data.len() != expected {
+            return Err(AttnError::Input {
+                input: decl.name,
+                reason: format!("holds {} values; {what} expected", data.len()),
+            });
+        }
+        // A slot of its own, or a table after the slots.
+        let at = |first: u32, next: usize, buffer_len: usize| {
+            if shape.is_table() {
+                buffer_len
+            } else {
+                (first as usize + next) * slot_len
+            }
+        };
+        match data {
+            Either::Int(data) => {
+                let at = at(slots::FIRST_CUSTOM_INT, next_int, ints.len());
+                if shape.is_table() {
+                    ints[tables + 2 + n] = to_i32(at)?;
+                    ints.extend_from_slice(data);
+                } else {
+                    ints[at..at + data.len()].copy_from_slice(data);
+                }
                 next_int += 1;
             }
-            InputType::F32 => {
-                let at = (slots::FIRST_CUSTOM_FLOAT as usize + next_float) * slot_len;
-                let data = inputs.floats.get(next_float).copied();
-                if let Some(data) = data {
-                    finite(decl.name, data)?;
+            Either::Float(data) => {
+                finite(decl.name, data)?;
+                let at = at(slots::FIRST_CUSTOM_FLOAT, next_float, floats.len());
+                if shape.is_table() {
+                    ints[tables + 2 + n] = to_i32(at)?;
+                    floats.extend_from_slice(data);
+                } else {
+                    floats[at..at + data.len()].copy_from_slice(data);
                 }
-                place(decl.name, data, expected, what, &mut floats[at..])?;
                 next_float += 1;
             }
         }
@@ -271,26 +348,58 @@ fn pack_custom(
     Ok(())
 }
 
-/// One declared input into the start of its slot, once its length is checked.
-fn place<T: Copy>(
-    input: &'static str,
-    data: Option<&[T]>,
-    expected: usize,
-    what: &str,
-    slot: &mut [T],
-) -> Result<(), AttnError> {
-    let data = data.ok_or(AttnError::Input {
-        input,
-        reason: "the variant declares it, but none was given".into(),
-    })?;
-    if data.len() != expected {
-        return Err(AttnError::Input {
-            input,
-            reason: format!("holds {} values; {what} ({expected}) expected", data.len()),
-        });
+/// One declared input's values, of either element type.
+enum Either<'a> {
+    Int(&'a [i32]),
+    Float(&'a [f32]),
+}
+
+impl Either<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Either::Int(d) => d.len(),
+            Either::Float(d) => d.len(),
+        }
     }
-    slot[..expected].copy_from_slice(data);
-    Ok(())
+}
+
+/// What an input of `shape` holds, for messages: "one per query head (8)", "`[f32; heads, 32]`:
+/// 8 query heads × 32 = 256 values".
+fn describe(shape: InputShape, ty: InputType, [sequences, heads, positions]: [usize; 3]) -> String {
+    use crate::variant::Inner;
+    match (shape.per_batch, shape.per_head, shape.inner) {
+        (false, false, Inner::None) => return "a single value".to_string(),
+        (true, false, Inner::None) => return format!("one per sequence ({sequences})"),
+        (false, true, Inner::None) => return format!("one per query head ({heads})"),
+        _ => {}
+    }
+    let mut dims = Vec::new();
+    if shape.per_batch {
+        dims.push(format!("{sequences} sequences"));
+    }
+    if shape.per_head {
+        dims.push(format!("{heads} query heads"));
+    }
+    match shape.inner {
+        Inner::None => {}
+        Inner::Seq => dims.push(format!("{positions} positions")),
+        Inner::Fixed(n) => dims.push(n.to_string()),
+    }
+    format!(
+        "`{}`: {} = {} values",
+        shape.declared(if ty == InputType::I32 { "i32" } else { "f32" }),
+        dims.join(" × "),
+        shape.len(sequences, heads, positions)
+    )
+}
+
+/// A table's place in its buffer as the `i32` the kernels read.
+fn to_i32(at: usize) -> Result<i32, AttnError> {
+    i32::try_from(at).map_err(|_| AttnError::TooLarge {
+        what: "the run-time inputs' values",
+        found: at,
+        max: i32::MAX as usize,
+    })
 }
 
 /// The standard ALiBi slopes for `heads` query heads: `2^(−8(h+1)/n)` when `n` is a power of
@@ -318,6 +427,8 @@ fn used_slots(spec: &VariantSpec) -> (usize, usize) {
     let custom_ints = count(InputType::I32);
     let int_slots = if custom_ints > 0 {
         slots::FIRST_CUSTOM_INT as usize + custom_ints
+    } else if spec.inputs.iter().any(|d| d.shape.is_table()) {
+        slots::TABLES as usize + 1
     } else if mask.prefix_lm {
         slots::PREFIX_LENGTHS as usize + 1
     } else if mask.documents {
@@ -462,6 +573,7 @@ impl OwnedInputs {
             alibi_slopes: self.alibi_slopes.as_deref(),
             ints: self.ints.iter().map(Vec::as_slice).collect(),
             floats: self.floats.iter().map(Vec::as_slice).collect(),
+            dims: (0, 0),
         }
     }
 

@@ -52,7 +52,7 @@ pub use launch::{
 pub use problem::Problem;
 pub use tensor::{supports, ComputeClient, Element, Tensor};
 pub use variant::{
-    Alibi, CausalAlignment, DType, HeadGrouping, InputDecl, InputExtent, InputType, MaskSpec,
+    Alibi, CausalAlignment, DType, HeadGrouping, Inner, InputDecl, InputShape, InputType, MaskSpec,
     ScoreFlags, ScoreSpec, Tiling, Variant, VariantSpec, Window,
 };
 

@@ -149,6 +149,7 @@ fn modified<V: Variant>(
 /// Query/key pairs that take part in a call (for FLOP counts). Without a custom mask every
 /// head sees the same pairs, so one head is counted and multiplied.
 pub fn visible_pairs<V: Variant>(p: &Problem, packed: &Packed, inputs: &Inputs) -> u64 {
+    let inputs = &inputs.with_dims(p);
     let heads = if V::SPEC.mask.custom { p.heads_q } else { 1 };
     let mut pairs = 0u64;
     for s in sequences(&V::SPEC, p, packed, inputs) {
@@ -177,6 +178,7 @@ fn attention_with<V: Variant>(
     round: &dyn Fn(f64) -> f64,
     acc_round: &dyn Fn(f64) -> f64,
 ) -> Reference {
+    let inputs = &inputs.with_dims(p);
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
     let slopes = slopes_f64(spec, p, inputs);
@@ -376,6 +378,7 @@ fn backward_with<V: Variant>(
     round: &dyn Fn(f64) -> f64,
     acc_round: &dyn Fn(f64) -> f64,
 ) -> GradsF64 {
+    let inputs = &inputs.with_dims(p);
     let spec = &V::SPEC;
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
     let scale = spec.softmax_scale();
@@ -386,25 +389,27 @@ fn backward_with<V: Variant>(
     let mut d_sinks = vec![0.0; if spec.score.sinks { p.heads_q } else { 0 }];
     let given = spec.score.alibi == Some(Alibi::Given);
     let mut d_alibi_slopes = vec![0.0; if given { p.heads_q } else { 0 }];
-    let learned: Vec<(usize, crate::variant::InputExtent)> = spec
-        .inputs
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| d.ty == crate::variant::InputType::F32)
-        .map(|(i, d)| (i, d.extent))
+    // The learnable inputs' gradients (declaration index each), and which of them each table
+    // read of the score expression adds to.
+    let learned: Vec<usize> = (0..spec.inputs.len())
+        .filter(|&i| spec.inputs[i].learnable())
         .collect();
+    let positions = crate::inputs::positions(p);
     let mut d_inputs: Vec<Vec<f64>> = learned
         .iter()
-        .map(|&(_, extent)| {
+        .map(|&i| {
             vec![
                 0.0;
-                match extent {
-                    crate::variant::InputExtent::Scalar => 1,
-                    crate::variant::InputExtent::PerBatch => packed.sequences,
-                    crate::variant::InputExtent::PerHead => p.heads_q,
-                }
+                spec.inputs[i]
+                    .shape
+                    .len(packed.sequences, p.heads_q, positions)
             ]
         })
+        .collect();
+    let read_of: Vec<Option<usize>> = spec
+        .score_reads
+        .iter()
+        .map(|&decl| learned.iter().position(|&i| i == decl as usize))
         .collect();
     for s in sequences(spec, p, packed, inputs) {
         for h in 0..p.heads_q {
@@ -488,15 +493,28 @@ fn backward_with<V: Variant>(
                         modified_slope::<V>(raw[j], &s, [h, i, j], &slopes, inputs);
                     let d_score = pj * (dps[j] - delta);
                     let ds = round(d_score * slope);
-                    for (n, &(decl, extent)) in learned.iter().enumerate() {
-                        let at = match extent {
-                            crate::variant::InputExtent::Scalar => 0,
-                            crate::variant::InputExtent::PerBatch => s.index,
-                            crate::variant::InputExtent::PerHead => h,
+                    let (b, hh, qi64, kj64) = (s.index as i64, h as i64, i as i64, j as i64);
+                    for (n, &decl) in learned.iter().enumerate() {
+                        let shape = spec.inputs[decl].shape;
+                        if shape.is_table() {
+                            continue;
+                        }
+                        let at = if shape.per_batch {
+                            s.index
+                        } else if shape.per_head {
+                            h
+                        } else {
+                            0
                         };
-                        let (b, hh, qi64, kj64) = (s.index as i64, h as i64, i as i64, j as i64);
                         let dx = V::host_score_input_grad(pre, b, hh, qi64, kj64, inputs, decl);
                         d_inputs[n][at] = acc_round(d_inputs[n][at] + d_score * dx);
+                    }
+                    for (read, n) in read_of.iter().enumerate() {
+                        if let Some(n) = *n {
+                            let at = V::host_read_index(b, hh, qi64, kj64, inputs, read);
+                            let dx = V::host_score_read_grad(pre, b, hh, qi64, kj64, inputs, read);
+                            d_inputs[n][at] = acc_round(d_inputs[n][at] + d_score * dx);
+                        }
                     }
                     if given {
                         let distance = (i as i64 + shift(spec, &s) - j as i64).abs() as f64;
@@ -702,11 +720,7 @@ impl OwnedInputs {
             inputs.alibi_slopes = Some((0..heads_q).map(|_| rng.random_range(0.0..0.5)).collect());
         }
         for decl in spec.inputs {
-            let len = match decl.extent {
-                crate::variant::InputExtent::Scalar => 1,
-                crate::variant::InputExtent::PerBatch => sequences,
-                crate::variant::InputExtent::PerHead => heads_q,
-            };
+            let len = decl.shape.len(sequences, heads_q, seq_q.max(seq_k));
             match decl.ty {
                 crate::variant::InputType::I32 => inputs
                     .ints

@@ -1,6 +1,6 @@
 //! What a declared variant tells the runtime: its compile-time facts and its tile candidates.
 
-pub use attn_types::{Alibi, CausalAlignment, DType, HeadGrouping, Tiling};
+pub use attn_types::{Alibi, CausalAlignment, DType, HeadGrouping, Inner, InputShape, Tiling};
 
 use crate::hooks::Hooks;
 use crate::inputs::Inputs;
@@ -175,17 +175,6 @@ pub enum InputType {
     F32,
 }
 
-/// How many values a declared run-time input holds.
-#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
-pub enum InputExtent {
-    /// One value.
-    Scalar,
-    /// One per batch entry (or document).
-    PerBatch,
-    /// One per query head.
-    PerHead,
-}
-
 /// A run-time input declared in a variant's `inputs: { … }`.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct InputDecl {
@@ -193,8 +182,17 @@ pub struct InputDecl {
     pub name: &'static str,
     /// Element type.
     pub ty: InputType,
-    /// Extent.
-    pub extent: InputExtent,
+    /// Shape.
+    pub shape: InputShape,
+}
+
+impl InputDecl {
+    /// Whether the backward computes this input's gradient: an `f32` input without a `seq`
+    /// dimension (a per-position table's gradient would need one sum per position; it is left
+    /// out of [`crate::Grads::d_inputs`]).
+    pub const fn learnable(&self) -> bool {
+        matches!(self.ty, InputType::F32) && !matches!(self.shape.inner, Inner::Seq)
+    }
 }
 
 /// The compile-time facts of a declared variant.
@@ -216,6 +214,9 @@ pub struct VariantSpec {
     pub score: ScoreSpec,
     /// Run-time inputs the variant's expressions read, in declaration order.
     pub inputs: &'static [InputDecl],
+    /// The input (declaration index) each table read of the score expression reads, by read
+    /// number ([`crate::Hooks::score_read_grad`]).
+    pub score_reads: &'static [u32],
     /// Softmax scale; `None` means `1/√head_dim`.
     pub scale: Option<f64>,
     /// Tile shapes the launcher and the tuner may use, in order of preference.
@@ -287,5 +288,33 @@ pub trait Variant: 'static {
         _input: usize,
     ) -> f64 {
         0.0
+    }
+
+    /// `∂ score / ∂ x` on the host for the element `x` that table read number `read` of the
+    /// score expression reads at this pair (the macro's derivative).
+    #[allow(clippy::too_many_arguments)]
+    fn host_score_read_grad(
+        _s: f64,
+        _b: i64,
+        _h: i64,
+        _q: i64,
+        _k: i64,
+        _inputs: &Inputs,
+        _read: usize,
+    ) -> f64 {
+        0.0
+    }
+
+    /// Which element (flat, row-major, within its table) table read number `read` of the score
+    /// expression reads at this pair.
+    fn host_read_index(
+        _b: i64,
+        _h: i64,
+        _q: i64,
+        _k: i64,
+        _inputs: &Inputs,
+        _read: usize,
+    ) -> usize {
+        0
     }
 }

@@ -84,3 +84,81 @@ impl Tiling {
         self.block_kv as usize * (head_dim + value_dim) as usize * 4
     }
 }
+
+/// The shape of a run-time input a variant declares (`inputs: { name: [f32; heads, 32] }`):
+/// optional leading batch and head dimensions, which expressions index with `b` and `h`, then
+/// optionally one inner dimension (one value per position, or a fixed count such as T5's
+/// buckets), which they index with any `i32` expression, clamped to its ends.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct InputShape {
+    /// A leading dimension of one value per sequence (batch entry or document).
+    pub per_batch: bool,
+    /// A dimension of one value per query head (after the batch one).
+    pub per_head: bool,
+    /// The inner dimension.
+    pub inner: Inner,
+}
+
+/// The inner dimension of a declared input.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum Inner {
+    /// None: one value per `b` and `h` index.
+    None,
+    /// One value per position (`seq`): as many as the longer of Q's and K's sequence dimension.
+    Seq,
+    /// A fixed count, written as a literal.
+    Fixed(u32),
+}
+
+impl InputShape {
+    /// A single value.
+    pub const SCALAR: InputShape = InputShape {
+        per_batch: false,
+        per_head: false,
+        inner: Inner::None,
+    };
+
+    /// Whether it is stored as a table beside the fixed slots (an inner dimension, or both a
+    /// batch and a head dimension); the others fill one slot each.
+    pub const fn is_table(&self) -> bool {
+        !matches!(self.inner, Inner::None) || (self.per_batch && self.per_head)
+    }
+
+    /// Values along the inner dimension: its count, `positions` for `seq`, 1 without one.
+    pub const fn inner_len(&self, positions: usize) -> usize {
+        match self.inner {
+            Inner::None => 1,
+            Inner::Seq => positions,
+            Inner::Fixed(n) => n as usize,
+        }
+    }
+
+    /// Values in all, row-major: `[sequences?, heads?, inner]`.
+    pub const fn len(&self, sequences: usize, heads: usize, positions: usize) -> usize {
+        let batch = if self.per_batch { sequences } else { 1 };
+        let head = if self.per_head { heads } else { 1 };
+        batch * head * self.inner_len(positions)
+    }
+
+    /// As a declaration writes it, for element type `ty`: `f32`, `[i32; batch]`,
+    /// `[f32; heads, 32]`.
+    pub fn declared(&self, ty: &str) -> String {
+        let mut dims = Vec::new();
+        if self.per_batch {
+            dims.push("batch".to_string());
+        }
+        if self.per_head {
+            dims.push("heads".to_string());
+        }
+        match self.inner {
+            Inner::None => {}
+            Inner::Seq => dims.push("seq".to_string()),
+            Inner::Fixed(n) => dims.push(n.to_string()),
+        }
+        if dims.is_empty() {
+            ty.to_string()
+        } else {
+            format!("[{ty}; {}]", dims.join(", "))
+        }
+    }
+}

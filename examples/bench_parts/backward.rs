@@ -3,7 +3,8 @@
 //! the fastest family, the default of the next, the portable kernels only where nothing else
 //! runs; `--plans a,b` keeps to the named ones), each timed; the fastest plan's gradients
 //! are written beside the forward's files (`do.bin`, `dq.bin`, `dk.bin`, `dv.bin`,
-//! same dtype and layouts as Q, K, V) with the timings in `backward.json`, for
+//! same dtype and layouts as Q, K, V; `dsinks.bin` and `dtable.bin`, f32, for sinks and a
+//! learnable table) with the timings in `backward.json`, for
 //! `bench/backward.py` to check against float64 and time PyTorch's backward passes on the same
 //! data. Last, `backward` itself runs and is timed: the plan the tuner settles on.
 
@@ -106,6 +107,10 @@ pub fn run_backward<V: Variant>(
     write_raw(&dir.join("dv.bin"), &grads.dv.to_vec(client));
     if let Some(d_sinks) = &grads.d_sinks {
         write_raw(&dir.join("dsinks.bin"), &d_sinks.to_vec(client));
+    }
+    // A learnable table's gradient (the first learnable input), f32.
+    if let Some((_, d_table)) = grads.d_inputs.first() {
+        write_raw(&dir.join("dtable.bin"), &d_table.to_vec(client));
     }
     let times_json: Vec<String> = times.iter().map(|t| format!("{t:.4}")).collect();
     let median = sorted_median(&times);

@@ -6,7 +6,7 @@ use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote};
 
 use super::paths;
-use crate::expr::{Func, InputDecl, Node, Op, Param, Ty, Typed};
+use crate::expr::{Func, Inner, InputDecl, InputShape, Node, Op, Param, TableRead, Ty, Typed};
 
 fn param(p: Param) -> Ident {
     Ident::new(p.ident(), Span::call_site())
@@ -38,12 +38,74 @@ fn slot_index(decl: &InputDecl) -> TokenStream {
         Ty::Float => quote!(#slots::FIRST_CUSTOM_FLOAT),
         _ => quote!(#slots::FIRST_CUSTOM_INT),
     };
-    let at = match decl.extent {
-        crate::expr::Extent::Scalar => quote!(0u32),
-        crate::expr::Extent::Batch => quote!((b as u32)),
-        crate::expr::Extent::Heads => quote!((h as u32)),
+    let at = if decl.shape.per_batch {
+        quote!((b as u32))
+    } else if decl.shape.per_head {
+        quote!((h as u32))
+    } else {
+        quote!(0u32)
     };
     quote!(((#first + #index) * inputs.slot_len + #at) as usize)
+}
+
+/// The `#[cube]` place of a table read in its buffer, as a `usize` index.
+fn cube_table_at(t: &TableRead, inputs: &[InputDecl]) -> TokenStream {
+    let helpers = paths::expr_helpers();
+    let shape = inputs[t.input].shape;
+    let outer = match (shape.per_batch, shape.per_head) {
+        (true, true) => quote!((b * #helpers::table_heads(inputs) + h)),
+        (true, false) => quote!(b),
+        (false, true) => quote!(h),
+        (false, false) => quote!(0i32),
+    };
+    let len = cube_table_len(shape);
+    let i = cube(&t.index, inputs);
+    let table = t.input as u32;
+    quote!(#helpers::table_at(inputs, #outer, #i, #len, #table))
+}
+
+/// The `#[cube]` length of a table's inner dimension, as an `i32`.
+pub fn cube_table_len(shape: InputShape) -> TokenStream {
+    let helpers = paths::expr_helpers();
+    match shape.inner {
+        Inner::Fixed(n) => {
+            let n = Literal::i32_suffixed(n as i32);
+            quote!(#n)
+        }
+        Inner::Seq => quote!(#helpers::table_positions(inputs)),
+        Inner::None => quote!(1i32),
+    }
+}
+
+/// `attn::InputShape { … }` as a constant expression.
+pub fn shape_tokens(shape: InputShape) -> TokenStream {
+    let attn = paths::attn();
+    let (per_batch, per_head) = (shape.per_batch, shape.per_head);
+    let inner = match shape.inner {
+        Inner::None => quote!(#attn::Inner::None),
+        Inner::Seq => quote!(#attn::Inner::Seq),
+        Inner::Fixed(n) => quote!(#attn::Inner::Fixed(#n)),
+    };
+    quote!(#attn::InputShape { per_batch: #per_batch, per_head: #per_head, inner: #inner })
+}
+
+/// The host place of a table read in its table (`inputs.ints[n]` or `inputs.floats[n]`).
+pub fn host_table_at(t: &TableRead, inputs: &[InputDecl]) -> TokenStream {
+    let attn = paths::attn();
+    let shape = inputs[t.input].shape;
+    let b = if shape.per_batch {
+        quote!(b)
+    } else {
+        quote!(0i64)
+    };
+    let h = if shape.per_head {
+        quote!(h)
+    } else {
+        quote!(0i64)
+    };
+    let i = host(&t.index, inputs);
+    let shape = shape_tokens(shape);
+    quote!(#attn::inputs::table_entry(#shape, inputs, [#b, #h, #i]))
 }
 
 /// `#[cube]` code of an expression (parameters `s, b, h, q, k` and the run-time `inputs` in
@@ -68,6 +130,13 @@ pub fn cube(e: &Typed, inputs: &[InputDecl]) -> TokenStream {
             let decl = &inputs[*i];
             let at = slot_index(decl);
             match decl.ty {
+                Ty::Float => quote!(inputs.floats[#at]),
+                _ => quote!(inputs.ints[#at]),
+            }
+        }
+        Node::Table(t) => {
+            let at = cube_table_at(t, inputs);
+            match inputs[t.input].ty {
                 Ty::Float => quote!(inputs.floats[#at]),
                 _ => quote!(inputs.ints[#at]),
             }
@@ -140,12 +209,22 @@ pub fn host(e: &Typed, inputs: &[InputDecl]) -> TokenStream {
         Node::Input(i) => {
             let decl = &inputs[*i];
             let index = decl.index;
-            let at = match decl.extent {
-                crate::expr::Extent::Scalar => quote!(0usize),
-                crate::expr::Extent::Batch => quote!((b as usize)),
-                crate::expr::Extent::Heads => quote!((h as usize)),
+            let at = if decl.shape.per_batch {
+                quote!((b as usize))
+            } else if decl.shape.per_head {
+                quote!((h as usize))
+            } else {
+                quote!(0usize)
             };
             match decl.ty {
+                Ty::Float => quote!((inputs.floats[#index][#at] as f64)),
+                _ => quote!((inputs.ints[#index][#at] as i64)),
+            }
+        }
+        Node::Table(t) => {
+            let index = inputs[t.input].index;
+            let at = host_table_at(t, inputs);
+            match inputs[t.input].ty {
                 Ty::Float => quote!((inputs.floats[#index][#at] as f64)),
                 _ => quote!((inputs.ints[#index][#at] as i64)),
             }
@@ -376,6 +455,7 @@ impl<'a> Intervals<'a> {
                 }
             }
             Node::Float(_) | Node::Cast(..) => unreachable!("floats are not boundable"),
+            Node::Table(_) => unreachable!("tables are not boundable"),
         }
     }
 }

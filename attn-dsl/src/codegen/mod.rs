@@ -12,7 +12,7 @@ mod paths;
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 
-use crate::expr::{Closure, Extent, InputDecl, Node, Param, Ty, Typed};
+use crate::expr::{Closure, InputDecl, InputShape, Node, Param, Ty, Typed};
 use crate::plan::{KernelPlan, Phase};
 use crate::spec::{Alibi, CausalAlignment, DType, HeadGrouping, Spec};
 
@@ -321,13 +321,13 @@ fn variant_spec(plan: &KernelPlan, dtype: DType) -> TokenStream {
             Ty::Float => quote!(#attn::InputType::F32),
             _ => quote!(#attn::InputType::I32),
         };
-        let extent = match d.extent {
-            Extent::Scalar => quote!(#attn::InputExtent::Scalar),
-            Extent::Batch => quote!(#attn::InputExtent::PerBatch),
-            Extent::Heads => quote!(#attn::InputExtent::PerHead),
-        };
-        quote!(#attn::InputDecl { name: #name, ty: #ty, extent: #extent })
+        let shape = expr::shape_tokens(d.shape);
+        quote!(#attn::InputDecl { name: #name, ty: #ty, shape: #shape })
     });
+    let score_reads = spec
+        .score
+        .as_ref()
+        .map_or(Vec::new(), |c| c.reads.iter().map(|&i| i as u32).collect());
     let scale = opt_f64(spec.scale.map(|s| s.value));
     let head_dim = spec.head_dim.value;
     let value_dim = spec.value_dim();
@@ -359,6 +359,7 @@ fn variant_spec(plan: &KernelPlan, dtype: DType) -> TokenStream {
                 sinks: #sinks,
             },
             inputs: &[#(#inputs),*],
+            score_reads: &[#(#score_reads),*],
             scale: #scale,
             tilings: &[#(#tilings),*],
         }
@@ -370,6 +371,11 @@ fn reads_inputs(e: &Typed, inputs: &[InputDecl]) -> (bool, bool) {
     let merge = |a: (bool, bool), b: (bool, bool)| (a.0 || b.0, a.1 || b.1);
     match &e.node {
         Node::Input(i) => (inputs[*i].ty != Ty::Float, inputs[*i].ty == Ty::Float),
+        // A table's place is read from the `i32` buffer.
+        Node::Table(t) => merge(
+            (true, inputs[t.input].ty == Ty::Float),
+            reads_inputs(&t.index, inputs),
+        ),
         Node::Neg(x) | Node::Not(x) | Node::Cast(_, x) => reads_inputs(x, inputs),
         Node::Binary(_, a, b) => merge(reads_inputs(a, inputs), reads_inputs(b, inputs)),
         Node::Call(_, x, args) => args.iter().fold(reads_inputs(x, inputs), |acc, a| {
@@ -383,17 +389,147 @@ fn reads_inputs(e: &Typed, inputs: &[InputDecl]) -> (bool, bool) {
     }
 }
 
-/// The derivatives of a score expression with respect to each declared `f32` input, by the
-/// input's declaration index (`None` for the others).
+/// The derivatives of a score expression with respect to each declared `f32` input that is not
+/// a table, by the input's declaration index (`None` for the others).
 fn input_derivatives(body: &Typed, inputs: &[InputDecl]) -> Vec<Option<Typed>> {
     inputs
         .iter()
         .enumerate()
         .map(|(i, decl)| {
-            (decl.ty == Ty::Float)
+            (decl.ty == Ty::Float && !decl.shape.is_table())
                 .then(|| crate::derive::derivative(body, crate::derive::Var::Input(i)))
         })
         .collect()
+}
+
+/// The score expression's table reads, in read order: each read's derivative and the read
+/// itself (with its index expression).
+fn read_derivatives(body: &Typed) -> Vec<(Typed, crate::expr::TableRead)> {
+    let mut reads = Vec::new();
+    collect_reads(body, &mut reads);
+    reads.sort_by_key(|r| r.read);
+    reads
+        .into_iter()
+        .map(|r| {
+            (
+                crate::derive::derivative(body, crate::derive::Var::Read(r.read)),
+                r,
+            )
+        })
+        .collect()
+}
+
+fn collect_reads(e: &Typed, out: &mut Vec<crate::expr::TableRead>) {
+    match &e.node {
+        Node::Table(t) => {
+            out.push((**t).clone());
+            collect_reads(&t.index, out);
+        }
+        Node::Neg(x) | Node::Not(x) | Node::Cast(_, x) => collect_reads(x, out),
+        Node::Binary(_, a, b) => {
+            collect_reads(a, out);
+            collect_reads(b, out);
+        }
+        Node::Call(_, x, args) => {
+            collect_reads(x, out);
+            for a in args {
+                collect_reads(a, out);
+            }
+        }
+        Node::If(c, a, b) => {
+            collect_reads(c, out);
+            collect_reads(a, out);
+            collect_reads(b, out);
+        }
+        Node::Param(_) | Node::Int(_) | Node::Float(_) | Node::Bool(_) | Node::Input(_) => {}
+    }
+}
+
+/// `Hooks::score_read_grad` and `Hooks::read_position`: each table read's derivative and inner
+/// position, selected by read number.
+fn cube_read_grads(
+    body: Option<&Typed>,
+    inputs: &[InputDecl],
+    run_inputs: &TokenStream,
+) -> TokenStream {
+    let reads = body.map_or_else(Vec::new, read_derivatives);
+    let grads: Vec<&Typed> = reads.iter().map(|(d, _)| d).collect();
+    let [s, b, h, q, k, inp] = grad_params(&grads, inputs);
+    let which = if reads.is_empty() {
+        format_ident!("_read")
+    } else {
+        format_ident!("read")
+    };
+    let mut value = quote!(0.0f32);
+    for (d, r) in reads.iter().rev() {
+        let n = r.read as u32;
+        let d = expr::cube(d, inputs);
+        value = quote!(select(#which == #n, #d, #value));
+    }
+    let indices: Vec<&Typed> = reads.iter().map(|(_, r)| &r.index).collect();
+    let [_, pb, ph, pq, pk, pinp] = grad_params(&indices, inputs);
+    let helpers = paths::expr_helpers();
+    let mut position = quote!(0i32);
+    for (_, r) in reads.iter().rev() {
+        let n = r.read as u32;
+        let i = expr::cube(&r.index, inputs);
+        let len = expr::cube_table_len(inputs[r.input].shape);
+        position = quote!(select(#which == #n, #helpers::table_clamp(#i, #len), #position));
+    }
+    // The inner length of a `seq` table reads the buffer too.
+    let pinp = if reads
+        .iter()
+        .any(|(_, r)| inputs[r.input].shape.inner == crate::expr::Inner::Seq)
+    {
+        format_ident!("inputs")
+    } else {
+        pinp
+    };
+    quote! {
+        fn score_read_grad(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs, #which: u32) -> f32 {
+            #value
+        }
+        fn read_position(#pb: i32, #ph: i32, #pq: i32, #pk: i32, #pinp: &#run_inputs, #which: u32) -> u32 {
+            #position as u32
+        }
+    }
+}
+
+/// `Variant::host_score_read_grad` and `Variant::host_read_index`, the host forms of
+/// [`cube_read_grads`].
+fn host_read_grads(body: &Typed, inputs: &[InputDecl]) -> TokenStream {
+    let attn = paths::attn();
+    let reads = read_derivatives(body);
+    if reads.is_empty() {
+        return quote!();
+    }
+    let grads: Vec<&Typed> = reads.iter().map(|(d, _)| d).collect();
+    let [s, b, h, q, k, inp] = grad_params(&grads, inputs);
+    let arms = reads.iter().map(|(d, r)| {
+        let n = r.read;
+        let d = expr::host(d, inputs);
+        quote!(#n => #d,)
+    });
+    let places = reads.iter().map(|(_, r)| {
+        let n = r.read;
+        let at = expr::host_table_at(r, inputs);
+        quote!(#n => #at,)
+    });
+    quote! {
+        fn host_score_read_grad(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs, read: usize) -> f64 {
+            match read {
+                #(#arms)*
+                _ => 0.0,
+            }
+        }
+        #[allow(unused_variables)]
+        fn host_read_index(b: i64, h: i64, q: i64, k: i64, inputs: &#attn::Inputs, read: usize) -> usize {
+            match read {
+                #(#places)*
+                _ => 0,
+            }
+        }
+    }
 }
 
 /// The parameter names of a function whose body is `bodies` (a leading `_` on the unused).
@@ -520,6 +656,7 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
         let ginp = named(gi || gf, "inputs");
         let grad_body = expr::host(&grad, inputs);
         let input_grads = host_input_grads(&c.body, inputs);
+        let read_grads = host_read_grads(&c.body, inputs);
         quote! {
             fn host_score(#s: f64, #b: i64, #h: i64, #q: i64, #k: i64, #inp: &#attn::Inputs) -> f64 {
                 #body
@@ -528,6 +665,7 @@ fn host_fns(plan: &KernelPlan) -> TokenStream {
                 #grad_body
             }
             #input_grads
+            #read_grads
         }
     });
     let classify = spec.mask.custom.as_ref().filter(|_| plan.custom_bounds).map(|c| {
@@ -592,6 +730,7 @@ fn hooks(plan: &KernelPlan, target: &TokenStream) -> TokenStream {
             .as_ref()
             .map_or(quote!(1.0f32), |g| expr::cube(g, inputs));
         let input_grads = cube_input_grads(c.map(|c| &c.body), inputs, &run_inputs);
+        let read_grads = cube_read_grads(c.map(|c| &c.body), inputs, &run_inputs);
         quote! {
             fn score(#s: f32, #b: i32, #h: i32, #q: i32, #k: i32, #inp: &#run_inputs) -> f32 {
                 #body
@@ -600,6 +739,7 @@ fn hooks(plan: &KernelPlan, target: &TokenStream) -> TokenStream {
                 #grad_body
             }
             #input_grads
+            #read_grads
         }
     };
     let classify = match mask_body.filter(|_| plan.custom_bounds) {
@@ -649,6 +789,28 @@ fn hooks(plan: &KernelPlan, target: &TokenStream) -> TokenStream {
             }
         };
     }
+}
+
+/// How an input of `shape` lies in its slice, for the generated docs: "row-major `[B, Hq, 32]`".
+fn layout(shape: InputShape) -> String {
+    let mut dims = Vec::new();
+    if shape.per_batch {
+        dims.push("B".to_string());
+    }
+    if shape.per_head {
+        dims.push("Hq".to_string());
+    }
+    match shape.inner {
+        crate::expr::Inner::None => {}
+        crate::expr::Inner::Seq => dims.push("max(Nq, Nk)".to_string()),
+        crate::expr::Inner::Fixed(n) => dims.push(n.to_string()),
+    }
+    let what = match (shape.per_batch, shape.per_head, shape.inner) {
+        (true, false, crate::expr::Inner::None) => "one value per sequence",
+        (false, true, crate::expr::Inner::None) => "one value per query head",
+        _ => "row-major",
+    };
+    format!("{what}, `[{}]`", dims.join(", "))
 }
 
 /// The typed run-time inputs of a variant: exactly the fields its declaration needs.
@@ -711,22 +873,18 @@ fn inputs_struct(spec: &Spec, inputs_name: &proc_macro2::Ident) -> TokenStream {
             Ty::Float => quote!(f32),
             _ => quote!(i32),
         };
-        let (ty, value, doc) = match d.extent {
-            Extent::Scalar => (
+        let (ty, value, doc) = if d.shape == InputShape::SCALAR {
+            (
                 scalar,
                 quote!(::core::slice::from_ref(&self.#f)),
                 format!("`{f}`, as the declaration's expressions read it."),
-            ),
-            Extent::Batch => (
+            )
+        } else {
+            (
                 quote!(&'a [#scalar]),
                 quote!(self.#f),
-                format!("`{f}`, one value per sequence (`[B]`)."),
-            ),
-            Extent::Heads => (
-                quote!(&'a [#scalar]),
-                quote!(self.#f),
-                format!("`{f}`, one value per query head (`[Hq]`)."),
-            ),
+                format!("`{f}`: {}.", layout(d.shape)),
+            )
         };
         fields.push(quote!(#[doc = #doc] pub #f: #ty,));
         if d.ty == Ty::Float {

@@ -16,7 +16,7 @@ use crate::kv_cache::KvCache;
 use crate::launch::{is_cpu_emulated, launch, Lse, Output};
 use crate::problem::Problem;
 use crate::tensor::{ComputeClient, Element, Tensor};
-use crate::variant::{DType, HeadGrouping, InputExtent, InputType, Variant, VariantSpec};
+use crate::variant::{DType, HeadGrouping, InputType, Variant, VariantSpec};
 use crate::AttnError;
 
 /// The shapes `attn-tune` tunes each variant on: every sequence length (queries = keys) crossed
@@ -668,17 +668,14 @@ struct TypicalInputs {
 impl TypicalInputs {
     fn new(spec: &VariantSpec, point: ShapePoint) -> Self {
         let sequences = point.batch;
-        let extent = |e: InputExtent| match e {
-            InputExtent::Scalar => 1,
-            InputExtent::PerBatch => sequences,
-            InputExtent::PerHead => point.heads_q,
-        };
+        let extent =
+            |shape: crate::variant::InputShape| shape.len(sequences, point.heads_q, point.seq);
         let mut ints = Vec::new();
         let mut floats = Vec::new();
         for decl in spec.inputs {
             match decl.ty {
-                InputType::I32 => ints.push(vec![16; extent(decl.extent)]),
-                InputType::F32 => floats.push(vec![0.5; extent(decl.extent)]),
+                InputType::I32 => ints.push(vec![16; extent(decl.shape)]),
+                InputType::F32 => floats.push(vec![0.5; extent(decl.shape)]),
             }
         }
         TypicalInputs {
@@ -706,6 +703,7 @@ impl TypicalInputs {
                 .then_some(&self.slopes[..]),
             ints: self.ints.iter().map(|v| &v[..]).collect(),
             floats: self.floats.iter().map(|v| &v[..]).collect(),
+            dims: (0, 0),
         }
     }
 }

@@ -648,27 +648,58 @@ pub fn backward_dq<E: Float, M: Hooks>(
 }
 
 /// The learnable run-time inputs whose gradients the dQ kernel sums: up to [`MAX_LEARNED`]
-/// declared `f32` inputs (by declaration index, with their extent: 0 scalar, 1 per batch entry or
-/// document, 2 per head) and the given ALiBi slopes.
+/// declared `f32` inputs ([`crate::InputDecl::learnable`]) and the given ALiBi slopes. Each cube
+/// reads one element of an input without an inner dimension (its batch entry's, its head's), and
+/// up to `width` elements of a table's (the inner dimension of its batch entry's or head's row):
+/// one gradient slot each, the inputs' slots in declaration order, the slopes' last.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Default)]
 pub struct LearnConfig {
-    /// Declared `f32` inputs.
+    /// Learnable inputs.
     pub count: u32,
-    /// Their declaration indices.
-    pub decl: [u32; MAX_LEARNED],
-    /// Their extents (0 scalar, 1 per batch, 2 per head).
-    pub extent: [u32; MAX_LEARNED],
+    /// Each one's place among the gradient slots, shape and declaration index.
+    pub inputs: [Learned; MAX_LEARNED],
+    /// Table reads of the score expression ([`crate::Hooks::score_read_grad`]).
+    pub reads: u32,
+    /// The learnable input (its position in `inputs`) each read reads; `MAX_LEARNED` where the
+    /// table is not learnable.
+    pub read_of: [u32; MAX_READS],
     /// Whether the ALiBi slopes are given at run time (their gradient comes last).
     pub alibi: bool,
 }
 
+/// One learnable input's gradient slots.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Default)]
+pub struct Learned {
+    /// Declaration index.
+    pub decl: u32,
+    /// Whether it is a table (read through [`crate::Hooks::score_read_grad`]).
+    pub table: bool,
+    /// Its outer dimensions: bit 0 one row per batch entry (or document), bit 1 one per head.
+    pub outer: u32,
+    /// Its inner count (1 without an inner dimension).
+    pub width: u32,
+    /// Its first gradient slot.
+    pub first: u32,
+}
+
 /// The most declared `f32` inputs whose gradients one backward call computes.
 pub const MAX_LEARNED: usize = 4;
+/// The most table reads a score expression makes.
+pub const MAX_READS: usize = 8;
+/// The most gradient slots of one backward call: the inner counts of its learnable tables and
+/// one per other learnable input (each a private sum per query row of the dQ kernel).
+pub const MAX_LEARNED_SLOTS: usize = 128;
 
 impl LearnConfig {
-    /// Gradient slots: the inputs, then the slopes.
+    /// Gradient slots: the inputs', then the slopes'.
     pub const fn slots(&self) -> usize {
-        self.count as usize + if self.alibi { 1 } else { 0 }
+        let mut total = 0;
+        let mut g = 0;
+        while g < self.count as usize {
+            total += self.inputs[g].width as usize;
+            g += 1;
+        }
+        total + if self.alibi { 1 } else { 0 }
     }
 }
 
@@ -694,31 +725,35 @@ pub struct Grid {
     pub z: u32,
 }
 
-/// One learnable input's gradient: element `e` (one unit each) sums, in a fixed order, the
-/// partials of the dQ cubes that read it: those of head `e` (per-head inputs, ALiBi slopes), of
-/// sequence `e` (per-batch inputs), or all (a scalar).
+/// One learnable input's gradient: element `e` (one unit each; row-major over its outer
+/// dimensions, then its inner count) sums, in a fixed order, its slot's partials of the dQ cubes
+/// that read it: those of its head, of its sequence, or all of them.
 #[cube(launch)]
 pub fn backward_learned(
     partials: &Tensor<f32>,
     out: &mut Tensor<f32>,
     grid: Grid,
-    #[comptime] slot: u32,
-    #[comptime] extent: u32,
+    #[comptime] learned: Learned,
 ) {
     let e = ABSOLUTE_POS;
     if e < out.len() {
         let (gx, gy, gz) = (grid.x as usize, grid.y as usize, grid.z as usize);
         let cubes = gx * gy * gz;
-        let base = slot as usize * cubes;
+        let width = comptime!(learned.width as usize);
+        let row = e / width;
+        let base = (learned.first as usize + e % width) * cubes;
         let mut sum = 0.0f32.runtime();
         for z in 0..gz {
             for y in 0..gy {
                 let mut take = true;
-                if comptime!(extent == 2) {
-                    take = y == e;
+                if comptime!(learned.outer == 3) {
+                    take = z * gy + y == row;
                 }
-                if comptime!(extent == 1) {
-                    take = z == e;
+                if comptime!(learned.outer == 2) {
+                    take = y == row;
+                }
+                if comptime!(learned.outer == 1) {
+                    take = z == row;
                 }
                 if take {
                     for x in 0..gx {
@@ -860,52 +895,59 @@ impl QueryGradRow {
         let (b, h) = (ctx.site.index, ctx.site.head as i32);
         #[unroll]
         for g in 0..learn.count as usize {
-            let decl = comptime!(learn.decl[g]);
-            self.learned[g] +=
-                d_score * M::score_input_grad(grad.pre, b, h, at.q, at.k, inputs, decl);
+            let input = comptime!(learn.inputs[g]);
+            if comptime!(!input.table) {
+                self.learned[input.first as usize] +=
+                    d_score * M::score_input_grad(grad.pre, b, h, at.q, at.k, inputs, input.decl);
+            }
+        }
+        // A table read adds to the element it reads.
+        #[unroll]
+        for r in 0..learn.reads as usize {
+            let g = comptime!(learn.read_of[r] as usize);
+            if comptime!(g < MAX_LEARNED) {
+                let first = comptime!(learn.inputs[g].first);
+                let read = comptime!(r as u32);
+                let slot = first + M::read_position(b, h, at.q, at.k, inputs, read);
+                self.learned[slot as usize] +=
+                    d_score * M::score_read_grad(grad.pre, b, h, at.q, at.k, inputs, read);
+            }
         }
         if comptime!(learn.alibi) {
             let distance = at.q + ctx.site.shift - at.k;
             let distance = select(distance < 0, -distance, distance);
-            let slot = comptime!(learn.count as usize);
+            let slot = comptime!(learn.slots() - 1);
             self.learned[slot] -= d_score * grad.custom_slope * f32::cast_from(distance);
         }
     }
 
-    /// Sum the rows' partial gradients of the learnable inputs over the cube, in a fixed order,
-    /// into this cube's entry of `partials`.
+    /// Sum the rows' partial gradients of the learnable inputs over the cube, slot by slot in a
+    /// fixed order, into this cube's entry of `partials`.
     pub fn reduce_learned(&self, partials: &mut Tensor<f32>, #[comptime] config: PrefillConfig) {
-        let learn = comptime!(self.learn);
-        let slots = comptime!(learn.slots());
+        let slots = comptime!(self.learn.slots());
         let units = config.block_q();
         let unit = UNIT_POS as usize;
-        let mut sums = Shared::<[f32]>::new_slice(slots * units);
-        #[unroll]
-        for g in 0..slots {
-            sums[g * units + unit] = self.learned[g];
-        }
-        sync_cube();
+        let mut sums = Shared::<[f32]>::new_slice(units);
+        let cube = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize)
+            * CUBE_COUNT_X as usize
+            + CUBE_POS_X as usize;
+        let cubes = CUBE_COUNT_X as usize * CUBE_COUNT_Y as usize * CUBE_COUNT_Z as usize;
         // Halving, in the same order on every run (`block_q` is a power of two).
         let levels = comptime!(units.trailing_zeros() as usize);
-        #[unroll]
-        for level in 0..levels {
-            let width = comptime!(units >> (level + 1));
-            if unit < width {
-                #[unroll]
-                for g in 0..slots {
-                    sums[g * units + unit] += sums[g * units + unit + width];
-                }
-            }
+        for g in 0..slots {
             sync_cube();
-        }
-        if unit == 0 {
-            let cube = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize)
-                * CUBE_COUNT_X as usize
-                + CUBE_POS_X as usize;
-            let cubes = CUBE_COUNT_X as usize * CUBE_COUNT_Y as usize * CUBE_COUNT_Z as usize;
+            sums[unit] = self.learned[g];
+            sync_cube();
             #[unroll]
-            for g in 0..slots {
-                partials[g * cubes + cube] = sums[g * units];
+            for level in 0..levels {
+                let width = comptime!(units >> (level + 1));
+                if unit < width {
+                    sums[unit] += sums[unit + width];
+                }
+                sync_cube();
+            }
+            if unit == 0 {
+                partials[g * cubes + cube] = sums[0];
             }
         }
     }
