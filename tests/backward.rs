@@ -53,6 +53,13 @@ attn::attention! {
         inputs: { rel: [f32; heads, 32] },
         score: |s, b, h, q, k| s + rel[h][if q - k < 8 { q - k } else { 8 + (((q - k) as f32 / 8.0).ln() * 6.0) as i32 }],
     }
+    /// The same on Llama-3's heads in f16: where the device has them, the tensor-core (and
+    /// warpgroup) kernels run dK and dV, and the warpgroup dQ kernel sums the table's gradient.
+    RelTableF16 {
+        heads: gqa(group = 4), head_dim: 128, dtype: f16, mask: causal,
+        inputs: { temp: f32, rel: [f32; heads, 32] },
+        score: |s, b, h, q, k| s * temp + rel[h][if q - k < 8 { q - k } else { 8 + (((q - k) as f32 / 8.0).ln() * 6.0) as i32 }],
+    }
     /// Tables of every shape: document ids per position (the mask; no gradient), a bias per key
     /// (forward only: a `seq` table has no gradient), and a learnable table of 4 per sequence
     /// and head read twice, at two indices, inside a nonlinear expression.
@@ -445,6 +452,13 @@ fn learnable_tables() {
     let c = client();
     check::<RelTableF32>(&c, [2, 4, 2, 37, 37]);
     check::<TablesF32>(&c, [2, 2, 2, 29, 35]);
+    check::<RelTableF16>(&c, [1, 4, 1, 37, 37]);
+    if attn::backward_plans(&c, &RelTableF16::SPEC)
+        .iter()
+        .any(|p| p.family != attn::Family::Portable)
+    {
+        check::<RelTableF16>(&c, [2, 8, 2, 150, 211]);
+    }
 }
 
 #[test]

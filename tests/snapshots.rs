@@ -122,6 +122,7 @@ fn example_variants() {
         packed_documents::PackedCausal: TC,
         sinks::SinkWindow: TC,
         train_bias::RelBias: NONE,
+        train_bias::RelBias<attn::bf16>: NONE,
     ];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/variants");
     let mut files: Vec<_> = std::fs::read_dir(&dir)

@@ -311,8 +311,29 @@ pub(crate) fn run<V: Variant>(
         config: prefill_config(spec, plan.tile.tiling(keys)),
         keys,
         atomic_dq: false,
+        learn: LearnConfig::default(),
     };
     let tc_cube = CubeDim::new_2d(32, plan.tile.resident / MMA as u32);
+    // The dQ kernel that runs: the warpgroup one (unless dK/dV sums dQ), else the tensor-core
+    // one, or the portable one where learnable inputs' gradients are summed. Its grid, which
+    // the learnable inputs' partial sums follow.
+    let wg_dq = plan.family == Family::Warpgroup && plan.dq != DqSum::Atomic;
+    let dq_rows = if wg_dq {
+        plan.tile.resident
+    } else {
+        tiling.block_q
+    };
+    let dq_grid = Grid {
+        x: packed.max_seq_q.div_ceil(dq_rows as usize) as u32,
+        y: problem.heads_q as u32,
+        z: packed.sequences as u32,
+    };
+    let cubes = (dq_grid.x * dq_grid.y * dq_grid.z) as usize;
+    let partials = Tensor::<f32>::from_slice(
+        client,
+        &vec![0.0; (learn.slots() * cubes).max(1)],
+        [1, 1, 1, (learn.slots() * cubes).max(1)],
+    )?;
     if plan.family == Family::Warpgroup {
         let resident = plan.tile.resident;
         // SAFETY: as above; every map describes a checked operand.
@@ -361,6 +382,7 @@ pub(crate) fn run<V: Variant>(
                 config: prefill_config(spec, plan.tile.tiling(true)),
                 keys: true,
                 atomic_dq: atomic,
+                learn: LearnConfig::default(),
             },
         );
         if atomic {
@@ -374,23 +396,20 @@ pub(crate) fn run<V: Variant>(
                 spec.softmax_scale() as f32,
                 UNITS,
             );
-        } else if learn.slots() == 0 {
+        } else {
             backward_dq_wg::launch::<V::Elem, V::Hooks>(
                 client,
-                CubeCount::Static(
-                    packed.max_seq_q.div_ceil(resident as usize) as u32,
-                    problem.heads_q as u32,
-                    packed.sequences as u32,
-                ),
+                CubeCount::Static(dq_grid.x, dq_grid.y, dq_grid.z),
                 wg_cube,
                 maps(false),
-                unsafe { tensor_arg(&grads.dq) },
+                unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
                 unsafe { run_inputs(&ints, &floats, &packed) },
                 args(),
                 BackwardShape {
                     config: prefill_config(spec, plan.tile.tiling(false)),
                     keys: false,
                     atomic_dq: false,
+                    learn,
                 },
             );
         }
@@ -425,20 +444,10 @@ pub(crate) fn run<V: Variant>(
             config,
         );
     }
-    let grid = Grid {
-        x: packed.max_seq_q.div_ceil(tiling.block_q as usize) as u32,
-        y: problem.heads_q as u32,
-        z: packed.sequences as u32,
-    };
-    let cubes = (grid.x * grid.y * grid.z) as usize;
-    let partials = Tensor::<f32>::from_slice(
-        client,
-        &vec![0.0; (learn.slots() * cubes).max(1)],
-        [1, 1, 1, (learn.slots() * cubes).max(1)],
-    )?;
     // Without learnable inputs, the fast families' own dQ kernel (the warpgroup one ran beside
-    // its dK/dV kernel above); with them, the portable one, which sums their gradients.
-    if (plan.family == Family::Warpgroup || tensor_cores) && learn.slots() == 0 {
+    // its dK/dV kernel above, summing the learnable inputs' gradients too); otherwise the
+    // portable one, which sums them.
+    if wg_dq || (tensor_cores && learn.slots() == 0) {
         if tensor_cores {
             backward_dq_tc::launch::<V::Elem, V::Hooks>(
                 client,
@@ -458,7 +467,7 @@ pub(crate) fn run<V: Variant>(
     } else {
         backward_dq::launch::<V::Elem, V::Hooks>(
             client,
-            CubeCount::Static(grid.x, grid.y, grid.z),
+            CubeCount::Static(dq_grid.x, dq_grid.y, dq_grid.z),
             CubeDim::new_1d(tiling.block_q),
             operands(),
             unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
@@ -477,7 +486,7 @@ pub(crate) fn run<V: Variant>(
             CubeDim::new_1d(UNITS),
             unsafe { tensor_arg(&partials) },
             unsafe { tensor_arg(out) },
-            GridLaunch::new(grid.x, grid.y, grid.z),
+            GridLaunch::new(dq_grid.x, dq_grid.y, dq_grid.z),
             *l,
         );
     }
@@ -673,6 +682,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
                     atomic_dq: atomic,
+                    learn: LearnConfig::default(),
                 };
                 let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
                 // Only whether it fits matters here: no message is built.
@@ -711,6 +721,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     config: prefill_config(spec, tile.tiling(keys)),
                     keys,
                     atomic_dq: false,
+                    learn: LearnConfig::default(),
                 };
                 cube_limits(
                     client,

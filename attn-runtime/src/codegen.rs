@@ -20,7 +20,7 @@ use crate::kernels::backward::warpgroup::{
 };
 use crate::kernels::backward::{
     backward_dkdv, backward_dq, BackwardOperandsCompilationArg, BackwardShape,
-    KvGradsCompilationArg, QueryGradsCompilationArg,
+    KvGradsCompilationArg, LearnConfig, QueryGradsCompilationArg,
 };
 use crate::kernels::common::context::{
     ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
@@ -460,6 +460,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
                 atomic_dq: false,
+                learn: LearnConfig::default(),
             };
             let cube = CubeDim::new_2d(32, tile.resident / 16);
             [
@@ -492,6 +493,12 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                 config: prefill_config(spec, tile.tiling(keys)),
                 keys,
                 atomic_dq: keys && plan.dq == crate::backward::DqSum::Atomic,
+                // The dQ kernel sums the learnable inputs' gradients, as `backward` launches it.
+                learn: if keys {
+                    LearnConfig::default()
+                } else {
+                    crate::backward::learn_config(spec).unwrap_or_default()
+                },
             };
             // Tensor maps carry no compilation argument.
             let maps = || BackwardMapsCompilationArg {
@@ -521,7 +528,10 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                     props(),
                     target(),
                     maps(),
-                    tensor_compilation_arg(),
+                    QueryGradsCompilationArg {
+                        dq: tensor_compilation_arg(),
+                        partials: tensor_compilation_arg(),
+                    },
                     inputs_compilation_arg(),
                     args_compilation_arg(),
                     shape(false),

@@ -98,6 +98,8 @@ pub struct BackwardShape {
     pub keys: bool,
     /// The warpgroup dK/dV kernel also sums dQ, into an f32 buffer with atomics (no dQ kernel).
     pub atomic_dq: bool,
+    /// The learnable inputs whose gradients a dQ kernel sums (none in the dK/dV kernels).
+    pub learn: LearnConfig,
 }
 
 impl BackwardShape {
@@ -641,9 +643,7 @@ pub fn backward_dq<E: Float, M: Hooks>(
             }
         }
         row.write::<E>(&mut grads.dq, &ctx, config);
-        if comptime!(learn.slots() > 0) {
-            row.reduce_learned(&mut grads.partials, config);
-        }
+        row.learned.reduce(&mut grads.partials, config.block_q());
     }
 }
 
@@ -766,6 +766,106 @@ pub fn backward_learned(
     }
 }
 
+/// One unit's partial gradients of the learnable inputs, a private sum per gradient slot: the
+/// pairs the unit meets are added in its own order, then the cube's units are summed in a fixed
+/// order — the same bits on every run, and no contention however many pairs share a slot (a
+/// table's bucket). Without learnable inputs it is empty and costs nothing.
+#[derive(CubeType)]
+pub struct LearnedSums {
+    /// The sums, one per slot.
+    sums: Array<f32>,
+    /// Which inputs those are.
+    #[cube(comptime)]
+    learn: LearnConfig,
+}
+
+#[cube]
+impl LearnedSums {
+    /// Zero sums of `learn`'s slots.
+    pub fn new(#[comptime] learn: LearnConfig) -> LearnedSums {
+        let mut sums = Array::<f32>::new(comptime!(learn.slots().max(1)));
+        #[unroll]
+        for g in 0..comptime!(learn.slots()) {
+            sums[g] = 0.0;
+        }
+        LearnedSums { sums, learn }
+    }
+
+    /// Add one pair's share: the score gradient `d_score` times the score's derivative with
+    /// respect to each input (the macro's; a table read's to the element it reads), and for
+    /// given ALiBi slopes times `−|q′ − k|` through the expression's derivative. A pair that
+    /// does not take part (`d_score` 0) adds nothing, whatever the derivative there.
+    pub fn add_pair<M: Hooks>(
+        &mut self,
+        d_score: f32,
+        grad: PairGrad,
+        at: Pair,
+        ctx: &Ctx,
+        inputs: &RunInputs,
+    ) {
+        let learn = comptime!(self.learn);
+        let live = d_score != 0.0;
+        let (b, h) = (ctx.site.index, ctx.site.head as i32);
+        #[unroll]
+        for g in 0..learn.count as usize {
+            let input = comptime!(learn.inputs[g]);
+            if comptime!(!input.table) {
+                let dx = M::score_input_grad(grad.pre, b, h, at.q, at.k, inputs, input.decl);
+                self.sums[input.first as usize] += select(live, d_score * dx, 0.0f32);
+            }
+        }
+        #[unroll]
+        for r in 0..learn.reads as usize {
+            let g = comptime!(learn.read_of[r] as usize);
+            if comptime!(g < MAX_LEARNED) {
+                let first = comptime!(learn.inputs[g].first);
+                let read = comptime!(r as u32);
+                let slot = first + M::read_position(b, h, at.q, at.k, inputs, read);
+                let dx = M::score_read_grad(grad.pre, b, h, at.q, at.k, inputs, read);
+                self.sums[slot as usize] += select(live, d_score * dx, 0.0f32);
+            }
+        }
+        if comptime!(learn.alibi) {
+            let distance = at.q + ctx.site.shift - at.k;
+            let distance = select(distance < 0, -distance, distance);
+            let slot = comptime!(learn.slots() - 1);
+            let share = d_score * grad.custom_slope * f32::cast_from(distance);
+            self.sums[slot] -= select(live, share, 0.0f32);
+        }
+    }
+
+    /// Sum the `units` units' sums over the cube, slot by slot in a fixed order (a halving
+    /// tree), into this cube's entry of `partials` (`[slots, cubes]`).
+    pub fn reduce(&self, partials: &mut Tensor<f32>, #[comptime] units: usize) {
+        let slots = comptime!(self.learn.slots());
+        if comptime!(slots > 0) {
+            let unit = UNIT_POS as usize;
+            let mut sums = Shared::<[f32]>::new_slice(units);
+            let cube = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize)
+                * CUBE_COUNT_X as usize
+                + CUBE_POS_X as usize;
+            let cubes = CUBE_COUNT_X as usize * CUBE_COUNT_Y as usize * CUBE_COUNT_Z as usize;
+            let levels = comptime!(units.next_power_of_two().trailing_zeros() as usize);
+            for g in 0..slots {
+                sync_cube();
+                sums[unit] = self.sums[g];
+                sync_cube();
+                #[unroll]
+                for level in 0..levels {
+                    let width = comptime!(units.next_power_of_two() >> (level + 1));
+                    if unit < width && unit + width < units {
+                        sums[unit] += sums[unit + width];
+                    }
+                    sync_cube();
+                }
+                if unit == 0 {
+                    partials[g * cubes + cube] = sums[0];
+                }
+            }
+        }
+    }
+}
+
 /// One query row of the dQ kernel: its Q and dO (f32), LSE and `D`, and the dQ accumulator.
 #[derive(CubeType)]
 pub struct QueryGradRow {
@@ -784,10 +884,7 @@ pub struct QueryGradRow {
     /// Whether the row lies in the sequence.
     valid: bool,
     /// This row's partial gradients of the learnable inputs.
-    learned: Array<f32>,
-    /// Which inputs those are.
-    #[cube(comptime)]
-    learn: LearnConfig,
+    pub learned: LearnedSums,
 }
 
 #[cube]
@@ -800,12 +897,6 @@ impl QueryGradRow {
         #[comptime] config: PrefillConfig,
         #[comptime] learn: LearnConfig,
     ) -> QueryGradRow {
-        let slots = comptime!(learn.slots().max(1));
-        let mut learned = Array::<f32>::new(slots);
-        #[unroll]
-        for g in 0..slots {
-            learned[g] = 0.0;
-        }
         let seq = ctx.site;
         let valid = row < seq.seq_q;
         let at = seq.q_off + select(valid, row, 0);
@@ -834,8 +925,7 @@ impl QueryGradRow {
             delta: ops.delta[stat],
             row,
             valid,
-            learned,
-            learn,
+            learned: LearnedSums::new(learn),
         }
     }
 
@@ -874,81 +964,7 @@ impl QueryGradRow {
             for c in 0..d {
                 self.dq[c] += ds * kv_tiles[j * d + c];
             }
-            if comptime!(self.learn.slots() > 0) {
-                self.learn_pair::<M>(d_score, grad, at, ctx, inputs);
-            }
-        }
-    }
-
-    /// Add one pair's share to the learnable inputs' partial gradients: the score gradient times
-    /// the score's derivative with respect to each input (the macro's), and for given ALiBi
-    /// slopes times `−|q′ − k|` through the expression's derivative.
-    fn learn_pair<M: Hooks>(
-        &mut self,
-        d_score: f32,
-        grad: PairGrad,
-        at: Pair,
-        ctx: &Ctx,
-        inputs: &RunInputs,
-    ) {
-        let learn = comptime!(self.learn);
-        let (b, h) = (ctx.site.index, ctx.site.head as i32);
-        #[unroll]
-        for g in 0..learn.count as usize {
-            let input = comptime!(learn.inputs[g]);
-            if comptime!(!input.table) {
-                self.learned[input.first as usize] +=
-                    d_score * M::score_input_grad(grad.pre, b, h, at.q, at.k, inputs, input.decl);
-            }
-        }
-        // A table read adds to the element it reads.
-        #[unroll]
-        for r in 0..learn.reads as usize {
-            let g = comptime!(learn.read_of[r] as usize);
-            if comptime!(g < MAX_LEARNED) {
-                let first = comptime!(learn.inputs[g].first);
-                let read = comptime!(r as u32);
-                let slot = first + M::read_position(b, h, at.q, at.k, inputs, read);
-                self.learned[slot as usize] +=
-                    d_score * M::score_read_grad(grad.pre, b, h, at.q, at.k, inputs, read);
-            }
-        }
-        if comptime!(learn.alibi) {
-            let distance = at.q + ctx.site.shift - at.k;
-            let distance = select(distance < 0, -distance, distance);
-            let slot = comptime!(learn.slots() - 1);
-            self.learned[slot] -= d_score * grad.custom_slope * f32::cast_from(distance);
-        }
-    }
-
-    /// Sum the rows' partial gradients of the learnable inputs over the cube, slot by slot in a
-    /// fixed order, into this cube's entry of `partials`.
-    pub fn reduce_learned(&self, partials: &mut Tensor<f32>, #[comptime] config: PrefillConfig) {
-        let slots = comptime!(self.learn.slots());
-        let units = config.block_q();
-        let unit = UNIT_POS as usize;
-        let mut sums = Shared::<[f32]>::new_slice(units);
-        let cube = (CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize)
-            * CUBE_COUNT_X as usize
-            + CUBE_POS_X as usize;
-        let cubes = CUBE_COUNT_X as usize * CUBE_COUNT_Y as usize * CUBE_COUNT_Z as usize;
-        // Halving, in the same order on every run (`block_q` is a power of two).
-        let levels = comptime!(units.trailing_zeros() as usize);
-        for g in 0..slots {
-            sync_cube();
-            sums[unit] = self.learned[g];
-            sync_cube();
-            #[unroll]
-            for level in 0..levels {
-                let width = comptime!(units >> (level + 1));
-                if unit < width {
-                    sums[unit] += sums[unit + width];
-                }
-                sync_cube();
-            }
-            if unit == 0 {
-                partials[g * cubes + cube] = sums[0];
-            }
+            self.learned.add_pair::<M>(d_score, grad, at, ctx, inputs);
         }
     }
 

@@ -35,7 +35,10 @@ use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
 
-use super::{head_context, query_block_step, recompute, BackwardShape, KvGrads, Meeting, Pair};
+use super::{
+    head_context, query_block_step, recompute, BackwardShape, KvGrads, LearnedSums, Meeting, Pair,
+    QueryGrads,
+};
 use crate::hooks::{Hooks, TILE_EMPTY};
 use crate::kernels::common::walk::query_range;
 use crate::kernels::common::{
@@ -229,6 +232,9 @@ pub struct UnitStats {
     lse2: Array<f32>,
     /// `D`.
     delta: Array<f32>,
+    /// In the dQ kernel, this unit's sums of the learnable inputs' gradients over the pairs it
+    /// meets (empty elsewhere).
+    pub learned: LearnedSums,
 }
 
 #[cube]
@@ -258,7 +264,11 @@ impl UnitStats {
             lse2[j] = select(in_rows, maps.lse[at] * LOG2_E, -ctx.masked());
             delta[j] = select(in_rows, maps.delta[at], 0.0f32);
         }
-        UnitStats { lse2, delta }
+        UnitStats {
+            lse2,
+            delta,
+            learned: LearnedSums::new(shape.learn),
+        }
     }
 }
 
@@ -275,13 +285,14 @@ fn stat_index(nth: usize, #[comptime] keys: bool) -> usize {
 
 /// Each pair's probability, recomputed as the forward computed it (0 where masked, past the
 /// step's keys or past the sequence's queries), and its score gradient
-/// `dS = P (dP − D) f′(s)`, rounded to `E` into A-operand fragments. Without a score
+/// `dS = P (dP − D) f′(s)`, rounded to `E` into A-operand fragments; in the dQ kernel of a
+/// variant with learnable inputs, each pair's share of their gradients into `stats.learned`. Without a score
 /// modification, one fused multiply-add and one `ex2` per probability, the mask in a pass taken
 /// only on the steps that need it (as in the forward's softmax).
 #[cube]
 fn pair_fragments<E: Float, M: Hooks>(
     products: &Products,
-    stats: &UnitStats,
+    stats: &mut UnitStats,
     ctx: &Ctx,
     meet: Meeting,
     inputs: &RunInputs,
@@ -320,6 +331,11 @@ fn pair_fragments<E: Float, M: Hooks>(
                 let grad = recompute::<M>(p, lse, at, meet.step, ctx, inputs);
                 p = select(key < keys.len, grad.p, 0.0f32);
                 slope = grad.slope;
+                // The learnable inputs' share of this pair (the dQ kernel's, where declared).
+                if comptime!(shape.learn.slots() > 0) {
+                    let d_score = p * (products.dp.get(nth) - stats.delta[j]);
+                    stats.learned.add_pair::<M>(d_score, grad, at, ctx, inputs);
+                }
             } else {
                 p = exp2_approx(p * scale2 - stats.lse2[j]);
                 if ragged {
@@ -527,13 +543,13 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
                     q_stages.wait(stage, parity);
                     o_stages.wait(stage, parity);
                     if step.class != TILE_EMPTY {
-                        let stats = UnitStats::load(maps, &head_ctx, q_start, shape);
+                        let mut stats = UnitStats::load(maps, &head_ctx, q_start, shape);
                         let stage_at = opaque(comptime!((stage * block_q) as u32)) as usize;
                         let products =
                             products::<E>(&k_desc, &q_desc, &v_desc, &o_desc, stage_at, shape);
                         let meet = Meeting { q_start, step };
                         let frags = pair_fragments::<E, M>(
-                            &products, &stats, &head_ctx, meet, inputs, shape,
+                            &products, &mut stats, &head_ctx, meet, inputs, shape,
                         );
                         #[unroll]
                         for t in 0..block_q / MMA_K {
@@ -658,7 +674,7 @@ fn key_origin(ctx: &Ctx, walk: BlockWalk, index: usize, #[comptime] block_kv: us
 #[cube(launch)]
 pub fn backward_dq_wg<E: Float, M: Hooks>(
     maps: &BackwardMaps<E>,
-    dq: &mut Tensor<E>,
+    grads: &mut QueryGrads<E>,
     inputs: &RunInputs,
     args: Args,
     #[comptime] shape: BackwardShape,
@@ -746,7 +762,7 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
         let v_desc = MatrixDescriptor::new(&v_smem, v_tile);
         let k_mn = MatrixDescriptor::new(&k_smem, shape.stage_tile_mn(d));
         let mut acc = Accumulator::<f32>::new(d).start();
-        let stats = UnitStats::load(maps, &ctx, q_start, shape);
+        let mut stats = UnitStats::load(maps, &ctx, q_start, shape);
         q_bar.wait_parity(0);
         o_bar.wait_parity(0);
 
@@ -771,8 +787,9 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
                         let products =
                             products::<E>(&q_desc, &k_desc, &o_desc, &v_desc, stage_at, shape);
                         let meet = Meeting { q_start, step };
-                        let frags =
-                            pair_fragments::<E, M>(&products, &stats, &ctx, meet, inputs, shape);
+                        let frags = pair_fragments::<E, M>(
+                            &products, &mut stats, &ctx, meet, inputs, shape,
+                        );
                         #[unroll]
                         for t in 0..block_kv / MMA_K {
                             acc.execute_registers(
@@ -793,10 +810,15 @@ pub fn backward_dq_wg<E: Float, M: Hooks>(
             }
         }
         let acc = acc.wait();
+        let dq = &mut grads.dq;
         let base = seq.batch * dq.stride(0) + seq.head * dq.stride(1);
         let first = seq.q_off + q_start;
         let end = seq.q_off + seq.seq_q;
         write_rows::<E>(&acc, dq, base, first, end, ctx.args.scale);
+        stats.learned.reduce(
+            &mut grads.partials,
+            comptime!(shape.warpgroups() * WARPGROUP_UNITS),
+        );
     }
 }
 
