@@ -72,7 +72,6 @@ def load_case(case_dir: Path, case: C.Case, dev) -> dict[str, torch.Tensor]:
     table = case_dir / "dtable.bin"
     if table.is_file() and case.table is not None:
         t["dtable"] = torch.from_numpy(C.load_raw(table, "<f4", (len(case.table),))).to(dev)
-        t["dtable"] = t["dtable"].view(hq, -1)
     return t
 
 

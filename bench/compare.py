@@ -264,16 +264,17 @@ def t5_bucket(distance: torch.Tensor) -> torch.Tensor:
 
 
 CUSTOM_SCORES = {
-    # |s, b, h, q, k| s + rel[h][bucket(q - k)], rel: [f32; heads, 32]
-    "T5Bias": lambda score, h, q, k, table: score + table[h, t5_bucket(q - k)],
+    # |s, b, h, q, k| s + rel[h][bucket(q - k)], rel: [f32; heads, 32], read as one flat index
+    # (FlexAttention differentiates a captured tensor only through a single indexing operation).
+    "T5Bias": lambda score, h, q, k, table: score + table[h * 32 + t5_bucket(q - k)],
 }
 
 
 def case_table(case: Case, device: torch.device) -> Optional[torch.Tensor]:
-    """The case's learnable table (f32, one row per query head), or None."""
+    """The case's learnable table (f32, flat, row-major as attn holds it), or None."""
     if case.table is None:
         return None
-    return torch.tensor(case.table, device=device, dtype=torch.float32).view(case.hq, -1)
+    return torch.tensor(case.table, device=device, dtype=torch.float32)
 
 
 def variant_mods(case: Case, device: torch.device, table: Optional[torch.Tensor] = None):
