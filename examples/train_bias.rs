@@ -10,7 +10,7 @@
 
 use attn::inputs::pack;
 use attn::reference::{backward_f64, random_vec, seeded_rng, widen, OwnedInputs};
-use attn::{Problem, Tensor, Variant};
+use attn::{Problem, Tensor};
 
 include!("variants/train_bias.rs");
 

@@ -303,36 +303,27 @@ fn pack_custom(
                 reason: format!("holds {} values; {what} expected", data.len()),
             });
         }
-        // A slot of its own, or a table after the slots.
-        let at = |first: u32, next: usize, buffer_len: usize| {
-            if shape.is_table() {
-                buffer_len
-            } else {
-                (first as usize + next) * slot_len
-            }
+        // A slot of its own, or a table after everything in its buffer.
+        let slot = |first: u32, next: usize| {
+            (!shape.is_table()).then_some((first as usize + next) * slot_len)
         };
-        match data {
+        let at = match data {
             Either::Int(data) => {
-                let at = at(slots::FIRST_CUSTOM_INT, next_int, ints.len());
-                if shape.is_table() {
-                    ints[tables + 2 + n] = to_i32(at)?;
-                    ints.extend_from_slice(data);
-                } else {
-                    ints[at..at + data.len()].copy_from_slice(data);
-                }
                 next_int += 1;
+                put(ints, data, slot(slots::FIRST_CUSTOM_INT, next_int - 1))
             }
             Either::Float(data) => {
                 finite(decl.name, data)?;
-                let at = at(slots::FIRST_CUSTOM_FLOAT, next_float, floats.len());
-                if shape.is_table() {
-                    ints[tables + 2 + n] = to_i32(at)?;
-                    floats.extend_from_slice(data);
-                } else {
-                    floats[at..at + data.len()].copy_from_slice(data);
-                }
                 next_float += 1;
+                put(
+                    floats,
+                    data,
+                    slot(slots::FIRST_CUSTOM_FLOAT, next_float - 1),
+                )
             }
+        };
+        if shape.is_table() {
+            ints[tables + 2 + n] = to_i32(at)?;
         }
     }
     if inputs.ints.len() != next_int || inputs.floats.len() != next_float {
@@ -346,6 +337,20 @@ fn pack_custom(
         });
     }
     Ok(())
+}
+
+/// Puts `data` at `slot` of `buffer`, or after everything in it without one; returns where.
+fn put<T: Copy>(buffer: &mut Vec<T>, data: &[T], slot: Option<usize>) -> usize {
+    match slot {
+        Some(at) => {
+            buffer[at..at + data.len()].copy_from_slice(data);
+            at
+        }
+        None => {
+            buffer.extend_from_slice(data);
+            buffer.len() - data.len()
+        }
+    }
 }
 
 /// One declared input's values, of either element type.
@@ -373,18 +378,12 @@ fn describe(shape: InputShape, ty: InputType, [sequences, heads, positions]: [us
         (false, true, Inner::None) => return format!("one per query head ({heads})"),
         _ => {}
     }
-    let mut dims = Vec::new();
-    if shape.per_batch {
-        dims.push(format!("{sequences} sequences"));
-    }
-    if shape.per_head {
-        dims.push(format!("{heads} query heads"));
-    }
-    match shape.inner {
-        Inner::None => {}
-        Inner::Seq => dims.push(format!("{positions} positions")),
-        Inner::Fixed(n) => dims.push(n.to_string()),
-    }
+    let names = [
+        format!("{sequences} sequences"),
+        format!("{heads} query heads"),
+        format!("{positions} positions"),
+    ];
+    let dims = shape.dims([&names[0], &names[1], &names[2]]);
     format!(
         "`{}`: {} = {} values",
         shape.declared(if ty == InputType::I32 { "i32" } else { "f32" }),

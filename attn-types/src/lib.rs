@@ -140,21 +140,28 @@ impl InputShape {
         batch * head * self.inner_len(positions)
     }
 
-    /// As a declaration writes it, for element type `ty`: `f32`, `[i32; batch]`,
-    /// `[f32; heads, 32]`.
-    pub fn declared(&self, ty: &str) -> String {
+    /// Its dimensions in order, named by `names` (batch, heads, positions); a count by its
+    /// value.
+    pub fn dims(&self, [batch, heads, positions]: [&str; 3]) -> Vec<String> {
         let mut dims = Vec::new();
         if self.per_batch {
-            dims.push("batch".to_string());
+            dims.push(batch.to_string());
         }
         if self.per_head {
-            dims.push("heads".to_string());
+            dims.push(heads.to_string());
         }
         match self.inner {
             Inner::None => {}
-            Inner::Seq => dims.push("seq".to_string()),
+            Inner::Seq => dims.push(positions.to_string()),
             Inner::Fixed(n) => dims.push(n.to_string()),
         }
+        dims
+    }
+
+    /// As a declaration writes it, for element type `ty`: `f32`, `[i32; batch]`,
+    /// `[f32; heads, 32]`.
+    pub fn declared(&self, ty: &str) -> String {
+        let dims = self.dims(["batch", "heads", "seq"]);
         if dims.is_empty() {
             ty.to_string()
         } else {

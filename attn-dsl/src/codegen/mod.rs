@@ -793,18 +793,7 @@ fn hooks(plan: &KernelPlan, target: &TokenStream) -> TokenStream {
 
 /// How an input of `shape` lies in its slice, for the generated docs: "row-major `[B, Hq, 32]`".
 fn layout(shape: InputShape) -> String {
-    let mut dims = Vec::new();
-    if shape.per_batch {
-        dims.push("B".to_string());
-    }
-    if shape.per_head {
-        dims.push("Hq".to_string());
-    }
-    match shape.inner {
-        crate::expr::Inner::None => {}
-        crate::expr::Inner::Seq => dims.push("max(Nq, Nk)".to_string()),
-        crate::expr::Inner::Fixed(n) => dims.push(n.to_string()),
-    }
+    let dims = shape.dims(["B", "Hq", "max(Nq, Nk)"]);
     let what = match (shape.per_batch, shape.per_head, shape.inner) {
         (true, false, crate::expr::Inner::None) => "one value per sequence",
         (false, true, crate::expr::Inner::None) => "one value per query head",
