@@ -694,6 +694,19 @@ fn check_ragged<V: Variant<Elem = f32>>(
     let none = Inputs::default();
     let call = DecodeProblem::ragged::<V>(&q, &offsets, cache, &none).expect("a valid call");
     let tuned = attn::decode_ragged::<V>(client, &q, &offsets, cache, &none).expect("launch");
+    // Into the caller's buffers: the same tuned call, the same bits; a wrong buffer is refused.
+    let into = poisoned::<f32>(client, [1, heads_q, total, d]);
+    attn::decode_ragged_into::<V>(client, &q, &offsets, cache, &none, &into).expect("launch");
+    assert_eq!(
+        into.o.to_vec(client),
+        tuned.o.to_vec(client),
+        "{label}: decode_ragged_into gives other bits than decode_ragged"
+    );
+    let wrong = poisoned::<f32>(client, [1, heads_q, total + 1, d]);
+    assert!(
+        attn::decode_ragged_into::<V>(client, &q, &offsets, cache, &none, &wrong).is_err(),
+        "{label}: an output of the wrong shape is refused"
+    );
     let default = default_plan(client, &call).unwrap();
     let split = DecodePlan {
         splits: 3,

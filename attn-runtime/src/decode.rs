@@ -279,12 +279,7 @@ pub fn decode_into<V: Variant>(
     out: &Output<V::Elem>,
 ) -> Result<(), AttnError> {
     let call = DecodeProblem::new::<V>(q, cache, inputs)?;
-    if !supports::<V::Elem>(client) {
-        return Err(unsupported_dtype(&call.spec));
-    }
-    crate::launch::check_output(&call.output_problem(), out)?;
-    crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
-    Ok(())
+    decode_call_into::<V>(client, call, q, cache, out)
 }
 
 /// [`decode`] for a batch whose sequences have their own counts of query tokens (a mixed batch:
@@ -303,6 +298,36 @@ pub fn decode_ragged<V: Variant>(
 ) -> Result<Output<V::Elem>, AttnError> {
     let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
     decode_call::<V>(client, call, q, cache)
+}
+
+/// [`decode_ragged`] into caller-owned output buffers (`[1, Hq, total, Dv]` and
+/// `[1, Hq, total]`, checked before anything launches), with the tuned plan.
+pub fn decode_ragged_into<V: Variant>(
+    client: &ComputeClient,
+    q: &Tensor<V::Elem>,
+    q_offsets: &[usize],
+    cache: &KvCache<V::Elem>,
+    inputs: &Inputs,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    let call = DecodeProblem::ragged::<V>(q, q_offsets, cache, inputs)?;
+    decode_call_into::<V>(client, call, q, cache, out)
+}
+
+/// A checked call (rectangular or ragged) with the tuned plan, into caller-owned buffers.
+fn decode_call_into<V: Variant>(
+    client: &ComputeClient,
+    call: DecodeProblem,
+    q: &Tensor<V::Elem>,
+    cache: &KvCache<V::Elem>,
+    out: &Output<V::Elem>,
+) -> Result<(), AttnError> {
+    if !supports::<V::Elem>(client) {
+        return Err(unsupported_dtype(&call.spec));
+    }
+    crate::launch::check_output(&call.output_problem(), out)?;
+    crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
+    Ok(())
 }
 
 /// A checked call (rectangular or ragged) with the tuned plan, into new output buffers.
