@@ -13,8 +13,8 @@ use attn::reference::{
     OwnedInputs, Verdict,
 };
 use attn::{
-    AttnError, ComputeClient, DecodeTiling, Element, Inputs, KvCache, Lse, Output, PagedLayout,
-    Tensor, Variant,
+    AttnError, ComputeClient, DecodeTiling, Element, Fp8Pool, Inputs, KvCache, Lse, Output,
+    PageTable, PagedLayout, Tensor, Variant,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -647,6 +647,101 @@ fn fp8_caches() {
         &lengths,
     );
     check_fp8::<Gqa8F16>(&client, &mut rng, &filled, [16, 4], None, "PagedFp8(64)");
+}
+
+/// fp8 pools an engine filled itself: the codes and tables of caches filled through appends,
+/// wrapped again with `Fp8Pool::from_codes` and `KvCache::from_*_parts_fp8`, decode to the same
+/// bits, take further appends as the originals do, and bad parts are typed errors.
+#[test]
+fn fp8_pools_from_their_parts() {
+    let client = client();
+    let (mut rng, _) = seeded_rng("fp8_pools_from_their_parts");
+    let lengths = ragged(&mut rng, 3, 400);
+    for storage in [Storage::PagedFp8(32), Storage::ContiguousFp8] {
+        let mut filled = fill::<f32>(&client, &mut rng, storage, 2, 64, 64, &lengths);
+        let cache = &mut filled.cache;
+        let pool = |p: &attn::KvPool<f32>| {
+            let p = p.fp8().expect("an fp8 pool");
+            Fp8Pool::from_codes(&client, &p.to_bytes(&client), p.shape(), p.scales())
+                .expect("valid codes")
+        };
+        let pools = [pool(cache.k()), pool(cache.v())];
+        let mut rebuilt = match cache.block_table() {
+            Some(table) => KvCache::from_paged_parts_fp8(
+                &client,
+                pools,
+                PageTable {
+                    page_size: cache.page_size().expect("paged"),
+                    block_table: table.to_vec(),
+                    max_pages: table.len() / cache.batch(),
+                },
+                cache.lengths().to_vec(),
+            ),
+            None => KvCache::from_contiguous_parts_fp8(&client, pools, cache.lengths().to_vec()),
+        }
+        .expect("valid parts");
+        assert!(rebuilt.is_fp8());
+        let (batch, heads_kv) = (cache.batch(), cache.heads_kv());
+        let q_shape = [batch, 8, 1, 64];
+        let none = Inputs::default();
+        // Decode, then append a token to both (encoded with the pools' scales) and decode again.
+        for round in 0..2 {
+            if round == 1 {
+                let shape = [batch, heads_kv, 1, 64];
+                let kh: Vec<f32> = random_vec(&mut rng, shape.iter().product());
+                let vh: Vec<f32> = random_vec(&mut rng, shape.iter().product());
+                let (kt, vt) = (
+                    Tensor::from_slice(&client, &kh, shape).unwrap(),
+                    Tensor::from_slice(&client, &vh, shape).unwrap(),
+                );
+                cache.append(&client, &kt, &vt, None).expect("room");
+                rebuilt.append(&client, &kt, &vt, None).expect("room");
+            }
+            let qh: Vec<f32> = random_vec(&mut rng, q_shape.iter().product());
+            let q = Tensor::from_slice(&client, &qh, q_shape).unwrap();
+            let a = attn::decode::<Gqa4Causal>(&client, &q, cache, &none).expect("decode");
+            let b = attn::decode::<Gqa4Causal>(&client, &q, &rebuilt, &none).expect("decode");
+            assert_eq!(
+                a.o.to_vec(&client),
+                b.o.to_vec(&client),
+                "{storage:?}, round {round}: a cache rebuilt from its parts decodes to other bits"
+            );
+        }
+    }
+    // Bad parts, before anything is uploaded or launched.
+    let scales = [0.5f32, 0.25];
+    let codes = vec![0u8; 2 * 2 * 16 * 64];
+    expect_field(
+        Fp8Pool::from_codes(&client, &codes[1..], [2, 2, 16, 64], &scales),
+        "codes",
+    );
+    expect_field(
+        Fp8Pool::from_codes(&client, &codes[..2 * 2 * 16 * 62], [2, 2, 16, 62], &scales),
+        "head_dim",
+    );
+    expect_field(
+        Fp8Pool::from_codes(&client, &codes, [2, 2, 16, 64], &[0.5]),
+        "scales",
+    );
+    expect_field(
+        Fp8Pool::from_codes(&client, &codes, [2, 2, 16, 64], &[0.5, -1.0]),
+        "scales",
+    );
+    let k = Fp8Pool::from_codes(&client, &codes, [2, 2, 16, 64], &scales).unwrap();
+    let v = Fp8Pool::from_codes(&client, &codes[..2 * 2 * 8 * 64], [2, 2, 8, 64], &scales).unwrap();
+    expect_field(
+        KvCache::<f32>::from_contiguous_parts_fp8(&client, [k.clone(), v], vec![3, 3]),
+        "pages",
+    );
+    let table = PageTable {
+        page_size: 16,
+        block_table: vec![0, 5],
+        max_pages: 1,
+    };
+    expect_field(
+        KvCache::<f32>::from_paged_parts_fp8(&client, [k.clone(), k], table, vec![3, 3]),
+        "block_table",
+    );
 }
 
 /// A ragged batch in one call: each sequence its own count of query tokens (none, one, a

@@ -125,6 +125,56 @@ impl Fp8Pool {
         }
     }
 
+    /// A pool of e4m3 codes the caller holds (an engine's own fp8 cache, read back or built on
+    /// the host): `codes` contiguous in the order of `shape` (`[pages, Hkv, page_size, D]` or
+    /// `[B, Hkv, capacity, D]`), D a multiple of 4, one scale per K/V head (an element reads
+    /// `decode(code) · scale`). Uploaded once; wrap a K and a V pool into a cache with
+    /// [`KvCache::from_paged_parts_fp8`] or [`KvCache::from_contiguous_parts_fp8`].
+    pub fn from_codes(
+        client: &ComputeClient,
+        codes: &[u8],
+        shape: [usize; 4],
+        scales: &[f32],
+    ) -> Result<Self, AttnError> {
+        let elements: usize = shape.iter().product();
+        if elements == 0 {
+            return Err(kv_error(
+                "codes",
+                format!("shape {shape:?} holds no element"),
+            ));
+        }
+        if shape[3] % 4 != 0 {
+            return Err(kv_error(
+                "head_dim",
+                format!(
+                    "an fp8 pool packs four values per word; head dim {} is not a multiple of 4",
+                    shape[3]
+                ),
+            ));
+        }
+        if codes.len() != elements {
+            return Err(kv_error(
+                "codes",
+                format!(
+                    "{} codes for shape {shape:?} ({elements} elements)",
+                    codes.len()
+                ),
+            ));
+        }
+        KvScales {
+            k: scales.to_vec(),
+            v: scales.to_vec(),
+        }
+        .check(shape[1])?;
+        let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+        Ok(Self {
+            words: client.create(Bytes::from_elems(codes.to_vec())),
+            shape,
+            scales: scales.to_vec(),
+            inverse: client.create(Bytes::from_elems(inverse)),
+        })
+    }
+
     /// Elements: `[pages, Hkv, page_size, D]` or `[B, Hkv, capacity, D]`.
     pub fn shape(&self) -> [usize; 4] {
         self.shape
@@ -342,16 +392,70 @@ impl<E: Element> KvCache<E> {
         max_pages: usize,
         lengths: Vec<usize>,
     ) -> Result<Self, AttnError> {
-        check_page_size(page_size)?;
         check_pools(&k, &v)?;
+        let table = PageTable {
+            page_size,
+            block_table,
+            max_pages,
+        };
+        Self::from_paged_pools([KvPool::Native(k), KvPool::Native(v)], table, lengths)
+    }
+
+    /// [`Self::from_paged_parts`] over e4m3 pools the caller filled ([`Fp8Pool::from_codes`]):
+    /// `decode` reads them as a cache made by [`Self::paged_fp8`], appends encode with their
+    /// scales.
+    pub fn from_paged_parts_fp8(
+        client: &ComputeClient,
+        [k, v]: [Fp8Pool; 2],
+        table: PageTable,
+        lengths: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        let scales = fp8_scales_of(&k, &v)?;
+        let cache = Self::from_paged_pools([KvPool::Fp8(k), KvPool::Fp8(v)], table, lengths)?;
+        Ok(cache.with_scales(client, &scales))
+    }
+
+    /// [`Self::from_contiguous_parts`] over e4m3 pools the caller filled
+    /// ([`Fp8Pool::from_codes`], `[B, Hkv, capacity, D]`).
+    pub fn from_contiguous_parts_fp8(
+        client: &ComputeClient,
+        [k, v]: [Fp8Pool; 2],
+        lengths: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        let scales = fp8_scales_of(&k, &v)?;
+        let cache = Self {
+            batch: k.shape[0],
+            k: KvPool::Fp8(k),
+            v: KvPool::Fp8(v),
+            fp8_scales: None,
+            lengths: Vec::new(),
+            storage: Storage::Contiguous,
+            versions: Versions::default(),
+            device: Mutex::new(None),
+        };
+        Ok(cache.with_lengths(lengths)?.with_scales(client, &scales))
+    }
+
+    /// A paged cache over pools whose shapes agree (checked by the caller's constructor).
+    fn from_paged_pools(
+        [k, v]: [KvPool<E>; 2],
+        table: PageTable,
+        lengths: Vec<usize>,
+    ) -> Result<Self, AttnError> {
+        let PageTable {
+            page_size,
+            block_table,
+            max_pages,
+        } = table;
+        check_page_size(page_size)?;
         let pages = k.shape()[0];
-        for (operand, t) in [(Operand::K, &k), (Operand::V, &v)] {
-            if t.shape()[2] != page_size {
+        for (operand, shape) in [(Operand::K, k.shape()), (Operand::V, v.shape())] {
+            if shape[2] != page_size {
                 return Err(kv_error(
                     "page_size",
                     format!(
                         "{operand} pool pages hold {} tokens (dim 2), but the page size is {page_size}",
-                        t.shape()[2]
+                        shape[2]
                     ),
                 ));
             }
@@ -398,8 +502,8 @@ impl<E: Element> KvCache<E> {
             .filter(|&p| refs[p as usize] == 0)
             .collect();
         let cache = Self {
-            k: KvPool::Native(k),
-            v: KvPool::Native(v),
+            k,
+            v,
             fp8_scales: None,
             batch,
             lengths: Vec::new(),
@@ -999,6 +1103,23 @@ impl<E: Element> KvCache<E> {
 }
 
 /// K and V pools agree on every dimension but the last, and lie inside their buffers.
+/// The scales of K's and V's e4m3 pools, once their shapes agree.
+fn fp8_scales_of(k: &Fp8Pool, v: &Fp8Pool) -> Result<KvScales, AttnError> {
+    if k.shape[..3] != v.shape[..3] {
+        return Err(kv_error(
+            "pages",
+            format!(
+                "k is {:?} and v is {:?}; they must agree on all but the last dimension",
+                k.shape, v.shape
+            ),
+        ));
+    }
+    Ok(KvScales {
+        k: k.scales.clone(),
+        v: v.scales.clone(),
+    })
+}
+
 fn check_pools<E: Element>(k: &Tensor<E>, v: &Tensor<E>) -> Result<(), AttnError> {
     check_view(Operand::K, k.shape(), k.strides(), k.buffer_len())?;
     check_view(Operand::V, v.shape(), v.strides(), v.buffer_len())?;
@@ -1013,6 +1134,18 @@ fn check_pools<E: Element>(k: &Tensor<E>, v: &Tensor<E>) -> Result<(), AttnError
         ));
     }
     Ok(())
+}
+
+/// How a caller's pools are paged: tokens per page, the block table `[batch × max_pages]` (−1
+/// where a sequence has no page; sequences share a page only at the same entry) and its width.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageTable {
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Page of each sequence's entries, row by row.
+    pub block_table: Vec<i32>,
+    /// Entries per sequence.
+    pub max_pages: usize,
 }
 
 /// A layout's page size, and at least one of everything.

@@ -44,7 +44,9 @@ pub use hooks::{Hooks, NoHooks, TileBounds, TILE_EMPTY, TILE_FULL, TILE_PARTIAL}
 pub use inputs::{alibi_slopes, slots, Inputs};
 pub use kernels::common::RunInputs;
 pub use kernels::decode::DecodeTiling;
-pub use kv_cache::{Fp8Pool, KvCache, KvPool, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE};
+pub use kv_cache::{
+    Fp8Pool, KvCache, KvPool, PageTable, PagedLayout, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
+};
 pub use launch::{
     forward, forward_into, forward_with_tiling, runnable_tilings, select_candidate, select_tiling,
     Lse, Output,
