@@ -143,7 +143,7 @@ impl Fp8Pool {
                 format!("shape {shape:?} holds no element"),
             ));
         }
-        if shape[3] % 4 != 0 {
+        if !shape[3].is_multiple_of(4) {
             return Err(kv_error(
                 "head_dim",
                 format!(
