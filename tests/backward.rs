@@ -209,7 +209,10 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
         for ((name, got), (want, low)) in learned.zip(expected) {
             let got: Vec<f64> = got.to_vec(client).into_iter().map(f64::from).collect();
             let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-            let verdict = Verdict::new(&got, want, low, 1e-4 * scale);
+            // A sum over every pair, of terms made from the element type's O and dO (through
+            // `D`): the element type's relative floor at the sum's magnitude, 1e-4 at least.
+            let floor = error_floor::<V::Elem>().max(1e-4) * scale;
+            let verdict = Verdict::new(&got, want, low, floor);
             println!(
             "{label}: d {name}: max |kernel − f64| {:.2e}, naive {:.2e}, bound {:.2e}, max |f64| {scale:.2e}",
             verdict.kernel_error, verdict.naive_error, verdict.bound

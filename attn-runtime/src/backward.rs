@@ -191,31 +191,19 @@ pub(crate) fn run<V: Variant>(
 
     // Zeros, filled on the device: rows outside every document and keys past a sequence's length
     // get no gradient.
-    let zeros = |shape: [usize; 4]| -> Result<Tensor<V::Elem>, AttnError> {
-        let t = Tensor::empty(client, shape);
-        const UNITS: u32 = 256;
-        backward_zero::launch::<V::Elem>(
-            client,
-            grid(shape.iter().product(), UNITS),
-            CubeDim::new_1d(UNITS),
-            // SAFETY: created with its shape, contiguous.
-            unsafe { tensor_arg(&t) },
-            UNITS,
-        );
-        Ok(t)
-    };
+    let zeros = |shape: [usize; 4]| device_zeros::<V::Elem>(client, shape);
     let learn = learn_config(spec)?;
     // Where the dK/dV kernel sums dQ, the last pass writes every element of it (zero where no
     // key was added).
     let dq = if plan.dq == DqSum::Atomic {
         Tensor::empty(client, q.shape())
     } else {
-        zeros(q.shape())?
+        zeros(q.shape())
     };
     let mut grads = Grads {
         dq,
-        dk: zeros(k.shape())?,
-        dv: zeros(v.shape())?,
+        dk: zeros(k.shape()),
+        dv: zeros(v.shape()),
         d_sinks: spec
             .score
             .sinks
@@ -254,11 +242,7 @@ pub(crate) fn run<V: Variant>(
     let mut learned = Vec::new();
     for l in &learned_slots {
         let len = learned_len(l);
-        learned.push(Tensor::<f32>::from_slice(
-            client,
-            &vec![0.0; len],
-            [1, 1, 1, len],
-        )?);
+        learned.push(device_zeros::<f32>(client, [1, 1, 1, len]));
     }
     let attach = |grads: &mut Grads<V::Elem>, mut learned: Vec<Tensor<f32>>| {
         if learn.alibi {
@@ -329,11 +313,8 @@ pub(crate) fn run<V: Variant>(
         z: packed.sequences as u32,
     };
     let cubes = (dq_grid.x * dq_grid.y * dq_grid.z) as usize;
-    let partials = Tensor::<f32>::from_slice(
-        client,
-        &vec![0.0; (learn.slots() * cubes).max(1)],
-        [1, 1, 1, (learn.slots() * cubes).max(1)],
-    )?;
+    // Zeroed on the device (a cube past its sequence's queries writes none of its partials).
+    let partials = device_zeros::<f32>(client, [1, 1, 1, (learn.slots() * cubes).max(1)]);
     if plan.family == Family::Warpgroup {
         let resident = plan.tile.resident;
         // SAFETY: as above; every map describes a checked operand.
@@ -815,6 +796,21 @@ pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Til
         block_q: block,
         block_kv: block,
     })
+}
+
+/// A contiguous tensor of `shape` filled with zeros by a kernel (nothing uploaded).
+fn device_zeros<E: Element>(client: &ComputeClient, shape: [usize; 4]) -> Tensor<E> {
+    const UNITS: u32 = 256;
+    let t = Tensor::empty(client, shape);
+    backward_zero::launch::<E>(
+        client,
+        grid(shape.iter().product(), UNITS),
+        CubeDim::new_1d(UNITS),
+        // SAFETY: created with its shape, contiguous.
+        unsafe { tensor_arg(&t) },
+        UNITS,
+    );
+    t
 }
 
 /// Which run-time inputs get gradients: the learnable declared inputs (at most
