@@ -20,7 +20,8 @@
 //! pass (`bench_parts/backward.rs`, compared by `bench/backward.py`). With `--decode`, it runs
 //! the decode benchmark instead (`bench_parts/decode.rs`, compared by `bench/decode.py`); with
 //! `--decode-step`, the host side of a steady-state decode step: per call, per planned run, per
-//! graph replay (`bench_parts/decode_step.rs`).
+//! graph replay (`bench_parts/decode_step.rs`); with `--decode-mixed`, a mixed step of decode
+//! tokens and prompt chunks as one ragged call against two calls (`bench_parts/decode_mixed.rs`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ use rand::SeedableRng;
 mod backward;
 #[path = "bench_parts/decode.rs"]
 mod decode;
+#[path = "bench_parts/decode_mixed.rs"]
+mod decode_mixed;
 #[path = "bench_parts/decode_step.rs"]
 mod decode_step;
 
@@ -161,6 +164,10 @@ fn main() {
         for (batch, len) in shapes {
             ok &= decode_step::run_decode_step(&client, batch, len);
         }
+        std::process::exit(i32::from(!ok));
+    }
+    if args.iter().any(|a| a == "--decode-mixed") {
+        let ok = decode_mixed::run_decode_mixed(&attn::default_client(), iters);
         std::process::exit(i32::from(!ok));
     }
     if args.iter().any(|a| a == "--decode") {

@@ -26,6 +26,9 @@ use crate::kernels::common::context::{
     ArgsCompilationArg, OperandsCompilationArg, OutputsCompilationArg, RunInputsCompilationArg,
 };
 use crate::kernels::decode::combine::{combine_splits, CombineConfig, PartsCompilationArg};
+use crate::kernels::decode::warpgroup::{
+    decode_forward_wg::DecodeForwardWg, CacheMapsCompilationArg,
+};
 use crate::kernels::decode::{
     decode_forward, DecodeArgsCompilationArg, DecodeConfig, DecodeOperandsCompilationArg,
     DecodeOutputsCompilationArg, DecodeTiling,
@@ -291,16 +294,58 @@ fn decode_definition<V: Variant>(
         },
         inputs_compilation_arg(),
         args_compilation_arg(),
-        DecodeArgsCompilationArg {
-            queries: (),
-            group_rows: (),
-            page_size: (),
-            max_pages: (),
-            capacity: (),
-        },
+        decode_args_compilation_arg(),
         config,
     )
     .define()
+}
+
+/// cubecl's IR of `V`'s warpgroup decode kernel with `block_kv` keys per step over a cache paged
+/// in pages of `page_size` tokens (`None`: contiguous), split over the keys (sm_90 model), as
+/// [`warpgroup_ir`] records the prefill one.
+pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>) -> String {
+    let config = crate::decode::warpgroup_decode_config(&V::SPEC, block_kv, page_size, true, false);
+    let def = DecodeForwardWg::<V::Elem, V::Hooks>::new(
+        settings(CubeDim::new_1d(
+            crate::kernels::prefill::config::WARPGROUP_UNITS as u32,
+        )),
+        Arc::new(sm90_device_model()),
+        Arc::new(TargetProperties::default()),
+        CacheMapsCompilationArg {
+            q: tensor_compilation_arg(),
+            k: (),
+            v: (),
+            table: tensor_compilation_arg(),
+            lengths: tensor_compilation_arg(),
+            q_offsets: tensor_compilation_arg(),
+        },
+        DecodeOutputsCompilationArg {
+            o: tensor_compilation_arg(),
+            lse: tensor_compilation_arg(),
+            part_o: tensor_compilation_arg(),
+        },
+        inputs_compilation_arg(),
+        args_compilation_arg(),
+        decode_args_compilation_arg(),
+        config,
+    )
+    .define();
+    let errors = def.body.pop_errors();
+    assert!(
+        errors.is_empty(),
+        "the warpgroup decode kernel expands cleanly: {errors:?}"
+    );
+    def.body.to_string()
+}
+
+fn decode_args_compilation_arg() -> DecodeArgsCompilationArg {
+    DecodeArgsCompilationArg {
+        queries: (),
+        group_rows: (),
+        page_size: (),
+        max_pages: (),
+        capacity: (),
+    }
 }
 
 /// The CUDA C++ of `V`'s decode kernel with `tiling`, over a paged cache, split over the keys

@@ -15,23 +15,27 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl_common::bytes::Bytes;
 
+use crate::blueprint::{prefill_config, KernelFamily, Warpgroup};
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::common::{OutputsLaunch, RunInputsLaunch};
 use crate::kernels::decode::combine::{
     combine_splits, merge_states, CombineConfig, MergeConfig, PartsLaunch,
 };
+use crate::kernels::decode::warpgroup::{decode_forward_wg, CacheMapsLaunch, DecodeWgConfig};
 use crate::kernels::decode::{
     decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeOperandsLaunch, DecodeOutputsLaunch,
     DecodeTiling, KV_VECTOR,
 };
+use crate::kernels::prefill::config::{WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kv_cache::{grid, DeviceTables, KvCache, KvPool};
 use crate::launch::{
-    flat_arg, is_cpu_emulated, kernel_args, tensor_arg, unsupported_dtype, upload_inputs, Lse,
-    Output,
+    copy_engine_can_read, flat_arg, is_cpu_emulated, kernel_args, tensor_arg, tma_map,
+    unsupported_dtype, upload_inputs, Lse, Output,
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
+use crate::variant::Tiling;
 use crate::variant::{Variant, VariantSpec};
 
 /// Query tokens per sequence up to which a call is decoding (more is chunked prefill).
@@ -56,19 +60,59 @@ const fn default_chunk(rows: u32) -> u32 {
 /// brings.
 const MIN_KEYS_PER_SPLIT: usize = 256;
 
-/// How a decode call runs: the tile shape and into how many key splits each sequence is cut.
+/// Which decode kernel runs a plan, and its tile shape.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum DecodeKernel {
+    /// The CUDA-core kernel ([`crate::kernels::decode`]; every back end) with this tile shape.
+    Units(DecodeTiling),
+    /// The warpgroup kernel ([`crate::kernels::decode::warpgroup`]; Hopper, 16-bit caches the
+    /// copy engine reads): 64 packed rows per cube, `block_kv` keys per step.
+    Warpgroup {
+        /// Keys per step.
+        block_kv: u32,
+    },
+}
+
+impl DecodeKernel {
+    /// A stable name (`r4_u64_c16`, `wg_kv128`).
+    pub fn name(&self) -> String {
+        match self {
+            DecodeKernel::Units(tiling) => tiling.name(),
+            DecodeKernel::Warpgroup { block_kv } => format!("wg_kv{block_kv}"),
+        }
+    }
+
+    /// Keys per step.
+    pub fn block_kv(&self) -> usize {
+        match self {
+            DecodeKernel::Units(tiling) => tiling.units as usize,
+            DecodeKernel::Warpgroup { block_kv } => *block_kv as usize,
+        }
+    }
+
+    /// Packed query rows per cube.
+    pub fn rows(&self) -> usize {
+        match self {
+            DecodeKernel::Units(tiling) => tiling.rows as usize,
+            DecodeKernel::Warpgroup { .. } => WARPGROUP_ROWS,
+        }
+    }
+}
+
+/// How a decode call runs: the kernel and its tile shape, and into how many key splits each
+/// sequence is cut.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct DecodePlan {
-    /// Tile shape.
-    pub tiling: DecodeTiling,
+    /// The kernel and its tile shape.
+    pub kernel: DecodeKernel,
     /// Key splits per sequence (1: no combine step).
     pub splits: usize,
 }
 
 impl DecodePlan {
-    /// A stable name for logs and benchmark tables (`r4_kv64_u128_s8`).
+    /// A stable name for logs and benchmark tables (`r4_u64_c16_s8`, `wg_kv128_s2`).
     pub fn name(&self) -> String {
-        format!("{}_s{}", self.tiling.name(), self.splits)
+        format!("{}_s{}", self.kernel.name(), self.splits)
     }
 }
 
@@ -87,6 +131,8 @@ pub struct DecodeProblem {
     /// Ragged queries: each sequence's first row of Q `[1, Hq, total, D]`, `B + 1` offsets
     /// (`problem.seq_q` is then the most tokens of any sequence).
     pub q_offsets: Option<Vec<usize>>,
+    /// How the cache stores its tokens.
+    pub layout: CacheLayout,
 }
 
 impl DecodeProblem {
@@ -146,6 +192,7 @@ impl DecodeProblem {
             max_len,
             spec,
             q_offsets: None,
+            layout: cache_layout(cache),
         })
     }
 
@@ -421,12 +468,54 @@ pub fn default_tiling(
     Ok(tiling)
 }
 
-/// The plan used without tuning: [`default_tiling`], and key splits that bring the launch to at
+/// The plan used without tuning: on Hopper, for 16-bit caches the copy engine reads, the warpgroup
+/// kernel's ([`warpgroup_plan`] at 64 keys per step); elsewhere the CUDA-core kernel's
+/// ([`units_plan`]).
+pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
+    // 64 keys per step: two cubes per multiprocessor. On an H100 (bench/RESULTS.md) steps of 64
+    // matched or beat steps of 128 at every split count of the single-token cases and ran 9 %
+    // faster with 16 query tokens.
+    if warpgroup_decode_unfit(client, call, WARPGROUP_DECODE_KEYS).is_none() {
+        return Ok(warpgroup_plan(client, call, WARPGROUP_DECODE_KEYS));
+    }
+    units_plan(client, call)
+}
+
+/// Keys per step of the warpgroup decode kernel's default plan.
+const WARPGROUP_DECODE_KEYS: u32 = 64;
+
+/// The warpgroup kernel's plan at `block_kv` keys per step: key splits that bring the launch to
+/// one wave of cubes (as many per multiprocessor as its shared memory allows), in a power of two,
+/// never below 256 of the keys a sequence's queries see per split.
+pub fn warpgroup_plan(client: &ComputeClient, call: &DecodeProblem, block_kv: u32) -> DecodePlan {
+    let hw = &client.properties().hardware;
+    let processors = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
+    let config = warpgroup_decode_config(&call.spec, block_kv, None, false, false);
+    let per_processor = (hw.max_shared_memory_size / config.shared_bytes()).max(1);
+    let cubes =
+        call.problem.batch * call.problem.heads_kv * call.group_rows().div_ceil(WARPGROUP_ROWS);
+    let target = per_processor * processors;
+    let wanted = if cubes >= target {
+        1
+    } else {
+        target.div_ceil(cubes)
+    };
+    let most = call
+        .split_span(block_kv as usize)
+        .div_ceil(MIN_KEYS_PER_SPLIT)
+        .max(1);
+    DecodePlan {
+        kernel: DecodeKernel::Warpgroup { block_kv },
+        splits: power_of_two_at_most(wanted.min(most)).clamp(1, u16::MAX as usize),
+    }
+}
+
+/// The CUDA-core kernel's plan: [`default_tiling`], and key splits that bring the launch to at
 /// most about eight cubes per multiprocessor (`B × Hkv × row chunks` cubes before splitting), in
 /// a power of two, never below 256 of the keys a sequence's queries see
-/// ([`DecodeProblem::keys_seen`]) per split. On a CPU-emulated device, splits also keep
-/// each invocation under llvmpipe's loop limit.
-pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
+/// ([`DecodeProblem::keys_seen`]) per split. On a CPU-emulated device, splits also keep each
+/// invocation under llvmpipe's loop limit.
+pub fn units_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
     let tiling = default_tiling(client, &call.spec, call.group_rows())?;
     let hw = &client.properties().hardware;
     let processors = hw
@@ -453,9 +542,72 @@ pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Deco
         splits = splits.max(span.div_ceil(budget));
     }
     Ok(DecodePlan {
-        tiling,
+        kernel: DecodeKernel::Units(tiling),
         splits: splits.clamp(1, u16::MAX as usize),
     })
+}
+
+/// Why the warpgroup decode kernel cannot run `call` at `block_kv` keys per step on this device
+/// and build, or `None` when it can: the warpgroup prefill kernel's conditions at 64 query rows
+/// (16-bit elements, head dims in multiples of 64 up to 256, steps of 64 to 256 keys in
+/// multiples of 16, at most 64 past a value dim of 128), a 16-bit cache the copy engine reads,
+/// and pages of a multiple of 8 tokens that divide the step or that the step divides.
+pub fn warpgroup_decode_unfit(
+    client: &ComputeClient,
+    call: &DecodeProblem,
+    block_kv: u32,
+) -> Option<String> {
+    let spec = &call.spec;
+    let layout = call.layout;
+    if layout.fp8 {
+        return Some("the warpgroup decode kernel reads 16-bit caches".into());
+    }
+    if !layout.copy_engine {
+        return Some("the copy engine cannot read this cache's pools".into());
+    }
+    let page = layout.page_size as u32;
+    if layout.paged
+        && !(page.is_multiple_of(8)
+            && (page.is_multiple_of(block_kv) || block_kv.is_multiple_of(page)))
+    {
+        return Some(format!(
+            "pages of {page} tokens: the warpgroup decode kernel reads pages of a multiple of 8 tokens that divide its {block_kv}-key steps or that they divide"
+        ));
+    }
+    let config = prefill_config(
+        spec,
+        Tiling {
+            block_q: WARPGROUP_ROWS as u32,
+            block_kv,
+        },
+    );
+    Warpgroup::unfit(client, spec, &config)
+}
+
+/// The warpgroup decode kernel's configuration for `spec` at `block_kv` keys per step, over a
+/// cache paged in pages of `page_size` tokens (`None`: contiguous).
+pub fn warpgroup_decode_config(
+    spec: &VariantSpec,
+    block_kv: u32,
+    page_size: Option<u32>,
+    split: bool,
+    ragged: bool,
+) -> DecodeWgConfig {
+    let mut prefill = prefill_config(
+        spec,
+        Tiling {
+            block_q: WARPGROUP_ROWS as u32,
+            block_kv,
+        },
+    );
+    prefill.mask.key_lengths = true;
+    DecodeWgConfig {
+        prefill,
+        paged: page_size.is_some(),
+        split,
+        ragged,
+        box_rows: page_size.map_or(block_kv, |p| p.min(block_kv)),
+    }
 }
 
 /// The largest power of two at or below `n` (1 for 0). Split counts are powers of two: splits of
@@ -474,13 +626,24 @@ pub fn check_plan(
     call: &DecodeProblem,
     plan: DecodePlan,
 ) -> Result<(), AttnError> {
-    let t = plan.tiling;
     let hw = &client.properties().hardware;
     let bad = |reason: String| {
         Err(AttnError::Unsupported(format!(
             "decode plan {}: {reason}",
             plan.name()
         )))
+    };
+    if plan.splits == 0 || plan.splits > u16::MAX as usize {
+        return bad("splits lie between 1 and 65 535".into());
+    }
+    let t = match plan.kernel {
+        DecodeKernel::Units(t) => t,
+        DecodeKernel::Warpgroup { block_kv } => {
+            return match warpgroup_decode_unfit(client, call, block_kv) {
+                Some(why) => bad(why),
+                None => Ok(()),
+            };
+        }
     };
     if !t.rows.is_power_of_two()
         || !t.units.is_power_of_two()
@@ -505,9 +668,6 @@ pub fn check_plan(
             "needs {smem} bytes of shared memory; the device has {}",
             hw.max_shared_memory_size
         ));
-    }
-    if plan.splits == 0 || plan.splits > u16::MAX as usize {
-        return bad("splits lie between 1 and 65 535".into());
     }
     if is_cpu_emulated(client) {
         let config = decode_config(&call.spec, t, plan.splits > 1, LOOP_BUDGET_LAYOUT);
@@ -572,18 +732,22 @@ const LOOP_BUDGET_LAYOUT: CacheLayout = CacheLayout {
     fp8: false,
     page_size: 16,
     max_pages: 1,
+    copy_engine: false,
 };
 
 /// How a cache stores its tokens, as a decode step is planned for it.
 #[derive(Copy, Clone, Eq, PartialEq, Debug)]
-struct CacheLayout {
-    paged: bool,
+pub struct CacheLayout {
+    /// K/V live in pages addressed through a block table.
+    pub paged: bool,
     /// K and V in e4m3.
-    fp8: bool,
+    pub fp8: bool,
     /// Tokens per page (1: contiguous).
-    page_size: usize,
+    pub page_size: usize,
     /// Entries per sequence in the block table (1: contiguous).
-    max_pages: usize,
+    pub max_pages: usize,
+    /// The copy engine can read both 16-bit pools ([`copy_engine_can_read`]).
+    pub copy_engine: bool,
 }
 
 impl CacheLayout {
@@ -600,13 +764,15 @@ impl CacheLayout {
     }
 }
 
-fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
+pub(crate) fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
     let (page_size, max_pages, _) = cache.table_parts();
+    let readable = |pool: &KvPool<E>| pool.native().is_some_and(copy_engine_can_read);
     CacheLayout {
         paged: cache.is_paged(),
         fp8: cache.is_fp8(),
         page_size,
         max_pages,
+        copy_engine: readable(cache.k()) && readable(cache.v()),
     }
 }
 
@@ -946,11 +1112,9 @@ impl<V: Variant> DecodeStep<V> {
         cache: &KvCache<V::Elem>,
         out: &Output<V::Elem>,
     ) {
-        let (p, spec, tiling) = (&self.problem, &self.spec, self.plan.tiling);
+        let (p, spec) = (&self.problem, &self.spec);
         let splits = self.plan.splits;
-        let mut config = decode_config(spec, tiling, splits > 1, self.layout);
-        config.ragged = self.q_offsets.is_some();
-        let chunks = (p.group * p.seq_q).div_ceil(tiling.rows as usize);
+        let chunks = (p.group * p.seq_q).div_ceil(self.plan.kernel.rows());
         tracing::debug!(
             variant = spec.name,
             plan = %self.plan.name(),
@@ -963,13 +1127,15 @@ impl<V: Variant> DecodeStep<V> {
             max_pages,
             ..
         } = self.layout;
-        let dargs = DecodeArgsLaunch::new(
-            p.seq_q as u32,
-            (p.group * p.seq_q) as u32,
-            page_size as u32,
-            max_pages as u32,
-            p.seq_k as u32,
-        );
+        let dargs = || {
+            DecodeArgsLaunch::new(
+                p.seq_q as u32,
+                (p.group * p.seq_q) as u32,
+                page_size as u32,
+                max_pages as u32,
+                p.seq_k as u32,
+            )
+        };
         let inputs = || unsafe {
             RunInputsLaunch::new(
                 flat_arg(&self.ints.0, self.ints.1),
@@ -982,38 +1148,85 @@ impl<V: Variant> DecodeStep<V> {
         } else {
             &out.lse.tensor
         };
+        let outputs = || unsafe {
+            DecodeOutputsLaunch::new(
+                tensor_arg(&out.o),
+                tensor_arg(lse),
+                tensor_arg(&self.part_o),
+            )
+        };
+        // Without ragged queries the lengths stand in for the offsets (never read).
+        let q_offsets = || unsafe {
+            match &self.q_offsets {
+                Some((h, len)) => flat_arg(h, *len),
+                None => flat_arg(&tables.lengths, p.batch),
+            }
+        };
         let cube_count =
             CubeCount::Static(splits as u32, (p.heads_kv * chunks) as u32, p.batch as u32);
-        unsafe {
-            decode_forward::launch::<V::Elem, V::Hooks>(
-                client,
-                cube_count,
-                CubeDim::new_1d(tiling.units),
-                DecodeOperandsLaunch::new(
-                    tensor_arg(q),
-                    pool_arg(cache.k(), q),
-                    pool_arg(cache.v(), q),
-                    fp8_words(cache.k(), &tables),
-                    fp8_words(cache.v(), &tables),
-                    fp8_scales(cache, &tables),
-                    flat_arg(&tables.table, tables.table_len),
-                    flat_arg(&tables.lengths, p.batch),
-                    // Without ragged queries the lengths stand in (never read).
-                    match &self.q_offsets {
-                        Some((h, len)) => flat_arg(h, *len),
-                        None => flat_arg(&tables.lengths, p.batch),
-                    },
-                ),
-                DecodeOutputsLaunch::new(
-                    tensor_arg(&out.o),
-                    tensor_arg(lse),
-                    tensor_arg(&self.part_o),
-                ),
-                inputs(),
-                kernel_args(spec, p),
-                dargs,
-                config,
-            );
+        match self.plan.kernel {
+            DecodeKernel::Units(tiling) => {
+                let mut config = decode_config(spec, tiling, splits > 1, self.layout);
+                config.ragged = self.q_offsets.is_some();
+                unsafe {
+                    decode_forward::launch::<V::Elem, V::Hooks>(
+                        client,
+                        cube_count,
+                        CubeDim::new_1d(tiling.units),
+                        DecodeOperandsLaunch::new(
+                            tensor_arg(q),
+                            pool_arg(cache.k(), q),
+                            pool_arg(cache.v(), q),
+                            fp8_words(cache.k(), &tables),
+                            fp8_words(cache.v(), &tables),
+                            fp8_scales(cache, &tables),
+                            flat_arg(&tables.table, tables.table_len),
+                            flat_arg(&tables.lengths, p.batch),
+                            q_offsets(),
+                        ),
+                        outputs(),
+                        inputs(),
+                        kernel_args(spec, p),
+                        dargs(),
+                        config,
+                    );
+                }
+            }
+            DecodeKernel::Warpgroup { block_kv } => {
+                let page = self.layout.paged.then_some(page_size as u32);
+                let config = warpgroup_decode_config(
+                    spec,
+                    block_kv,
+                    page,
+                    splits > 1,
+                    self.q_offsets.is_some(),
+                );
+                // Checked when the step was planned (the layout's `copy_engine`): both pools
+                // are 16-bit tensors the copy engine reads.
+                let map = |pool: &KvPool<V::Elem>| unsafe {
+                    tma_map(pool.native().unwrap_or(q), config.box_rows)
+                };
+                unsafe {
+                    decode_forward_wg::launch::<V::Elem, V::Hooks>(
+                        client,
+                        cube_count,
+                        CubeDim::new_1d(WARPGROUP_UNITS as u32),
+                        CacheMapsLaunch::new(
+                            tensor_arg(q),
+                            map(cache.k()),
+                            map(cache.v()),
+                            flat_arg(&tables.table, tables.table_len),
+                            flat_arg(&tables.lengths, p.batch),
+                            q_offsets(),
+                        ),
+                        outputs(),
+                        inputs(),
+                        kernel_args(spec, p),
+                        dargs(),
+                        config,
+                    );
+                }
+            }
         }
         if splits > 1 {
             const UNITS: u32 = 64;

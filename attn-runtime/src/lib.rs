@@ -36,8 +36,8 @@ pub use backward::{
 };
 pub use blueprint::Family;
 pub use decode::{
-    decode, decode_into, decode_ragged, decode_ragged_into, decode_with_plan, merge, DecodePlan,
-    DecodeProblem, DecodeStep, MAX_DECODE_QUERIES,
+    decode, decode_into, decode_ragged, decode_ragged_into, decode_with_plan, merge, DecodeKernel,
+    DecodePlan, DecodeProblem, DecodeStep, MAX_DECODE_QUERIES,
 };
 pub use error::{AttnError, Dim, Operand};
 pub use hooks::{Hooks, NoHooks, TileBounds, TILE_EMPTY, TILE_FULL, TILE_PARTIAL};

@@ -51,8 +51,9 @@ impl Kernels {
 /// The kernels `V` compiles to, at its first declared tile shape: the portable prefill kernel
 /// (CUDA C++, and WGSL for f16/f32 with the `wgpu` feature), for 16-bit elements the tensor-core
 /// kernel (CUDA C++) and the warpgroup kernel (cubecl IR, at the first declared tile it runs),
-/// the backward kernels of each family that runs the variant (at each family's first tile), and
-/// the decode kernel (CUDA C++, paged, split). Produced without a device; normalised.
+/// the backward kernels of each family that runs the variant (at each family's first tile), the
+/// decode kernel (CUDA C++, paged, split) and for 16-bit elements its warpgroup form (cubecl IR,
+/// pages of 16, split). Produced without a device; normalised.
 pub fn kernels<V: Variant>() -> Kernels {
     let spec = V::SPEC;
     let tiling = spec.tilings[0];
@@ -133,6 +134,15 @@ pub fn kernels<V: Variant>() -> Kernels {
         name: "decode_cuda",
         source: normalise(&crate::codegen::decode_cuda_source::<V>(decode)),
     });
+    // On Hopper, 16-bit decoding runs the warpgroup kernel (its default 64 keys per step, paged
+    // in pages of 16, split).
+    if spec.dtype != DType::F32 && warpgroup_tiling(&spec).is_some() {
+        let ir = crate::codegen::decode_warpgroup_ir::<V>(64, Some(16));
+        kernels.push(Kernel {
+            name: "decode_wg_ir",
+            source: normalise(&without_ir_types(&ir)),
+        });
+    }
     Kernels {
         variant: spec.name,
         kernels,
@@ -175,9 +185,11 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
     }
     let markers: &[&str] = match kernel {
-        "warpgroup_ir" | "backward_dkdv_wg_ir" | "backward_dq_wg_ir" | "backward_atomic_wg_ir" => {
-            &["wgmma", "tma", "barrier.", "cube.asm", "plane."]
-        }
+        "warpgroup_ir"
+        | "backward_dkdv_wg_ir"
+        | "backward_dq_wg_ir"
+        | "backward_atomic_wg_ir"
+        | "decode_wg_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
         "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],
         _ => &["__syncthreads", "exp", "mma"],
     };

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use attn::decode::{check_plan, default_plan, DecodePlan, DecodeProblem};
+use attn::decode::{check_plan, default_plan, units_plan, DecodeKernel, DecodePlan, DecodeProblem};
 use attn::reference::{random_vec, seeded_rng};
 use attn::{bf16, ComputeClient, Inputs, KvCache, Output, Tensor};
 use rand::seq::SliceRandom;
@@ -25,44 +25,74 @@ attn::attention! {
     pub WindowDecode { heads: gqa(group = 4), head_dim: 128, dtype: bf16, mask: causal & window(left = 500) }
 }
 
-/// The device grid's decode checks: a sliding window and plain causal decoding over ragged
-/// contiguous caches (one longer than the window's span many times, one shorter than it), 16-bit
-/// and fp8, one and four query tokens, the default split count and 1, 2, 4 and 8 splits, against
-/// float64 (an fp8 cache's on the values it stores). Returns one verdict per run.
+/// The device grid's decode checks: a sliding window and plain causal decoding over ragged caches
+/// (one longer than the window's span many times, one shorter than it), contiguous 16-bit and
+/// fp8 and paged in pages of 16 and 256 tokens, 1, 4 and 16 query tokens, each kernel's default
+/// plan at its own split count and at 1 and 4 splits, against float64 (an fp8 cache's on the
+/// values it stores). Returns one verdict per run.
 pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
     let mut results = Vec::new();
     if !attn::supports::<bf16>(client) {
         println!("decode checks: bf16 unsupported here, skipped");
         return results;
     }
-    for nq in [1, 4] {
-        results.extend(check_decode::<WindowDecode>(client, nq, false));
-        results.extend(check_decode::<Llama3Decode>(client, nq, false));
-        results.extend(check_decode::<Llama3Decode>(client, nq, true));
+    for nq in [1, 4, 16] {
+        results.extend(check_decode::<WindowDecode>(client, nq, false, None));
+        results.extend(check_decode::<Llama3Decode>(client, nq, false, None));
+        results.extend(check_decode::<Llama3Decode>(client, nq, true, None));
+        for page in [16, 256] {
+            results.extend(check_decode::<WindowDecode>(client, nq, false, Some(page)));
+        }
     }
     results
 }
 
+/// One cell of the grid: `nq` query tokens against a contiguous cache (16-bit or `fp8`) or one
+/// paged in pages of `page` tokens, with the default plan, the CUDA-core kernel's default plan,
+/// and each at 1 and 4 splits.
 fn check_decode<V: attn::Variant<Elem = bf16>>(
     client: &ComputeClient,
     nq: usize,
     fp8: bool,
+    page: Option<usize>,
 ) -> Vec<bool> {
     use attn::reference::{decode_f64, decode_naive, error_floor, widen, Verdict};
     let lengths = [3001usize, 777, 40];
     let (batch, heads_kv, d) = (lengths.len(), HEADS_KV, D);
     let capacity = lengths[0] + 3;
-    let stored = if fp8 { " fp8" } else { "" };
+    let stored = match (fp8, page) {
+        (true, _) => " fp8".to_string(),
+        (false, Some(p)) => format!(" pages of {p}"),
+        (false, None) => String::new(),
+    };
     let label = format!("decode {} Nq{nq} lengths {lengths:?}{stored}", V::SPEC.name);
     let (mut rng, _) = seeded_rng(&label);
     // Normal random values: scales mapping 4.5 to 448 saturate almost none.
     let scales = attn::fp8::KvScales::for_range(heads_kv, 4.5, 4.5);
-    let mut cache = if fp8 {
-        KvCache::<bf16>::contiguous_fp8(client, [batch, heads_kv, capacity], d, d, &scales)
-    } else {
-        KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d)
+    let mut cache = match page {
+        _ if fp8 => {
+            KvCache::<bf16>::contiguous_fp8(client, [batch, heads_kv, capacity], d, d, &scales)
+        }
+        Some(page_size) => {
+            let max_pages = capacity.div_ceil(page_size);
+            KvCache::<bf16>::paged(
+                client,
+                attn::PagedLayout {
+                    batch,
+                    heads_kv,
+                    head_dim: d,
+                    value_dim: d,
+                    page_size,
+                    pages: batch * max_pages,
+                    max_pages,
+                },
+            )
+        }
+        None => KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d),
     }
     .expect("a cache");
+    // Whole pages: the reference lays the tokens out over the cache's own capacity.
+    let capacity = cache.capacity();
     let n = lengths[0];
     let kn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
     let vn: Vec<bf16> = random_vec(&mut rng, batch * heads_kv * n * d);
@@ -103,12 +133,18 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
     let reference = decode_f64::<V>(&call, &inputs, &qf, &kh, &vh);
     let naive = decode_naive::<V>(&call, &inputs, &qf, &kh, &vh);
     let base = default_plan(client, &call).expect("a plan");
-    let mut results = Vec::new();
-    for splits in [base.splits, 1, 2, 4, 8] {
-        let plan = DecodePlan { splits, ..base };
-        if check_plan(client, &call, plan).is_err() {
-            continue;
+    let units = units_plan(client, &call).expect("a plan");
+    let mut plans = Vec::new();
+    for base in [base, units] {
+        for splits in [base.splits, 1, 4] {
+            let plan = DecodePlan { splits, ..base };
+            if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
+                plans.push(plan);
+            }
         }
+    }
+    let mut results = Vec::new();
+    for plan in plans {
         // Poisoned with NaN: an element the kernels do not write fails the check.
         let shape = call.problem.out_shape();
         let out = Output {
@@ -268,6 +304,15 @@ pub fn run_decode(client: &ComputeClient, out: &Path, iters: usize, only: Option
             window: false,
             fp8: true,
         },
+        // Speculative decoding: 16 draft tokens per sequence, 64 rows per K/V head.
+        DecodeCase {
+            batch: 64,
+            keys: 8192,
+            queries: 16,
+            page_size: Some(64),
+            window: false,
+            fp8: false,
+        },
     ];
     std::fs::create_dir_all(out).expect("output folder");
     let mut list = std::fs::File::create(out.join("cases.txt")).expect("cases.txt");
@@ -391,21 +436,42 @@ fn run_case<V: attn::Variant<Elem = bf16>>(
     // 8, 16 or 32 loads issued together.
     let default = default_plan(client, &call)?;
     let mut plans = vec![default];
-    for splits in [1, 2, 4, 8, 16, 33, 66, 132, 264] {
-        for units in [default.tiling.units, 64] {
-            for chunk in [8, 16, 32] {
-                let plan = DecodePlan {
-                    splits,
-                    tiling: attn::DecodeTiling {
-                        units,
-                        chunk,
-                        ..default.tiling
-                    },
-                };
-                if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
-                    plans.push(plan);
+    let mut candidates = Vec::new();
+    // `BENCH_DECODE_SWEEP=short`: the CUDA-core kernel's default tile alone.
+    let short = std::env::var("BENCH_DECODE_SWEEP").is_ok_and(|v| v == "short");
+    if let DecodeKernel::Units(base) = units_plan(client, &call)?.kernel {
+        let (units, chunks): (&[u32], &[u32]) = if short {
+            (&[base.units], &[base.chunk])
+        } else {
+            (&[base.units, 64], &[8, 16, 32])
+        };
+        for splits in [1, 2, 4, 8, 16, 33, 66, 132, 264] {
+            for &units in units {
+                for &chunk in chunks {
+                    candidates.push(DecodePlan {
+                        splits,
+                        kernel: DecodeKernel::Units(attn::DecodeTiling {
+                            units,
+                            chunk,
+                            ..base
+                        }),
+                    });
                 }
             }
+        }
+    }
+    // The warpgroup kernel where the device has it (its check refuses it elsewhere).
+    for splits in [1, 2, 4, 8, 16, 32, 64, 128] {
+        for block_kv in [64, 128] {
+            candidates.push(DecodePlan {
+                splits,
+                kernel: DecodeKernel::Warpgroup { block_kv },
+            });
+        }
+    }
+    for plan in candidates {
+        if !plans.contains(&plan) && check_plan(client, &call, plan).is_ok() {
+            plans.push(plan);
         }
     }
     let out_buffers = Output {

@@ -23,7 +23,7 @@ use crate::AttnError;
 /// The name of the tuner's table, the last segment of its namespaces.
 pub const TUNER_NAME: &str = "attn-prefill";
 /// The cache namespace of the decode plans' tuner.
-pub const DECODE_TUNER_NAME: &str = "attn-decode";
+pub const DECODE_TUNER_NAME: &str = "attn-decode-2";
 /// The cache namespace of the backward plans' tuner.
 pub const BACKWARD_TUNER_NAME: &str = "attn-backward";
 /// The cache namespace of the backward plans' tuner in deterministic mode

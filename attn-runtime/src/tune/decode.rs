@@ -14,8 +14,10 @@ use super::key::fingerprint;
 use super::prepared::PerVariant;
 use super::tuner::{policy_for, spawn_settling};
 use super::verdict::{timed, DECODE};
-use crate::decode::{check_plan, default_plan, launch_decode, DecodePlan, DecodeProblem};
-use crate::kernels::decode::DecodeTiling;
+use crate::decode::{
+    check_plan, default_plan, launch_decode, units_plan, warpgroup_plan, DecodeKernel, DecodePlan,
+    DecodeProblem,
+};
 use crate::kv_cache::KvCache;
 use crate::launch::{is_cpu_emulated, Lse, Output};
 use crate::tensor::{ComputeClient, Element, Tensor};
@@ -42,53 +44,80 @@ pub struct DecodeKey {
     pub fp8: bool,
 }
 
-/// A plan relative to the heuristic's: its split count times `num / den`, at `units` keys per
-/// step. Stable names (`s1x1_u128`) key the cache.
+/// A plan relative to a heuristic's: the warpgroup kernel's plan at `units` keys per step
+/// ([`warpgroup_plan`]) or the CUDA-core kernel's at `units` units ([`units_plan`]), its split
+/// count times `num / den`. [`PlanChoice::HEURISTIC`] is [`default_plan`] itself, whichever
+/// kernel it picks. Stable names (`s1x1_u128`, `s2x1_wg64`, `default`) key the cache.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Serialize, Deserialize)]
 pub struct PlanChoice {
     /// Split-count factor, numerator.
     pub num: u32,
     /// Split-count factor, denominator.
     pub den: u32,
-    /// Units per cube (keys per step).
+    /// Units per cube (CUDA-core kernel) or keys per step (warpgroup kernel); 0 for the
+    /// heuristic.
     pub units: u32,
+    /// The warpgroup kernel.
+    pub warpgroup: bool,
 }
 
 impl std::fmt::Display for PlanChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}x{}_u{}", self.num, self.den, self.units)
+        if *self == Self::HEURISTIC {
+            return write!(f, "default");
+        }
+        let kernel = if self.warpgroup { "wg" } else { "u" };
+        write!(f, "s{}x{}_{kernel}{}", self.num, self.den, self.units)
     }
 }
 
 impl PlanChoice {
-    /// The heuristic's own plan (64 units, its split count): the fallback.
+    /// The heuristic's own plan ([`default_plan`]): the fallback.
     pub const HEURISTIC: PlanChoice = PlanChoice {
         num: 1,
         den: 1,
-        units: 64,
+        units: 0,
+        warpgroup: false,
     };
 
-    /// The plan this choice makes of the heuristic's `base` ([`Self::HEURISTIC`]: `base` itself).
-    pub fn apply(&self, base: DecodePlan) -> DecodePlan {
+    /// The plan this choice makes for `call`.
+    pub fn plan(
+        &self,
+        client: &ComputeClient,
+        call: &DecodeProblem,
+    ) -> Result<DecodePlan, AttnError> {
         if *self == Self::HEURISTIC {
-            return base;
+            return default_plan(client, call);
         }
-        DecodePlan {
-            tiling: DecodeTiling {
-                units: self.units,
-                ..base.tiling
-            },
-            splits: (base.splits * self.num as usize / self.den as usize).max(1),
-        }
+        let mut plan = if self.warpgroup {
+            warpgroup_plan(client, call, self.units)
+        } else {
+            let mut plan = units_plan(client, call)?;
+            if let DecodeKernel::Units(tiling) = &mut plan.kernel {
+                tiling.units = self.units;
+            }
+            plan
+        };
+        plan.splits = (plan.splits * self.num as usize / self.den as usize).max(1);
+        Ok(plan)
     }
 }
 
-/// The choices, the heuristic itself (64 units, its split count) first.
+/// The choices, the heuristic itself first: the CUDA-core kernel at 64 and 128 units and the
+/// warpgroup kernel at 64 and 128 keys per step, each at a quarter to four times its
+/// heuristic's split count. A choice the device cannot run fails its check and is not timed.
 pub fn plan_choices() -> Vec<PlanChoice> {
-    let mut choices = Vec::new();
-    for units in [64, 128] {
-        for (num, den) in [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)] {
-            choices.push(PlanChoice { num, den, units });
+    let mut choices = vec![PlanChoice::HEURISTIC];
+    for warpgroup in [false, true] {
+        for units in [64, 128] {
+            for (num, den) in [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)] {
+                choices.push(PlanChoice {
+                    num,
+                    den,
+                    units,
+                    warpgroup,
+                });
+            }
         }
     }
     choices
@@ -101,7 +130,6 @@ static TUNER: LocalTuner<DecodeKey, ServiceId> = LocalTuner::new(cache::DECODE_T
 struct Call<E: Element> {
     client: ComputeClient,
     problem: Arc<DecodeProblem>,
-    base: DecodePlan,
     q: Tensor<E>,
     cache: Arc<KvCache<E>>,
     out: Output<E>,
@@ -133,7 +161,7 @@ fn tunable_set<V: Variant>() -> TunableSet<DecodeKey, Call<V::Elem>, (), PlanCho
 
 impl<E: Element> Call<E> {
     fn run<V: Variant<Elem = E>>(&self, choice: PlanChoice) -> Result<(), AttnError> {
-        let plan = choice.apply(self.base);
+        let plan = choice.plan(&self.client, &self.problem)?;
         check_plan(&self.client, &self.problem, plan)?;
         launch_decode::<V>(
             &self.client,
@@ -226,14 +254,14 @@ pub(crate) fn decode_tuned<V: Variant>(
     if let Some(pick) = TUNER.fastest_identity(&id, &set, &key) {
         let plan = DECODE
             .choose(client, &key, pick, PlanChoice::HEURISTIC)
-            .apply(base);
+            .plan(client, &call)?;
         launch_decode::<V>(client, &call, plan, q, cache, out)?;
         return Ok(plan);
     }
     if policy_for(facts.cpu_emulated) == super::Policy::Deferred {
         let remembered = DECODE
             .remembered(client, &key, plan_choices())
-            .map(|choice| choice.apply(base))
+            .and_then(|choice| choice.plan(client, &call).ok())
             .filter(|plan| check_plan(client, &call, *plan).is_ok());
         let plan = remembered.unwrap_or_else(|| {
             let p = &call.problem;
@@ -259,7 +287,6 @@ pub(crate) fn decode_tuned<V: Variant>(
     let tuned = Call {
         client: client.clone(),
         problem: Arc::new(call),
-        base,
         q: q.clone(),
         cache: Arc::new(cache.clone()),
         out: out.clone(),
@@ -297,5 +324,5 @@ pub(crate) fn decode_tuned<V: Variant>(
         tuned.run::<V>(choice)?;
     }
     tracing::info!(variant = V::SPEC.name, plan = %choice, "attn: tuned decode plan");
-    Ok(choice.apply(base))
+    choice.plan(client, &tuned.problem)
 }

@@ -32,6 +32,7 @@
 #![allow(clippy::manual_div_ceil, clippy::collapsible_if)]
 
 pub mod combine;
+pub mod warpgroup;
 
 use cubecl::prelude::*;
 
@@ -237,10 +238,64 @@ pub struct Chunk {
     pub first: usize,
     /// Last row that exists.
     pub last: usize,
-    /// Query tokens per sequence.
+    /// The K/V head.
+    pub kv_head: usize,
+    /// Query tokens of the cube's sequence.
     pub queries: usize,
+    /// The sequence's first row of Q (ragged; else 0).
+    pub first_query: usize,
     /// Rows of the K/V head.
     pub group_rows: usize,
+}
+
+#[cube]
+impl Chunk {
+    /// The cube's chunk of `rows` packed rows (the grid's y: K/V head × chunk), and its sequence's
+    /// query tokens (its own count when `ragged`). The grid covers the most rows of any sequence;
+    /// a cube past its own sequence's rows ends here.
+    pub fn of_cube(
+        q_offsets: &Tensor<i32>,
+        args: Args,
+        dargs: DecodeArgs,
+        #[comptime] rows: usize,
+        #[comptime] ragged: bool,
+    ) -> Chunk {
+        let chunks = (dargs.group_rows as usize + rows - 1) / rows;
+        let first_row = (CUBE_POS_Y as usize % chunks) * rows;
+        let queries = SequenceQueries::of(q_offsets, dargs, ragged);
+        let group_rows = queries.count * args.group as usize;
+        if first_row >= group_rows {
+            terminate!();
+        }
+        Chunk {
+            first: first_row,
+            last: select(first_row + rows < group_rows, first_row + rows, group_rows) - 1,
+            kv_head: CUBE_POS_Y as usize / chunks,
+            queries: queries.count,
+            first_query: queries.first,
+            group_rows,
+        }
+    }
+
+    /// The cube's context: its sequence (see [`locate_sequence`]) at its first row's head.
+    pub fn locate_sequence(
+        &self,
+        lengths: &Tensor<i32>,
+        inputs: &RunInputs,
+        args: Args,
+        dargs: DecodeArgs,
+        #[comptime] facts: DecodeFacts,
+    ) -> Ctx {
+        let at = SequenceAt {
+            capacity: dargs.capacity as usize,
+            head: locate_row(self.first, self.kv_head, *self, args).head,
+            queries: SequenceQueries {
+                first: self.first_query,
+                count: self.queries,
+            },
+        };
+        locate_sequence(lengths, inputs, args, at, facts)
+    }
 }
 
 /// Where a unit's row sits: its query head and token, and whether it exists.
@@ -303,41 +358,25 @@ pub fn decode_forward<E: Float, M: Hooks>(
     dargs: DecodeArgs,
     #[comptime] config: DecodeConfig,
 ) {
-    let rows = config.rows();
     let units = config.units();
-    // The grid covers the most rows of any sequence; a ragged sequence's own may be fewer.
-    let chunks = (dargs.group_rows as usize + rows - 1) / rows;
-    let kv_head = CUBE_POS_Y as usize / chunks;
-    let first_row = (CUBE_POS_Y as usize % chunks) * rows;
-    let queries = SequenceQueries::of(ops, dargs, config);
-    let group_rows = queries.count * args.group as usize;
-    if first_row >= group_rows {
-        terminate!();
-    }
-    let chunk = Chunk {
-        first: first_row,
-        last: select(first_row + rows < group_rows, first_row + rows, group_rows) - 1,
-        queries: queries.count,
-        group_rows,
-    };
-    let head = locate_row(first_row, kv_head, chunk, args).head;
-    let ctx = locate_sequence(ops, inputs, args, dargs, head, queries, config);
+    let chunk = Chunk::of_cube(&ops.q_offsets, args, dargs, config.rows(), config.ragged);
+    let ctx = chunk.locate_sequence(&ops.lengths, inputs, args, dargs, config.facts());
 
     let mut unit = DecodeUnit::new(&ctx, chunk, inputs, config);
     // An fp8 cache's K scale goes into Q, its V scale into the normaliser.
     let mut k_scale = 1.0f32.runtime();
     if comptime!(config.fp8) {
-        k_scale = ops.scales[kv_head];
-        unit.v_scale = ops.scales[ops.scales.len() / 2 + kv_head];
+        k_scale = ops.scales[chunk.kv_head];
+        unit.v_scale = ops.scales[ops.scales.len() / 2 + chunk.kv_head];
     }
     unit.load_q_rows::<E>(&ops.q, &ctx, chunk, k_scale, config);
 
-    let walk = split_walk(&ctx, chunk, config);
+    let walk = split_walk(&ctx, chunk, config.block_kv());
     for index in walk.first_step..walk.end_step {
         let keys = walk.keys(index, units);
         let step = Step {
             keys,
-            class: classify_rows::<M>(&ctx, walk, keys, chunk, inputs, config),
+            class: classify_rows::<M>(&ctx, walk, keys, chunk, inputs),
         };
         if step.class != TILE_EMPTY {
             // The previous step's P·V has read every probability and key address.
@@ -358,7 +397,7 @@ pub fn decode_forward<E: Float, M: Hooks>(
 /// Row `row`'s index among O's `[B, Hq, Nq]` rows (ragged: `[1, Hq, total]`; `o_rows` is `[Hq,
 /// Nq]`), as the LSE and the splits' partials are laid out and the combine step reads them.
 #[cube]
-fn output_row(o_rows: OutputRows, ctx: &Ctx, row: DecodeRow) -> usize {
+pub fn output_row(o_rows: OutputRows, ctx: &Ctx, row: DecodeRow) -> usize {
     let seq = ctx.site;
     (seq.batch * o_rows.heads + row.head) * o_rows.tokens + seq.q_off + row.token
 }
@@ -386,19 +425,41 @@ pub struct SequenceQueries {
 #[cube]
 impl SequenceQueries {
     /// The cube's sequence's: the launch's count, or its own from the offsets when ragged.
-    pub fn of<E: Float>(
-        ops: &DecodeOperands<E>,
+    pub fn of(
+        q_offsets: &Tensor<i32>,
         dargs: DecodeArgs,
-        #[comptime] config: DecodeConfig,
+        #[comptime] ragged: bool,
     ) -> SequenceQueries {
         let mut first = 0usize.runtime();
         let mut count = dargs.queries as usize;
-        if comptime!(config.ragged) {
+        if comptime!(ragged) {
             let b = CUBE_POS_Z as usize;
-            first = ops.q_offsets[b] as usize;
-            count = ops.q_offsets[b + 1] as usize - first;
+            first = q_offsets[b] as usize;
+            count = q_offsets[b + 1] as usize - first;
         }
         SequenceQueries { first, count }
+    }
+}
+
+/// What a decode kernel was compiled for, as [`locate_sequence`] reads it.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct DecodeFacts {
+    /// The mask, with per-sequence key lengths always on.
+    pub mask: MaskSpec,
+    /// The score modifications.
+    pub score: ScoreFlags,
+    /// Each sequence has its own count of query tokens.
+    pub ragged: bool,
+}
+
+impl DecodeConfig {
+    /// The facts [`locate_sequence`] reads.
+    pub const fn facts(&self) -> DecodeFacts {
+        DecodeFacts {
+            mask: self.mask,
+            score: self.score,
+            ragged: self.ragged,
+        }
     }
 }
 
@@ -408,30 +469,29 @@ impl SequenceQueries {
 /// start at `queries.first` of batch entry 0 (`site.q_off`, `site.batch`); the cache is read at
 /// `site.index`, the sequence, either way.
 #[cube]
-fn locate_sequence<E: Float>(
-    ops: &DecodeOperands<E>,
+pub fn locate_sequence(
+    lengths: &Tensor<i32>,
     inputs: &RunInputs,
     args: Args,
-    dargs: DecodeArgs,
-    head: usize,
-    queries: SequenceQueries,
-    #[comptime] config: DecodeConfig,
+    at: SequenceAt,
+    #[comptime] facts: DecodeFacts,
 ) -> Ctx {
     let sequence = CUBE_POS_Z as usize;
-    let stored = ops.lengths[sequence];
-    let capacity = dargs.capacity as usize;
+    let stored = lengths[sequence];
+    let capacity = at.capacity;
     let mut cached = 0usize.runtime();
     if stored > 0 {
         cached = select((stored as usize) < capacity, stored as usize, capacity);
     }
-    let at = Lengths {
+    let queries = at.queries;
+    let lengths = Lengths {
         sequence,
-        head,
+        head: at.head,
         q_total: queries.count,
         k_total: cached,
     };
-    let mut ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
-    if comptime!(config.ragged) {
+    let mut ctx = Ctx::locate(lengths, inputs, args, facts.mask, facts.score);
+    if comptime!(facts.ragged) {
         ctx.site.batch = 0;
         ctx.site.q_off = queries.first;
     }
@@ -439,10 +499,22 @@ fn locate_sequence<E: Float>(
     ctx.keys_at_most(cached)
 }
 
+/// Which sequence's queries a cube serves, and its first row's query head.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct SequenceAt {
+    /// Keys each sequence can hold: lengths past it are cut to it.
+    pub capacity: usize,
+    /// The query head of the cube's first row.
+    pub head: usize,
+    /// The sequence's query tokens.
+    pub queries: SequenceQueries,
+}
+
 /// Locate the row: packed row `r` of K/V head `kv_head` is query head `kv_head·group + r / Nq`,
 /// token `r % Nq`. A row past the group clamps to the last one (it computes, but writes nothing).
 #[cube]
-fn locate_row(r: usize, kv_head: usize, chunk: Chunk, args: Args) -> DecodeRow {
+pub fn locate_row(r: usize, kv_head: usize, chunk: Chunk, args: Args) -> DecodeRow {
     let valid = r < chunk.group_rows;
     let at = select(valid, r, chunk.group_rows - 1);
     DecodeRow {
@@ -457,7 +529,7 @@ fn locate_row(r: usize, kv_head: usize, chunk: Chunk, args: Args) -> DecodeRow {
 /// sequence's own visible keys, counted from the step of the first of them, in whole steps of
 /// `block_kv`.
 #[cube]
-fn split_walk(ctx: &Ctx, chunk: Chunk, #[comptime] config: DecodeConfig) -> BlockWalk {
+pub fn split_walk(ctx: &Ctx, chunk: Chunk, #[comptime] block_kv: usize) -> BlockWalk {
     let queries = chunk.queries;
     // The chunk's tokens: a contiguous run inside one head, else every token.
     let mut q_first = 0usize.runtime();
@@ -467,7 +539,6 @@ fn split_walk(ctx: &Ctx, chunk: Chunk, #[comptime] config: DecodeConfig) -> Bloc
         q_last = chunk.last % queries;
     }
     let range = key_range(ctx, q_first, q_last);
-    let block_kv = config.block_kv();
     // Under a window the splits divide the visible keys from the step holding the first of them
     // (the window's keys are spread over every split); without one the keys start at 0 and the
     // kernel is the same as before windows were split. Split starts are multiples of
@@ -502,16 +573,15 @@ fn split_walk(ctx: &Ctx, chunk: Chunk, #[comptime] config: DecodeConfig) -> Bloc
 /// Classify a step for every query head of the chunk: empty only if empty for all, full only if
 /// full for all. Without a custom mask the class does not depend on the head: one call.
 #[cube]
-fn classify_rows<M: Hooks>(
+pub fn classify_rows<M: Hooks>(
     ctx: &Ctx,
     walk: BlockWalk,
     keys: StepKeys,
     chunk: Chunk,
     inputs: &RunInputs,
-    #[comptime] config: DecodeConfig,
 ) -> u32 {
     let mut class = mask::classify::<M>(ctx, walk, keys, inputs);
-    if comptime!(config.mask.custom) {
+    if comptime!(ctx.mask.custom) {
         let first = ctx.site.head;
         let last = locate_row(chunk.last, ctx.site.kv_head, chunk, ctx.args);
         let mut lowest = class;

@@ -69,7 +69,7 @@ use crate::kernels::common::{
 };
 use mainloop::compute_scores;
 use pipeline::{load_rows, opaque, Fetch, Pipeline, RowBox, TmaOrigin};
-use softmax::UnitRows;
+use softmax::{RowSites, UnitRows};
 
 /// Q, K and V (`[B, H, N, D]`) described to the copy engine: boxes of `block_q` (Q) or
 /// `block_kv` (K, V) rows by 64 columns, 128-byte swizzled.
@@ -135,6 +135,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
             Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment());
         let q_bar = Barrier::shared(1, UNIT_POS == 0);
         let mut rows = UnitRows::new(&ctx, q_start, config);
+        let sites = RowSites::block(ctx, rows.first_row);
         let pipe = Pipeline::new(rows.warpgroup as u32, config);
         sync_async_proxy_shared();
         sync_cube();
@@ -217,7 +218,7 @@ pub fn prefill_forward_wg<E: Float, M: Hooks>(
                         pipe.k
                             .prefetch::<E>(&maps.k, &mut k_smem, &ctx, next, next_stage);
                         let probs =
-                            rows.online_softmax::<E, M>(&scores, &ctx, step, inputs, config);
+                            rows.online_softmax::<E, M>(&scores, &sites, step, inputs, config);
                         pipe.v
                             .prefetch::<E>(&maps.v, &mut v_smem, &ctx, next, next_stage);
                         pipe.before_pv(stage, parity);

@@ -180,6 +180,29 @@ impl Stages {
         self.fill_now::<E>(map, tile, origin, stage);
     }
 
+    /// Unit 0 only: announce a fill of stage `stage` made of several copies ([`Stages::copy_box`],
+    /// `rows` rows in all), once every plane has released the stage's `uses` earlier fills.
+    pub fn announce(&self, #[comptime] stage: usize, uses: usize) {
+        if uses > 0 {
+            self.free(stage).wait_parity(((uses - 1) % 2) as u32);
+        }
+        let bytes = comptime!((self.rows * self.width * 2) as u32);
+        let _token = self.full(stage).arrive_and_expect_tx(1, bytes);
+    }
+
+    /// Unit 0 only: one copy of an announced fill: `shape.rows` rows at `origin` into stage
+    /// `stage`, from its row `shape.at`.
+    pub fn copy_box<E: Float>(
+        &self,
+        map: &TensorMap<E, Tiled>,
+        tile: &mut Shared<[E]>,
+        origin: TmaOrigin,
+        #[comptime] stage: usize,
+        #[comptime] shape: RowBox,
+    ) {
+        copy_rows::<E>(map, self.full(stage), tile, origin, shape);
+    }
+
     /// One unit only: fill stage `stage` with the `rows` rows at `origin` now, its readers known
     /// to be done with it.
     pub fn fill_now<E: Float>(
@@ -292,6 +315,18 @@ pub fn load_rows<E: Float>(
 ) {
     let bytes = comptime!((shape.rows * shape.width * 2) as u32);
     let _token = bar.arrive_and_expect_tx(1, bytes);
+    copy_rows::<E>(map, bar, tile, origin, shape);
+}
+
+/// Unit 0 only: [`load_rows`]' copies, completing on `bar` whose arrival announced their bytes.
+#[cube]
+pub fn copy_rows<E: Float>(
+    map: &TensorMap<E, Tiled>,
+    bar: &Shared<Barrier>,
+    tile: &mut Shared<[E]>,
+    origin: TmaOrigin,
+    #[comptime] shape: RowBox,
+) {
     #[unroll]
     for p in 0..shape.width / PANEL {
         let start = (p * shape.lines + shape.at) * PANEL;

@@ -47,6 +47,41 @@ pub struct UnitRows {
     pub first_row: usize,
 }
 
+/// A unit's two rows as the score modification and the mask see them: each row's context (a
+/// decode cube's rows span the query heads of a group, each with its own) and its position among
+/// the sequence's queries.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct RowSites {
+    /// Row `row0`'s context.
+    pub top: Ctx,
+    /// Row `row0 + 8`'s context.
+    pub bottom: Ctx,
+    /// Row `row0`'s query position.
+    pub top_at: i32,
+    /// Row `row0 + 8`'s query position.
+    pub bottom_at: i32,
+}
+
+#[cube]
+impl RowSites {
+    /// The rows of a prefill block: one context (the cube's head), consecutive positions from
+    /// `first_row`.
+    pub fn block(ctx: Ctx, first_row: usize) -> RowSites {
+        RowSites {
+            top: ctx,
+            bottom: ctx,
+            top_at: first_row as i32,
+            bottom_at: (first_row + 8) as i32,
+        }
+    }
+}
+
+/// [`register_row`] at compile time, where a branch picks the row's context.
+const fn row_half(nth: usize) -> usize {
+    (nth / 2) % 2
+}
+
 #[cube]
 impl UnitRows {
     /// This unit's rows of the block starting at `q_start`: no key seen, a zero output.
@@ -86,11 +121,13 @@ impl UnitRows {
     pub fn online_softmax<E: Float, M: Hooks>(
         &mut self,
         scores: &Accumulator<f32>,
-        ctx: &Ctx,
+        sites: &RowSites,
         step: Step,
         inputs: &RunInputs,
         #[comptime] config: PrefillConfig,
     ) -> Sequence<Fragment<E>> {
+        // The launch's scalars and −∞ are every row's.
+        let ctx = sites.top;
         let keys = step.keys;
         let len = config.block_kv() / 2;
         let mut x = Array::<f32>::new(len);
@@ -98,15 +135,13 @@ impl UnitRows {
         for nth in 0..len {
             let mut s = scores.get(nth);
             if comptime!(config.score.modifies_scores()) {
-                let row = self.first_row + register_row(nth) * 8;
-                let key = self.col0 + register_col(nth);
-                s = score::modify::<M>(
-                    s * ctx.args.scale,
-                    ctx,
-                    row as i32,
-                    (keys.start + key) as i32,
-                    inputs,
-                );
+                let key = (keys.start + self.col0 + register_col(nth)) as i32;
+                let scaled = s * ctx.args.scale;
+                if comptime!(row_half(nth) == 0) {
+                    s = score::modify::<M>(scaled, &sites.top, sites.top_at, key, inputs);
+                } else {
+                    s = score::modify::<M>(scaled, &sites.bottom, sites.bottom_at, key, inputs);
+                }
             }
             x[nth] = s;
         }
@@ -117,12 +152,17 @@ impl UnitRows {
         if step.partial() || keys.len < config.block_kv() {
             #[unroll]
             for nth in 0..len {
-                let row = self.first_row + register_row(nth) * 8;
                 let key = self.col0 + register_col(nth);
                 let mut visible = key < keys.len;
                 if comptime!(!config.mask.is_none()) {
-                    visible = visible
-                        && mask::visible::<M>(ctx, row as i32, (keys.start + key) as i32, inputs);
+                    let at = (keys.start + key) as i32;
+                    if comptime!(row_half(nth) == 0) {
+                        visible =
+                            visible && mask::visible::<M>(&sites.top, sites.top_at, at, inputs);
+                    } else {
+                        visible = visible
+                            && mask::visible::<M>(&sites.bottom, sites.bottom_at, at, inputs);
+                    }
                 }
                 x[nth] = select(visible, x[nth], ctx.masked());
             }
@@ -152,8 +192,8 @@ impl UnitRows {
         }
         // A row that has seen no key yet keeps −∞ as its max and subtracts 0 instead, so masked
         // scores (−∞) give 0 and nothing gives NaN.
-        let base0 = RowState::base(new0, ctx) * to_log2;
-        let base1 = RowState::base(new1, ctx) * to_log2;
+        let base0 = RowState::base(new0, &ctx) * to_log2;
+        let base1 = RowState::base(new1, &ctx) * to_log2;
         let corr0 = exp2_approx(self.top.max * to_log2 - base0);
         let corr1 = exp2_approx(self.bottom.max * to_log2 - base1);
         // The rows' sums in `PARTS` independent parts each, as the maxima.
