@@ -277,7 +277,7 @@ impl Chunk {
         }
     }
 
-    /// The cube's context: its sequence (see [`locate_sequence`]) at its first row's head.
+    /// The cube's context: its sequence (see [`locate_sequence()`]) at its first row's head.
     pub fn locate_sequence(
         &self,
         lengths: &Tensor<i32>,
@@ -441,7 +441,7 @@ impl SequenceQueries {
     }
 }
 
-/// What a decode kernel was compiled for, as [`locate_sequence`] reads it.
+/// What a decode kernel was compiled for, as [`locate_sequence()`] reads it.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
 pub struct DecodeFacts {
     /// The mask, with per-sequence key lengths always on.
@@ -453,7 +453,7 @@ pub struct DecodeFacts {
 }
 
 impl DecodeConfig {
-    /// The facts [`locate_sequence`] reads.
+    /// The facts [`locate_sequence()`] reads.
     pub const fn facts(&self) -> DecodeFacts {
         DecodeFacts {
             mask: self.mask,

@@ -18,7 +18,7 @@
 //!   sequence's last page read its last page again; the rows past the sequence's keys are
 //!   masked out of the scores and zeroed in V before the last P·V, so a cache's unwritten slots
 //!   (any bits) never reach O.
-//! - **Per step**: the prefill kernel's phases: `S = Q Kᵀ` ([`compute_scores`]), the online
+//! - **Per step**: the prefill kernel's phases: `S = Q Kᵀ` ([`compute_scores()`]), the online
 //!   softmax in registers with each row's own query head and token ([`RowSites`]), `P·V`
 //!   ([`UnitRows::accumulate_pv`]).
 //! - **Finish**: with one split, O and the LSE (sinks folded in); with several, the normalised
@@ -27,7 +27,7 @@
 //!
 //! Masks, score modifications, windows, custom masks (steps every row's head rules out are
 //! skipped), ragged query counts and key splits are the CUDA-core kernel's, through the same
-//! walk ([`split_walk`]) and classification ([`classify_rows`]).
+//! walk ([`split_walk()`]) and classification ([`classify_rows()`]).
 
 use cubecl::prelude::*;
 use cubecl::wgmma::MatrixDescriptor;
@@ -75,7 +75,7 @@ impl DecodeWgConfig {
         self.block_kv() / self.box_rows as usize
     }
 
-    /// The facts [`locate_sequence`] reads.
+    /// The facts [`super::locate_sequence()`] reads.
     pub const fn facts(&self) -> DecodeFacts {
         DecodeFacts {
             mask: self.prefill.mask,

@@ -318,7 +318,7 @@ pub fn load_rows<E: Float>(
     copy_rows::<E>(map, bar, tile, origin, shape);
 }
 
-/// Unit 0 only: [`load_rows`]' copies, completing on `bar` whose arrival announced their bytes.
+/// Unit 0 only: [`load_rows()`]' copies, completing on `bar` whose arrival announced their bytes.
 #[cube]
 pub fn copy_rows<E: Float>(
     map: &TensorMap<E, Tiled>,
