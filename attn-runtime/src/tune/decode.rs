@@ -252,9 +252,14 @@ pub(crate) fn decode_tuned<V: Variant>(
     let set = TUNER.init(&id, tunable_set::<V>);
     // A key this process has settled runs its plan directly: no copy of the cache for the tuner.
     if let Some(pick) = TUNER.fastest_identity(&id, &set, &key) {
+        // A key covers calls the pick may not fit (pages of another size under the same key, a
+        // cache the copy engine cannot read): those run the heuristic's plan.
         let plan = DECODE
             .choose(client, &key, pick, PlanChoice::HEURISTIC)
-            .plan(client, &call)?;
+            .plan(client, &call)
+            .ok()
+            .filter(|plan| check_plan(client, &call, *plan).is_ok())
+            .unwrap_or(base);
         launch_decode::<V>(client, &call, plan, q, cache, out)?;
         return Ok(plan);
     }
