@@ -108,12 +108,17 @@ pub fn sm90_device_model() -> DeviceProperties {
 /// this is what the snapshots record for this kernel.
 pub fn warpgroup_ir<V: Variant>(tiling: Tiling) -> String {
     let config = prefill_config(&V::SPEC, tiling);
-    let def = definition::<V>(Family::Warpgroup, config, sm90_device_model());
+    ir_text(
+        definition::<V>(Family::Warpgroup, config, sm90_device_model()),
+        "the warpgroup kernel",
+    )
+}
+
+/// The IR text of a kernel definition the LLVM back end takes whole (warpgroup MMAs and bulk
+/// copies have no CUDA C++ form in cubecl), asserting it expanded without errors.
+fn ir_text(def: KernelDefinition, kernel: &str) -> String {
     let errors = def.body.pop_errors();
-    assert!(
-        errors.is_empty(),
-        "the warpgroup kernel expands cleanly: {errors:?}"
-    );
+    assert!(errors.is_empty(), "{kernel} expands cleanly: {errors:?}");
     def.body.to_string()
 }
 
@@ -287,11 +292,7 @@ fn decode_definition<V: Variant>(
             lengths: tensor_compilation_arg(),
             q_offsets: tensor_compilation_arg(),
         },
-        DecodeOutputsCompilationArg {
-            o: tensor_compilation_arg(),
-            lse: tensor_compilation_arg(),
-            part_o: tensor_compilation_arg(),
-        },
+        decode_outputs_compilation_arg(),
         inputs_compilation_arg(),
         args_compilation_arg(),
         decode_args_compilation_arg(),
@@ -319,23 +320,22 @@ pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>) ->
             lengths: tensor_compilation_arg(),
             q_offsets: tensor_compilation_arg(),
         },
-        DecodeOutputsCompilationArg {
-            o: tensor_compilation_arg(),
-            lse: tensor_compilation_arg(),
-            part_o: tensor_compilation_arg(),
-        },
+        decode_outputs_compilation_arg(),
         inputs_compilation_arg(),
         args_compilation_arg(),
         decode_args_compilation_arg(),
         config,
     )
     .define();
-    let errors = def.body.pop_errors();
-    assert!(
-        errors.is_empty(),
-        "the warpgroup decode kernel expands cleanly: {errors:?}"
-    );
-    def.body.to_string()
+    ir_text(def, "the warpgroup decode kernel")
+}
+
+fn decode_outputs_compilation_arg<E: Float>() -> DecodeOutputsCompilationArg<E> {
+    DecodeOutputsCompilationArg {
+        o: tensor_compilation_arg(),
+        lse: tensor_compilation_arg(),
+        part_o: tensor_compilation_arg(),
+    }
 }
 
 fn decode_args_compilation_arg() -> DecodeArgsCompilationArg {
@@ -592,12 +592,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
 pub fn backward_sources<V: Variant>(plan: BackwardPlan) -> [String; 2] {
     backward_definitions::<V>(plan).map(|def| {
         if plan.family == Family::Warpgroup {
-            let errors = def.body.pop_errors();
-            assert!(
-                errors.is_empty(),
-                "the warpgroup backward kernels expand cleanly: {errors:?}"
-            );
-            def.body.to_string()
+            ir_text(def, "the warpgroup backward kernels")
         } else {
             CppCompiler::<cubecl_cpp::target::Cuda>::default()
                 .compile(def, &CompilationOptions::default())
