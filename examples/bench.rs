@@ -651,7 +651,30 @@ fn write_ptx(dir: &Path) -> bool {
         ok
     }
     std::fs::create_dir_all(dir).expect("PTX folder");
-    one::<Mha128>(dir)
+    // The warpgroup decode kernel, from 16-bit and fp8 caches, contiguous and paged.
+    let mut decode_ok = true;
+    for (fp8, page) in [
+        (false, None),
+        (false, Some(16)),
+        (true, None),
+        (true, Some(16)),
+    ] {
+        let name = format!(
+            "decode_llama3{}{}.ptx",
+            if fp8 { "_fp8" } else { "" },
+            page.map_or(String::new(), |p| format!("_pages{p}"))
+        );
+        let path = dir.join(name);
+        match attn::codegen::decode_warpgroup_ptx::<decode::Llama3Decode>(64, page, fp8) {
+            Ok(ptx) => std::fs::write(&path, ptx).expect("write the PTX"),
+            Err(e) => {
+                println!("{}: FAIL: {e}", path.display());
+                decode_ok = false;
+            }
+        }
+    }
+    decode_ok
+        & one::<Mha128>(dir)
         & one::<Mha128Causal>(dir)
         & one::<Mha64>(dir)
         & one::<Gqa4x128Causal>(dir)

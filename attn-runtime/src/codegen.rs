@@ -302,11 +302,35 @@ fn decode_definition<V: Variant>(
 }
 
 /// cubecl's IR of `V`'s warpgroup decode kernel with `block_kv` keys per step over a cache paged
-/// in pages of `page_size` tokens (`None`: contiguous), split over the keys (sm_90 model), as
-/// [`warpgroup_ir`] records the prefill one.
-pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>) -> String {
-    let config = crate::decode::warpgroup_decode_config(&V::SPEC, block_kv, page_size, true, false);
-    let def = DecodeForwardWg::<V::Elem, V::Hooks>::new(
+/// in pages of `page_size` tokens (`None`: contiguous), in e4m3 or not, split over the keys
+/// (sm_90 model), as [`warpgroup_ir`] records the prefill one.
+pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>, fp8: bool) -> String {
+    ir_text(
+        decode_warpgroup_definition::<V>(block_kv, page_size, fp8),
+        "the warpgroup decode kernel",
+    )
+}
+
+/// The definition of [`decode_warpgroup_ir`]'s kernel.
+fn decode_warpgroup_definition<V: Variant>(
+    block_kv: u32,
+    page_size: Option<u32>,
+    fp8: bool,
+) -> KernelDefinition {
+    let config =
+        crate::decode::warpgroup_decode_config(&V::SPEC, block_kv, page_size, true, false, fp8);
+    if fp8 {
+        decode_warpgroup_def::<V, half::f16>(config)
+    } else {
+        decode_warpgroup_def::<V, V::Elem>(config)
+    }
+}
+
+/// [`decode_warpgroup_definition`] with MMAs in `T`.
+fn decode_warpgroup_def<V: Variant, T: Float>(
+    config: crate::kernels::decode::warpgroup::DecodeWgConfig,
+) -> KernelDefinition {
+    DecodeForwardWg::<V::Elem, T, V::Hooks>::new(
         settings(CubeDim::new_1d(
             crate::kernels::prefill::config::WARPGROUP_UNITS as u32,
         )),
@@ -316,6 +340,9 @@ pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>) ->
             q: tensor_compilation_arg(),
             k: (),
             v: (),
+            k8: (),
+            v8: (),
+            scales: tensor_compilation_arg(),
             table: tensor_compilation_arg(),
             lengths: tensor_compilation_arg(),
             q_offsets: tensor_compilation_arg(),
@@ -326,8 +353,7 @@ pub fn decode_warpgroup_ir<V: Variant>(block_kv: u32, page_size: Option<u32>) ->
         decode_args_compilation_arg(),
         config,
     )
-    .define();
-    ir_text(def, "the warpgroup decode kernel")
+    .define()
 }
 
 fn decode_outputs_compilation_arg<E: Float>() -> DecodeOutputsCompilationArg<E> {
@@ -423,10 +449,31 @@ pub fn combine_cuda_source<E: crate::tensor::Element>(value_dim: u32, sinks: boo
 /// back end's message.
 #[cfg(feature = "cuda")]
 pub fn warpgroup_ptx<V: Variant>(tiling: Tiling) -> Result<String, String> {
+    let config = prefill_config(&V::SPEC, tiling);
+    ptx(definition::<V>(
+        Family::Warpgroup,
+        config,
+        sm90_device_model(),
+    ))
+}
+
+/// The PTX of `V`'s warpgroup decode kernel at `block_kv` keys per step, paged in pages of
+/// `page_size` tokens or contiguous, from an fp8 cache or not (split, sm_90a): compiled offline,
+/// as [`warpgroup_ptx`].
+#[cfg(feature = "cuda")]
+pub fn decode_warpgroup_ptx<V: Variant>(
+    block_kv: u32,
+    page_size: Option<u32>,
+    fp8: bool,
+) -> Result<String, String> {
+    ptx(decode_warpgroup_definition::<V>(block_kv, page_size, fp8))
+}
+
+/// A kernel definition compiled by cubecl's LLVM back end for sm_90a, as PTX.
+#[cfg(feature = "cuda")]
+fn ptx(def: KernelDefinition) -> Result<String, String> {
     use cubecl::cuda::compiler::CudaBackend;
     use cubecl::cuda::{CudaCompilationOptions, CudaCompiler, CudaRepresentation};
-    let config = prefill_config(&V::SPEC, tiling);
-    let def = definition::<V>(Family::Warpgroup, config, sm90_device_model());
     let mut options = CudaCompilationOptions {
         arch: Some(cubecl::ir::nvidia::SmArch::new(90, true)),
         ..Default::default()

@@ -17,8 +17,9 @@ use cubecl_common::bytes::Bytes;
 
 use crate::blueprint::{prefill_config, KernelFamily, Warpgroup};
 use crate::error::{AttnError, Dim, Operand};
+use crate::hooks::Hooks;
 use crate::inputs::{pack, Inputs, Packed};
-use crate::kernels::common::{OutputsLaunch, RunInputsLaunch};
+use crate::kernels::common::{ArgsLaunch, OutputsLaunch, RunInputsLaunch};
 use crate::kernels::decode::combine::{
     combine_splits, merge_states, CombineConfig, MergeConfig, PartsLaunch,
 };
@@ -27,7 +28,7 @@ use crate::kernels::decode::{
     decode_forward, DecodeArgsLaunch, DecodeConfig, DecodeOperandsLaunch, DecodeOutputsLaunch,
     DecodeTiling, KV_VECTOR,
 };
-use crate::kernels::prefill::config::{WARPGROUP_ROWS, WARPGROUP_UNITS};
+use crate::kernels::prefill::config::{PANEL, WARPGROUP_ROWS, WARPGROUP_UNITS};
 use crate::kv_cache::{grid, DeviceTables, KvCache, KvPool};
 use crate::launch::{
     copy_engine_can_read, flat_arg, is_cpu_emulated, kernel_args, tensor_arg, tma_map,
@@ -490,7 +491,7 @@ const WARPGROUP_DECODE_KEYS: u32 = 64;
 pub fn warpgroup_plan(client: &ComputeClient, call: &DecodeProblem, block_kv: u32) -> DecodePlan {
     let hw = &client.properties().hardware;
     let processors = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
-    let config = warpgroup_decode_config(&call.spec, block_kv, None, false, false);
+    let config = warpgroup_decode_config(&call.spec, block_kv, None, false, false, call.layout.fp8);
     let per_processor = (hw.max_shared_memory_size / config.shared_bytes()).max(1);
     let cubes =
         call.problem.batch * call.problem.heads_kv * call.group_rows().div_ceil(WARPGROUP_ROWS);
@@ -551,7 +552,8 @@ pub fn units_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Decode
 /// and build, or `None` when it can: the warpgroup prefill kernel's conditions at 64 query rows
 /// (16-bit elements, head dims in multiples of 64 up to 256, steps of 64 to 256 keys in
 /// multiples of 16, at most 64 past a value dim of 128), a 16-bit cache the copy engine reads,
-/// and pages of a multiple of 8 tokens that divide the step or that the step divides.
+/// and pages of a multiple of 8 tokens that divide the step or that the step divides. fp8 caches
+/// qualify (their codes are converted to f16 in shared memory).
 pub fn warpgroup_decode_unfit(
     client: &ComputeClient,
     call: &DecodeProblem,
@@ -559,9 +561,6 @@ pub fn warpgroup_decode_unfit(
 ) -> Option<String> {
     let spec = &call.spec;
     let layout = call.layout;
-    if layout.fp8 {
-        return Some("the warpgroup decode kernel reads 16-bit caches".into());
-    }
     if !layout.copy_engine {
         return Some("the copy engine cannot read this cache's pools".into());
     }
@@ -585,13 +584,14 @@ pub fn warpgroup_decode_unfit(
 }
 
 /// The warpgroup decode kernel's configuration for `spec` at `block_kv` keys per step, over a
-/// cache paged in pages of `page_size` tokens (`None`: contiguous).
+/// cache paged in pages of `page_size` tokens (`None`: contiguous), in e4m3 or not.
 pub fn warpgroup_decode_config(
     spec: &VariantSpec,
     block_kv: u32,
     page_size: Option<u32>,
     split: bool,
     ragged: bool,
+    fp8: bool,
 ) -> DecodeWgConfig {
     let mut prefill = prefill_config(
         spec,
@@ -607,6 +607,7 @@ pub fn warpgroup_decode_config(
         split,
         ragged,
         box_rows: page_size.map_or(block_kv, |p| p.min(block_kv)),
+        fp8,
     }
 }
 
@@ -746,7 +747,8 @@ pub struct CacheLayout {
     pub page_size: usize,
     /// Entries per sequence in the block table (1: contiguous).
     pub max_pages: usize,
-    /// The copy engine can read both 16-bit pools ([`copy_engine_can_read`]).
+    /// The copy engine can read both pools: 16-bit ones laid out for it
+    /// ([`copy_engine_can_read`]), and fp8 ones (always).
     pub copy_engine: bool,
 }
 
@@ -766,7 +768,10 @@ impl CacheLayout {
 
 pub(crate) fn cache_layout<E: Element>(cache: &KvCache<E>) -> CacheLayout {
     let (page_size, max_pages, _) = cache.table_parts();
-    let readable = |pool: &KvPool<E>| pool.native().is_some_and(copy_engine_can_read);
+    let readable = |pool: &KvPool<E>| match pool {
+        KvPool::Native(t) => copy_engine_can_read(t),
+        KvPool::Fp8(_) => true,
+    };
     CacheLayout {
         paged: cache.is_paged(),
         fp8: cache.is_fp8(),
@@ -1200,31 +1205,27 @@ impl<V: Variant> DecodeStep<V> {
                     page,
                     splits > 1,
                     self.q_offsets.is_some(),
+                    self.layout.fp8,
                 );
-                // Checked when the step was planned (the layout's `copy_engine`): both pools
-                // are 16-bit tensors the copy engine reads.
-                let map = |pool: &KvPool<V::Elem>| unsafe {
-                    tma_map(pool.native().unwrap_or(q), config.box_rows)
+                let maps = WgOperands {
+                    q,
+                    cache,
+                    tables: &tables,
+                    q_offsets: q_offsets(),
+                    box_rows: config.box_rows,
                 };
-                unsafe {
-                    decode_forward_wg::launch::<V::Elem, V::Hooks>(
-                        client,
-                        cube_count,
-                        CubeDim::new_1d(WARPGROUP_UNITS as u32),
-                        CacheMapsLaunch::new(
-                            tensor_arg(q),
-                            map(cache.k()),
-                            map(cache.v()),
-                            flat_arg(&tables.table, tables.table_len),
-                            flat_arg(&tables.lengths, p.batch),
-                            q_offsets(),
-                        ),
-                        outputs(),
-                        inputs(),
-                        kernel_args(spec, p),
-                        dargs(),
-                        config,
-                    );
+                let launch = WgLaunch {
+                    cube_count,
+                    outputs: outputs(),
+                    inputs: inputs(),
+                    args: kernel_args(spec, p),
+                    dargs: dargs(),
+                    config,
+                };
+                if self.layout.fp8 {
+                    launch.run::<V::Hooks, half::f16>(client, maps);
+                } else {
+                    launch.run::<V::Hooks, V::Elem>(client, maps);
                 }
             }
         }
@@ -1284,6 +1285,120 @@ fn check_offsets(q_offsets: &[usize], batch: usize, total: usize) -> Result<usiz
         )));
     }
     Ok(q_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
+}
+
+/// The warpgroup decode kernel's launch, less its cache operands, whose element type depends
+/// on the cache ([`WgLaunch::run`]).
+struct WgLaunch<E: Element> {
+    cube_count: CubeCount,
+    outputs: DecodeOutputsLaunch<E>,
+    inputs: RunInputsLaunch,
+    args: ArgsLaunch,
+    dargs: DecodeArgsLaunch,
+    config: DecodeWgConfig,
+}
+
+/// The cache operands of [`WgLaunch::run`].
+struct WgOperands<'a, E: Element> {
+    q: &'a Tensor<E>,
+    cache: &'a KvCache<E>,
+    tables: &'a DeviceTables,
+    q_offsets: TensorArg,
+    box_rows: u32,
+}
+
+impl<E: Element> WgLaunch<E> {
+    /// Launches the kernel with MMAs in `T`: the cache's element for a 16-bit cache, f16 for
+    /// an fp8 one. Each layout's unused maps describe the other's buffer (never read).
+    fn run<M: Hooks, T: Element>(self, client: &ComputeClient, ops: WgOperands<'_, E>) {
+        let (cache, rows) = (ops.cache, ops.box_rows);
+        let maps = |pool: &KvPool<E>| -> [TensorMapArg<Tiled>; 2] {
+            // SAFETY: the pools were checked against their buffers when the cache was made.
+            unsafe {
+                match pool {
+                    KvPool::Native(t) => {
+                        let words = native_words(t);
+                        let cols = words.shape[3];
+                        [tma_map(t, rows), words_map(words.arg, rows, cols)]
+                    }
+                    KvPool::Fp8(p) => {
+                        let halves = TensorMapArg::new(
+                            TiledArgs {
+                                tile_size: cubecl::zspace::shape![1, 1, rows as usize, PANEL],
+                            },
+                            p.view_arg(2),
+                            T::cube_type(),
+                        )
+                        .with_swizzle(cubecl::prelude::TensorMapSwizzle::B128);
+                        [halves, words_map(p.words_arg(), rows, p.shape()[3] / 4)]
+                    }
+                }
+            }
+        };
+        let [k, k8] = maps(cache.k());
+        let [v, v8] = maps(cache.v());
+        let tables = ops.tables;
+        // SAFETY: Q and the tables were checked when the step was planned and run.
+        unsafe {
+            decode_forward_wg::launch::<E, T, M>(
+                client,
+                self.cube_count,
+                CubeDim::new_1d(WARPGROUP_UNITS as u32),
+                CacheMapsLaunch::new(
+                    tensor_arg(ops.q),
+                    k,
+                    v,
+                    k8,
+                    v8,
+                    fp8_scales(cache, tables),
+                    flat_arg(&tables.table, tables.table_len),
+                    flat_arg(&tables.lengths, cache.batch()),
+                    ops.q_offsets,
+                ),
+                self.outputs,
+                self.inputs,
+                self.args,
+                self.dargs,
+                self.config,
+            );
+        }
+    }
+}
+
+/// A 16-bit pool's bytes as `u32` words (a stand-in for an fp8 pool's words, never read).
+struct NativeWords {
+    arg: TensorArg,
+    shape: [usize; 4],
+}
+
+/// # Safety
+/// `t` was checked against its buffer; the copy engine reads it (strides of 16-byte multiples).
+unsafe fn native_words<E: Element>(t: &Tensor<E>) -> NativeWords {
+    let per_word = 4 / std::mem::size_of::<E>();
+    let [a, b, c, d] = t.shape();
+    let shape = [a, b, c, d / per_word];
+    let s = t.strides();
+    let strides = [s[0] / per_word, s[1] / per_word, s[2] / per_word, 1];
+    let arg = unsafe {
+        TensorArg::from_raw_parts(
+            t.handle().clone(),
+            strides.to_vec().into(),
+            shape.to_vec().into(),
+        )
+    };
+    NativeWords { arg, shape }
+}
+
+/// The copy engine's map of `words` (`[.., cols]` `u32`s): boxes of `rows` whole rows,
+/// unswizzled.
+fn words_map(words: TensorArg, rows: u32, cols: usize) -> TensorMapArg<Tiled> {
+    TensorMapArg::new(
+        TiledArgs {
+            tile_size: cubecl::zspace::shape![1, 1, rows as usize, cols],
+        },
+        words,
+        u32::cube_type(),
+    )
 }
 
 /// A native pool as the kernel's K or V; for an fp8 pool, Q stands in (never read: the kernel

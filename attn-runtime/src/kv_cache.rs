@@ -205,8 +205,14 @@ impl Fp8Pool {
 
     /// The words as a kernel argument: `[.., D / 4]` `u32`s.
     pub(crate) fn words_arg(&self) -> TensorArg {
+        self.view_arg(1)
+    }
+
+    /// The words' bytes as `[.., D / 4 · per_word]` elements of `4 / per_word` bytes (1: the
+    /// words; 2: 16-bit halves, as a stand-in for a 16-bit pool a kernel never reads).
+    pub(crate) fn view_arg(&self, per_word: usize) -> TensorArg {
         let [a, b, c, d] = self.shape;
-        let shape = [a, b, c, d / 4];
+        let shape = [a, b, c, d / 4 * per_word];
         let strides = crate::tensor::contiguous_strides(shape);
         // SAFETY: the buffer was created with one word per four of the shape's elements.
         unsafe {

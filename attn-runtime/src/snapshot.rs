@@ -135,13 +135,15 @@ pub fn kernels<V: Variant>() -> Kernels {
         source: normalise(&crate::codegen::decode_cuda_source::<V>(decode)),
     });
     // On Hopper, 16-bit decoding runs the warpgroup kernel (its default 64 keys per step, paged
-    // in pages of 16, split).
+    // in pages of 16, split), from 16-bit and from fp8 caches.
     if spec.dtype != DType::F32 && warpgroup_tiling(&spec).is_some() {
-        let ir = crate::codegen::decode_warpgroup_ir::<V>(64, Some(16));
-        kernels.push(Kernel {
-            name: "decode_wg_ir",
-            source: normalise(&without_ir_types(&ir)),
-        });
+        for (name, fp8) in [("decode_wg_ir", false), ("decode_wg_fp8_ir", true)] {
+            let ir = crate::codegen::decode_warpgroup_ir::<V>(64, Some(16), fp8);
+            kernels.push(Kernel {
+                name,
+                source: normalise(&without_ir_types(&ir)),
+            });
+        }
     }
     Kernels {
         variant: spec.name,
@@ -189,7 +191,8 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         | "backward_dkdv_wg_ir"
         | "backward_dq_wg_ir"
         | "backward_atomic_wg_ir"
-        | "decode_wg_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
+        | "decode_wg_ir"
+        | "decode_wg_fp8_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
         "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],
         _ => &["__syncthreads", "exp", "mma"],
     };

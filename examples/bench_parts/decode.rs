@@ -27,7 +27,7 @@ attn::attention! {
 
 /// The device grid's decode checks: a sliding window and plain causal decoding over ragged caches
 /// (one longer than the window's span many times, one shorter than it), contiguous 16-bit and
-/// fp8 and paged in pages of 16 and 256 tokens, 1, 4 and 16 query tokens, each kernel's default
+/// fp8 (contiguous and in pages of 16) and paged in pages of 16 and 256 tokens, 1, 4 and 16 query tokens, each kernel's default
 /// plan at its own split count and at 1 and 4 splits, against float64 (an fp8 cache's on the
 /// values it stores). Returns one verdict per run.
 pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
@@ -40,6 +40,7 @@ pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
         results.extend(check_decode::<WindowDecode>(client, nq, false, None));
         results.extend(check_decode::<Llama3Decode>(client, nq, false, None));
         results.extend(check_decode::<Llama3Decode>(client, nq, true, None));
+        results.extend(check_decode::<Llama3Decode>(client, nq, true, Some(16)));
         for page in [16, 256] {
             results.extend(check_decode::<WindowDecode>(client, nq, false, Some(page)));
         }
@@ -61,7 +62,8 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
     let (batch, heads_kv, d) = (lengths.len(), HEADS_KV, D);
     let capacity = lengths[0] + 3;
     let stored = match (fp8, page) {
-        (true, _) => " fp8".to_string(),
+        (true, Some(p)) => format!(" fp8 pages of {p}"),
+        (true, None) => " fp8".to_string(),
         (false, Some(p)) => format!(" pages of {p}"),
         (false, None) => String::new(),
     };
@@ -69,25 +71,24 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
     let (mut rng, _) = seeded_rng(&label);
     // Normal random values: scales mapping 4.5 to 448 saturate almost none.
     let scales = attn::fp8::KvScales::for_range(heads_kv, 4.5, 4.5);
+    let paged = |page_size: usize| {
+        let max_pages = capacity.div_ceil(page_size);
+        attn::PagedLayout {
+            batch,
+            heads_kv,
+            head_dim: d,
+            value_dim: d,
+            page_size,
+            pages: batch * max_pages,
+            max_pages,
+        }
+    };
     let mut cache = match page {
-        _ if fp8 => {
+        Some(page_size) if fp8 => KvCache::<bf16>::paged_fp8(client, paged(page_size), &scales),
+        None if fp8 => {
             KvCache::<bf16>::contiguous_fp8(client, [batch, heads_kv, capacity], d, d, &scales)
         }
-        Some(page_size) => {
-            let max_pages = capacity.div_ceil(page_size);
-            KvCache::<bf16>::paged(
-                client,
-                attn::PagedLayout {
-                    batch,
-                    heads_kv,
-                    head_dim: d,
-                    value_dim: d,
-                    page_size,
-                    pages: batch * max_pages,
-                    max_pages,
-                },
-            )
-        }
+        Some(page_size) => KvCache::<bf16>::paged(client, paged(page_size)),
         None => KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d),
     }
     .expect("a cache");

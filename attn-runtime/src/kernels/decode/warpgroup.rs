@@ -30,7 +30,7 @@
 //! walk ([`split_walk()`]) and classification ([`classify_rows()`]).
 
 use cubecl::prelude::*;
-use cubecl::wgmma::MatrixDescriptor;
+use cubecl::wgmma::{Major, MatrixDescriptor, Swizzle, WgmmaTileLayout};
 
 use super::{
     classify_rows, locate_row, output_row, split_walk, Chunk, DecodeArgs, DecodeFacts,
@@ -43,7 +43,9 @@ use crate::kernels::prefill::config::{
     PrefillConfig, PANEL, STAGES, WARPGROUP_ROWS, WARPGROUP_UNITS,
 };
 use crate::kernels::prefill::warpgroup::mainloop::compute_scores;
-use crate::kernels::prefill::warpgroup::pipeline::{opaque, Fetch, Pipeline, RowBox, TmaOrigin};
+use crate::kernels::prefill::warpgroup::pipeline::{
+    opaque, Fetch, Pipeline, RowBox, TmaOrigin, WordVector,
+};
 use crate::kernels::prefill::warpgroup::softmax::{
     quad_sum, register_col, register_row, RowSites, UnitRows, UnitRowsExpand,
 };
@@ -62,6 +64,8 @@ pub struct DecodeWgConfig {
     pub ragged: bool,
     /// Key rows per bulk copy: the step's (contiguous), or a page's when pages are shorter.
     pub box_rows: u32,
+    /// K and V are e4m3 codes with a scale per K/V head, converted to f16 in shared memory.
+    pub fp8: bool,
 }
 
 impl DecodeWgConfig {
@@ -84,23 +88,95 @@ impl DecodeWgConfig {
         }
     }
 
-    /// Shared memory of one cube in bytes (the prefill kernel's at 64 query rows).
+    /// Shared memory of one cube in bytes: the prefill kernel's at 64 query rows; from an fp8
+    /// cache, Q, one converted step of K and V, and two stages of their codes.
     pub const fn shared_bytes(&self) -> usize {
-        self.prefill.warpgroup_shared_bytes()
+        if !self.fp8 {
+            return self.prefill.warpgroup_shared_bytes();
+        }
+        let width = self.prefill.head_dim() + self.prefill.value_dim();
+        (WARPGROUP_ROWS * self.prefill.head_dim() + self.block_kv() * width) * 2
+            + STAGES * self.block_kv() * width
+            + 3 * 1024
+    }
+
+    /// The K tile the scores read: both stages as the copy engine fills them (16-bit caches), or
+    /// the one step converted from codes (fp8), `block_kv` rows K-major.
+    pub const fn k_tile(&self) -> WgmmaTileLayout {
+        if !self.fp8 {
+            return self.prefill.k_tile();
+        }
+        WgmmaTileLayout {
+            major: Major::K,
+            swizzle: Swizzle::B128,
+            rows: self.block_kv(),
+            k: self.prefill.head_dim(),
+        }
+    }
+
+    /// The V tile P·V reads, the same way (MN-major).
+    pub const fn v_tile(&self) -> WgmmaTileLayout {
+        if !self.fp8 {
+            return self.prefill.v_tile();
+        }
+        WgmmaTileLayout {
+            major: Major::MN,
+            swizzle: Swizzle::B128,
+            rows: self.prefill.value_dim(),
+            k: self.block_kv(),
+        }
+    }
+
+    /// Elements of the 16-bit stages (8, unused, from an fp8 cache).
+    const fn native_len(&self, tile: WgmmaTileLayout) -> usize {
+        if self.fp8 {
+            8
+        } else {
+            tile.rows * tile.k
+        }
+    }
+
+    /// 16-byte chunks of a converted step (one, unused, from a 16-bit cache).
+    const fn converted_len(&self, tile: WgmmaTileLayout) -> usize {
+        if self.fp8 {
+            tile.rows * tile.k / 8
+        } else {
+            1
+        }
+    }
+
+    /// Four-word vectors of both stages of codes `width` wide (one, unused, from a 16-bit cache).
+    const fn codes_len(&self, width: usize) -> usize {
+        if self.fp8 {
+            STAGES * self.block_kv() * width / 16
+        } else {
+            1
+        }
     }
 }
 
+/// Eight 16-bit elements: a 16-byte chunk of a swizzled tile.
+pub type Chunk8<T> = Vector<T, Const<8>>;
+
 /// What the warpgroup decode kernel reads: Q, the cache's K and V described to the copy engine
 /// (boxes of `box_rows` rows by 64 columns, 128-byte swizzled, over `[B, Hkv, capacity, D]` or
-/// `[pages, Hkv, page_size, D]`), and the cache's device tables.
+/// `[pages, Hkv, page_size, D]`; from an fp8 cache, boxes of `box_rows` rows of `D / 4` words,
+/// unswizzled), and the cache's device tables.
+/// `T` is the element the MMAs read: the cache's (16-bit caches, `T = E`), or f16 (fp8 caches).
 #[derive(CubeType, CubeLaunch)]
-pub struct CacheMaps<E: Float> {
+pub struct CacheMaps<E: Float, T: Float> {
     /// Q, `[B, Hq, Nq, D]` (ragged: `[1, Hq, total, D]`).
     pub q: OwnedTensor<E>,
-    /// The K pool.
-    pub k: TensorMap<E, Tiled>,
-    /// The V pool.
-    pub v: TensorMap<E, Tiled>,
+    /// The K pool (16-bit caches).
+    pub k: TensorMap<T, Tiled>,
+    /// The V pool (16-bit caches).
+    pub v: TensorMap<T, Tiled>,
+    /// The K pool's codes, four a word (fp8 caches).
+    pub k8: TensorMap<u32, Tiled>,
+    /// The V pool's codes (fp8 caches).
+    pub v8: TensorMap<u32, Tiled>,
+    /// fp8 caches: K's scale per K/V head, then V's.
+    pub scales: OwnedTensor<f32>,
     /// The block table (paged caches).
     pub table: OwnedTensor<i32>,
     /// The cache's length per sequence.
@@ -109,13 +185,142 @@ pub struct CacheMaps<E: Float> {
     pub q_offsets: OwnedTensor<i32>,
 }
 
-/// The K and V stages of the cube (both stages of each, in the prefill kernel's layout).
+/// The K and V tiles of the cube: from a 16-bit cache both stages of each, in the prefill
+/// kernel's layout; from an fp8 cache both stages of their codes and one step converted to f16.
+/// The tiles a layout does not use hold one element or chunk.
 #[derive(CubeType)]
-pub struct KvTiles<E: Float> {
-    /// K's stages.
-    pub k: Shared<[E]>,
-    /// V's stages.
-    pub v: Shared<[E]>,
+pub struct KvTiles<T: Float> {
+    /// K's stages (16-bit).
+    pub k: Shared<[T]>,
+    /// V's stages (16-bit).
+    pub v: Shared<[T]>,
+    /// K's codes, both stages (fp8).
+    pub k_codes: Shared<[WordVector]>,
+    /// V's codes, both stages (fp8).
+    pub v_codes: Shared<[WordVector]>,
+    /// The step's K converted, in the swizzled layout of [`DecodeWgConfig::k_tile`] (fp8).
+    pub k_step: Shared<[Chunk8<T>]>,
+    /// The step's V converted (fp8).
+    pub v_step: Shared<[Chunk8<T>]>,
+}
+
+#[cube]
+impl<T: Float> KvTiles<T> {
+    /// The tiles of `config`'s cube.
+    pub fn new(#[comptime] config: DecodeWgConfig) -> KvTiles<T> {
+        let k_tile = comptime!(config.k_tile());
+        let v_tile = comptime!(config.v_tile());
+        let align = comptime!(k_tile.alignment());
+        KvTiles::<T> {
+            k: Shared::<[T]>::new_aligned_slice(config.native_len(k_tile), align),
+            v: Shared::<[T]>::new_aligned_slice(config.native_len(v_tile), align),
+            k_codes: Shared::<[WordVector]>::new_aligned_slice(
+                config.codes_len(config.prefill.head_dim()),
+                128usize,
+            ),
+            v_codes: Shared::<[WordVector]>::new_aligned_slice(
+                config.codes_len(config.prefill.value_dim()),
+                128usize,
+            ),
+            k_step: Shared::<[Chunk8<T>]>::new_aligned_slice(config.converted_len(k_tile), align),
+            v_step: Shared::<[Chunk8<T>]>::new_aligned_slice(config.converted_len(v_tile), align),
+        }
+    }
+
+    /// The descriptor of the K tile the scores read.
+    pub fn k_descriptor(&self, #[comptime] config: DecodeWgConfig) -> MatrixDescriptor<T> {
+        if comptime!(config.fp8) {
+            MatrixDescriptor::new(&self.k_step, config.k_tile())
+        } else {
+            MatrixDescriptor::new(&self.k, config.k_tile())
+        }
+    }
+
+    /// The descriptor of the V tile P·V reads.
+    pub fn v_descriptor(&self, #[comptime] config: DecodeWgConfig) -> MatrixDescriptor<T> {
+        if comptime!(config.fp8) {
+            MatrixDescriptor::new(&self.v_step, config.v_tile())
+        } else {
+            MatrixDescriptor::new(&self.v, config.v_tile())
+        }
+    }
+
+    /// fp8: every unit converts stage `stage`'s codes into the step's f16 tiles, V's rows from
+    /// `keys` on as zeros (past the sequence they hold whatever the cache's unwritten slots
+    /// hold, and a zero probability times a NaN is NaN); then releases the stage and makes the
+    /// tiles visible to the tensor cores. The caller has made sure no MMA still reads them.
+    pub fn convert(
+        &mut self,
+        pipe: &Pipeline,
+        keys: usize,
+        #[comptime] stage: usize,
+        #[comptime] config: DecodeWgConfig,
+    ) {
+        let block_kv = config.block_kv();
+        let (d, dv) = comptime!((config.prefill.head_dim(), config.prefill.value_dim()));
+        convert_codes::<T>(
+            &self.k_codes,
+            &mut self.k_step,
+            block_kv,
+            stage,
+            d,
+            block_kv,
+        );
+        convert_codes::<T>(&self.v_codes, &mut self.v_step, keys, stage, dv, block_kv);
+        sync_plane();
+        pipe.k.release(stage);
+        pipe.v.release(stage);
+        sync_async_proxy_shared();
+        sync_cube();
+    }
+}
+
+/// Rows of stage `stage`'s codes (`width` columns, `block_kv` rows) into the swizzled f16 tile
+/// of one step (16-byte chunk `c` of row `r` of a 64-column panel at chunk `c ^ (r % 8)`), rows
+/// from `keep` on as zeros. A unit takes 16 codes (one vector of four words) at a time and
+/// writes two chunks; `cvt.rn.f16x2.e4m3x2` turns two codes into two f16 (every e4m3 value is
+/// an f16 value).
+#[cube]
+fn convert_codes<T: Float>(
+    codes: &Shared<[WordVector]>,
+    tile: &mut Shared<[Chunk8<T>]>,
+    keep: usize,
+    #[comptime] stage: usize,
+    #[comptime] width: usize,
+    #[comptime] block_kv: usize,
+) {
+    let per_row = comptime!(width / 16);
+    let base = comptime!(stage * block_kv * width / 16);
+    for i in range_stepped(UNIT_POS as usize, block_kv * per_row, WARPGROUP_UNITS) {
+        let r = i / per_row;
+        let q = i % per_row;
+        let words = codes[base + i];
+        let live = r < keep;
+        #[unroll]
+        for half in 0..2usize {
+            let mut pairs = WordVector::empty();
+            #[unroll]
+            for w in 0..2usize {
+                let word = words.extract(comptime!(2 * half + w));
+                let lo = e4m3x2_to_f16x2(u16::cast_from(word));
+                let hi = e4m3x2_to_f16x2(u16::cast_from(word >> 16));
+                pairs.insert(comptime!(2 * w), select(live, lo, 0u32));
+                pairs.insert(comptime!(2 * w + 1), select(live, hi, 0u32));
+            }
+            let c = 2 * q + half;
+            let at = ((c / 8) * block_kv + r) * 8 + ((c % 8) ^ (r % 8));
+            tile[at] = Chunk8::<T>::reinterpret(pairs);
+        }
+    }
+}
+
+/// Two e4m3 codes (the first in the low byte) as two f16 packed in a word (the first in the
+/// low half).
+#[cube]
+fn e4m3x2_to_f16x2(codes: u16) -> u32 {
+    let pair: u32;
+    gpu_asm!("cvt.rn.f16x2.e4m3x2 {}, {};", out(_) pair, in(_) codes, options(pure, nomem));
+    pair
 }
 
 /// Where the cube's keys live in the cache: its sequence's row (contiguous) or block-table row
@@ -156,13 +361,13 @@ impl CacheSource {
         origin
     }
 
-    /// Unit 0 only: the step from key `fetch.key` into stage `stage` of K and of V, once every
-    /// plane has released the stage's earlier fills.
-    pub fn fill<E: Float>(
+    /// Unit 0 only: the step from key `fetch.key` into stage `stage` of K and of V (or of their
+    /// codes), once every plane has released the stage's earlier fills.
+    pub fn fill<E: Float, T: Float>(
         &self,
         pipe: &Pipeline,
-        tiles: &mut KvTiles<E>,
-        maps: &CacheMaps<E>,
+        tiles: &mut KvTiles<T>,
+        maps: &CacheMaps<E, T>,
         fetch: Fetch,
         #[comptime] stage: usize,
     ) {
@@ -184,19 +389,35 @@ impl CacheSource {
                 width: config.prefill.value_dim(),
                 ..k_box
             });
-            pipe.k
-                .copy_box::<E>(&maps.k, &mut tiles.k, origin, stage, k_box);
-            pipe.v
-                .copy_box::<E>(&maps.v, &mut tiles.v, origin, stage, v_box);
+            if comptime!(config.fp8) {
+                let k_words = comptime!(RowBox {
+                    width: config.prefill.head_dim() / 4,
+                    ..k_box
+                });
+                let v_words = comptime!(RowBox {
+                    width: config.prefill.value_dim() / 4,
+                    ..k_box
+                });
+                pipe.k
+                    .copy_words(&maps.k8, &mut tiles.k_codes, origin, stage, k_words);
+                pipe.v
+                    .copy_words(&maps.v8, &mut tiles.v_codes, origin, stage, v_words);
+            } else {
+                pipe.k
+                    .copy_box::<T>(&maps.k, &mut tiles.k, origin, stage, k_box);
+                pipe.v
+                    .copy_box::<T>(&maps.v, &mut tiles.v, origin, stage, v_box);
+            }
         }
     }
 }
 
 /// Partial (or, with one split, final) attention of a chunk of 64 packed rows over one key split,
-/// on warpgroup MMAs.
+/// on warpgroup MMAs in `T` (the cache's element, or f16 for an fp8 cache: Q rounded to f16, K's
+/// scale folded into the softmax scale and V's into the output).
 #[cube(launch)]
-pub fn decode_forward_wg<E: Float, M: Hooks>(
-    maps: &CacheMaps<E>,
+pub fn decode_forward_wg<E: Float, T: Float, M: Hooks>(
+    maps: &CacheMaps<E, T>,
     outputs: &mut DecodeOutputs<E>,
     inputs: &RunInputs,
     args: Args,
@@ -206,20 +427,24 @@ pub fn decode_forward_wg<E: Float, M: Hooks>(
     let pc = comptime!(config.prefill);
     let block_kv = config.block_kv();
     let chunk = Chunk::of_cube(&maps.q_offsets, args, dargs, WARPGROUP_ROWS, config.ragged);
-    let ctx = chunk.locate_sequence(&maps.lengths, inputs, args, dargs, config.facts());
+    let mut ctx = chunk.locate_sequence(&maps.lengths, inputs, args, dargs, config.facts());
+    let mut v_scale = 1.0f32.runtime();
+    if comptime!(config.fp8) {
+        ctx.args.scale *= maps.scales[ctx.site.kv_head];
+        v_scale = maps.scales[maps.scales.len() / 2 + ctx.site.kv_head];
+    }
 
     let q_tile = pc.q_tile();
-    let k_tile = pc.k_tile();
-    let v_tile = pc.v_tile();
-    let mut q_smem = Shared::<[E]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
-    let mut tiles = KvTiles::<E> {
-        k: Shared::<[E]>::new_aligned_slice(k_tile.rows * k_tile.k, k_tile.alignment()),
-        v: Shared::<[E]>::new_aligned_slice(v_tile.rows * v_tile.k, v_tile.alignment()),
+    let mut q_smem = Shared::<[T]>::new_aligned_slice(q_tile.rows * q_tile.k, q_tile.alignment());
+    let mut tiles = KvTiles::<T>::new(config);
+    let pipe = if comptime!(config.fp8) {
+        Pipeline::of_words(pc)
+    } else {
+        Pipeline::new(0u32, pc)
     };
-    let pipe = Pipeline::new(0u32, pc);
     let mut rows = UnitRows::new(&ctx, 0usize, pc);
     let sites = packed_sites(&ctx, chunk, rows.row0, inputs);
-    load_packed_q::<E>(&maps.q, &mut q_smem, &ctx, chunk, pc);
+    load_packed_q::<E, T>(&maps.q, &mut q_smem, &ctx, chunk, pc);
     sync_async_proxy_shared();
     sync_cube();
 
@@ -239,11 +464,11 @@ pub fn decode_forward_wg<E: Float, M: Hooks>(
             uses: 0,
             has_next: true,
         };
-        source.fill::<E>(&pipe, &mut tiles, maps, first, 0usize);
+        source.fill::<E, T>(&pipe, &mut tiles, maps, first, 0usize);
     }
     let q_desc = MatrixDescriptor::new(&q_smem, q_tile);
-    let k_desc = MatrixDescriptor::new(&tiles.k, k_tile);
-    let v_desc = MatrixDescriptor::new(&tiles.v, v_tile);
+    let k_desc = tiles.k_descriptor(config);
+    let v_desc = tiles.v_descriptor(config);
 
     // The walk in pairs of steps, one per stage, unrolled, as the prefill kernel's; every step
     // passes the same hand-offs, computing or not.
@@ -261,7 +486,7 @@ pub fn decode_forward_wg<E: Float, M: Hooks>(
                         uses: (index + 1) / STAGES,
                         has_next: true,
                     };
-                    source.fill::<E>(
+                    source.fill::<E, T>(
                         &pipe,
                         &mut tiles,
                         maps,
@@ -274,27 +499,51 @@ pub fn decode_forward_wg<E: Float, M: Hooks>(
                     keys,
                     class: classify_rows::<M>(&ctx, walk, keys, chunk, inputs),
                 };
-                pipe.begin_step(stage, parity);
-                if step.class != TILE_EMPTY {
-                    let stage_at = opaque(comptime!((stage * block_kv) as u32)) as usize;
-                    let scores = compute_scores::<E>(&q_desc, &k_desc, stage_at, pc);
-                    pipe.scores_done(stage);
-                    let probs = rows.online_softmax::<E, M>(&scores, &sites, step, inputs, pc);
-                    pipe.before_pv(stage, parity);
-                    if keys.len < block_kv {
-                        clear_rows_past::<E>(&mut tiles.v, keys.len, stage, pc);
+                if comptime!(config.fp8) {
+                    pipe.k.wait(stage, parity);
+                    pipe.v.wait(stage, parity);
+                    // Every unit has waited for its own MMAs of the last step: none reads the
+                    // converted tiles any more.
+                    sync_cube();
+                    if step.class != TILE_EMPTY {
+                        tiles.convert(&pipe, keys.len, stage, config);
+                        let scores = compute_scores::<T>(&q_desc, &k_desc, 0usize, pc);
+                        let probs = rows.online_softmax::<T, M>(&scores, &sites, step, inputs, pc);
+                        rows.accumulate_pv::<T>(&probs, &v_desc, 0usize, pc);
+                    } else {
+                        sync_plane();
+                        pipe.k.release(stage);
+                        pipe.v.release(stage);
                     }
-                    rows.accumulate_pv::<E>(&probs, &v_desc, stage_at, pc);
-                    pipe.pv_done(stage);
                 } else {
-                    pipe.scores_done(stage);
-                    pipe.before_pv(stage, parity);
-                    pipe.pv_done(stage);
+                    pipe.begin_step(stage, parity);
+                    if step.class != TILE_EMPTY {
+                        let stage_at = opaque(comptime!((stage * block_kv) as u32)) as usize;
+                        let scores = compute_scores::<T>(&q_desc, &k_desc, stage_at, pc);
+                        pipe.scores_done(stage);
+                        let probs = rows.online_softmax::<T, M>(&scores, &sites, step, inputs, pc);
+                        pipe.before_pv(stage, parity);
+                        if keys.len < block_kv {
+                            clear_rows_past::<T>(&mut tiles.v, keys.len, stage, pc);
+                        }
+                        rows.accumulate_pv::<T>(&probs, &v_desc, stage_at, pc);
+                        pipe.pv_done(stage);
+                    } else {
+                        pipe.scores_done(stage);
+                        pipe.before_pv(stage, parity);
+                        pipe.pv_done(stage);
+                    }
                 }
             }
         }
     }
 
+    if comptime!(config.fp8) {
+        #[unroll]
+        for i in 0..pc.value_dim() / 2 {
+            rows.out[i] *= v_scale;
+        }
+    }
     rows.finish_decode::<E>(outputs, &sites, chunk, inputs, config);
 }
 
@@ -323,12 +572,12 @@ fn row_context(ctx: &Ctx, row: DecodeRow, inputs: &RunInputs) -> Ctx {
     ctx.with_head(row.head, slope)
 }
 
-/// Q: the chunk's rows into the warpgroup's swizzled Q tile (64-column panels, 16-byte chunk `c`
-/// of row `r` at chunk `c ^ (r % 8)`), zeros past the group.
+/// Q: the chunk's rows into the warpgroup's swizzled Q tile in the MMAs' element (64-column
+/// panels, 16-byte chunk `c` of row `r` at chunk `c ^ (r % 8)`), zeros past the group.
 #[cube]
-fn load_packed_q<E: Float>(
+fn load_packed_q<E: Float, T: Float>(
     q: &Tensor<E>,
-    q_smem: &mut Shared<[E]>,
+    q_smem: &mut Shared<[T]>,
     ctx: &Ctx,
     chunk: Chunk,
     #[comptime] config: PrefillConfig,
@@ -339,12 +588,14 @@ fn load_packed_q<E: Float>(
         let r = i / width;
         let c = i % width;
         let row = locate_row(chunk.first + r, seq.kv_head, chunk, ctx.args);
-        let mut value = E::cast_from(0.0f32);
+        let mut value = T::cast_from(0.0f32);
         if row.valid {
-            value = q[seq.batch * q.stride(0)
-                + row.head * q.stride(1)
-                + (seq.q_off + row.token) * q.stride(2)
-                + c];
+            value = T::cast_from(
+                q[seq.batch * q.stride(0)
+                    + row.head * q.stride(1)
+                    + (seq.q_off + row.token) * q.stride(2)
+                    + c],
+            );
         }
         let at =
             ((c / PANEL) * WARPGROUP_ROWS + r) * PANEL + (((c % PANEL) / 8) ^ (r % 8)) * 8 + c % 8;

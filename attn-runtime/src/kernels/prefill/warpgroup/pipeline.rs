@@ -78,6 +78,9 @@ pub struct Stages {
     /// Rows of a stage (`block_kv`).
     #[cube(comptime)]
     rows: usize,
+    /// Bytes of one column: 2 for 16-bit tiles, 4 for the `u32` words of fp8 codes.
+    #[cube(comptime)]
+    column_bytes: usize,
 }
 
 #[cube]
@@ -96,6 +99,25 @@ impl Stages {
             free1: Barrier::shared(planes, UNIT_POS == 0),
             width,
             rows,
+            column_bytes: 2usize,
+        }
+    }
+
+    /// Stages of `words` `u32` words a row (fp8 codes, four a word), filled by
+    /// [`Stages::copy_words`]; barriers as [`Stages::new`]'s.
+    pub fn of_words(
+        #[comptime] planes: u32,
+        #[comptime] words: usize,
+        #[comptime] rows: usize,
+    ) -> Stages {
+        Stages {
+            full0: Barrier::shared(1, UNIT_POS == 0),
+            full1: Barrier::shared(1, UNIT_POS == 0),
+            free0: Barrier::shared(planes, UNIT_POS == 0),
+            free1: Barrier::shared(planes, UNIT_POS == 0),
+            width: words,
+            rows,
+            column_bytes: 4usize,
         }
     }
 
@@ -186,8 +208,31 @@ impl Stages {
         if uses > 0 {
             self.free(stage).wait_parity(((uses - 1) % 2) as u32);
         }
-        let bytes = comptime!((self.rows * self.width * 2) as u32);
+        let bytes = comptime!((self.rows * self.width * self.column_bytes) as u32);
         let _token = self.full(stage).arrive_and_expect_tx(1, bytes);
+    }
+
+    /// Unit 0 only: one copy of an announced fill of word stages ([`Stages::of_words`]):
+    /// `shape.rows` rows of `shape.width` words at `origin`, unswizzled, into rows `shape.at..` of
+    /// `tile` (rows of `shape.width / 4` vectors).
+    pub fn copy_words(
+        &self,
+        map: &TensorMap<u32, Tiled>,
+        tile: &mut Shared<[WordVector]>,
+        origin: TmaOrigin,
+        #[comptime] stage: usize,
+        #[comptime] shape: RowBox,
+    ) {
+        let start = comptime!(shape.at * shape.width / 4);
+        let len = comptime!(shape.rows * shape.width / 4);
+        self.full(stage).tma_load_4d(
+            map,
+            &mut tile[start..start + len],
+            origin.batch as i32,
+            origin.head as i32,
+            origin.row,
+            0i32,
+        );
     }
 
     /// Unit 0 only: one copy of an announced fill: `shape.rows` rows at `origin` into stage
@@ -223,6 +268,9 @@ impl Stages {
     }
 }
 
+/// Four `u32` words (16 fp8 codes): the unit in which word stages are copied and read.
+pub type WordVector = Vector<u32, Const<4>>;
+
 /// The K and V stages and the two warpgroups' turns: the hand-offs of one step, in the order of
 /// the module's invariant.
 #[derive(CubeType)]
@@ -248,6 +296,18 @@ impl Pipeline {
             v: Stages::new(planes, config.value_dim(), config.block_kv()),
             warpgroup,
             pingpong: comptime!(config.warpgroups() == 2),
+        }
+    }
+
+    /// The stages of a one-warpgroup cube whose K and V arrive as fp8 codes, `block_kv` rows of
+    /// `head_dim / 4` and `value_dim / 4` words per stage.
+    pub fn of_words(#[comptime] config: PrefillConfig) -> Pipeline {
+        let planes = comptime!((super::WARPGROUP_UNITS / 32) as u32);
+        Pipeline {
+            k: Stages::of_words(planes, config.head_dim() / 4, config.block_kv()),
+            v: Stages::of_words(planes, config.value_dim() / 4, config.block_kv()),
+            warpgroup: 0u32,
+            pingpong: false,
         }
     }
 
