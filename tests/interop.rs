@@ -3,8 +3,8 @@
 //! framework's tensors giving the same bits as on uploaded slices.
 
 use attn::interop::burn::{
-    attention as burn_attention, burn_tensor, client as burn_client, from_attn as burn_out,
-    to_attn, to_cube,
+    attention as burn_attention, attention_learning, burn_tensor, client as burn_client,
+    from_attn as burn_out, to_attn, to_cube, Learned,
 };
 use attn::interop::candle::{candle_core, from_attn as candle_out, to_attn as candle_in};
 use attn::interop::Layout;
@@ -15,6 +15,13 @@ use burn_tensor::{DType, Device, Distribution, TensorData};
 attn::attention! {
     /// GQA 2, causal, head dim 64, f32 (every back end runs it).
     pub Gqa2 { heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal }
+    /// Learning run-time inputs: sink logits, a temperature and a relative bias of 8 buckets
+    /// per head.
+    pub RelSinks {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal, sinks: per_head,
+        inputs: { temp: f32, rel: [f32; heads, 8] },
+        score: |s, b, h, q, k| s * temp + rel[h][if q - k < 7 { q - k } else { 7 }],
+    }
 }
 
 /// `[B, H, N, D]` values in `[B, N, H, D]` order.
@@ -147,6 +154,116 @@ fn attention_is_differentiable_in_burn() {
         &burn_values(out),
         &direct.o.to_vec(&client),
         "O without autodiff",
+    );
+}
+
+/// `attention_learning`: sink logits, a scalar and a table as rank-1 burn tensors in burn's
+/// autodiff; their gradients (and dQ, dK, dV) the same bits as `backward` called directly with
+/// the same values; bad learning inputs refused with typed errors.
+#[test]
+fn learning_inputs_are_differentiable_in_burn() {
+    let device = Device::default();
+    let client = burn_client(&device).unwrap();
+    let (mut rng, _) = seeded_rng("interop-burn-learned");
+    let (b, n, hq, hkv, d) = (2, 37, 4, 2, 64);
+    let qh: Vec<f32> = random_vec(&mut rng, b * n * hq * d);
+    let kh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let vh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
+    let wh: Vec<f32> = random_vec(&mut rng, b * hq * n * d);
+    let sinks: Vec<f32> = random_vec(&mut rng, hq);
+    let temp = vec![0.75f32];
+    let rel: Vec<f32> = random_vec(&mut rng, hq * 8);
+    let burn = |data: &Vec<f32>, shape: [usize; 4]| {
+        burn_tensor::Tensor::<4>::from_data(
+            TensorData::new(data.clone(), shape),
+            (&device, DType::F32),
+        )
+    };
+    let flat = |data: &Vec<f32>| {
+        burn_tensor::Tensor::<1>::from_data(
+            TensorData::new(data.clone(), [data.len()]),
+            (&device, DType::F32),
+        )
+        .autodiff()
+        .require_grad()
+    };
+    let leaf = |data: &Vec<f32>, h: usize| burn(data, [b, n, h, d]).autodiff().require_grad();
+    let (q, k, v) = (leaf(&qh, hq), leaf(&kh, hkv), leaf(&vh, hkv));
+    let (s, t, r) = (flat(&sinks), flat(&temp), flat(&rel));
+    let learned = [
+        (Learned::Sinks, &s),
+        (Learned::Input("temp"), &t),
+        (Learned::Input("rel"), &r),
+    ];
+    let none = attn::Inputs::default();
+    let out = attention_learning::<RelSinks>([&q, &k, &v], Layout::Bnhd, &none, &learned).unwrap();
+    let loss = (out.clone() * burn(&wh, [b, hq, n, d])).sum();
+    let grads = loss.backward();
+    let grad4 = |t: &burn_tensor::Tensor<4>| burn_values(t.grad(&grads).expect("a gradient"));
+    let grad1 = |t: &burn_tensor::Tensor<1>| {
+        t.grad(&grads)
+            .expect("a gradient")
+            .try_into_vec_as::<f32>()
+            .expect("read back")
+    };
+
+    let upload =
+        |data: &Vec<f32>, h: usize| Tensor::from_slice_bnhd(&client, data, [b, n, h, d]).unwrap();
+    let (qa, ka, va) = (upload(&qh, hq), upload(&kh, hkv), upload(&vh, hkv));
+    let inputs = attn::Inputs {
+        sinks: Some(&sinks),
+        floats: vec![&temp, &rel],
+        ..Default::default()
+    };
+    let direct = attn::forward::<RelSinks>(&client, &qa, &ka, &va, &inputs).unwrap();
+    let d_out = Tensor::from_slice(&client, &wh, [b, hq, n, d]).unwrap();
+    let g = attn::backward::<RelSinks>(&client, &qa, &ka, &va, &direct, &d_out, &inputs).unwrap();
+    assert_same_bits(
+        &burn_values(out.without_autodiff()),
+        &direct.o.to_vec(&client),
+        "O",
+    );
+    assert_same_bits(
+        &grad4(&q),
+        &bnhd(&g.dq.to_vec(&client), [b, hq, n, d]),
+        "dQ",
+    );
+    assert_same_bits(
+        &grad4(&k),
+        &bnhd(&g.dk.to_vec(&client), [b, hkv, n, d]),
+        "dK",
+    );
+    let d_sinks = g.d_sinks.as_ref().expect("sinks learn").to_vec(&client);
+    assert_same_bits(&grad1(&s), &d_sinks, "d sinks");
+    for (name, tensor) in [("temp", &t), ("rel", &r)] {
+        let (_, direct) = g.d_inputs.iter().find(|(n, _)| *n == name).expect("learns");
+        assert_same_bits(&grad1(tensor), &direct.to_vec(&client), name);
+    }
+    // The gradients are not all zero: the inputs reach the loss.
+    assert!(grad1(&r).iter().any(|x| *x != 0.0) && grad1(&s).iter().any(|x| *x != 0.0));
+
+    // Refusals, before anything runs.
+    let refused = |learned: &[(Learned, &burn_tensor::Tensor<1>)], what: &str| {
+        let e =
+            attention_learning::<RelSinks>([&q, &k, &v], Layout::Bnhd, &none, learned).unwrap_err();
+        assert!(matches!(e, AttnError::Input { .. }), "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+    };
+    refused(&[(Learned::AlibiSlopes, &s)], "AlibiSlopes");
+    refused(&[(Learned::Input("nope"), &t)], "nope");
+    refused(&[(Learned::Sinks, &s), (Learned::Sinks, &s)], "twice");
+    let half = flat(&sinks).cast(DType::F16);
+    refused(&[(Learned::Sinks, &half)], "f32");
+    let e = attention_learning::<RelSinks>(
+        [&q, &k, &v],
+        Layout::Bnhd,
+        &none,
+        &[(Learned::Input("rel"), &s)],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, AttnError::Input { .. }),
+        "a table of the wrong length: {e}"
     );
 }
 

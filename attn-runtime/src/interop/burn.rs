@@ -30,13 +30,13 @@ use crate::cubecl::zspace::metadata::Metadata;
 use crate::inputs::{Inputs, OwnedInputs};
 use crate::launch::Output;
 use crate::tensor::contiguous_strides;
-use crate::variant::Variant;
+use crate::variant::{Alibi, InputType, Variant, VariantSpec};
 use crate::{AttnError, ComputeClient, Element, Tensor};
 
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
 use burn_cubecl::tensor::CubeTensor;
@@ -291,55 +291,134 @@ fn dtype_error<E: Element>(found: DType) -> AttnError {
 /// Differentiable in burn's autodiff: when any of `q`, `k`, `v` takes part in a graph
 /// ([`burn_tensor::Tensor::is_autodiff`]), the call is recorded as one operation whose backward
 /// runs [`crate::backward()`] on the same buffers (the forward's O and LSE kept for it) and hands
-/// dQ, dK and dV to burn's gradients in the inputs' own layout. Gradients of the run-time inputs
-/// (sink logits, declared `f32` inputs) are not part of burn's graph: call
-/// [`crate::backward()`] directly for them.
+/// dQ, dK and dV to burn's gradients in the inputs' own layout. For run-time inputs that learn
+/// (sink logits, ALiBi slopes, declared `f32` inputs), see [`attention_learning`].
 ///
 /// Errors: those of [`to_attn`] and of the forward, before anything is launched. The backward
 /// runs inside burn's `backward()`, which has no error channel: an error there (none is expected
 /// once the forward accepted the inputs) panics with its message.
 pub fn attention<V: Variant>(
+    qkv: [&burn_tensor::Tensor<4>; 3],
+    layout: Layout,
+    inputs: &Inputs,
+) -> Result<burn_tensor::Tensor<4>, AttnError> {
+    attention_learning::<V>(qkv, layout, inputs, &[])
+}
+
+/// A run-time input whose values come from a burn tensor and whose gradient goes back to it
+/// ([`attention_learning`]).
+#[derive(Copy, Clone, Eq, PartialEq, Debug)]
+pub enum Learned {
+    /// The sink logit per query head (`sinks: per_head`), `[Hq]`.
+    Sinks,
+    /// The ALiBi slope per query head (`alibi: given`), `[Hq]`.
+    AlibiSlopes,
+    /// A declared `f32` input the backward differentiates (not one with a `seq` dimension), by
+    /// its name in the declaration, its values in row-major order.
+    Input(&'static str),
+}
+
+/// The most learning inputs one call takes.
+pub const MAX_LEARNED: usize = 4;
+
+/// [`attention`], with run-time inputs that learn: each `(input, tensor)` of `learned` takes the
+/// input's values from `tensor` (rank 1, f32; reshape a table to one dimension, row-major) in
+/// place of `inputs`' own, and, when the call is recorded in burn's autodiff (any of `q`, `k`,
+/// `v` or these tensors in a graph), its gradient from [`crate::backward()`] goes to `tensor`'s
+/// node: a learnable relative bias, sink logits or ALiBi slopes trained by burn's optimisers.
+/// The values are read to the host once per call (run-time inputs are uploaded with the call).
+///
+/// Errors, before anything is launched: `Input` for an input `V` does not declare or cannot
+/// differentiate, one named twice, more than [`MAX_LEARNED`], a tensor of another dtype or rank;
+/// and those of [`attention`].
+pub fn attention_learning<V: Variant>(
     [q, k, v]: [&burn_tensor::Tensor<4>; 3],
     layout: Layout,
     inputs: &Inputs,
+    learned: &[(Learned, &burn_tensor::Tensor<1>)],
 ) -> Result<burn_tensor::Tensor<4>, AttnError> {
     let device = q.device();
     let cube = cube_device(&device)?;
     let client = cube.client();
-    if ![q, k, v].iter().any(|t| t.is_autodiff()) {
+    let mut owned = OwnedInputs::of(inputs);
+    for (i, (what, t)) in learned.iter().enumerate() {
+        if learned[..i].iter().any(|(w, _)| w == what) {
+            return Err(learned_error(format!("{what:?} is given twice")));
+        }
+        place_learned(&V::SPEC, &mut owned, *what, learned_values(t)?)?;
+    }
+    if learned.len() > MAX_LEARNED {
+        return Err(learned_error(format!(
+            "{} learning inputs; one call takes at most {MAX_LEARNED}",
+            learned.len()
+        )));
+    }
+    let tracking =
+        [q, k, v].iter().any(|t| t.is_autodiff()) || learned.iter().any(|(_, t)| t.is_autodiff());
+    if !tracking {
         let views = [
             to_attn::<V::Elem>(q, layout)?,
             to_attn::<V::Elem>(k, layout)?,
             to_attn::<V::Elem>(v, layout)?,
         ];
-        let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], inputs)?;
+        let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], &owned.view())?;
         return Ok(from_cube(attn_to_cube(&out.o, cube)));
     }
-    let primitive = |t: &burn_tensor::Tensor<4>| {
-        t.clone()
-            .autodiff()
-            .try_into_primitive::<Autodiff<Cube>>()
-            .map_err(|e| {
-                AttnError::Unsupported(format!("burn tensor is not on a cubecl device: {e:?}"))
-            })
-    };
-    let tracked = [primitive(q)?, primitive(k)?, primitive(v)?];
+    let unsupported =
+        |e| AttnError::Unsupported(format!("burn tensor is not on a cubecl device: {e:?}"));
+    let mut tracked = Vec::with_capacity(3);
+    for t in [q, k, v] {
+        tracked.push(
+            t.clone()
+                .autodiff()
+                .try_into_primitive::<Autodiff<Cube>>()
+                .map_err(unsupported)?,
+        );
+    }
     let mut views = Vec::with_capacity(3);
     for t in &tracked {
         let cube_tensor = <Cube as CubeKind>::into_cube(t.primitive().clone())?;
         views.push(cube_to_attn::<V::Elem>(&cube_tensor, layout)?);
     }
-    let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], inputs)?;
+    let mut nodes: Vec<_> = tracked.iter().map(|t| t.node()).collect();
+    for &(_, t) in learned {
+        let p = t
+            .clone()
+            .autodiff()
+            .try_into_primitive::<Autodiff<Cube>>()
+            .map_err(unsupported)?;
+        nodes.push(p.node());
+    }
+    let out = crate::forward::<V>(&client, &views[0], &views[1], &views[2], &owned.view())?;
     let o = <Cube as CubeKind>::from_cube(attn_to_cube(&out.o, cube.clone()));
     let state = AttentionState {
         qkv: [views[0].clone(), views[1].clone(), views[2].clone()],
         out,
-        inputs: OwnedInputs::of(inputs),
+        inputs: owned,
+        learned: learned.iter().map(|(w, _)| *w).collect(),
         layout,
         device: cube,
     };
-    let nodes = [tracked[0].node(), tracked[1].node(), tracked[2].node()];
-    let result = match AttentionOp::<V>(core::marker::PhantomData)
+    Ok(match nodes.len() {
+        3 => record::<V, 3>(nodes, state, o),
+        4 => record::<V, 4>(nodes, state, o),
+        5 => record::<V, 5>(nodes, state, o),
+        6 => record::<V, 6>(nodes, state, o),
+        _ => record::<V, 7>(nodes, state, o),
+    })
+}
+
+/// The attention's operation with `N` parents (Q, K, V, then the learning inputs) in burn's
+/// graph, its output `o`.
+fn record<V: Variant, const N: usize>(
+    nodes: Vec<NodeGuard>,
+    state: AttentionState<V::Elem>,
+    o: <Cube as CubeKind>::Primitive,
+) -> burn_tensor::Tensor<4> {
+    let nodes: [_; N] = nodes
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one node per parent"));
+    let result = match AttentionOp::<V, N>(core::marker::PhantomData)
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
@@ -347,35 +426,96 @@ pub fn attention<V: Variant>(
         OpsKind::Tracked(prep) => prep.finish(state, o),
         OpsKind::UnTracked(prep) => prep.finish(o),
     };
-    Ok(burn_tensor::Tensor::<4>::from_primitive::<Autodiff<Cube>>(
-        result,
-    ))
+    burn_tensor::Tensor::<4>::from_primitive::<Autodiff<Cube>>(result)
+}
+
+fn learned_error(reason: String) -> AttnError {
+    AttnError::Input {
+        input: "learned",
+        reason,
+    }
+}
+
+/// A learning input's values: a rank-1 f32 burn tensor, read to the host.
+fn learned_values(t: &burn_tensor::Tensor<1>) -> Result<Vec<f32>, AttnError> {
+    if t.dtype() != DType::F32 {
+        return Err(learned_error(format!(
+            "a learning input's tensor is f32; this one is {:?}",
+            t.dtype()
+        )));
+    }
+    t.clone()
+        .without_autodiff()
+        .try_into_vec_as::<f32>()
+        .map_err(|e| learned_error(format!("could not read a learning input's tensor: {e:?}")))
+}
+
+/// Puts a learning input's values where the launch reads that input.
+fn place_learned(
+    spec: &VariantSpec,
+    owned: &mut OwnedInputs,
+    what: Learned,
+    values: Vec<f32>,
+) -> Result<(), AttnError> {
+    match what {
+        Learned::Sinks if spec.score.sinks => owned.sinks = Some(values),
+        Learned::AlibiSlopes if spec.score.alibi == Some(Alibi::Given) => {
+            owned.alibi_slopes = Some(values)
+        }
+        Learned::Input(name) => {
+            let floats = spec.inputs.iter().filter(|d| d.ty == InputType::F32);
+            let Some((i, decl)) = floats.enumerate().find(|(_, d)| d.name == name) else {
+                return Err(learned_error(format!(
+                    "{} declares no f32 input `{name}`",
+                    spec.name
+                )));
+            };
+            if !decl.learnable() {
+                return Err(learned_error(format!(
+                    "`{name}` has a `seq` dimension: its gradient is not computed"
+                )));
+            }
+            if owned.floats.len() <= i {
+                owned.floats.resize(i + 1, Vec::new());
+            }
+            owned.floats[i] = values;
+        }
+        _ => {
+            return Err(learned_error(format!(
+                "{} has no {what:?} to learn (sinks: per_head, alibi: given)",
+                spec.name
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// What [`attention`]'s backward keeps from its forward: the views of Q, K and V, O and the LSE,
-/// the run-time inputs, the inputs' layout and the device.
+/// the run-time inputs (the learning ones' values in place), which inputs learn, the inputs'
+/// layout and the device.
 #[derive(Clone, Debug)]
 pub struct AttentionState<E> {
     qkv: [Tensor<E>; 3],
     out: Output<E>,
     inputs: OwnedInputs,
+    learned: Vec<Learned>,
     layout: Layout,
     device: CubeDevice,
 }
 
-/// [`attention`] as an operation of burn's autodiff graph.
-struct AttentionOp<V>(core::marker::PhantomData<fn() -> V>);
+/// [`attention`] as an operation of burn's autodiff graph, with `N` parents.
+struct AttentionOp<V, const N: usize>(core::marker::PhantomData<fn() -> V>);
 
-impl<V> core::fmt::Debug for AttentionOp<V> {
+impl<V, const N: usize> core::fmt::Debug for AttentionOp<V, N> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "attn::attention")
     }
 }
 
-impl<V: Variant> Backward<Cube, 3> for AttentionOp<V> {
+impl<V: Variant, const N: usize> Backward<Cube, N> for AttentionOp<V, N> {
     type State = AttentionState<V::Elem>;
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let state = ops.state;
         let d_out = <Cube as CubeKind>::into_cube(grads.consume::<Cube>(&ops.node))
             .and_then(|t| cube_to_attn::<V::Elem>(&t, Layout::Bhnd))
@@ -385,13 +525,41 @@ impl<V: Variant> Backward<Cube, 3> for AttentionOp<V> {
         let inputs = state.inputs.view();
         let g = crate::backward::<V>(&client, q, k, v, &state.out, &d_out, &inputs)
             .unwrap_or_else(|e| panic!("attn::attention backward: {e}"));
-        for (parent, grad) in ops.parents.iter().zip([g.dq, g.dk, g.dv]) {
+        let learned = state.learned.iter().map(|what| {
+            let grad = match what {
+                Learned::Sinks => g.d_sinks.clone(),
+                Learned::AlibiSlopes => g.d_alibi_slopes.clone(),
+                Learned::Input(name) => g
+                    .d_inputs
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.clone()),
+            };
+            // Checked when the call was made: the variant computes this gradient.
+            let grad = grad.unwrap_or_else(|| panic!("attn::attention backward: no {what:?}"));
+            flat(&grad, state.device.clone())
+        });
+        let qkv = [g.dq, g.dk, g.dv]
+            .into_iter()
+            .map(|grad| in_layout(&grad, state.layout, state.device.clone()));
+        for (parent, cube) in ops.parents.iter().zip(qkv.chain(learned)) {
             if let Some(node) = parent {
-                let cube = in_layout(&grad, state.layout, state.device.clone());
                 grads.register::<Cube>(node.id, <Cube as CubeKind>::from_cube(cube));
             }
         }
     }
+}
+
+/// A contiguous f32 gradient `[1, 1, 1, n]` as a rank-1 `CubeTensor` `[n]` (no copy).
+fn flat(t: &Tensor<f32>, device: CubeDevice) -> CubeTensor {
+    let n = t.shape()[3];
+    CubeTensor::new_contiguous(
+        device.client(),
+        device,
+        Shape::from([n]),
+        t.handle().clone(),
+        DType::F32,
+    )
 }
 
 /// A contiguous `[B, H, N, D]` attn tensor as a `CubeTensor` of the given layout: for
