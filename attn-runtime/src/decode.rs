@@ -66,8 +66,8 @@ const MIN_KEYS_PER_SPLIT: usize = 256;
 pub enum DecodeKernel {
     /// The CUDA-core kernel ([`crate::kernels::decode`]; every back end) with this tile shape.
     Units(DecodeTiling),
-    /// The warpgroup kernel ([`crate::kernels::decode::warpgroup`]; Hopper, 16-bit caches the
-    /// copy engine reads): 64 packed rows per cube, `block_kv` keys per step.
+    /// The warpgroup kernel ([`crate::kernels::decode::warpgroup`]; Hopper, fp8 caches and
+    /// 16-bit caches the copy engine reads): 64 packed rows per cube, `block_kv` keys per step.
     Warpgroup {
         /// Keys per step.
         block_kv: u32,
@@ -469,9 +469,9 @@ pub fn default_tiling(
     Ok(tiling)
 }
 
-/// The plan used without tuning: on Hopper, for 16-bit caches the copy engine reads, the warpgroup
-/// kernel's ([`warpgroup_plan`] at 64 keys per step); elsewhere the CUDA-core kernel's
-/// ([`units_plan`]).
+/// The plan used without tuning: on Hopper, for fp8 caches and 16-bit caches the copy engine
+/// reads, the warpgroup kernel's ([`warpgroup_plan`] at 64 keys per step); elsewhere the
+/// CUDA-core kernel's ([`units_plan`]).
 pub fn default_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<DecodePlan, AttnError> {
     // 64 keys per step: two cubes per multiprocessor. On an H100 (bench/RESULTS.md) steps of 64
     // matched or beat steps of 128 at every split count of the single-token cases and ran 9 %

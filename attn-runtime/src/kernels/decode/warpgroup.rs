@@ -18,6 +18,11 @@
 //!   sequence's last page read its last page again; the rows past the sequence's keys are
 //!   masked out of the scores and zeroed in V before the last P·V, so a cache's unwritten slots
 //!   (any bits) never reach O.
+//! - **fp8 caches**: the copy engine brings each step's codes, unswizzled, into two stages of
+//!   words; every unit converts the step into one f16 tile per operand in the swizzled layout
+//!   (`cvt.rn.f16x2.e4m3x2`, two codes at a time), V's rows past the keys as zeros, and the
+//!   MMAs run in f16 with Q rounded to f16; K's scale is folded into the softmax scale, V's into
+//!   the output.
 //! - **Per step**: the prefill kernel's phases: `S = Q Kᵀ` ([`compute_scores()`]), the online
 //!   softmax in registers with each row's own query head and token ([`RowSites`]), `P·V`
 //!   ([`UnitRows::accumulate_pv`]).
