@@ -38,6 +38,15 @@ fn burn_values(t: burn_tensor::Tensor<4>) -> Vec<f32> {
     t.try_into_vec_as::<f32>().expect("read back")
 }
 
+/// An f32 burn tensor of `shape` holding `data`.
+fn burn_f32<const D: usize>(
+    data: &[f32],
+    shape: [usize; D],
+    device: &Device,
+) -> burn_tensor::Tensor<D> {
+    burn_tensor::Tensor::<D>::from_data(TensorData::new(data.to_vec(), shape), (device, DType::F32))
+}
+
 /// A random `[B, N, H, D]` f32 burn tensor and its values.
 fn burn_random(shape: [usize; 4], device: &Device) -> burn_tensor::Tensor<4> {
     burn_tensor::Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), (device, DType::F32))
@@ -114,12 +123,7 @@ fn attention_is_differentiable_in_burn() {
     let kh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
     let vh: Vec<f32> = random_vec(&mut rng, b * n * hkv * d);
     let wh: Vec<f32> = random_vec(&mut rng, b * hq * n * d);
-    let burn = |data: &Vec<f32>, shape: [usize; 4]| {
-        burn_tensor::Tensor::<4>::from_data(
-            TensorData::new(data.clone(), shape),
-            (&device, DType::F32),
-        )
-    };
+    let burn = |data: &Vec<f32>, shape: [usize; 4]| burn_f32(data, shape, &device);
     let leaf = |data: &Vec<f32>, h: usize| burn(data, [b, n, h, d]).autodiff().require_grad();
     let (q, k, v) = (leaf(&qh, hq), leaf(&kh, hkv), leaf(&vh, hkv));
     let inputs = attn::Inputs::default();
@@ -173,19 +177,11 @@ fn learning_inputs_are_differentiable_in_burn() {
     let sinks: Vec<f32> = random_vec(&mut rng, hq);
     let temp = vec![0.75f32];
     let rel: Vec<f32> = random_vec(&mut rng, hq * 8);
-    let burn = |data: &Vec<f32>, shape: [usize; 4]| {
-        burn_tensor::Tensor::<4>::from_data(
-            TensorData::new(data.clone(), shape),
-            (&device, DType::F32),
-        )
-    };
+    let burn = |data: &Vec<f32>, shape: [usize; 4]| burn_f32(data, shape, &device);
     let flat = |data: &Vec<f32>| {
-        burn_tensor::Tensor::<1>::from_data(
-            TensorData::new(data.clone(), [data.len()]),
-            (&device, DType::F32),
-        )
-        .autodiff()
-        .require_grad()
+        burn_f32(data, [data.len()], &device)
+            .autodiff()
+            .require_grad()
     };
     let leaf = |data: &Vec<f32>, h: usize| burn(data, [b, n, h, d]).autodiff().require_grad();
     let (q, k, v) = (leaf(&qh, hq), leaf(&kh, hkv), leaf(&vh, hkv));

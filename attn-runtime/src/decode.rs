@@ -551,9 +551,9 @@ pub fn units_plan(client: &ComputeClient, call: &DecodeProblem) -> Result<Decode
 /// Why the warpgroup decode kernel cannot run `call` at `block_kv` keys per step on this device
 /// and build, or `None` when it can: the warpgroup prefill kernel's conditions at 64 query rows
 /// (16-bit elements, head dims in multiples of 64 up to 256, steps of 64 to 256 keys in
-/// multiples of 16, at most 64 past a value dim of 128), a 16-bit cache the copy engine reads,
-/// and pages of a multiple of 8 tokens that divide the step or that the step divides. fp8 caches
-/// qualify (their codes are converted to f16 in shared memory).
+/// multiples of 16, at most 64 past a value dim of 128), a cache the copy engine reads (16-bit
+/// pools laid out for it, or fp8 ones, whose codes are converted to f16 in shared memory), and
+/// pages of a multiple of 8 tokens that divide the step or that the step divides.
 pub fn warpgroup_decode_unfit(
     client: &ComputeClient,
     call: &DecodeProblem,

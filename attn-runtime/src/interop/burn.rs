@@ -340,18 +340,18 @@ pub fn attention_learning<V: Variant>(
     let device = q.device();
     let cube = cube_device(&device)?;
     let client = cube.client();
+    if learned.len() > MAX_LEARNED {
+        return Err(learned_error(format!(
+            "{} learning inputs; one call takes at most {MAX_LEARNED}",
+            learned.len()
+        )));
+    }
     let mut owned = OwnedInputs::of(inputs);
     for (i, (what, t)) in learned.iter().enumerate() {
         if learned[..i].iter().any(|(w, _)| w == what) {
             return Err(learned_error(format!("{what:?} is given twice")));
         }
         place_learned(&V::SPEC, &mut owned, *what, learned_values(t)?)?;
-    }
-    if learned.len() > MAX_LEARNED {
-        return Err(learned_error(format!(
-            "{} learning inputs; one call takes at most {MAX_LEARNED}",
-            learned.len()
-        )));
     }
     let tracking =
         [q, k, v].iter().any(|t| t.is_autodiff()) || learned.iter().any(|(_, t)| t.is_autodiff());

@@ -92,15 +92,7 @@ impl Stages {
         #[comptime] width: usize,
         #[comptime] rows: usize,
     ) -> Stages {
-        Stages {
-            full0: Barrier::shared(1, UNIT_POS == 0),
-            full1: Barrier::shared(1, UNIT_POS == 0),
-            free0: Barrier::shared(planes, UNIT_POS == 0),
-            free1: Barrier::shared(planes, UNIT_POS == 0),
-            width,
-            rows,
-            column_bytes: 2usize,
-        }
+        Stages::of_columns(planes, width, rows, 2usize)
     }
 
     /// Stages of `words` `u32` words a row (fp8 codes, four a word), filled by
@@ -110,14 +102,24 @@ impl Stages {
         #[comptime] words: usize,
         #[comptime] rows: usize,
     ) -> Stages {
+        Stages::of_columns(planes, words, rows, 4usize)
+    }
+
+    /// Both stages' barriers, for rows of `width` columns of `column_bytes` bytes each.
+    fn of_columns(
+        #[comptime] planes: u32,
+        #[comptime] width: usize,
+        #[comptime] rows: usize,
+        #[comptime] column_bytes: usize,
+    ) -> Stages {
         Stages {
             full0: Barrier::shared(1, UNIT_POS == 0),
             full1: Barrier::shared(1, UNIT_POS == 0),
             free0: Barrier::shared(planes, UNIT_POS == 0),
             free1: Barrier::shared(planes, UNIT_POS == 0),
-            width: words,
+            width,
             rows,
-            column_bytes: 4usize,
+            column_bytes,
         }
     }
 
