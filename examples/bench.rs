@@ -12,7 +12,9 @@
 //! With `--check`, it instead runs a correctness grid on the device against the float64 reference
 //! (lengths 1, 17, 128, 1000 and Nq ≠ Nk, every benchmark variant plus f16 and f32 ones, and every
 //! mask and score modification with random run-time inputs, then decoding with and without a
-//! sliding window; `--check-decode` runs the decode part alone), so one binary carries both jobs
+//! sliding window; `--check-decode` runs the decode part alone; `--check-wide` the kernels with
+//! 64-bit offsets and tensors of more than 2³² elements, `bench_parts/wide.rs`), so one binary
+//! carries both jobs
 //! to a GPU machine. `bench attn-tune …` runs the tuner (`attn_tune::main_from`) inside this
 //! binary, as a program carries it. With `--first-call [--seq N] [--batch B]` it times a fresh process's first calls
 //! of the Llama-3 variant (see `first_call`); with `--tuned`, each case also times the shape the
@@ -43,6 +45,8 @@ mod decode;
 mod decode_mixed;
 #[path = "bench_parts/decode_step.rs"]
 mod decode_step;
+#[path = "bench_parts/wide.rs"]
+mod wide;
 
 attn::attention! {
     /// MHA, d 128.
@@ -183,6 +187,9 @@ fn main() {
         let failed = results.iter().filter(|p| !**p).count();
         println!("{} passed, {failed} failed", results.len() - failed);
         std::process::exit(i32::from(failed > 0));
+    }
+    if args.iter().any(|a| a == "--check-wide") {
+        std::process::exit(i32::from(!wide::check_wide(&attn::default_client())));
     }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));

@@ -218,6 +218,31 @@ fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
     );
 }
 
+/// A buffer of more than 2³² elements needs 64-bit offsets: refused with a typed error before
+/// anything launches on a back end without them (wgpu's WGSL), run with them where they exist
+/// (CUDA). The buffer here claims that length over a small allocation the view stays inside.
+#[test]
+fn buffers_past_32_bit_offsets_need_a_back_end_with_64_bit_ones() {
+    let c = client();
+    let q = t(&c, [1, 2, 8, 64]);
+    let past = (u32::MAX as usize) + 1;
+    let claims = Tensor::<f32>::from_raw_parts(q.handle().clone(), past, q.shape(), q.strides());
+    let ran = Mha::forward(&c, &claims, &q, &q);
+    if c.properties()
+        .supports_address(attn::cubecl::prelude::AddressType::U64)
+    {
+        let wide = ran.expect("64-bit offsets run it");
+        let narrow = Mha::forward(&c, &q, &q, &q).expect("runs");
+        assert_eq!(wide.o.to_vec(&c), narrow.o.to_vec(&c));
+    } else {
+        let e = ran.expect_err("must be refused");
+        assert!(
+            matches!(e, AttnError::TooLarge { found, .. } if found == past),
+            "{e:?}"
+        );
+    }
+}
+
 #[test]
 fn output_buffers_are_checked() {
     let c = client();

@@ -24,7 +24,7 @@ use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
 use crate::launch::{
     check_loop_budget_for, check_output, copy_engine_can_read, is_cpu_emulated, kernel_args,
-    run_inputs, tensor_arg, tma_map, unsupported_dtype, upload_inputs, Output,
+    offsets, run_inputs, tensor_arg, tma_map, unsupported_dtype, upload_inputs, Output,
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
@@ -79,7 +79,7 @@ pub fn backward<V: Variant>(
     d_out: &Tensor<V::Elem>,
     inputs: &Inputs,
 ) -> Result<Grads<V::Elem>, AttnError> {
-    let (problem, packed) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
+    let (problem, packed, _) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
     // The plans that run on these operands: the warpgroup kernels read them through the copy
     // engine.
     let readable = [q, k, v, d_out].iter().all(|t| copy_engine_can_read(t));
@@ -148,7 +148,7 @@ fn checked<V: Variant>(
     out: &Output<V::Elem>,
     d_out: &Tensor<V::Elem>,
     inputs: &Inputs,
-) -> Result<(Problem, Packed), AttnError> {
+) -> Result<(Problem, Packed, AddressType), AttnError> {
     let spec = &V::SPEC;
     let problem = Problem::new(spec, q, k, v)?;
     let packed = pack(spec, &problem, inputs)?;
@@ -163,7 +163,23 @@ fn checked<V: Variant>(
     // in a few loops), the dQ kernel's every key.
     let walked = (problem.group * problem.seq_q).max(problem.seq_k);
     check_loop_budget_for(client, 4 * walked + 64, "this backward call")?;
-    Ok((problem, packed))
+    // The gradients and dQ's f32 sums take the operands' shapes.
+    let grads = [q, k, v].map(|t| t.shape().iter().product::<usize>());
+    let address = offsets(
+        client,
+        &[
+            q.buffer_len(),
+            k.buffer_len(),
+            v.buffer_len(),
+            d_out.buffer_len(),
+            out.o.buffer_len(),
+            out.lse.tensor.buffer_len(),
+            grads[0],
+            grads[1],
+            grads[2],
+        ],
+    )?;
+    Ok((problem, packed, address))
 }
 
 /// The backward pass with `plan`, one of [`backward_plans()`]: every input checked, then launched.
@@ -176,7 +192,7 @@ pub(crate) fn run<V: Variant>(
     plan: BackwardPlan,
 ) -> Result<Grads<V::Elem>, AttnError> {
     let spec = &V::SPEC;
-    let (problem, packed) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
+    let (problem, packed, address) = checked::<V>(client, [q, k, v], out, d_out, inputs)?;
     if plan.family == Family::Warpgroup && ![q, k, v, d_out].iter().all(|t| copy_engine_can_read(t))
     {
         return Err(AttnError::Unsupported(format!(
@@ -191,7 +207,7 @@ pub(crate) fn run<V: Variant>(
 
     // Zeros, filled on the device: rows outside every document and keys past a sequence's length
     // get no gradient.
-    let zeros = |shape: [usize; 4]| device_zeros::<V::Elem>(client, shape);
+    let zeros = |shape: [usize; 4]| device_zeros::<V::Elem>(client, shape, address);
     let learn = learn_config(spec)?;
     // Where the dK/dV kernel sums dQ, the last pass writes every element of it (zero where no
     // key was added).
@@ -242,7 +258,7 @@ pub(crate) fn run<V: Variant>(
     let mut learned = Vec::new();
     for l in &learned_slots {
         let len = learned_len(l);
-        learned.push(device_zeros::<f32>(client, [1, 1, 1, len]));
+        learned.push(device_zeros::<f32>(client, [1, 1, 1, len], address));
     }
     let attach = |grads: &mut Grads<V::Elem>, mut learned: Vec<Tensor<f32>>| {
         if learn.alibi {
@@ -273,6 +289,7 @@ pub(crate) fn run<V: Variant>(
             client,
             grid(rows, UNITS),
             CubeDim::new_1d(UNITS),
+            address,
             tensor_arg(&out.o),
             tensor_arg(d_out),
             tensor_arg(&delta),
@@ -314,7 +331,7 @@ pub(crate) fn run<V: Variant>(
     };
     let cubes = (dq_grid.x * dq_grid.y * dq_grid.z) as usize;
     // Zeroed on the device (a cube past its sequence's queries writes none of its partials).
-    let partials = device_zeros::<f32>(client, [1, 1, 1, (learn.slots() * cubes).max(1)]);
+    let partials = device_zeros::<f32>(client, [1, 1, 1, (learn.slots() * cubes).max(1)], address);
     if plan.family == Family::Warpgroup {
         let resident = plan.tile.resident;
         // SAFETY: as above; every map describes a checked operand.
@@ -341,6 +358,7 @@ pub(crate) fn run<V: Variant>(
                 client,
                 grid(sums_shape.iter().product(), UNITS),
                 CubeDim::new_1d(UNITS),
+                address,
                 // SAFETY: created with its shape, contiguous.
                 unsafe { tensor_arg(&dq_sums) },
                 UNITS,
@@ -354,6 +372,7 @@ pub(crate) fn run<V: Variant>(
                 packed.sequences as u32,
             ),
             wg_cube,
+            address,
             maps(true),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
             unsafe { tensor_arg(&dq_sums) },
@@ -371,6 +390,7 @@ pub(crate) fn run<V: Variant>(
                 client,
                 grid(sums_shape.iter().product(), UNITS),
                 CubeDim::new_1d(UNITS),
+                address,
                 // SAFETY: both created with Q's shape, contiguous.
                 unsafe { tensor_arg(&dq_sums) },
                 unsafe { tensor_arg(&grads.dq) },
@@ -382,6 +402,7 @@ pub(crate) fn run<V: Variant>(
                 client,
                 CubeCount::Static(dq_grid.x, dq_grid.y, dq_grid.z),
                 wg_cube,
+                address,
                 maps(false),
                 unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
                 unsafe { run_inputs(&ints, &floats, &packed) },
@@ -403,6 +424,7 @@ pub(crate) fn run<V: Variant>(
                 packed.sequences as u32,
             ),
             tc_cube,
+            address,
             operands(),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
             unsafe { run_inputs(&ints, &floats, &packed) },
@@ -418,6 +440,7 @@ pub(crate) fn run<V: Variant>(
                 packed.sequences as u32,
             ),
             CubeDim::new_1d(tiling.block_kv),
+            address,
             operands(),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
             unsafe { run_inputs(&ints, &floats, &packed) },
@@ -438,6 +461,7 @@ pub(crate) fn run<V: Variant>(
                     packed.sequences as u32,
                 ),
                 tc_cube,
+                address,
                 operands(),
                 unsafe { tensor_arg(&grads.dq) },
                 unsafe { run_inputs(&ints, &floats, &packed) },
@@ -450,6 +474,7 @@ pub(crate) fn run<V: Variant>(
             client,
             CubeCount::Static(dq_grid.x, dq_grid.y, dq_grid.z),
             CubeDim::new_1d(tiling.block_q),
+            address,
             operands(),
             unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
             unsafe { run_inputs(&ints, &floats, &packed) },
@@ -799,13 +824,18 @@ pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Til
 }
 
 /// A contiguous tensor of `shape` filled with zeros by a kernel (nothing uploaded).
-fn device_zeros<E: Element>(client: &ComputeClient, shape: [usize; 4]) -> Tensor<E> {
+fn device_zeros<E: Element>(
+    client: &ComputeClient,
+    shape: [usize; 4],
+    address: AddressType,
+) -> Tensor<E> {
     const UNITS: u32 = 256;
     let t = Tensor::empty(client, shape);
     backward_zero::launch::<E>(
         client,
         grid(shape.iter().product(), UNITS),
         CubeDim::new_1d(UNITS),
+        address,
         // SAFETY: created with its shape, contiguous.
         unsafe { tensor_arg(&t) },
         UNITS,

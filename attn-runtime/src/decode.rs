@@ -374,8 +374,29 @@ fn decode_call_into<V: Variant>(
         return Err(unsupported_dtype(&call.spec));
     }
     crate::launch::check_output(&call.output_problem(), out)?;
+    call_offsets(client, q, cache, out.o.buffer_len())?;
     crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
     Ok(())
+}
+
+/// The width of a decode call's offsets (its splits' partials are no larger than Q's and O's
+/// rows times the split count, checked again when a step runs): refused here, before the tuner
+/// launches anything, where the back end lacks the width the buffers need.
+fn call_offsets<E: Element>(
+    client: &ComputeClient,
+    q: &Tensor<E>,
+    cache: &KvCache<E>,
+    o_len: usize,
+) -> Result<AddressType, AttnError> {
+    crate::launch::offsets(
+        client,
+        &[
+            q.buffer_len(),
+            cache.k().buffer_elements(),
+            cache.v().buffer_elements(),
+            o_len,
+        ],
+    )
 }
 
 /// A checked call (rectangular or ragged) with the tuned plan, into new output buffers.
@@ -388,6 +409,7 @@ fn decode_call<V: Variant>(
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(&call.spec));
     }
+    call_offsets(client, q, cache, call.out_shape().iter().product())?;
     let out = Output {
         o: Tensor::empty(client, call.out_shape()),
         lse: Lse::empty(client, call.lse_shape()),
@@ -811,7 +833,8 @@ pub(crate) fn launch_decode<V: Variant>(
     cache: &KvCache<V::Elem>,
     out: &Output<V::Elem>,
 ) -> Result<(), AttnError> {
-    DecodeStep::<V>::for_call(client, call, plan, cache)?.launch(client, q, cache, out);
+    let step = DecodeStep::<V>::for_call(client, call, plan, cache)?;
+    step.launch(client, q, cache, out, step.offsets(client, q, cache, out)?);
     Ok(())
 }
 
@@ -1074,8 +1097,30 @@ impl<V: Variant> DecodeStep<V> {
         }
         check_cache_vectors(cache)?;
         crate::launch::check_output(rows, out)?;
-        self.launch(client, q, cache, out);
+        self.launch(client, q, cache, out, self.offsets(client, q, cache, out)?);
         Ok(())
+    }
+
+    /// The width of the step's kernels' offsets for these buffers.
+    fn offsets(
+        &self,
+        client: &ComputeClient,
+        q: &Tensor<V::Elem>,
+        cache: &KvCache<V::Elem>,
+        out: &Output<V::Elem>,
+    ) -> Result<AddressType, AttnError> {
+        crate::launch::offsets(
+            client,
+            &[
+                q.buffer_len(),
+                cache.k().buffer_elements(),
+                cache.v().buffer_elements(),
+                out.o.buffer_len(),
+                out.lse.tensor.buffer_len(),
+                self.part_o.buffer_len(),
+                self.part_lse.buffer_len(),
+            ],
+        )
     }
 
     /// Records the step into a graph (a CUDA graph on CUDA; a recorded dispatch list on wgpu) for
@@ -1103,7 +1148,8 @@ impl<V: Variant> DecodeStep<V> {
         self.run(client, q, cache, out)?;
         client.start_capture().map_err(|e| failed("start", e))?;
         // Checked by the run above: the same buffers, nothing to allocate or write.
-        self.launch(client, q, cache, out);
+        let address = self.offsets(client, q, cache, out)?;
+        self.launch(client, q, cache, out, address);
         let graph = client.stop_capture().map_err(|e| failed("stop", e))?;
         tracing::debug!(variant = V::SPEC.name, plan = %self.plan.name(), "decode step captured");
         Ok(graph)
@@ -1116,6 +1162,7 @@ impl<V: Variant> DecodeStep<V> {
         q: &Tensor<V::Elem>,
         cache: &KvCache<V::Elem>,
         out: &Output<V::Elem>,
+        address: AddressType,
     ) {
         let (p, spec) = (&self.problem, &self.spec);
         let splits = self.plan.splits;
@@ -1178,6 +1225,7 @@ impl<V: Variant> DecodeStep<V> {
                         client,
                         cube_count,
                         CubeDim::new_1d(tiling.units),
+                        address,
                         DecodeOperandsLaunch::new(
                             tensor_arg(q),
                             pool_arg(cache.k(), q),
@@ -1216,6 +1264,7 @@ impl<V: Variant> DecodeStep<V> {
                 };
                 let launch = WgLaunch {
                     cube_count,
+                    address,
                     outputs: outputs(),
                     inputs: inputs(),
                     args: kernel_args(spec, p),
@@ -1245,6 +1294,7 @@ impl<V: Variant> DecodeStep<V> {
                         self.out_problem.batch as u32,
                     ),
                     CubeDim::new_1d(UNITS),
+                    address,
                     PartsLaunch::new(tensor_arg(&self.part_o), tensor_arg(&self.part_lse)),
                     OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
                     inputs(),
@@ -1291,6 +1341,7 @@ fn check_offsets(q_offsets: &[usize], batch: usize, total: usize) -> Result<usiz
 /// on the cache ([`WgLaunch::run`]).
 struct WgLaunch<E: Element> {
     cube_count: CubeCount,
+    address: AddressType,
     outputs: DecodeOutputsLaunch<E>,
     inputs: RunInputsLaunch,
     args: ArgsLaunch,
@@ -1344,6 +1395,7 @@ impl<E: Element> WgLaunch<E> {
                 client,
                 self.cube_count,
                 CubeDim::new_1d(WARPGROUP_UNITS as u32),
+                self.address,
                 CacheMapsLaunch::new(
                     tensor_arg(ops.q),
                     k,
@@ -1474,21 +1526,23 @@ pub fn merge<E: Element>(
             r,
         )?;
     }
+    let elements = shape.iter().product::<usize>();
+    let address = crate::launch::offsets(client, &[a.o.buffer_len(), b.o.buffer_len(), elements])?;
     let out = Output {
         o: Tensor::empty(client, shape),
         lse: Lse::empty(client, rows_shape),
     };
     const UNITS: u32 = 256;
-    let elements = shape.iter().product::<usize>();
     unsafe {
         merge_states::launch::<E>(
             client,
             grid(elements, UNITS),
             CubeDim::new_1d(UNITS),
+            address,
             OutputsLaunch::new(tensor_arg(&a.o), tensor_arg(&a.lse.tensor)),
             OutputsLaunch::new(tensor_arg(&b.o), tensor_arg(&b.lse.tensor)),
             OutputsLaunch::new(tensor_arg(&out.o), tensor_arg(&out.lse.tensor)),
-            elements as u32,
+            elements,
             f32::NEG_INFINITY,
             MergeConfig {
                 value_dim: shape[3] as u32,

@@ -115,7 +115,8 @@ pub enum AttnError {
         /// Elements the buffer holds.
         len: usize,
     },
-    /// A size too large for the kernel's 32-bit launch grid.
+    /// A size past what the launch grid or this back end can address (a grid axis; a buffer of
+    /// more than 2³² elements where the back end has no 64-bit offsets).
     #[error("{what} is {found}, more than the largest supported ({max})")]
     TooLarge {
         /// What is too large.

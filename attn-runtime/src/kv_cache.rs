@@ -86,6 +86,15 @@ impl<E: Element> KvPool<E> {
         }
     }
 
+    /// Elements its buffer holds (an fp8 pool's codes): what decides the width of the offsets
+    /// of the kernels that read or write it ([`crate::launch::offsets`]).
+    pub(crate) fn buffer_elements(&self) -> usize {
+        match self {
+            Self::Native(t) => t.buffer_len(),
+            Self::Fp8(p) => p.shape.iter().product(),
+        }
+    }
+
     /// The pool in the element type, if it is stored so.
     pub fn native(&self) -> Option<&Tensor<E>> {
         match self {
@@ -857,6 +866,15 @@ impl<E: Element> KvCache<E> {
         for (seq, &count) in counts.iter().enumerate() {
             self.check_room(seq, self.lengths[seq] + count)?;
         }
+        let address = crate::launch::offsets(
+            client,
+            &[
+                k_new.buffer_len(),
+                v_new.buffer_len(),
+                self.k.buffer_elements(),
+                self.v.buffer_elements(),
+            ],
+        )?;
         self.reserve_pages(&counts)?;
 
         let tables = self.device_tables(client);
@@ -899,6 +917,7 @@ impl<E: Element> KvCache<E> {
                         client,
                         grid(elements, config.units),
                         CubeDim::new_1d(config.units),
+                        address,
                         tensor_arg(src),
                         tensor_arg(dst),
                         slots(),
@@ -909,6 +928,7 @@ impl<E: Element> KvCache<E> {
                         client,
                         grid(elements / 4, config.units),
                         CubeDim::new_1d(config.units),
+                        address,
                         tensor_arg(src),
                         dst.words_arg(),
                         dst.inverse_arg(),

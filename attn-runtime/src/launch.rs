@@ -76,6 +76,8 @@ pub fn forward<V: Variant>(
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(&V::SPEC));
     }
+    let o_len = problem.out_shape().iter().product();
+    forward_offsets(client, [q, k, v], o_len)?;
     let out = Output {
         o: Tensor::empty(client, problem.out_shape()),
         lse: Lse::empty(client, problem.lse_shape()),
@@ -101,6 +103,7 @@ pub fn forward_into<V: Variant>(
         return Err(unsupported_dtype(&V::SPEC));
     }
     check_output(&problem, out)?;
+    forward_offsets(client, [q, k, v], out.o.buffer_len())?;
     crate::tune::forward_tuned::<V>(client, &problem, packed, q, k, v, out)?;
     Ok(())
 }
@@ -292,6 +295,7 @@ pub(crate) fn launch<V: Variant>(
         // Every document is empty: nothing to compute, nothing to write.
         return Ok(());
     }
+    let address = forward_offsets(client, [q, k, v], out.o.buffer_len())?;
     let (x, y, z) = blueprint.cube_count;
     let cube_count = CubeCount::Static(x, y, z);
     let args = kernel_args(spec, problem);
@@ -331,6 +335,7 @@ pub(crate) fn launch<V: Variant>(
                 client,
                 cube_count,
                 blueprint.cube_dim,
+                address,
                 maps,
                 outputs,
                 inputs,
@@ -348,6 +353,7 @@ pub(crate) fn launch<V: Variant>(
                     client,
                     cube_count,
                     blueprint.cube_dim,
+                    address,
                     ops,
                     outputs,
                     inputs,
@@ -359,6 +365,7 @@ pub(crate) fn launch<V: Variant>(
                     client,
                     cube_count,
                     blueprint.cube_dim,
+                    address,
                     ops,
                     outputs,
                     inputs,
@@ -513,6 +520,56 @@ pub(crate) unsafe fn tensor_arg<E: Element>(t: &Tensor<E>) -> TensorArg {
             t.shape().to_vec().into(),
         )
     }
+}
+
+/// The width of the offsets a launch's kernels compute, from the element counts of the buffers
+/// it binds: 32 bits, the common and faster case, unless one of them holds more than
+/// `u32::MAX` elements; then 64 bits where the back end has them, else [`AttnError::TooLarge`]
+/// (checked before anything launches). Kernels are compiled once per width.
+pub(crate) fn offsets(client: &ComputeClient, buffers: &[usize]) -> Result<AddressType, AttnError> {
+    let largest = buffers.iter().copied().max().unwrap_or(0);
+    let has_wide = client.properties().supports_address(AddressType::U64);
+    if largest > u32::MAX as usize {
+        if !has_wide {
+            return Err(AttnError::TooLarge {
+                what: "a buffer's element count (this back end has no 64-bit offsets)",
+                found: largest,
+                max: u32::MAX as usize,
+            });
+        }
+        tracing::debug!(largest, "64-bit offsets");
+        return Ok(AddressType::U64);
+    }
+    if has_wide && WIDE_OFFSETS.with(std::cell::Cell::get) {
+        return Ok(AddressType::U64);
+    }
+    Ok(AddressType::U32)
+}
+
+/// [`offsets`] of a forward call: Q, K, V and an output of `o_len` elements (its LSE is smaller).
+fn forward_offsets<E: Element>(
+    client: &ComputeClient,
+    [q, k, v]: [&Tensor<E>; 3],
+    o_len: usize,
+) -> Result<AddressType, AttnError> {
+    offsets(
+        client,
+        &[q.buffer_len(), k.buffer_len(), v.buffer_len(), o_len],
+    )
+}
+
+thread_local! {
+    /// Whether this thread's launches take 64-bit offsets where the back end has them
+    /// (`wide_offsets`).
+    static WIDE_OFFSETS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the launches this thread makes compute 64-bit offsets (where the back end has them),
+/// whatever their buffers' sizes: for testing the kernels' 64-bit form on small inputs. Launches
+/// choose 64 bits by themselves once a buffer holds more than `u32::MAX` elements.
+#[cfg(feature = "testing")]
+pub fn wide_offsets(on: bool) {
+    WIDE_OFFSETS.with(|w| w.set(on));
 }
 
 /// # Safety

@@ -173,12 +173,5 @@ pub(crate) fn check_view(
             len,
         });
     }
-    if needed > u32::MAX as usize {
-        return Err(AttnError::TooLarge {
-            what: "a tensor's element count",
-            found: needed,
-            max: u32::MAX as usize,
-        });
-    }
     Ok(())
 }

@@ -37,25 +37,59 @@ pub fn check_decode_grid(client: &ComputeClient) -> Vec<bool> {
         return results;
     }
     for nq in [1, 4, 16] {
-        results.extend(check_decode::<WindowDecode>(client, nq, false, None));
-        results.extend(check_decode::<Llama3Decode>(client, nq, false, None));
-        results.extend(check_decode::<Llama3Decode>(client, nq, true, None));
-        results.extend(check_decode::<Llama3Decode>(client, nq, true, Some(16)));
+        results.extend(check_decode::<WindowDecode>(client, nq, false, None, 0));
+        results.extend(check_decode::<Llama3Decode>(client, nq, false, None, 0));
+        results.extend(check_decode::<Llama3Decode>(client, nq, true, None, 0));
+        results.extend(check_decode::<Llama3Decode>(client, nq, true, Some(16), 0));
         for page in [16, 256] {
-            results.extend(check_decode::<WindowDecode>(client, nq, false, Some(page)));
+            results.extend(check_decode::<WindowDecode>(
+                client,
+                nq,
+                false,
+                Some(page),
+                0,
+            ));
         }
+    }
+    results
+}
+
+/// Decoding from pools of more than 2³² elements (64-bit offsets): Llama-3's heads over pages of
+/// 16 whose sequences hold pages past the first 2³² elements of the pool, 16-bit and fp8, 1 and
+/// 4 query tokens; the appends that fill them take 64-bit offsets too.
+pub fn check_far_pages(client: &ComputeClient) -> Vec<bool> {
+    // Pages of 16 tokens × 8 heads × 128: 2¹⁸ pages hold 2³² elements.
+    const FAR: usize = 1 << 18;
+    let mut results = Vec::new();
+    for nq in [1, 4] {
+        results.extend(check_decode::<Llama3Decode>(
+            client,
+            nq,
+            false,
+            Some(16),
+            FAR,
+        ));
+        results.extend(check_decode::<Llama3Decode>(
+            client,
+            nq,
+            true,
+            Some(16),
+            FAR,
+        ));
     }
     results
 }
 
 /// One cell of the grid: `nq` query tokens against a contiguous cache (16-bit or `fp8`) or one
 /// paged in pages of `page` tokens, with the default plan, the CUDA-core kernel's default plan,
-/// and each at 1 and 4 splits.
+/// and each at 1 and 4 splits. A paged pool starts with `skip` pages no sequence holds, so the
+/// sequences' pages lie past them.
 fn check_decode<V: attn::Variant<Elem = bf16>>(
     client: &ComputeClient,
     nq: usize,
     fp8: bool,
     page: Option<usize>,
+    skip: usize,
 ) -> Vec<bool> {
     use attn::reference::{decode_f64, decode_naive, error_floor, widen, Verdict};
     let lengths = [3001usize, 777, 40];
@@ -67,7 +101,15 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
         (false, Some(p)) => format!(" pages of {p}"),
         (false, None) => String::new(),
     };
-    let label = format!("decode {} Nq{nq} lengths {lengths:?}{stored}", V::SPEC.name);
+    let far = if skip > 0 {
+        format!(" past {skip} pages")
+    } else {
+        String::new()
+    };
+    let label = format!(
+        "decode {} Nq{nq} lengths {lengths:?}{stored}{far}",
+        V::SPEC.name
+    );
     let (mut rng, _) = seeded_rng(&label);
     // Normal random values: scales mapping 4.5 to 448 saturate almost none.
     let scales = attn::fp8::KvScales::for_range(heads_kv, 4.5, 4.5);
@@ -79,7 +121,7 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
             head_dim: d,
             value_dim: d,
             page_size,
-            pages: batch * max_pages,
+            pages: skip + batch * max_pages,
             max_pages,
         }
     };
@@ -92,6 +134,14 @@ fn check_decode<V: attn::Variant<Elem = bf16>>(
         None => KvCache::<bf16>::contiguous(client, batch, heads_kv, capacity, d, d),
     }
     .expect("a cache");
+    if skip > 0 {
+        let max_pages = cache.capacity() / page.unwrap_or(1);
+        for b in 0..batch {
+            let first = skip + b * max_pages;
+            let pages: Vec<i32> = (first..first + max_pages).map(|p| p as i32).collect();
+            cache.set_pages(b, &pages).expect("free pages");
+        }
+    }
     // Whole pages: the reference lays the tokens out over the cache's own capacity.
     let capacity = cache.capacity();
     let n = lengths[0];

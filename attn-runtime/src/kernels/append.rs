@@ -57,7 +57,7 @@ fn count_of(new: &NewTokens, b: usize, #[comptime] config: AppendConfig) -> usiz
 /// first `count` tokens of each sequence. Paged: `dst` is `[pages, Hkv, page_size, D]` and
 /// position `p` of sequence `b` lives in page `table[b·max_pages + p / page_size]`, slot
 /// `p % page_size`; contiguous: `dst` is `[B, Hkv, capacity, D]`.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn append_tokens<E: Float>(
     src: &Tensor<E>,
     dst: &mut Tensor<E>,
@@ -96,7 +96,7 @@ pub fn append_tokens<E: Float>(
 /// [`append_tokens()`] into an fp8 cache ([`crate::fp8`]): one unit per four elements of a new
 /// token's row, encoded with the head's inverse scale into one word of `dst` (`[pages, Hkv,
 /// page_size, D / 4]` or `[B, Hkv, capacity, D / 4]` words).
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn append_tokens_fp8<E: Float>(
     src: &Tensor<E>,
     dst: &mut Tensor<u32>,

@@ -155,7 +155,7 @@ pub struct PairGrad {
 
 /// Zeros every element of `t` (contiguous), one unit per element on a grid of `units`-unit cubes:
 /// the gradients' rows no sequence reads (outside every document, past a key length) stay 0.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_zero<E: Float>(t: &mut Tensor<E>, #[comptime] units: u32) {
     let i = crate::kernels::flat_index(units);
     if i < t.len() {
@@ -166,7 +166,7 @@ pub fn backward_zero<E: Float>(t: &mut Tensor<E>, #[comptime] units: u32) {
 /// dQ from the f32 sums the warpgroup dK/dV kernel added up with atomics: `dq = scale · acc`,
 /// element by element (both contiguous, one shape), one unit per element on a grid of
 /// `units`-unit cubes.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dq_from_sums<E: Float>(
     acc: &Tensor<f32>,
     dq: &mut Tensor<E>,
@@ -181,7 +181,7 @@ pub fn backward_dq_from_sums<E: Float>(
 
 /// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`, one unit per row on a grid of
 /// `units`-unit cubes (rows past the end idle).
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_delta<E: Float>(
     o: &Tensor<E>,
     d_out: &Tensor<E>,
@@ -359,7 +359,7 @@ fn head_context(ctx: &Ctx, head: usize, inputs: &RunInputs) -> Ctx {
 }
 
 /// dK and dV: one cube per block of `block_kv` keys of one K/V head, one unit per key.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dkdv<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     grads: &mut KvGrads<E>,
@@ -603,7 +603,7 @@ fn load_query_rows<E: Float>(
 
 /// dQ: one cube per query block of one head, one unit per query row, the forward's walk over the
 /// keys with K and V staged in shared memory.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dq<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     grads: &mut QueryGrads<E>,

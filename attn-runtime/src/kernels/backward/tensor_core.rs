@@ -392,7 +392,7 @@ fn rows_of<E: Float>(t: &Tensor<E>, ctx: &Ctx, head: usize, start: usize, end: u
 
 /// dK and dV on tensor cores: one cube per block of `block_kv` keys of one K/V head, one plane
 /// per 16 keys; the head's query group streamed past them `block_q` rows at a time.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dkdv_tc<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     grads: &mut KvGrads<E>,
@@ -464,7 +464,7 @@ pub fn backward_dkdv_tc<E: Float, M: Hooks>(
 
 /// dQ on tensor cores: one cube per block of `block_q` query rows of one head, one plane per 16
 /// rows; K and V streamed over the forward's walk.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dq_tc<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     dq: &mut Tensor<E>,

@@ -401,7 +401,7 @@ fn write_rows<E: Float>(
 /// dK and dV on warpgroup tensor cores: one cube per `block_kv` keys (64 per warpgroup) of one
 /// K/V head; the query group's Q and dO streamed `block_q` rows at a time over the query blocks
 /// that can see the keys.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dkdv_wg<E: Float, M: Hooks>(
     maps: &BackwardMaps<E>,
     grads: &mut KvGrads<E>,
@@ -671,7 +671,7 @@ fn key_origin(ctx: &Ctx, walk: BlockWalk, index: usize, #[comptime] block_kv: us
 
 /// dQ on warpgroup tensor cores: one cube per `block_q` query rows (64 per warpgroup) of one
 /// head; K and V streamed over the forward's walk.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn backward_dq_wg<E: Float, M: Hooks>(
     maps: &BackwardMaps<E>,
     grads: &mut QueryGrads<E>,

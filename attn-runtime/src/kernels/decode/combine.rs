@@ -44,7 +44,7 @@ fn weight(l: f32, max: f32, neg_inf: f32) -> f32 {
 
 /// Combine step of split-KV decoding: one cube per output row `(token, head, sequence)` merges the
 /// row's `splits` partial outputs and LSEs into O and the LSE.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn combine_splits<E: Float>(
     parts: &Parts,
     outputs: &mut Outputs<E>,
@@ -108,17 +108,17 @@ pub struct MergeConfig {
 
 /// Merge two finished results row by row: one unit per output element of a `[rows, Dv]` view
 /// (contiguous O and LSE), on a 2-D grid of cubes of `units` units.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn merge_states<E: Float>(
     a: &Outputs<E>,
     b: &Outputs<E>,
     out: &mut Outputs<E>,
-    elements: u32,
+    elements: usize,
     neg_inf: f32,
     #[comptime] config: MergeConfig,
 ) {
     let i = crate::kernels::flat_index(config.units);
-    if i < elements as usize {
+    if i < elements {
         let row = i / config.value_dim as usize;
         let la = a.lse[row];
         let lb = b.lse[row];

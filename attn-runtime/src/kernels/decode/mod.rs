@@ -75,12 +75,13 @@ impl DecodeTiling {
     }
 
     /// Shared memory of one cube in bytes: Q rows, scores (then probabilities), per-row partial
-    /// maxima, row maxima and corrections, V key addresses, and the final accumulator sum.
+    /// maxima, row maxima and corrections, V key addresses (counted at 64 bits, the widest
+    /// offsets a launch takes), and the final accumulator sum.
     pub const fn shared_bytes(&self, head_dim: u32, value_dim: u32) -> usize {
         let (rows, units) = (self.rows as usize, self.units as usize);
         let floats =
             rows * head_dim as usize + rows * units + units + 2 * rows + rows * value_dim as usize;
-        4 * floats + 4 * units
+        4 * floats + 8 * units
     }
 }
 
@@ -349,7 +350,7 @@ impl PoolStrides {
 }
 
 /// Partial (or, with one split, final) attention of a chunk of packed rows over one key split.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn decode_forward<E: Float, M: Hooks>(
     ops: &DecodeOperands<E>,
     outputs: &mut DecodeOutputs<E>,
@@ -628,7 +629,7 @@ pub struct DecodeUnit {
     /// Q rows in shared memory.
     q_rows: Shared<[F32x4]>,
     /// V row address per key of the step.
-    v_bases: Shared<[u32]>,
+    v_bases: Shared<[usize]>,
     /// The f32 scratch ([`DecodeConfig::layout`]).
     smem: Shared<[f32]>,
     /// This unit's key's scores, one per row.
@@ -667,7 +668,7 @@ impl DecodeUnit {
         let [_, _, max_at, _, _, smem_len] = config.layout();
         let mut smem = Shared::<[f32]>::new_slice(smem_len);
         let q_rows = Shared::<[F32x4]>::new_slice(rows * config.head_dim() / KV_VECTOR);
-        let v_bases = Shared::<[u32]>::new_slice(units);
+        let v_bases = Shared::<[usize]>::new_slice(units);
         let mut heads = Array::<u32>::new(rows);
         let mut tokens = Array::<u32>::new(rows);
         let mut slopes = Array::<f32>::new(rows);
@@ -782,7 +783,7 @@ impl DecodeUnit {
             k_at = ks.at(row, kv_head, slot);
             v_at = vs.at(row, kv_head, slot);
         }
-        self.v_bases[j] = v_at as u32;
+        self.v_bases[j] = v_at;
         k_at
     }
 
@@ -974,7 +975,7 @@ impl DecodeUnit {
                         let j = group * per_group + block * chunk + i;
                         let mut x = 0u32.runtime();
                         if j < kv_len && block * chunk + i < per_group {
-                            x = ops.v8[self.v_bases[j] as usize / KV_VECTOR + lane];
+                            x = ops.v8[self.v_bases[j] / KV_VECTOR + lane];
                         }
                         words[i] = x;
                     }
@@ -994,7 +995,7 @@ impl DecodeUnit {
                         let j = group * per_group + block * chunk + i;
                         let mut x = KvVector::<E>::new(E::cast_from(0.0f32));
                         if j < kv_len && block * chunk + i < per_group {
-                            x = ops.v[self.v_bases[j] as usize / KV_VECTOR + lane];
+                            x = ops.v[self.v_bases[j] / KV_VECTOR + lane];
                         }
                         v_vectors[i] = x;
                     }

@@ -420,7 +420,7 @@ impl CacheSource {
 /// Partial (or, with one split, final) attention of a chunk of 64 packed rows over one key split,
 /// on warpgroup MMAs in `T` (the cache's element, or f16 for an fp8 cache: Q rounded to f16, K's
 /// scale folded into the softmax scale and V's into the output).
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn decode_forward_wg<E: Float, T: Float, M: Hooks>(
     maps: &CacheMaps<E, T>,
     outputs: &mut DecodeOutputs<E>,

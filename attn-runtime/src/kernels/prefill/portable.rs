@@ -32,7 +32,7 @@ use crate::kernels::common::{
 };
 
 /// The fused forward pass: O = softmax(mod(scale · Q Kᵀ) + mask) V, and LSE per query row.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn prefill_forward<E: Float, M: Hooks>(
     ops: &Operands<E>,
     outputs: &mut Outputs<E>,

@@ -37,7 +37,7 @@ use crate::kernels::common::{
 type Fragments = cubecl::prelude::Sequence<cmma::Matrix<f32>>;
 
 /// The fused forward pass on tensor cores: O = softmax(mod(scale · Q Kᵀ) + mask) V, and LSE.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn prefill_forward_tc<E: Float, M: Hooks>(
     ops: &Operands<E>,
     outputs: &mut Outputs<E>,

@@ -97,7 +97,7 @@ pub struct TmaOutputs<E: Float> {
 
 /// The fused forward pass on warpgroup tensor cores: O = softmax(mod(scale · Q Kᵀ) + mask) V, and
 /// LSE.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn prefill_forward_wg<E: Float, M: Hooks>(
     maps: &TmaOperands<E>,
     outputs: &mut TmaOutputs<E>,
