@@ -189,7 +189,9 @@ fn main() {
         std::process::exit(i32::from(failed > 0));
     }
     if args.iter().any(|a| a == "--check-wide") {
-        std::process::exit(i32::from(!wide::check_wide(&attn::default_client())));
+        // `--small`: the forced 64-bit kernels alone, without the tensors past 2³² elements.
+        let small = args.iter().any(|a| a == "--small");
+        std::process::exit(i32::from(!wide::check_wide(&attn::default_client(), small)));
     }
     if args.iter().any(|a| a == "--check") {
         std::process::exit(i32::from(!check_grid(&attn::default_client())));
