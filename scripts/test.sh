@@ -23,7 +23,7 @@ for name in "${heavy[@]}"; do
   programs+=("$program")
 done
 others=()
-for file in tests/*.rs */tests/*.rs; do
+for file in tests/*.rs attn-*/tests/*.rs; do
   name=$(basename "$file" .rs)
   [[ " ${heavy[*]} " == *" $name "* ]] || others+=(--test "$name")
 done

@@ -1,9 +1,10 @@
 //! `bench --check-wide`: the kernels with 64-bit offsets, which a launch takes once one of its
-//! buffers holds more than 2³² elements. First the kernels' 64-bit form on small problems (forced
-//! with `attn::launch::wide_offsets`), forward, decode and backward against float64; then tensors
-//! that really are that large: Mistral's prefill over a million tokens (Q and O of 32 heads × d 128
-//! hold 4.3·10⁹ elements each), checked on sampled rows at both ends and across the 2³²-th
-//! element, and decoding from pools of more than 2³² elements.
+//! buffers holds more than 2³² elements. First tensors that really are that large: Mistral's
+//! prefill over a million tokens (Q and O of 32 heads × d 128 hold 4.3·10⁹ elements each),
+//! checked against float64 on sampled rows at both ends and across the 2³²-th element, and
+//! decoding from pools of more than 2³² elements; then the kernels' 64-bit form on small
+//! problems (forced with `attn::launch::wide_offsets`), forward, backward and decode against
+//! float64. `--small` runs the second part alone.
 
 use std::time::Instant;
 
@@ -26,23 +27,24 @@ pub fn check_wide(client: &ComputeClient, small: bool) -> bool {
         return false;
     }
     let mut results = Vec::new();
+    // The tensors past 2³² elements first: the capability itself.
+    if !small {
+        results.push(cost_of_wide_offsets(client));
+        results.push(huge_prefill(client));
+        results.extend(decode::check_far_pages(client));
+    }
     attn::launch::wide_offsets(true);
     for (nq, nk) in [(17, 1000), (777, 777)] {
         results.push(check_one::<Gqa4x128Causal>(client, [2, 8, 2, nq, nk]));
         results.push(check_one::<Mistral>(client, [1, 8, 2, nq, nk]));
         results.push(check_one::<Packed>(client, [1, 8, 2, nq, nk]));
     }
-    results.extend(decode::check_decode_grid(client));
     for (nq, nk) in [(333, 333), (1000, 257)] {
         results.push(check_backward::<Gqa4x128Causal>(client, [1, 8, 2, nq, nk]));
         results.push(check_backward::<AlibiCausal>(client, [1, 4, 4, nq, nk]));
     }
+    results.extend(decode::check_decode_grid(client));
     attn::launch::wide_offsets(false);
-    if !small {
-        results.push(cost_of_wide_offsets(client));
-        results.push(huge_prefill(client));
-        results.extend(decode::check_far_pages(client));
-    }
     let failed = results.iter().filter(|p| !**p).count();
     println!("wide: {} passed, {failed} failed", results.len() - failed);
     failed == 0
