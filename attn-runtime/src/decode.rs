@@ -374,29 +374,27 @@ fn decode_call_into<V: Variant>(
         return Err(unsupported_dtype(&call.spec));
     }
     crate::launch::check_output(&call.output_problem(), out)?;
-    call_offsets(client, q, cache, out.o.buffer_len())?;
+    call_offsets(client, q, cache, &[out.o.buffer_len()])?;
     crate::tune::decode_tuned::<V>(client, call, q, cache, out)?;
     Ok(())
 }
 
-/// The width of a decode call's offsets (its splits' partials are no larger than Q's and O's
-/// rows times the split count, checked again when a step runs): refused here, before the tuner
-/// launches anything, where the back end lacks the width the buffers need.
+/// The width of a decode call's offsets, from Q, the cache and the outputs' element counts:
+/// checked before the tuner launches anything (where the back end lacks the width the buffers
+/// need), and again when a step runs, its splits' partials among the outputs.
 fn call_offsets<E: Element>(
     client: &ComputeClient,
     q: &Tensor<E>,
     cache: &KvCache<E>,
-    o_len: usize,
+    outputs: &[usize],
 ) -> Result<AddressType, AttnError> {
-    crate::launch::offsets(
-        client,
-        &[
-            q.buffer_len(),
-            cache.k().buffer_elements(),
-            cache.v().buffer_elements(),
-            o_len,
-        ],
-    )
+    let mut buffers = vec![
+        q.buffer_len(),
+        cache.k().buffer_elements(),
+        cache.v().buffer_elements(),
+    ];
+    buffers.extend_from_slice(outputs);
+    crate::launch::offsets(client, &buffers)
 }
 
 /// A checked call (rectangular or ragged) with the tuned plan, into new output buffers.
@@ -409,7 +407,7 @@ fn decode_call<V: Variant>(
     if !supports::<V::Elem>(client) {
         return Err(unsupported_dtype(&call.spec));
     }
-    call_offsets(client, q, cache, call.out_shape().iter().product())?;
+    call_offsets(client, q, cache, &[call.out_shape().iter().product()])?;
     let out = Output {
         o: Tensor::empty(client, call.out_shape()),
         lse: Lse::empty(client, call.lse_shape()),
@@ -1109,12 +1107,11 @@ impl<V: Variant> DecodeStep<V> {
         cache: &KvCache<V::Elem>,
         out: &Output<V::Elem>,
     ) -> Result<AddressType, AttnError> {
-        crate::launch::offsets(
+        call_offsets(
             client,
+            q,
+            cache,
             &[
-                q.buffer_len(),
-                cache.k().buffer_elements(),
-                cache.v().buffer_elements(),
                 out.o.buffer_len(),
                 out.lse.tensor.buffer_len(),
                 self.part_o.buffer_len(),

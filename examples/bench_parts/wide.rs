@@ -135,33 +135,23 @@ fn cost_of_wide_offsets(client: &ComputeClient) -> bool {
             return false;
         }
     };
-    let inputs = Inputs::default();
-    let mut best = [f64::INFINITY; 2];
+    let mut best = [0.0; 2];
     let mut outs = Vec::new();
     for (w, wide) in [false, true].into_iter().enumerate() {
         attn::launch::wide_offsets(wide);
-        for _ in 0..5 {
-            let start = Instant::now();
-            let ran = attn::forward::<Mistral>(client, &q, &k, &v, &inputs).and_then(|o| {
-                attn::sync(client)?;
-                Ok(o)
-            });
-            match ran {
-                Ok(o) => {
-                    best[w] = best[w].min(start.elapsed().as_secs_f64() * 1e3);
-                    if outs.len() == w {
-                        outs.push(o.o.to_vec(client));
-                    }
-                }
-                Err(e) => {
-                    println!("widths: FAIL: {e}");
-                    attn::launch::wide_offsets(false);
-                    return false;
-                }
+        let ran = best_of(client, [&q, &k, &v], 5);
+        attn::launch::wide_offsets(false);
+        match ran {
+            Ok((o, ms)) => {
+                best[w] = ms;
+                outs.push(o.o.to_vec(client));
+            }
+            Err(e) => {
+                println!("widths: FAIL: {e}");
+                return false;
             }
         }
     }
-    attn::launch::wide_offsets(false);
     let (a, b) = (widen(&outs[0]), widen(&outs[1]));
     let apart = max_abs_error(&a, &b);
     // The same arithmetic in both: at most the rounding of a differently scheduled sum.
@@ -175,6 +165,25 @@ fn cost_of_wide_offsets(client: &ComputeClient) -> bool {
         if pass { "ok" } else { "FAIL" }
     );
     pass
+}
+
+/// Mistral's forward on Q, K and V `calls` times, each call followed by a sync: the last output
+/// and the fastest call's wall time in ms.
+fn best_of(
+    client: &ComputeClient,
+    [q, k, v]: [&Tensor<bf16>; 3],
+    calls: usize,
+) -> Result<(attn::Output<bf16>, f64), attn::AttnError> {
+    let mut best = f64::INFINITY;
+    let mut out = None;
+    for _ in 0..calls {
+        let start = Instant::now();
+        let o = attn::forward::<Mistral>(client, q, k, v, &Inputs::default())?;
+        attn::sync(client)?;
+        best = best.min(start.elapsed().as_secs_f64() * 1e3);
+        out = Some(o);
+    }
+    Ok((out.expect("at least one call"), best))
 }
 
 /// Query heads, K/V heads and head dim of the large prefill (Mistral 7B's).
@@ -211,29 +220,14 @@ fn huge_prefill(client: &ComputeClient) -> bool {
         "{label}: inputs made and uploaded in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let inputs = Inputs::default();
-    let mut out = None;
-    let mut times = Vec::new();
-    for _ in 0..3 {
-        let start = Instant::now();
-        let ran = attn::forward::<Mistral>(client, &q, &k, &v, &inputs).and_then(|o| {
-            attn::sync(client)?;
-            Ok(o)
-        });
-        match ran {
-            Ok(o) => out = Some(o),
-            Err(e) => {
-                println!("{label}: FAIL: {e}");
-                return false;
-            }
+    let (out, ms) = match best_of(client, [&q, &k, &v], 3) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("{label}: FAIL: {e}");
+            return false;
         }
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    let out = out.expect("ran");
-    println!(
-        "{label}: forward {:.1} ms (best of 3 calls, each with a sync)",
-        times.iter().copied().fold(f64::INFINITY, f64::min)
-    );
+    };
+    println!("{label}: forward {ms:.1} ms (best of 3 calls, each with a sync)");
     let o_host = out.o.to_vec(client);
     let lse_host = out.lse.to_vec(client);
     // The rows holding Q's element 2³²: the last head's row `boundary`.
