@@ -224,7 +224,10 @@ fn views_must_be_contiguous_in_head_dim_and_inside_their_buffer() {
 #[test]
 fn buffers_past_32_bit_offsets_need_a_back_end_with_64_bit_ones() {
     let c = client();
-    let q = t(&c, [1, 2, 8, 64]);
+    let (mut rng, _) = attn::reference::seeded_rng("buffers past 32-bit offsets");
+    let shape = [1, 2, 37, 64];
+    let data: Vec<f32> = attn::reference::random_vec(&mut rng, shape.iter().product());
+    let q = Tensor::from_slice(&c, &data, shape).expect("fills its shape");
     let past = (u32::MAX as usize) + 1;
     let claims = Tensor::<f32>::from_raw_parts(q.handle().clone(), past, q.shape(), q.strides());
     let ran = Mha::forward(&c, &claims, &q, &q);
