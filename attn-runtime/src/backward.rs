@@ -13,12 +13,14 @@ use crate::blueprint::{
 use crate::error::{AttnError, Dim, Operand};
 use crate::inputs::{pack, Inputs, Packed};
 use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
-use crate::kernels::backward::warpgroup::{backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch};
+use crate::kernels::backward::warpgroup::{
+    backward_dkdv_wg, backward_dq_wg, BackwardMapsLaunch, SumsLaunch,
+};
 use crate::kernels::backward::{
-    backward_delta, backward_dkdv, backward_dq, backward_dq_from_sums, backward_learned,
-    backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape, Grid, GridLaunch,
-    KvGradsLaunch, LearnConfig, Learned, QueryGradsLaunch, SinkConfig, SinkStatsLaunch,
-    MAX_LEARNED, MAX_LEARNED_SLOTS, MAX_READS, SINK_UNITS,
+    backward_delta, backward_dkdv, backward_dq, backward_from_sums, backward_learned,
+    backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape, DeltaShape, Grid,
+    GridLaunch, KvGradsLaunch, LearnConfig, Learned, QueryGradsLaunch, SinkConfig, SinkStatsLaunch,
+    ELEMENTWISE_UNITS, MAX_LEARNED, MAX_LEARNED_SLOTS, MAX_READS, SINK_UNITS,
 };
 use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
@@ -58,8 +60,8 @@ const BLOCK: u32 = 64;
 /// dim). Every input is checked before anything is launched.
 ///
 /// **Determinism.** On Hopper the tuner may pick a plan that sums dQ with atomics
-/// ([`DqSum::Atomic`]): dK and dV keep the same bits on every run, dQ's low bits vary with the
-/// order of the additions. With [`set_deterministic`]`(true)` (or `ATTN_DETERMINISTIC=1`) only
+/// ([`DqSum::Atomic`]: dQ's low bits vary with the order of the additions) or one that splits
+/// long dK/dV walks ([`BackwardPlan::kv_splits`]: dK's and dV's do). With [`set_deterministic`]`(true)` (or `ATTN_DETERMINISTIC=1`) only
 /// the plans whose every gradient has the same bits on every run are used, tuned on their own.
 ///
 /// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`],
@@ -132,7 +134,7 @@ pub(crate) fn tuned_plans(
     let mut plans: Vec<BackwardPlan> = backward_plans(client, spec)
         .into_iter()
         .filter(|p| p.family != Family::Warpgroup || readable)
-        .filter(|p| p.dq == DqSum::Kernel || !deterministic())
+        .filter(|p| p.same_bits() || !deterministic())
         .collect();
     if let Some(first) = plans.first().map(|p| p.family) {
         plans.retain(|p| p.family == first);
@@ -205,21 +207,20 @@ pub(crate) fn run<V: Variant>(
     // learnable inputs' gradients ride on it.
     let tiling = backward_tiling(client, spec)?;
 
-    // Zeros, filled on the device: rows outside every document and keys past a sequence's length
-    // get no gradient.
-    let zeros = |shape: [usize; 4]| device_zeros::<V::Elem>(client, shape, address);
+    // The kernels write every row of a sequence (zeros where no pair reaches it); rows outside
+    // every sequence (outside every document, keys past a sequence's length) are zeroed first.
+    let (q_covered, k_covered) = covered_rows(spec, &problem, &packed);
+    let gradient = |shape: [usize; 4], covered: bool| match covered {
+        true => Tensor::empty(client, shape),
+        false => device_zeros::<V::Elem>(client, shape, address),
+    };
     let learn = learn_config(spec)?;
     // Where the dK/dV kernel sums dQ, the last pass writes every element of it (zero where no
     // key was added).
-    let dq = if plan.dq == DqSum::Atomic {
-        Tensor::empty(client, q.shape())
-    } else {
-        zeros(q.shape())
-    };
     let mut grads = Grads {
-        dq,
-        dk: zeros(k.shape()),
-        dv: zeros(v.shape()),
+        dq: gradient(q.shape(), q_covered || plan.dq == DqSum::Atomic),
+        dk: gradient(k.shape(), k_covered || plan.kv_splits > 1),
+        dv: gradient(v.shape(), k_covered || plan.kv_splits > 1),
         d_sinks: spec
             .score
             .sinks
@@ -271,31 +272,19 @@ pub(crate) fn run<V: Variant>(
         attach(&mut grads, learned);
         return Ok(grads);
     }
-    let rows = problem.batch * problem.heads_q * problem.seq_q;
     let max_seq_k = (0..packed.sequences)
         .map(|s| packed.sequence(spec, &problem, s).3)
         .max()
         .unwrap_or(0);
     let delta = Tensor::<f32>::empty(client, [problem.batch, problem.heads_q, problem.seq_q, 1]);
-    const UNITS: u32 = 256;
     let config = prefill_config(spec, tiling);
     let args = || kernel_args(spec, &problem);
     let (ints, floats) = upload_inputs(client, &packed);
     // SAFETY (every `tensor_arg`): Q, K and V were checked against their buffers by
     // `Problem::new`, O and the LSE by `check_output`, dO by `check_gradient`; the gradients and
     // `delta` were created with their shapes.
-    unsafe {
-        backward_delta::launch::<V::Elem>(
-            client,
-            grid(rows, UNITS),
-            CubeDim::new_1d(UNITS),
-            address,
-            tensor_arg(&out.o),
-            tensor_arg(d_out),
-            tensor_arg(&delta),
-            UNITS,
-        );
-    }
+    // SAFETY: as above.
+    unsafe { launch_delta(client, [&out.o, d_out], &delta, address) };
     let operands = || unsafe {
         BackwardOperandsLaunch::new(
             tensor_arg(q),
@@ -313,6 +302,7 @@ pub(crate) fn run<V: Variant>(
         keys,
         atomic_dq: false,
         learn: LearnConfig::default(),
+        splits: 1,
     };
     let tc_cube = CubeDim::new_2d(32, plan.tile.resident / MMA as u32);
     // The dQ kernel that runs: the warpgroup one (unless dK/dV sums dQ), else the tensor-core
@@ -351,23 +341,21 @@ pub(crate) fn run<V: Variant>(
         // dQ summed by the dK/dV kernel: f32 sums of Q's shape, zeroed (a one-element stand-in
         // otherwise, never written).
         let atomic = plan.dq == DqSum::Atomic;
-        let sums_shape = if atomic { q.shape() } else { [1, 1, 1, 1] };
-        let dq_sums = Tensor::<f32>::empty(client, sums_shape);
-        if atomic {
-            backward_zero::launch::<f32>(
-                client,
-                grid(sums_shape.iter().product(), UNITS),
-                CubeDim::new_1d(UNITS),
-                address,
-                // SAFETY: created with its shape, contiguous.
-                unsafe { tensor_arg(&dq_sums) },
-                UNITS,
-            );
-        }
+        // Split walks: dK and dV summed in f32, zeroed (stand-ins otherwise, never written).
+        let splits = plan.kv_splits as usize;
+        let sums = |shape: [usize; 4], used: bool| match used {
+            true => device_zeros::<f32>(client, shape, address),
+            false => Tensor::<f32>::empty(client, [1, 1, 1, 1]),
+        };
+        let (dq_sums, dk_sums, dv_sums) = (
+            sums(q.shape(), atomic),
+            sums(k.shape(), splits > 1),
+            sums(v.shape(), splits > 1),
+        );
         backward_dkdv_wg::launch::<V::Elem, V::Hooks>(
             client,
             CubeCount::Static(
-                max_seq_k.div_ceil(resident as usize) as u32,
+                (max_seq_k.div_ceil(resident as usize) * splits) as u32,
                 problem.heads_kv as u32,
                 packed.sequences as u32,
             ),
@@ -375,7 +363,13 @@ pub(crate) fn run<V: Variant>(
             address,
             maps(true),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
-            unsafe { tensor_arg(&dq_sums) },
+            unsafe {
+                SumsLaunch::new(
+                    tensor_arg(&dq_sums),
+                    tensor_arg(&dk_sums),
+                    tensor_arg(&dv_sums),
+                )
+            },
             unsafe { run_inputs(&ints, &floats, &packed) },
             args(),
             BackwardShape {
@@ -383,20 +377,29 @@ pub(crate) fn run<V: Variant>(
                 keys: true,
                 atomic_dq: atomic,
                 learn: LearnConfig::default(),
+                splits,
             },
         );
-        if atomic {
-            backward_dq_from_sums::launch::<V::Elem>(
+        // The gradients from their sums: dQ scaled here, dK already as it was added.
+        let from_sums = |sums: &Tensor<f32>, grad: &Tensor<V::Elem>, factor: f32| {
+            backward_from_sums::launch::<V::Elem>(
                 client,
-                grid(sums_shape.iter().product(), UNITS),
-                CubeDim::new_1d(UNITS),
+                grid(sums.shape().iter().product(), ELEMENTWISE_UNITS),
+                CubeDim::new_1d(ELEMENTWISE_UNITS),
                 address,
-                // SAFETY: both created with Q's shape, contiguous.
-                unsafe { tensor_arg(&dq_sums) },
-                unsafe { tensor_arg(&grads.dq) },
-                spec.softmax_scale() as f32,
-                UNITS,
-            );
+                // SAFETY: both created with the same shape, contiguous.
+                unsafe { tensor_arg(sums) },
+                unsafe { tensor_arg(grad) },
+                factor,
+                ELEMENTWISE_UNITS,
+            )
+        };
+        if splits > 1 {
+            from_sums(&dk_sums, &grads.dk, 1.0);
+            from_sums(&dv_sums, &grads.dv, 1.0);
+        }
+        if atomic {
+            from_sums(&dq_sums, &grads.dq, spec.softmax_scale() as f32);
         } else {
             backward_dq_wg::launch::<V::Elem, V::Hooks>(
                 client,
@@ -412,6 +415,7 @@ pub(crate) fn run<V: Variant>(
                     keys: false,
                     atomic_dq: false,
                     learn,
+                    splits: 1,
                 },
             );
         }
@@ -557,7 +561,22 @@ pub struct BackwardPlan {
     pub tile: BackwardTile,
     /// How dQ is summed.
     pub dq: DqSum,
+    /// Cubes per block of keys in the warpgroup dK/dV kernel (1 elsewhere): with more, a walk of
+    /// at least [`MIN_SPLIT_STEPS`](crate::kernels::backward::MIN_SPLIT_STEPS) steps a cube is split between them and their dK and dV
+    /// summed in f32 with atomics (so the low bits of dK and dV vary from run to run).
+    pub kv_splits: u32,
 }
+
+impl BackwardPlan {
+    /// Whether every gradient has the same bits on every run: no atomics add into dQ, dK or
+    /// dV.
+    pub const fn same_bits(&self) -> bool {
+        matches!(self.dq, DqSum::Kernel) && self.kv_splits == 1
+    }
+}
+
+/// Cubes per block of keys of the split plans (`…_x4`).
+pub const KV_SPLITS: u32 = 4;
 
 impl BackwardTile {
     /// The prefill tiling of one of the two kernels: the dK/dV kernel's (`keys`: `block_kv`
@@ -579,7 +598,8 @@ impl BackwardTile {
 
 impl std::fmt::Display for BackwardPlan {
     /// `wg_r64_s32_q128`, `tc_r64_s32`, `portable_r64_s64` (the dQ kernel's keys per step
-    /// named where they differ), `wg_r128_s32_atomic` (dQ summed with atomics).
+    /// named where they differ), `wg_r128_s32_atomic` (dQ summed with atomics),
+    /// `wg_r64_s32_q64_x4` (long dK/dV walks split four ways).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let t = self.tile;
         write!(
@@ -594,21 +614,24 @@ impl std::fmt::Display for BackwardPlan {
         } else if t.dq_streamed != t.streamed {
             write!(f, "_q{}", t.dq_streamed)?;
         }
+        if self.kv_splits > 1 {
+            write!(f, "_x{}", self.kv_splits)?;
+        }
         Ok(())
     }
 }
 
 /// The warpgroup tiles (resident, streamed, the dQ kernel's streamed): 64 resident rows per
 /// warpgroup, one or two warpgroups, 32 or 64 streamed rows, 64 or 128 keys per step of the dQ
-/// kernel. The default comes first: measured on an H100 (`bench --backward`, RESULTS.md), two
-/// warpgroups streaming 32 query rows, with 128 keys per dQ step, at head dim 128; one
-/// warpgroup with 64 at head dim 64.
+/// kernel. The default comes first: measured on an H100 (`bench --backward`, RESULTS.md,
+/// 2026-12-07, every row of the backward table), one warpgroup streaming 64 query rows (64 keys
+/// per dQ step) at head dim 128, and 32 at head dim 64 ([`wg_tiles`]).
 const WG_TILES: [(u32, u32, u32); 6] = [
-    (128, 32, 128),
+    (64, 64, 64),
     (64, 32, 64),
+    (128, 32, 128),
     (64, 32, 128),
     (64, 64, 128),
-    (64, 64, 64),
     (128, 64, 128),
 ];
 
@@ -628,6 +651,7 @@ pub fn first_plan(family: Family, spec: &VariantSpec) -> BackwardPlan {
             dq_streamed,
         },
         dq: DqSum::Kernel,
+        kv_splits: 1,
     }
 }
 
@@ -658,16 +682,17 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
         && half_panels(spec.value_dim);
     if wg_fits {
         // The two-kernel plans, then each (resident, streamed) tile once more with dQ summed by
-        // the dK/dV kernel (not where learnable inputs' gradients ride on the dQ kernel).
+        // the dK/dV kernel (not where learnable inputs' gradients ride on the dQ kernel), then
+        // each two-kernel tile with long dK/dV walks split.
         let sums_here = learn_config(spec).is_ok_and(|l| l.slots() == 0);
-        let mut tiles: Vec<(BackwardTile, DqSum)> = Vec::new();
+        let mut tiles: Vec<(BackwardTile, DqSum, u32)> = Vec::new();
         for (resident, streamed, dq_streamed) in wg_tiles(spec.head_dim) {
             let tile = BackwardTile {
                 resident,
                 streamed,
                 dq_streamed,
             };
-            tiles.push((tile, DqSum::Kernel));
+            tiles.push((tile, DqSum::Kernel, 1));
         }
         for (resident, streamed, _) in wg_tiles(spec.head_dim) {
             let tile = BackwardTile {
@@ -675,11 +700,19 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 streamed,
                 dq_streamed: streamed,
             };
-            if sums_here && !tiles.contains(&(tile, DqSum::Atomic)) {
-                tiles.push((tile, DqSum::Atomic));
+            if sums_here && !tiles.contains(&(tile, DqSum::Atomic, 1)) {
+                tiles.push((tile, DqSum::Atomic, 1));
             }
         }
-        for (tile, dq) in tiles {
+        for (resident, streamed, dq_streamed) in wg_tiles(spec.head_dim) {
+            let tile = BackwardTile {
+                resident,
+                streamed,
+                dq_streamed,
+            };
+            tiles.push((tile, DqSum::Kernel, KV_SPLITS));
+        }
+        for (tile, dq, kv_splits) in tiles {
             let atomic = dq == DqSum::Atomic;
             // The dK/dV kernel, and the dQ kernel where it runs.
             let kernels: &[bool] = if atomic { &[true] } else { &[true, false] };
@@ -689,6 +722,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     keys,
                     atomic_dq: atomic,
                     learn: LearnConfig::default(),
+                    splits: kv_splits as usize,
                 };
                 let units = shape.warpgroups() as u32 * WARPGROUP_UNITS as u32;
                 // Only whether it fits matters here: no message is built.
@@ -706,6 +740,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     family: Family::Warpgroup,
                     tile,
                     dq,
+                    kv_splits,
                 });
             }
         }
@@ -728,6 +763,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     keys,
                     atomic_dq: false,
                     learn: LearnConfig::default(),
+                    splits: 1,
                 };
                 cube_limits(
                     client,
@@ -742,6 +778,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                     family: Family::TensorCores,
                     tile,
                     dq: DqSum::Kernel,
+                    kv_splits: 1,
                 });
             }
         }
@@ -755,6 +792,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
                 dq_streamed: tiling.block_kv,
             },
             dq: DqSum::Kernel,
+            kv_splits: 1,
         });
     }
     plans
@@ -823,24 +861,93 @@ pub fn backward_tiling(client: &ComputeClient, spec: &VariantSpec) -> Result<Til
     })
 }
 
+/// Whether the kernels write every row of dQ, and of dK and dV: each sequence's rows are written
+/// and sequences never overlap, so the rows are covered when the sequences' lengths add up to
+/// the tensors' (not so where documents leave rows out or key lengths end early), and some
+/// query row exists (else no kernel runs).
+fn covered_rows(spec: &VariantSpec, problem: &Problem, packed: &Packed) -> (bool, bool) {
+    if packed.max_seq_q == 0 {
+        return (false, false);
+    }
+    let (q, k) = (0..packed.sequences)
+        .map(|s| packed.sequence(spec, problem, s))
+        .fold((0, 0), |(q, k), (_, seq_q, _, seq_k)| {
+            (q + seq_q, k + seq_k)
+        });
+    // Packed documents are one batch entry.
+    (
+        q == problem.batch * problem.seq_q,
+        k == problem.batch * problem.seq_k,
+    )
+}
+
 /// A contiguous tensor of `shape` filled with zeros by a kernel (nothing uploaded).
 fn device_zeros<E: Element>(
     client: &ComputeClient,
     shape: [usize; 4],
     address: AddressType,
 ) -> Tensor<E> {
-    const UNITS: u32 = 256;
     let t = Tensor::empty(client, shape);
-    backward_zero::launch::<E>(
-        client,
-        grid(shape.iter().product(), UNITS),
-        CubeDim::new_1d(UNITS),
-        address,
-        // SAFETY: created with its shape, contiguous.
-        unsafe { tensor_arg(&t) },
-        UNITS,
-    );
+    zero_fill(client, &t, address);
     t
+}
+
+/// Fills the contiguous `t` with zeros, a vector per unit.
+fn zero_fill<E: Element>(client: &ComputeClient, t: &Tensor<E>, address: AddressType) {
+    let elements: usize = t.shape().iter().product();
+    let width = vector_width(client, elements, &[t]);
+    let count = grid(elements / width, ELEMENTWISE_UNITS);
+    let dim = CubeDim::new_1d(ELEMENTWISE_UNITS);
+    // SAFETY: `t` was created with its shape, contiguous; `width` divides its length and start.
+    backward_zero::launch::<E>(client, count, dim, address, width, unsafe { tensor_arg(t) });
+}
+
+/// `D = rowsum(dO ∘ O)` into `delta` (`[B, Hq, Nq, 1]`), read in the widest vectors both allow.
+///
+/// # Safety
+/// O and dO were checked against their buffers; `delta` was created with its shape.
+unsafe fn launch_delta<E: Element>(
+    client: &ComputeClient,
+    [o, d_out]: [&Tensor<E>; 2],
+    delta: &Tensor<f32>,
+    address: AddressType,
+) {
+    let [b, h, n, value_dim] = o.shape();
+    let width = vector_width(client, value_dim, &[o, d_out]);
+    let shape = DeltaShape::new(value_dim, width);
+    let count = grid(b * h * n * shape.lanes, ELEMENTWISE_UNITS);
+    let dim = CubeDim::new_1d(ELEMENTWISE_UNITS);
+    backward_delta::launch::<E>(
+        client,
+        count,
+        dim,
+        address,
+        width,
+        unsafe { tensor_arg(o) },
+        unsafe { tensor_arg(d_out) },
+        unsafe { tensor_arg(delta) },
+        shape,
+    );
+}
+
+/// The widest vector — 8, 4, 2 or 1 elements, at most 16 bytes and the device's widest — that
+/// divides `last` (the extent read in vectors) and every tensor's start and strides but the last
+/// (which is 1).
+fn vector_width<E: Element>(client: &ComputeClient, last: usize, tensors: &[&Tensor<E>]) -> usize {
+    let elem = std::mem::size_of::<E>();
+    let most = client.properties().hardware.max_vector_size.min(16 / elem);
+    [8, 4, 2]
+        .into_iter()
+        .find(|&w| {
+            w <= most
+                && last.is_multiple_of(w)
+                && tensors.iter().all(|t| {
+                    let start = t.handle().offset_start.unwrap_or(0) as usize;
+                    start.is_multiple_of(w * elem)
+                        && t.strides()[..3].iter().all(|s| s.is_multiple_of(w))
+                })
+        })
+        .unwrap_or(1)
 }
 
 /// Which run-time inputs get gradients: the learnable declared inputs (at most

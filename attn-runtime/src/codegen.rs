@@ -16,7 +16,7 @@ use crate::backward::BackwardPlan;
 use crate::blueprint::{prefill_config, Family};
 use crate::kernels::backward::tensor_core::{backward_dkdv_tc, backward_dq_tc};
 use crate::kernels::backward::warpgroup::{
-    backward_dkdv_wg, backward_dq_wg, BackwardMapsCompilationArg,
+    backward_dkdv_wg, backward_dq_wg, BackwardMapsCompilationArg, SumsCompilationArg,
 };
 use crate::kernels::backward::{
     backward_dkdv, backward_dq, BackwardOperandsCompilationArg, BackwardShape,
@@ -553,6 +553,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                 keys,
                 atomic_dq: false,
                 learn: LearnConfig::default(),
+                splits: 1,
             };
             let cube = CubeDim::new_2d(32, tile.resident / 16);
             [
@@ -591,6 +592,7 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                 } else {
                     crate::backward::learn_config(spec).unwrap_or_default()
                 },
+                splits: if keys { plan.kv_splits as usize } else { 1 },
             };
             // Tensor maps carry no compilation argument.
             let maps = || BackwardMapsCompilationArg {
@@ -609,7 +611,11 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                     target(),
                     maps(),
                     kv_grads(),
-                    tensor_compilation_arg(),
+                    SumsCompilationArg {
+                        dq: tensor_compilation_arg(),
+                        dk: tensor_compilation_arg(),
+                        dv: tensor_compilation_arg(),
+                    },
                     inputs_compilation_arg(),
                     args_compilation_arg(),
                     shape(true),

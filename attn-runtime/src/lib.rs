@@ -32,7 +32,7 @@ pub mod snapshot;
 
 pub use backward::{
     backward, backward_plan, backward_plans, backward_with_plan, deterministic, set_deterministic,
-    BackwardPlan, BackwardTile, DqSum, Grads,
+    BackwardPlan, BackwardTile, DqSum, Grads, KV_SPLITS,
 };
 pub use blueprint::Family;
 pub use decode::{

@@ -20,7 +20,7 @@ use crate::variant::{DType, Tiling, Variant, VariantSpec};
 /// One generated kernel: its name (`portable_cuda`, `portable_wgsl`, `tensor_core_cuda`,
 /// `warpgroup_ir`, the backward's `backward_dkdv_cuda`, `backward_dq_cuda`,
 /// `backward_dkdv_tc_cuda`, `backward_dq_tc_cuda`, `backward_dkdv_wg_ir`, `backward_dq_wg_ir`,
-/// `backward_atomic_wg_ir`, `decode_cuda`) and its normalised source.
+/// `backward_atomic_wg_ir`, `backward_split_wg_ir`, `decode_cuda`) and its normalised source.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     /// Which kernel and form.
@@ -123,6 +123,14 @@ pub fn kernels<V: Variant>() -> Kernels {
                 name: "backward_atomic_wg_ir",
                 source: form(&dkdv),
             });
+            // And the one that splits long walks between cubes.
+            let mut split = plan;
+            split.kv_splits = crate::backward::KV_SPLITS;
+            let [dkdv, _] = crate::codegen::backward_sources::<V>(split);
+            kernels.push(Kernel {
+                name: "backward_split_wg_ir",
+                source: form(&dkdv),
+            });
         }
     }
     let decode = DecodeTiling {
@@ -191,6 +199,7 @@ pub fn digest(kernel: &str, variant: &str, source: &str) -> String {
         | "backward_dkdv_wg_ir"
         | "backward_dq_wg_ir"
         | "backward_atomic_wg_ir"
+        | "backward_split_wg_ir"
         | "decode_wg_ir"
         | "decode_wg_fp8_ir" => &["wgmma", "tma", "barrier.", "cube.asm", "plane."],
         "portable_wgsl" | "decode_wgsl" => &["workgroupBarrier", "exp("],

@@ -21,7 +21,8 @@ use crate::AttnError;
 
 /// One tuner for every variant's backward plans, apart from the forward's in the cache.
 static TUNER: LocalTuner<TuneKey, ServiceId> = LocalTuner::new(BACKWARD_TUNER_NAME);
-/// The tuner of deterministic mode: its own plans (none summing dQ with atomics) and cache.
+/// The tuner of deterministic mode: its own plans (none adding a gradient up with atomics) and
+/// cache.
 static DETERMINISTIC_TUNER: LocalTuner<TuneKey, ServiceId> =
     LocalTuner::new(DETERMINISTIC_BACKWARD_TUNER_NAME);
 

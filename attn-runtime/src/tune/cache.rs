@@ -24,11 +24,12 @@ use crate::AttnError;
 pub const TUNER_NAME: &str = "attn-prefill";
 /// The cache namespace of the decode plans' tuner.
 pub const DECODE_TUNER_NAME: &str = "attn-decode-2";
-/// The cache namespace of the backward plans' tuner.
-pub const BACKWARD_TUNER_NAME: &str = "attn-backward";
+/// The cache namespace of the backward plans' tuner (`-2`: the candidates' order changed and
+/// the split plans joined them).
+pub const BACKWARD_TUNER_NAME: &str = "attn-backward-2";
 /// The cache namespace of the backward plans' tuner in deterministic mode
-/// ([`crate::set_deterministic`]): the plans that sum dQ with atomics left out.
-pub const DETERMINISTIC_BACKWARD_TUNER_NAME: &str = "attn-backward-deterministic";
+/// ([`crate::set_deterministic`]): the plans that add a gradient up with atomics left out.
+pub const DETERMINISTIC_BACKWARD_TUNER_NAME: &str = "attn-backward-deterministic-2";
 /// The cubecl version the namespaces of this build carry.
 pub const CUBECL_VERSION: &str = "0.12.0-pre.1";
 /// What every SQLite database file starts with.

@@ -100,7 +100,15 @@ pub struct BackwardShape {
     pub atomic_dq: bool,
     /// The learnable inputs whose gradients a dQ kernel sums (none in the dK/dV kernels).
     pub learn: LearnConfig,
+    /// Cubes per block of keys in the warpgroup dK/dV kernel: a walk of at least
+    /// [`MIN_SPLIT_STEPS`] steps per cube is split into this many parts, whose dK and dV are
+    /// added into f32 sums with atomics (1: each block's walk in one cube, written directly).
+    pub splits: usize,
 }
+
+/// The fewest steps of its walk each cube of a split block of keys takes: shorter walks run in
+/// one cube.
+pub const MIN_SPLIT_STEPS: usize = 16;
 
 impl BackwardShape {
     /// Rows of the resident block (a multiple of 16; 64 per warpgroup in the warpgroup kernels).
@@ -153,54 +161,115 @@ pub struct PairGrad {
     pub custom_slope: f32,
 }
 
-/// Zeros every element of `t` (contiguous), one unit per element on a grid of `units`-unit cubes:
-/// the gradients' rows no sequence reads (outside every document, past a key length) stay 0.
+/// Units of a cube of the element-wise kernels ([`backward_zero()`], [`backward_delta()`]).
+pub const ELEMENTWISE_UNITS: u32 = 256;
+
+/// Zeros every element of `t` (contiguous, a whole number of `N`-element vectors), one vector
+/// per unit on a grid of [`ELEMENTWISE_UNITS`]-unit cubes: where some gradient rows belong to no
+/// sequence (outside every document, past a key length), or f32 sums that atomics add into.
 #[cube(launch, address_type = "dynamic")]
-pub fn backward_zero<E: Float>(t: &mut Tensor<E>, #[comptime] units: u32) {
-    let i = crate::kernels::flat_index(units);
-    if i < t.len() {
-        t[i] = E::cast_from(0.0f32);
+pub fn backward_zero<E: Float, N: Size>(t: &mut Tensor<Vector<E, N>>) {
+    let i = crate::kernels::flat_index(ELEMENTWISE_UNITS);
+    let vectors = t.shape(0) * t.shape(1) * t.shape(2) * t.shape(3) / N::value();
+    if i < vectors {
+        t[i] = Vector::<E, N>::new(E::cast_from(0.0f32));
     }
 }
 
-/// dQ from the f32 sums the warpgroup dK/dV kernel added up with atomics: `dq = scale · acc`,
-/// element by element (both contiguous, one shape), one unit per element on a grid of
-/// `units`-unit cubes.
+/// A gradient from the f32 sums the warpgroup dK/dV kernel added up with atomics:
+/// `grad = factor · sums`, element by element (both contiguous, one shape), one unit per element
+/// on a grid of `units`-unit cubes. dQ's sums are scaled here (by the softmax scale), dK's and
+/// dV's were scaled as they were added (factor 1).
 #[cube(launch, address_type = "dynamic")]
-pub fn backward_dq_from_sums<E: Float>(
+pub fn backward_from_sums<E: Float>(
     acc: &Tensor<f32>,
-    dq: &mut Tensor<E>,
-    scale: f32,
+    grad: &mut Tensor<E>,
+    factor: f32,
     #[comptime] units: u32,
 ) {
     let i = crate::kernels::flat_index(units);
-    if i < dq.len() {
-        dq[i] = E::cast_from(acc[i] * scale);
+    if i < grad.len() {
+        grad[i] = E::cast_from(acc[i] * factor);
     }
 }
 
-/// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`, one unit per row on a grid of
-/// `units`-unit cubes (rows past the end idle).
+/// How [`backward_delta()`] reads a row of O and dO: `per_row` vectors of the launch's width,
+/// `lanes` units per row (a power of two, at most 32), unit `l` summing vectors `l`, `l + lanes`,
+/// …; [`ELEMENTWISE_UNITS`]` / lanes` rows per cube.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct DeltaShape {
+    /// Vectors per row (`value_dim / width`).
+    pub per_row: usize,
+    /// Units per row.
+    pub lanes: usize,
+}
+
+impl DeltaShape {
+    /// The shape for rows of `value_dim` elements read `width` at a time.
+    pub const fn new(value_dim: usize, width: usize) -> Self {
+        let per_row = value_dim / width;
+        let most = if per_row < 32 { per_row } else { 32 };
+        let mut lanes = 1;
+        while lanes * 2 <= most {
+            lanes *= 2;
+        }
+        DeltaShape { per_row, lanes }
+    }
+
+    /// Rows per cube.
+    pub const fn rows_per_cube(&self) -> usize {
+        ELEMENTWISE_UNITS as usize / self.lanes
+    }
+}
+
+/// `D = rowsum(dO ∘ O)` for every query row of `[B, Hq, Nq]`: each row's `lanes` units read
+/// neighbouring `N`-element vectors of O and dO (a plane reads whole rows, coalesced), then the
+/// row's first unit adds their partial sums from shared memory, in the same order on every run.
 #[cube(launch, address_type = "dynamic")]
-pub fn backward_delta<E: Float>(
-    o: &Tensor<E>,
-    d_out: &Tensor<E>,
+pub fn backward_delta<E: Float, N: Size>(
+    o: &Tensor<Vector<E, N>>,
+    d_out: &Tensor<Vector<E, N>>,
     delta: &mut Tensor<f32>,
-    #[comptime] units: u32,
+    #[comptime] shape: DeltaShape,
 ) {
-    let row = crate::kernels::flat_index(units);
+    let lanes = comptime!(shape.lanes);
+    let per_lane = comptime!(shape.per_row.div_ceil(shape.lanes));
+    let width = N::value();
+    let unit = UNIT_POS as usize;
+    let lane = unit % lanes;
+    let cube = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let row = cube * comptime!(shape.rows_per_cube()) + unit / lanes;
     let rows = o.shape(0) * o.shape(1) * o.shape(2);
+    let mut sum = 0.0f32.runtime();
     if row < rows {
         let n = row % o.shape(2);
         let h = (row / o.shape(2)) % o.shape(1);
         let b = row / (o.shape(2) * o.shape(1));
-        let o_at = b * o.stride(0) + h * o.stride(1) + n * o.stride(2);
-        let d_at = b * d_out.stride(0) + h * d_out.stride(1) + n * d_out.stride(2);
-        let mut sum = 0.0f32.runtime();
-        for c in 0..o.shape(3) {
-            sum += f32::cast_from(o[o_at + c]) * f32::cast_from(d_out[d_at + c]);
+        let o_at = (b * o.stride(0) + h * o.stride(1) + n * o.stride(2)) / width;
+        let d_at = (b * d_out.stride(0) + h * d_out.stride(1) + n * d_out.stride(2)) / width;
+        #[unroll]
+        for i in 0..per_lane {
+            let c = lane + i * lanes;
+            if c < shape.per_row {
+                let x = Vector::<f32, N>::cast_from(o[o_at + c]);
+                let y = Vector::<f32, N>::cast_from(d_out[d_at + c]);
+                #[unroll]
+                for e in 0..width {
+                    sum += x.extract(e) * y.extract(e);
+                }
+            }
         }
-        delta[row] = sum;
+    }
+    let mut partial = Shared::<[f32]>::new_slice(ELEMENTWISE_UNITS as usize);
+    partial[unit] = sum;
+    sync_cube();
+    if lane == 0 && row < rows {
+        let mut total = 0.0f32.runtime();
+        #[unroll]
+        for l in 0..lanes {
+            total += partial[unit + l];
+        }
+        delta[row] = total;
     }
 }
 

@@ -37,7 +37,7 @@ use cubecl::wgmma::{Accumulator, Fragment, Major, MatrixDescriptor, Swizzle, Wgm
 
 use super::{
     head_context, query_block_step, recompute, BackwardShape, KvGrads, LearnedSums, Meeting, Pair,
-    QueryGrads,
+    QueryGrads, MIN_SPLIT_STEPS,
 };
 use crate::hooks::{Hooks, TILE_EMPTY};
 use crate::kernels::common::walk::query_range;
@@ -398,14 +398,64 @@ fn write_rows<E: Float>(
     }
 }
 
+/// The f32 sums the warpgroup dK/dV kernel adds into with atomics (each a one-element stand-in
+/// where the plan has none): dQ's where the kernel sums dQ, dK's and dV's where it splits long
+/// walks.
+#[derive(CubeType, CubeLaunch)]
+pub struct Sums {
+    /// dQ, `[B, Hq, Nq, D]`, unscaled.
+    pub dq: OwnedTensor<Atomic<f32>>,
+    /// dK, `[B, Hkv, Nk, D]`, scaled.
+    pub dk: OwnedTensor<Atomic<f32>>,
+    /// dV, `[B, Hkv, Nk, Dv]`.
+    pub dv: OwnedTensor<Atomic<f32>>,
+}
+
+/// The steps of a dK/dV walk one cube takes, `from..to` of the block's `group · blocks`: all of
+/// them in the block's first cube, or, where the kernel splits walks and this one is long
+/// enough, the cube's share of a split (`shared`).
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct StepRun {
+    /// First step.
+    pub from: usize,
+    /// One past the last.
+    pub to: usize,
+    /// Whether other cubes take the walk's other runs (the cube adds its dK and dV into the
+    /// sums).
+    pub shared: bool,
+    /// Whether the cube takes part (a split walk's every cube, else the block's first).
+    pub takes_part: bool,
+}
+
+#[cube]
+impl StepRun {
+    /// Cube `part` of `splits`' run of a walk of `steps` steps.
+    pub fn of(steps: usize, part: usize, #[comptime] splits: usize) -> StepRun {
+        let shared = splits > 1 && steps >= splits * MIN_SPLIT_STEPS;
+        StepRun {
+            from: select(shared, part * steps / splits, 0),
+            to: select(shared, (part + 1) * steps / splits, steps),
+            shared,
+            takes_part: shared || part == 0,
+        }
+    }
+}
+
 /// dK and dV on warpgroup tensor cores: one cube per `block_kv` keys (64 per warpgroup) of one
 /// K/V head; the query group's Q and dO streamed `block_q` rows at a time over the query blocks
 /// that can see the keys.
+///
+/// With `shape.splits` cubes per block of keys, a walk of at least `splits · MIN_SPLIT_STEPS`
+/// steps is cut into that many runs of consecutive steps, one per cube, each adding its dK and dV
+/// into the f32 sums with atomics: a block of keys that every query sees (a custom mask's
+/// `|| k < 4`) no longer keeps one cube busy long after the others are done. Shorter walks stay
+/// in the block's first cube, which stores its sums.
 #[cube(launch, address_type = "dynamic")]
 pub fn backward_dkdv_wg<E: Float, M: Hooks>(
     maps: &BackwardMaps<E>,
     grads: &mut KvGrads<E>,
-    dq_sums: &mut Tensor<Atomic<f32>>,
+    sums: &mut Sums,
     inputs: &RunInputs,
     args: Args,
     #[comptime] shape: BackwardShape,
@@ -421,7 +471,9 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
         k_total: maps.k.shape(2),
     };
     let ctx = Ctx::locate(at, inputs, args, config.mask, config.score);
-    let key_start = CUBE_POS_X as usize * block_kv;
+    let splits = comptime!(shape.splits);
+    let part = CUBE_POS_X as usize % splits;
+    let key_start = (CUBE_POS_X as usize / splits) * block_kv;
     if key_start < ctx.site.seq_k {
         let seq = ctx.site;
         let remaining = seq.seq_k - key_start;
@@ -429,24 +481,8 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
             start: key_start,
             len: select(remaining < block_kv, remaining, block_kv),
         };
-        let k_tile = shape.resident_tile(d);
-        let v_tile = shape.resident_tile(dv);
-        let q_tile = shape.stage_tile(d);
-        let o_tile = shape.stage_tile(dv);
-        let mut k_smem = swizzled_tile::<E>(k_tile);
-        let mut v_smem = swizzled_tile::<E>(v_tile);
-        let mut q_smem = swizzled_tile::<E>(q_tile);
-        let mut o_smem = swizzled_tile::<E>(o_tile);
-        let k_bar = Barrier::shared(1, UNIT_POS == 0);
-        let v_bar = Barrier::shared(1, UNIT_POS == 0);
-        let planes = comptime!(shape.planes() as u32);
-        let q_stages = Stages::new(planes, d, block_q);
-        let o_stages = Stages::new(planes, dv, block_q);
-        let refills = Refills::new(planes);
-        sync_async_proxy_shared();
-        sync_cube();
-
-        // The query blocks that can see the cube's keys, in every head of the group.
+        // The query blocks that can see the cube's keys, in every head of the group, and the
+        // cube's run of them.
         let rows = query_range(&ctx, keys.start, keys.start + keys.len - 1);
         let first_block = rows.start / block_q;
         let blocks = select(
@@ -454,164 +490,229 @@ pub fn backward_dkdv_wg<E: Float, M: Hooks>(
             (rows.end + block_q - 1) / block_q - first_block,
             0,
         );
-        let query_steps = QuerySteps {
-            keys,
-            first_block,
-            blocks,
-            group: args.group as usize,
-            block_q,
-        };
-        // Only the (head, query block) steps the mask leaves are fetched.
-        let steps = live_steps::<QuerySteps, M>(&query_steps, &ctx, inputs);
-        let mut at = next_live::<QuerySteps, M>(&query_steps, &ctx, 0usize, inputs);
-        // The step after the current one: the walk fills each stage two steps ahead.
-        let mut ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, at + 1, inputs);
-        let kv_row = (seq.k_off + key_start) as i32;
-        if UNIT_POS == 0 {
-            let origin = TmaOrigin {
-                batch: seq.batch,
-                head: seq.kv_head,
-                row: kv_row,
-            };
-            let k_box = comptime!(RowBox {
-                at: 0,
-                rows: block_kv,
-                lines: block_kv,
-                width: d,
-            });
-            let v_box = comptime!(RowBox {
-                at: 0,
-                rows: block_kv,
-                lines: block_kv,
-                width: dv,
-            });
-            load_rows::<E>(&maps.k, &k_bar, &mut k_smem, origin, k_box);
-            load_rows::<E>(&maps.v, &v_bar, &mut v_smem, origin, v_box);
-            // The first two steps, one per stage.
-            if steps > 0 {
-                let first = stream_origin(&ctx, at, first_block, blocks, block_q);
-                q_stages.fill_now::<E>(&maps.q, &mut q_smem, first, 0usize);
-                o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, first, 0usize);
-            }
-            if steps > 1 {
-                let second = stream_origin(&ctx, ahead, first_block, blocks, block_q);
-                q_stages.fill_now::<E>(&maps.q, &mut q_smem, second, 1usize);
-                o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, second, 1usize);
-            }
-        }
-        let place = Place::of_unit();
-        let wg_row = place.warpgroup * WARPGROUP_ROWS;
-        let k_desc = MatrixDescriptor::new(&k_smem, k_tile).at(wg_row, 0usize);
-        let v_desc = MatrixDescriptor::new(&v_smem, v_tile).at(wg_row, 0usize);
-        let q_desc = MatrixDescriptor::new(&q_smem, q_tile);
-        let o_desc = MatrixDescriptor::new(&o_smem, o_tile);
-        let q_mn = MatrixDescriptor::new(&q_smem, shape.stage_tile_mn(d));
-        let o_mn = MatrixDescriptor::new(&o_smem, shape.stage_tile_mn(dv));
-        // Summing dQ here: each warpgroup's dSᵀ staged as the B operand of dQᵀ = Kᵀ dSᵀ, with K
-        // read MN-major as A (a 64-byte tile when unused).
-        let ds_layout = comptime!(shape.ds_tile());
-        let mut ds_smem = swizzled_tile::<E>(ds_layout);
-        let ds_desc =
-            MatrixDescriptor::new(&ds_smem, ds_layout).at(place.warpgroup * block_q, 0usize);
-        let k_as_a = MatrixDescriptor::new(
-            &k_smem,
-            comptime!(WgmmaTileLayout {
-                major: Major::MN,
-                swizzle: Swizzle::B128,
-                rows: d,
-                k: block_kv,
-            }),
-        );
-        let mut dk = Accumulator::<f32>::new(d).start();
-        let mut dv_acc = Accumulator::<f32>::new(dv).start();
-        k_bar.wait_parity(0);
-        v_bar.wait_parity(0);
+        let run = StepRun::of(args.group as usize * blocks, part, splits);
+        if run.takes_part {
+            let k_tile = shape.resident_tile(d);
+            let v_tile = shape.resident_tile(dv);
+            let q_tile = shape.stage_tile(d);
+            let o_tile = shape.stage_tile(dv);
+            let mut k_smem = swizzled_tile::<E>(k_tile);
+            let mut v_smem = swizzled_tile::<E>(v_tile);
+            let mut q_smem = swizzled_tile::<E>(q_tile);
+            let mut o_smem = swizzled_tile::<E>(o_tile);
+            let k_bar = Barrier::shared(1, UNIT_POS == 0);
+            let v_bar = Barrier::shared(1, UNIT_POS == 0);
+            let planes = comptime!(shape.planes() as u32);
+            let q_stages = Stages::new(planes, d, block_q);
+            let o_stages = Stages::new(planes, dv, block_q);
+            let refills = Refills::new(planes);
+            sync_async_proxy_shared();
+            sync_cube();
 
-        for pair in 0..(steps + STAGES - 1) / STAGES {
-            #[unroll]
-            for stage in 0..STAGES {
-                let index = pair * STAGES + stage;
-                if index < steps {
-                    let parity = (pair % 2) as u32;
-                    let g = at / blocks;
-                    let q_start = (first_block + at % blocks) * block_q;
-                    let head_ctx = head_context(&ctx, seq.head + g, inputs);
-                    let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
-                    let after = ahead;
-                    ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, after + 1, inputs);
-                    sync_plane();
-                    q_stages.wait(stage, parity);
-                    o_stages.wait(stage, parity);
-                    if step.class != TILE_EMPTY {
-                        let mut stats = UnitStats::load(maps, &head_ctx, q_start, shape);
-                        let stage_at = opaque(comptime!((stage * block_q) as u32)) as usize;
-                        let products =
-                            products::<E>(&k_desc, &q_desc, &v_desc, &o_desc, stage_at, shape);
-                        let meet = Meeting { q_start, step };
-                        let frags = pair_fragments::<E, M>(
-                            &products, &mut stats, &head_ctx, meet, inputs, shape,
-                        );
-                        #[unroll]
-                        for t in 0..block_q / MMA_K {
-                            dv_acc.execute_registers(
-                                frags.p.index(t),
-                                &o_mn.at(0usize, stage_at + t * MMA_K),
-                            );
-                            dk.execute_registers(
-                                frags.ds.index(t),
-                                &q_mn.at(0usize, stage_at + t * MMA_K),
-                            );
-                        }
-                        if comptime!(shape.atomic_dq) {
-                            stage_ds::<E>(&frags, &mut ds_smem, place, shape);
-                            sync_async_proxy_shared();
-                            sync_warpgroup(place.warpgroup as u32);
-                            #[unroll]
-                            for mt in 0..d / WARPGROUP_ROWS {
-                                let mut dq_t = Accumulator::<f32>::new(block_q).start();
-                                #[unroll]
-                                for kk in 0..WARPGROUP_ROWS / MMA_K {
-                                    dq_t.execute(
-                                        &k_as_a.at(mt * WARPGROUP_ROWS, wg_row + kk * MMA_K),
-                                        &ds_desc.at(0usize, kk * MMA_K),
-                                    );
-                                }
-                                let dq_t = dq_t.wait();
-                                let q_head = seq.head + g;
-                                let rows = SumRows {
-                                    base: seq.batch * dq_sums.stride(0)
-                                        + q_head * dq_sums.stride(1)
-                                        + (seq.q_off + q_start) * dq_sums.stride(2),
-                                    rows: select(q_start < seq.seq_q, seq.seq_q - q_start, 0),
-                                };
-                                add_dq(&dq_t, dq_sums, &rows, mt);
-                            }
-                        }
-                        dk.commit().wait();
-                    }
-                    // The last plane done with the stage refills it with the step after next.
-                    if refills.last_release(stage, pair as u32) && index + 2 < steps {
-                        let two = stream_origin(&ctx, ahead, first_block, blocks, block_q);
-                        q_stages.fill_now::<E>(&maps.q, &mut q_smem, two, stage);
-                        o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, two, stage);
-                    }
-                    at = after;
+            let query_steps = QuerySteps {
+                keys,
+                first_block,
+                blocks,
+                run,
+                block_q,
+            };
+            // Only the (head, query block) steps the mask leaves are fetched.
+            let steps = live_steps::<QuerySteps, M>(&query_steps, &ctx, inputs);
+            let mut at = next_live::<QuerySteps, M>(&query_steps, &ctx, 0usize, inputs);
+            // The step after the current one: the walk fills each stage two steps ahead.
+            let mut ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, at + 1, inputs);
+            let kv_row = (seq.k_off + key_start) as i32;
+            if UNIT_POS == 0 {
+                let origin = TmaOrigin {
+                    batch: seq.batch,
+                    head: seq.kv_head,
+                    row: kv_row,
+                };
+                let k_box = comptime!(RowBox {
+                    at: 0,
+                    rows: block_kv,
+                    lines: block_kv,
+                    width: d,
+                });
+                let v_box = comptime!(RowBox {
+                    at: 0,
+                    rows: block_kv,
+                    lines: block_kv,
+                    width: dv,
+                });
+                load_rows::<E>(&maps.k, &k_bar, &mut k_smem, origin, k_box);
+                load_rows::<E>(&maps.v, &v_bar, &mut v_smem, origin, v_box);
+                // The first two steps, one per stage.
+                if steps > 0 {
+                    let first = stream_origin(&ctx, run.from + at, first_block, blocks, block_q);
+                    q_stages.fill_now::<E>(&maps.q, &mut q_smem, first, 0usize);
+                    o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, first, 0usize);
+                }
+                if steps > 1 {
+                    let second =
+                        stream_origin(&ctx, run.from + ahead, first_block, blocks, block_q);
+                    q_stages.fill_now::<E>(&maps.q, &mut q_smem, second, 1usize);
+                    o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, second, 1usize);
                 }
             }
+            let place = Place::of_unit();
+            let wg_row = place.warpgroup * WARPGROUP_ROWS;
+            let k_desc = MatrixDescriptor::new(&k_smem, k_tile).at(wg_row, 0usize);
+            let v_desc = MatrixDescriptor::new(&v_smem, v_tile).at(wg_row, 0usize);
+            let q_desc = MatrixDescriptor::new(&q_smem, q_tile);
+            let o_desc = MatrixDescriptor::new(&o_smem, o_tile);
+            let q_mn = MatrixDescriptor::new(&q_smem, shape.stage_tile_mn(d));
+            let o_mn = MatrixDescriptor::new(&o_smem, shape.stage_tile_mn(dv));
+            // Summing dQ here: each warpgroup's dSᵀ staged as the B operand of dQᵀ = Kᵀ dSᵀ, with K
+            // read MN-major as A (a 64-byte tile when unused).
+            let ds_layout = comptime!(shape.ds_tile());
+            let mut ds_smem = swizzled_tile::<E>(ds_layout);
+            let ds_desc =
+                MatrixDescriptor::new(&ds_smem, ds_layout).at(place.warpgroup * block_q, 0usize);
+            let k_as_a = MatrixDescriptor::new(
+                &k_smem,
+                comptime!(WgmmaTileLayout {
+                    major: Major::MN,
+                    swizzle: Swizzle::B128,
+                    rows: d,
+                    k: block_kv,
+                }),
+            );
+            let mut dk = Accumulator::<f32>::new(d).start();
+            let mut dv_acc = Accumulator::<f32>::new(dv).start();
+            k_bar.wait_parity(0);
+            v_bar.wait_parity(0);
+
+            for pair in 0..(steps + STAGES - 1) / STAGES {
+                #[unroll]
+                for stage in 0..STAGES {
+                    let index = pair * STAGES + stage;
+                    if index < steps {
+                        let parity = (pair % 2) as u32;
+                        let g = (run.from + at) / blocks;
+                        let q_start = (first_block + (run.from + at) % blocks) * block_q;
+                        let head_ctx = head_context(&ctx, seq.head + g, inputs);
+                        let step = query_block_step::<M>(&head_ctx, keys, q_start, block_q, inputs);
+                        let after = ahead;
+                        ahead = next_live::<QuerySteps, M>(&query_steps, &ctx, after + 1, inputs);
+                        sync_plane();
+                        q_stages.wait(stage, parity);
+                        o_stages.wait(stage, parity);
+                        if step.class != TILE_EMPTY {
+                            let mut stats = UnitStats::load(maps, &head_ctx, q_start, shape);
+                            let stage_at = opaque(comptime!((stage * block_q) as u32)) as usize;
+                            let products =
+                                products::<E>(&k_desc, &q_desc, &v_desc, &o_desc, stage_at, shape);
+                            let meet = Meeting { q_start, step };
+                            let frags = pair_fragments::<E, M>(
+                                &products, &mut stats, &head_ctx, meet, inputs, shape,
+                            );
+                            #[unroll]
+                            for t in 0..block_q / MMA_K {
+                                dv_acc.execute_registers(
+                                    frags.p.index(t),
+                                    &o_mn.at(0usize, stage_at + t * MMA_K),
+                                );
+                                dk.execute_registers(
+                                    frags.ds.index(t),
+                                    &q_mn.at(0usize, stage_at + t * MMA_K),
+                                );
+                            }
+                            if comptime!(shape.atomic_dq) {
+                                stage_ds::<E>(&frags, &mut ds_smem, place, shape);
+                                sync_async_proxy_shared();
+                                sync_warpgroup(place.warpgroup as u32);
+                                #[unroll]
+                                for mt in 0..d / WARPGROUP_ROWS {
+                                    let mut dq_t = Accumulator::<f32>::new(block_q).start();
+                                    #[unroll]
+                                    for kk in 0..WARPGROUP_ROWS / MMA_K {
+                                        dq_t.execute(
+                                            &k_as_a.at(mt * WARPGROUP_ROWS, wg_row + kk * MMA_K),
+                                            &ds_desc.at(0usize, kk * MMA_K),
+                                        );
+                                    }
+                                    let dq_t = dq_t.wait();
+                                    let q_head = seq.head + g;
+                                    let rows = SumRows {
+                                        base: seq.batch * sums.dq.stride(0)
+                                            + q_head * sums.dq.stride(1)
+                                            + (seq.q_off + q_start) * sums.dq.stride(2),
+                                        rows: select(q_start < seq.seq_q, seq.seq_q - q_start, 0),
+                                    };
+                                    add_dq(&dq_t, &mut sums.dq, &rows, mt);
+                                }
+                            }
+                            dk.commit().wait();
+                        }
+                        // The last plane done with the stage refills it with the step after next.
+                        if refills.last_release(stage, pair as u32) && index + 2 < steps {
+                            let two =
+                                stream_origin(&ctx, run.from + ahead, first_block, blocks, block_q);
+                            q_stages.fill_now::<E>(&maps.q, &mut q_smem, two, stage);
+                            o_stages.fill_now::<E>(&maps.d_out, &mut o_smem, two, stage);
+                        }
+                        at = after;
+                    }
+                }
+            }
+            let dk = dk.wait();
+            let dv_acc = dv_acc.wait();
+            let end = seq.k_off + key_start + keys.len;
+            let first = seq.k_off + key_start;
+            let k_base = seq.batch * grads.dk.stride(0) + seq.kv_head * grads.dk.stride(1);
+            let v_base = seq.batch * grads.dv.stride(0) + seq.kv_head * grads.dv.stride(1);
+            if comptime!(splits > 1) {
+                let into = SumRows {
+                    base: k_base,
+                    rows: end,
+                };
+                add_rows(&dk, &mut sums.dk, into, first, ctx.args.scale, run.shared);
+                let into = SumRows {
+                    base: v_base,
+                    rows: end,
+                };
+                add_rows(&dv_acc, &mut sums.dv, into, first, 1.0f32, run.shared);
+            } else {
+                write_rows::<E>(&dk, &mut grads.dk, k_base, first, end, ctx.args.scale);
+                write_rows::<E>(&dv_acc, &mut grads.dv, v_base, first, end, 1.0f32);
+            }
         }
-        let dk = dk.wait();
-        let dv_acc = dv_acc.wait();
-        let end = seq.k_off + key_start + keys.len;
-        let first = seq.k_off + key_start;
-        let k_base = seq.batch * grads.dk.stride(0) + seq.kv_head * grads.dk.stride(1);
-        let v_base = seq.batch * grads.dv.stride(0) + seq.kv_head * grads.dv.stride(1);
-        write_rows::<E>(&dk, &mut grads.dk, k_base, first, end, ctx.args.scale);
-        write_rows::<E>(&dv_acc, &mut grads.dv, v_base, first, end, 1.0f32);
     }
 }
 
-/// The dK/dV kernel's walk, as [`ClassifiedWalk`]: step `index` is query block
-/// `first_block + index % blocks` of head `index / blocks` of the group, against the cube's keys.
+/// Like [`write_rows`], into f32 sums of the same shape (`into.rows` is the end row): each
+/// element added with an atomic where other cubes add into the same rows (`shared`), else
+/// stored.
+#[cube]
+fn add_rows(
+    acc: &Accumulator<f32>,
+    dst: &mut Tensor<Atomic<f32>>,
+    into: SumRows,
+    first: usize,
+    factor: f32,
+    shared: bool,
+) {
+    let place = Place::of_unit();
+    let width = dst.shape(3);
+    #[unroll]
+    for nth in 0..acc.len() {
+        let row = first + place.row(nth);
+        if row < into.rows {
+            let at = into.base + row * width + place.col(nth);
+            let x = acc.get(nth) * factor;
+            if shared {
+                dst[at].fetch_add(x);
+            } else {
+                dst[at].store(x);
+            }
+        }
+    }
+}
+
+/// The dK/dV kernel's walk, as [`ClassifiedWalk`]: step `index` of the cube's run is step
+/// `s = run.from + index` of the block's walk, query block `first_block + s % blocks` of head
+/// `s / blocks` of the group, against the cube's keys.
 #[derive(CubeType, Clone, Copy)]
 #[expand(derive(Clone, Copy))]
 pub struct QuerySteps {
@@ -621,8 +722,8 @@ pub struct QuerySteps {
     pub first_block: usize,
     /// Query blocks per head.
     pub blocks: usize,
-    /// Query heads of the group.
-    pub group: usize,
+    /// The cube's steps of the walk over the group's heads.
+    pub run: StepRun,
     /// Query rows per block.
     #[cube(comptime)]
     pub block_q: usize,
@@ -631,12 +732,13 @@ pub struct QuerySteps {
 #[cube]
 impl<M: Hooks> ClassifiedWalk<M> for QuerySteps {
     fn steps(&self) -> usize {
-        self.group * self.blocks
+        self.run.to - self.run.from
     }
 
     fn class_at(&self, ctx: &Ctx, index: usize, inputs: &RunInputs) -> u32 {
-        let q_start = (self.first_block + index % self.blocks) * self.block_q;
-        let head_ctx = head_context(ctx, ctx.site.head + index / self.blocks, inputs);
+        let step = self.run.from + index;
+        let q_start = (self.first_block + step % self.blocks) * self.block_q;
+        let head_ctx = head_context(ctx, ctx.site.head + step / self.blocks, inputs);
         query_block_step::<M>(&head_ctx, self.keys, q_start, self.block_q, inputs).class
     }
 }
