@@ -61,7 +61,8 @@ const BLOCK: u32 = 64;
 ///
 /// **Determinism.** On Hopper the tuner may pick a plan that sums dQ with atomics
 /// ([`DqSum::Atomic`]: dQ's low bits vary with the order of the additions) or one that splits
-/// long dK/dV walks ([`BackwardPlan::kv_splits`]: dK's and dV's do). With [`set_deterministic`]`(true)` (or `ATTN_DETERMINISTIC=1`) only
+/// long dK/dV walks ([`BackwardPlan::kv_splits`]: dK's and dV's do). With
+/// [`set_deterministic`]`(true)` (or `ATTN_DETERMINISTIC=1`) only
 /// the plans whose every gradient has the same bits on every run are used, tuned on their own.
 ///
 /// A variant's own score expression is differentiated by the macro ([`crate::Hooks::score_grad`],
@@ -561,9 +562,10 @@ pub struct BackwardPlan {
     pub tile: BackwardTile,
     /// How dQ is summed.
     pub dq: DqSum,
-    /// Cubes per block of keys in the warpgroup dK/dV kernel (1 elsewhere): with more, a walk of
-    /// at least [`MIN_SPLIT_STEPS`](crate::kernels::backward::MIN_SPLIT_STEPS) steps a cube is split between them and their dK and dV
-    /// summed in f32 with atomics (so the low bits of dK and dV vary from run to run).
+    /// Cubes per block of keys in the warpgroup dK/dV kernel (1 elsewhere): with more, a walk
+    /// of at least [`MIN_SPLIT_STEPS`](crate::kernels::backward::MIN_SPLIT_STEPS) steps a cube
+    /// is split between them and their dK and dV summed in f32 with atomics (so the low bits of
+    /// dK and dV vary from run to run).
     pub kv_splits: u32,
 }
 
