@@ -26,8 +26,10 @@ cd downstream
 export CARGO_TARGET_DIR=$target
 # The test build makes the program too, with the test's features (the snapshot feature of its
 # dev-dependency): running that binary saves a second build of the attn crates.
+# `workspace-units` only turns on the features the workspace's build gives the dependencies both
+# share, so that their compiled units in the shared target folder are reused, not built again.
 echo "== downstream: its kernels' snapshot test"
-cargo test --quiet
+cargo test --quiet --features workspace-units
 echo "== downstream: run on the default back end"
 "$target/debug/attn-downstream"
 echo "== downstream: cargo check --features cuda (crates.io cubecl, no patches)"
