@@ -4,23 +4,26 @@
 #
 # Without a GPU the tests spend their time in lavapipe compiling kernels, and a process compiles
 # one kernel at a time (its test threads share one device), so a plain `cargo test`, which runs
-# its test programs one after another, keeps one core busy. Here the two longest programs run
-# straight from the build beside `cargo test` running every other one.
+# its test programs one after another, keeps one core busy. Here the longest program and three
+# shorter ones run straight from the build (each in its package's folder, as `cargo test` runs
+# it) beside `cargo test` running every other one: about ten minutes each on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 args=(--workspace --features burn,candle)
-heavy=(backward decode)
+heavy=(backward cache snapshots interop)
 
 # The build `cargo test` makes (examples included), and where it put the heavy programs.
 built=$(mktemp)
 cargo test "${args[@]}" --no-run --message-format=json-render-diagnostics >"$built"
 programs=()
+folders=()
 for name in "${heavy[@]}"; do
-  program=$(grep "\"kind\":\[\"test\"\],\"crate_types\":\[\"bin\"\],\"name\":\"$name\"" "$built" |
-    grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+  line=$(grep "\"kind\":\[\"test\"\],\"crate_types\":\[\"bin\"\],\"name\":\"$name\"" "$built")
+  program=$(grep -o '"executable":"[^"]*"' <<<"$line" | cut -d'"' -f4)
   [ -n "$program" ] || { echo "test.sh: no test program named $name" >&2; exit 1; }
   programs+=("$program")
+  folders+=("$(dirname "$(grep -o '"manifest_path":"[^"]*"' <<<"$line" | cut -d'"' -f4)")")
 done
 others=()
 for file in tests/*.rs attn-*/tests/*.rs; do
@@ -31,9 +34,9 @@ done
 logs=$(mktemp -d)
 (
   failed=0
-  for program in "${programs[@]}"; do
-    echo "     Running $program"
-    "$program" || failed=1
+  for i in "${!programs[@]}"; do
+    echo "     Running ${programs[$i]}"
+    (cd "${folders[$i]}" && "${programs[$i]}") || failed=1
   done
   exit "$failed"
 ) >"$logs/heavy" 2>&1 &
