@@ -2,7 +2,10 @@
 //! every mask kind, softcap, ALiBi, sinks (their logits' gradient too), custom score expressions
 //! (the macro's derivative, also against finite differences), GQA and MQA (dK and dV summed over each group), a V
 //! head dim of its own, odd lengths and Nq ≠ Nk, f32 and f16. Pass criterion as the forward's:
-//! max error ≤ 2 × the naive low-precision computation's error + a floor, per gradient.
+//! max error ≤ 2 × the naive low-precision computation's error + a floor, per gradient; the naive
+//! backward takes `D = dO·O` from the forward's stored O, as the kernels do (in f16 that O's error
+//! moves a learnable scalar's gradient, a sum over every pair, by about 2 %, the naive's as much
+//! as the kernels').
 
 use attn::inputs::pack;
 use attn::reference::{
@@ -60,14 +63,22 @@ attn::attention! {
         inputs: { temp: f32, rel: [f32; heads, 32] },
         score: |s, b, h, q, k| s * temp + rel[h][if q - k < 8 { q - k } else { 8 + (((q - k) as f32 / 8.0).ln() * 6.0) as i32 }],
     }
-    /// Tables of every shape: document ids per position (the mask; no gradient), a bias per key
-    /// (forward only: a `seq` table has no gradient), and a learnable table of 4 per sequence
-    /// and head read twice, at two indices, inside a nonlinear expression.
+    /// Tables of every shape: document ids per position (the mask; no gradient), a learnable
+    /// bias per key, and a learnable table of 4 per sequence and head read twice, at two
+    /// indices, inside a nonlinear expression.
     TablesF32 {
         heads: mha, head_dim: 64, dtype: f32,
         inputs: { doc: [i32; batch, seq], kb: [f32; seq], w: [f32; batch, heads, 4] },
         mask: |b, h, q, k| doc[b][q] == doc[b][k] || k < 3,
         score: |s, b, h, q, k| s * w[b][h][0].tanh() + w[b][h][(q + k) % 4] * 0.5 + kb[k],
+    }
+    /// Learnable `seq` tables over packed documents with GQA: a temperature per head and query
+    /// position, a bias per document and key position read twice (two sums per key), and a
+    /// table read at a computed position (no gradient: left out of `d_inputs`).
+    SeqTablesF32 {
+        heads: gqa(group = 2), head_dim: 64, dtype: f32, mask: causal & documents,
+        inputs: { qt: [f32; heads, seq], kb: [f32; batch, seq], pe: [f32; seq] },
+        score: |s, b, h, q, k| s * qt[h][q] + (kb[b][k] * 2.0).tanh() + kb[b][k] * 0.5 + pe[q - k] * 0.1,
     }
     /// A learnable per-document scale of the logits.
     DocScaleF32 {
@@ -130,7 +141,8 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
     let host = [widen(&qh), widen(&kh), widen(&vh), widen(&doh)];
     let qkv_do = [&host[0][..], &host[1][..], &host[2][..], &host[3][..]];
     let reference = backward_f64::<V>(&problem, &packed, &inputs, qkv_do);
-    let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do);
+    let stored_o = widen(&out.o.to_vec(client));
+    let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do, Some(&stored_o));
     // Every plan that runs on this device: the tensor-core kernels at each tile where the device
     // has them, and the portable kernels.
     for plan in attn::backward_plans(client, &spec) {
@@ -225,7 +237,9 @@ fn check<V: Variant>(client: &ComputeClient, [batch, heads_q, heads_kv, seq_q, s
             );
             compared += 1;
         }
-        let floats = spec.inputs.iter().filter(|d| d.learnable()).count();
+        let floats = (0..spec.inputs.len())
+            .filter(|&i| spec.learnable(i))
+            .count();
         let slopes = usize::from(spec.score.alibi == Some(attn::Alibi::Given));
         assert_eq!(
             compared,
@@ -453,6 +467,17 @@ fn learnable_tables() {
     let c = client();
     check::<RelTableF32>(&c, [2, 4, 2, 37, 37]);
     check::<TablesF32>(&c, [2, 2, 2, 29, 35]);
+    check::<SeqTablesF32>(&c, [1, 4, 2, 90, 90]);
+    let spec = SeqTablesF32::SPEC;
+    let learnable: Vec<&str> = (0..spec.inputs.len())
+        .filter(|&i| spec.learnable(i))
+        .map(|i| spec.inputs[i].name)
+        .collect();
+    assert_eq!(
+        learnable,
+        ["qt", "kb"],
+        "a table read at q − k has no gradient"
+    );
     check::<RelTableF16>(&c, [1, 4, 1, 37, 37]);
     if attn::backward_plans(&c, &RelTableF16::SPEC)
         .iter()
@@ -554,7 +579,7 @@ fn derived_score_gradients_match_finite_differences() {
             // Reads of one element add up: the expression's derivative with respect to it.
             let mut derived = std::collections::HashMap::new();
             for read in 0..V::SPEC.score_reads.len() {
-                if V::SPEC.score_reads[read] as usize != learnable {
+                if V::SPEC.score_reads[read].input as usize != learnable {
                     continue;
                 }
                 let view = owned.view().with_dims(&problem);
@@ -591,6 +616,7 @@ fn derived_score_gradients_match_finite_differences() {
     }
     reads::<RelTableF32>(&mut rng, 0);
     reads::<TablesF32>(&mut rng, 2);
+    reads::<TablesF32>(&mut rng, 1);
     one::<CustomLinF32>(&mut rng);
     one::<CustomNonlinF32>(&mut rng);
     one::<CustomChainF16>(&mut rng);

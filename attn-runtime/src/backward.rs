@@ -18,9 +18,10 @@ use crate::kernels::backward::warpgroup::{
 };
 use crate::kernels::backward::{
     backward_delta, backward_dkdv, backward_dq, backward_from_sums, backward_learned,
-    backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape, DeltaShape, Grid,
-    GridLaunch, KvGradsLaunch, LearnConfig, Learned, QueryGradsLaunch, SinkConfig, SinkStatsLaunch,
-    ELEMENTWISE_UNITS, MAX_LEARNED, MAX_LEARNED_SLOTS, MAX_READS, SINK_UNITS,
+    backward_positions, backward_sinks, backward_zero, BackwardOperandsLaunch, BackwardShape,
+    DeltaShape, Grid, GridLaunch, KvGradsLaunch, LearnConfig, Learned, QueryGradsLaunch,
+    SinkConfig, SinkStatsLaunch, ALONG_KEY, ALONG_QUERY, ELEMENTWISE_UNITS, MAX_LEARNED,
+    MAX_LEARNED_SLOTS, MAX_READS, SINK_UNITS,
 };
 use crate::kernels::prefill::config::{MMA, WARPGROUP_UNITS};
 use crate::kv_cache::grid;
@@ -30,7 +31,7 @@ use crate::launch::{
 };
 use crate::problem::{check_view, Problem};
 use crate::tensor::{supports, ComputeClient, Element, Tensor};
-use crate::variant::{Alibi, Inner, Tiling, Variant, VariantSpec};
+use crate::variant::{Alibi, Inner, ReadIndex, Tiling, Variant, VariantSpec};
 
 /// The gradients of a forward pass's inputs.
 #[derive(Clone, Debug)]
@@ -46,8 +47,10 @@ pub struct Grads<E> {
     pub d_sinks: Option<Tensor<f32>>,
     /// With `alibi: given`: the gradient of each head's slope, `[1, 1, 1, Hq]`, f32.
     pub d_alibi_slopes: Option<Tensor<f32>>,
-    /// The gradient of each declared `f32` input, in declaration order, by name: `[1, 1, 1, n]`
-    /// with `n` its length (1, the batch or documents, or the query heads), f32.
+    /// The gradient of each declared `f32` input the backward differentiates
+    /// ([`VariantSpec::learnable`]), in declaration order, by name: `[1, 1, 1, n]` with `n` its
+    /// length (its values, row-major: sequences, heads, then the table's inner count or
+    /// positions), f32.
     pub d_inputs: Vec<(&'static str, Tensor<f32>)>,
 }
 
@@ -116,8 +119,14 @@ pub fn backward_with_plan<V: Variant>(
     plan: BackwardPlan,
 ) -> Result<Grads<V::Elem>, AttnError> {
     if !backward_plans(client, &V::SPEC).contains(&plan) {
+        let per_position = learn_config(&V::SPEC).is_ok_and(|l| l.regions() > 0);
+        let why = if per_position && plan.family != Family::Portable {
+            "sums learnable `seq` tables' gradients (only the portable plans do)"
+        } else {
+            "runs on this device"
+        };
         return Err(AttnError::Unsupported(format!(
-            "{}: backward plan {plan} does not run on this device",
+            "{}: backward plan {plan} is not one of this variant's plans that {why}",
             V::SPEC.name
         )));
     }
@@ -248,6 +257,7 @@ pub(crate) fn run<V: Variant>(
             first: learn.slots() as u32 - 1,
         });
     }
+    let positions = crate::inputs::positions(&problem);
     let learned_len = |l: &Learned| {
         let rows = match l.outer {
             0 => 1,
@@ -255,7 +265,12 @@ pub(crate) fn run<V: Variant>(
             2 => problem.heads_q,
             _ => packed.sequences * problem.heads_q,
         };
-        rows * l.width as usize
+        // A `seq` table's values: one per position.
+        rows * if l.width == 0 {
+            positions
+        } else {
+            l.width as usize
+        }
     };
     let mut learned = Vec::new();
     for l in &learned_slots {
@@ -266,8 +281,8 @@ pub(crate) fn run<V: Variant>(
         if learn.alibi {
             grads.d_alibi_slopes = learned.pop();
         }
-        let names = spec.inputs.iter().filter(|d| d.learnable());
-        grads.d_inputs = names.map(|d| d.name).zip(learned).collect();
+        let names = (0..spec.inputs.len()).filter(|&i| spec.learnable(i));
+        grads.d_inputs = names.map(|i| spec.inputs[i].name).zip(learned).collect();
     };
     if packed.max_seq_q == 0 {
         attach(&mut grads, learned);
@@ -323,6 +338,18 @@ pub(crate) fn run<V: Variant>(
     let cubes = (dq_grid.x * dq_grid.y * dq_grid.z) as usize;
     // Zeroed on the device (a cube past its sequence's queries writes none of its partials).
     let partials = device_zeros::<f32>(client, [1, 1, 1, (learn.slots() * cubes).max(1)], address);
+    // The per-position sums of learnable `seq` tables' reads (zeroed: positions no row or key
+    // reaches stay 0), `[regions, sequences, Hq, positions]`.
+    let position_shape = [
+        learn.regions(),
+        packed.sequences,
+        problem.heads_q,
+        positions,
+    ];
+    let position_sums = match learn.regions() {
+        0 => Tensor::<f32>::empty(client, [1, 1, 1, 1]),
+        _ => device_zeros::<f32>(client, position_shape, address),
+    };
     if plan.family == Family::Warpgroup {
         let resident = plan.tile.resident;
         // SAFETY: as above; every map describes a checked operand.
@@ -448,9 +475,10 @@ pub(crate) fn run<V: Variant>(
             address,
             operands(),
             unsafe { KvGradsLaunch::new(tensor_arg(&grads.dk), tensor_arg(&grads.dv)) },
+            unsafe { tensor_arg(&position_sums) },
             unsafe { run_inputs(&ints, &floats, &packed) },
             args(),
-            config,
+            BackwardShape::portable(config, true, learn),
         );
     }
     // Without learnable inputs, the fast families' own dQ kernel (the warpgroup one ran beside
@@ -482,15 +510,38 @@ pub(crate) fn run<V: Variant>(
             address,
             operands(),
             unsafe { QueryGradsLaunch::new(tensor_arg(&grads.dq), tensor_arg(&partials)) },
+            unsafe { tensor_arg(&position_sums) },
             unsafe { run_inputs(&ints, &floats, &packed) },
             args(),
-            config,
-            learn,
+            BackwardShape::portable(config, false, learn),
         );
     }
-    // Each learnable input's gradient from the cubes' partials, element by element.
+    // Each learnable input's gradient from the cubes' partials (or a `seq` table's from the
+    // per-position sums of its reads), element by element.
     for (l, out) in learned_slots.iter().zip(&learned) {
         const UNITS: u32 = 64;
+        if l.width == 0 {
+            let regions = (0..learn.reads as usize)
+                .filter(|&r| learn.along[r] != 0)
+                .enumerate()
+                .filter(|&(_, r)| learn.read_of[r] as usize == learn_index(&learn, l))
+                .fold(0u32, |m, (region, _)| m | 1 << region);
+            backward_positions::launch(
+                client,
+                CubeCount::Static((learned_len(l) as u32).div_ceil(UNITS), 1, 1),
+                CubeDim::new_1d(UNITS),
+                unsafe { tensor_arg(&position_sums) },
+                unsafe { tensor_arg(out) },
+                GridLaunch::new(
+                    positions as u32,
+                    problem.heads_q as u32,
+                    packed.sequences as u32,
+                ),
+                *l,
+                regions,
+            );
+            continue;
+        }
         backward_learned::launch(
             client,
             CubeCount::Static((learned_len(l) as u32).div_ceil(UNITS), 1, 1),
@@ -679,7 +730,10 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
     let mut plans = Vec::new();
     let mma = MMA as u32;
     let half_panels = |d: u32| d == 64 || d == 128;
+    // Learnable `seq` tables are summed per position by the portable kernels alone.
+    let per_position = learn_config(spec).is_ok_and(|l| l.regions() > 0);
     let wg_fits = family_cap().rank() >= Family::Warpgroup.rank()
+        && !per_position
         && half_panels(spec.head_dim)
         && half_panels(spec.value_dim);
     if wg_fits {
@@ -748,6 +802,7 @@ pub fn backward_plans(client: &ComputeClient, spec: &VariantSpec) -> Vec<Backwar
         }
     }
     let tc_fits = family_cap().rank() >= Family::TensorCores.rank()
+        && !per_position
         && tensor_cores_unfit(client, spec).is_none()
         && spec.head_dim.is_multiple_of(mma)
         && spec.value_dim.is_multiple_of(mma)
@@ -968,7 +1023,7 @@ pub(crate) fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError>
     };
     let mut first = 0u32;
     for (i, decl) in spec.inputs.iter().enumerate() {
-        if !decl.learnable() {
+        if !spec.learnable(i) {
             continue;
         }
         let g = learn.count as usize;
@@ -978,7 +1033,8 @@ pub(crate) fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError>
         let shape = decl.shape;
         let width = match shape.inner {
             Inner::Fixed(n) => n,
-            _ => 1,
+            Inner::Seq => 0,
+            Inner::None => 1,
         };
         learn.inputs[g] = Learned {
             decl: i as u32,
@@ -1003,15 +1059,31 @@ pub(crate) fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError>
         )));
     }
     learn.reads = spec.score_reads.len() as u32;
-    for (r, &decl) in spec.score_reads.iter().enumerate() {
+    for (r, read) in spec.score_reads.iter().enumerate() {
         if let Some(g) = learn.inputs[..learn.count as usize]
             .iter()
-            .position(|l| l.decl == decl)
+            .position(|l| l.decl == read.input)
         {
             learn.read_of[r] = g as u32;
+            if spec.inputs[read.input as usize].shape.inner == Inner::Seq {
+                learn.along[r] = match read.index {
+                    ReadIndex::Query => ALONG_QUERY,
+                    ReadIndex::Key => ALONG_KEY,
+                    // `VariantSpec::learnable` keeps such tables out.
+                    ReadIndex::Computed => 0,
+                };
+            }
         }
     }
     Ok(learn)
+}
+
+/// The place of learnable input `l` among `learn`'s.
+fn learn_index(learn: &LearnConfig, l: &Learned) -> usize {
+    learn.inputs[..learn.count as usize]
+        .iter()
+        .position(|x| x.decl == l.decl)
+        .unwrap_or(MAX_LEARNED)
 }
 
 /// Whether [`backward()`] keeps to the plans whose gradients have the same bits on every run:

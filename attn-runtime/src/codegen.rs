@@ -513,6 +513,8 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
         dk: tensor_compilation_arg(),
         dv: tensor_compilation_arg(),
     };
+    // The learnable inputs' sums, as `backward` launches them.
+    let learn = crate::backward::learn_config(spec).unwrap_or_default();
     match plan.family {
         Family::Portable => {
             let config = prefill_config(spec, tile.tiling(true));
@@ -524,9 +526,10 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                     target(),
                     operands(),
                     kv_grads(),
+                    tensor_compilation_arg(),
                     inputs_compilation_arg(),
                     args_compilation_arg(),
-                    config,
+                    BackwardShape::portable(config, true, learn),
                 )
                 .define(),
                 backward_dq::BackwardDq::<V::Elem, V::Hooks>::new(
@@ -538,11 +541,10 @@ fn backward_definitions<V: Variant>(plan: BackwardPlan) -> [KernelDefinition; 2]
                         dq: tensor_compilation_arg(),
                         partials: tensor_compilation_arg(),
                     },
+                    tensor_compilation_arg(),
                     inputs_compilation_arg(),
                     args_compilation_arg(),
-                    config,
-                    // The learnable inputs' sums, as `backward` launches it.
-                    crate::backward::learn_config(spec).unwrap_or_default(),
+                    BackwardShape::portable(config, false, learn),
                 )
                 .define(),
             ]

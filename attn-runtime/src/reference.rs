@@ -366,18 +366,25 @@ fn modified_slope<V: Variant>(
     (softcap * custom, y, custom)
 }
 
-/// The gradients of attention with every operation rounded by `round` (identity for float64);
-/// sums accumulate in `acc_round` precision. Softmax probabilities are recomputed from the
-/// forward's semantics (sinks in the denominator).
-#[allow(clippy::too_many_arguments)]
+/// How [`backward_with`] rounds: every operation by `round` (identity for float64), sums in
+/// `acc_round`'s precision.
+struct Rounding<'a> {
+    round: &'a dyn Fn(f64) -> f64,
+    acc_round: &'a dyn Fn(f64) -> f64,
+}
+
+/// The gradients of attention, rounded as `rounding` says; `D` from `stored_o` (the forward's O,
+/// `[B, Hq, Nq, Dv]`) where given. Softmax probabilities are recomputed from the forward's
+/// semantics (sinks in the denominator).
 fn backward_with<V: Variant>(
     p: &Problem,
     packed: &Packed,
     inputs: &Inputs,
     [q, k, v, d_out]: [&[f64]; 4],
-    round: &dyn Fn(f64) -> f64,
-    acc_round: &dyn Fn(f64) -> f64,
+    stored_o: Option<&[f64]>,
+    rounding: Rounding,
 ) -> GradsF64 {
+    let Rounding { round, acc_round } = rounding;
     let inputs = &inputs.with_dims(p);
     let spec = &V::SPEC;
     let (nq, nk, d, dv) = (p.seq_q, p.seq_k, p.head_dim, p.value_dim);
@@ -392,7 +399,7 @@ fn backward_with<V: Variant>(
     // The learnable inputs' gradients (declaration index each), and which of them each table
     // read of the score expression adds to.
     let learned: Vec<usize> = (0..spec.inputs.len())
-        .filter(|&i| spec.inputs[i].learnable())
+        .filter(|&i| spec.learnable(i))
         .collect();
     let positions = crate::inputs::positions(p);
     let mut d_inputs: Vec<Vec<f64>> = learned
@@ -409,7 +416,7 @@ fn backward_with<V: Variant>(
     let read_of: Vec<Option<usize>> = spec
         .score_reads
         .iter()
-        .map(|&decl| learned.iter().position(|&i| i == decl as usize))
+        .map(|r| learned.iter().position(|&i| i == r.input as usize))
         .collect();
     for s in sequences(spec, p, packed, inputs) {
         for h in 0..p.heads_q {
@@ -475,10 +482,19 @@ fn backward_with<V: Variant>(
                             .fold(0.0, |a, (x, y)| acc_round(a + x * y))
                     })
                     .collect();
-                let delta = probs
-                    .iter()
-                    .zip(&dps)
-                    .fold(0.0, |a, (pj, dp)| acc_round(a + pj * dp));
+                // D = Σ P dP, or dO·O from the forward's stored O as the kernels compute it (its
+                // error moves every pair's dS of the row alike, and sums over all pairs — a
+                // learnable scalar's gradient — add those up).
+                let delta = match stored_o {
+                    Some(o) => o[qr * dv..(qr + 1) * dv]
+                        .iter()
+                        .zip(doi)
+                        .fold(0.0, |a, (oc, g)| acc_round(a + oc * g)),
+                    None => probs
+                        .iter()
+                        .zip(&dps)
+                        .fold(0.0, |a, (pj, dp)| acc_round(a + pj * dp)),
+                };
                 // The sink moves O only through the normalisation: −P_sink · D.
                 if let Some(sink) = sink {
                     let p_sink = round((sink - max).exp() / sum);
@@ -551,25 +567,30 @@ pub fn backward_f64<V: Variant>(
     inputs: &Inputs,
     qkv_do: [&[f64]; 4],
 ) -> GradsF64 {
-    backward_with::<V>(p, packed, inputs, qkv_do, &|x| x, &|x| x)
+    let exact = Rounding {
+        round: &|x| x,
+        acc_round: &|x| x,
+    };
+    backward_with::<V>(p, packed, inputs, qkv_do, None, exact)
 }
 
 /// The naive low-precision backward (see [`attention_naive`]): probabilities and score gradients
-/// rounded to `V`'s element type, sums in f32.
+/// rounded to `V`'s element type, sums in f32, and `D = dO·O` from `stored_o` (the forward's O as
+/// the kernels read it, `[B, Hq, Nq, Dv]` widened) where given — as FlashAttention's backward
+/// computes it, so that the error the stored O brings (every pair of a row moved alike, which a
+/// learnable scalar's gradient sums over the whole problem) is in the naive error too.
 pub fn backward_naive<V: Variant>(
     p: &Problem,
     packed: &Packed,
     inputs: &Inputs,
     qkv_do: [&[f64]; 4],
+    stored_o: Option<&[f64]>,
 ) -> GradsF64 {
-    backward_with::<V>(
-        p,
-        packed,
-        inputs,
-        qkv_do,
-        &|x| V::Elem::from_f64(x).to_f64(),
-        &|x| x as f32 as f64,
-    )
+    let low = Rounding {
+        round: &|x| V::Elem::from_f64(x).to_f64(),
+        acc_round: &|x| x as f32 as f64,
+    };
+    backward_with::<V>(p, packed, inputs, qkv_do, stored_o, low)
 }
 
 /// Widens a tensor to f64.

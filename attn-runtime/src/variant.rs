@@ -186,13 +186,25 @@ pub struct InputDecl {
     pub shape: InputShape,
 }
 
-impl InputDecl {
-    /// Whether the backward computes this input's gradient: an `f32` input without a `seq`
-    /// dimension (a per-position table's gradient would need one sum per position; it is left
-    /// out of [`crate::Grads::d_inputs`]).
-    pub const fn learnable(&self) -> bool {
-        matches!(self.ty, InputType::F32) && !matches!(self.shape.inner, Inner::Seq)
-    }
+/// A table read of a variant's score expression: the input it reads, and what indexes its inner
+/// dimension.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub struct ScoreRead {
+    /// The input's declaration index.
+    pub input: u32,
+    /// Its inner index.
+    pub index: ReadIndex,
+}
+
+/// What indexes a table read's inner dimension.
+#[derive(Copy, Clone, Eq, PartialEq, Hash, Debug)]
+pub enum ReadIndex {
+    /// The query position itself (`t[q]`).
+    Query,
+    /// The key position itself (`t[k]`).
+    Key,
+    /// Any other expression (`rel[h][(q - k).min(31)]`), or no inner dimension.
+    Computed,
 }
 
 /// The compile-time facts of a declared variant.
@@ -214,9 +226,9 @@ pub struct VariantSpec {
     pub score: ScoreSpec,
     /// Run-time inputs the variant's expressions read, in declaration order.
     pub inputs: &'static [InputDecl],
-    /// The input (declaration index) each table read of the score expression reads, by read
-    /// number ([`crate::Hooks::score_read_grad`]).
-    pub score_reads: &'static [u32],
+    /// Each table read of the score expression, by read number
+    /// ([`crate::Hooks::score_read_grad`]).
+    pub score_reads: &'static [ScoreRead],
     /// Softmax scale; `None` means `1/√head_dim`.
     pub scale: Option<f64>,
     /// Tile shapes the launcher and the tuner may use, in order of preference.
@@ -224,6 +236,22 @@ pub struct VariantSpec {
 }
 
 impl VariantSpec {
+    /// Whether the backward computes the gradient of declared input number `input`: an `f32`
+    /// input, and for one with a `seq` dimension, read by the score expression only at the query
+    /// or the key position itself (`t[q]`, `t[b][k]`: each query row's or key's share is one
+    /// sum, made where that row or key is resident); a `seq` table read at a computed position
+    /// (`t[q - k]`) is left out of [`crate::Grads::d_inputs`].
+    pub fn learnable(&self, input: usize) -> bool {
+        let decl = &self.inputs[input];
+        decl.ty == InputType::F32
+            && (decl.shape.inner != Inner::Seq
+                || self
+                    .score_reads
+                    .iter()
+                    .filter(|r| r.input as usize == input)
+                    .all(|r| r.index != ReadIndex::Computed))
+    }
+
     /// The softmax scale this variant applies to `q·k`.
     pub fn softmax_scale(&self) -> f64 {
         self.scale

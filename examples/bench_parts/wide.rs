@@ -88,7 +88,8 @@ fn check_backward<V: Variant>(client: &ComputeClient, [b, hq, hkv, nq, nk]: [usi
     let wide: Vec<Vec<f64>> = host.iter().map(|h| widen(h)).collect();
     let qkv_do = [&wide[0][..], &wide[1][..], &wide[2][..], &wide[3][..]];
     let reference = backward_f64::<V>(&problem, &packed, &inputs, qkv_do);
-    let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do);
+    let stored_o = widen(&out.o.to_vec(client));
+    let naive = backward_naive::<V>(&problem, &packed, &inputs, qkv_do, Some(&stored_o));
     let mut pass = true;
     for plan in attn::backward_plans(client, &spec) {
         let grads =

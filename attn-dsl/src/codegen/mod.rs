@@ -324,10 +324,23 @@ fn variant_spec(plan: &KernelPlan, dtype: DType) -> TokenStream {
         let shape = expr::shape_tokens(d.shape);
         quote!(#attn::InputDecl { name: #name, ty: #ty, shape: #shape })
     });
-    let score_reads = spec
-        .score
-        .as_ref()
-        .map_or(Vec::new(), |c| c.reads.iter().map(|&i| i as u32).collect());
+    let score_reads = spec.score.as_ref().map_or(Vec::new(), |c| {
+        let mut reads = Vec::new();
+        collect_reads(&c.body, &mut reads);
+        reads.sort_by_key(|r| r.read);
+        reads
+            .iter()
+            .map(|r| {
+                let input = r.input as u32;
+                let index = match r.index.node {
+                    Node::Param(Param::Q) => quote!(Query),
+                    Node::Param(Param::K) => quote!(Key),
+                    _ => quote!(Computed),
+                };
+                quote!(#attn::ScoreRead { input: #input, index: #attn::ReadIndex::#index })
+            })
+            .collect()
+    });
     let scale = opt_f64(spec.scale.map(|s| s.value));
     let head_dim = spec.head_dim.value;
     let value_dim = spec.value_dim();

@@ -313,8 +313,9 @@ pub enum Learned {
     Sinks,
     /// The ALiBi slope per query head (`alibi: given`), `[Hq]`.
     AlibiSlopes,
-    /// A declared `f32` input the backward differentiates (not one with a `seq` dimension), by
-    /// its name in the declaration, its values in row-major order.
+    /// A declared `f32` input the backward differentiates ([`crate::VariantSpec::learnable`]:
+    /// not a `seq` table read at a computed position), by its name in the declaration, its
+    /// values in row-major order.
     Input(&'static str),
 }
 
@@ -463,16 +464,20 @@ fn place_learned(
             owned.alibi_slopes = Some(values)
         }
         Learned::Input(name) => {
-            let floats = spec.inputs.iter().filter(|d| d.ty == InputType::F32);
-            let Some((i, decl)) = floats.enumerate().find(|(_, d)| d.name == name) else {
+            let floats = (0..spec.inputs.len()).filter(|&d| spec.inputs[d].ty == InputType::F32);
+            let Some((i, decl)) = floats
+                .enumerate()
+                .find(|&(_, d)| spec.inputs[d].name == name)
+            else {
                 return Err(learned_error(format!(
                     "{} declares no f32 input `{name}`",
                     spec.name
                 )));
             };
-            if !decl.learnable() {
+            if !spec.learnable(decl) {
                 return Err(learned_error(format!(
-                    "`{name}` has a `seq` dimension: its gradient is not computed"
+                    "`{name}` has a `seq` dimension and is read at a computed position: its \
+                     gradient is not computed"
                 )));
             }
             if owned.floats.len() <= i {

@@ -98,12 +98,26 @@ pub struct BackwardShape {
     pub keys: bool,
     /// The warpgroup dK/dV kernel also sums dQ, into an f32 buffer with atomics (no dQ kernel).
     pub atomic_dq: bool,
-    /// The learnable inputs whose gradients a dQ kernel sums (none in the dK/dV kernels).
+    /// The learnable inputs whose gradients a dQ kernel sums, and in the portable dK/dV kernel
+    /// the `seq` tables' key-indexed reads.
     pub learn: LearnConfig,
     /// Cubes per block of keys in the warpgroup dK/dV kernel: a walk of at least
     /// [`MIN_SPLIT_STEPS`] steps per cube is split into this many parts, whose dK and dV are
     /// added into f32 sums with atomics (1: each block's walk in one cube, written directly).
     pub splits: usize,
+}
+
+impl BackwardShape {
+    /// The portable kernels' shape: resident keys (dK/dV) or queries (dQ), with `learn`'s sums.
+    pub const fn portable(config: PrefillConfig, keys: bool, learn: LearnConfig) -> Self {
+        BackwardShape {
+            config,
+            keys,
+            atomic_dq: false,
+            learn,
+            splits: 1,
+        }
+    }
 }
 
 /// The fewest steps of its walk each cube of a split block of keys takes: shorter walks run in
@@ -427,15 +441,18 @@ fn head_context(ctx: &Ctx, head: usize, inputs: &RunInputs) -> Ctx {
     ctx.with_head(head, slope)
 }
 
-/// dK and dV: one cube per block of `block_kv` keys of one K/V head, one unit per key.
+/// dK and dV: one cube per block of `block_kv` keys of one K/V head, one unit per key; with
+/// learnable `seq` tables read at the key, each key's sum per query head ([`PositionSums`]).
 #[cube(launch, address_type = "dynamic")]
 pub fn backward_dkdv<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     grads: &mut KvGrads<E>,
+    positions: &mut Tensor<f32>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] config: PrefillConfig,
+    #[comptime] shape: BackwardShape,
 ) {
+    let config = comptime!(shape.config);
     let block_kv = config.block_kv();
     let at = Lengths {
         sequence: CUBE_POS_Z as usize,
@@ -447,7 +464,15 @@ pub fn backward_dkdv<E: Float, M: Hooks>(
     let key_start = CUBE_POS_X as usize * block_kv;
     // Blocks past the end of a short document have nothing to do (uniform across the cube).
     if key_start < ctx.site.seq_k {
-        let mut key = KeyRow::new(ops, &ctx, key_start + UNIT_POS as usize, config);
+        let mut key = KeyRow::new(
+            ops,
+            &ctx,
+            key_start + UNIT_POS as usize,
+            config,
+            shape.learn,
+        );
+        let heads = CUBE_COUNT_Y as usize * args.group as usize;
+        let layout = PositionSums::new(heads, inputs, shape.learn);
         let remaining = ctx.site.seq_k - key_start;
         let keys = StepKeys {
             start: key_start,
@@ -480,6 +505,7 @@ pub fn backward_dkdv<E: Float, M: Hooks>(
                     key.accumulate::<M>(&tiles, &head_ctx, block, inputs, config);
                 }
             }
+            key.write_positions(positions, &head_ctx, layout);
         }
         key.write::<E>(grads, &ctx, config);
     }
@@ -500,6 +526,8 @@ pub struct KeyRow {
     key: usize,
     /// Whether the key lies in the sequence.
     valid: bool,
+    /// The current query head's sums of the learnable `seq` tables' reads at this key.
+    along: PositionGrads,
 }
 
 #[cube]
@@ -510,6 +538,7 @@ impl KeyRow {
         ctx: &Ctx,
         key: usize,
         #[comptime] config: PrefillConfig,
+        #[comptime] learn: LearnConfig,
     ) -> KeyRow {
         let seq = ctx.site;
         let valid = key < seq.seq_k;
@@ -547,6 +576,7 @@ impl KeyRow {
             dv,
             key,
             valid,
+            along: PositionGrads::new(learn, ALONG_KEY),
         }
     }
 
@@ -583,12 +613,20 @@ impl KeyRow {
                 dp += g * self.v[c];
             }
             let delta = tiles[stats_at + config.block_q() + r];
-            let ds = p * (dp - delta) * grad.slope * ctx.args.scale;
+            let d_score = p * (dp - delta);
+            let ds = d_score * grad.slope * ctx.args.scale;
             #[unroll]
             for c in 0..d {
                 self.dk[c] += ds * tiles[r * d + c];
             }
+            self.along.add::<M>(d_score, grad, at, ctx, inputs);
         }
+    }
+
+    /// Store the current query head's sums of the learnable `seq` tables' reads at this key,
+    /// and zero them for the next head.
+    pub fn write_positions(&mut self, out: &mut Tensor<f32>, ctx: &Ctx, layout: PositionSums) {
+        self.along.store(out, ctx, self.key, self.valid, layout);
     }
 
     /// Write dK and dV (contiguous).
@@ -671,16 +709,19 @@ fn load_query_rows<E: Float>(
 }
 
 /// dQ: one cube per query block of one head, one unit per query row, the forward's walk over the
-/// keys with K and V staged in shared memory.
+/// keys with K and V staged in shared memory; the learnable inputs' partial sums per cube, and
+/// with learnable `seq` tables read at the query, each row's sums ([`PositionSums`]).
 #[cube(launch, address_type = "dynamic")]
 pub fn backward_dq<E: Float, M: Hooks>(
     ops: &BackwardOperands<E>,
     grads: &mut QueryGrads<E>,
+    positions: &mut Tensor<f32>,
     inputs: &RunInputs,
     args: Args,
-    #[comptime] config: PrefillConfig,
-    #[comptime] learn: LearnConfig,
+    #[comptime] shape: BackwardShape,
 ) {
+    let config = comptime!(shape.config);
+    let learn = comptime!(shape.learn);
     let block_q = config.block_q();
     let block_kv = config.block_kv();
     let at = Lengths {
@@ -712,6 +753,8 @@ pub fn backward_dq<E: Float, M: Hooks>(
             }
         }
         row.write::<E>(&mut grads.dq, &ctx, config);
+        let layout = PositionSums::new(CUBE_COUNT_Y as usize, inputs, learn);
+        row.write_positions(positions, &ctx, layout);
         row.learned.reduce(&mut grads.partials, config.block_q());
     }
 }
@@ -734,7 +777,15 @@ pub struct LearnConfig {
     pub read_of: [u32; MAX_READS],
     /// Whether the ALiBi slopes are given at run time (their gradient comes last).
     pub alibi: bool,
+    /// Per read: [`ALONG_QUERY`] or [`ALONG_KEY`] for a read of a learnable `seq` table at the
+    /// query or key position (summed per position, [`PositionGrads`]), 0 for the others.
+    pub along: [u32; MAX_READS],
 }
+
+/// [`LearnConfig::along`]: a read at the query position, summed by the dQ kernel's rows.
+pub const ALONG_QUERY: u32 = 1;
+/// [`LearnConfig::along`]: a read at the key position, summed by the dK/dV kernel's keys.
+pub const ALONG_KEY: u32 = 2;
 
 /// One learnable input's gradient slots.
 #[derive(Copy, Clone, Eq, PartialEq, Hash, Debug, Default)]
@@ -745,7 +796,8 @@ pub struct Learned {
     pub table: bool,
     /// Its outer dimensions: bit 0 one row per batch entry (or document), bit 1 one per head.
     pub outer: u32,
-    /// Its inner count (1 without an inner dimension).
+    /// Its inner count (1 without an inner dimension; 0 for a `seq` table, summed per position
+    /// outside the slots).
     pub width: u32,
     /// Its first gradient slot.
     pub first: u32,
@@ -770,6 +822,25 @@ impl LearnConfig {
         }
         total + if self.alibi { 1 } else { 0 }
     }
+
+    /// The reads summed per position ([`LearnConfig::along`]): one region of [`PositionSums`]
+    /// each.
+    pub const fn regions(&self) -> usize {
+        self.region(self.reads as usize)
+    }
+
+    /// The region of read `read`: how many reads before it are summed per position.
+    pub const fn region(&self, read: usize) -> usize {
+        let mut n = 0;
+        let mut r = 0;
+        while r < read {
+            if self.along[r] != 0 {
+                n += 1;
+            }
+            r += 1;
+        }
+        n
+    }
 }
 
 /// What the dQ kernel writes: dQ, and per learnable input slot one partial sum per cube
@@ -782,11 +853,13 @@ pub struct QueryGrads<E: Float> {
     pub partials: OwnedTensor<f32>,
 }
 
-/// The grid of the dQ kernel, for [`backward_learned()`] to map cubes to input elements.
+/// The grid of the dQ kernel, for [`backward_learned()`] to map cubes to input elements; for
+/// [`backward_positions()`], the shape of a region of [`PositionSums`] (x positions, y query
+/// heads, z sequences).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 #[expand(derive(Clone, Copy))]
 pub struct Grid {
-    /// Cubes along x (query blocks).
+    /// Cubes along x (query blocks), or positions.
     pub x: u32,
     /// Along y (heads).
     pub y: u32,
@@ -814,17 +887,7 @@ pub fn backward_learned(
         let mut sum = 0.0f32.runtime();
         for z in 0..gz {
             for y in 0..gy {
-                let mut take = true;
-                if comptime!(learned.outer == 3) {
-                    take = z * gy + y == row;
-                }
-                if comptime!(learned.outer == 2) {
-                    take = y == row;
-                }
-                if comptime!(learned.outer == 1) {
-                    take = z == row;
-                }
-                if take {
+                if reads_row(z, y, gy, row, learned.outer) {
                     for x in 0..gx {
                         sum += partials[base + (z * gy + y) * gx + x];
                     }
@@ -833,6 +896,23 @@ pub fn backward_learned(
         }
         out[e] = sum;
     }
+}
+
+/// Whether sequence `z` and query head `y` (of `heads`) read row `row` of a learnable input whose
+/// outer dimensions are `outer` ([`Learned::outer`]).
+#[cube]
+fn reads_row(z: usize, y: usize, heads: usize, row: usize, #[comptime] outer: u32) -> bool {
+    let mut take = true;
+    if comptime!(outer == 3) {
+        take = z * heads + y == row;
+    }
+    if comptime!(outer == 2) {
+        take = y == row;
+    }
+    if comptime!(outer == 1) {
+        take = z == row;
+    }
+    take
 }
 
 /// One unit's partial gradients of the learnable inputs, a private sum per gradient slot: the
@@ -886,7 +966,7 @@ impl LearnedSums {
         #[unroll]
         for r in 0..learn.reads as usize {
             let g = comptime!(learn.read_of[r] as usize);
-            if comptime!(g < MAX_LEARNED) {
+            if comptime!(g < MAX_LEARNED && learn.along[r] == 0) {
                 let first = comptime!(learn.inputs[g].first);
                 let read = comptime!(r as u32);
                 let slot = first + M::read_position(b, h, at.q, at.k, inputs, read);
@@ -954,6 +1034,8 @@ pub struct QueryGradRow {
     valid: bool,
     /// This row's partial gradients of the learnable inputs.
     pub learned: LearnedSums,
+    /// Its sums of the learnable `seq` tables' reads at its query position.
+    along: PositionGrads,
 }
 
 #[cube]
@@ -995,6 +1077,7 @@ impl QueryGradRow {
             row,
             valid,
             learned: LearnedSums::new(learn),
+            along: PositionGrads::new(learn, ALONG_QUERY),
         }
     }
 
@@ -1034,7 +1117,13 @@ impl QueryGradRow {
                 self.dq[c] += ds * kv_tiles[j * d + c];
             }
             self.learned.add_pair::<M>(d_score, grad, at, ctx, inputs);
+            self.along.add::<M>(d_score, grad, at, ctx, inputs);
         }
+    }
+
+    /// Store the row's sums of the learnable `seq` tables' reads at its query position.
+    pub fn write_positions(&mut self, out: &mut Tensor<f32>, ctx: &Ctx, layout: PositionSums) {
+        self.along.store(out, ctx, self.row, self.valid, layout);
     }
 
     /// Write dQ (contiguous).
@@ -1054,5 +1143,158 @@ impl QueryGradRow {
                 dq[at + c] = E::cast_from(self.dq[c]);
             }
         }
+    }
+}
+
+/// Where the per-position sums of the learnable `seq` tables' reads live: `[regions,
+/// sequences, query heads, positions]` f32 (regions: [`LearnConfig::regions`]), zeroed by the
+/// caller. Each element is stored by the one unit resident at that position (the dQ kernel's row
+/// for a query-indexed read, the dK/dV kernel's key for a key-indexed one), so nothing contends
+/// and the bits are the same on every run; [`backward_positions()`] then sums each table
+/// element's share over the sequences and heads that read it.
+#[derive(CubeType, Clone, Copy)]
+#[expand(derive(Clone, Copy))]
+pub struct PositionSums {
+    /// Sequences (batch entries or documents).
+    sequences: usize,
+    /// Query heads.
+    heads: usize,
+    /// Positions (a `seq` table's inner length).
+    positions: usize,
+}
+
+#[cube]
+impl PositionSums {
+    /// The layout of a launch over `heads` query heads (one sequence per cube along z) with
+    /// `learn`'s reads (the positions are read from the table slots only where it has some: a
+    /// variant without tables has no such slot).
+    pub fn new(heads: usize, inputs: &RunInputs, #[comptime] learn: LearnConfig) -> PositionSums {
+        let mut positions = 0usize.runtime();
+        if comptime!(learn.regions() > 0) {
+            positions = crate::hooks::ops::table_positions(inputs) as usize;
+        }
+        PositionSums {
+            sequences: CUBE_COUNT_Z as usize,
+            heads,
+            positions,
+        }
+    }
+
+    /// The element of `region` at position `pos` of `ctx`'s sequence and query head.
+    pub fn index(&self, #[comptime] region: usize, ctx: &Ctx, pos: usize) -> usize {
+        ((region * self.sequences + ctx.site.index as usize) * self.heads + ctx.site.head)
+            * self.positions
+            + pos
+    }
+}
+
+/// One unit's sums, at its own position, of the reads of learnable `seq` tables indexed by that
+/// position (`t[q]` for a query row, `t[k]` for a key): one per region, zero without them.
+#[derive(CubeType)]
+pub struct PositionGrads {
+    /// The sums.
+    sums: Array<f32>,
+    /// Which reads are summed.
+    #[cube(comptime)]
+    learn: LearnConfig,
+    /// [`ALONG_QUERY`] or [`ALONG_KEY`]: the reads this unit sums.
+    #[cube(comptime)]
+    along: u32,
+}
+
+#[cube]
+impl PositionGrads {
+    /// Zero sums of `learn`'s reads along `along`.
+    pub fn new(#[comptime] learn: LearnConfig, #[comptime] along: u32) -> PositionGrads {
+        let mut sums = Array::<f32>::new(comptime!(learn.regions().max(1)));
+        #[unroll]
+        for g in 0..comptime!(learn.regions()) {
+            sums[g] = 0.0;
+        }
+        PositionGrads { sums, learn, along }
+    }
+
+    /// Add one pair's share: the score gradient times the score's derivative with respect to
+    /// the element each read reads (the macro's).
+    pub fn add<M: Hooks>(
+        &mut self,
+        d_score: f32,
+        grad: PairGrad,
+        at: Pair,
+        ctx: &Ctx,
+        inputs: &RunInputs,
+    ) {
+        let learn = comptime!(self.learn);
+        let along = comptime!(self.along);
+        let live = d_score != 0.0;
+        let (b, h) = (ctx.site.index, ctx.site.head as i32);
+        #[unroll]
+        for r in 0..learn.reads as usize {
+            if comptime!(learn.along[r] == along) {
+                let region = comptime!(learn.region(r));
+                let read = comptime!(r as u32);
+                let dx = M::score_read_grad(grad.pre, b, h, at.q, at.k, inputs, read);
+                self.sums[region] += select(live, d_score * dx, 0.0f32);
+            }
+        }
+    }
+
+    /// Store the sums at position `pos` of `ctx`'s sequence and head (where `valid`), and zero
+    /// them.
+    pub fn store(
+        &mut self,
+        out: &mut Tensor<f32>,
+        ctx: &Ctx,
+        pos: usize,
+        valid: bool,
+        layout: PositionSums,
+    ) {
+        let learn = comptime!(self.learn);
+        let along = comptime!(self.along);
+        #[unroll]
+        for r in 0..learn.reads as usize {
+            if comptime!(learn.along[r] == along) {
+                let region = comptime!(learn.region(r));
+                if valid {
+                    out[layout.index(region, ctx, pos)] = self.sums[region];
+                }
+                self.sums[region] = 0.0;
+            }
+        }
+    }
+}
+
+/// One learnable `seq` table's gradient: element `e` (one unit each; row-major over its outer
+/// dimensions, then its positions) sums, in a fixed order, the [`PositionSums`] of the regions in
+/// `regions` (a bit each: the reads of this table) over the sequences and heads that read its
+/// row.
+#[cube(launch)]
+pub fn backward_positions(
+    sums: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    shape: Grid,
+    #[comptime] learned: Learned,
+    #[comptime] regions: u32,
+) {
+    let e = ABSOLUTE_POS;
+    if e < out.len() {
+        let (seqs, heads) = (shape.z as usize, shape.y as usize);
+        let positions = shape.x as usize;
+        let row = e / positions;
+        let pos = e % positions;
+        let mut sum = 0.0f32.runtime();
+        #[unroll]
+        for region in 0..MAX_READS {
+            if comptime!(regions >> region & 1 == 1) {
+                for z in 0..seqs {
+                    for y in 0..heads {
+                        if reads_row(z, y, heads, row, learned.outer) {
+                            sum += sums[((region * seqs + z) * heads + y) * positions + pos];
+                        }
+                    }
+                }
+            }
+        }
+        out[e] = sum;
     }
 }
