@@ -27,12 +27,16 @@ fn attn_tune(dir: &Path, args: &[&str]) -> Command {
 /// How long one `attn-tune` process may take; a run takes seconds to a minute.
 const PROCESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Runs `attn-tune` to completion. A process still running after [`PROCESS_LIMIT`] is killed and
-/// run once more: on the CPU Vulkan driver (lavapipe) we have seen one hang, every thread
-/// waiting, while several processes shared two cores (cause not found; not seen on a GPU). The
-/// second attempt must finish.
-fn run_to_end(dir: &Path, args: &[&str]) -> Output {
+/// Runs `attn-tune` to completion, `prepare` first. A process still running after
+/// [`PROCESS_LIMIT`] is killed and run once more, `prepare` again (the first attempt may have
+/// changed the folder): on the CPU Vulkan driver (lavapipe), with two cores shared, wgpu-core
+/// 30.0.2's `Device::maintain` can panic on a race between its fence and its queue ("If the queue
+/// is empty, the current submission index (0) should be at least the wait submission index (1)";
+/// fixed upstream in gfx-rs/wgpu#9958, after the wgpu cubecl pins), on cubecl's polling thread,
+/// and the process then waits forever. The second attempt must finish.
+fn run_to_end(dir: &Path, args: &[&str], prepare: &dyn Fn()) -> Output {
     for attempt in 1..=2 {
+        prepare();
         // Outside the cache folder, which some commands clear.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -78,7 +82,12 @@ fn run_to_end(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {
-    let out = run_to_end(dir, args);
+    run_prepared(dir, args, &|| {})
+}
+
+/// [`run`], with `prepare` before each attempt.
+fn run_prepared(dir: &Path, args: &[&str], prepare: &dyn Fn()) -> Output {
+    let out = run_to_end(dir, args, prepare);
     assert!(
         out.status.success(),
         "attn-tune {args:?} failed\nstdout:\n{}\nstderr:\n{}",
@@ -88,11 +97,11 @@ fn run(dir: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// `attn-tune tune`'s arguments for the test variant's quick grid.
+const TUNE: [&str; 6] = ["tune", "--variant", VARIANT, "--grid", "quick", "--quiet"];
+
 fn tune(dir: &Path) -> Output {
-    run(
-        dir,
-        &["tune", "--variant", VARIANT, "--grid", "quick", "--quiet"],
-    )
+    run(dir, &TUNE)
 }
 
 /// `status`'s counts: (tuned for this device, for others, tuning records).
@@ -174,8 +183,13 @@ fn a_corrupt_cache_is_moved_aside_with_a_warning_and_rebuilt() {
     let garbage: Vec<u8> = (0..65536u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    std::fs::write(&db, &garbage).unwrap();
-    let out = tune(&dir);
+    // Each attempt starts from the corrupt file alone.
+    let corrupt = || {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&db, &garbage).unwrap();
+    };
+    let out = run_prepared(&dir, &TUNE, &corrupt);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("was not a readable database"),
