@@ -518,14 +518,10 @@ pub(crate) fn run<V: Variant>(
     }
     // Each learnable input's gradient from the cubes' partials (or a `seq` table's from the
     // per-position sums of its reads), element by element.
-    for (l, out) in learned_slots.iter().zip(&learned) {
+    // (`learned_slots` follows `learn.inputs`, the slopes last.)
+    for (g, (l, out)) in learned_slots.iter().zip(&learned).enumerate() {
         const UNITS: u32 = 64;
         if l.width == 0 {
-            let regions = (0..learn.reads as usize)
-                .filter(|&r| learn.along[r] != 0)
-                .enumerate()
-                .filter(|&(_, r)| learn.read_of[r] as usize == learn_index(&learn, l))
-                .fold(0u32, |m, (region, _)| m | 1 << region);
             backward_positions::launch(
                 client,
                 CubeCount::Static((learned_len(l) as u32).div_ceil(UNITS), 1, 1),
@@ -538,7 +534,7 @@ pub(crate) fn run<V: Variant>(
                     packed.sequences as u32,
                 ),
                 *l,
-                regions,
+                learn.regions_of(g),
             );
             continue;
         }
@@ -1076,14 +1072,6 @@ pub(crate) fn learn_config(spec: &VariantSpec) -> Result<LearnConfig, AttnError>
         }
     }
     Ok(learn)
-}
-
-/// The place of learnable input `l` among `learn`'s.
-fn learn_index(learn: &LearnConfig, l: &Learned) -> usize {
-    learn.inputs[..learn.count as usize]
-        .iter()
-        .position(|x| x.decl == l.decl)
-        .unwrap_or(MAX_LEARNED)
 }
 
 /// Whether [`backward()`] keeps to the plans whose gradients have the same bits on every run:

@@ -829,6 +829,19 @@ impl LearnConfig {
         self.region(self.reads as usize)
     }
 
+    /// The regions (a bit each) of learnable input `g`'s per-position reads.
+    pub const fn regions_of(&self, g: usize) -> u32 {
+        let mut mask = 0;
+        let mut r = 0;
+        while r < self.reads as usize {
+            if self.along[r] != 0 && self.read_of[r] as usize == g {
+                mask |= 1 << self.region(r);
+            }
+            r += 1;
+        }
+        mask
+    }
+
     /// The region of read `read`: how many reads before it are summed per position.
     pub const fn region(&self, read: usize) -> usize {
         let mut n = 0;
